@@ -1,0 +1,20 @@
+"""alignloop: the whole RLHF loop, from a base model and prompts to a model aligned with human preferences."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Trainers are imported lazily so `import alignloop` stays fast and the CLI's --help is quick.
+_LAZY = {
+    "SFTConfig": "alignloop.trainers.sft", "SFTTrainer": "alignloop.trainers.sft",
+    "RewardConfig": "alignloop.trainers.rm", "RewardTrainer": "alignloop.trainers.rm",
+    "PPOConfig": "alignloop.trainers.ppo", "PPOTrainer": "alignloop.trainers.ppo",
+    "DPOConfig": "alignloop.trainers.dpo", "DPOTrainer": "alignloop.trainers.dpo",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alignloop' has no attribute {name!r}")
