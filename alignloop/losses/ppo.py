@@ -1,0 +1,107 @@
+"""PPO components: clipped surrogate, clipped value loss, KL estimators, GAE and KL-coefficient controllers.
+
+Shapes: B = rollouts in the (mini)batch, T = response length. Every per-token tensor is [B, T] and is reduced
+with `masked_mean(x, response_mask)` by the trainer (token-level averaging).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate -> (loss [B,T], clipped [B,T] as 0/1 floats, approx_kl [B,T]).
+
+    ρ = exp(log π − log π_old); loss = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) (the negation of L_clip, to minimise).
+    `clipped` marks tokens where the clipped term is the active one (clip fraction = its masked mean).
+    approx_kl = ½(log ρ)², the estimator OpenAI's and TRL's PPO log (k2 of π_old vs π)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped_obj = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped_obj)
+    clipped = (clipped_obj > unclipped).to(logprobs.dtype).detach()
+    approx_kl = (0.5 * log_ratio.pow(2)).detach()
+    return loss, clipped, approx_kl
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss -> (loss [B,T], clipped [B,T] 0/1).
+
+    ½·max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    l_unclipped = (values - returns).pow(2)
+    l_clipped = (v_clipped - returns).pow(2)
+    loss = 0.5 * torch.maximum(l_unclipped, l_clipped)
+    return loss, (l_clipped > l_unclipped).to(values.dtype).detach()
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) at sampled tokens -> [B,T]. With ℓ = log π_ref − log π:
+    k1 = −ℓ (unbiased, can be negative), k2 = ℓ²/2, k3 = (e^ℓ − 1) − ℓ (unbiased, ≥ 0, low variance)."""
+    log_ratio = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.pow(2)
+    if kind == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {kind!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens -> (advantages [B,T], returns [B,T]).
+
+    δ_t = r_t + γ·V_{t+1} − V_t with V = 0 after the last real token; A_t = δ_t + γλ·A_{t+1}; returns = A + V.
+    Vectorised over the batch; the recursion runs backwards over T. Masked-out positions are 0 in both outputs
+    and never leak into real positions (response_mask need not be a prefix, e.g. for packed rows)."""
+    m = response_mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    B, T = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in range(T - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        # A masked-out position passes its successor's value/advantage through untouched.
+        adv = torch.where(m[:, t] > 0, adv, next_adv)
+        advantages[:, t] = adv * m[:, t]
+        next_value = torch.where(m[:, t] > 0, values[:, t], next_value)
+        next_adv = adv
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+class FixedKLController:
+    """A constant KL coefficient β."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): e = clip(KL/target − 1, −0.2, 0.2); β ← β·(1 + e·n_steps/horizon).
+    n_steps is the number of episodes in the batch just used. β rises when KL is above target, falls below it."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("adaptive KL needs target > 0 and horizon > 0")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

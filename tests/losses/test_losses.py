@@ -1,0 +1,283 @@
+"""Every loss against values worked out by hand (in each docstring), plus properties and gradient checks."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignloop.losses import (AdaptiveKLController, FixedKLController, best_of_k_loss, bradley_terry_loss, dpo_loss,
+                              entropy_from_logits, gae, implicit_reward, kl_penalty, logprobs_from_logits,
+                              masked_mean, masked_sum, masked_var, masked_whiten, plackett_luce_loss, ppo_policy_loss,
+                              ppo_value_loss)
+
+T = torch.tensor
+sig = lambda x: 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- masked reductions
+def test_masked_reductions_by_hand():
+    """x = [1, 2, 3, 100], mask = [1, 1, 1, 0]: sum 6, mean 2, population var ((1+0+1)/3) = 2/3,
+    unbiased var 1; whiten: (x-2)/sqrt(2/3) = [-1.2247, 0, 1.2247, 0 (masked)]."""
+    x, m = T([1.0, 2.0, 3.0, 100.0]), T([True, True, True, False])
+    assert masked_sum(x, m).item() == 6.0
+    assert masked_mean(x, m).item() == 2.0
+    assert masked_var(x, m).item() == pytest.approx(2 / 3)
+    assert masked_var(x, m, unbiased=True).item() == pytest.approx(1.0)
+    w = masked_whiten(x, m)
+    assert torch.allclose(w, T([-1.224744, 0.0, 1.224744, 0.0]), atol=1e-5)
+    # shift_mean=False keeps the mean: (x-2)/sqrt(2/3) + 2
+    assert torch.allclose(masked_whiten(x, m, shift_mean=False)[:3], T([0.775256, 2.0, 3.224744]), atol=1e-5)
+
+
+def test_masked_mean_dim_and_empty_mask():
+    """Row 0: (1+2)/2 = 1.5; row 1 has an empty mask -> 0, not NaN."""
+    x = T([[1.0, 2.0, 9.0], [4.0, 5.0, 6.0]])
+    m = T([[1, 1, 0], [0, 0, 0]])
+    assert torch.equal(masked_mean(x, m, dim=1), T([1.5, 0.0]))
+    assert torch.equal(masked_sum(x, m, dim=1), T([3.0, 0.0]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-50, 50), min_size=2, max_size=20), st.integers(0, 2**31 - 1))
+def test_whiten_property(values, seed):
+    """Whitened masked values have mean 0 and population std 1 (when not constant); padding never matters."""
+    x = T(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(len(values), generator=g) < 0.7
+    m[:2] = True
+    if masked_var(x, m) < 1e-6:
+        return
+    w = masked_whiten(x, m)
+    assert masked_mean(w, m).abs().item() < 1e-6
+    assert masked_var(w, m).item() == pytest.approx(1.0, rel=1e-4)
+    x2 = x.clone()
+    x2[~m] = 1e6  # what sits under the mask is irrelevant
+    assert torch.allclose(masked_whiten(x2, m), w)
+
+
+# ---------------------------------------------------------------- log-probs and entropy
+def test_logprobs_by_hand():
+    """logits [0, ln 3] -> p = [1/4, 3/4]; token 1: log 0.75. At temperature 2: logits [0, ln3/2] ->
+    p1 = sqrt3/(1+sqrt3) = 0.633975."""
+    logits = T([[[0.0, math.log(3)]]])
+    tok = T([[1]])
+    assert logprobs_from_logits(logits, tok).item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert logprobs_from_logits(logits, tok, temperature=2.0).item() == pytest.approx(
+        math.log(math.sqrt(3) / (1 + math.sqrt(3))), abs=1e-6)
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, tok, temperature=0.0)
+
+
+def test_logprobs_match_log_softmax_random():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    tok = torch.randint(0, 11, (3, 5))
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, tok[..., None]).squeeze(-1)
+    assert torch.allclose(logprobs_from_logits(logits, tok, 0.7), ref, atol=1e-6)
+
+
+def test_entropy_by_hand_and_masking():
+    """Uniform over 4 -> ln 4 = 1.386294; one-hot-ish (logit 100) -> ~0. Masked mean over only the first position
+    gives ln 4 no matter what the padded position holds."""
+    logits = T([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    h = entropy_from_logits(logits)
+    assert h[0, 0].item() == pytest.approx(math.log(4), abs=1e-6)
+    assert h[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_mean(h, T([[True, False]])).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert (entropy_from_logits(torch.randn(4, 7, 13)) >= 0).all()
+
+
+# ---------------------------------------------------------------- reward-model losses
+def test_bradley_terry_by_hand():
+    """r_c = 2, r_r = 1: -log σ(1) = 0.313262; with margin 1: -log σ(0) = ln 2 = 0.693147;
+    r_c = r_r: ln 2."""
+    loss = bradley_terry_loss(T([2.0, 2.0, 0.5]), T([1.0, 1.0, 0.5]), margin=T([0.0, 1.0, 0.0]))
+    assert torch.allclose(loss, T([-math.log(sig(1)), math.log(2), math.log(2)]), atol=1e-6)
+    assert bradley_terry_loss(T([2.0]), T([1.0])).item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_bradley_terry_gradient():
+    """d/dr_c of -log σ(r_c - r_r) = -(1 - σ(d)) = -σ(-d); at d = 1: -0.268941; d/dr_r = +0.268941."""
+    c, r = T([2.0], requires_grad=True), T([1.0], requires_grad=True)
+    bradley_terry_loss(c, r).sum().backward()
+    assert c.grad.item() == pytest.approx(-0.268941, abs=1e-6)
+    assert r.grad.item() == pytest.approx(0.268941, abs=1e-6)
+    torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b), (torch.randn(4, dtype=torch.float64, requires_grad=True),
+                                                                     torch.randn(4, dtype=torch.float64, requires_grad=True)))
+
+
+def test_plackett_luce_by_hand():
+    """Scores best-first [2, 1, 0]: NLL = [lse(2,1,0) - 2] + [lse(1,0) - 1] + 0
+    = (2.407606 - 2) + (1.313262 - 1) = 0.720868. With K=2 it equals Bradley-Terry: -log σ(2-1)."""
+    loss = plackett_luce_loss(T([[2.0, 1.0, 0.0]]))
+    assert loss.item() == pytest.approx(0.407606 + 0.313262, abs=1e-5)
+    assert plackett_luce_loss(T([[2.0, 1.0]])).item() == pytest.approx(bradley_terry_loss(T([2.0]), T([1.0])).item(), abs=1e-6)
+    # A padded third slot is ignored: same as K=2.
+    padded = plackett_luce_loss(T([[2.0, 1.0, 55.0]]), valid=T([[True, True, False]]))
+    assert padded.item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_plackett_luce_prefers_correct_order():
+    torch.manual_seed(1)
+    s = torch.randn(16, 4).sort(dim=-1, descending=True).values
+    assert (plackett_luce_loss(s) <= plackett_luce_loss(s.flip(-1)) + 1e-6).all()
+    torch.autograd.gradcheck(plackett_luce_loss, (torch.randn(3, 4, dtype=torch.float64, requires_grad=True),))
+
+
+def test_best_of_k_by_hand():
+    """Scores [0, ln 3, 0], best = 1: softmax p1 = 3/5; loss -ln 0.6 = 0.510826. Invalid slot excluded:
+    scores [0, ln 3, 9] with slot 2 invalid -> p1 = 3/4 -> -ln 0.75 = 0.287682."""
+    assert best_of_k_loss(T([[0.0, math.log(3), 0.0]]), T([1])).item() == pytest.approx(-math.log(0.6), abs=1e-6)
+    v = best_of_k_loss(T([[0.0, math.log(3), 9.0]]), T([1]), valid=T([[True, True, False]]))
+    assert v.item() == pytest.approx(-math.log(0.75), abs=1e-6)
+
+
+# ---------------------------------------------------------------- DPO family
+def test_dpo_sigmoid_by_hand():
+    """π_c = -1, π_r = -3, ref_c = -2, ref_r = -2: h = (−1+2) − (−3+2) = 2; β = 0.5: βh = 1;
+    loss = -log σ(1) = 0.313262; rewards: chosen 0.5·1 = 0.5, rejected 0.5·(−1) = −0.5."""
+    loss, rc, rr = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+    assert rc.item() == 0.5 and rr.item() == -0.5
+
+
+def test_cdpo_and_ipo_by_hand():
+    """Same h = 2, β = 0.5. cDPO s = 0.1: 0.9·(−log σ(1)) + 0.1·(−log σ(−1)) = 0.9·0.313262 + 0.1·1.313262
+    = 0.413262. IPO: (h − 1/(2β))² = (2 − 1)² = 1. Reference-free: h = −1 − (−3) = 2 as well here, so take
+    π_c = −1, π_r = −2: h = 1, βh = 0.5, −log σ(0.5) = 0.474077."""
+    cdpo, _, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, label_smoothing=0.1)
+    assert cdpo.item() == pytest.approx(0.413262, abs=1e-6)
+    ipo, _, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, loss_type="ipo")
+    assert ipo.item() == pytest.approx(1.0, abs=1e-6)
+    free, rc, _ = dpo_loss(T([-1.0]), T([-2.0]), T([-9.0]), T([-9.0]), beta=0.5, reference_free=True)
+    assert free.item() == pytest.approx(0.474077, abs=1e-6)
+    assert rc.item() == pytest.approx(-0.5)
+    with pytest.raises(ValueError):
+        dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), beta=0.1, loss_type="hinge?")
+    with pytest.raises(ValueError):
+        dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), beta=0.1, label_smoothing=0.6)
+
+
+def test_dpo_properties_and_gradient():
+    """At π = π_ref the loss is ln 2 with zero rewards; the gradient raises chosen and lowers rejected log-probs."""
+    z = torch.zeros(3)
+    loss, rc, rr = dpo_loss(z, z, z, z, beta=0.1)
+    assert torch.allclose(loss, torch.full((3,), math.log(2)))
+    pc, pr = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    dpo_loss(pc, pr, torch.zeros(2), torch.zeros(2), beta=0.1)[0].sum().backward()
+    # dL/dπ_c = −β·σ(−βh) = −0.1·0.5 = −0.05
+    assert torch.allclose(pc.grad, torch.full((2,), -0.05)) and torch.allclose(pr.grad, torch.full((2,), 0.05))
+    args = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    torch.autograd.gradcheck(lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.3, label_smoothing=0.2)[0], args)
+    assert implicit_reward(T([-1.0]), T([-3.0]), 0.5).item() == 1.0
+
+
+# ---------------------------------------------------------------- PPO
+def test_ppo_policy_loss_by_hand():
+    """ε = 0.2. Token 0: ρ = e^0 = 1, A = 2 -> loss −2, not clipped, approx-KL 0.
+    Token 1: log ρ = ln 1.5, A = 1: unclipped −1.5, clipped −1.2 -> max = −1.2 (clipped), approx-KL ½(ln1.5)² = 0.082202.
+    Token 2: log ρ = ln 0.5, A = 1: unclipped −0.5, clipped −0.8 -> max = −0.5 (not clipped: pessimistic bound).
+    Token 3: log ρ = ln 0.5, A = −1: unclipped 0.5, clipped 0.8 -> 0.8 (clipped)."""
+    lp = T([[0.0, math.log(1.5), math.log(0.5), math.log(0.5)]])
+    loss, clipped, akl = ppo_policy_loss(lp, torch.zeros(1, 4), T([[2.0, 1.0, 1.0, -1.0]]), clip_range=0.2)
+    assert torch.allclose(loss, T([[-2.0, -1.2, -0.5, 0.8]]), atol=1e-6)
+    assert torch.equal(clipped, T([[0.0, 1.0, 0.0, 1.0]]))
+    assert akl[0, 0].item() == 0.0 and akl[0, 1].item() == pytest.approx(0.5 * math.log(1.5) ** 2, abs=1e-7)
+
+
+def test_ppo_policy_loss_on_policy_is_ratio_one():
+    """Old = new: loss = −A, no clipping, approx-KL 0; gradient wrt logprobs is −A."""
+    lp = torch.randn(2, 5, requires_grad=True)
+    adv = torch.randn(2, 5)
+    loss, clipped, akl = ppo_policy_loss(lp, lp.detach(), adv, 0.2)
+    assert torch.allclose(loss, -adv) and clipped.sum() == 0 and akl.abs().max() == 0
+    loss.sum().backward()
+    assert torch.allclose(lp.grad, -adv)
+
+
+def test_ppo_value_loss_by_hand():
+    """ε_v = 0.2, R = 1. Token 0: V = 0.5, V_old = 0.4: unclipped (−0.5)² = 0.25, clipped V' = 0.5 (within range)
+    -> ½·0.25 = 0.125, not clipped. Token 1: V = 2, V_old = 0: V' = 0.2: (1)² = 1 vs (−0.8)² = 0.64 -> ½·1 = 0.5
+    (unclipped larger). Token 2: V = 0.9, V_old = 2: V' = 1.8: 0.01 vs 0.64 -> ½·0.64 = 0.32 (clipped)."""
+    loss, clipped = ppo_value_loss(T([[0.5, 2.0, 0.9]]), T([[0.4, 0.0, 2.0]]), T([[1.0, 1.0, 1.0]]), 0.2)
+    assert torch.allclose(loss, T([[0.125, 0.5, 0.32]]), atol=1e-6)
+    assert torch.equal(clipped, T([[0.0, 0.0, 1.0]]))
+
+
+def test_kl_estimators_by_hand():
+    """log π = −1, log π_ref = −2: ℓ = −1. k1 = 1, k2 = 0.5, k3 = e^−1 − 1 + 1 = 0.367879.
+    Equal log-probs give 0 for all three."""
+    lp, ref = T([[-1.0, -3.0]]), T([[-2.0, -3.0]])
+    assert torch.allclose(kl_penalty(lp, ref, "k1"), T([[1.0, 0.0]]))
+    assert torch.allclose(kl_penalty(lp, ref, "k2"), T([[0.5, 0.0]]))
+    assert torch.allclose(kl_penalty(lp, ref, "k3"), T([[math.exp(-1), 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError):
+        kl_penalty(lp, ref, "k4")
+
+
+def test_kl_estimators_unbiased_monte_carlo():
+    """Sampling from π, E[k1] = E[k3] = KL(π‖π_ref) exactly, checked against the closed form."""
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(6), 0)
+    q = torch.softmax(torch.randn(6), 0)
+    true_kl = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True)
+    lp, lq = p.log()[x], q.log()[x]
+    assert kl_penalty(lp, lq, "k1").mean().item() == pytest.approx(true_kl, rel=0.03)
+    assert kl_penalty(lp, lq, "k3").mean().item() == pytest.approx(true_kl, rel=0.03)
+    assert (kl_penalty(lp, lq, "k3") >= 0).all()
+
+
+def _gae_loop(rewards, values, mask, gamma, lam):
+    """Plain per-element reference: each row independently, only over its real tokens."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t]]
+        last = 0.0
+        for j in range(len(idx) - 1, -1, -1):
+            t = idx[j]
+            nv = values[b, idx[j + 1]].item() if j + 1 < len(idx) else 0.0
+            delta = rewards[b, t].item() + gamma * nv - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv, (adv + values.double()) * mask
+
+
+def test_gae_by_hand():
+    """T = 2, γ = 1, λ = 0.5, r = [0, 1], V = [0.5, 0.2]: δ1 = 1 + 0 − 0.2 = 0.8, A1 = 0.8;
+    δ0 = 0 + 0.2 − 0.5 = −0.3, A0 = −0.3 + 0.5·0.8 = 0.1; returns = [0.6, 1.0]."""
+    adv, ret = gae(T([[0.0, 1.0, 7.0]]), T([[0.5, 0.2, 9.0]]), T([[True, True, False]]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, T([[0.1, 0.8, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, T([[0.6, 1.0, 0.0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gae_matches_loop_random(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T_ = 6, 17
+    rewards, values = torch.randn(B, T_, generator=g), torch.randn(B, T_, generator=g)
+    lengths = torch.randint(1, T_ + 1, (B,), generator=g)
+    mask = torch.arange(T_)[None] < lengths[:, None]
+    mask[0] = torch.rand(T_, generator=g) < 0.6  # a non-prefix mask too
+    gamma, lam = 0.97, 0.9
+    adv, ret = gae(rewards.double(), values.double(), mask, gamma, lam)
+    ref_adv, ref_ret = _gae_loop(rewards, values, mask, gamma, lam)
+    assert torch.allclose(adv, ref_adv, atol=1e-10) and torch.allclose(ret, ref_ret, atol=1e-10)
+
+
+def test_kl_controllers():
+    """Target 6, horizon 10000, β0 = 0.15, 256 episodes. KL 12 -> e = clip(1, ±0.2) = 0.2:
+    β = 0.15·(1 + 0.2·256/10000) = 0.150768. KL 3 -> e = −0.2 -> β decreases by the same factor form."""
+    c = AdaptiveKLController(0.15, target=6.0, horizon=10000)
+    assert c.update(12.0, 256) == pytest.approx(0.15 * (1 + 0.2 * 256 / 10000))
+    c2 = AdaptiveKLController(0.15, target=6.0, horizon=10000)
+    assert c2.update(3.0, 256) == pytest.approx(0.15 * (1 - 0.2 * 256 / 10000))
+    c3 = AdaptiveKLController(0.15, target=6.0, horizon=10000)
+    assert c3.update(6.6, 100) == pytest.approx(0.15 * (1 + 0.1 * 100 / 10000))
+    assert FixedKLController(0.05).update(100.0, 256) == 0.05
+    state = c.state_dict()
+    c4 = AdaptiveKLController(1.0, 6.0, 10000)
+    c4.load_state_dict(state)
+    assert c4.value == c.value
