@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from alignloop.models.tiny import tiny_causal_lm, train_tokenizer
+from alignloop.rollout import HFSampler, SamplingParams, filter_logits, left_pad, position_ids_from_mask
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    return tiny_causal_lm(tok, n_layer=2, n_embd=64, seed=1)
+
+
+def _prompts(tok):
+    texts = ["good", "the movie was really very", "a plot", "boring fun music and the ending"]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def _recompute(lm, r, temperature):
+    ids, mask = r.input_ids, r.attention_mask.long()
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    P = r.prompt_ids.shape[1]
+    logits = logits[:, P - 1:-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_logprobs_match_training_forward(lm, tok, temperature):
+    torch.manual_seed(0)
+    r = HFSampler(lm, tok).generate(_prompts(tok), SamplingParams(max_new_tokens=20, temperature=temperature))
+    assert r.prompt_mask[0, 0].item() is False  # left padding happened
+    lp = _recompute(lm, r, temperature)
+    m = r.response_mask
+    assert m.sum() > 20
+    diff = (lp - r.logprobs)[m].abs().max().item()
+    assert diff < 1e-4, diff
+    assert torch.equal(r.logprobs, r.policy_logprobs)
+
+
+def test_topk_topp_logprobs_are_of_truncated_distribution(lm, tok):
+    torch.manual_seed(0)
+    p = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
+    r = HFSampler(lm, tok).generate(_prompts(tok), p)
+    m = r.response_mask
+    # policy_logprobs = full distribution, recomputable by a training forward
+    assert (_recompute(lm, r, 0.8) - r.policy_logprobs)[m].abs().max() < 1e-4
+    # the truncated distribution renormalises: each sampled token is at least as likely there
+    assert (r.logprobs[m] >= r.policy_logprobs[m] - 1e-6).all()
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.81)).tolist() == [[False, False, False, True]]
+
+
+def test_stop_at_eos_and_truncation(lm, tok):
+    eos = tok.eos_token_id
+    torch.manual_seed(0)
+    p = SamplingParams(max_new_tokens=30, temperature=1.0, stop_token_ids=[tok.convert_tokens_to_ids("Ġthe")])
+    r = HFSampler(lm, tok).generate(_prompts(tok) * 4, p)
+    the = tok.convert_tokens_to_ids("Ġthe")
+    for b in range(len(r)):
+        n = int(r.response_mask[b].sum())
+        assert r.response_mask[b, :n].all() and not r.response_mask[b, n:].any()  # contiguous
+        toks = r.response_ids[b, :n].tolist()
+        stops = [i for i, t in enumerate(toks) if t in (eos, the)]
+        if r.stopped[b]:
+            assert stops == [n - 1]
+        else:
+            assert stops == [] and n == 30
+        assert (r.response_ids[b, n:] == r.pad_token_id).all()
+        assert (r.logprobs[b, n:] == 0).all()
+    assert r.stopped.any()
+
+
+def test_stop_strings(lm, tok):
+    torch.manual_seed(0)
+    p = SamplingParams(max_new_tokens=30, stop_strings=["movie"])
+    r = HFSampler(lm, tok).generate(_prompts(tok) * 4, p)
+    assert r.stopped.any()
+    for b in range(len(r)):
+        n = int(r.response_mask[b].sum())
+        text = tok.decode(r.response_ids[b, :n].tolist())
+        if r.stopped[b] and "movie" in text:
+            assert "movie" not in tok.decode(r.response_ids[b, :n - 1].tolist())
+
+
+def test_left_pad_positions():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
