@@ -1,0 +1,96 @@
+"""Metrics to JSONL and TensorBoard (W&B optional), and a progress bar with ETA. Only the main process writes."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """`log(metrics, step)` appends `{"step": step, **metrics}` to `OUTPUT_DIR/metrics.jsonl` and writes scalars to
+    TensorBoard under `OUTPUT_DIR/tensorboard`. On resume (`resume_step`), lines after that step are dropped so the
+    file reads as one uninterrupted run."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 wandb: bool = False, run_name: str | None = None, config: dict | None = None,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except Exception:  # tensorboard missing: JSONL still works
+                self._tb = None
+        if wandb:
+            import wandb as _wandb
+
+            self._wandb = _wandb.init(name=run_name, config=config, dir=str(output_dir))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "item") or isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        for k, v in clean.items():
+            if isinstance(v, float) and math.isfinite(v):
+                if self._tb is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Progress:
+    """A rich progress bar with ETA (main process only; silent when disabled)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0):
+        self._p = None
+        self.t0 = time.perf_counter()
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                               TextColumn("{task.fields[info]}"), transient=False)
+        self._task = self._p.add_task(description, total=total, completed=start, info="")
+        self._p.start()
+
+    def update(self, advance: int = 1, info: str = "") -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=advance, info=info)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()

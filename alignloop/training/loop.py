@@ -1,0 +1,83 @@
+"""Pieces of the training loop every trainer shares: the accelerator, seeds, batch planning, the optimizer step.
+
+Batch planning is explicit so that runs are exactly reproducible and invariant: the global batch of one optimizer
+step is the same list of examples whatever the number of processes and accumulation steps; each process takes a
+contiguous slice of it and splits that into micro-batches. Losses are normalised by the size of the whole global
+batch (examples or tokens), counted identically on every process, so 1 process × batch 8 == 1 × 4 × 2 accumulation
+== 2 processes × 4 (given the same seed and no dropout).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+from alignloop.errors import ConfigError
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An `accelerate.Accelerator` (works unchanged under `accelerate launch`). bf16/fp16 autocast is for GPUs:
+    fp16 on CPU is refused with a clear message; bf16 on CPU runs (slowly) through CPU autocast."""
+    from accelerate import Accelerator
+
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16') on CPU")
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """A distinct RNG stream per process (dropout, sampling); data order comes from `epoch_order`, identical on
+    every process."""
+    s = seed + 1_000_003 * rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def plan_epoch(n: int, global_batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+               drop_last: bool = False) -> list[list[int]]:
+    """The global batches of one epoch, as lists of example indices (the last one may be short unless drop_last)."""
+    order = epoch_order(n, seed, epoch, shuffle)
+    batches = [order[i:i + global_batch_size] for i in range(0, n, global_batch_size)]
+    if drop_last and batches and len(batches[-1]) < global_batch_size:
+        batches.pop()
+    return batches
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous slice of a global batch (sizes differ by at most one)."""
+    per, extra = divmod(len(indices), world)
+    start = rank * per + min(rank, extra)
+    return indices[start:start + per + (1 if rank < extra else 0)]
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)] or [[]]
+
+
+def steps_per_epoch(n: int, global_batch_size: int, drop_last: bool = False) -> int:
+    return n // global_batch_size if drop_last else math.ceil(n / global_batch_size)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """Clip the gradient norm (if asked), step, schedule, zero. Returns the pre-clip gradient norm."""
+    if max_grad_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        norm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
