@@ -1,0 +1,79 @@
+"""The `alignloop` console script.
+
+Sub-commands live in their own modules and are imported only when used (so `alignloop --help` is fast).
+User mistakes (`alignloop.errors.UserError`) are printed as `error: ...` without a traceback, exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+# name -> (module, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("alignloop.cli.demo", "demo", "Run the whole loop on the built-in example task (no downloads)."),
+    "sft": ("alignloop.cli.train", "sft", "Supervised fine-tuning on demonstrations (loss on completions only)."),
+    "rm": ("alignloop.cli.train", "rm", "Train a reward model on preference pairs or rankings (Bradley-Terry)."),
+    "ppo": ("alignloop.cli.ppo", "ppo", "PPO against a reward model with a KL penalty to the reference."),
+    "dpo": ("alignloop.cli.dpo", "dpo", "Direct preference optimisation (no reward model)."),
+    "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
+    "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
+    "eval": ("alignloop.cli.demo", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
+    "pipeline": ("alignloop.cli.demo", "pipeline", "Run the whole loop on your own models and data from a YAML file."),
+    "data": ("alignloop.cli.data", "data", "Validate and convert datasets (rankings -> pairs, formats)."),
+    "feedback": ("alignloop.cli.feedback", "feedback", "The human-feedback labeling app: serve, import, stats, export."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [n for n, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        mod, attr, _ = COMMANDS[name]
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                return None
+            raise
+        return getattr(module, attr, None)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if not rows:
+            return
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.version_option(package_name="alignloop")
+def cli():
+    """alignloop: the whole RLHF loop, from a base model and prompts to a model aligned with human preferences."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from alignloop.errors import UserError
+
+    try:
+        cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
