@@ -1,0 +1,76 @@
+"""Models: loading (hub id or local path, dtype, LoRA), padding-aware forwards, reward models, value heads,
+classifier rewards, and the tiny local model builder (`alignloop.models.tiny`).
+
+Loading
+    load_causal_lm(name_or_path, dtype=None, lora=None, gradient_checkpointing=False, trust_remote_code=False)
+    load_sequence_classifier(name_or_path, dtype=None, num_labels=None, lora=None, ...)
+    load_tokenizer(name_or_path, padding_side="right", trust_remote_code=False)   # pad = EOS when it has none
+    resolve_dtype(dtype)      None -> float32, "auto", "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16"
+    A missing local folder, a folder without config.json, an unknown dtype -> alignloop.errors.UserError.
+
+LoRA (peft)
+    LoraOptions(r=8, alpha=16, dropout=0.05, target_modules="all-linear", bias="none", modules_to_save=None,
+                use_rslora=False);  apply_lora(model, options, task_type="CAUSAL_LM")
+    has_adapter(model);  `with reference_mode(model): ...` -> adapter off (the base model is the reference, no
+    second copy), eval mode, no grad; restored on exit. Raises ValueError on a model without an adapter.
+
+Padding-aware forwards (position ids = attention_mask.cumsum(1) - 1, clamped at 0)
+    model_forward(model, input_ids, attention_mask, return_hidden=False) -> logits[B,T,V] (or (logits, hidden))
+    position_ids_from_attention_mask(attention_mask) -> [B,T];  last_token_index(attention_mask) -> [B]
+
+Reward models: a transformers AutoModelForSequenceClassification with num_labels=1 (plain transformers loads what
+we save), scored by us at the last real token from the attention mask (not transformers' pad-id search, which
+breaks with pad == EOS and left padding).
+    RewardModel.from_pretrained(path, dtype=None, lora=None, ...)  (from a causal-LM checkpoint: new head with
+        init N(0, 1/sqrt(d+1)));  rm(input_ids, attention_mask) -> scores[B];  rm.token_scores(...) -> [B,T];
+        rm.save_pretrained(dir, tokenizer=None, merge_lora=True)
+    score_sequences(model, input_ids, attention_mask, label=0) -> [B];  sequence_logits(...) -> [B, num_labels]
+    CriticModel / critic_from_reward_model(path_or_rm) -> critic(input_ids, attention_mask) -> values[B,T]
+    ClassifierReward.from_pretrained(path, positive_label=1 | "LABEL_NAME") ; cr(texts) -> [B];
+        cr.score_tokens(input_ids, attention_mask) -> [B]  (positive-class logit)
+
+Policy + value head (PPO)
+    CausalLMWithValueHead.from_pretrained(path, dtype=None, lora=None, ...) / CausalLMWithValueHead(lm)
+        model(input_ids, attention_mask) -> LogitsAndValues(logits[B,T,V], values[B,T] float32), one pass;
+        zero-initialised value head;  save_pretrained(dir, tokenizer=None, merge_lora=True) writes the LM with
+        transformers' save_pretrained plus value_head.safetensors.
+"""
+from __future__ import annotations
+
+from alignloop.models.forward import (
+    backbone_hidden_states,
+    last_token_index,
+    model_forward,
+    position_ids_from_attention_mask,
+    unwrap_model,
+)
+from alignloop.models.loading import (
+    LoraOptions,
+    apply_lora,
+    check_name_or_path,
+    has_adapter,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    reference_mode,
+    resolve_dtype,
+)
+from alignloop.models.reward import (
+    ClassifierReward,
+    CriticModel,
+    RewardModel,
+    critic_from_reward_model,
+    init_reward_head,
+    score_sequences,
+    sequence_logits,
+    token_logits,
+)
+from alignloop.models.value_head import VALUE_HEAD_FILE, CausalLMWithValueHead, LogitsAndValues, ValueHead
+
+__all__ = [
+    "CausalLMWithValueHead", "ClassifierReward", "CriticModel", "LogitsAndValues", "LoraOptions", "RewardModel",
+    "VALUE_HEAD_FILE", "ValueHead", "apply_lora", "backbone_hidden_states", "check_name_or_path",
+    "critic_from_reward_model", "has_adapter", "init_reward_head", "last_token_index", "load_causal_lm",
+    "load_sequence_classifier", "load_tokenizer", "model_forward", "position_ids_from_attention_mask",
+    "reference_mode", "resolve_dtype", "score_sequences", "sequence_logits", "token_logits", "unwrap_model",
+]

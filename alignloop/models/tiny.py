@@ -77,19 +77,37 @@ def tiny_sequence_classifier(tok: PreTrainedTokenizerFast, num_labels: int = 1, 
     return GPT2ForSequenceClassification(_config(tok, n_layer, n_embd, n_head, n_positions, num_labels=num_labels))
 
 
+def tiny_reward_model(tok: PreTrainedTokenizerFast, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                      n_positions: int = 256, seed: int = 0) -> GPT2ForSequenceClassification:
+    """A GPT-2 sequence classifier with num_labels=1 and the reward-head init N(0, 1/sqrt(n_embd+1))."""
+    from alignloop.models.reward import init_reward_head
+
+    model = tiny_sequence_classifier(tok, num_labels=1, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                     n_positions=n_positions, seed=seed)
+    init_reward_head(model.score, n_embd)
+    return model
+
+
 def build_tiny_checkpoint(path: str | os.PathLike, corpus: Iterable[str] | None = None, kind: str = "causal_lm",
                           vocab_size: int = 500, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None,
                           **shape) -> Path:
     """Write a `save_pretrained` folder (model + tokenizer) that transformers' Auto classes load.
-    kind: "causal_lm" or "classifier" (num_labels in shape, default 1)."""
+    kind: "causal_lm", "classifier" (num_labels in shape, default 1; id2label/label2id too) or "reward" (a
+    classifier with num_labels=1 and the reward-head init)."""
     path = Path(path)
     tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab_size=vocab_size)
     if kind == "causal_lm":
         model = tiny_causal_lm(tok, seed=seed, **shape)
     elif kind == "classifier":
+        id2label = shape.pop("id2label", None)
         model = tiny_sequence_classifier(tok, seed=seed, **shape)
+        if id2label is not None:
+            model.config.id2label = {int(k): v for k, v in dict(id2label).items()}
+            model.config.label2id = {v: int(k) for k, v in dict(id2label).items()}
+    elif kind == "reward":
+        model = tiny_reward_model(tok, seed=seed, **shape)
     else:
-        raise ValueError(f"kind must be 'causal_lm' or 'classifier', got {kind!r}")
+        raise ValueError(f"kind must be 'causal_lm', 'classifier' or 'reward', got {kind!r}")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -1,0 +1,88 @@
+"""Padding-aware forward passes: position ids and last-token indices from the attention mask.
+
+Every trainer runs models through `model_forward` so that a left-padded batch gives the same logits for its real
+tokens as the same sequences run alone, unpadded (position ids count only real tokens). The last real token of a
+sequence is found from the attention mask (`last_token_index`), never by searching for the pad id, so tokenizers
+whose pad token is EOS work.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens: `attention_mask.cumsum(1) - 1`, clamped at 0.
+
+    Left padding -> pads get 0 and the first real token gets 0; right padding -> pads repeat the last position
+    (they are masked, so their value does not matter). [B,T] -> [B,T] long."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (the last position where the mask is 1). [B,T] -> [B] long.
+
+    Works with right padding, left padding and pad == EOS, because it reads only the mask. A row with no real
+    token gets 0."""
+    mask = attention_mask.long()
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask).argmax(-1)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model: strips a peft wrapper (LoRA layers stay in place and active) and
+    accelerate/DDP wrappers (`.module`)."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  return_hidden: bool = False, position_ids: torch.Tensor | None = None, **kwargs):
+    """Run a causal LM with position ids built from the attention mask (`position_ids_from_attention_mask`).
+
+    Returns `logits` [B,T,V], or `(logits, last_hidden_state[B,T,D])` when `return_hidden`. No KV cache is kept.
+    `model` may be a transformers causal LM, a peft model, or a `CausalLMWithValueHead` (its LM is used).
+    The logits at position t predict token t+1 (shift them before `alignloop.losses.logprobs_from_logits`)."""
+    from alignloop.models.value_head import CausalLMWithValueHead
+
+    if isinstance(model, CausalLMWithValueHead):
+        model = model.lm
+    if position_ids is None:
+        position_ids = position_ids_from_attention_mask(attention_mask)
+    extra = {"use_cache": False, **kwargs}
+    if _accepts(unwrap_model(model).forward, "position_ids"):
+        extra["position_ids"] = position_ids
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=return_hidden, **extra)
+    if return_hidden:
+        return out.logits, out.hidden_states[-1]
+    return out.logits
+
+
+def backbone_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden state [B,T,D] of a transformers model's backbone (`model.base_model`, e.g. GPT2Model for
+    GPT2ForSequenceClassification), with position ids from the attention mask. Peft wrappers are looked through."""
+    hf = unwrap_model(model)
+    backbone = hf.base_model if getattr(hf, "base_model", None) is not None else hf
+    kwargs = {}
+    if _accepts(backbone.forward, "position_ids"):
+        kwargs["position_ids"] = position_ids_from_attention_mask(attention_mask)
+    if _accepts(backbone.forward, "use_cache"):
+        kwargs["use_cache"] = False
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -1,0 +1,254 @@
+"""Reward models (LM backbone + scalar head), critics initialised from them, and rewards from existing classifiers.
+
+Design: a reward model is stored as a plain transformers `AutoModelForSequenceClassification` with `num_labels=1`
+(for GPT-2, Llama, Qwen, Mistral... the head is a bias-free `score` Linear on the backbone's last hidden state), so
+`AutoModelForSequenceClassification.from_pretrained(folder)` loads what we save, with no alignloop code. We do NOT
+use the classifier's own forward to pick the scored token: transformers finds the last token by searching for the pad
+id, which is wrong when pad == EOS and with left padding. `score_sequences` runs the backbone with position ids from
+the attention mask, and applies the head at the last real token (`last_token_index`). Encoder classifiers (BERT,
+RoBERTa, ..., no `score` Linear) are called through their own forward, which pools the first token and is
+padding-safe.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignloop.errors import UserError
+from alignloop.models.forward import backbone_hidden_states, last_token_index, unwrap_model
+from alignloop.models.loading import LoraOptions, load_sequence_classifier, load_tokenizer
+
+
+def init_reward_head(linear: nn.Linear, d_model: int | None = None) -> None:
+    """Reward-head init: weight ~ N(0, std = 1/sqrt(d_model + 1)), bias 0 (Huang et al. 2024, OpenAI's lm-human-prefs)."""
+    d = d_model if d_model is not None else linear.in_features
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+def _score_head(hf: nn.Module) -> nn.Module | None:
+    """The decoder-style classification head (`score`) of a transformers sequence classifier, or None."""
+    head = getattr(hf, "score", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Classification head applied at every position of a decoder sequence classifier: [B,T,num_labels].
+    Position ids come from the attention mask. Values at padded positions are meaningless (mask them)."""
+    hf = unwrap_model(model)
+    head = _score_head(hf)
+    if head is None:
+        raise UserError(f"{type(hf).__name__} has no `score` head on a decoder backbone; per-token values need a "
+                        f"decoder-style sequence classifier (GPT-2, Llama, Qwen, Mistral, ...)")
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)
+    return head(hidden)
+
+
+def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B,num_labels] of a sequence classifier, read at each sequence's last real token (from the attention
+    mask; right padding, left padding and pad == EOS all give the same result as the unpadded sequence). Encoder
+    classifiers without a `score` head use their own (padding-safe) forward."""
+    hf = unwrap_model(model)
+    if _score_head(hf) is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)
+    idx = last_token_index(attention_mask).to(hidden.device)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    # apply the head through the (possibly peft-wrapped) module so trained modules_to_save copies are used
+    return _score_head(unwrap_model(model))(last)
+
+
+def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    label: int = 0) -> torch.Tensor:
+    """Scalar score per sequence [B] at the last real token (column `label` of `sequence_logits`).
+    `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
+    if isinstance(model, RewardModel):
+        model = model.model
+    return sequence_logits(model, input_ids, attention_mask)[:, label]
+
+
+def _merged_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+class RewardModel(nn.Module):
+    """LM backbone + scalar head: `forward(input_ids, attention_mask) -> scores[B]` at the last real token.
+
+    Wraps a transformers `AutoModelForSequenceClassification` with num_labels=1 (attribute `.model`, optionally a
+    peft model). `save_pretrained` writes a plain transformers folder; `from_pretrained` loads it, or a causal-LM
+    checkpoint (e.g. the SFT model), in which case the new head gets the reward init N(0, 1/sqrt(d+1))."""
+
+    _alignloop_wrapper = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        num_labels = getattr(unwrap_model(model).config, "num_labels", 1)
+        if num_labels != 1:
+            raise UserError(f"a reward model needs a single-output head (num_labels=1), this one has {num_labels}: "
+                            f"use ClassifierReward for multi-class classifiers")
+
+    @property
+    def config(self):
+        return unwrap_model(self.model).config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
+                        trust_remote_code: bool = False, **kwargs: Any) -> "RewardModel":
+        model, info = load_sequence_classifier(name_or_path, dtype=dtype, num_labels=1, lora=None,
+                                               gradient_checkpointing=gradient_checkpointing,
+                                               trust_remote_code=trust_remote_code, output_loading_info=True,
+                                               **kwargs)
+        head = _score_head(model)
+        missing = set(info.get("missing_keys", ())) if isinstance(info, dict) else set()
+        if head is not None and any(k.startswith("score.") for k in missing) and isinstance(head, nn.Linear):
+            init_reward_head(head)
+        if lora is not None:
+            from alignloop.models.loading import apply_lora
+
+            model = apply_lora(model, lora, task_type="SEQ_CLS")
+        return cls(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_logits(self.model, input_ids, attention_mask)[:, 0]
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The scalar head at every position: [B,T] (padded positions are meaningless)."""
+        return token_logits(self.model, input_ids, attention_mask)[..., 0]
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None, merge_lora: bool = True, **kwargs) -> None:
+        """Write the classifier with `save_pretrained` (a plain transformers folder). With a LoRA adapter,
+        `merge_lora=True` (default) saves a merged copy (the live model keeps its adapter); False saves the adapter
+        only (peft format)."""
+        model = self.model
+        from alignloop.models.loading import has_adapter
+
+        if has_adapter(model) and merge_lora:
+            model = _merged_copy(model)
+        model.save_pretrained(path, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+class CriticModel(RewardModel):
+    """A separate critic for PPO, initialised from a reward model: `forward(input_ids, attention_mask) ->
+    values[B,T]`, the reward model's scalar head applied at every position. Saved like a `RewardModel`."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.token_scores(input_ids, attention_mask)
+
+
+def critic_from_reward_model(reward_model: str | os.PathLike | RewardModel, dtype: str | torch.dtype | None = None,
+                             lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
+                             trust_remote_code: bool = False) -> CriticModel:
+    """A trainable critic initialised from a reward model (a path/hub id, or a `RewardModel` which is deep-copied,
+    so training the critic leaves the reward model unchanged)."""
+    if isinstance(reward_model, RewardModel):
+        import copy
+
+        inner = copy.deepcopy(reward_model.model)
+        if lora is not None:
+            from alignloop.models.loading import apply_lora
+
+            inner = apply_lora(inner, lora, task_type="SEQ_CLS")
+        return CriticModel(inner)
+    return CriticModel.from_pretrained(reward_model, dtype=dtype, lora=lora,
+                                       gradient_checkpointing=gradient_checkpointing,
+                                       trust_remote_code=trust_remote_code)
+
+
+class ClassifierReward(nn.Module):
+    """Reward from an existing sequence classifier: the logit of its positive class (e.g. "not hate" for a
+    hate-speech classifier). `positive_label`: a class index or a label name from `config.id2label`.
+
+    `reward(texts) -> [B]` tokenises (right padding, truncation to `max_length`) and scores in batches of
+    `batch_size` under `torch.no_grad()` in eval mode; `score_tokens(input_ids, attention_mask) -> [B]` scores
+    tokens that are already in the classifier's vocabulary."""
+
+    _alignloop_wrapper = True
+
+    def __init__(self, model: nn.Module, tokenizer=None, positive_label: int | str = 1, max_length: int = 512,
+                 batch_size: int = 32):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.label_index = self.resolve_label(unwrap_model(model).config, positive_label)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @staticmethod
+    def resolve_label(config, positive_label: int | str) -> int:
+        num_labels = int(getattr(config, "num_labels", 1))
+        id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        if isinstance(positive_label, bool):
+            raise UserError(f"positive_label must be a class index or label name, got {positive_label!r}")
+        if isinstance(positive_label, int):
+            idx = positive_label if positive_label >= 0 else num_labels + positive_label
+            if not 0 <= idx < num_labels:
+                raise UserError(f"positive_label {positive_label} is out of range: the classifier has {num_labels} "
+                                f"classes {sorted(id2label.items())}")
+            return idx
+        if isinstance(positive_label, str):
+            if positive_label.lstrip("-").isdigit() and positive_label not in id2label.values():
+                return ClassifierReward.resolve_label(config, int(positive_label))
+            matches = [i for i, name in id2label.items() if name == positive_label]
+            if not matches:
+                matches = [i for i, name in id2label.items() if name.lower() == positive_label.lower()]
+            if len(matches) != 1:
+                raise UserError(f"positive_label {positive_label!r} is not one of the classifier's labels "
+                                f"{[id2label[i] for i in sorted(id2label)]}")
+            return matches[0]
+        raise UserError(f"positive_label must be a class index or label name, got {positive_label!r}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, positive_label: int | str = 1,
+                        dtype: str | torch.dtype | None = None, max_length: int = 512, batch_size: int = 32,
+                        trust_remote_code: bool = False) -> "ClassifierReward":
+        model = load_sequence_classifier(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(name_or_path, padding_side="right", trust_remote_code=trust_remote_code)
+        model.eval()
+        return cls(model, tokenizer, positive_label=positive_label, max_length=max_length, batch_size=batch_size)
+
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positive-class logit [B] at each sequence's last real token."""
+        return sequence_logits(self.model, input_ids, attention_mask)[:, self.label_index]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.score_tokens(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def reward(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise UserError("ClassifierReward needs a tokenizer to score texts (pass tokenizer=...)")
+        if isinstance(texts, str):
+            texts = [texts]
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out = []
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length)
+                out.append(self.score_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, *args, **kwargs):
+        # texts -> reward(texts); tensors -> nn.Module call (score_tokens)
+        if args and (isinstance(args[0], str) or (isinstance(args[0], (list, tuple))
+                                                   and all(isinstance(t, str) for t in args[0]))):
+            return self.reward(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
