@@ -172,7 +172,10 @@ def reference_mode(model: nn.Module):
 
 def _finish(model: nn.Module, lora: LoraOptions | None, gradient_checkpointing: bool, task_type: str) -> nn.Module:
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
             model.config.use_cache = False
     if lora is not None:

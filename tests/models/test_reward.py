@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignloop.errors import UserError
+from alignloop.models import (
+    ClassifierReward,
+    CriticModel,
+    LoraOptions,
+    RewardModel,
+    critic_from_reward_model,
+    has_adapter,
+    load_sequence_classifier,
+    score_sequences,
+    sequence_logits,
+)
+
+EOS, PAD = 0, 1
+# sequences that contain EOS in the middle and at the end: a pad-id search with pad == EOS finds the wrong token
+SEQS = [[5, 9, EOS, 7, 30, 41, EOS], [8, 3], [17, EOS, 40, 11], [23]]
+
+
+def _alone(model, seqs):
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s])
+            out.append(score_sequences(model, ids, torch.ones_like(ids))[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pad_id", [PAD, EOS], ids=["pad", "pad_is_eos"])
+def test_reward_score_at_last_real_token(reward_dir, pad_batch, side, pad_id):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    alone = _alone(rm, SEQS)
+    assert alone.abs().min() > 0  # a real, non-trivial head
+    ids, mask = pad_batch(SEQS, pad_id, side)
+    with torch.no_grad():
+        scores = rm(ids, mask)
+    assert scores.shape == (4,)
+    torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score_sequences(rm.model, ids, mask), scores)
+
+
+def test_score_matches_transformers_in_its_safe_case_and_differs_with_pad_eq_eos(reward_dir, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    ids, mask = pad_batch(SEQS, PAD, "right")  # distinct pad, right padding: transformers is right here
+    with torch.no_grad():
+        torch.testing.assert_close(rm(ids, mask), plain(input_ids=ids, attention_mask=mask).logits[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+        plain.config.pad_token_id = EOS
+        ids, mask = pad_batch(SEQS, EOS, "right")
+        theirs = plain(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert not torch.allclose(theirs, rm(ids, mask).detach(), atol=1e-4)  # pad-id search reads the first EOS
+
+
+def test_reward_model_from_causal_lm_gets_reward_head_init(lm_dir):
+    rm = RewardModel.from_pretrained(lm_dir)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    head = rm.model.score
+    assert head.weight.shape == (1, 32) and head.bias is None
+    std = head.weight.std().item()
+    assert 0.5 / 33 ** 0.5 < std < 2.0 / 33 ** 0.5  # N(0, 1/sqrt(d_model + 1)), d_model = 32
+    assert abs(head.weight.mean().item()) < 3 / 33 ** 0.5 / 32 ** 0.5 * 1.5
+    assert torch.equal(rm.model.transformer.wte.weight, lm.transformer.wte.weight)
+    assert rm.config.pad_token_id is not None
+
+
+def test_reward_model_save_load_with_plain_transformers(reward_dir, tmp_path, pad_batch, tok):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    rm.save_pretrained(tmp_path / "saved", tokenizer=tok)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    again = RewardModel.from_pretrained(tmp_path / "saved").eval()
+    ids, mask = pad_batch(SEQS, PAD, "right")
+    with torch.no_grad():
+        ours = rm(ids, mask)
+        torch.testing.assert_close(again(ids, mask), ours, atol=0, rtol=0)
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits[:, 0], ours,
+                                   atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "saved" / "tokenizer.json").exists()
+
+
+def test_token_scores_and_critic(reward_dir, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    ids, mask = pad_batch(SEQS, EOS, "left")
+    critic = critic_from_reward_model(rm)
+    assert isinstance(critic, CriticModel)
+    critic2 = critic_from_reward_model(reward_dir).eval()
+    with torch.no_grad():
+        values = critic.eval()(ids, mask)
+        assert values.shape == ids.shape
+        torch.testing.assert_close(values[:, -1], rm(ids, mask), atol=1e-5, rtol=1e-5)  # left pad: last = real
+        torch.testing.assert_close(critic2(ids, mask), values)
+        # per-token values of a prefix equal the score of that prefix alone
+        torch.testing.assert_close(values[0, -4], _alone(rm, [SEQS[0][:4]])[0], atol=1e-5, rtol=1e-5)
+    # the critic is a copy: training it leaves the reward model alone
+    with torch.no_grad():
+        critic.model.score.weight.add_(1.0)
+    assert not torch.equal(critic.model.score.weight, rm.model.score.weight)
+
+
+def test_reward_model_rejects_multiclass(classifier_dir):
+    with pytest.raises(UserError, match="num_labels"):
+        RewardModel.from_pretrained(classifier_dir)
+    with pytest.raises(UserError, match="num_labels=1"):
+        RewardModel(load_sequence_classifier(classifier_dir))
+
+
+def test_reward_model_with_lora_trains_adapter_and_head_and_saves_merged(reward_dir, tmp_path, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir, lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    assert has_adapter(rm)
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "score" in n for n in trainable)
+    assert any("score" in n for n in trainable)
+    ids, mask = pad_batch(SEQS, PAD, "right")
+    base = RewardModel.from_pretrained(reward_dir).eval()
+    rm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rm(ids, mask), base(ids, mask), atol=1e-5, rtol=1e-5)  # LoRA B = 0 at init
+        for n, p in rm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        changed = rm(ids, mask)
+    assert (changed - base(ids, mask).detach()).abs().max() > 1e-3
+    rm.save_pretrained(tmp_path / "merged")
+    assert has_adapter(rm)  # the live model keeps its adapter
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits[:, 0], changed,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_classifier_reward_positive_logit(classifier_dir, pad_batch):
+    cr = ClassifierReward.from_pretrained(classifier_dir, positive_label="not hate")
+    assert cr.label_index == 1
+    plain = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    ids, mask = pad_batch(SEQS, PAD, "right")
+    with torch.no_grad():
+        logits = plain(input_ids=ids, attention_mask=mask).logits
+        assert logits.shape == (4, 3)
+        torch.testing.assert_close(cr.score_tokens(ids, mask), logits[:, 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cr(ids, mask), logits[:, 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sequence_logits(cr.model, ids, mask), logits, atol=1e-5, rtol=1e-5)
+        # left padding / pad == EOS give the same positive logit
+        ids_l, mask_l = pad_batch(SEQS, EOS, "left")
+        torch.testing.assert_close(cr.score_tokens(ids_l, mask_l), logits[:, 1], atol=1e-5, rtol=1e-5)
+    for label, idx in [(0, 0), (2, 2), (-1, 2), ("hate", 0), ("Offensive", 2), ("1", 1)]:
+        assert ClassifierReward(cr.model, cr.tokenizer, positive_label=label).label_index == idx
+
+
+def test_classifier_reward_on_texts(classifier_dir):
+    cr = ClassifierReward.from_pretrained(classifier_dir, positive_label=2, batch_size=2)
+    texts = ["good movie and a great plot", "awful", "boring film that was not fun at all", "love it"]
+    rewards = cr(texts)
+    assert rewards.shape == (4,) and rewards.dtype == torch.float32
+    with torch.no_grad():
+        for t, r in zip(texts, rewards):
+            enc = cr.tokenizer([t], return_tensors="pt")
+            torch.testing.assert_close(cr.score_tokens(enc["input_ids"], enc["attention_mask"])[0], r,
+                                       atol=1e-5, rtol=1e-5)
+    assert cr.reward([]).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [3, -4, "neutral", True, 1.5])
+def test_classifier_reward_bad_label(classifier_dir, bad):
+    model = load_sequence_classifier(classifier_dir)
+    with pytest.raises(UserError, match="positive_label"):
+        ClassifierReward(model, positive_label=bad)
