@@ -1,0 +1,102 @@
+"""alignloop.data: read preference/SFT/prompt data in TRL's formats, convert it, tokenise it, and batch it.
+
+Reading (JSONL, JSON list or {"data": [...]}, Parquet, CSV/TSV, a `datasets` save_to_disk folder, or a hub id):
+    read_rows(path_or_id, split="train", skip_bad_rows=False, stats=None) -> list[Row]   # dicts with .where
+    write_rows(rows, path) -> Path                                    # format from the suffix
+    detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "prompt" | None
+    load_records(path, kind=None, *, split, tokenizer, include_ties, margins, skip_bad_rows) -> (records, DataStats)
+    load_sft(path, *, kind=None, split="train", tokenizer=None, skip_bad_rows=False) -> (list[dict], DataStats)
+    load_preferences(path, *, kind=None, split, tokenizer, include_ties=False, margins="small", skip_bad_rows)
+        -> (list[PreferenceGroup], DataStats)
+    load_unpaired(path, ...) -> (list[dict], DataStats);  load_prompts(path, ...) -> (list[dict], DataStats)
+
+Formats (detected from the first row's columns, or forced with kind=; extra columns are ignored):
+    sft         text | messages | prompt + completion            (texts: strings or lists of {role, content})
+    preference  prompt + chosen + rejected [+ margin | strength]; or chosen + rejected (implicit prompt: the shared
+                start, cut before a whitespace; conversational: all but the last assistant message)
+    ranking     prompt + completions (K) + ranking (K ints, 1 = best, equal = tie)
+    unpaired    prompt + completion + label (bool, KTO-style thumbs up/down; stays unpaired)
+    prompt      prompt
+  In CSV, list fields (messages, completions, ranking, conversational texts) are JSON text.
+
+Normalised records (all texts strings once chat-templated with a tokenizer; lists of messages before):
+    sft {"prompt", "completion"} (text -> prompt ""; messages split before the last assistant message: earlier
+    assistant turns are context, not trained on); unpaired {"prompt", "completion", "label"}; prompt {"prompt"};
+    preference/ranking -> PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight,
+    completions, ranking). A flat pair is a group of one with pair_weight 1.
+
+Chat templates: with tokenizer=..., conversational data is rendered with tokenizer.apply_chat_template; the prompt
+with add_generation_prompt=True, the completion = rendered(prompt + completion) minus the rendered prompt. A
+tokenizer without a chat template is a DataError.
+
+Conversions:
+    rankings_to_pairs(completions, ranking, include_ties=False) -> list[Pair]   # all C(K,2) pairs, index order
+    ranking_pair_weight(K) -> 1/C(K,2)                                          # InstructGPT's per-pair scale
+    strength_to_margin(strength, mapping="small"|"large"|dict) -> float          # Llama 2 Table 28
+    groups_to_rows(groups, with_ties=False) -> TRL preference rows {prompt, chosen, rejected, margin, pair_weight,
+        group} (reading them back regroups by `group`);  groups_to_unpaired(groups) -> KTO rows
+    Ties (include_ties=True): Pair(a, b, margin=0, tie=True). A reward model should not push a tie apart: use the
+    Bradley-Terry loss with target 1/2, i.e. ½(-log σ(r_a - r_b)) + ½(-log σ(r_b - r_a)), minimised at r_a = r_b;
+    DPO should skip ties (its loss has no tie term). Ties are skipped by default (counted in stats.ties_skipped).
+    Strength margins, "small" (default): significantly_better 1, better 2/3, slightly_better 1/3,
+    negligibly_better (alias unsure) 0; "large": 3, 2, 1, 0. A `strength` column becomes `margin` when margin is empty.
+
+Tokenisation (prompt and completion tokenised separately without special tokens, then concatenated; EOS appended to
+completions unless add_eos=False; BOS prepended only with add_bos=True):
+    tokenize_sft(records, tokenizer, *, max_length=None, truncation="keep_end", max_prompt_length=None,
+        add_eos=True, add_bos=False, stats=None) -> (examples, DataStats)
+    tokenize_preferences(groups, tokenizer, *, same options) -> (tokenised groups, DataStats)
+    tokenize_prompts(records, tokenizer, *, max_length=None, add_bos=False) -> ({"input_ids"}, DataStats)
+    truncate(prompt_ids, completions, max_length, truncation, max_prompt_length) -> (prompt, completions, cut) | None
+    pack_sft(examples, max_length) -> packed rows
+  truncation: "keep_end" cuts the prompt from the left first (down to max_prompt_length, default max_length // 2),
+  then the completions' ends; "keep_start" keeps the first max_length tokens; "drop" drops the example. Examples
+  left with no completion tokens are dropped. stats.truncated / stats.dropped count examples (SFT) or pairs.
+
+Collators (torch tensors; padding_side "right" for training, "left" for generation):
+    SFTCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)
+    PreferenceCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)
+
+Errors: DataError (a UserError) names file, line (1-based, JSONL/CSV; the CSV header is line 1) or index (0-based,
+JSON/Parquet/datasets), field and what was expected, e.g. "pairs.jsonl line 7, field 'chosen': expected a string or
+a list of messages, got null". skip_bad_rows=True skips bad rows (invalid JSON included), counts them in
+stats.bad_rows (messages in stats.errors) and logs a warning.
+
+Glossary (B = batch, T = tokens, P = pairs in a batch, G = groups in a batch, K = completions per prompt, S = packed
+examples per row):
+    tokenize_sft example    input_ids [T], labels [T] (-100 = prompt), prompt_length
+    packed row              input_ids [T], labels [T] (first token of each example -100), position_ids [T]
+                            (restart at 0 per example), seq_lens [S]
+    tokenised pref group    {"pairs": [{chosen_input_ids, rejected_input_ids, chosen_labels, rejected_labels,
+                            prompt_length, margin, tie}], "pair_weight"}
+    SFTCollator batch       input_ids, attention_mask, labels, position_ids [B,T]; packed: + seq_lens [B,S],
+                            cu_seqlens [N+1] int32
+    PreferenceCollator      input_ids, attention_mask, position_ids, labels, response_mask [2P,T] (rows :P chosen,
+                            P: rejected); margin, pair_weight [P] float; group_index [P] long; tie [P] bool
+    DataStats               kind, rows, bad_rows, errors, records, pairs, ties_skipped, truncated, dropped
+"""
+from __future__ import annotations
+
+from alignloop.data.collators import PreferenceCollator, SFTCollator, pad
+from alignloop.data.conversions import (
+    STRENGTH_MARGINS, Pair, PreferenceGroup, groups_to_rows, groups_to_unpaired, implicit_messages_prompt,
+    implicit_text_prompt, ranking_pair_weight, rankings_to_pairs, strength_to_margin,
+)
+from alignloop.data.errors import DataError, DataStats
+from alignloop.data.readers import Row, read_rows, write_rows
+from alignloop.data.records import (
+    KINDS, detect_kind, load_preferences, load_prompts, load_records, load_sft, load_unpaired, parse_rows,
+    render_record,
+)
+from alignloop.data.tokenize import (
+    IGNORE_INDEX, pack_sft, tokenize_preferences, tokenize_prompts, tokenize_sft, truncate,
+)
+
+__all__ = [
+    "DataError", "DataStats", "Row", "read_rows", "write_rows", "detect_kind", "parse_rows", "load_records",
+    "load_sft", "load_preferences", "load_unpaired", "load_prompts", "render_record", "KINDS",
+    "Pair", "PreferenceGroup", "rankings_to_pairs", "ranking_pair_weight", "strength_to_margin", "STRENGTH_MARGINS",
+    "implicit_text_prompt", "implicit_messages_prompt", "groups_to_rows", "groups_to_unpaired",
+    "tokenize_sft", "tokenize_preferences", "tokenize_prompts", "truncate", "pack_sft", "IGNORE_INDEX",
+    "SFTCollator", "PreferenceCollator", "pad",
+]

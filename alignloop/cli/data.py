@@ -1,0 +1,163 @@
+"""`alignloop data`: check data files and convert between formats.
+
+    alignloop data validate pairs.jsonl
+    alignloop data convert rankings.jsonl pairs.parquet --to pairs
+"""
+from __future__ import annotations
+
+import click
+
+from alignloop.data import (
+    KINDS, DataStats, PreferenceGroup, groups_to_rows, groups_to_unpaired, parse_rows, write_rows,
+)
+from alignloop.data.readers import _read
+from alignloop.errors import UserError
+
+TARGETS = ("auto", "pairs", "preference", "unpaired", "prompt", "sft")
+
+
+class DataCommandError(click.ClickException):
+    """A user mistake: printed as `error: ...` without a traceback; exit status 2."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _load(path: str, kind: str | None, split: str, include_ties: bool, margins: str) -> tuple[list, DataStats]:
+    """Read and validate, collecting bad rows in the stats (the commands decide what to do with them)."""
+    stats = DataStats()
+    try:
+        rows = _read(path, split, stats)
+        return parse_rows(rows, kind, include_ties=include_ties, margins=margins, stats=stats), stats
+    except UserError as e:
+        raise DataCommandError(str(e)) from None
+
+
+def _print_bad_rows(stats: DataStats) -> None:
+    for message in stats.errors:
+        click.echo(f"  {message}", err=True)
+    if stats.bad_rows > len(stats.errors):
+        click.echo(f"  ... and {stats.bad_rows - len(stats.errors)} more", err=True)
+
+
+kind_option = click.option("--kind", type=click.Choice(KINDS), default=None,
+                           help="The data format; detected from the columns when not given.")
+split_option = click.option("--split", default="train", show_default=True,
+                            help="The split to read from a datasets folder or hub dataset.")
+skip_option = click.option("--skip-bad-rows", is_flag=True,
+                           help="Skip rows that fail validation (they are counted and listed) instead of failing.")
+ties_option = click.option("--include-ties", is_flag=True,
+                           help="Keep tied ranking pairs (margin 0, tie=true); by default they are skipped.")
+margins_option = click.option("--margins", type=click.Choice(["small", "large"]), default="small", show_default=True,
+                              help="Llama 2 margin table used to turn a `strength` column into `margin`.")
+
+
+@click.group(name="data", help="Check data files and convert them between formats.")
+def data() -> None:
+    pass
+
+
+@data.command(help="Check FILE: print its format, row counts and every bad row (file, line, field). "
+                   "Exits with status 2 when there are bad rows, unless --skip-bad-rows.")
+@click.argument("file")
+@kind_option
+@split_option
+@skip_option
+@ties_option
+@margins_option
+def validate(file: str, kind: str | None, split: str, skip_bad_rows: bool, include_ties: bool, margins: str) -> None:
+    records, stats = _load(file, kind, split, include_ties, margins)
+    click.echo(f"file: {file}")
+    click.echo(f"format: {stats.kind or 'unknown (no rows)'} ({'given' if kind else 'detected'})")
+    click.echo(f"rows: {stats.rows}")
+    click.echo(f"valid rows: {stats.rows - stats.bad_rows}")
+    if stats.kind in ("preference", "ranking"):
+        click.echo(f"groups: {len(records)}")
+        click.echo(f"pairs: {stats.pairs}")
+        click.echo(f"ties skipped: {stats.ties_skipped}")
+    click.echo(f"bad rows: {stats.bad_rows}")
+    if stats.bad_rows:
+        _print_bad_rows(stats)
+        if not skip_bad_rows:
+            raise DataCommandError(f"{stats.bad_rows} bad rows in {file} (--skip-bad-rows to skip them)")
+
+
+def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict]:
+    groups = kind in ("preference", "ranking")
+    if to == "auto":
+        if kind == "ranking":
+            return [{"prompt": g.prompt, "completions": g.completions, "ranking": g.ranking} for g in records]
+        if kind == "preference":
+            rows = groups_to_rows(records, with_ties=include_ties)
+            if all(len(g.pairs) == 1 and g.pair_weight == 1.0 for g in records):  # plain pairs: no group columns
+                rows = [{k: v for k, v in r.items() if k not in ("pair_weight", "group")} for r in rows]
+            return rows
+        return [dict(r) for r in records]
+    if to in ("pairs", "preference"):
+        if not groups:
+            raise DataCommandError(f"cannot convert {kind} data to preference pairs; give preference or ranking data")
+        return groups_to_rows(records, with_ties=include_ties)
+    if to == "unpaired":
+        if kind == "unpaired":
+            return [dict(r) for r in records]
+        if not groups:
+            raise DataCommandError(f"cannot convert {kind} data to unpaired rows; give preference, ranking or "
+                                   f"unpaired data")
+        return groups_to_unpaired(records)
+    if to == "prompt":
+        prompts = [{"prompt": g.prompt if isinstance(g, PreferenceGroup) else g["prompt"]} for g in records]
+        if kind == "sft" and prompts and all(p["prompt"] in ("", []) for p in prompts):
+            raise DataCommandError("SFT text rows have no prompt to extract")
+        return prompts
+    # to == "sft": the preferred completion of each prompt
+    if kind == "sft":
+        return [dict(r) for r in records]
+    if kind == "unpaired":
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
+    if groups:
+        rows = []
+        for g in records:
+            if g.ranking is not None:
+                best = g.completions[g.ranking.index(min(g.ranking))]
+            elif g.pairs:
+                best = g.pairs[0].chosen
+            else:
+                continue
+            rows.append({"prompt": g.prompt, "completion": best})
+        return rows
+    raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking or unpaired data")
+
+
+@data.command(help="Convert IN (any supported format and file type) to OUT; the output file type comes from OUT's "
+                   "suffix (.jsonl, .json, .parquet, .csv, .tsv).")
+@click.argument("in_path", metavar="IN")
+@click.argument("out_path", metavar="OUT")
+@click.option("--to", "to", type=click.Choice(TARGETS), default="auto", show_default=True,
+              help="Output records. auto: the input's normalised records (ranking stays ranking); pairs/preference: "
+                   "flat TRL preference rows (prompt, chosen, rejected, margin, pair_weight, group), a ranking "
+                   "becomes its K(K-1)/2 pairs; unpaired: KTO rows (chosen/best true, rejected/worst false); "
+                   "prompt: the prompts; sft: prompt + the preferred completion.")
+@kind_option
+@split_option
+@skip_option
+@ties_option
+@margins_option
+def convert(in_path: str, out_path: str, to: str, kind: str | None, split: str, skip_bad_rows: bool,
+            include_ties: bool, margins: str) -> None:
+    records, stats = _load(in_path, kind, split, include_ties, margins)
+    if stats.bad_rows and not skip_bad_rows:
+        _print_bad_rows(stats)
+        raise DataCommandError(f"{stats.bad_rows} bad rows in {in_path}; nothing written (--skip-bad-rows to "
+                               f"skip them)")
+    rows = _convert(records, stats.kind, to, include_ties)
+    try:
+        write_rows(rows, out_path)
+    except UserError as e:
+        raise DataCommandError(str(e)) from None
+    click.echo(f"read {stats.rows} rows ({stats.kind}) from {in_path}; wrote {len(rows)} rows to {out_path}")
+    if stats.ties_skipped:
+        click.echo(f"ties skipped: {stats.ties_skipped}")
+    if stats.bad_rows:
+        click.echo(f"bad rows skipped: {stats.bad_rows}")
+        _print_bad_rows(stats)

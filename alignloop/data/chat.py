@@ -1,0 +1,40 @@
+"""Chat templating: conversational records (lists of {role, content}) -> strings, through the tokenizer.
+
+The prompt is rendered with ``add_generation_prompt=True``; the completion is the rest of the rendered full
+conversation (``render(prompt + completion)`` minus the rendered prompt), so prompt + completion is exactly the
+rendered conversation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from alignloop.data.errors import DataError
+
+Messages = list[dict[str, Any]]
+
+
+def is_messages(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def check_chat_template(tokenizer, where: str) -> None:
+    """Raise a DataError if the data is conversational and `tokenizer` has no chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: the data is conversational (lists of messages) but the tokenizer has no chat "
+                        f"template; set tokenizer.chat_template (or use a chat model's tokenizer), or give "
+                        f"plain-text data")
+
+
+def render_prompt(messages: Messages, tokenizer) -> str:
+    """The prompt as the model sees it, ending with the generation prompt (e.g. ``<|assistant|>``)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_completion(prompt: Messages, completion: Messages, tokenizer, rendered_prompt: str | None = None) -> str:
+    """The text that follows the rendered prompt in the rendered conversation prompt + completion."""
+    p = render_prompt(prompt, tokenizer) if rendered_prompt is None else rendered_prompt
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False, add_generation_prompt=False)
+    if not full.startswith(p):
+        raise ValueError("the chat template renders the whole conversation so that it does not start with the "
+                         "rendered prompt (add_generation_prompt=True); the completion cannot be separated")
+    return full[len(p):]

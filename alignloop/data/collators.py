@@ -1,0 +1,117 @@
+"""Collators: lists of tokenised examples -> padded torch tensors. `padding_side` is chosen per use: "right" for
+training forward passes, "left" for generation (prompts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignloop.data.tokenize import IGNORE_INDEX
+
+
+def pad(seqs: list[list[int]], value: int, padding_side: str = "right", length: int | None = None) -> torch.Tensor:
+    """Pad lists of ints to one length (the longest, or `length`) on the left or right -> LongTensor [B, T]."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    t = max((len(s) for s in seqs), default=0) if length is None else length
+    out = torch.full((len(seqs), t), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            if padding_side == "right":
+                out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+            else:
+                out[i, t - len(s):] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only real tokens (0 on left padding): mask.cumsum - 1, clamped at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class SFTCollator:
+    """Batch SFT examples (from `tokenize_sft`) or packed rows (from `pack_sft`).
+
+    Returns input_ids [B,T], attention_mask [B,T] (1 = real token), labels [B,T] (-100 on prompt and padding; only
+    when the examples have labels, so prompts from `tokenize_prompts` collate too, left-padded for generation),
+    position_ids [B,T] (real tokens count from 0; for packed rows the packed positions, padding its own segment).
+    Packed rows add seq_lens [B,S] (example lengths per row, 0-padded) and cu_seqlens [N+1] int32: cumulative
+    segment lengths over the flattened [B*T] batch, padding of each row counted as one more segment (for
+    flash-attention varlen). For packed rows, call the model without attention_mask (see `pack_sft`)."""
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        t = _round_up(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)
+        ids = [e["input_ids"] for e in examples]
+        batch = {
+            "input_ids": pad(ids, self.pad_token_id, self.padding_side, t),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, self.padding_side, t),
+        }
+        if "labels" in examples[0]:
+            batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX, self.padding_side, t)
+        if "position_ids" not in examples[0]:
+            batch["position_ids"] = _position_ids(batch["attention_mask"])
+            return batch
+        # packed rows: padding gets positions 0.. (a segment of its own), so it never joins a real example
+        positions = []
+        for e in examples:
+            n_pad = t - len(e["input_ids"])
+            padding = list(range(n_pad))
+            positions.append(e["position_ids"] + padding if self.padding_side == "right" else padding + e["position_ids"])
+        batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+        batch["seq_lens"] = pad([e["seq_lens"] for e in examples], 0, "right")
+        lens = []
+        for e in examples:
+            n_pad = t - len(e["input_ids"])
+            segs = list(e["seq_lens"])
+            lens += (segs + [n_pad] if self.padding_side == "right" else [n_pad] + segs) if n_pad else segs
+        batch["cu_seqlens"] = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return batch
+
+
+@dataclass
+class PreferenceCollator:
+    """Batch tokenised preference groups (from `tokenize_preferences`; a bare pair dict counts as a group of one).
+
+    With P = the number of pairs in the batch (all pairs of all groups, group by group):
+      input_ids, attention_mask, position_ids, labels: [2P, T] — rows 0..P-1 the chosen sequences, rows P..2P-1 the
+        rejected ones (row i and row P+i are one pair); labels are -100 on prompt and padding (completion-only).
+      response_mask [2P, T] bool: True on completion tokens (labels != -100).
+      margin [P] float; pair_weight [P] float (1/C(K,2) for a ranking of K, 1 for a plain pair);
+      group_index [P] long (which group of this batch, 0..G-1, each pair came from); tie [P] bool.
+    DPO: per-sequence log-prob sums over response_mask, split [:P] / [P:]. Reward model: score every row at its last
+    real token, then loss = sum(pair_weight * bradley_terry_loss(s[:P], s[P:], margin)) / G."""
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, groups: list[dict]) -> dict[str, torch.Tensor]:
+        pairs, weights, index = [], [], []
+        for g_i, g in enumerate(groups):
+            g_pairs = g["pairs"] if "pairs" in g else [g]
+            pairs += g_pairs
+            weights += [float(g.get("pair_weight", 1.0))] * len(g_pairs)
+            index += [g_i] * len(g_pairs)
+        ids = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
+        labels = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
+        t = _round_up(max(len(s) for s in ids), self.pad_to_multiple_of)
+        attention_mask = pad([[1] * len(s) for s in ids], 0, self.padding_side, t)
+        labels_t = pad(labels, IGNORE_INDEX, self.padding_side, t)
+        return {
+            "input_ids": pad(ids, self.pad_token_id, self.padding_side, t),
+            "attention_mask": attention_mask,
+            "position_ids": _position_ids(attention_mask),
+            "labels": labels_t,
+            "response_mask": labels_t != IGNORE_INDEX,
+            "margin": torch.tensor([float(p.get("margin", 0.0)) for p in pairs], dtype=torch.float32),
+            "pair_weight": torch.tensor(weights, dtype=torch.float32),
+            "group_index": torch.tensor(index, dtype=torch.long),
+            "tie": torch.tensor([bool(p.get("tie", False)) for p in pairs], dtype=torch.bool),
+        }

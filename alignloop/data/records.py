@@ -1,0 +1,372 @@
+"""Format detection and row validation: rows -> normalised records, and the `load_*` functions.
+
+Normalised records (before chat templating a text may also be a list of messages; after it, all are strings):
+  sft:        {"prompt": str, "completion": str}  (a `text` row is {"prompt": "", "completion": text}; a
+              `messages` row is split before its last assistant message)
+  preference: `PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight, ...)`
+  unpaired:   {"prompt": str, "completion": str, "label": bool}
+  prompt:     {"prompt": str}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+from alignloop.data.chat import check_chat_template, render_completion, render_prompt
+from alignloop.data.conversions import (
+    Pair, PreferenceGroup, implicit_messages_prompt, implicit_text_prompt, ranking_pair_weight, rankings_to_pairs,
+    strength_to_margin,
+)
+from alignloop.data.errors import DataError, DataStats, raise_or_skip
+from alignloop.data.readers import Row, _read, type_name
+
+KINDS = ("sft", "preference", "ranking", "unpaired", "prompt")
+# Required columns of each format, for detection (first match wins) and for error messages.
+FORMATS: list[tuple[str, tuple[str, ...]]] = [
+    ("preference", ("chosen", "rejected")),
+    ("ranking", ("prompt", "completions", "ranking")),
+    ("unpaired", ("prompt", "completion", "label")),
+    ("sft", ("messages",)),
+    ("sft", ("text",)),
+    ("sft", ("prompt", "completion")),
+    ("prompt", ("prompt",)),
+]
+FORMAT_HELP = ("text | messages | prompt+completion (sft); prompt+chosen+rejected [+margin|strength] or "
+               "chosen+rejected (preference); prompt+completions+ranking (ranking); prompt+completion+label "
+               "(unpaired); prompt (prompt)")
+
+
+class BadRow(Exception):
+    """Internal: a row failed validation (message without the location)."""
+
+
+def detect_kind(columns) -> str | None:
+    """The format whose required columns are all in `columns` (None if none fits). Order: preference, ranking,
+    unpaired, sft (messages, text, prompt+completion), prompt."""
+    cols = set(columns)
+    for kind, required in FORMATS:
+        if set(required) <= cols:
+            return kind
+    return None
+
+
+# ---------------------------------------------------------------- field validation
+
+def _missing(row: Row, field: str, expected: str):
+    if field not in row:
+        raise BadRow(f"field '{field}': missing (expected {expected})")
+    return row[field]
+
+
+def _maybe_json(row: Row, value: Any) -> Any:
+    """CSV cells are text: decode JSON lists (messages, completions, ranks)."""
+    if row.from_text and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _messages(field: str, value: list) -> list[dict]:
+    if not value:
+        raise BadRow(f"field '{field}': expected a non-empty list of messages, got an empty list")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRow(f"field '{field}': message {i} should be {{\"role\": string, \"content\": string}}, "
+                         f"got {json.dumps(m)[:80] if isinstance(m, (dict, list, str)) else type_name(m)}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text_or_messages(row: Row, field: str, value: Any = ..., allow_empty: bool = True):
+    expected = "a string or a list of messages"
+    value = _missing(row, field, expected) if value is ... else value
+    value = _maybe_json(row, value)
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise BadRow(f"field '{field}': expected a non-empty string or a list of messages, got an empty string")
+        return value
+    if isinstance(value, (list, tuple)):
+        return _messages(field, list(value))
+    raise BadRow(f"field '{field}': expected {expected}, got {type_name(value)}")
+
+
+def _same_style(fields: dict[str, Any]) -> None:
+    """All texts of a row must be strings, or all lists of messages."""
+    styles = {name: isinstance(v, list) for name, v in fields.items() if v is not None}
+    if len(set(styles.values())) > 1:
+        first = next(iter(styles))
+        for name, conv in styles.items():
+            if conv != styles[first]:
+                want = "a list of messages" if styles[first] else "a string"
+                raise BadRow(f"field '{name}': expected {want} like '{first}' (do not mix plain text and "
+                             f"conversational fields in a row)")
+
+
+def _number(row: Row, field: str) -> float | None:
+    value = row.get(field)
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (row.from_text and value == ""):
+        return None
+    if row.from_text and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+        raise BadRow(f"field '{field}': expected a number, got {type_name(value)}")
+    return float(value)
+
+
+def _label(row: Row) -> bool:
+    value = _missing(row, "label", "true or false")
+    if isinstance(value, str) and row.from_text:
+        low = value.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise BadRow(f"field 'label': expected true or false, got {type_name(value)}")
+
+
+# ---------------------------------------------------------------- per-format parsers
+
+def _split_messages(msgs: list[dict]) -> tuple[list, list]:
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise BadRow("field 'messages': expected at least one message with role 'assistant'")
+    return msgs[:last], msgs[last:]
+
+
+def parse_sft(row: Row, **_) -> dict:
+    if "messages" in row:
+        msgs = _maybe_json(row, row["messages"])
+        if not isinstance(msgs, (list, tuple)):
+            raise BadRow(f"field 'messages': expected a list of messages, got {type_name(msgs)}")
+        prompt, completion = _split_messages(_messages("messages", list(msgs)))
+        return {"prompt": prompt, "completion": completion}
+    if "text" in row:
+        text = row["text"]
+        if not isinstance(text, str) or not text:
+            raise BadRow(f"field 'text': expected a non-empty string, got {type_name(text)}")
+        return {"prompt": "", "completion": text}
+    prompt = _text_or_messages(row, "prompt")
+    completion = _text_or_messages(row, "completion")
+    _same_style({"prompt": prompt, "completion": completion})
+    return {"prompt": prompt, "completion": completion}
+
+
+def parse_prompt(row: Row, **_) -> dict:
+    return {"prompt": _text_or_messages(row, "prompt", allow_empty=False)}
+
+
+def parse_unpaired(row: Row, **_) -> dict:
+    prompt = _text_or_messages(row, "prompt")
+    completion = _text_or_messages(row, "completion")
+    _same_style({"prompt": prompt, "completion": completion})
+    return {"prompt": prompt, "completion": completion, "label": _label(row)}
+
+
+def parse_preference(row: Row, margins="small", **_) -> PreferenceGroup:
+    chosen = _text_or_messages(row, "chosen")
+    rejected = _text_or_messages(row, "rejected")
+    implicit = "prompt" not in row
+    prompt = None if implicit else _text_or_messages(row, "prompt")
+    _same_style({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if implicit:
+        try:
+            if isinstance(chosen, list):
+                prompt, chosen, rejected = implicit_messages_prompt(chosen, rejected)
+            else:
+                prompt, chosen, rejected = implicit_text_prompt(chosen, rejected)
+        except ValueError as e:
+            raise BadRow(f"field 'chosen': {e}") from None
+    margin = _number(row, "margin")
+    if margin is None and row.get("strength") not in (None, ""):
+        try:
+            margin = strength_to_margin(row["strength"], margins)
+        except ValueError as e:
+            raise BadRow(f"field 'strength': {e}") from None
+    weight = _number(row, "pair_weight")
+    tie = row.get("tie") in (True, "true", "True", "1", 1)
+    return PreferenceGroup(prompt, [Pair(chosen, rejected, 0.0 if margin is None else margin, tie)],
+                           1.0 if weight is None else weight, where=row.where)
+
+
+def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None = None, **_) -> PreferenceGroup:
+    prompt = _text_or_messages(row, "prompt")
+    completions = _maybe_json(row, _missing(row, "completions", "a list of strings or of message lists"))
+    if not isinstance(completions, (list, tuple)) or len(completions) < 2:
+        raise BadRow(f"field 'completions': expected a list of at least 2 completions (strings or lists of "
+                     f"messages), got {type_name(completions)}")
+    completions = [_text_or_messages(row, f"completions[{i}]", c) for i, c in enumerate(completions)]
+    _same_style({"prompt": prompt, **{f"completions[{i}]": c for i, c in enumerate(completions)}})
+    ranking = _maybe_json(row, _missing(row, "ranking", "a list of integer ranks"))
+    k = len(completions)
+    if (not isinstance(ranking, (list, tuple)) or len(ranking) != k
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking)):
+        raise BadRow(f"field 'ranking': expected a list of {k} integer ranks >= 1 (one per completion, 1 = best, "
+                     f"equal ranks = ties), got {json.dumps(ranking) if isinstance(ranking, list) else type_name(ranking)}")
+    ranking = list(ranking)
+    pairs = rankings_to_pairs(completions, ranking, include_ties)
+    if stats is not None:
+        n_ties = sum(ranking[i] == ranking[j] for i in range(k) for j in range(i + 1, k))
+        stats.ties_skipped += 0 if include_ties else n_ties
+    return PreferenceGroup(prompt, pairs, ranking_pair_weight(k), completions, ranking, where=row.where)
+
+
+PARSERS: dict[str, Callable[..., Any]] = {"sft": parse_sft, "prompt": parse_prompt, "unpaired": parse_unpaired,
+                                          "preference": parse_preference, "ranking": parse_ranking}
+
+
+def prompt_of(record: Any) -> Any:
+    return record.prompt if isinstance(record, PreferenceGroup) else record["prompt"]
+
+
+# ---------------------------------------------------------------- chat templating
+
+def render_record(record: Any, tokenizer) -> Any:
+    """Apply the chat template to a record whose texts are lists of messages; plain-text records pass through.
+    Raises ValueError when the template cannot separate the completion (see `chat.render_completion`)."""
+    prompt = prompt_of(record)
+    conv = isinstance(prompt, list) or (isinstance(record, dict) and isinstance(record.get("completion"), list)) \
+        or (isinstance(record, PreferenceGroup) and record.pairs and isinstance(record.pairs[0].chosen, list))
+    if not conv:
+        return record
+    prompt = prompt or []
+    p = render_prompt(prompt, tokenizer)
+    cache: dict[str, str] = {}
+
+    def completion(msgs: list) -> str:
+        key = json.dumps(msgs)
+        if key not in cache:
+            cache[key] = render_completion(prompt, msgs, tokenizer, p)
+        return cache[key]
+
+    if isinstance(record, PreferenceGroup):
+        return PreferenceGroup(p, [Pair(completion(x.chosen), completion(x.rejected), x.margin, x.tie)
+                                   for x in record.pairs], record.pair_weight,
+                               None if record.completions is None else [completion(c) for c in record.completions],
+                               record.ranking, record.where)
+    out = dict(record, prompt=p)
+    if "completion" in record:
+        out["completion"] = completion(record["completion"])
+    return out
+
+
+def _is_conversational(record: Any) -> bool:
+    p = prompt_of(record)
+    if isinstance(p, list) and p:
+        return True
+    if isinstance(record, PreferenceGroup):
+        return bool(record.pairs) and isinstance(record.pairs[0].chosen, list)
+    return isinstance(record.get("completion"), list)
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_rows(rows: list[Row], kind: str | None = None, *, tokenizer=None, include_ties: bool = False,
+               margins: str | dict = "small", stats: DataStats | None = None) -> list:
+    """Validate rows and turn them into normalised records of `kind` (detected from the first row's columns when
+    None). Bad rows are recorded in `stats` (not raised). With a tokenizer, conversational records are chat-templated
+    (an error if the tokenizer has no chat template)."""
+    stats = stats if stats is not None else DataStats()
+    first = next((r for r in rows if r.error is None), None)
+    if kind is None:
+        kind = detect_kind(first) if first is not None else None
+        if kind is None and first is not None:
+            raise DataError(f"{first.where}: the columns ({', '.join(first) or 'none'}) fit no known format; "
+                            f"expected {FORMAT_HELP}")
+    elif kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    stats.kind = kind
+    parse = PARSERS[kind] if kind else None
+    records: list = []
+    group_ids: list = []
+    template_checked = False
+    for row in rows:
+        if row.error is not None:
+            stats.add_error(row.error)
+            continue
+        try:
+            rec = parse(row, include_ties=include_ties, margins=margins, stats=stats)
+            if tokenizer is not None and _is_conversational(rec):
+                if not template_checked:
+                    check_chat_template(tokenizer, row.where)
+                    template_checked = True
+                rec = render_record(rec, tokenizer)
+        except BadRow as e:
+            stats.add_error(f"{row.where}, {e}")
+            continue
+        except ValueError as e:
+            stats.add_error(f"{row.where}: {e}")
+            continue
+        group = row.get("group") if kind == "preference" else None
+        if group is not None and records and group_ids[-1] == group and records[-1].prompt == rec.prompt:
+            records[-1].pairs.extend(rec.pairs)  # flat rows of one group (see groups_to_rows): merge them back
+            continue
+        records.append(rec)
+        group_ids.append(group)
+    if kind in ("preference", "ranking"):
+        stats.pairs += sum(len(g.pairs) for g in records)
+    stats.records += len(records)
+    return records
+
+
+def load_records(path_or_id: str | os.PathLike, kind: str | None = None, *, split: str = "train", tokenizer=None,
+                 include_ties: bool = False, margins: str | dict = "small", skip_bad_rows: bool = False,
+                 stats: DataStats | None = None) -> tuple[list, DataStats]:
+    """Read and validate a file of any supported format. Returns (records, stats); see `parse_rows`."""
+    stats = stats if stats is not None else DataStats()
+    rows = _read(path_or_id, split, stats)
+    records = parse_rows(rows, kind, tokenizer=tokenizer, include_ties=include_ties, margins=margins, stats=stats)
+    raise_or_skip(stats, skip_bad_rows)
+    return records, stats
+
+
+def _check_kind(stats: DataStats, allowed: tuple[str, ...], what: str, source) -> None:
+    if stats.kind is not None and stats.kind not in allowed:
+        raise DataError(f"{source}: expected {what} data, but the columns are those of {stats.kind} data "
+                        f"(formats: {FORMAT_HELP})")
+
+
+def load_sft(path_or_id, *, kind: str | None = None, split: str = "train", tokenizer=None,
+             skip_bad_rows: bool = False) -> tuple[list[dict], DataStats]:
+    """SFT records {"prompt", "completion"} from text / messages / prompt+completion data."""
+    records, stats = load_records(path_or_id, kind, split=split, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows)
+    _check_kind(stats, ("sft",), "SFT", path_or_id)
+    return records, stats
+
+
+def load_preferences(path_or_id, *, kind: str | None = None, split: str = "train", tokenizer=None,
+                     include_ties: bool = False, margins: str | dict = "small",
+                     skip_bad_rows: bool = False) -> tuple[list[PreferenceGroup], DataStats]:
+    """Preference groups from pairwise (flat pairs: groups of one) or ranking data."""
+    records, stats = load_records(path_or_id, kind, split=split, tokenizer=tokenizer, include_ties=include_ties,
+                                  margins=margins, skip_bad_rows=skip_bad_rows)
+    _check_kind(stats, ("preference", "ranking"), "preference or ranking", path_or_id)
+    return records, stats
+
+
+def load_unpaired(path_or_id, *, kind: str | None = None, split: str = "train", tokenizer=None,
+                  skip_bad_rows: bool = False) -> tuple[list[dict], DataStats]:
+    """Unpaired (KTO-style) records {"prompt", "completion", "label"}."""
+    records, stats = load_records(path_or_id, kind, split=split, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows)
+    _check_kind(stats, ("unpaired",), "unpaired (prompt, completion, label)", path_or_id)
+    return records, stats
+
+
+def load_prompts(path_or_id, *, kind: str | None = None, split: str = "train", tokenizer=None,
+                 skip_bad_rows: bool = False) -> tuple[list[dict], DataStats]:
+    """Prompt records {"prompt"} from prompt-only data, or the prompts of any other format that has them
+    (sft prompt+completion or messages, preference, ranking, unpaired). Duplicate prompts are kept."""
+    records, stats = load_records(path_or_id, kind, split=split, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows)
+    prompts = [{"prompt": prompt_of(r)} for r in records]
+    if stats.kind == "sft" and prompts and all(p["prompt"] in ("", []) for p in prompts):
+        raise DataError(f"{path_or_id}: SFT `text` rows have no prompt; give prompt-only data (a `prompt` column)")
+    return prompts, stats

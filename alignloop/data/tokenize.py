@@ -1,0 +1,177 @@
+"""Tokenisation with completion-only labels, an explicit truncation policy, and padding-free packing.
+
+Prompt and completion are tokenised separately (no special tokens) and concatenated, so the prompt tokens are
+identical for a pair's chosen and rejected completions and the prompt/completion boundary is exact.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from alignloop.data.chat import check_chat_template
+from alignloop.data.conversions import PreferenceGroup
+from alignloop.data.errors import DataStats
+from alignloop.data.records import _is_conversational, render_record
+
+IGNORE_INDEX = -100
+TRUNCATIONS = ("keep_end", "keep_start", "drop")
+
+
+def _render_all(records: list, tokenizer) -> list:
+    out = []
+    for i, r in enumerate(records):
+        if _is_conversational(r):
+            check_chat_template(tokenizer, f"record {i}")
+            r = render_record(r, tokenizer)
+        out.append(r)
+    return out
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _finish(prompt_ids: list[int], completion_ids: list[int], tokenizer, add_eos: bool, add_bos: bool):
+    if add_bos and tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if add_eos and tokenizer.eos_token_id is not None and (not completion_ids
+                                                           or completion_ids[-1] != tokenizer.eos_token_id):
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
+def truncate(prompt_ids: list[int], completions: list[list[int]], max_length: int | None, truncation: str = "keep_end",
+             max_prompt_length: int | None = None) -> tuple[list[int], list[list[int]], bool] | None:
+    """Fit prompt + the longest completion into `max_length` tokens. Returns (prompt_ids, completions, truncated) or
+    None when the example must be dropped.
+
+    - "keep_end" (default): cut the prompt from the left first (keeping its end, but at least
+      min(len(prompt), max_prompt_length) tokens; max_prompt_length defaults to max_length // 2), then cut the
+      completions at their end.
+    - "keep_start": keep the first max_length tokens (cut the completions' ends, then the prompt's end).
+    - "drop": drop the example.
+    An example left with an empty completion is dropped."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+    longest = max(len(c) for c in completions)
+    if max_length is None or len(prompt_ids) + longest <= max_length:
+        return prompt_ids, completions, False
+    if truncation == "drop":
+        return None
+    if truncation == "keep_start":
+        keep_prompt = min(len(prompt_ids), max_length)
+    else:
+        floor = min(len(prompt_ids), max_length // 2 if max_prompt_length is None else max_prompt_length)
+        keep_prompt = min(len(prompt_ids), max(max_length - longest, floor))
+    room = max_length - keep_prompt
+    if room <= 0:
+        return None
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:] if truncation == "keep_end" else prompt_ids[:keep_prompt]
+    completions = [c[:room] for c in completions]
+    if any(not c for c in completions):
+        return None
+    return prompt_ids, completions, True
+
+
+def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = None, truncation: str = "keep_end",
+                 max_prompt_length: int | None = None, add_eos: bool = True, add_bos: bool = False,
+                 stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
+    """SFT records -> examples {"input_ids": [T], "labels": [T] (-100 on prompt tokens), "prompt_length": int}.
+    EOS is appended to each completion unless it already ends with it (`add_eos`); `add_bos` prepends BOS to the
+    prompt (chat templates usually include it). Truncated/dropped counts go to the returned stats."""
+    stats = stats if stats is not None else DataStats(kind="sft")
+    records = _render_all(records, tokenizer)
+    prompts = _encode_many(tokenizer, [r["prompt"] for r in records])
+    completions = _encode_many(tokenizer, [r["completion"] for r in records])
+    out = []
+    for p, c in zip(prompts, completions):
+        p, c = _finish(p, c, tokenizer, add_eos, add_bos)
+        if not c:
+            stats.dropped += 1
+            continue
+        fitted = truncate(p, [c], max_length, truncation, max_prompt_length)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        p, (c,), was_truncated = fitted
+        stats.truncated += was_truncated
+        out.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c, "prompt_length": len(p)})
+    return out, stats
+
+
+def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length: int | None = None,
+                         truncation: str = "keep_end", max_prompt_length: int | None = None, add_eos: bool = True,
+                         add_bos: bool = False, stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
+    """Preference groups -> tokenised groups {"pairs": [pair, ...], "pair_weight": float}, each pair
+    {"chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels" (-100 on the prompt),
+    "prompt_length", "margin", "tie"}. Truncation is per pair and keeps chosen and rejected on the same prompt
+    tokens; `stats.truncated`/`stats.dropped` count pairs. A group whose pairs are all dropped is left out."""
+    stats = stats if stats is not None else DataStats(kind="preference")
+    groups = _render_all(groups, tokenizer)
+    prompts = _encode_many(tokenizer, [g.prompt for g in groups])
+    texts = sorted({t for g in groups for p in g.pairs for t in (p.chosen, p.rejected)})
+    ids = dict(zip(texts, _encode_many(tokenizer, texts)))
+    out = []
+    for g, prompt_ids in zip(groups, prompts):
+        pairs = []
+        for pair in g.pairs:
+            p, c = _finish(prompt_ids, ids[pair.chosen], tokenizer, add_eos, add_bos)
+            _, r = _finish(prompt_ids, ids[pair.rejected], tokenizer, add_eos, False)
+            fitted = truncate(p, [c, r], max_length, truncation, max_prompt_length)
+            if fitted is None:
+                stats.dropped += 1
+                continue
+            p, (c, r), was_truncated = fitted
+            stats.truncated += was_truncated
+            pairs.append({"chosen_input_ids": p + c, "rejected_input_ids": p + r,
+                          "chosen_labels": [IGNORE_INDEX] * len(p) + c, "rejected_labels": [IGNORE_INDEX] * len(p) + r,
+                          "prompt_length": len(p), "margin": float(pair.margin), "tie": bool(pair.tie)})
+        if pairs:
+            out.append({"pairs": pairs, "pair_weight": float(g.pair_weight)})
+    return out, stats
+
+
+def tokenize_prompts(records: list[dict], tokenizer, *, max_length: int | None = None, add_bos: bool = False,
+                     stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
+    """Prompt records -> {"input_ids"} for generation; prompts longer than max_length keep their last max_length
+    tokens (counted in stats.truncated). Collate with SFTCollator(pad_id, padding_side="left")."""
+    stats = stats if stats is not None else DataStats(kind="prompt")
+    records = _render_all(records, tokenizer)
+    out = []
+    for ids in _encode_many(tokenizer, [r["prompt"] for r in records]):
+        ids, _ = _finish(ids, [], tokenizer, False, add_bos)
+        if max_length is not None and len(ids) > max_length:
+            ids = ids[len(ids) - max_length:]
+            stats.truncated += 1
+        out.append({"input_ids": ids})
+    return out, stats
+
+
+def pack_sft(examples: list[dict], max_length: int) -> list[dict]:
+    """Padding-free packing: concatenate tokenised SFT examples, in order, into rows of at most `max_length` tokens.
+    Each row: {"input_ids", "labels", "position_ids" (restart at 0 for every example), "seq_lens" (the examples'
+    lengths)}. The label of each example's first token is -100, so no token is trained to predict across an example
+    boundary. Feed rows to a model with `position_ids` and *no* attention mask (transformers then builds a
+    block-diagonal causal mask from the position ids; flash-attention varlen takes `cu_seqlens` from SFTCollator),
+    so that no token attends across examples either. Examples longer than max_length raise ValueError (tokenise
+    with the same max_length first)."""
+    rows: list[dict] = []
+    cur: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}; tokenise with "
+                             f"max_length={max_length} first")
+        if n == 0:
+            continue
+        if len(cur["input_ids"]) + n > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += [IGNORE_INDEX] + list(ex["labels"][1:])
+        cur["position_ids"] += list(range(n))
+        cur["seq_lens"].append(n)
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
