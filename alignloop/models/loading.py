@@ -71,7 +71,8 @@ def _user_errors(name: str, what: str):
     except UserError:
         raise
     except (OSError, EnvironmentError) as e:  # not found on the hub, offline, missing files
-        raise UserError(f"could not load {what} {name!r}: {e}") from e
+        hint = "" if Path(name).exists() else f" (and there is no local folder {name!r})"
+        raise UserError(f"could not load {what} {name!r}{hint}: {e}") from e
     except ValueError as e:  # unrecognised model type / architecture
         if "Unrecognized" in str(e) or "does not appear" in str(e) or "not supported" in str(e):
             raise UserError(f"could not load {what} {name!r}: {e}") from e

@@ -66,11 +66,11 @@ def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     label: int = 0) -> torch.Tensor:
-    """Scalar score per sequence [B] at the last real token (column `label` of `sequence_logits`).
+    """Scalar score per sequence [B], float32, at the last real token (column `label` of `sequence_logits`).
     `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
     if isinstance(model, RewardModel):
         model = model.model
-    return sequence_logits(model, input_ids, attention_mask)[:, label]
+    return sequence_logits(model, input_ids, attention_mask)[:, label].float()
 
 
 def _merged_copy(model: nn.Module) -> nn.Module:
@@ -80,7 +80,7 @@ def _merged_copy(model: nn.Module) -> nn.Module:
 
 
 class RewardModel(nn.Module):
-    """LM backbone + scalar head: `forward(input_ids, attention_mask) -> scores[B]` at the last real token.
+    """LM backbone + scalar head: `forward(input_ids, attention_mask) -> scores[B]` (float32) at the last real token.
 
     Wraps a transformers `AutoModelForSequenceClassification` with num_labels=1 (attribute `.model`, optionally a
     peft model). `save_pretrained` writes a plain transformers folder; `from_pretrained` loads it, or a causal-LM
@@ -119,11 +119,11 @@ class RewardModel(nn.Module):
         return cls(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_logits(self.model, input_ids, attention_mask)[:, 0]
+        return sequence_logits(self.model, input_ids, attention_mask)[:, 0].float()
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The scalar head at every position: [B,T] (padded positions are meaningless)."""
-        return token_logits(self.model, input_ids, attention_mask)[..., 0]
+        """The scalar head at every position: [B,T] float32 (padded positions are meaningless)."""
+        return token_logits(self.model, input_ids, attention_mask)[..., 0].float()
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, merge_lora: bool = True, **kwargs) -> None:
         """Write the classifier with `save_pretrained` (a plain transformers folder). With a LoRA adapter,
@@ -221,8 +221,8 @@ class ClassifierReward(nn.Module):
         return cls(model, tokenizer, positive_label=positive_label, max_length=max_length, batch_size=batch_size)
 
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Positive-class logit [B] at each sequence's last real token."""
-        return sequence_logits(self.model, input_ids, attention_mask)[:, self.label_index]
+        """Positive-class logit [B] (float32) at each sequence's last real token."""
+        return sequence_logits(self.model, input_ids, attention_mask)[:, self.label_index].float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.score_tokens(input_ids, attention_mask)

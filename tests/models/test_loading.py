@@ -102,3 +102,17 @@ def test_sequence_classifier_loading(classifier_dir, lm_dir):
     fresh, info = load_sequence_classifier(lm_dir, num_labels=1, output_loading_info=True)
     assert "score.weight" in info["missing_keys"]
     assert fresh.config.pad_token_id is not None
+
+
+def test_unknown_hub_id_is_a_user_error_offline():
+    import subprocess
+    import sys
+
+    code = ("from alignloop.errors import UserError\n"
+            "from alignloop.models import load_causal_lm\n"
+            "try:\n    load_causal_lm('alignloop-no-such-org/no-such-model')\n"
+            "except UserError as e:\n    print('USERERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert "USERERROR could not load causal LM 'alignloop-no-such-org/no-such-model'" in out.stdout, out.stderr
+    assert "no local folder" in out.stdout

@@ -170,3 +170,35 @@ def test_classifier_reward_bad_label(classifier_dir, bad):
     model = load_sequence_classifier(classifier_dir)
     with pytest.raises(UserError, match="positive_label"):
         ClassifierReward(model, positive_label=bad)
+
+
+def test_classifier_reward_with_an_encoder_classifier(tok, pad_batch):
+    """Encoder classifiers (BERT/RoBERTa-style, e.g. hate-speech models) have no `score` head: their own
+    padding-safe forward (first-token pooling) is used."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2, pad_token_id=PAD,
+                     id2label={0: "hate", 1: "nothate"}, label2id={"hate": 0, "nothate": 1})
+    model = BertForSequenceClassification(cfg).eval()
+    cr = ClassifierReward(model, tok, positive_label="nothate")
+    ids, mask = pad_batch(SEQS, PAD, "right")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits[:, 1]
+        torch.testing.assert_close(cr.score_tokens(ids, mask), expected)
+        for i, s in enumerate(SEQS):  # padding-safe
+            one = torch.tensor([s])
+            torch.testing.assert_close(cr.score_tokens(one, torch.ones_like(one))[0], expected[i],
+                                       atol=1e-5, rtol=1e-5)
+    assert cr(["good movie", "awful plot"]).shape == (2,)
+
+
+def test_bf16_reward_model_returns_float32_scores(reward_dir, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir, dtype="bf16").eval()
+    ids, mask = pad_batch(SEQS, PAD, "left")
+    with torch.no_grad():
+        scores = rm(ids, mask)
+        full = RewardModel.from_pretrained(reward_dir).eval()(ids, mask)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, full, atol=0.1, rtol=0.1)
