@@ -81,3 +81,27 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def global_batches(n: int, global_batch_size: int, seed: int, *, epoch: int = 0, batch_in_epoch: int = 0,
+                   shuffle: bool = True):
+    """Endless stream of (epoch, position after this batch, example indices, last batch of the epoch?).
+    Start mid-epoch for exact resume with the (epoch, batch_in_epoch) a checkpoint stored."""
+    while True:
+        batches = plan_epoch(n, global_batch_size, seed, epoch, shuffle)
+        for b in range(batch_in_epoch, len(batches)):
+            yield epoch, b + 1, batches[b], b + 1 == len(batches)
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+class null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sync_context(accelerator, model, micro_index: int, n_micro: int):
+    """Skip the DDP gradient all-reduce on every micro-batch but the last of an optimizer step."""
+    return accelerator.no_sync(model) if micro_index < n_micro - 1 else null_context()

@@ -1,0 +1,178 @@
+"""Small functions the trainers share (not a base class): run set-up, tokenizer, LoRA options, resume, final save."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from alignloop.errors import ConfigError
+
+log = logging.getLogger("alignloop")
+
+
+@dataclass
+class TrainingArgs:
+    """Fields every offline trainer (SFT, reward model, DPO) shares: data handling, optimisation, precision, LoRA,
+    logging, checkpoints. Each trainer's config extends it with its own fields."""
+    eval_fraction: float = field(default=0.0, metadata={
+        "help": "Without eval_file: the share of train rows held out for evaluation (0 = no evaluation)."})
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens per example (prompt + completion)."})
+    truncation: Literal["keep_end", "keep_start", "drop"] = field(default="keep_end", metadata={
+        "help": "Too-long examples: keep_end cuts the prompt from the left first (then the completion's end), "
+                "keep_start keeps the first max_length tokens, drop removes them. The numbers are logged."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed rows (and report the count) "
+                                                                 "instead of stopping at the first one."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    lr_scheduler: str = field(default="linear", metadata={
+        "help": "Schedule after warmup: linear, cosine, constant, constant_with_warmup, ... (transformers)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (optimizer steps)."})
+    num_epochs: int = field(default=1, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: num_epochs)."})
+    per_device_batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step. Global batch = per_device_batch_size x this x processes."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 = no clipping)."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
+        "help": "Autocast on GPU: bf16 or fp16 (fp16 needs a GPU). 'no' = full precision."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Dtype to load weights in: float32, bfloat16, float16 or auto (default: the checkpoint's)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA target modules: 'all-linear' or comma-separated module names."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
+    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N optimizer steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = at the end of each epoch)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps for exact resume (0 = never)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "Resume exactly from a checkpoint folder, or 'latest' (the newest in output_dir, if any)."})
+    tensorboard: bool = field(default=True, metadata={"help": "Also write metrics to TensorBoard."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb installed)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar with ETA."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError("max_length: expected at least 2")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("eval_fraction: expected a number in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: where the final model is, how many optimizer steps ran, the last eval metrics."""
+    output_dir: str
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    accelerator: Any
+    log: logging.Logger
+    config_dict: dict[str, Any]
+
+
+def prepare_run(args, name: str) -> Run:
+    """Accelerator, seeds, output folder, the resolved config saved as `config.yaml` beside the results."""
+    from alignloop.training import make_accelerator, save_config, seed_everything
+
+    acc = make_accelerator(args.mixed_precision)
+    seed_everything(args.seed, acc.process_index)
+    out = Path(args.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(args, out / "config.yaml")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format=f"[{name}] %(message)s")
+    return Run(acc, log, asdict(args))
+
+
+def resolve_tokenizer(model_arg: Any, tokenizer: Any, padding_side: str):
+    if tokenizer is not None:
+        tokenizer.padding_side = padding_side
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if not isinstance(model_arg, (str, Path)):
+        path = getattr(getattr(model_arg, "config", None), "_name_or_path", None)
+        if not path:
+            raise ConfigError("a model object was given without a tokenizer: pass tokenizer=...")
+        model_arg = path
+    from alignloop.models import load_tokenizer
+
+    return load_tokenizer(str(model_arg), padding_side=padding_side)
+
+
+def build_lora(args):
+    """LoRA options from a config's lora_* fields (None when lora_r == 0)."""
+    if not getattr(args, "lora_r", 0):
+        return None
+    from alignloop.models import LoraOptions
+
+    targets = args.lora_target_modules
+    return LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+
+
+def maybe_resume(args, accelerator, modules: dict, optimizer, scheduler) -> dict[str, Any]:
+    """Restore the checkpoint named by `resume_from` (a folder or 'latest'); {} for a fresh run."""
+    from alignloop.training import load_checkpoint, resolve_resume
+
+    path = resolve_resume(args.resume_from, args.output_dir)
+    if path is None:
+        return {}
+    state = load_checkpoint(path, accelerator=accelerator, modules=modules, optimizer=optimizer, scheduler=scheduler)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic held-out split (the same on every process)."""
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(round(len(examples) * fraction)))
+    held = set(idx[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: str = "final") -> Path:
+    """`save_pretrained` (safetensors) into OUTPUT_DIR/final, loadable by plain transformers. A LoRA model is saved
+    merged into its base so that no peft is needed to load it."""
+    from alignloop.models import has_adapter
+
+    final = Path(output_dir) / subdir
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        m = accelerator.unwrap_model(model)
+        if hasattr(m, "save_pretrained") and getattr(m, "_alignloop_wrapper", False):
+            m.save_pretrained(final)
+        else:
+            if has_adapter(m):
+                import copy
+
+                m = copy.deepcopy(m).merge_and_unload()
+            m.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_summary(accelerator, output_dir: str | Path, result: TrainResult, *stats) -> None:
+    if accelerator.is_main_process:
+        summary = {**asdict(result), "data": [{k: v for k, v in vars(s).items() if k != "errors"} for s in stats]}
+        (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

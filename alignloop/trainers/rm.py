@@ -1,0 +1,271 @@
+"""Reward-model training: an LM backbone with a scalar head, trained on preference pairs or rankings.
+
+    RewardTrainer(model="path", args=RewardConfig(output_dir="runs/rm"), train_dataset="pairs.jsonl").train()
+    alignloop rm --model path --train-file pairs.jsonl --output-dir runs/rm
+
+One batch element is one prompt's *group* of comparisons: a plain pair, or all K(K-1)/2 pairs of a ranking of K,
+each pair weighted 1/C(K,2) (InstructGPT), so a prompt with many completions does not dominate. Each distinct
+completion of a group is scored once (K forward sequences for a ranking, not K(K-1)).
+
+Losses (pure functions in alignloop.losses):
+  bradley_terry: -log σ(r_chosen - r_rejected - margin); a tie pair (include_ties) gets the symmetric
+                 ½[-log σ(d) - log σ(-d)], which pulls the two scores together.
+  plackett_luce: listwise NLL of the group's full order (groups of one pair reduce to Bradley-Terry).
+The loss of a global batch is Σ_groups Σ_pairs weight·loss / (number of groups in the global batch), identical
+whatever the split into processes and accumulation steps. The score is read at each sequence's last real token.
+
+Shapes: G = groups in a micro-batch, S = distinct sequences in it, T = padded length, P = pairs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignloop.errors import ConfigError
+from alignloop.losses import bradley_terry_loss, plackett_luce_loss
+from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run,
+                                       resolve_tokenizer, save_final, split_eval, write_summary)
+from alignloop.training import (MetricsLogger, Progress, build_optimizer, build_scheduler, global_batches,
+                                micro_batches, optimizer_step, save_checkpoint, shard, steps_per_epoch, sync_context)
+
+
+@dataclass
+class RewardConfig(TrainingArgs):
+    """Reward-model settings (plus the shared `TrainingArgs` fields)."""
+    model: str = field(default="", metadata={
+        "help": "Starting point: a causal LM (e.g. the SFT model; a scalar head is added) or a sequence classifier "
+                "with one output, as a hub id or a local folder."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Preferences: prompt/chosen/rejected [+margin or strength] (TRL format, conversational too), or "
+                "rankings prompt/completions/ranking."})
+    eval_file: str | None = field(default=None, metadata={"help": "Held-out preferences (same formats)."})
+    output_dir: str = field(default="runs/rm", metadata={"help": "Where checkpoints, metrics and the final model go."})
+    loss: Literal["bradley_terry", "plackett_luce"] = field(default="bradley_terry", metadata={
+        "help": "bradley_terry (pairwise, with margins) or plackett_luce (listwise over a ranking's full order)."})
+    use_margin: bool = field(default=True, metadata={
+        "help": "Subtract each pair's margin (from the data's margin or strength) inside the Bradley-Terry loss."})
+    include_ties: bool = field(default=False, metadata={
+        "help": "Keep tied pairs of rankings and train their scores towards equality (default: skip them)."})
+    strength_margins: Literal["small", "large"] = field(default="small", metadata={
+        "help": "Llama 2's table turning a strength label into a margin: small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0)."})
+    add_eos: bool = field(default=True, metadata={
+        "help": "Append EOS to every completion, so the score is read at the same kind of token everywhere."})
+    center_rewards_coefficient: float = field(default=0.0, metadata={
+        "help": "Add coef·mean(r²) to keep scores centred near 0 (Eisenstein et al. 2023); 0 disables."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss == "plackett_luce" and self.include_ties:
+            raise ConfigError("loss 'plackett_luce' needs a strict order: include_ties must be false")
+
+
+# ---------------------------------------------------------------- pieces
+def group_sequences(group: dict[str, Any]) -> tuple[list[list[int]], list[tuple[int, int, float, bool]]]:
+    """Distinct token sequences of a tokenised group and its pairs as (chosen index, rejected index, margin, tie)."""
+    seqs: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+
+    def idx(ids: list[int]) -> int:
+        key = tuple(ids)
+        if key not in index:
+            index[key] = len(seqs)
+            seqs.append(ids)
+        return index[key]
+
+    pairs = [(idx(p["chosen_input_ids"]), idx(p["rejected_input_ids"]), p["margin"], p["tie"]) for p in group["pairs"]]
+    return seqs, pairs
+
+
+def order_from_pairs(n: int, pairs: list[tuple[int, int, float, bool]]) -> list[int]:
+    """Best-first order of a group's sequences by number of wins (the ranking's order for complete rankings)."""
+    wins = [0] * n
+    for c, _, _, _ in pairs:
+        wins[c] += 1
+    return sorted(range(n), key=lambda i: -wins[i])
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[list, list]], weights: list[float],
+                 loss_type: str, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted loss of each group [G] from the scores of all distinct sequences [S], plus per-pair statistics
+    (for accuracy and margin metrics over non-tie pairs)."""
+    losses, diffs, is_tie = [], [], []
+    for g, ((seqs, pairs), w, off) in enumerate(zip(groups, weights, offsets)):
+        c = torch.tensor([p[0] + off for p in pairs], device=scores.device)
+        r = torch.tensor([p[1] + off for p in pairs], device=scores.device)
+        margin = torch.tensor([p[2] for p in pairs], device=scores.device, dtype=scores.dtype)
+        tie = torch.tensor([p[3] for p in pairs], device=scores.device)
+        diffs.append(scores[c] - scores[r])
+        is_tie.append(tie)
+        if loss_type == "plackett_luce" and len(seqs) > 2:
+            order = torch.tensor(order_from_pairs(len(seqs), pairs), device=scores.device) + off
+            losses.append(plackett_luce_loss(scores[order][None])[0])
+            continue
+        bt = bradley_terry_loss(scores[c], scores[r], margin if use_margin else None)
+        # ties: symmetric loss pulls the two scores together
+        sym = 0.5 * (bradley_terry_loss(scores[c], scores[r]) + bradley_terry_loss(scores[r], scores[c]))
+        losses.append(w * torch.where(tie, sym, bt).sum())
+    return torch.stack(losses), {"diff": torch.cat(diffs).detach(), "tie": torch.cat(is_tie)}
+
+
+class RewardTrainer:
+    """`RewardTrainer(model=..., args=RewardConfig(...), train_dataset=..., eval_dataset=...).train()`.
+
+    model: a hub id / local folder (a causal LM gets a fresh scalar head, a 1-output classifier is used as is), or
+    an `alignloop.models.RewardModel` (then pass `tokenizer`). Datasets: a path or hub id, a list of dicts, or a
+    `datasets.Dataset`; default: the config's train_file / eval_file."""
+
+    def __init__(self, model: Any = None, args: RewardConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, tokenizer: Any = None):
+        self.args = args or RewardConfig()
+        self.model_arg = model if model is not None else self.args.model
+        self.train_source = train_dataset if train_dataset is not None else self.args.train_file
+        self.eval_source = eval_dataset if eval_dataset is not None else self.args.eval_file
+        self.tokenizer = tokenizer
+        if not self.model_arg:
+            raise ConfigError("model: give a hub id or a local folder (RewardConfig.model / --model)")
+        if self.train_source is None:
+            raise ConfigError("train_file: give the preferences to train on (--train-file)")
+
+    def _tokenize(self, source, tokenizer):
+        from alignloop.data import load_preferences, tokenize_preferences
+
+        a = self.args
+        groups, stats = load_preferences(source, tokenizer=tokenizer, include_ties=a.include_ties,
+                                         margins=a.strength_margins, skip_bad_rows=a.skip_bad_rows)
+        tokenized, tstats = tokenize_preferences(groups, tokenizer, max_length=a.max_length, truncation=a.truncation,
+                                                 add_eos=a.add_eos)
+        return [(group_sequences(g), g["pair_weight"]) for g in tokenized], stats, tstats
+
+    def train(self) -> TrainResult:
+        a = self.args
+        run = prepare_run(a, "rm")
+        acc, log = run.accelerator, run.log
+        tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
+
+        # ---- data: each example is (distinct sequences, pairs), pair weight
+        train_ex, stats, tstats = self._tokenize(self.train_source, tokenizer)
+        eval_ex = None
+        if self.eval_source is not None:
+            eval_ex, _, _ = self._tokenize(self.eval_source, tokenizer)
+        elif a.eval_fraction > 0:
+            train_ex, eval_ex = split_eval(train_ex, a.eval_fraction, a.seed)
+        if not train_ex:
+            raise ConfigError("no training pairs left after tokenisation (all dropped by truncation?)")
+        log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
+                 sum(len(e[0][1]) for e in train_ex))
+
+        # ---- model, optimizer, schedule
+        from alignloop.models import RewardModel
+
+        model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
+            self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
+            trust_remote_code=a.trust_remote_code)
+        global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
+        per_epoch = steps_per_epoch(len(train_ex), global_batch)
+        total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
+        optimizer = build_optimizer(model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
+        scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
+        model, optimizer = acc.prepare(model, optimizer)
+        state = maybe_resume(a, acc, {"model": model}, optimizer, scheduler)
+        step, epoch, pos = state.get("step", 0), state.get("epoch", 0), state.get("batch_in_epoch", 0)
+        logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,
+                               config=run.config_dict, resume_step=step if state else None)
+        progress = Progress(total, "rm", enabled=a.progress and acc.is_main_process, start=step)
+        pad_id = tokenizer.pad_token_id
+
+        def forward(examples: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+            groups = [e[0] for e in examples]
+            offsets, seqs = [], []
+            for g_seqs, _ in groups:
+                offsets.append(len(seqs))
+                seqs.extend(g_seqs)
+            ids, mask = pad_right(seqs, pad_id, acc.device)
+            scores = model(ids, mask).float()
+            losses, pair_stats = group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
+            return losses, pair_stats, scores
+
+        def evaluate() -> dict[str, float]:
+            model.eval()
+            sums = torch.zeros(4, device=acc.device)  # loss, groups, correct, margin sum; pairs counted below
+            n_pairs = torch.zeros((), device=acc.device)
+            mine = shard(list(range(len(eval_ex))), acc.process_index, acc.num_processes)
+            with torch.no_grad():
+                for mb in micro_batches(mine, a.per_device_batch_size):
+                    if not mb:
+                        continue
+                    losses, ps, _ = forward([eval_ex[i] for i in mb])
+                    real = ~ps["tie"]
+                    sums += torch.stack([losses.sum(), torch.tensor(float(len(mb)), device=acc.device),
+                                         (ps["diff"][real] > 0).float().sum(), ps["diff"][real].sum()])
+                    n_pairs += real.sum()
+            model.train()
+            sums, n_pairs = acc.reduce(sums, "sum"), acc.reduce(n_pairs, "sum").clamp(min=1)
+            return {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval/accuracy": (sums[2] / n_pairs).item(),
+                    "eval/margin": (sums[3] / n_pairs).item(), "eval/pairs": n_pairs.item()}
+
+        # ---- train
+        model.train()
+        t0, window, acc_window = time.perf_counter(), [], []
+        last_eval: dict[str, float] = {}
+        stream = global_batches(len(train_ex), global_batch, a.seed, epoch=epoch, batch_in_epoch=pos)
+        for epoch, pos, batch, epoch_end in stream:
+            if step >= total:
+                break
+            micro = micro_batches(shard(batch, acc.process_index, acc.num_processes), a.per_device_batch_size)
+            loss_sum = torch.zeros((), device=acc.device)
+            correct = torch.zeros(2, device=acc.device)
+            for k, mb in enumerate(micro):
+                with sync_context(acc, model, k, len(micro)), acc.autocast():
+                    losses, ps, scores = forward([train_ex[i] for i in mb])
+                    loss = losses.sum() / len(batch)
+                    if a.center_rewards_coefficient:
+                        loss = loss + a.center_rewards_coefficient * scores.pow(2).mean() * len(mb) / len(batch)
+                    acc.backward(loss * acc.num_processes)  # DDP averages over processes
+                loss_sum += loss.detach()
+                real = ~ps["tie"]
+                correct += torch.stack([(ps["diff"][real] > 0).float().sum(), real.float().sum()])
+            grad_norm = optimizer_step(acc, model, optimizer, scheduler, a.max_grad_norm)
+            step += 1
+            window.append(acc.reduce(loss_sum, "sum").item())
+            c = acc.reduce(correct, "sum")
+            acc_window.append((c[0] / c[1].clamp(min=1)).item())
+            progress.update(1, info=f"loss {window[-1]:.4f}")
+            if step % a.logging_steps == 0 or step == total:
+                logger.log({"loss/rm": sum(window) / len(window), "train/accuracy": sum(acc_window) / len(acc_window),
+                            "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                            "train/epoch": epoch + pos / per_epoch,
+                            "perf/groups_per_sec": step * global_batch / max(time.perf_counter() - t0, 1e-9)}, step)
+                window, acc_window = [], []
+            if eval_ex and ((a.eval_steps and step % a.eval_steps == 0) or (not a.eval_steps and epoch_end)):
+                last_eval = evaluate()
+                logger.log(last_eval, step)
+            if a.save_steps and step % a.save_steps == 0:
+                nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
+                save_checkpoint(a.output_dir, step, accelerator=acc, modules={"model": model}, optimizer=optimizer,
+                                scheduler=scheduler, keep_last=a.save_total_limit,
+                                trainer_state={"step": step, "epoch": nxt_epoch, "batch_in_epoch": nxt_pos,
+                                               "config": run.config_dict})
+        if eval_ex and not last_eval:
+            last_eval = evaluate()
+            logger.log(last_eval, step)
+        progress.close()
+        final = save_final(acc, model, tokenizer, a.output_dir)
+        logger.close()
+        result = TrainResult(output_dir=str(final), steps=step, metrics=last_eval, seconds=time.perf_counter() - t0)
+        write_summary(acc, a.output_dir, result, stats, tstats)
+        return result
