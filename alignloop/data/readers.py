@@ -50,7 +50,8 @@ def type_name(value: Any) -> str:
 def read_rows(path_or_id: str | os.PathLike, split: str = "train", skip_bad_rows: bool = False,
               stats: DataStats | None = None) -> list[Row]:
     """Read all rows of a file (by suffix: .jsonl/.ndjson, .json, .parquet/.pq, .csv, .tsv), a `datasets`
-    `save_to_disk` folder, or a Hugging Face hub dataset id (`datasets.load_dataset(id, split=split)`).
+    `save_to_disk` folder, a Hugging Face hub dataset id (`datasets.load_dataset(id, split=split)`), or rows already
+    in memory (a list of dicts or a `datasets.Dataset`; named "row i" in errors).
     Invalid JSON lines and rows that are not objects are bad rows: a `DataError` names the first, unless
     `skip_bad_rows` (then they are counted in `stats.bad_rows`)."""
     stats = stats if stats is not None else DataStats()
@@ -65,7 +66,13 @@ def read_rows(path_or_id: str | os.PathLike, split: str = "train", skip_bad_rows
 
 
 def _read(path_or_id: str | os.PathLike, split: str, stats: DataStats) -> list[Row]:
-    """Read rows (counted in stats.rows); unreadable ones are placeholders with `.error` set, in file order."""
+    """Read rows (counted in stats.rows); unreadable ones are placeholders with `.error` set, in file order.
+    Also takes rows already in memory: a list of dicts or a `datasets.Dataset` (rows named "row i")."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        rows: list[Row] = []
+        for i, obj in enumerate(path_or_id):
+            _add(rows, obj, getattr(obj, "where", f"row {i}"), stats, getattr(obj, "from_text", False))
+        return rows
     name = str(path_or_id)
     path = Path(path_or_id)
     if path.is_dir():
