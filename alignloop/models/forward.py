@@ -32,14 +32,24 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(-1)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying transformers model: strips a peft wrapper (LoRA layers stay in place and active) and
-    accelerate/DDP wrappers (`.module`)."""
+def unwrap_distributed(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model: strips DDP/compile wrappers and a peft wrapper (LoRA layers stay in
+    place and active)."""
+    while True:
+        model = unwrap_distributed(model)
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
         else:
             return model
 
@@ -61,10 +71,13 @@ def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     The logits at position t predict token t+1 (shift them before `alignloop.losses.logprobs_from_logits`)."""
     from alignloop.models.value_head import CausalLMWithValueHead
 
-    if isinstance(model, CausalLMWithValueHead):
-        model = model.lm
     if position_ids is None:
         position_ids = position_ids_from_attention_mask(attention_mask)
+    if isinstance(unwrap_distributed(model), CausalLMWithValueHead):
+        if not return_hidden and not kwargs:
+            # through the (possibly DDP-wrapped) module itself, so distributed gradient sync sees the call
+            return model(input_ids, attention_mask, position_ids=position_ids).logits
+        model = unwrap_distributed(model).lm
     extra = {"use_cache": False, **kwargs}
     if _accepts(unwrap_model(model).forward, "position_ids"):
         extra["position_ids"] = position_ids

@@ -122,7 +122,11 @@ def apply_lora(model: nn.Module, options: LoraOptions, task_type: str = "CAUSAL_
 
 
 def _unwrap_wrapper(model: nn.Module) -> nn.Module:
-    # our wrappers (CausalLMWithValueHead, RewardModel) hold the transformers/peft model in .lm / .model
+    # DDP/compile wrappers, then our wrappers (CausalLMWithValueHead, RewardModel) that hold the transformers/peft
+    # model in .lm / .model
+    from alignloop.models.forward import unwrap_distributed
+
+    model = unwrap_distributed(model)
     for attr in ("lm", "model"):
         inner = getattr(model, attr, None)
         if isinstance(inner, nn.Module) and getattr(model, "_alignloop_wrapper", False):

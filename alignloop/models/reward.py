@@ -68,8 +68,12 @@ def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     label: int = 0) -> torch.Tensor:
     """Scalar score per sequence [B], float32, at the last real token (column `label` of `sequence_logits`).
     `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
-    if isinstance(model, RewardModel):
-        model = model.model
+    from alignloop.models.forward import unwrap_distributed
+
+    if isinstance(unwrap_distributed(model), RewardModel):
+        if label != 0:
+            raise ValueError("a RewardModel has a single output: label must be 0")
+        return model(input_ids, attention_mask)  # through a DDP wrapper, if any
     return sequence_logits(model, input_ids, attention_mask)[:, label].float()
 
 

@@ -113,8 +113,10 @@ class CausalLMWithValueHead(nn.Module):
                 raise UserError(f"{head_file} does not match this model's hidden size: {e}") from e
         return model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> LogitsAndValues:
-        logits, hidden = model_forward(self.lm, input_ids, attention_mask, return_hidden=True, **kwargs)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                **kwargs) -> LogitsAndValues:
+        logits, hidden = model_forward(self.lm, input_ids, attention_mask, return_hidden=True,
+                                       position_ids=position_ids, **kwargs)
         return LogitsAndValues(logits, self.v_head(hidden))
 
     def generate(self, *args, **kwargs):
