@@ -1,0 +1,253 @@
+"""`alignloop feedback ...`: the human-feedback labeling app.
+
+    alignloop feedback create --db fb.db --project hh --task-type pairwise --overlap-k 3 --guidelines g.md
+    alignloop feedback import --db fb.db --project hh completions.jsonl
+    alignloop feedback sample --db fb.db --project hh --prompts prompts.jsonl --model ./policy -n 4
+    alignloop feedback add-labeler --db fb.db ann --role labeler        (password prompted, or --password-env)
+    alignloop feedback serve --db fb.db --host 127.0.0.1 --port 8000
+    alignloop feedback stats --db fb.db --project hh [--json]
+    alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from alignloop.errors import UserError
+
+
+class _UserFacing(click.ClickException):
+    exit_code = 2
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise _UserFacing(str(e)) from None
+    return wrapper
+
+
+db_option = click.option("--db", default="feedback.db", show_default=True, envvar="ALIGNLOOP_FEEDBACK_DB",
+                         help="SQLite file path or a database URL (postgresql://user@host/db).")
+project_option = click.option("--project", "-p", required=True, help="Project name.")
+
+
+def _store(db: str, create: bool = False):
+    from alignloop.feedback.store import Store
+
+    return Store(db, create=create)
+
+
+@click.group("feedback", context_settings={"help_option_names": ["-h", "--help"]})
+def feedback():
+    """The human-feedback labeling app: create, import, sample, add-labeler, serve, stats, export."""
+
+
+@feedback.command()
+@db_option
+@click.option("--project", "-p", default=None, help="Also create this project (else just create/migrate the db).")
+@click.option("--task-type", type=click.Choice(["pairwise", "rank", "thumbs", "likert"]), default="pairwise",
+              show_default=True)
+@click.option("--overlap-k", type=int, default=3, show_default=True, help="Distinct labelers per item.")
+@click.option("--gold-rate", type=float, default=0.0, show_default=True,
+              help="Share of assignments that are gold items (known answers).")
+@click.option("--guidelines", type=click.Path(dir_okay=False), default=None, help="Markdown file of guidelines.")
+@click.option("--settings", "settings_json", default=None, help="Project settings as JSON (flags, thresholds).")
+@_user_errors
+def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_json):
+    """Create (or migrate) the database, and optionally a project."""
+    store = _store(db, create=True)
+    if project:
+        md = ""
+        if guidelines:
+            p = Path(guidelines)
+            if not p.exists():
+                raise UserError(f"{guidelines}: no such file")
+            md = p.read_text(encoding="utf-8")
+        settings = None
+        if settings_json:
+            try:
+                settings = json.loads(settings_json)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--settings: not valid JSON ({e.msg})") from None
+            if not isinstance(settings, dict):
+                raise UserError("--settings must be a JSON object")
+        pr = store.create_project(project, task_type, md, overlap_k, gold_rate, settings)
+        click.echo(f"created project {pr.name} ({pr.task_type}, k={pr.overlap_k}, gold rate {pr.gold_rate})")
+    else:
+        click.echo(f"database ready: {store.url}")
+
+
+@feedback.command("import")
+@db_option
+@project_option
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", default=None, help="Model name for completions that do not name one.")
+@_user_errors
+def import_cmd(db, project, files, model):
+    """Import completions from JSONL files: {"prompt", "completions": [...]} or {"prompt", "completion"}."""
+    store = _store(db)
+    for f in files:
+        r = store.import_jsonl(project, f, model=model)
+        click.echo(f"{f}: {r.prompts} prompts, {r.completions} completions, {r.items} items ({r.gold_items} gold)")
+        for w in r.warnings:
+            click.echo(f"warning: {w}", err=True)
+
+
+@feedback.command()
+@db_option
+@project_option
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL of {"prompt": str | messages}.')
+@click.option("--model", required=True, help="Local model folder (or hub id already cached).")
+@click.option("-n", "--num-completions", "n", type=int, default=2, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the sampled rows here.")
+@_user_errors
+def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size, seed, out):
+    """Sample N completions per prompt with a model and import them."""
+    from alignloop.feedback.sampling import sample_records
+    from alignloop.feedback.store import read_jsonl
+
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    store = _store(db)
+    store.get_project(project)
+    rows = read_jsonl(prompts_file)
+    recs = sample_records(rows, model, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, batch_size=batch_size, seed=seed)
+    if out:
+        from alignloop.feedback.export import write_jsonl
+        write_jsonl(recs, out)
+    r = store.import_records(project, recs)
+    click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items")
+
+
+@feedback.command("add-labeler")
+@db_option
+@click.argument("username")
+@click.option("--role", type=click.Choice(["labeler", "admin"]), default="labeler", show_default=True)
+@click.option("--password-env", default=None, help="Read the password from this environment variable.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@_user_errors
+def add_labeler(db, username, role, password_env, password_stdin):
+    """Add a labeler (or an admin). The password is prompted for unless --password-env/--password-stdin."""
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise UserError(f"environment variable {password_env} is empty or unset")
+    elif password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    store = _store(db)
+    lab = store.add_labeler(username, password, role)
+    click.echo(f"added {lab.role} {lab.username}")
+
+
+@feedback.command()
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--secret-key", default=None, envvar="ALIGNLOOP_FEEDBACK_SECRET",
+              help="Signs session cookies (else a generated key file next to the database).")
+@click.option("--secure-cookies", is_flag=True, help="Send cookies only over HTTPS (behind a TLS proxy).")
+@click.option("--log-level", default="warning", show_default=True)
+@_user_errors
+def serve(db, host, port, secret_key, secure_cookies, log_level):
+    """Serve the labeling app."""
+    import uvicorn
+
+    from alignloop.feedback.app import create_app
+
+    app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies)
+    click.echo(f"serving on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _fmt(v, pct=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.0%}" if pct else f"{v:.2f}"
+
+
+@feedback.command()
+@db_option
+@project_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def stats(db, project, as_json):
+    """Labeler quality and agreement for a project."""
+    from alignloop.feedback.app import dashboard_data
+
+    store = _store(db)
+    p = store.get_project(project)
+    d = dashboard_data(store, p)
+    if as_json:
+        def clean(x):
+            return None if isinstance(x, float) and math.isnan(x) else x
+        click.echo(json.dumps({"project": p.name, "summary": d["summary"],
+                               "agreement": {k: clean(v) for k, v in d["agreement"].items()},
+                               "labelers": {w: {**{k: clean(v) for k, v in s.items()}, "flags": d["flags"][w]}
+                                            for w, s in d["stats"].items()},
+                               "cohen_kappa": [{"a": a, "b": b, "kappa": clean(v)}
+                                               for (a, b), v in d["kappas"].items()]}, indent=2))
+        return
+    s, a = d["summary"], d["agreement"]
+    click.echo(f"{p.name} ({p.task_type}, k={p.overlap_k}): {s['items']} items, {s['complete_items']} complete, "
+               f"{s['judgement_rows']} judgement rows")
+    click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
+    click.echo(f"{'labeler':<16}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}  flags")
+    for w, st in d["stats"].items():
+        click.echo(f"{str(w):<16}{st['n']:>5}{_fmt(st['agreement']):>7}{_fmt(st['gold_accuracy']):>7}"
+                   f"{_fmt(st['left_share'], True):>6}{_fmt(st['tie_rate'], True):>6}{_fmt(st['median_seconds']):>7}"
+                   f"  {'; '.join(d['flags'][w])}")
+
+
+@feedback.command()
+@db_option
+@project_option
+@click.option("--format", "fmt", type=click.Choice(["preference", "ranking", "unpaired"]), default="preference",
+              show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["consensus", "all"]), default="consensus", show_default=True,
+              help="One row per item from the consensus, or one per current judgement.")
+@click.option("--consensus", type=click.Choice(["majority", "dawid_skene"]), default="majority", show_default=True)
+@click.option("--ties", type=click.Choice(["drop", "both"]), default="drop", show_default=True,
+              help="Ties: drop, or write both orders with margin 0.")
+@click.option("--both-bad", type=click.Choice(["drop", "tie"]), default="drop", show_default=True)
+@click.option("--include-flagged", is_flag=True, help="Keep judgements of labelers flagged by the thresholds.")
+@click.option("--include-gold", is_flag=True, help="Keep gold items.")
+@click.option("--likert-threshold", type=int, default=5, show_default=True, help="Likert >= this is a good label.")
+@_user_errors
+def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold):
+    """Write a preference, ranking or unpaired JSONL dataset the trainers read."""
+    from alignloop.feedback import export as ex
+    from alignloop.feedback import quality
+
+    store = _store(db)
+    p = store.get_project(project)
+    opts = ex.ExportOptions(format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
+                            exclude_flagged=not include_flagged, include_gold=include_gold,
+                            likert_threshold=likert_threshold,
+                            thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+    rows, summary = ex.export_records(store, p.id, opts)
+    ex.write_jsonl(rows, out)
+    click.echo(f"wrote {len(rows)} {fmt} rows to {out} from {summary['used']} of {summary['judgements']} judgements"
+               + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
+               + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"
+                  if summary["flagged_labelers"] and not include_flagged else ""))

@@ -1,0 +1,409 @@
+"""The labeling web app: FastAPI + Jinja2 (autoescaped) + vendored HTMX, server-rendered and usable without JS.
+
+    app = create_app(Store("feedback.db"), secret_key="...")   # or create_app("feedback.db")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Every POST needs the session's CSRF token (form field `csrf_token`, or header `X-CSRF-Token` for the JSON API).
+Sessions are signed cookies (Starlette's SessionMiddleware, itsdangerous). Admin pages and export are admin-only; a
+labeler can only see, submit, skip and edit their own assignments (others' give 404).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+from starlette.middleware.sessions import SessionMiddleware
+
+from . import export as export_mod
+from . import quality
+from .models import STRENGTHS, Labeler
+from .security import new_token, resolve_secret_key, tokens_equal
+from .store import DEFAULT_FLAGS, Forbidden, NotFound, Store, ValidationError
+
+HERE = Path(__file__).parent
+STRENGTH_LABELS = {"significantly_better": "Significantly better", "better": "Better",
+                   "slightly_better": "Slightly better", "negligibly_better": "Negligibly better / unsure"}
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class _Redirect(Exception):
+    def __init__(self, url: str):
+        self.url = url
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable("table")
+    return md
+
+
+def create_app(store: Store | str, secret_key: str | None = None, secure_cookies: bool = False,
+               session_max_age: int = 14 * 24 * 3600) -> FastAPI:
+    if isinstance(store, str):
+        store = Store(store)
+    key = resolve_secret_key(secret_key, store.url)
+    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.add_middleware(SessionMiddleware, secret_key=key, session_cookie="alignloop_session", max_age=session_max_age,
+                       same_site="lax", https_only=secure_cookies)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
+    md = _markdown()
+    templates.env.filters["markdown"] = lambda text: Markup(md.render(text or ""))
+    templates.env.globals["STRENGTHS"] = STRENGTHS
+    templates.env.globals["STRENGTH_LABELS"] = STRENGTH_LABELS
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Frame-Options"] = "DENY"
+        if request.url.path != "/healthz" and not request.url.path.startswith("/static"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(_Redirect)
+    async def _redir(request: Request, exc: _Redirect):
+        return RedirectResponse(exc.url, status_code=303)
+
+    @app.exception_handler(_HTTPError)
+    async def _http_error(request: Request, exc: _HTTPError):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return render(request, "error.html", {"message": exc.message, "status": exc.status}, status=exc.status)
+
+    @app.exception_handler(NotFound)
+    async def _nf(request: Request, exc: NotFound):
+        return await _http_error(request, _HTTPError(404, str(exc) or "not found"))
+
+    @app.exception_handler(Forbidden)
+    async def _fb(request: Request, exc: Forbidden):
+        return await _http_error(request, _HTTPError(403, str(exc) or "forbidden"))
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def csrf_token(request: Request) -> str:
+        tok = request.session.get("csrf")
+        if not tok:
+            tok = request.session["csrf"] = new_token()
+        return tok
+
+    def render(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> HTMLResponse:
+        user = getattr(request.state, "user", None)
+        base = {"request": request, "user": user, "csrf_token": csrf_token(request)}
+        return templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
+
+    def user_or_redirect(request: Request) -> Labeler:
+        uid = request.session.get("uid")
+        user = store.get_labeler(uid) if uid else None
+        if user is None or not user.active:
+            request.session.pop("uid", None)
+            if request.url.path.startswith("/api/"):
+                raise _HTTPError(401, "sign in first")
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise _Redirect(f"/login?next={quote(target)}")
+        request.state.user = user
+        return user
+
+    def admin(request: Request) -> Labeler:
+        user = user_or_redirect(request)
+        if user.role != "admin":
+            raise _HTTPError(403, "admins only")
+        return user
+
+    async def form_with_csrf(request: Request) -> dict[str, Any]:
+        form = await request.form()
+        if not tokens_equal(form.get("csrf_token"), request.session.get("csrf")):
+            raise _HTTPError(403, "invalid or missing CSRF token; reload the page and try again")
+        out: dict[str, Any] = {}
+        for k in form.keys():
+            vals = form.getlist(k)
+            out[k] = vals if k == "flags" else vals[-1]
+        return out
+
+    def check_api_csrf(request: Request) -> None:
+        if not tokens_equal(request.headers.get("x-csrf-token"), request.session.get("csrf")):
+            raise _HTTPError(403, "invalid or missing X-CSRF-Token header")
+
+    def project_or_404(name: str):
+        return store.get_project(name) if not name.isdigit() else store.get_project(int(name))
+
+    def safe_next(url: str | None) -> str:
+        if url and url.startswith("/") and not url.startswith("//") and "\\" not in url:
+            return url
+        return "/"
+
+    def label_context(project, assignment, errors=None, values=None, edit=False) -> dict:
+        view = store.item_view(assignment.item, assignment.shown_order)
+        return {"project": project, "assignment": assignment, "view": view, "errors": errors or {},
+                "values": values or {}, "progress": store.progress(project.id, assignment.labeler_id),
+                "flags": project.settings.get("flags", DEFAULT_FLAGS), "edit": edit,
+                "idempotency_key": uuid.uuid4().hex, "shown_at": int(time.time() * 1000),
+                "k": len(view["completions"])}
+
+    def values_from_judgement(j, shown_order) -> dict:
+        v: dict[str, Any] = {"comment": j.comment or "", "flags": j.flags or []}
+        if j.choice in ("tie", "both_bad"):
+            v["choice"] = j.choice
+        elif j.choice in ("a", "b"):
+            v["choice"] = "left" if j.picked_position == 0 else "right"
+            v["strength"] = j.strength
+        if j.ranking:
+            for pos, canon in enumerate(shown_order):
+                v[f"rank_{pos}"] = str(j.ranking[canon])
+        if j.thumbs is not None:
+            v["thumbs"] = "up" if j.thumbs == 1 else "down"
+        if j.likert is not None:
+            v["likert"] = str(j.likert)
+        return v
+
+    # -- routes: auth ---------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/"):
+        return render(request, "login.html", {"next": safe_next(next), "error": None})
+
+    @app.post("/login")
+    async def login(request: Request):
+        form = await form_with_csrf(request)
+        username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
+        nxt = safe_next(form.get("next"))
+        if not username or not password:
+            return render(request, "login.html", {"next": nxt, "error": "Enter your username and password."}, 422)
+        user = store.authenticate(username, password)
+        if user is None:
+            return render(request, "login.html", {"next": nxt, "error": "Wrong username or password."}, 401)
+        request.session.clear()
+        request.session["uid"] = user.id
+        request.session["csrf"] = new_token()  # rotate on sign-in
+        return RedirectResponse(nxt, status_code=303)
+
+    @app.post("/logout")
+    async def logout(request: Request):
+        await form_with_csrf(request)
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    # -- routes: labeling -----------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    def home(request: Request):
+        user = user_or_redirect(request)
+        rows = [(p, store.progress(p.id, user.id)) for p in store.list_projects()]
+        return render(request, "projects.html", {"rows": rows})
+
+    @app.get("/p/{name}/guidelines", response_class=HTMLResponse)
+    def guidelines(request: Request, name: str):
+        user_or_redirect(request)
+        return render(request, "guidelines.html", {"project": project_or_404(name)})
+
+    @app.get("/p/{name}/label", response_class=HTMLResponse)
+    def label(request: Request, name: str):
+        user = user_or_redirect(request)
+        p = project_or_404(name)
+        a = store.next_assignment(p.id, user.id)
+        if a is None:
+            return render(request, "done.html", {"project": p, "progress": store.progress(p.id, user.id)})
+        return render(request, "label.html", label_context(p, a))
+
+    @app.post("/p/{name}/label/{aid}")
+    async def submit(request: Request, name: str, aid: int):
+        user = user_or_redirect(request)
+        form = await form_with_csrf(request)
+        p = project_or_404(name)
+        a = store.get_assignment(aid, labeler_id=user.id)
+        if a.project_id != p.id:
+            raise NotFound("no such assignment")
+        started = None
+        if str(form.get("shown_at", "")).isdigit():
+            started = datetime.fromtimestamp(int(form["shown_at"]) / 1000, tz=timezone.utc).replace(tzinfo=None)
+        edit = a.status == "done"
+        try:
+            store.submit(aid, user.id, form, str(form.get("idempotency_key", "")), started_at=started)
+        except ValidationError as e:
+            ctx = label_context(p, a, errors=e.errors, values=form, edit=edit)
+            ctx["idempotency_key"] = form.get("idempotency_key") or ctx["idempotency_key"]
+            return render(request, "label.html", ctx, status=422)
+        return RedirectResponse(f"/p/{p.name}/history" if edit else f"/p/{p.name}/label", status_code=303)
+
+    @app.post("/p/{name}/skip/{aid}")
+    async def skip(request: Request, name: str, aid: int):
+        user = user_or_redirect(request)
+        await form_with_csrf(request)
+        p = project_or_404(name)
+        store.skip(aid, user.id)
+        return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+
+    @app.get("/p/{name}/history", response_class=HTMLResponse)
+    def history(request: Request, name: str):
+        user = user_or_redirect(request)
+        p = project_or_404(name)
+        return render(request, "history.html", {"project": p, "rows": store.labeler_history(p.id, user.id),
+                                                "progress": store.progress(p.id, user.id)})
+
+    @app.get("/p/{name}/edit/{aid}", response_class=HTMLResponse)
+    def edit(request: Request, name: str, aid: int):
+        user = user_or_redirect(request)
+        p = project_or_404(name)
+        a = store.get_assignment(aid, labeler_id=user.id)
+        j = store.current_judgement(aid)
+        if a.project_id != p.id or j is None:
+            raise NotFound("nothing to edit here")
+        ctx = label_context(p, a, values=values_from_judgement(j, a.shown_order), edit=True)
+        ctx["version"] = j.version
+        return render(request, "label.html", ctx)
+
+    # -- routes: admin --------------------------------------------------------------------------------------------
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_home(request: Request):
+        admin(request)
+        projects = [(p, store.project_summary(p.id)) for p in store.list_projects()]
+        return render(request, "admin.html", {"projects": projects, "labelers": store.list_labelers(),
+                                              "errors": {}, "values": {}})
+
+    @app.post("/admin/labelers")
+    async def admin_add_labeler(request: Request):
+        admin(request)
+        form = await form_with_csrf(request)
+        try:
+            store.add_labeler(str(form.get("username", "")).strip(), str(form.get("password", "")),
+                              str(form.get("role", "labeler")))
+        except Exception as e:  # UserError: show it on the form
+            from alignloop.errors import UserError
+            if not isinstance(e, UserError):
+                raise
+            projects = [(p, store.project_summary(p.id)) for p in store.list_projects()]
+            return render(request, "admin.html", {"projects": projects, "labelers": store.list_labelers(),
+                                                  "errors": {"labeler": str(e)},
+                                                  "values": {"username": form.get("username", "")}}, 422)
+        return RedirectResponse("/admin", status_code=303)
+
+    @app.get("/admin/p/{name}", response_class=HTMLResponse)
+    def dashboard(request: Request, name: str):
+        admin(request)
+        p = project_or_404(name)
+        ctx = dashboard_data(store, p)
+        return render(request, "dashboard.html", {"project": p, **ctx})
+
+    @app.get("/admin/p/{name}/export")
+    def export(request: Request, name: str, format: str = "preference", mode: str = "consensus",
+               consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
+               exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
+        admin(request)
+        p = project_or_404(name)
+        opts = export_mod.ExportOptions(format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
+                                        exclude_flagged=exclude_flagged, include_gold=include_gold,
+                                        likert_threshold=likert_threshold,
+                                        thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+        from alignloop.errors import UserError
+        try:
+            rows, _summary = export_mod.export_records(store, p.id, opts)
+        except UserError as e:
+            raise _HTTPError(400, str(e)) from None
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return Response(body, media_type="application/x-ndjson", headers={
+            "Content-Disposition": f'attachment; filename="{p.name}-{format}.jsonl"'})
+
+    # -- JSON API (used by the load test and scripts) ------------------------------------------------------------
+    @app.post("/api/login")
+    async def api_login(request: Request):
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise _HTTPError(415, "send JSON")
+        body = await request.json()
+        user = store.authenticate(str(body.get("username", "")), str(body.get("password", "")))
+        if user is None:
+            raise _HTTPError(401, "wrong username or password")
+        request.session.clear()
+        request.session["uid"] = user.id
+        request.session["csrf"] = tok = new_token()
+        return {"csrf_token": tok, "labeler": user.username, "role": user.role}
+
+    @app.get("/api/p/{name}/next")
+    def api_next(request: Request, name: str):
+        user = user_or_redirect(request)
+        p = project_or_404(name)
+        a = store.next_assignment(p.id, user.id)
+        if a is None:
+            return {"assignment_id": None}
+        view = store.item_view(a.item, a.shown_order)
+        return {"assignment_id": a.id, "task_type": p.task_type, "shown_order": a.shown_order, **view}
+
+    @app.post("/api/assignments/{aid}/judgement")
+    async def api_submit(request: Request, aid: int):
+        user = user_or_redirect(request)
+        check_api_csrf(request)
+        try:
+            body = await request.json()
+        except Exception:
+            raise _HTTPError(400, "body must be JSON") from None
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "body must be a JSON object")
+        try:
+            j, created = store.submit(aid, user.id, body, str(body.get("idempotency_key", "")))
+        except ValidationError as e:
+            return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
+        return JSONResponse({"judgement_id": j.id, "version": j.version, "created": created},
+                            status_code=201 if created else 200)
+
+    @app.post("/api/assignments/{aid}/skip")
+    def api_skip(request: Request, aid: int):
+        user = user_or_redirect(request)
+        check_api_csrf(request)
+        store.skip(aid, user.id)
+        return {"skipped": aid}
+
+    return app
+
+
+def dashboard_data(store: Store, p) -> dict:
+    records = store.current_judgements(p.id)
+    th = quality.thresholds_from_dict(p.settings.get("thresholds"))
+    stats = quality.labeler_stats(records, p.task_type)
+    flags = quality.flag_labelers(stats, th)
+    agreement = quality.project_agreement(records, p.task_type)
+    kappas = quality.pairwise_cohen_kappa(quality.annotations_from_records(p.task_type, records))
+    return {"stats": stats, "flags": flags, "agreement": agreement, "kappas": kappas,
+            "summary": store.project_summary(p.id), "thresholds": th,
+            "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
+                                              "Leave-one-out agreement", ref=th.min_agreement),
+                       "left": bar_chart({w: d["left_share"] for w, d in stats.items()}, 0, 1,
+                                         "Share of left picks", ref=0.5),
+                       "time": bar_chart({w: d["median_seconds"] for w, d in stats.items()}, 0, None,
+                                         "Median seconds per item", ref=th.min_median_seconds),
+                       "gold": bar_chart({w: d["gold_accuracy"] for w, d in stats.items()}, 0, 1,
+                                         "Gold accuracy", ref=th.min_gold_accuracy)}}
+
+
+def bar_chart(values: dict, lo: float, hi: float | None, title: str, ref: float | None = None) -> dict:
+    """Geometry for a server-rendered horizontal SVG bar chart (the template draws it; labels are escaped)."""
+    vals = {k: v for k, v in values.items() if v is not None}
+    top = hi if hi is not None else max([*vals.values(), ref or 0, 1e-9]) * 1.1
+    width, bar_h, left = 320, 18, 110
+    bars = []
+    for n, (k, v) in enumerate(sorted(values.items(), key=lambda kv: repr(kv[0]))):
+        frac = 0.0 if v is None else max(0.0, min(1.0, (v - lo) / (top - lo)))
+        bars.append({"label": str(k), "y": 24 + n * (bar_h + 6), "w": round(frac * width, 1),
+                     "value": "n/a" if v is None else f"{v:.2f}"})
+    ref_x = None if ref is None else left + round(max(0.0, min(1.0, (ref - lo) / (top - lo))) * width, 1)
+    return {"title": title, "bars": bars, "left": left, "width": width, "bar_h": bar_h, "ref_x": ref_x,
+            "height": 30 + len(bars) * (bar_h + 6)}

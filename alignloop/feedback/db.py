@@ -1,0 +1,92 @@
+"""Engine creation and migrations for the feedback store.
+
+`open_engine(url)` accepts a SQLAlchemy URL (`sqlite:///x.db`, `postgresql://...`) or a plain file path (taken as a
+SQLite file). SQLite runs in WAL mode with a busy timeout; write transactions on SQLite begin with
+`BEGIN IMMEDIATE` (through `write_engine(engine)`) so a read-then-write never fails on a lock upgrade.
+`upgrade(engine)` runs the Alembic migrations in `migrations/` to head, programmatically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+
+from alignloop.errors import UserError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalise_url(db: str) -> str:
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORMAL") -> Engine:
+    """Create an engine. SQLite: WAL, busy timeout, foreign keys, `synchronous` (NORMAL keeps every committed
+    transaction across a process crash in WAL mode; FULL also across power loss)."""
+    url = make_url(normalise_url(db))
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            parent = Path(url.database).parent
+            if not parent.exists():
+                raise UserError(f"database folder {parent} does not exist")
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+                               pool_size=20, max_overflow=20)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            mode = conn.get_execution_options().get("sqlite_begin", "")
+            conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+        return engine
+    if url.get_backend_name() == "postgresql":
+        return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    return create_engine(url)
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same engine, whose transactions take the write lock up front on SQLite (no effect elsewhere)."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(sqlite_begin="IMMEDIATE")
+    return engine
+
+
+def alembic_config(connection=None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations up to `revision` (idempotent)."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def is_initialised(engine: Engine) -> bool:
+    return "projects" in inspect(engine).get_table_names()

@@ -1,0 +1,130 @@
+"""The feedback store's schema (SQLAlchemy 2 declarative). Alembic migrations in `migrations/` create it.
+
+Tables: projects, prompts, completions, items, labelers, assignments, judgements.
+
+* An **item** is what one labeler judges once: a prompt plus the completions shown (2 for pairwise, K for rank,
+  1 for thumbs / Likert), in a canonical order `completion_ids` (position 0 is "A").
+* An **assignment** gives one item to one labeler (unique per pair: never twice to the same labeler) and records
+  the order the completions were shown in (`shown_order`: a permutation of canonical positions, left to right).
+* A **judgement** is append-only: an edit inserts a new row with `version + 1`; the current judgement of an
+  assignment is its highest version. `idempotency_key` is unique so a retried submission is stored once.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
+ROLES = ("admin", "labeler")
+PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+# Llama 2 (Touvron et al. 2023, table 28) "small margin" values for the reward-model margin loss.
+STRENGTH_MARGIN = {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    task_type: Mapped[str] = mapped_column(String(20), nullable=False)
+    guidelines_md: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    overlap_k: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    gold_rate: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    settings: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True)
+    # list of {"role", "content"}; a plain-string prompt is stored as one user message and `is_chat` False.
+    messages: Mapped[list] = mapped_column(JSON, nullable=False)
+    is_chat: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    meta: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+
+
+class Completion(Base):
+    __tablename__ = "completions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), nullable=False, index=True)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str | None] = mapped_column(String(300))
+    params: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), nullable=False)
+    completion_ids: Mapped[list] = mapped_column(JSON, nullable=False)
+    is_gold: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    gold_answer: Mapped[dict | None] = mapped_column(JSON)
+    # live assignments (assigned or done; skipped ones release their slot). Updated with a conditional UPDATE
+    # (`n_active < k`), which is what keeps "k distinct labelers" true under concurrency on any database.
+    n_active: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    n_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    prompt: Mapped[Prompt] = relationship(lazy="joined")
+    __table_args__ = (Index("ix_items_queue", "project_id", "is_gold", "n_active", "id"),)
+
+
+class Labeler(Base):
+    __tablename__ = "labelers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(300), nullable=False)
+    role: Mapped[str] = mapped_column(String(20), nullable=False, default="labeler")
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False, index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="assigned")  # assigned|done|skipped
+    is_gold: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    shown_order: Mapped[list] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    item: Mapped[Item] = relationship(lazy="joined")
+    __table_args__ = (UniqueConstraint("item_id", "labeler_id", name="uq_assignment_item_labeler"),
+                      Index("ix_assignments_labeler_project_status", "labeler_id", "project_id", "status"))
+
+
+class Judgement(Base):
+    __tablename__ = "judgements"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"), nullable=False)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    shown_order: Mapped[list] = mapped_column(JSON, nullable=False)
+    # pairwise: choice in canonical terms ("a" = completion_ids[0]), the strength, and the screen position picked
+    choice: Mapped[str | None] = mapped_column(String(20))
+    strength: Mapped[str | None] = mapped_column(String(30))
+    picked_position: Mapped[int | None] = mapped_column(Integer)  # 0 = left/first shown, 1 = right; None if no pick
+    # rank: rank per canonical completion (1 = best, ties share a rank)
+    ranking: Mapped[list | None] = mapped_column(JSON)
+    thumbs: Mapped[int | None] = mapped_column(Integer)  # +1 / -1
+    likert: Mapped[int | None] = mapped_column(Integer)  # 1..7
+    flags: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
+    comment: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    time_spent_ms: Mapped[int | None] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    __table_args__ = (UniqueConstraint("assignment_id", "version", name="uq_judgement_assignment_version"),)

@@ -1,0 +1,379 @@
+"""Labeler-quality statistics and consensus, as pure functions over plain Python data.
+
+The common input is **annotations**: a mapping `item -> {labeler: label}` (labels hashable: a string, an int, a
+tuple). Nothing here touches the database, so simulated labelers (the end-to-end demo) can use it directly.
+
+    ann = {1: {"ann": "a", "bob": "a"}, 2: {"ann": "b", "bob": "a", "cy": "b"}}
+    leave_one_out_agreement(ann)         # {"ann": 1.0, "bob": 0.5, "cy": 1.0}
+    pairwise_cohen_kappa(ann)            # {("ann", "bob"): ..., ...}   (sklearn.metrics.cohen_kappa_score)
+    fleiss_kappa(ann)                    # Fleiss (1971), generalised to a varying number of ratings per item
+    krippendorff_alpha(ann, "nominal")   # the `krippendorff` package
+    dawid_skene(ann)                     # EM (Dawid & Skene 1979): consensus, posteriors, confusion matrices
+    position_bias([0, 0, 1, 0])          # share of left picks and a two-sided binomial test against 1/2
+
+`labeler_stats(records, task_type)` computes every per-labeler figure from judgement records (dicts as returned by
+`Store.current_judgements`), and `flag_labelers(stats, Thresholds())` says who is flagged and why.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+Annotations = Mapping[Hashable, Mapping[Hashable, Hashable]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Consensus
+# ----------------------------------------------------------------------------------------------------------------
+
+def majority_vote(annotations: Annotations, min_labels: int = 1) -> dict[Hashable, Hashable | None]:
+    """The most common label per item; None when the top labels tie or fewer than `min_labels` labels exist."""
+    out: dict[Hashable, Hashable | None] = {}
+    for item, labs in annotations.items():
+        if len(labs) < min_labels:
+            out[item] = None
+            continue
+        counts = Counter(labs.values()).most_common()
+        out[item] = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
+    return out
+
+
+@dataclass
+class DawidSkeneResult:
+    consensus: dict[Hashable, Hashable]          # item -> most probable true label
+    posteriors: dict[Hashable, dict[Hashable, float]]  # item -> {label: P(true label)}
+    confusion: dict[Hashable, dict[Hashable, dict[Hashable, float]]]  # labeler -> true -> {given: prob}
+    priors: dict[Hashable, float]
+    iterations: int
+    converged: bool
+
+
+def dawid_skene(annotations: Annotations, max_iter: int = 100, tol: float = 1e-6, smoothing: float = 0.01,
+                labels: Sequence[Hashable] | None = None) -> DawidSkeneResult:
+    """Dawid & Skene (1979) EM: each labeler has a confusion matrix P(given label | true label); the true label
+    of an item is latent. Initialised from (soft) majority votes; `smoothing` is a Dirichlet pseudo-count."""
+    items = [i for i in annotations if annotations[i]]
+    cats = list(labels) if labels is not None else sorted({l for i in items for l in annotations[i].values()},
+                                                             key=repr)
+    workers = sorted({w for i in items for w in annotations[i]}, key=repr)
+    ci = {c: n for n, c in enumerate(cats)}
+    wi = {w: n for n, w in enumerate(workers)}
+    n_i, n_w, n_c = len(items), len(workers), len(cats)
+    if n_i == 0:
+        return DawidSkeneResult({}, {}, {}, {}, 0, True)
+    counts = np.zeros((n_i, n_w, n_c))
+    for r, i in enumerate(items):
+        for w, l in annotations[i].items():
+            counts[r, wi[w], ci[l]] += 1
+    T = counts.sum(axis=1)
+    T = T / T.sum(axis=1, keepdims=True)
+    converged, it = False, 0
+    for it in range(1, max_iter + 1):
+        # M-step
+        priors = (T.sum(axis=0) + smoothing) / (n_i + smoothing * n_c)
+        conf = np.einsum("ik,iwl->wkl", T, counts) + smoothing
+        conf = conf / conf.sum(axis=2, keepdims=True)
+        # E-step (log space)
+        logT = np.log(priors)[None, :] + np.einsum("iwl,wkl->ik", counts, np.log(conf))
+        logT -= logT.max(axis=1, keepdims=True)
+        newT = np.exp(logT)
+        newT /= newT.sum(axis=1, keepdims=True)
+        delta = np.abs(newT - T).max()
+        T = newT
+        if delta < tol:
+            converged = True
+            break
+    consensus = {i: cats[int(np.argmax(T[r]))] for r, i in enumerate(items)}
+    posteriors = {i: {c: float(T[r, ci[c]]) for c in cats} for r, i in enumerate(items)}
+    confusion = {w: {k: {l: float(conf[wi[w], ci[k], ci[l]]) for l in cats} for k in cats} for w in workers}
+    return DawidSkeneResult(consensus, posteriors, confusion, {c: float(priors[ci[c]]) for c in cats}, it, converged)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement
+# ----------------------------------------------------------------------------------------------------------------
+
+def leave_one_out_agreement(annotations: Annotations) -> dict[Hashable, float | None]:
+    """Per labeler: mean over their items (with at least one other label) of agreement with the majority of the
+    *other* labelers. When the others' top labels tie among m labels, agreeing with one of them scores 1/m.
+    None for a labeler with no such item."""
+    scores: dict[Hashable, list[float]] = defaultdict(list)
+    for labs in annotations.values():
+        for w, l in labs.items():
+            others = Counter(v for u, v in labs.items() if u != w)
+            if not others:
+                continue
+            top = max(others.values())
+            modal = [v for v, c in others.items() if c == top]
+            scores[w].append(1.0 / len(modal) if l in modal else 0.0)
+    workers = {w for labs in annotations.values() for w in labs}
+    return {w: (float(np.mean(scores[w])) if scores[w] else None) for w in workers}
+
+
+def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
+    """Cohen's kappa of two aligned label sequences (sklearn). nan when undefined (one shared constant label)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    if len(a) != len(b) or not a:
+        raise ValueError("cohen_kappa needs two non-empty sequences of equal length")
+    if len(set(a) | set(b)) < 2:
+        return float("nan")
+    la, lb = [repr(x) for x in a], [repr(x) for x in b]
+    return float(cohen_kappa_score(la, lb))
+
+
+def pairwise_cohen_kappa(annotations: Annotations, min_overlap: int = 2) -> dict[tuple, float]:
+    """Cohen's kappa for every pair of labelers sharing at least `min_overlap` items."""
+    by_worker: dict[Hashable, dict] = defaultdict(dict)
+    for item, labs in annotations.items():
+        for w, l in labs.items():
+            by_worker[w][item] = l
+    out = {}
+    for w1, w2 in combinations(sorted(by_worker, key=repr), 2):
+        shared = sorted(set(by_worker[w1]) & set(by_worker[w2]), key=repr)
+        if len(shared) >= min_overlap:
+            out[(w1, w2)] = cohen_kappa([by_worker[w1][i] for i in shared], [by_worker[w2][i] for i in shared])
+    return out
+
+
+def mean_pairwise_kappa(annotations: Annotations, min_overlap: int = 2) -> float:
+    vals = [v for v in pairwise_cohen_kappa(annotations, min_overlap).values() if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def fleiss_kappa(annotations: Annotations, categories: Sequence[Hashable] | None = None) -> float:
+    """Fleiss' kappa over items with at least two labels. With a varying number of labels per item n_i, uses
+    P_i = (sum_j n_ij^2 - n_i) / (n_i (n_i - 1)) and p_j = sum_i n_ij / sum_i n_i (equal n_i gives Fleiss 1971)."""
+    rows = [Counter(labs.values()) for labs in annotations.values() if len(labs) >= 2]
+    if not rows:
+        return float("nan")
+    cats = list(categories) if categories is not None else sorted({c for r in rows for c in r}, key=repr)
+    table = np.array([[r.get(c, 0) for c in cats] for r in rows], dtype=float)
+    return fleiss_kappa_table(table)
+
+
+def fleiss_kappa_table(table: np.ndarray) -> float:
+    """Fleiss' kappa from an items x categories count table."""
+    table = np.asarray(table, dtype=float)
+    n_i = table.sum(axis=1)
+    P_i = ((table ** 2).sum(axis=1) - n_i) / (n_i * (n_i - 1))
+    P_bar = P_i.mean()
+    p_j = table.sum(axis=0) / n_i.sum()
+    P_e = (p_j ** 2).sum()
+    if math.isclose(P_e, 1.0):
+        return float("nan")
+    return float((P_bar - P_e) / (1 - P_e))
+
+
+def krippendorff_alpha(annotations: Annotations, level: str = "nominal") -> float:
+    """Krippendorff's alpha (the `krippendorff` package). level: nominal | ordinal | interval | ratio. For a
+    non-nominal level, labels must be numbers; for nominal, any hashable labels (mapped to codes)."""
+    import krippendorff
+
+    items = [i for i in annotations if len(annotations[i]) >= 1]
+    workers = sorted({w for i in items for w in annotations[i]}, key=repr)
+    if len(workers) < 2 or not items:
+        return float("nan")
+    values = sorted({l for i in items for l in annotations[i].values()}, key=repr)
+    if len(values) < 2:
+        return float("nan")
+    if level == "nominal":
+        code = {v: n for n, v in enumerate(values)}
+    else:
+        code = {v: float(v) for v in values}
+    data = np.full((len(workers), len(items)), np.nan)
+    wi = {w: n for n, w in enumerate(workers)}
+    for c, i in enumerate(items):
+        for w, l in annotations[i].items():
+            data[wi[w], c] = code[l]
+    try:
+        return float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
+    except ValueError:
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-labeler behaviour
+# ----------------------------------------------------------------------------------------------------------------
+
+def position_bias(picks: Iterable[int]) -> dict[str, float | int | None]:
+    """picks: screen positions picked on decisive pairwise judgements (0 = left, 1 = right). Returns n, the share
+    of left picks and the two-sided exact binomial p-value against 1/2 (scipy.stats.binomtest)."""
+    from scipy.stats import binomtest
+
+    picks = [int(p) for p in picks if p is not None]
+    n = len(picks)
+    if n == 0:
+        return {"n": 0, "left_share": None, "p_value": None}
+    left = sum(1 for p in picks if p == 0)
+    return {"n": n, "left_share": left / n, "p_value": float(binomtest(left, n, 0.5).pvalue)}
+
+
+def gold_accuracy(annotations: Annotations, gold: Mapping[Hashable, Hashable],
+                  is_correct: Callable[[Hashable, Hashable], bool] | None = None) -> dict[Hashable, dict]:
+    """Per labeler on the gold items they labeled: {"n", "correct", "accuracy"}."""
+    eq = is_correct or (lambda given, truth: given == truth)
+    out: dict[Hashable, dict] = {}
+    for item, truth in gold.items():
+        for w, l in annotations.get(item, {}).items():
+            d = out.setdefault(w, {"n": 0, "correct": 0, "accuracy": None})
+            d["n"] += 1
+            d["correct"] += bool(eq(l, truth))
+    for d in out.values():
+        d["accuracy"] = d["correct"] / d["n"] if d["n"] else None
+    return out
+
+
+def tie_rate(choices: Iterable[Hashable], tie_labels: Sequence[Hashable] = ("tie",)) -> float | None:
+    choices = list(choices)
+    return sum(1 for c in choices if c in tie_labels) / len(choices) if choices else None
+
+
+def median_seconds(times_ms: Iterable[int | None]) -> float | None:
+    ts = [t for t in times_ms if t is not None]
+    return median(ts) / 1000.0 if ts else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From judgement records (dicts) to labels and a report
+# ----------------------------------------------------------------------------------------------------------------
+
+def label_of(task_type: str, record: Mapping[str, Any]) -> Hashable | None:
+    """The categorical label used for agreement. pairwise: the choice a|b|tie|both_bad (strength ignored);
+    rank: the tuple of canonical positions ranked first (ties give several); thumbs: +1/-1; likert: 1..7."""
+    if task_type == "pairwise":
+        return record.get("choice")
+    if task_type == "rank":
+        r = record.get("ranking")
+        return tuple(i for i, v in enumerate(r) if v == 1) if r else None
+    if task_type == "thumbs":
+        return record.get("thumbs")
+    if task_type == "likert":
+        return record.get("likert")
+    raise ValueError(f"unknown task type {task_type!r}")
+
+
+def gold_label(task_type: str, gold_answer: Mapping[str, Any] | None) -> Hashable | None:
+    if not gold_answer:
+        return None
+    return label_of(task_type, gold_answer)
+
+
+def gold_is_correct(task_type: str, likert_tolerance: int = 1) -> Callable[[Hashable, Hashable], bool]:
+    if task_type == "likert":
+        return lambda given, truth: abs(int(given) - int(truth)) <= likert_tolerance
+    return lambda given, truth: given == truth
+
+
+def annotations_from_records(task_type: str, records: Iterable[Mapping[str, Any]], gold: bool | None = False,
+                             labelers: Iterable[Hashable] | None = None) -> dict[Hashable, dict[Hashable, Hashable]]:
+    """item_id -> {labeler: label}. gold=False: non-gold items only; True: gold only; None: all."""
+    keep = set(labelers) if labelers is not None else None
+    out: dict[Hashable, dict] = defaultdict(dict)
+    for r in records:
+        if gold is not None and bool(r.get("is_gold")) != gold:
+            continue
+        if keep is not None and r["labeler"] not in keep:
+            continue
+        lab = label_of(task_type, r)
+        if lab is not None:
+            out[r["item_id"]][r["labeler"]] = lab
+    return dict(out)
+
+
+@dataclass
+class Thresholds:
+    """A labeler is flagged when a figure crosses a threshold (only once they have `min_items` judgements)."""
+    min_items: int = 10
+    min_agreement: float = 0.5          # leave-one-out agreement with the others' majority
+    min_gold_accuracy: float = 0.7
+    min_gold_items: int = 3
+    max_position_p: float = 0.01        # binomial test p-value of left picks vs 1/2 ...
+    min_position_deviation: float = 0.15  # ... and |left share - 0.5| at least this
+    max_tie_rate: float = 0.5
+    min_median_seconds: float = 2.0     # faster than this per item is not reading
+
+
+def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
+                  likert_tolerance: int = 1) -> dict[Hashable, dict]:
+    """Per labeler: n, agreement (leave-one-out, non-gold items), gold n/accuracy, left share + p-value
+    (pairwise), tie rate (pairwise: tie or both_bad share), median seconds per item."""
+    ann = annotations_from_records(task_type, records, gold=False)
+    loo = leave_one_out_agreement(ann)
+    gold_ann = annotations_from_records(task_type, records, gold=True)
+    truth = {}
+    for r in records:
+        if r.get("is_gold"):
+            g = gold_label(task_type, r.get("gold_answer"))
+            if g is not None:
+                truth[r["item_id"]] = g
+    gacc = gold_accuracy(gold_ann, truth, gold_is_correct(task_type, likert_tolerance))
+    by: dict[Hashable, list] = defaultdict(list)
+    for r in records:
+        by[r["labeler"]].append(r)
+    out = {}
+    for w, rs in sorted(by.items(), key=lambda kv: repr(kv[0])):
+        d: dict[str, Any] = {"n": len(rs), "agreement": loo.get(w),
+                             "gold_n": gacc.get(w, {}).get("n", 0), "gold_accuracy": gacc.get(w, {}).get("accuracy"),
+                             "median_seconds": median_seconds(r.get("time_spent_ms") for r in rs)}
+        if task_type == "pairwise":
+            pb = position_bias(r.get("picked_position") for r in rs if r.get("picked_position") is not None)
+            d.update(left_share=pb["left_share"], position_p=pb["p_value"],
+                     tie_rate=tie_rate((r.get("choice") for r in rs), ("tie",)),
+                     both_bad_rate=tie_rate((r.get("choice") for r in rs), ("both_bad",)))
+        else:
+            d.update(left_share=None, position_p=None, tie_rate=None, both_bad_rate=None)
+        if task_type == "rank":
+            d["tie_rate"] = tie_rate((len(set(r["ranking"])) < len(r["ranking"]) for r in rs if r.get("ranking")),
+                                     (True,))
+        out[w] = d
+    return out
+
+
+def flag_labelers(stats: Mapping[Hashable, Mapping[str, Any]], th: Thresholds | None = None) -> dict[Hashable, list[str]]:
+    """labeler -> reasons (empty list: not flagged)."""
+    th = th or Thresholds()
+    out = {}
+    for w, d in stats.items():
+        reasons: list[str] = []
+        if d["n"] >= th.min_items:
+            if d.get("agreement") is not None and d["agreement"] < th.min_agreement:
+                reasons.append(f"agreement {d['agreement']:.2f} < {th.min_agreement}")
+            if d.get("tie_rate") is not None and d["tie_rate"] > th.max_tie_rate:
+                reasons.append(f"tie rate {d['tie_rate']:.2f} > {th.max_tie_rate}")
+            if (d.get("position_p") is not None and d["position_p"] < th.max_position_p
+                    and abs(d["left_share"] - 0.5) >= th.min_position_deviation):
+                reasons.append(f"position bias: left {d['left_share']:.0%} (p={d['position_p']:.2g})")
+            if d.get("median_seconds") is not None and d["median_seconds"] < th.min_median_seconds:
+                reasons.append(f"median {d['median_seconds']:.1f}s per item < {th.min_median_seconds}s")
+        if d.get("gold_n", 0) >= th.min_gold_items and d.get("gold_accuracy") is not None \
+                and d["gold_accuracy"] < th.min_gold_accuracy:
+            reasons.append(f"gold accuracy {d['gold_accuracy']:.2f} < {th.min_gold_accuracy}")
+        out[w] = reasons
+    return out
+
+
+def project_agreement(records: Sequence[Mapping[str, Any]], task_type: str) -> dict[str, float]:
+    """Project-level: Fleiss' kappa, Krippendorff's alpha (nominal; plus ordinal for Likert) and the mean
+    pairwise Cohen's kappa, over non-gold items."""
+    ann = annotations_from_records(task_type, records, gold=False)
+    out = {"fleiss_kappa": fleiss_kappa(ann), "krippendorff_alpha": krippendorff_alpha(ann, "nominal"),
+           "mean_cohen_kappa": mean_pairwise_kappa(ann)}
+    if task_type == "likert":
+        out["krippendorff_alpha_ordinal"] = krippendorff_alpha(ann, "ordinal")
+    return out
+
+
+def thresholds_from_dict(d: Mapping[str, Any] | None) -> Thresholds:
+    base = asdict(Thresholds())
+    for k, v in (d or {}).items():
+        if k in base:
+            base[k] = type(base[k])(v)
+    return Thresholds(**base)

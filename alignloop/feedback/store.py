@@ -1,0 +1,637 @@
+"""The feedback store: projects, labelers, importing completions, assignment and judgements.
+
+    store = Store("feedback.db")                          # creates / migrates the database
+    p = store.create_project("hh", "pairwise", overlap_k=3, gold_rate=0.1, guidelines_md="# Be careful")
+    store.import_records(p.name, [{"prompt": "Hi", "completions": ["Hello", "Go away"]}])
+    lab = store.add_labeler("ann", "a long password")
+    a = store.next_assignment(p.id, lab.id)               # None when nothing is left for this labeler
+    store.submit(a.id, lab.id, {"choice": "left", "strength": "better"}, idempotency_key="...")
+
+Assignment rules: an item goes to `overlap_k` distinct labelers (a skipped assignment frees its slot), never twice
+to the same labeler (unique constraint), items with fewer labels first, gold items (known answers, outside the k
+count) mixed in at `gold_rate`. Concurrency: the slot is taken with a conditional `UPDATE ... WHERE n_active < k`
+checked for one affected row, so it holds under concurrent requests on SQLite and PostgreSQL alike.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Integer, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from alignloop.errors import UserError
+
+from . import db as dbmod
+from .models import (PAIRWISE_CHOICES, ROLES, STRENGTHS, TASK_TYPES, Assignment, Completion, Item, Judgement, Labeler,
+                     Project, Prompt, utcnow)
+from .security import hash_password, verify_password
+
+DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B); key = keyboard shortcut
+    {"name": "fails_instruction", "label": "Fails to follow the instruction", "key": "i"},
+    {"name": "hallucination", "label": "Hallucination (makes up facts)", "key": "h"},
+    {"name": "harmful", "label": "Harmful or encourages harm", "key": "m"},
+    {"name": "inappropriate", "label": "Inappropriate for a customer assistant", "key": "n"},
+    {"name": "sexual", "label": "Sexual content", "key": "x"},
+    {"name": "violent", "label": "Violent content", "key": "v"},
+    {"name": "denigrates", "label": "Denigrates a protected class", "key": "g"},
+    {"name": "opinion", "label": "Expresses an opinion", "key": "o"},
+    {"name": "moral_judgement", "label": "Expresses a moral judgement", "key": "j"},
+]
+_IDEM_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+class ValidationError(UserError):
+    """A submitted form is invalid; `errors` maps field -> message."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
+class NotFound(UserError):
+    pass
+
+
+class Forbidden(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of a submission (fields in *screen* terms: left/right, rank per shown position) -> canonical fields
+# ---------------------------------------------------------------------------------------------------------------
+
+def _get(fields: Mapping[str, Any], name: str) -> Any:
+    v = fields.get(name)
+    if isinstance(v, str):
+        v = v.strip()
+        return v or None
+    return v
+
+
+def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[str, Any],
+                        flag_names: Iterable[str] = ()) -> dict:
+    """Check a submission and translate it to canonical fields for a `Judgement`.
+
+    pairwise: `choice` in left|right|tie|both_bad, `strength` (one of STRENGTHS) required for left/right.
+    rank: `rank_<i>` for each shown position i (integers 1..K, ties allowed, rank 1 must be used).
+    thumbs: `thumbs` up|down. likert: `likert` 1..7 and `flags` (list of names). All: optional `comment`.
+    """
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {"flags": [], "comment": ""}
+    comment = fields.get("comment") or ""
+    if not isinstance(comment, str):
+        errors["comment"] = "must be text"
+    elif len(comment) > 5000:
+        errors["comment"] = "is too long (at most 5000 characters)"
+    else:
+        out["comment"] = comment.strip()
+    k = len(shown_order)
+    if task_type == "pairwise":
+        choice = _get(fields, "choice")
+        if choice is None:
+            errors["choice"] = "choose the better response, tie, or both bad"
+        elif choice not in ("left", "right", "tie", "both_bad"):
+            errors["choice"] = f"unknown choice {choice!r}"
+        else:
+            if choice in ("left", "right"):
+                pos = 0 if choice == "left" else 1
+                out["picked_position"] = pos
+                out["choice"] = "ab"[shown_order[pos]]
+                strength = _get(fields, "strength")
+                if strength is None:
+                    errors["strength"] = "say how much better (significantly, better, slightly, negligibly)"
+                elif strength not in STRENGTHS:
+                    errors["strength"] = f"unknown strength {strength!r}"
+                else:
+                    out["strength"] = strength
+            else:
+                out["choice"] = choice
+                out["picked_position"] = None
+    elif task_type == "rank":
+        ranks_shown = []
+        for i in range(k):
+            v = _get(fields, f"rank_{i}")
+            try:
+                r = int(v)
+                if not 1 <= r <= k:
+                    raise ValueError
+            except (TypeError, ValueError):
+                errors[f"rank_{i}"] = f"give response {i + 1} a rank from 1 to {k}"
+                continue
+            ranks_shown.append(r)
+        if not errors:
+            if 1 not in ranks_shown:
+                errors["ranking"] = "some response must be ranked 1 (best)"
+            else:
+                # dense-then-standard: ties share a rank; we store ranks as given, normalised to competition ranking
+                canonical = [0] * k
+                for pos, r in enumerate(ranks_shown):
+                    canonical[shown_order[pos]] = r
+                out["ranking"] = competition_ranks(canonical)
+    elif task_type == "thumbs":
+        t = _get(fields, "thumbs")
+        if t in ("up", "+1", 1, "1"):
+            out["thumbs"] = 1
+        elif t in ("down", "-1", -1):
+            out["thumbs"] = -1
+        else:
+            errors["thumbs"] = "choose thumbs up or thumbs down"
+    elif task_type == "likert":
+        v = _get(fields, "likert")
+        try:
+            lv = int(v)
+            if not 1 <= lv <= 7:
+                raise ValueError
+            out["likert"] = lv
+        except (TypeError, ValueError):
+            errors["likert"] = "choose a rating from 1 (worst) to 7 (best)"
+        flags = fields.get("flags") or []
+        if isinstance(flags, str):
+            flags = [flags]
+        allowed = set(flag_names)
+        bad = [f for f in flags if f not in allowed]
+        if bad:
+            errors["flags"] = f"unknown flag(s): {', '.join(map(str, bad))}"
+        else:
+            out["flags"] = sorted(set(flags))
+    else:
+        errors["task_type"] = f"unknown task type {task_type!r}"
+    if errors:
+        raise ValidationError(errors)
+    return out
+
+
+def competition_ranks(values: list[int]) -> list[int]:
+    """Normalise ranks so ties share a rank and the next rank skips ("1224"): [1, 3, 3] -> [1, 2, 2]."""
+    return [1 + sum(1 for w in values if w < v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+def normalise_prompt(prompt: Any, where: str) -> tuple[list[dict], bool]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{where}: 'prompt' is empty")
+        return [{"role": "user", "content": prompt}], False
+    if isinstance(prompt, list) and prompt:
+        msgs = []
+        for j, m in enumerate(prompt):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise UserError(f"{where}: prompt message {j} must be {{'role': str, 'content': str}}")
+            msgs.append({"role": m["role"], "content": m["content"]})
+        return msgs, True
+    raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+
+
+def _norm_completion(c: Any, where: str, default_model: str | None) -> dict:
+    if isinstance(c, str):
+        return {"text": c, "model": default_model, "params": {}}
+    if isinstance(c, dict) and isinstance(c.get("text"), str):
+        params = c.get("params") or {}
+        if not isinstance(params, dict):
+            raise UserError(f"{where}: completion 'params' must be an object")
+        return {"text": c["text"], "model": c.get("model", default_model), "params": params}
+    raise UserError(f"{where}: each completion must be a string or {{'text': str, 'model', 'params'}}")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {n}: each line must be a JSON object")
+            row["_where"] = f"{path}, line {n}"
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class ImportResult:
+    prompts: int = 0
+    completions: int = 0
+    items: int = 0
+    gold_items: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------------------------
+
+class Store:
+    def __init__(self, db: str, create: bool = True, synchronous: str = "NORMAL"):
+        self.url = dbmod.normalise_url(db)
+        self.engine = dbmod.open_engine(self.url, synchronous=synchronous)
+        if create:
+            dbmod.upgrade(self.engine)
+        elif not dbmod.is_initialised(self.engine):
+            raise UserError(f"{db}: not a feedback database (run `alignloop feedback create` first)")
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(dbmod.write_engine(self.engine), expire_on_commit=False)
+        self._rng = random.SystemRandom()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write() as s, s.begin():
+            yield s
+
+    # -- projects -------------------------------------------------------------------------------------------------
+    def create_project(self, name: str, task_type: str, guidelines_md: str = "", overlap_k: int = 3,
+                       gold_rate: float = 0.0, settings: dict | None = None) -> Project:
+        if not _NAME_RE.match(name or ""):
+            raise UserError(f"project name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
+        if task_type not in TASK_TYPES:
+            raise UserError(f"task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
+        if not 1 <= int(overlap_k) <= 100:
+            raise UserError(f"overlap k = {overlap_k}: must be between 1 and 100")
+        if not 0.0 <= float(gold_rate) < 1.0:
+            raise UserError(f"gold rate {gold_rate}: must be in [0, 1)")
+        settings = dict(settings or {})
+        settings.setdefault("flags", DEFAULT_FLAGS)
+        try:
+            with self.write() as s:
+                p = Project(name=name, task_type=task_type, guidelines_md=guidelines_md, overlap_k=int(overlap_k),
+                            gold_rate=float(gold_rate), settings=settings)
+                s.add(p)
+                s.flush()
+        except IntegrityError:
+            raise UserError(f"a project named {name!r} already exists") from None
+        return p
+
+    def get_project(self, name_or_id: str | int) -> Project:
+        with self.read() as s:
+            if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit()):
+                p = s.get(Project, int(name_or_id))
+            else:
+                p = s.scalar(select(Project).where(Project.name == name_or_id))
+        if p is None:
+            raise NotFound(f"no project {name_or_id!r}")
+        return p
+
+    def list_projects(self) -> list[Project]:
+        with self.read() as s:
+            return list(s.scalars(select(Project).order_by(Project.id)))
+
+    # -- labelers -------------------------------------------------------------------------------------------------
+    def add_labeler(self, username: str, password: str, role: str = "labeler") -> Labeler:
+        if not _NAME_RE.match(username or ""):
+            raise UserError(f"username {username!r}: use letters, digits, '_', '-', '.' (at most 100)")
+        if role not in ROLES:
+            raise UserError(f"role {role!r}: choose one of {', '.join(ROLES)}")
+        if len(password or "") < 8:
+            raise UserError("password: at least 8 characters")
+        try:
+            with self.write() as s:
+                lab = Labeler(username=username, password_hash=hash_password(password), role=role)
+                s.add(lab)
+                s.flush()
+        except IntegrityError:
+            raise UserError(f"a labeler named {username!r} already exists") from None
+        return lab
+
+    def authenticate(self, username: str, password: str) -> Labeler | None:
+        with self.read() as s:
+            lab = s.scalar(select(Labeler).where(Labeler.username == username))
+        if lab is None:
+            verify_password(None, password)  # same cost whether or not the user exists
+            return None
+        if not lab.active or not verify_password(lab.password_hash, password):
+            return None
+        return lab
+
+    def get_labeler(self, labeler_id: int) -> Labeler | None:
+        with self.read() as s:
+            return s.get(Labeler, labeler_id)
+
+    def list_labelers(self) -> list[Labeler]:
+        with self.read() as s:
+            return list(s.scalars(select(Labeler).order_by(Labeler.id)))
+
+    # -- importing ------------------------------------------------------------------------------------------------
+    def import_jsonl(self, project: str | int, path: str | Path, model: str | None = None) -> ImportResult:
+        return self.import_records(project, read_jsonl(path), model=model)
+
+    def import_records(self, project: str | int, rows: Iterable[dict], model: str | None = None) -> ImportResult:
+        """Rows: `{"prompt", "completions": [str | {"text","model","params"}], "gold"?, "meta"?}` or one completion
+        per row `{"prompt", "completion", "model"?, "params"?}` (rows with the same prompt are grouped)."""
+        p = self.get_project(project)
+        groups: dict[str, dict] = {}
+        for i, row in enumerate(rows):
+            where = row.get("_where", f"record {i + 1}")
+            if "prompt" not in row:
+                raise UserError(f"{where}: missing field 'prompt'")
+            msgs, is_chat = normalise_prompt(row["prompt"], where)
+            key = json.dumps(msgs, sort_keys=True)
+            g = groups.setdefault(key, {"messages": msgs, "is_chat": is_chat, "completions": [], "gold": None,
+                                        "meta": {}, "where": where})
+            if "completions" in row:
+                cs = row["completions"]
+                if not isinstance(cs, list) or not cs:
+                    raise UserError(f"{where}: 'completions' must be a non-empty list")
+                g["completions"].extend(_norm_completion(c, where, row.get("model", model)) for c in cs)
+            elif "completion" in row:
+                c = row["completion"]
+                if isinstance(c, str):
+                    c = {"text": c, "model": row.get("model", model), "params": row.get("params") or {}}
+                g["completions"].append(_norm_completion(c, where, model))
+            else:
+                raise UserError(f"{where}: needs 'completions' (a list) or 'completion' (one string)")
+            if row.get("gold") is not None:
+                g["gold"] = self._check_gold(p.task_type, row["gold"], where)
+            if isinstance(row.get("meta"), dict):
+                g["meta"].update(row["meta"])
+        res = ImportResult()
+        with self.write() as s:
+            for g in groups.values():
+                cs = g["completions"]
+                if p.task_type in ("pairwise", "rank") and len(cs) < 2:
+                    res.warnings.append(f"{g['where']}: fewer than 2 completions for a {p.task_type} project; skipped")
+                    continue
+                if g["gold"] is not None and p.task_type == "pairwise" and len(cs) != 2:
+                    raise UserError(f"{g['where']}: a pairwise gold item needs exactly 2 completions")
+                if g["gold"] is not None and p.task_type == "rank" and len(g["gold"]["ranking"]) != len(cs):
+                    raise UserError(f"{g['where']}: gold ranking has {len(g['gold']['ranking'])} ranks for "
+                                    f"{len(cs)} completions")
+                if g["gold"] is not None and p.task_type in ("thumbs", "likert") and len(cs) != 1:
+                    raise UserError(f"{g['where']}: a {p.task_type} gold item needs exactly 1 completion")
+                pr = Prompt(project_id=p.id, messages=g["messages"], is_chat=g["is_chat"], meta=g["meta"])
+                s.add(pr)
+                s.flush()
+                res.prompts += 1
+                comp_rows = [Completion(prompt_id=pr.id, text=c["text"], model=c["model"], params=c["params"])
+                             for c in cs]
+                s.add_all(comp_rows)
+                s.flush()
+                res.completions += len(comp_rows)
+                ids = [c.id for c in comp_rows]
+                if p.task_type == "pairwise":
+                    groups_ids = [[ids[a], ids[b]] for a in range(len(ids)) for b in range(a + 1, len(ids))]
+                elif p.task_type == "rank":
+                    max_k = int(p.settings.get("max_rank_k", 9))
+                    if len(ids) > max_k:
+                        raise UserError(f"{g['where']}: {len(ids)} completions; a rank item shows at most {max_k}")
+                    groups_ids = [ids]
+                else:
+                    groups_ids = [[i] for i in ids]
+                for cids in groups_ids:
+                    s.add(Item(project_id=p.id, prompt_id=pr.id, completion_ids=cids, is_gold=g["gold"] is not None,
+                               gold_answer=g["gold"]))
+                    res.items += 1
+                    res.gold_items += g["gold"] is not None
+        return res
+
+    @staticmethod
+    def _check_gold(task_type: str, gold: Any, where: str) -> dict:
+        if not isinstance(gold, dict):
+            raise UserError(f"{where}: 'gold' must be an object")
+        if task_type == "pairwise" and gold.get("choice") in PAIRWISE_CHOICES:
+            return {"choice": gold["choice"]}
+        if task_type == "rank" and isinstance(gold.get("ranking"), list) and all(
+                isinstance(r, int) for r in gold["ranking"]):
+            return {"ranking": competition_ranks(gold["ranking"])}
+        if task_type == "thumbs" and gold.get("thumbs") in ("up", "down"):
+            return {"thumbs": 1 if gold["thumbs"] == "up" else -1}
+        if task_type == "likert" and isinstance(gold.get("likert"), int) and 1 <= gold["likert"] <= 7:
+            return {"likert": gold["likert"]}
+        expected = {"pairwise": '{"choice": "a"|"b"|"tie"|"both_bad"}', "rank": '{"ranking": [1, 2, ...]}',
+                    "thumbs": '{"thumbs": "up"|"down"}', "likert": '{"likert": 1..7}'}[task_type]
+        raise UserError(f"{where}: 'gold' for a {task_type} project must be {expected}")
+
+    # -- assignment -----------------------------------------------------------------------------------------------
+    def next_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
+        """The labeler's open assignment in this project (resume), else a new one, else None (nothing left)."""
+        for _attempt in range(5):
+            try:
+                return self._next_assignment(project_id, labeler_id)
+            except IntegrityError:  # the same labeler racing itself (two tabs): retry, it then finds the open one
+                continue
+        raise RuntimeError("could not assign an item after 5 attempts")
+
+    def _next_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
+        with self.write() as s:
+            open_a = s.scalar(select(Assignment).where(
+                Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
+                Assignment.status == "assigned").order_by(Assignment.id).limit(1))
+            if open_a is not None:
+                return open_a
+            p = s.get(Project, project_id)
+            if p is None:
+                raise NotFound(f"no project {project_id}")
+            mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
+            want_gold = False
+            if p.gold_rate > 0:
+                n_all, n_gold = s.execute(select(func.count(), func.coalesce(func.sum(
+                    func.cast(Assignment.is_gold, Integer)), 0)).where(
+                    Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)).one()
+                want_gold = n_gold < p.gold_rate * (n_all + 1)
+            if want_gold:
+                gold = s.scalars(select(Item).where(Item.project_id == project_id, Item.is_gold.is_(True),
+                                                    Item.id.not_in(mine)).order_by(Item.n_done, Item.id)
+                                 .limit(50)).all()
+                if gold:
+                    item = self._rng.choice(gold)
+                    s.execute(update(Item).where(Item.id == item.id).values(n_active=Item.n_active + 1))
+                    return self._new_assignment(s, item, labeler_id, project_id)
+            candidates = s.execute(select(Item.id).where(
+                Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
+                Item.id.not_in(mine)).order_by(Item.n_active, Item.n_done, Item.id).limit(20)).scalars().all()
+            for item_id in candidates:
+                r = s.execute(update(Item).where(Item.id == item_id, Item.n_active < p.overlap_k)
+                              .values(n_active=Item.n_active + 1))
+                if r.rowcount == 1:
+                    item = s.get(Item, item_id)
+                    return self._new_assignment(s, item, labeler_id, project_id)
+            return None
+
+    def _new_assignment(self, s: Session, item: Item, labeler_id: int, project_id: int) -> Assignment:
+        order = list(range(len(item.completion_ids)))
+        self._rng.shuffle(order)
+        a = Assignment(item_id=item.id, labeler_id=labeler_id, project_id=project_id, status="assigned",
+                       is_gold=item.is_gold, shown_order=order)
+        s.add(a)
+        s.flush()
+        a.item = item
+        return a
+
+    def get_assignment(self, assignment_id: int, labeler_id: int | None = None) -> Assignment:
+        """The assignment; with `labeler_id`, raise NotFound unless it belongs to that labeler."""
+        with self.read() as s:
+            a = s.get(Assignment, assignment_id)
+            if a is None or (labeler_id is not None and a.labeler_id != labeler_id):
+                raise NotFound("no such assignment")
+            return a
+
+    def skip(self, assignment_id: int, labeler_id: int) -> None:
+        with self.write() as s:
+            a = s.get(Assignment, assignment_id)
+            if a is None or a.labeler_id != labeler_id:
+                raise NotFound("no such assignment")
+            if a.status != "assigned":
+                return
+            a.status = "skipped"
+            a.completed_at = utcnow()
+            s.execute(update(Item).where(Item.id == a.item_id).values(n_active=Item.n_active - 1))
+
+    def submit(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any], idempotency_key: str,
+               started_at: datetime | None = None) -> tuple[Judgement, bool]:
+        """Store a judgement (a new version if the assignment already has one). Returns (judgement, created);
+        a repeated `idempotency_key` returns the stored judgement and created=False."""
+        if not isinstance(idempotency_key, str) or not _IDEM_RE.match(idempotency_key):
+            raise ValidationError({"idempotency_key": "missing or malformed (8-100 letters, digits, _.:-)"})
+        for _attempt in range(5):
+            try:
+                return self._submit(assignment_id, labeler_id, fields, idempotency_key, started_at)
+            except IntegrityError:
+                with self.read() as s:
+                    j = s.scalar(select(Judgement).where(Judgement.idempotency_key == idempotency_key))
+                if j is not None:
+                    if j.labeler_id != labeler_id:
+                        raise Forbidden("idempotency key belongs to another labeler") from None
+                    return j, False
+                continue  # version race between two edits: retry with the next version
+        raise RuntimeError("could not store the judgement after 5 attempts")
+
+    def _submit(self, assignment_id, labeler_id, fields, idempotency_key, started_at):
+        with self.write() as s:
+            j = s.scalar(select(Judgement).where(Judgement.idempotency_key == idempotency_key))
+            if j is not None:
+                if j.labeler_id != labeler_id:
+                    raise Forbidden("idempotency key belongs to another labeler")
+                return j, False
+            a = s.get(Assignment, assignment_id)
+            if a is None or a.labeler_id != labeler_id:
+                raise NotFound("no such assignment")
+            if a.status == "skipped":
+                raise ValidationError({"assignment": "this item was skipped; it can no longer be judged"})
+            p = s.get(Project, a.project_id)
+            flag_names = [f["name"] for f in p.settings.get("flags", DEFAULT_FLAGS)]
+            canon = validate_submission(p.task_type, a.shown_order, fields, flag_names)
+            last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0
+            now = utcnow()
+            start = a.created_at if last == 0 or started_at is None else started_at
+            spent = int(max(0.0, (now - start).total_seconds()) * 1000)
+            j = Judgement(assignment_id=a.id, item_id=a.item_id, labeler_id=labeler_id, version=last + 1,
+                          shown_order=a.shown_order, idempotency_key=idempotency_key, time_spent_ms=spent,
+                          created_at=now, **canon)
+            s.add(j)
+            if a.status == "assigned":
+                a.status = "done"
+                a.completed_at = now
+                s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
+            s.flush()
+            return j, True
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def item_view(self, item: Item, shown_order: list[int]) -> dict:
+        """What a labeler sees: prompt messages and completions in the shown order."""
+        with self.read() as s:
+            prompt = s.get(Prompt, item.prompt_id)
+            comps = {c.id: c for c in s.scalars(select(Completion).where(Completion.id.in_(item.completion_ids)))}
+        shown = [comps[item.completion_ids[i]] for i in shown_order]
+        return {"messages": prompt.messages, "is_chat": prompt.is_chat,
+                "completions": [{"text": c.text, "model": c.model} for c in shown]}
+
+    def judgement_history(self, assignment_id: int) -> list[Judgement]:
+        with self.read() as s:
+            return list(s.scalars(select(Judgement).where(Judgement.assignment_id == assignment_id)
+                                  .order_by(Judgement.version)))
+
+    def current_judgement(self, assignment_id: int) -> Judgement | None:
+        with self.read() as s:
+            return s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id)
+                            .order_by(Judgement.version.desc()).limit(1))
+
+    def labeler_history(self, project_id: int, labeler_id: int, limit: int = 200) -> list[dict]:
+        latest = (select(Judgement.assignment_id, func.max(Judgement.version).label("v"))
+                  .where(Judgement.labeler_id == labeler_id).group_by(Judgement.assignment_id).subquery())
+        with self.read() as s:
+            rows = s.execute(select(Judgement, Assignment).join(
+                latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
+                .join(Assignment, Assignment.id == Judgement.assignment_id)
+                .where(Assignment.project_id == project_id).order_by(Judgement.created_at.desc()).limit(limit)).all()
+        return [{"judgement": j, "assignment": a} for j, a in rows]
+
+    def progress(self, project_id: int, labeler_id: int) -> dict:
+        with self.read() as s:
+            p = s.get(Project, project_id)
+            counts = dict(s.execute(select(Assignment.status, func.count()).where(
+                Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)
+                .group_by(Assignment.status)).all())
+            mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
+            remaining = s.scalar(select(func.count()).select_from(Item).where(
+                Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
+                Item.id.not_in(mine)))
+        done = counts.get("done", 0)
+        return {"done": done, "skipped": counts.get("skipped", 0), "open": counts.get("assigned", 0),
+                "remaining": remaining, "total": done + counts.get("assigned", 0) + remaining}
+
+    def project_summary(self, project_id: int) -> dict:
+        with self.read() as s:
+            p = s.get(Project, project_id)
+            n_items = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id,
+                                                                             Item.is_gold.is_(False)))
+            n_gold = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id,
+                                                                            Item.is_gold.is_(True)))
+            n_complete = s.scalar(select(func.count()).select_from(Item).where(
+                Item.project_id == project_id, Item.is_gold.is_(False), Item.n_done >= p.overlap_k))
+            n_judgements = s.scalar(select(func.count()).select_from(Judgement).join(
+                Assignment, Assignment.id == Judgement.assignment_id).where(Assignment.project_id == project_id))
+        return {"items": n_items, "gold_items": n_gold, "complete_items": n_complete, "judgement_rows": n_judgements}
+
+    def current_judgements(self, project_id: int) -> list[dict]:
+        """The current (latest-version) judgement of every done assignment in the project, as plain dicts."""
+        latest = (select(Judgement.assignment_id, func.max(Judgement.version).label("v"))
+                  .group_by(Judgement.assignment_id).subquery())
+        with self.read() as s:
+            rows = s.execute(select(Judgement, Assignment, Labeler.username, Item).join(
+                latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
+                .join(Assignment, Assignment.id == Judgement.assignment_id)
+                .join(Labeler, Labeler.id == Judgement.labeler_id)
+                .join(Item, Item.id == Judgement.item_id)
+                .where(Assignment.project_id == project_id).order_by(Judgement.id)).all()
+        out = []
+        for j, a, username, item in rows:
+            out.append({"item_id": item.id, "prompt_id": item.prompt_id, "completion_ids": item.completion_ids,
+                        "is_gold": item.is_gold, "gold_answer": item.gold_answer, "labeler": username,
+                        "labeler_id": j.labeler_id, "version": j.version, "shown_order": j.shown_order,
+                        "choice": j.choice, "strength": j.strength, "picked_position": j.picked_position,
+                        "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert, "flags": j.flags,
+                        "comment": j.comment, "time_spent_ms": j.time_spent_ms})
+        return out
+
+    def prompts_and_completions(self, project_id: int) -> tuple[dict[int, Prompt], dict[int, Completion]]:
+        with self.read() as s:
+            prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.project_id == project_id))}
+            comps = {c.id: c for c in s.scalars(select(Completion).join(Prompt).where(
+                Prompt.project_id == project_id))}
+        return prompts, comps
+
