@@ -204,8 +204,13 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | N
         if Path(name, "adapter_config.json").exists() and not Path(name, "config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
-            return AutoPeftModelForCausalLM.from_pretrained(name, dtype=torch_dtype, is_trainable=True,
-                                                            trust_remote_code=trust_remote_code, **kwargs)
+            if lora is not None:
+                import warnings
+
+                warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored")
+            model = AutoPeftModelForCausalLM.from_pretrained(name, dtype=torch_dtype, is_trainable=True,
+                                                             trust_remote_code=trust_remote_code, **kwargs)
+            return _finish(model, None, gradient_checkpointing, "CAUSAL_LM")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      **kwargs)
     return _finish(model, lora, gradient_checkpointing, "CAUSAL_LM")

@@ -240,11 +240,19 @@ class ClassifierReward(nn.Module):
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
+        config = unwrap_model(self.model).config
+        max_length = self.max_length
+        for name in ("max_position_embeddings", "n_positions"):
+            limit = getattr(config, name, None)
+            if isinstance(limit, int) and limit > 0:
+                max_length = min(max_length, limit)
+                break
         out = []
         try:
             for i in range(0, len(texts), self.batch_size):
+                # right padding: encoder classifiers pool their first token (decoders read the mask either way)
                 enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length)
+                                     truncation=True, max_length=max_length, padding_side="right")
                 out.append(self.score_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
         finally:
             self.model.train(was_training)

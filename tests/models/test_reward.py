@@ -202,3 +202,15 @@ def test_bf16_reward_model_returns_float32_scores(reward_dir, pad_batch):
         full = RewardModel.from_pretrained(reward_dir).eval()(ids, mask)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, full, atol=0.1, rtol=0.1)
+
+
+def test_classifier_reward_truncates_to_the_model_context(classifier_dir):
+    cr = ClassifierReward.from_pretrained(classifier_dir, positive_label=1)  # n_positions = 64
+    long_text = " ".join(["really boring movie and a bad plot"] * 40)
+    cr.tokenizer.padding_side = "left"  # ignored: texts are right-padded
+    rewards = cr([long_text, "fun"])
+    assert rewards.shape == (2,) and torch.isfinite(rewards).all()
+    enc = cr.tokenizer([long_text], return_tensors="pt", truncation=True, max_length=64)
+    with torch.no_grad():
+        torch.testing.assert_close(cr.score_tokens(enc["input_ids"], enc["attention_mask"])[0], rewards[0],
+                                   atol=1e-5, rtol=1e-5)
