@@ -6,6 +6,9 @@ built-in one), and the models are GPT-2-shaped with random weights from a config
     tok = train_tokenizer(corpus, vocab_size=300)
     lm = tiny_causal_lm(tok, n_layer=2, n_embd=64)          # AutoModelForCausalLM-compatible
     path = build_tiny_checkpoint(tmp_path / "policy", corpus)  # a folder that from_pretrained() loads
+    rm_path = build_tiny_checkpoint(tmp_path / "rm", corpus, kind="reward")  # num_labels=1, reward-head init
+    clf_path = build_tiny_checkpoint(tmp_path / "clf", corpus, kind="classifier", num_labels=2,
+                                     id2label={0: "hate", 1: "nothate"})
 """
 from __future__ import annotations
 
