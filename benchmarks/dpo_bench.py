@@ -1,0 +1,45 @@
+"""The `dpo` peer workload (../shared/peers/README.md) with alignloop: DPO (sigmoid, beta 0.1) of WORKLOAD/policy
+against its own initial weights, the first 160 rows of pairs.jsonl, batch 8, 1 epoch, max length 128, lr 1e-4.
+Only `train()` is timed; the reference log-probs are computed inside it (into a fresh, empty cache folder, so
+nothing is reused from an earlier run).
+
+    python benchmarks/dpo_bench.py WORKLOAD_DIR      -> one JSON line (the peer script's fields)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+STEPS, BATCH = 20, 8
+
+
+def run_dpo(workload_dir: str) -> dict:
+    import torch
+
+    from alignloop.models import load_causal_lm, load_tokenizer
+    from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    rows = [json.loads(line) for line in open(os.path.join(workload_dir, "pairs.jsonl"))][: STEPS * BATCH]
+    policy = os.path.join(workload_dir, "policy")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=os.path.join(tmp, "out"), beta=0.1, batch_size=BATCH, num_epochs=1,
+                         max_length=128, learning_rate=1e-4, ref_cache_dir=os.path.join(tmp, "ref_cache"),
+                         save_final=False, progress=False, tensorboard=False, logging_steps=STEPS)
+        trainer = DPOTrainer(model=load_causal_lm(policy), tokenizer=load_tokenizer(policy), args=args,
+                             train_dataset=rows)
+        t = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t
+    result = {"peer": "alignloop", "workload": "dpo", "pairs": len(rows), "seconds": round(wall, 2),
+              "pairs_per_sec": round(len(rows) / wall, 2)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_dpo(sys.argv[1])

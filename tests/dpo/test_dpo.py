@@ -1,0 +1,173 @@
+"""DPO trainer: losses through the shared `dpo_loss` on hand-computed log-prob sums, reference in eval mode and
+cached == on the fly, accumulation invariance, exact resume, LoRA reference, CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from alignloop.losses import dpo_loss
+from alignloop.models import tiny
+from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+
+from .conftest import SHAPE
+
+
+def make(tok, tmp_path, rows, eval_rows=None, model=None, ref_model=None, **kw):
+    kw.setdefault("ref_cache_dir", str(tmp_path / "cache"))
+    cfg = DPOConfig(output_dir=str(tmp_path / "out"), progress=False, tensorboard=False, save_final=False, **kw)
+    model = model if model is not None else tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+    return DPOTrainer(model=model, tokenizer=tok, args=cfg, train_dataset=rows, eval_dataset=eval_rows,
+                      ref_model=ref_model)
+
+
+def hand_logps(model, tok, prompt: str, completion: str, average: bool = False) -> float:
+    """log p(completion | prompt) of one unpadded sequence, summed (or averaged) over the completion + EOS tokens."""
+    p = tok(prompt)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + c])
+    model.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    tok_lp = [float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c)]
+    return sum(tok_lp) / len(tok_lp) if average else sum(tok_lp)
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "cdpo", "ipo", "ipo_sum", "reference_free"])
+def test_loss_matches_hand_computed(tok, tmp_path, pairs, variant):
+    rows = pairs[:4]
+    policy = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+    ref = tiny.tiny_causal_lm(tok, seed=1, **SHAPE)
+    kw = {"sigmoid": {}, "cdpo": {"label_smoothing": 0.2}, "ipo": {"loss_type": "ipo"},
+          "ipo_sum": {"loss_type": "ipo", "ipo_average_logps": False}, "reference_free": {"reference_free": True}}[variant]
+    beta = 0.5
+    tr = make(tok, tmp_path, rows, model=policy, ref_model=ref, beta=beta, **kw)
+    average = variant == "ipo"
+    losses, ch_r, rj_r, ch_lp, rj_lp = tr._pair_terms(tr.train_examples, [0, 1, 2, 3],
+                                                      tr.precompute_ref_logps(tr.train_examples))
+    for i, r in enumerate(rows):
+        pc, pr = (hand_logps(policy, tok, r["prompt"], r[k], average) for k in ("chosen", "rejected"))
+        rc, rr = (hand_logps(ref, tok, r["prompt"], r[k], average) for k in ("chosen", "rejected"))
+        assert ch_lp[i].item() == pytest.approx(pc, abs=1e-4)
+        assert rj_lp[i].item() == pytest.approx(pr, abs=1e-4)
+        if variant == "reference_free":
+            rc = rr = 0.0
+        h = (pc - rc) - (pr - rr)
+        sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        expected = {"sigmoid": -math.log(sig(beta * h)),
+                    "cdpo": -0.8 * math.log(sig(beta * h)) - 0.2 * math.log(sig(-beta * h)),
+                    "ipo": (h - 1 / (2 * beta)) ** 2, "ipo_sum": (h - 1 / (2 * beta)) ** 2,
+                    "reference_free": -math.log(sig(beta * h))}[variant]
+        assert losses[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert ch_r[i].item() == pytest.approx(beta * (pc - rc), abs=1e-4)
+        assert rj_r[i].item() == pytest.approx(beta * (pr - rr), abs=1e-4)
+    # and the trainer's values are exactly the shared loss on its own log-probs
+    ref_t = tr.reference_logps(tr.train_examples, [0, 1, 2, 3], tr.precompute_ref_logps(tr.train_examples))
+    again = dpo_loss(ch_lp, rj_lp, ref_t[:4], ref_t[4:], beta, kw.get("label_smoothing", 0.0),
+                     kw.get("loss_type", "sigmoid"), kw.get("reference_free", False))[0]
+    torch.testing.assert_close(losses.detach(), again, rtol=0, atol=0)
+
+
+def test_reference_eval_mode_cached_equals_on_the_fly(tok, tmp_path, pairs):
+    policy = tiny.tiny_causal_lm(tok, seed=0, dropout=0.5, **SHAPE)
+    tr = make(tok, tmp_path, pairs, model=policy, disable_dropout=False)
+    assert tr.model.training or True
+    table = tr.precompute_ref_logps(tr.train_examples)
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 1
+    # deterministic despite dropout 0.5: computed in eval mode; equal to a hand eval-mode computation
+    table2 = tr._ref_logps_for(tr.train_examples, list(range(len(pairs))))
+    torch.testing.assert_close(table, table2, rtol=0, atol=0)
+    for i in (0, 5):
+        assert table[i, 0].item() == pytest.approx(hand_logps(policy, tok, pairs[i]["prompt"], pairs[i]["chosen"]),
+                                                   abs=1e-4)
+    policy.train()
+    # on the fly (a separate trainer, precompute off: frozen copy of the start, eval mode) == cached
+    policy2 = tiny.tiny_causal_lm(tok, seed=0, dropout=0.5, **SHAPE)
+    fly = make(tok, tmp_path / "fly", pairs, model=policy2, disable_dropout=False, precompute_ref_logps=False)
+    assert fly.ref_model is not None and not fly.ref_model.training
+    idx = [3, 1, 7, 2]
+    on_the_fly = fly.reference_logps(fly.train_examples, idx)
+    torch.testing.assert_close(on_the_fly, torch.cat([table[idx, 0], table[idx, 1]]), rtol=0, atol=1e-5)
+    # a second run with the same model and data reuses the cached file (no recomputation)
+    again = make(tok, tmp_path, pairs, model=tiny.tiny_causal_lm(tok, seed=0, dropout=0.5, **SHAPE),
+                 disable_dropout=False)
+    again._ref_logps_for = None  # would fail if called
+    torch.testing.assert_close(again.precompute_ref_logps(again.train_examples), table, rtol=0, atol=0)
+    # different data -> a different cache key
+    make(tok, tmp_path, pairs[:8], model=policy2).precompute_ref_logps(make(tok, tmp_path, pairs[:8]).train_examples)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def _train_weights(tok, tmp_path, rows, **kw):
+    tr = make(tok, tmp_path, rows, learning_rate=1e-3, **kw)
+    tr.train()
+    return {k: v.detach().clone() for k, v in tr.model.state_dict().items()}, tr
+
+
+def test_accumulation_equals_full_batch(tok, tmp_path, pairs):
+    a, _ = _train_weights(tok, tmp_path / "a", pairs, batch_size=8)
+    b, _ = _train_weights(tok, tmp_path / "b", pairs, batch_size=8, micro_batch_size=4)
+    c, _ = _train_weights(tok, tmp_path / "c", pairs, batch_size=8, micro_batch_size=3)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-5)
+    assert any(not torch.equal(a[k], tiny.tiny_causal_lm(tok, seed=0, **SHAPE).state_dict()[k]) for k in a)
+
+
+def test_resume_gives_same_weights(tok, tmp_path, pairs):
+    full, _ = _train_weights(tok, tmp_path / "full", pairs, batch_size=4, num_epochs=2, save_steps=3)
+    ckpt = tmp_path / "full" / "out" / "checkpoints" / "step-000003"
+    assert (ckpt / "trainer_state.json").is_file()
+    # a fresh process-like start: new model object, resume from step 3 of 8
+    resumed, tr = _train_weights(tok, tmp_path / "full", pairs, batch_size=4, num_epochs=2, save_steps=3,
+                                 resume_from=str(ckpt))
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "full" / "out" / "metrics.jsonl").read_text().splitlines())
+             if "loss/dpo" in r]
+    assert steps == list(range(1, 9))
+
+
+def test_metrics_and_eval_logged(tok, tmp_path, pairs):
+    tr = make(tok, tmp_path, pairs, eval_rows=pairs[:5], batch_size=8, eval_steps=1, learning_rate=1e-3)
+    last = tr.train()
+    for name in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss/dpo"):
+        assert name in last, name
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["step"] == 1 and rows[1]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)  # policy == ref
+    assert any("eval/loss/dpo" in r and r["step"] == 1 for r in rows)
+
+
+def test_lora_reference_is_base_with_adapter_off(tok, tmp_path, pairs):
+    base = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+    expected = hand_logps(base, tok, pairs[0]["prompt"], pairs[0]["chosen"])
+    tr = make(tok, tmp_path, pairs, model=base, lora=True, lora_r=4, learning_rate=1e-2, batch_size=8,
+              precompute_ref_logps=False)
+    assert tr.use_adapter and tr.ref_model is None
+    tr.train()
+    # after training the adapter changed the policy, the reference is still the base
+    ref = tr.reference_logps(tr.train_examples, [0])
+    assert ref[0].item() == pytest.approx(expected, abs=1e-4)
+    pol = tr._pair_terms(tr.train_examples, [0], None)[3]
+    assert abs(pol[0].item() - expected) > 1e-4
+
+
+def test_cli_dpo(lm_dir, tmp_path, pairs):
+    from alignloop.cli import cli
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["dpo", "--model", str(lm_dir), "--train-file", str(data), "--output-dir", str(out),
+                                   "--max-steps", "2", "--batch-size", "4", "--no-progress", "--ref-cache-dir",
+                                   str(tmp_path / "c"), "--loss-type", "ipo"])
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    res = CliRunner().invoke(cli, ["dpo", "--model", str(lm_dir), "--train-file", str(data), "--beta", "-1"])
+    assert res.exit_code != 0
