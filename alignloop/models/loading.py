@@ -229,6 +229,18 @@ def load_sequence_classifier(name_or_path: str | os.PathLike, dtype: str | torch
     torch_dtype = resolve_dtype(dtype)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
+    if Path(name, "adapter_config.json").exists() and not Path(name, "config.json").exists():
+        from peft import AutoPeftModelForSequenceClassification
+
+        if lora is not None:
+            import warnings
+
+            warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored")
+        with _user_errors(name, "sequence classifier"):
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                name, dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code, **kwargs)
+        model = _finish(model, None, gradient_checkpointing, "SEQ_CLS")
+        return (model, {"missing_keys": set()}) if output_loading_info else model
     with _user_errors(name, "sequence classifier"):
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(

@@ -116,9 +116,9 @@ class RewardModel(nn.Module):
         missing = set(info.get("missing_keys", ())) if isinstance(info, dict) else set()
         if head is not None and any(k.startswith("score.") for k in missing) and isinstance(head, nn.Linear):
             init_reward_head(head)
-        if lora is not None:
-            from alignloop.models.loading import apply_lora
+        from alignloop.models.loading import apply_lora, has_adapter
 
+        if lora is not None and not has_adapter(model):
             model = apply_lora(model, lora, task_type="SEQ_CLS")
         return cls(model)
 

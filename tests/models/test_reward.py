@@ -214,3 +214,21 @@ def test_classifier_reward_truncates_to_the_model_context(classifier_dir):
     with torch.no_grad():
         torch.testing.assert_close(cr.score_tokens(enc["input_ids"], enc["attention_mask"])[0], rewards[0],
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_adapter_only_save_round_trip(reward_dir, tmp_path, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir, lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if p.requires_grad:  # LoRA A/B and the (modules_to_save) score head
+                p.add_(torch.randn_like(p) * 0.3)
+    rm.eval()
+    rm.save_pretrained(tmp_path / "adapter", merge_lora=False)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    again = RewardModel.from_pretrained(tmp_path / "adapter").eval()
+    assert has_adapter(again)
+    trainable = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    ids, mask = pad_batch(SEQS, PAD, "left")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask), rm(ids, mask), atol=1e-5, rtol=1e-5)
