@@ -48,7 +48,8 @@ completions unless add_eos=False; BOS prepended only with add_bos=True):
     tokenize_preferences(groups, tokenizer, *, same options) -> (tokenised groups, DataStats)
     tokenize_prompts(records, tokenizer, *, max_length=None, add_bos=False) -> ({"input_ids"}, DataStats)
     truncate(prompt_ids, completions, max_length, truncation, max_prompt_length) -> (prompt, completions, cut) | None
-    pack_sft(examples, max_length) -> packed rows
+    pack_sft(examples, max_length) -> packed rows; run them as model(input_ids, position_ids=..., use_cache=False)
+        with no attention_mask, so transformers masks attention block-diagonally (tested to equal separate passes)
   truncation: "keep_end" cuts the prompt from the left first (down to max_prompt_length, default max_length // 2),
   then the completions' ends; "keep_start" keeps the first max_length tokens; "drop" drops the example. Examples
   left with no completion tokens are dropped. stats.truncated / stats.dropped count examples (SFT) or pairs.

@@ -42,7 +42,8 @@ class SFTCollator:
     position_ids [B,T] (real tokens count from 0; for packed rows the packed positions, padding its own segment).
     Packed rows add seq_lens [B,S] (example lengths per row, 0-padded) and cu_seqlens [N+1] int32: cumulative
     segment lengths over the flattened [B*T] batch, padding of each row counted as one more segment (for
-    flash-attention varlen). For packed rows, call the model without attention_mask (see `pack_sft`)."""
+    flash-attention varlen). For packed rows, call the model with position_ids, use_cache=False and without
+    attention_mask (see `pack_sft`): the packed attention_mask only marks padding."""
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None

@@ -152,9 +152,10 @@ def pack_sft(examples: list[dict], max_length: int) -> list[dict]:
     """Padding-free packing: concatenate tokenised SFT examples, in order, into rows of at most `max_length` tokens.
     Each row: {"input_ids", "labels", "position_ids" (restart at 0 for every example), "seq_lens" (the examples'
     lengths)}. The label of each example's first token is -100, so no token is trained to predict across an example
-    boundary. Feed rows to a model with `position_ids` and *no* attention mask (transformers then builds a
-    block-diagonal causal mask from the position ids; flash-attention varlen takes `cu_seqlens` from SFTCollator),
-    so that no token attends across examples either. Examples longer than max_length raise ValueError (tokenise
+    boundary. Feed rows to a model as `model(input_ids=..., position_ids=..., use_cache=False)` with *no* attention
+    mask: transformers then builds a block-diagonal causal mask from the position ids (it does not when a KV cache
+    is in use, hence use_cache=False); flash-attention varlen takes `cu_seqlens` from SFTCollator. Then no token
+    attends across examples either. Examples longer than max_length raise ValueError (tokenise
     with the same max_length first)."""
     rows: list[dict] = []
     cur: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}

@@ -1,0 +1,80 @@
+"""Chat templates: prompt with the generation prompt, completion = the rest of the rendered conversation."""
+import json
+
+import pytest
+
+from alignloop.data import DataError, load_preferences, load_sft, tokenize_sft
+
+U = {"role": "user", "content": "is the movie good"}
+A1 = {"role": "assistant", "content": "yes it is"}
+U2 = {"role": "user", "content": "and the plot"}
+A2 = {"role": "assistant", "content": "the plot is boring"}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_messages_rendered_prompt_and_completion(tmp_path, chat_tok):
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [U, A1, U2, A2]}])
+    (rec,), _ = load_sft(path, tokenizer=chat_tok)
+    assert rec["prompt"] == ("<|user|>is the movie good\n<|assistant|>yes it is\n<|user|>and the plot\n"
+                             "<|assistant|>")
+    assert rec["completion"] == "the plot is boring\n"
+    full = chat_tok.apply_chat_template([U, A1, U2, A2], tokenize=False)
+    assert rec["prompt"] + rec["completion"] == full
+    # tokens of prompt + completion are those of the full conversation (plus the appended EOS)
+    (ex,), _ = tokenize_sft([rec], chat_tok)
+    assert ex["input_ids"] == chat_tok(full, add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
+    p = ex["prompt_length"]
+    assert p == len(chat_tok(rec["prompt"], add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:p] == [-100] * p and ex["labels"][p:] == ex["input_ids"][p:]
+    assert chat_tok.decode(ex["input_ids"][p:]) == "the plot is boring\n<|endoftext|>"
+
+
+def test_conversational_preferences_and_tokenize_time_rendering(tmp_path, chat_tok):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": [U], "chosen": [A1], "rejected": [A2]},
+                                         {"chosen": [U, A1], "rejected": [U, A2]}])
+    groups, _ = load_preferences(path, tokenizer=chat_tok)
+    for g in groups:
+        assert g.prompt == "<|user|>is the movie good\n<|assistant|>"
+        assert (g.pairs[0].chosen, g.pairs[0].rejected) == ("yes it is\n", "the plot is boring\n")
+    # without a tokenizer at load time the records stay conversational; tokenisation renders them
+    raw, _ = load_sft([{"prompt": [U], "completion": [A1]}])
+    assert raw[0]["prompt"] == [U]
+    (ex,), _ = tokenize_sft(raw, chat_tok, add_eos=False)
+    assert chat_tok.decode(ex["input_ids"]) == "<|user|>is the movie good\n<|assistant|>yes it is\n"
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path, plain_tok):
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": [U, A1]}])
+    with pytest.raises(DataError) as e:
+        load_sft(path, tokenizer=plain_tok)
+    assert "c.jsonl line 1" in str(e.value) and "no chat template" in str(e.value)
+    raw, _ = load_sft(path)
+    with pytest.raises(DataError, match="record 0: the data is conversational .* no chat template"):
+        tokenize_sft(raw, plain_tok)
+    # plain-text data needs no template
+    assert load_sft([{"text": "a b"}], tokenizer=plain_tok)[0] == [{"prompt": "", "completion": "a b"}]
+
+
+def test_template_that_cannot_separate_the_completion_is_a_bad_row(tmp_path):
+    from alignloop.models.tiny import default_corpus, train_tokenizer
+
+    odd = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ 'ASSISTANT NOW:' }}{% endif %}")
+    tok = train_tokenizer(default_corpus(50), vocab_size=270, chat_template=odd)
+    path = _jsonl(tmp_path / "o.jsonl", [{"messages": [U, A1]}])
+    with pytest.raises(DataError, match="o.jsonl line 1: the chat template renders"):
+        load_sft(path, tokenizer=tok)
+
+
+def test_messages_without_assistant_and_bad_messages(tmp_path):
+    path = _jsonl(tmp_path / "b.jsonl", [{"messages": [U]}, {"messages": [{"role": "user"}]},
+                                         {"messages": "hello"}])
+    _, stats = load_sft(path, skip_bad_rows=True)
+    assert stats.bad_rows == 3
+    assert "b.jsonl line 1, field 'messages': expected at least one message with role 'assistant'" in stats.errors[0]
+    assert "b.jsonl line 2, field 'messages': message 0 should be" in stats.errors[1]
+    assert "b.jsonl line 3, field 'messages': expected a list of messages, got a string" in stats.errors[2]
