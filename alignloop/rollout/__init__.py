@@ -174,8 +174,16 @@ class HFSampler:
         except StopIteration:
             return torch.device("cpu")
 
-    @torch.inference_mode()
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        r = self._generate(prompts_token_ids, params)
+        # leave inference mode: the trainer feeds these tensors to autograd-recorded ops
+        for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "policy_logprobs",
+                  "stopped"):
+            setattr(r, k, getattr(r, k).clone())
+        return r
+
+    @torch.inference_mode()
+    def _generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         params.validate()
         if params.stop_strings and self.tokenizer is None:
             from alignloop.errors import ConfigError
