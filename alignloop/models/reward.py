@@ -38,9 +38,20 @@ def _score_head(hf: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+def _classifier(model: nn.Module) -> nn.Module:
+    """Our wrappers (RewardModel, CriticModel, ClassifierReward; possibly DDP-wrapped) -> the classifier inside."""
+    from alignloop.models.forward import unwrap_distributed
+
+    inner = unwrap_distributed(model)
+    if getattr(inner, "_alignloop_wrapper", False) and isinstance(getattr(inner, "model", None), nn.Module):
+        return inner.model
+    return model
+
+
 def token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Classification head applied at every position of a decoder sequence classifier: [B,T,num_labels].
     Position ids come from the attention mask. Values at padded positions are meaningless (mask them)."""
+    model = _classifier(model)
     hf = unwrap_model(model)
     head = _score_head(hf)
     if head is None:
@@ -54,6 +65,7 @@ def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Logits [B,num_labels] of a sequence classifier, read at each sequence's last real token (from the attention
     mask; right padding, left padding and pad == EOS all give the same result as the unpadded sequence). Encoder
     classifiers without a `score` head use their own (padding-safe) forward."""
+    model = _classifier(model)
     hf = unwrap_model(model)
     if _score_head(hf) is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits

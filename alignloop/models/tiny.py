@@ -75,18 +75,21 @@ def tiny_causal_lm(tok: PreTrainedTokenizerFast, n_layer: int = 2, n_embd: int =
 
 
 def tiny_sequence_classifier(tok: PreTrainedTokenizerFast, num_labels: int = 1, n_layer: int = 2, n_embd: int = 64,
-                             n_head: int = 4, n_positions: int = 256, seed: int = 0) -> GPT2ForSequenceClassification:
+                             n_head: int = 4, n_positions: int = 256, seed: int = 0,
+                             dropout: float = 0.0) -> GPT2ForSequenceClassification:
     torch.manual_seed(seed)
-    return GPT2ForSequenceClassification(_config(tok, n_layer, n_embd, n_head, n_positions, num_labels=num_labels))
+    return GPT2ForSequenceClassification(_config(tok, n_layer, n_embd, n_head, n_positions, num_labels=num_labels,
+                                                 resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                                 summary_first_dropout=dropout))
 
 
 def tiny_reward_model(tok: PreTrainedTokenizerFast, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-                      n_positions: int = 256, seed: int = 0) -> GPT2ForSequenceClassification:
+                      n_positions: int = 256, seed: int = 0, dropout: float = 0.0) -> GPT2ForSequenceClassification:
     """A GPT-2 sequence classifier with num_labels=1 and the reward-head init N(0, 1/sqrt(n_embd+1))."""
     from alignloop.models.reward import init_reward_head
 
     model = tiny_sequence_classifier(tok, num_labels=1, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                     n_positions=n_positions, seed=seed)
+                                     n_positions=n_positions, seed=seed, dropout=dropout)
     init_reward_head(model.score, n_embd)
     return model
 

@@ -232,3 +232,27 @@ def test_reward_model_adapter_only_save_round_trip(reward_dir, tmp_path, pad_bat
     ids, mask = pad_batch(SEQS, PAD, "left")
     with torch.no_grad():
         torch.testing.assert_close(again(ids, mask), rm(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_helpers_accept_our_wrappers(reward_dir, classifier_dir, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    cr = ClassifierReward.from_pretrained(classifier_dir, positive_label=1)
+    ids, mask = pad_batch(SEQS, PAD, "right")
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logits(rm, ids, mask)[:, 0], rm(ids, mask))
+        torch.testing.assert_close(sequence_logits(cr, ids, mask)[:, 1], cr(ids, mask))
+        torch.testing.assert_close(score_sequences(cr, ids, mask, label=1), cr(ids, mask))
+
+
+@pytest.mark.parametrize("lora", [None, LoraOptions(r=4, alpha=8, dropout=0.0)], ids=["full", "lora"])
+def test_reward_model_gradient_checkpointing(reward_dir, pad_batch, lora):
+    ids, mask = pad_batch(SEQS, PAD, "left")
+    plain = RewardModel.from_pretrained(reward_dir).eval()
+    rm = RewardModel.from_pretrained(reward_dir, gradient_checkpointing=True, lora=lora)
+    rm.train()  # no dropout in the tiny configs: same scores in train mode
+    scores = rm(ids, mask)
+    torch.testing.assert_close(scores, plain(ids, mask).detach(), atol=1e-5, rtol=1e-5)
+    scores.sum().backward()
+    grads = [p.grad for p in rm.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
