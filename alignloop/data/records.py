@@ -77,7 +77,8 @@ def _messages(field: str, value: list) -> list[dict]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow(f"field '{field}': message {i} should be {{\"role\": string, \"content\": string}}, "
                          f"got {json.dumps(m)[:80] if isinstance(m, (dict, list, str)) else type_name(m)}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # keep extra keys (name, ...) a template may use, but not the nulls that Parquet/Arrow structs add
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
 
 
 def _text_or_messages(row: Row, field: str, value: Any = ..., allow_empty: bool = True):
