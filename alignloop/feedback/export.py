@@ -12,8 +12,9 @@ TRL's conversational form: `prompt` a list of messages, each completion `[{"role
 
 Options (`ExportOptions`): `mode` consensus (one record per item, from the labels of unflagged labelers) or all (one
 record per current judgement); `consensus` majority | dawid_skene; `ties` drop | both (a tie becomes both orders with
-margin 0, which is a 1/2 target for Bradley-Terry in expectation; in ranking format, ties are always kept as equal
-ranks unless drop); `both_bad` drop | tie (treat as a tie); `exclude_flagged` (labelers flagged by the quality
+margin 0, which is a 1/2 target for Bradley-Terry in expectation; a rank project's ranking rows keep partial ties as
+equal ranks whatever this option, and drop rankings where everything is tied; a pairwise tie in ranking format is
+`[1, 1]` with ties=both); `both_bad` drop | tie (treat as a tie); `exclude_flagged` (labelers flagged by the quality
 thresholds); `include_gold` (gold items are for quality control and left out by default).
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     """Build the rows for one project. Returns (rows, summary)."""
     opts.check()
     p = store.get_project(project)
+    if p.task_type in ("thumbs", "likert") and opts.format != "unpaired":
+        raise UserError(f"a {p.task_type} project exports only the unpaired format (got {opts.format!r})")
     records = store.current_judgements(p.id)
     prompts, comps = store.prompts_and_completions(p.id)
     stats = quality.labeler_stats(records, p.task_type)
@@ -124,7 +127,7 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
         elif tt == "rank":
             ranking = v["ranking"]
             if fmt == "ranking":
-                if opts.ties == "drop" and len(set(ranking)) < len(ranking) and len(set(ranking)) == 1:
+                if len(set(ranking)) == 1:  # everything tied: no information
                     summary["dropped"]["tie"] += 1
                     continue
                 rows.append({"prompt": prompt, "completions": [text_of(pid, c) for c in cids], "ranking": ranking})
@@ -150,8 +153,6 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
                     if rk in (best, worst):
                         rows.append({"prompt": prompt, "completion": text_of(pid, c), "label": rk == best})
         elif tt in ("thumbs", "likert"):
-            if fmt != "unpaired":
-                raise UserError(f"a {tt} project exports only the unpaired format (got {fmt!r})")
             label = v["thumbs"] == 1 if tt == "thumbs" else v["likert"] >= opts.likert_threshold
             rows.append({"prompt": prompt, "completion": text_of(pid, cids[0]), "label": bool(label)})
     summary["rows"] = len(rows)

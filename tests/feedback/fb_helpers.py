@@ -1,0 +1,41 @@
+"""Helpers shared by the feedback tests (imported as a top-level module: tests/feedback is on sys.path)."""
+from __future__ import annotations
+
+import re
+
+PASSWORD = "correct horse battery"
+SECRET = "s" * 48
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert m, "no CSRF token in page"
+    return m.group(1)
+
+
+def field_of(html: str, name: str) -> str:
+    m = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert m, f"no field {name}"
+    return m.group(1)
+
+
+def assignment_of(html: str) -> int:
+    m = re.search(r'id="judge" method="post" action="/p/[^/]+/label/(\d+)"', html)
+    assert m, "no labeling form in page"
+    return int(m.group(1))
+
+
+class Labeling:
+    """Drive one labeler's client through the labeling form."""
+
+    def __init__(self, client, project):
+        self.c, self.project = client, project
+
+    def page(self):
+        return self.c.get(f"/p/{self.project}/label")
+
+    def submit(self, fields: dict, page=None):
+        page = page or self.page()
+        aid = assignment_of(page.text)
+        data = {"csrf_token": csrf_of(page.text), "idempotency_key": field_of(page.text, "idempotency_key"), **fields}
+        return aid, self.c.post(f"/p/{self.project}/label/{aid}", data=data)

@@ -1,0 +1,303 @@
+"""Every route and rule of the web app, with FastAPI's test client."""
+import json
+import re
+
+import pytest
+
+from fb_helpers import PASSWORD, Labeling, assignment_of, csrf_of, field_of
+
+
+@pytest.fixture
+def setup(store):
+    store.create_project("pw", "pairwise", overlap_k=2,
+                         guidelines_md="# Rules\n\nPrefer **helpful** answers.\n\n<script>alert('g')</script>\n"
+                                       "[x](javascript:alert(1))")
+    store.import_records("pw", [
+        {"prompt": "Say <b>hi</b>", "completions": ["<script>alert('xss')</script>", "<img src=x onerror=alert(1)>"]},
+        {"prompt": [{"role": "system", "content": "Be kind"}, {"role": "user", "content": "first turn"},
+                    {"role": "assistant", "content": "earlier answer"}, {"role": "user", "content": "second turn"}],
+         "completions": ["c1", "c2"]},
+    ])
+    store.create_project("rk", "rank", overlap_k=1)
+    store.import_records("rk", [{"prompt": "rank these", "completions": ["r0", "r1", "r2"]}])
+    store.create_project("th", "thumbs", overlap_k=1)
+    store.import_records("th", [{"prompt": "thumbs", "completions": ["t0"]}])
+    store.create_project("lk", "likert", overlap_k=1)
+    store.import_records("lk", [{"prompt": "likert", "completions": ["l0"]}])
+    for name in ("ann", "bob"):
+        store.add_labeler(name, PASSWORD)
+    store.add_labeler("boss", PASSWORD, role="admin")
+    return store
+
+
+def test_sign_in_required_and_redirects(setup, make_client):
+    c = make_client()
+    for path in ("/", "/p/pw/label", "/p/pw/guidelines", "/p/pw/history", "/admin", "/admin/p/pw"):
+        r = c.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next="), path
+    assert c.get("/api/p/pw/next").status_code == 401
+    assert c.get("/healthz").json() == {"ok": True}
+
+
+def test_login_errors_csrf_and_open_redirect(setup, make_client):
+    c = make_client()
+    page = c.get("/login?next=//evil.example.com")
+    assert 'value="/"' in page.text  # unsafe next replaced
+    tok = csrf_of(page.text)
+    r = c.post("/login", data={"username": "ann", "password": "nope", "csrf_token": tok})
+    assert r.status_code == 401 and "Wrong username or password" in r.text
+    r = c.post("/login", data={"username": "", "password": "", "csrf_token": tok})
+    assert r.status_code == 422 and "Enter your username" in r.text
+    r = c.post("/login", data={"username": "ann", "password": PASSWORD})  # no CSRF token
+    assert r.status_code == 403 and "CSRF" in r.text
+    r = c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": tok,
+                               "next": "/p/pw/guidelines"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/p/pw/guidelines"
+    cookie = c.cookies.get("alignloop_session")
+    assert cookie and "ann" not in cookie  # signed, opaque-ish
+    # tampered cookie -> signed out
+    c.cookies.clear()
+    c.cookies.set("alignloop_session", cookie[:-6] + ("abcdef" if not cookie.endswith("abcdef") else "ghijkl"))
+    assert c.get("/", follow_redirects=False).status_code == 303
+
+
+def test_logout_needs_csrf(setup, make_client):
+    c = make_client("ann")
+    assert c.post("/logout", data={}).status_code == 403
+    page = c.get("/")
+    r = c.post("/logout", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    assert c.get("/", follow_redirects=False).status_code == 303
+
+
+def test_projects_and_guidelines_markdown_is_safe(setup, make_client):
+    c = make_client("ann")
+    r = c.get("/")
+    assert all(n in r.text for n in ("pw", "rk", "th", "lk"))
+    g = c.get("/p/pw/guidelines").text
+    assert "<h1>Rules</h1>" in g and "<strong>helpful</strong>" in g
+    assert "<script>alert('g')" not in g and "&lt;script&gt;" in g
+    assert 'href="javascript:' not in g
+    assert c.get("/p/nope/guidelines").status_code == 404
+
+
+def test_security_headers(setup, make_client):
+    r = make_client("ann").get("/p/pw/label")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_model_text_is_escaped(setup, make_client):
+    c = make_client("ann")
+    html = c.get("/p/pw/label").text
+    if "first turn" in html:  # got the multi-turn item first: do it, then the XSS one comes
+        Labeling(c, "pw").submit({"choice": "tie"})
+        html = c.get("/p/pw/label").text
+    assert "<script>alert('xss')" not in html and "&lt;script&gt;alert(&#39;xss&#39;)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "Say &lt;b&gt;hi&lt;/b&gt;" in html
+
+
+def test_multi_turn_context_rendered(setup, make_client):
+    c = make_client("ann")
+    lab = Labeling(c, "pw")
+    html = lab.page().text
+    if "first turn" not in html:
+        lab.submit({"choice": "tie"})
+        html = lab.page().text
+    for text in ("Be kind", "first turn", "earlier answer", "second turn"):
+        assert text in html
+    assert html.index("first turn") < html.index("earlier answer") < html.index("second turn")
+    assert 'class="msg role-assistant"' in html and 'class="msg role-system"' in html
+
+
+def test_pairwise_submit_validation_and_order(setup, make_client, store):
+    c = make_client("ann")
+    lab = Labeling(c, "pw")
+    page = lab.page()
+    aid = assignment_of(page.text)
+    a = store.get_assignment(aid)
+    _, r = lab.submit({"choice": "left"}, page)
+    assert r.status_code == 422 and "say how much better" in r.text
+    assert assignment_of(r.text) == aid  # same item, form re-shown with the choice kept
+    assert re.search(r'value="left"\s+checked', r.text)
+    _, r = lab.submit({}, page)
+    assert r.status_code == 422 and "choose the better response" in r.text
+    _, r = lab.submit({"choice": "left", "strength": "slightly_better", "comment": "close"}, page)
+    assert r.status_code == 200 and str(r.url).endswith("/p/pw/label")
+    j = store.current_judgement(aid)
+    assert j.picked_position == 0 and j.strength == "slightly_better" and j.comment == "close"
+    assert j.choice == "ab"[a.shown_order[0]]  # canonical choice = what was shown on the left
+    assert j.shown_order == a.shown_order
+    assert "1 done" in r.text  # progress
+
+
+def test_tie_and_both_bad(setup, make_client, store):
+    c = make_client("ann")
+    lab = Labeling(c, "pw")
+    aid1, r = lab.submit({"choice": "tie"})
+    aid2, r = lab.submit({"choice": "both_bad", "strength": "better"})  # strength ignored
+    assert store.current_judgement(aid1).choice == "tie"
+    j2 = store.current_judgement(aid2)
+    assert j2.choice == "both_bad" and j2.strength is None and j2.picked_position is None
+    assert 'id="all-done"' in r.text
+
+
+def test_order_randomised_per_labeler(store, make_client):
+    store.create_project("many", "rank", overlap_k=40)
+    store.import_records("many", [{"prompt": "p", "completions": [f"c{i}" for i in range(6)]}])
+    orders = set()
+    for i in range(12):
+        lab = store.add_labeler(f"u{i}", PASSWORD)
+        a = store.next_assignment(store.get_project("many").id, lab.id)
+        orders.add(tuple(a.shown_order))
+    assert len(orders) > 1
+
+
+def test_rank_thumbs_likert_forms(setup, make_client, store):
+    c = make_client("ann")
+    lab = Labeling(c, "rk")
+    page = lab.page()
+    assert page.text.count('<select name="rank_') == 3
+    _, r = lab.submit({"rank_0": "2", "rank_1": "2", "rank_2": ""}, page)
+    assert r.status_code == 422 and "rank from 1 to 3" in r.text
+    aid, r = lab.submit({"rank_0": "2", "rank_1": "1", "rank_2": "2"}, page)
+    assert r.status_code == 200
+    a = store.get_assignment(aid)
+    ranking = store.current_judgement(aid).ranking
+    assert ranking[a.shown_order[1]] == 1 and sorted(ranking) == [1, 2, 2]
+
+    lab = Labeling(c, "th")
+    _, r = lab.submit({})
+    assert r.status_code == 422 and "thumbs up or thumbs down" in r.text
+    aid, r = lab.submit({"thumbs": "down", "comment": "rude <b>"})
+    j = store.current_judgement(aid)
+    assert (j.thumbs, j.comment) == (-1, "rude <b>")
+
+    lab = Labeling(c, "lk")
+    page = lab.page()
+    assert "Hallucination" in page.text and 'data-key="h"' in page.text
+    _, r = lab.submit({"likert": "9"}, page)
+    assert r.status_code == 422 and "from 1 (worst) to 7" in r.text
+    aid, r = lab.submit({"likert": "3", "flags": ["hallucination", "harmful"]}, page)
+    j = store.current_judgement(aid)
+    assert (j.likert, j.flags) == (3, ["hallucination", "harmful"])
+    # history shows the judgement escaped
+    h = c.get("/p/th/history").text
+    assert "rude &lt;b&gt;" in h
+
+
+def test_skip_resume_and_progress(setup, make_client, store):
+    c = make_client("ann")
+    first = assignment_of(c.get("/p/pw/label").text)
+    assert assignment_of(c.get("/p/pw/label").text) == first  # reload resumes the same item
+    page = c.get("/p/pw/label")
+    r = c.post(f"/p/pw/skip/{first}", data={"csrf_token": csrf_of(page.text)})
+    assert r.status_code == 200
+    second = assignment_of(r.text)
+    assert second != first and "1 skipped" in r.text
+    assert c.post(f"/p/pw/skip/{second}", data={}).status_code == 403  # CSRF
+
+
+def test_labeler_cannot_touch_others_work(setup, make_client, store):
+    ann, bob = make_client("ann"), make_client("bob")
+    page = ann.get("/p/pw/label")
+    aid = assignment_of(page.text)
+    bob_page = bob.get("/p/pw/label")
+    tok = csrf_of(bob_page.text)
+    r = bob.post(f"/p/pw/label/{aid}", data={"csrf_token": tok, "idempotency_key": "bobkey-123",
+                                            "choice": "tie"})
+    assert r.status_code == 404
+    assert bob.post(f"/p/pw/skip/{aid}", data={"csrf_token": tok}).status_code == 404
+    Labeling(ann, "pw").submit({"choice": "tie"}, page)
+    assert bob.get(f"/p/pw/edit/{aid}").status_code == 404
+    assert "pw" in bob.get("/p/pw/history").text and f"/edit/{aid}\"" not in bob.get("/p/pw/history").text
+
+
+def test_two_labelers_get_the_same_item_with_k2(setup, make_client, store):
+    ann, bob = make_client("ann"), make_client("bob")
+    a_items, b_items = set(), set()
+    for c, got in ((ann, a_items), (bob, b_items)):
+        lab = Labeling(c, "pw")
+        for _ in range(2):
+            aid, _r = lab.submit({"choice": "tie"})
+            got.add(store.get_assignment(aid).item_id)
+    assert a_items == b_items and len(a_items) == 2
+    carl = store.add_labeler("carl", PASSWORD)
+    assert store.next_assignment(store.get_project("pw").id, carl.id) is None  # k = 2 reached
+
+
+def test_edit_creates_a_new_version(setup, make_client, store):
+    c = make_client("ann")
+    aid, _ = Labeling(c, "pw").submit({"choice": "left", "strength": "better"})
+    page = c.get(f"/p/pw/edit/{aid}")
+    assert page.status_code == 200 and "Save new version" in page.text
+    assert re.search(r'value="left"\s+checked', page.text) and re.search(r'value="better"\s+checked', page.text)
+    r = c.post(f"/p/pw/label/{aid}", data={"csrf_token": csrf_of(page.text), "choice": "tie",
+                                           "idempotency_key": field_of(page.text, "idempotency_key"),
+                                           "shown_at": field_of(page.text, "shown_at")})
+    assert r.status_code == 200 and str(r.url).endswith("/p/pw/history")
+    assert [j.choice for j in store.judgement_history(aid)][1] == "tie"
+    assert len(store.judgement_history(aid)) == 2
+    assert ">2<" in r.text  # version column
+
+
+def test_labeler_refused_admin_pages(setup, make_client):
+    c = make_client("ann")
+    for path in ("/admin", "/admin/p/pw", "/admin/p/pw/export"):
+        r = c.get(path)
+        assert r.status_code == 403 and "admins only" in r.text, path
+    page = c.get("/")
+    r = c.post("/admin/labelers", data={"csrf_token": csrf_of(page.text), "username": "evil", "password": "x" * 10})
+    assert r.status_code == 403
+    assert 'href="/admin"' not in page.text
+
+
+def test_admin_dashboard_labelers_and_export(setup, make_client, store):
+    for name in ("ann", "bob"):
+        c = make_client(name)
+        lab = Labeling(c, "pw")
+        for _ in range(2):
+            lab.submit({"choice": "left", "strength": "significantly_better"})
+    admin = make_client("boss")
+    home = admin.get("/admin")
+    assert home.status_code == 200 and "ann" in home.text and "Dashboard" in home.text
+    dash = admin.get("/admin/p/pw")
+    assert dash.status_code == 200
+    for text in ("Fleiss", "Krippendorff", "Cohen", "Leave-one-out agreement", "Share of left picks", "<svg"):
+        assert text in dash.text
+    # add a labeler: validation then success
+    r = admin.post("/admin/labelers", data={"csrf_token": csrf_of(home.text), "username": "new one",
+                                            "password": "longpassword"})
+    assert r.status_code == 422 and "username" in r.text
+    r = admin.post("/admin/labelers", data={"csrf_token": csrf_of(home.text), "username": "newbie",
+                                            "password": "longpassword"})
+    assert r.status_code == 200 and "newbie" in r.text
+    r = admin.get("/admin/p/pw/export?format=preference&mode=all")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    rows = [json.loads(x) for x in r.text.splitlines()]
+    assert len(rows) == 4 and all(x["margin"] == 1.0 for x in rows)
+    assert admin.get("/admin/p/pw/export?format=bogus").status_code == 400
+    assert admin.get("/admin/p/th/export?format=preference").status_code == 400
+
+
+def test_json_api(setup, make_client, store):
+    c = make_client()
+    assert c.post("/api/login", data={"username": "ann", "password": PASSWORD}).status_code == 415
+    assert c.post("/api/login", json={"username": "ann", "password": "bad"}).status_code == 401
+    tok = c.post("/api/login", json={"username": "ann", "password": PASSWORD}).json()["csrf_token"]
+    nxt = c.get("/api/p/pw/next").json()
+    aid = nxt["assignment_id"]
+    assert nxt["task_type"] == "pairwise" and len(nxt["completions"]) == 2
+    body = {"choice": "right", "strength": "better", "idempotency_key": "api-key-0001"}
+    assert c.post(f"/api/assignments/{aid}/judgement", json=body).status_code == 403  # no CSRF header
+    r = c.post(f"/api/assignments/{aid}/judgement", json=body, headers={"X-CSRF-Token": tok})
+    assert r.status_code == 201 and r.json()["created"] is True
+    r2 = c.post(f"/api/assignments/{aid}/judgement", json=body, headers={"X-CSRF-Token": tok})
+    assert r2.status_code == 200 and r2.json()["judgement_id"] == r.json()["judgement_id"]
+    r = c.post(f"/api/assignments/{aid}/judgement", json={"choice": "right", "idempotency_key": "api-key-0002"},
+               headers={"X-CSRF-Token": tok})
+    assert r.status_code == 422 and "strength" in r.json()["fields"]
+    aid2 = c.get("/api/p/pw/next").json()["assignment_id"]
+    assert c.post(f"/api/assignments/{aid2}/skip", headers={"X-CSRF-Token": tok}).json() == {"skipped": aid2}
+    assert c.get("/api/p/pw/next").json() == {"assignment_id": None}

@@ -1,0 +1,230 @@
+"""Store: schema/migrations, import, assignment rules, append-only judgements, idempotency, concurrency."""
+import json
+import threading
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+
+from alignloop.errors import UserError
+from alignloop.feedback import db as dbmod
+from alignloop.feedback.models import Assignment, Base, Item, Judgement
+from alignloop.feedback.store import Store, ValidationError, competition_ranks, validate_submission
+
+
+def test_migrations_create_the_models_schema(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    s = Store(str(tmp_path / "m.db"))
+    assert dbmod.current_revision(s.engine) == "0001"
+    with s.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    Store(str(tmp_path / "m.db"))  # idempotent upgrade
+    with pytest.raises(UserError):
+        Store(str(tmp_path / "other.db"), create=False)
+
+
+def test_project_and_labeler_validation(store):
+    with pytest.raises(UserError, match="task type"):
+        store.create_project("x", "essay")
+    with pytest.raises(UserError, match="overlap"):
+        store.create_project("x", "pairwise", overlap_k=0)
+    with pytest.raises(UserError, match="project name"):
+        store.create_project("bad name!", "pairwise")
+    store.create_project("x", "pairwise")
+    with pytest.raises(UserError, match="already exists"):
+        store.create_project("x", "pairwise")
+    with pytest.raises(UserError, match="at least 8"):
+        store.add_labeler("ann", "short")
+    lab = store.add_labeler("ann", "long enough pw")
+    assert lab.password_hash.startswith("$argon2id$")
+    assert store.authenticate("ann", "long enough pw").id == lab.id
+    assert store.authenticate("ann", "wrong password") is None
+    assert store.authenticate("nobody", "long enough pw") is None
+
+
+def test_import_both_formats_and_errors(store, tmp_path):
+    store.create_project("pw", "pairwise")
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p1", "completions": ["a", {"text": "b", "model": "m", "params": {"temperature": 0.7}}, "c"]},
+        {"prompt": "p2", "completion": "x", "model": "m1"},
+        {"prompt": "p2", "completion": "y", "model": "m2"},
+        {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "more"}], "completions": ["q", "r"], "gold": {"choice": "b"}},
+    ]) + "\n")
+    r = store.import_jsonl("pw", f)
+    assert (r.prompts, r.completions, r.items, r.gold_items) == (3, 7, 3 + 1 + 1, 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    with pytest.raises(UserError, match="line 1: needs 'completions'"):
+        store.import_jsonl("pw", bad)
+    bad.write_text('{"prompt": "p", "completions": ["a", "b"]}\nnot json\n')
+    with pytest.raises(UserError, match="line 2: not valid JSON"):
+        store.import_jsonl("pw", bad)
+    with pytest.raises(UserError, match="gold"):
+        store.import_records("pw", [{"prompt": "g", "completions": ["a", "b"], "gold": {"choice": "left"}}])
+    store.create_project("rk", "rank")
+    assert store.import_records("rk", [{"prompt": "p", "completions": ["a", "b", "c"]}]).items == 1
+    store.create_project("th", "thumbs")
+    assert store.import_records("th", [{"prompt": "p", "completions": ["a", "b", "c"]}]).items == 3
+
+
+def _project(store, n_items=6, k=2, task="pairwise", gold=0, gold_rate=0.0):
+    p = store.create_project(f"p{task}{n_items}{k}{gold}", task, overlap_k=k, gold_rate=gold_rate)
+    rows = [{"prompt": f"prompt {i}", "completions": [f"x{i}", f"y{i}"] if task != "thumbs" else [f"x{i}"]}
+            for i in range(n_items)]
+    rows += [{"prompt": f"gold {i}", "completions": [f"good{i}", f"bad{i}"], "gold": {"choice": "a"}}
+             for i in range(gold)]
+    store.import_records(p.name, rows)
+    return p
+
+
+def _answer(store, a, lab, key, choice="left"):
+    return store.submit(a.id, lab.id, {"choice": choice, "strength": "better"}, key)
+
+
+def test_k_distinct_labelers_never_twice_fewer_labels_first(store):
+    p = _project(store, n_items=3, k=2)
+    labs = [store.add_labeler(f"l{i}", "password123") for i in range(4)]
+    seen = Counter()
+    first_items = []
+    for n, lab in enumerate(labs):
+        got = []
+        while (a := store.next_assignment(p.id, lab.id)) is not None:
+            got.append(a.item_id)
+            _answer(store, a, lab, f"key-{lab.id}-{a.id}-xxxx")
+        assert len(got) == len(set(got))  # never twice to the same labeler
+        seen.update(got)
+        first_items.append(got[:1])
+    assert all(v == 2 for v in seen.values()) and len(seen) == 3  # each item to exactly k labelers
+    # fewer labels first: l0 takes items 1,2,3; l1 too; l2 and l3 get nothing
+    with store.read() as s:
+        assert {i.n_done for i in s.scalars(select(Item))} == {2}
+
+
+def test_fewer_labels_first_order(store):
+    p = _project(store, n_items=3, k=3)
+    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a1 = store.next_assignment(p.id, a_lab.id)
+    _answer(store, a1, a_lab, "k-a-1xxxx")
+    b1 = store.next_assignment(p.id, b_lab.id)
+    assert b1.item_id != a1.item_id  # the item a already labeled has more labels, so b gets another
+
+
+def test_resume_returns_open_assignment_and_skip_releases_slot(store):
+    p = _project(store, n_items=2, k=1)
+    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a1 = store.next_assignment(p.id, a_lab.id)
+    assert store.next_assignment(p.id, a_lab.id).id == a1.id  # reload -> same item, same order
+    assert store.next_assignment(p.id, a_lab.id).shown_order == a1.shown_order
+    store.skip(a1.id, a_lab.id)
+    a2 = store.next_assignment(p.id, a_lab.id)
+    assert a2.item_id != a1.item_id  # never the skipped item again
+    b1 = store.next_assignment(p.id, b_lab.id)
+    assert b1.item_id == a1.item_id  # the skipped slot went to someone else
+    with pytest.raises(ValidationError, match="skipped"):
+        _answer(store, a1, a_lab, "k-skipped-1")
+    assert store.progress(p.id, a_lab.id)["skipped"] == 1
+
+
+def test_gold_items_mixed_at_rate(store):
+    p = _project(store, n_items=30, k=1, gold=10, gold_rate=0.25)
+    lab = store.add_labeler("a", "password123")
+    kinds = []
+    for _ in range(20):
+        a = store.next_assignment(p.id, lab.id)
+        kinds.append(a.is_gold)
+        _answer(store, a, lab, f"k-{a.id}-xxxx")
+    assert sum(kinds) == 5  # 25% of 20
+    assert not kinds[0] or sum(kinds[:4]) <= 2  # spread, not all at once
+    # gold items do not count toward k: a second labeler also gets gold items
+    lab2 = store.add_labeler("b", "password123")
+    golds = 0
+    for _ in range(8):
+        a = store.next_assignment(p.id, lab2.id)
+        golds += a.is_gold
+        _answer(store, a, lab2, f"k-{a.id}-yyyy")
+    assert golds == 2
+
+
+def test_judgements_are_versioned_and_idempotent(store):
+    p = _project(store, n_items=1, k=1)
+    lab = store.add_labeler("a", "password123")
+    other = store.add_labeler("b", "password123")
+    a = store.next_assignment(p.id, lab.id)
+    j1, created = _answer(store, a, lab, "key-one-1", "left")
+    assert created and j1.version == 1
+    j1b, created = _answer(store, a, lab, "key-one-1", "right")  # retry of the same submission
+    assert not created and j1b.id == j1.id
+    j2, created = store.submit(a.id, lab.id, {"choice": "tie"}, "key-two-2")
+    assert created and j2.version == 2
+    hist = store.judgement_history(a.id)
+    assert [h.version for h in hist] == [1, 2] and hist[0].strength == "better"  # v1 untouched
+    assert store.current_judgement(a.id).choice == "tie"
+    assert [r["choice"] for r in store.current_judgements(p.id)] == ["tie"]
+    with store.read() as s:
+        assert s.scalar(select(Item.n_done)) == 1  # an edit is not another label
+    with pytest.raises(UserError):
+        store.submit(a.id, other.id, {"choice": "tie"}, "key-three-3")  # not theirs
+    with pytest.raises(ValidationError):
+        store.submit(a.id, lab.id, {"choice": "tie"}, "short")
+
+
+def test_validate_submission_rules():
+    assert validate_submission("pairwise", [1, 0], {"choice": "left", "strength": "better"}) == {
+        "flags": [], "comment": "", "picked_position": 0, "choice": "b", "strength": "better"}
+    with pytest.raises(ValidationError) as e:
+        validate_submission("pairwise", [0, 1], {"choice": "left"})
+    assert "strength" in e.value.errors
+    assert validate_submission("pairwise", [0, 1], {"choice": "both_bad"})["choice"] == "both_bad"
+    with pytest.raises(ValidationError):
+        validate_submission("pairwise", [0, 1], {"choice": "<script>"})
+    r = validate_submission("rank", [2, 0, 1], {"rank_0": "1", "rank_1": "2", "rank_2": "2"})
+    assert r["ranking"] == [2, 2, 1]  # canonical order: completion 2 shown first got rank 1
+    with pytest.raises(ValidationError, match="ranked 1"):
+        validate_submission("rank", [0, 1], {"rank_0": "2", "rank_1": "2"})
+    with pytest.raises(ValidationError, match="rank from 1 to 2"):
+        validate_submission("rank", [0, 1], {"rank_0": "1", "rank_1": "9"})
+    assert validate_submission("thumbs", [0], {"thumbs": "down", "comment": " meh "}) == {
+        "flags": [], "comment": "meh", "thumbs": -1}
+    assert validate_submission("likert", [0], {"likert": "6", "flags": ["harmful"]}, ["harmful"])["likert"] == 6
+    with pytest.raises(ValidationError) as e:
+        validate_submission("likert", [0], {"likert": "8", "flags": ["nope"]}, ["harmful"])
+    assert set(e.value.errors) == {"likert", "flags"}
+    assert competition_ranks([1, 3, 3]) == [1, 2, 2] and competition_ranks([1, 1, 2]) == [1, 1, 3]
+
+
+def test_concurrent_assignment_keeps_k_and_submissions_exactly_once(tmp_path):
+    s = Store(str(tmp_path / "c.db"))
+    p = _project(s, n_items=40, k=3)
+    labs = [s.add_labeler(f"c{i}", "password123") for i in range(8)]
+    errors = []
+
+    def work(lab):
+        try:
+            n = 0
+            while (a := s.next_assignment(p.id, lab.id)) is not None:
+                key = f"conc-{lab.id}-{a.id}"
+                _answer(s, a, lab, key)
+                _answer(s, a, lab, key)  # a retry is a no-op
+                n += 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(lab,)) for lab in labs]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errors
+    with s.read() as ss:
+        assert ss.scalar(select(func.count()).select_from(Judgement)) == 40 * 3
+        per_item = Counter(ss.scalars(select(Assignment.item_id)))
+        assert set(per_item.values()) == {3}
+        pairs = ss.execute(select(Assignment.item_id, Assignment.labeler_id)).all()
+        assert len(pairs) == len(set(pairs))
+    s.dispose()
