@@ -27,7 +27,7 @@ def run_dpo(workload_dir: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(workload_dir, "pairs.jsonl"))][: STEPS * BATCH]
     policy = os.path.join(workload_dir, "policy")
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(output_dir=os.path.join(tmp, "out"), beta=0.1, batch_size=BATCH, num_epochs=1,
+        args = DPOConfig(output_dir=os.path.join(tmp, "out"), beta=0.1, per_device_batch_size=BATCH, num_epochs=1,
                          max_length=128, learning_rate=1e-4, ref_cache_dir=os.path.join(tmp, "ref_cache"),
                          save_final=False, progress=False, tensorboard=False, logging_steps=STEPS)
         trainer = DPOTrainer(model=load_causal_lm(policy), tokenizer=load_tokenizer(policy), args=args,

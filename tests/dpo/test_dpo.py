@@ -19,7 +19,9 @@ from .conftest import SHAPE
 
 def make(tok, tmp_path, rows, eval_rows=None, model=None, ref_model=None, **kw):
     kw.setdefault("ref_cache_dir", str(tmp_path / "cache"))
-    cfg = DPOConfig(output_dir=str(tmp_path / "out"), progress=False, tensorboard=False, save_final=False, **kw)
+    kw.setdefault("logging_steps", 1)
+    kw.setdefault("save_final", False)
+    cfg = DPOConfig(output_dir=str(tmp_path / "out"), progress=False, tensorboard=False, **kw)
     model = model if model is not None else tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
     return DPOTrainer(model=model, tokenizer=tok, args=cfg, train_dataset=rows, eval_dataset=eval_rows,
                       ref_model=ref_model)
@@ -47,7 +49,7 @@ def test_loss_matches_hand_computed(tok, tmp_path, pairs, variant):
     beta = 0.5
     tr = make(tok, tmp_path, rows, model=policy, ref_model=ref, beta=beta, **kw)
     average = variant == "ipo"
-    losses, ch_r, rj_r, ch_lp, rj_lp = tr._pair_terms(tr.train_examples, [0, 1, 2, 3],
+    losses, ch_r, rj_r, ch_lp, rj_lp = tr.pair_terms(tr.train_examples, [0, 1, 2, 3],
                                                       tr.precompute_ref_logps(tr.train_examples))
     for i, r in enumerate(rows):
         pc, pr = (hand_logps(policy, tok, r["prompt"], r[k], average) for k in ("chosen", "rejected"))
@@ -104,27 +106,38 @@ def test_reference_eval_mode_cached_equals_on_the_fly(tok, tmp_path, pairs):
 
 
 def _train_weights(tok, tmp_path, rows, **kw):
-    tr = make(tok, tmp_path, rows, learning_rate=1e-3, **kw)
+    kw.setdefault("learning_rate", 1e-3)
+    tr = make(tok, tmp_path, rows, **kw)
     tr.train()
     return {k: v.detach().clone() for k, v in tr.model.state_dict().items()}, tr
 
 
+def _grad_norms(tmp_path):
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/grad_norm"] for r in rows if "train/grad_norm" in r]
+
+
 def test_accumulation_equals_full_batch(tok, tmp_path, pairs):
-    a, _ = _train_weights(tok, tmp_path / "a", pairs, batch_size=8)
-    b, _ = _train_weights(tok, tmp_path / "b", pairs, batch_size=8, micro_batch_size=4)
-    c, _ = _train_weights(tok, tmp_path / "c", pairs, batch_size=8, micro_batch_size=3)
+    """Same global batch of 8: 1 x 8, 4 x 2 accumulation, 2 x 4 -> same gradient norms (Adam is scale-free, so the
+    norms check the loss normalisation) and the same weights."""
+    kw = dict(learning_rate=1e-4, num_epochs=2)
+    a, _ = _train_weights(tok, tmp_path / "a", pairs, per_device_batch_size=8, **kw)
+    b, _ = _train_weights(tok, tmp_path / "b", pairs, per_device_batch_size=4, gradient_accumulation_steps=2, **kw)
+    c, _ = _train_weights(tok, tmp_path / "c", pairs, per_device_batch_size=2, gradient_accumulation_steps=4, **kw)
+    ga, gb, gc = (_grad_norms(tmp_path / x) for x in "abc")
+    assert len(ga) == 4 and ga == pytest.approx(gb, rel=1e-5) and ga == pytest.approx(gc, rel=1e-5)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
-        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6)
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=2e-6)
     assert any(not torch.equal(a[k], tiny.tiny_causal_lm(tok, seed=0, **SHAPE).state_dict()[k]) for k in a)
 
 
 def test_resume_gives_same_weights(tok, tmp_path, pairs):
-    full, _ = _train_weights(tok, tmp_path / "full", pairs, batch_size=4, num_epochs=2, save_steps=3)
+    full, _ = _train_weights(tok, tmp_path / "full", pairs, per_device_batch_size=4, num_epochs=2, save_steps=3)
     ckpt = tmp_path / "full" / "out" / "checkpoints" / "step-000003"
     assert (ckpt / "trainer_state.json").is_file()
     # a fresh process-like start: new model object, resume from step 3 of 8
-    resumed, tr = _train_weights(tok, tmp_path / "full", pairs, batch_size=4, num_epochs=2, save_steps=3,
+    resumed, tr = _train_weights(tok, tmp_path / "full", pairs, per_device_batch_size=4, num_epochs=2, save_steps=3,
                                  resume_from=str(ckpt))
     for k in full:
         torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
@@ -134,8 +147,8 @@ def test_resume_gives_same_weights(tok, tmp_path, pairs):
 
 
 def test_metrics_and_eval_logged(tok, tmp_path, pairs):
-    tr = make(tok, tmp_path, pairs, eval_rows=pairs[:5], batch_size=8, eval_steps=1, learning_rate=1e-3)
-    last = tr.train()
+    tr = make(tok, tmp_path, pairs, eval_rows=pairs[:5], per_device_batch_size=8, eval_steps=1, learning_rate=1e-3)
+    last = tr.train().metrics
     for name in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected", "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss/dpo"):
         assert name in last, name
@@ -147,14 +160,14 @@ def test_metrics_and_eval_logged(tok, tmp_path, pairs):
 def test_lora_reference_is_base_with_adapter_off(tok, tmp_path, pairs):
     base = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
     expected = hand_logps(base, tok, pairs[0]["prompt"], pairs[0]["chosen"])
-    tr = make(tok, tmp_path, pairs, model=base, lora=True, lora_r=4, learning_rate=1e-2, batch_size=8,
+    tr = make(tok, tmp_path, pairs, model=base, lora_r=4, learning_rate=1e-2, per_device_batch_size=8,
               precompute_ref_logps=False)
     assert tr.use_adapter and tr.ref_model is None
     tr.train()
     # after training the adapter changed the policy, the reference is still the base
     ref = tr.reference_logps(tr.train_examples, [0])
     assert ref[0].item() == pytest.approx(expected, abs=1e-4)
-    pol = tr._pair_terms(tr.train_examples, [0], None)[3]
+    pol = tr.pair_terms(tr.train_examples, [0], None)[3]
     assert abs(pol[0].item() - expected) > 1e-4
 
 
@@ -165,9 +178,9 @@ def test_cli_dpo(lm_dir, tmp_path, pairs):
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, ["dpo", "--model", str(lm_dir), "--train-file", str(data), "--output-dir", str(out),
-                                   "--max-steps", "2", "--batch-size", "4", "--no-progress", "--ref-cache-dir",
+                                   "--max-steps", "2", "--per-device-batch-size", "4", "--no-progress", "--ref-cache-dir",
                                    str(tmp_path / "c"), "--loss-type", "ipo"])
     assert res.exit_code == 0, res.output
-    assert (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert (out / "final" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
     res = CliRunner().invoke(cli, ["dpo", "--model", str(lm_dir), "--train-file", str(data), "--beta", "-1"])
     assert res.exit_code != 0
