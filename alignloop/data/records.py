@@ -271,12 +271,13 @@ def _is_conversational(record: Any) -> bool:
 
 # ---------------------------------------------------------------- loading
 
-def parse_rows(rows: list[Row], kind: str | None = None, *, tokenizer=None, include_ties: bool = False,
+def parse_rows(rows: list[Row] | list[dict], kind: str | None = None, *, tokenizer=None, include_ties: bool = False,
                margins: str | dict = "small", stats: DataStats | None = None) -> list:
     """Validate rows and turn them into normalised records of `kind` (detected from the first row's columns when
     None). Bad rows are recorded in `stats` (not raised). With a tokenizer, conversational records are chat-templated
     (an error if the tokenizer has no chat template)."""
     stats = stats if stats is not None else DataStats()
+    rows = [r if isinstance(r, Row) else Row(r, f"row {i}") for i, r in enumerate(rows)]
     first = next((r for r in rows if r.error is None), None)
     if kind is None:
         kind = detect_kind(first) if first is not None else None
@@ -296,17 +297,21 @@ def parse_rows(rows: list[Row], kind: str | None = None, *, tokenizer=None, incl
             continue
         try:
             rec = parse(row, include_ties=include_ties, margins=margins, stats=stats)
-            if tokenizer is not None and _is_conversational(rec):
-                if not template_checked:
-                    check_chat_template(tokenizer, row.where)
-                    template_checked = True
-                rec = render_record(rec, tokenizer)
         except BadRow as e:
             stats.add_error(f"{row.where}, {e}")
             continue
-        except ValueError as e:
-            stats.add_error(f"{row.where}: {e}")
-            continue
+        if tokenizer is not None and _is_conversational(rec):
+            if not template_checked:
+                check_chat_template(tokenizer, row.where)
+                template_checked = True
+            try:
+                rec = render_record(rec, tokenizer)
+            except ValueError as e:
+                stats.add_error(f"{row.where}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja errors, raise_exception)
+                stats.add_error(f"{row.where}: the chat template failed on this row: {type(e).__name__}: {e}")
+                continue
         group = row.get("group") if kind == "preference" else None
         if group is not None and records and group_ids[-1] == group and records[-1].prompt == rec.prompt:
             records[-1].pairs.extend(rec.pairs)  # flat rows of one group (see groups_to_rows): merge them back

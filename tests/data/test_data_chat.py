@@ -78,3 +78,18 @@ def test_messages_without_assistant_and_bad_messages(tmp_path):
     assert "b.jsonl line 1, field 'messages': expected at least one message with role 'assistant'" in stats.errors[0]
     assert "b.jsonl line 2, field 'messages': message 0 should be" in stats.errors[1]
     assert "b.jsonl line 3, field 'messages': expected a list of messages, got a string" in stats.errors[2]
+
+
+def test_template_exception_is_a_bad_row(tmp_path):
+    from alignloop.models.tiny import default_corpus, train_tokenizer
+
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
+              "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok = train_tokenizer(default_corpus(50), vocab_size=270, chat_template=strict)
+    path = _jsonl(tmp_path / "s.jsonl", [{"messages": [U, A1]},
+                                         {"messages": [{"role": "system", "content": "x"}, U, A1]}])
+    records, stats = load_sft(path, tokenizer=tok, skip_bad_rows=True)
+    assert records == [{"prompt": "user: is the movie good\nassistant: ", "completion": "yes it is\n"}]
+    assert stats.bad_rows == 1 and "s.jsonl line 2: the chat template failed" in stats.errors[0]
+    assert "no system messages" in stats.errors[0]
