@@ -192,3 +192,30 @@ def test_packed_forward_equals_separate_forwards(plain_tok):
             alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
             assert torch.allclose(packed[start:start + len(e["input_ids"])], alone, atol=1e-5)
             start += len(e["input_ids"])
+
+
+def test_preference_batch_logps_same_for_left_and_right_padding(plain_tok):
+    """DPO-style completion log-prob sums from the collated batch do not depend on the padding side."""
+    from alignloop.models.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(plain_tok, n_layer=1, n_embd=32, n_head=2).eval()
+    groups = [PreferenceGroup("the movie", [Pair(" was good", " was very bad and boring")]),
+              PreferenceGroup("a", [Pair(" plot", " story"), Pair(" plot", " ending")], 1 / 3)]
+    tokenized, _ = tokenize_preferences(groups, plain_tok)
+
+    def logp_sums(side):
+        b = PreferenceCollator(plain_tok.pad_token_id, padding_side=side)(tokenized)
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           position_ids=b["position_ids"]).logits[:, :-1]
+        labels, mask = b["labels"][:, 1:], b["response_mask"][:, 1:]
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (lp * mask).sum(-1), b
+
+    right, b = logp_sums("right")
+    left, _ = logp_sums("left")
+    assert torch.allclose(right, left, atol=1e-4)
+    # each row's sum covers exactly its completion tokens (EOS included)
+    assert b["response_mask"].sum(-1).tolist() == [
+        len(p[f"{side}_input_ids"]) - p["prompt_length"] for side in ("chosen", "rejected")
+        for g in tokenized for p in g["pairs"]]
