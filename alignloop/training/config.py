@@ -92,7 +92,10 @@ def click_options_from_dataclass(cls):
     types_ = _field_types(cls)
 
     def decorator(fn):
-        for f in reversed(dataclasses.fields(cls)):
+        # the config's own fields first in --help, then the ones it inherits
+        own = set(cls.__dict__.get("__annotations__", {}))
+        ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+        for f in reversed(ordered):
             tp = _unwrap_optional(types_[f.name])
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore

@@ -18,7 +18,8 @@ from alignloop.errors import ConfigError
 
 
 def make_accelerator(mixed_precision: str = "no"):
-    """An `accelerate.Accelerator` (works unchanged under `accelerate launch`). bf16/fp16 autocast is for GPUs:
+    """An `accelerate.Accelerator` (works unchanged under `accelerate launch`; on CPU-only machines launch several
+    processes with `accelerate launch --multi_gpu --num_processes N` or `torchrun`). bf16/fp16 autocast is for GPUs:
     fp16 on CPU is refused with a clear message; bf16 on CPU runs (slowly) through CPU autocast."""
     from accelerate import Accelerator
 
@@ -26,7 +27,9 @@ def make_accelerator(mixed_precision: str = "no"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16') on CPU")
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True on a machine without CUDA: only then does accelerate join the processes of `accelerate launch
+    # --multi_gpu` / `torchrun` into one gloo group instead of training each alone.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

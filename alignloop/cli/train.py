@@ -1,0 +1,32 @@
+"""`alignloop sft` and `alignloop rm`: every config field is a flag; `--config x.yaml` loads a file first."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from alignloop.trainers.rm import RewardConfig, RewardTrainer
+from alignloop.trainers.sft import SFTConfig, SFTTrainer
+from alignloop.training import make_config_command
+
+
+def _report(result) -> None:
+    click.echo(json.dumps({"model": result.output_dir, "steps": result.steps, **result.metrics}))
+
+
+def _run_sft(cfg: SFTConfig) -> None:
+    result = SFTTrainer(args=cfg).train()
+    _report(result)
+
+
+def _run_rm(cfg: RewardConfig) -> None:
+    result = RewardTrainer(args=cfg).train()
+    _report(result)
+
+
+sft = make_config_command("sft", SFTConfig, _run_sft,
+                          "Supervised fine-tuning on demonstrations, with the loss on completion tokens only. "
+                          "Writes OUTPUT_DIR/final (loadable with transformers), metrics.jsonl and TensorBoard logs.")
+rm = make_config_command("rm", RewardConfig, _run_rm,
+                         "Train a reward model (LM backbone + scalar head) on preference pairs or rankings with the "
+                         "Bradley-Terry (or Plackett-Luce) loss. Reports held-out pairwise accuracy and mean margin.")

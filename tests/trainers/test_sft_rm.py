@@ -1,0 +1,221 @@
+"""SFT and reward-model trainers: learning, exact resume, accumulation invariance, CLI, HF-loadable output."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignloop.trainers.rm import RewardConfig, RewardTrainer, group_sequences, order_from_pairs
+from alignloop.trainers.sft import SFTConfig, SFTTrainer, _batch_tensors, token_nll
+from alignloop.training import read_metrics
+
+from conftest import write_jsonl
+
+QUIET = dict(progress=False, tensorboard=False, logging_steps=1)
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= atol, f"max weight difference {worst}"
+
+
+def heldout_nll(model_path, file):
+    from alignloop.data import load_sft, tokenize_sft
+    from alignloop.models import load_tokenizer
+
+    tok = load_tokenizer(model_path)
+    ex, _ = tokenize_sft(load_sft(file)[0], tok, max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    with torch.no_grad():
+        nll, mask = token_nll(model, _batch_tensors(ex, tok.pad_token_id, "cpu"))
+    return (nll * mask).sum().item() / mask.sum().item()
+
+
+def test_sft_lowers_heldout_loss(tmp_path, base_model, sft_file, sft_heldout):
+    cfg = SFTConfig(output_dir=str(tmp_path / "sft"), learning_rate=5e-3, num_epochs=3, eval_fraction=0.2,
+                    per_device_batch_size=16, max_length=64, **QUIET)
+    before = heldout_nll(base_model, sft_heldout)
+    result = SFTTrainer(model=base_model, args=cfg, train_dataset=sft_file).train()
+    after = heldout_nll(result.output_dir, sft_heldout)
+    assert after < 0.5 * before, (before, after)
+    # the trainer's own held-out metrics, logged per epoch, go down too and perplexity = exp(loss)
+    evals = [m for m in read_metrics(tmp_path / "sft") if "eval/loss" in m]
+    assert len(evals) == 3 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[-1]["eval/perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval/loss"]).exp().item(), rel=1e-5)
+    # plain transformers loads the result
+    assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.n_layer == 2
+
+
+def test_sft_completion_only_loss_masks_prompt(base_model, tiny_tok):
+    """Only completion tokens (and EOS) are targets: 'say good:' -> ' good good good' + EOS."""
+    from alignloop.data import tokenize_sft
+
+    ex, _ = tokenize_sft([{"prompt": "say good:", "completion": " good good good"}], tiny_tok, max_length=64)
+    batch = _batch_tensors(ex, tiny_tok.pad_token_id, "cpu")
+    n_prompt = len(tiny_tok("say good:")["input_ids"])
+    n_completion = len(tiny_tok(" good good good")["input_ids"]) + 1
+    assert batch["loss_mask"].sum().item() == n_completion
+    assert not batch["loss_mask"][0, :n_prompt].any()
+
+
+def test_sft_packing_trains(tmp_path, base_model, sft_file, sft_heldout):
+    cfg = SFTConfig(output_dir=str(tmp_path / "packed"), learning_rate=5e-3, num_epochs=3, packing=True,
+                    per_device_batch_size=4, max_length=64, **QUIET)
+    before = heldout_nll(base_model, sft_heldout)
+    result = SFTTrainer(model=base_model, args=cfg, train_dataset=sft_file).train()
+    assert heldout_nll(result.output_dir, sft_heldout) < 0.6 * before
+
+
+def test_sft_packed_row_equals_separate_examples(base_model, tiny_tok):
+    """A packed row gives every example the same per-token loss as running it alone (no cross-attention)."""
+    from alignloop.data import pack_sft, tokenize_sft
+
+    ex, _ = tokenize_sft([{"prompt": "say good:", "completion": " good good"},
+                          {"prompt": "a plot", "completion": " is fun and boring"}], tiny_tok, max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(base_model).eval()
+    with torch.no_grad():
+        sep = [token_nll(model, _batch_tensors([e], tiny_tok.pad_token_id, "cpu")) for e in ex]
+        packed_nll, packed_mask = token_nll(model, _batch_tensors(pack_sft(ex, 64), tiny_tok.pad_token_id, "cpu"))
+    expected = torch.cat([n[m] for n, m in sep])
+    assert torch.allclose(packed_nll[packed_mask], expected, atol=1e-5)
+
+
+def test_rm_reaches_95_percent(tmp_path, base_model, pref_files):
+    train, held = pref_files
+    cfg = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=1e-3, num_epochs=3, per_device_batch_size=16,
+                       max_length=64, **QUIET)
+    result = RewardTrainer(model=base_model, args=cfg, train_dataset=train, eval_dataset=held).train()
+    assert result.metrics["eval/accuracy"] >= 0.95, result.metrics
+    assert result.metrics["eval/margin"] > 1.0
+    assert result.metrics["eval/pairs"] == 100
+    clf = AutoModelForSequenceClassification.from_pretrained(result.output_dir)
+    assert clf.config.num_labels == 1
+
+
+def test_rm_ranking_groups(tmp_path, base_model):
+    """A ranking of K=3 is one batch element with 3 pairs weighted 1/3, scoring 3 distinct sequences."""
+    from alignloop.data import load_preferences, tokenize_preferences
+    from alignloop.models import load_tokenizer
+
+    f = write_jsonl(tmp_path / "rank.jsonl", [{"prompt": "p", "completions": [" great fun", " bad", " awful"],
+                                               "ranking": [1, 2, 3]}])
+    tok = load_tokenizer(base_model)
+    groups, _ = tokenize_preferences(load_preferences(f)[0], tok, max_length=32)
+    assert len(groups) == 1 and groups[0]["pair_weight"] == pytest.approx(1 / 3)
+    seqs, pairs = group_sequences(groups[0])
+    assert len(seqs) == 3 and len(pairs) == 3
+    assert order_from_pairs(3, pairs) == [0, 1, 2]
+    res = RewardTrainer(model=base_model, args=RewardConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-3,
+                                                            num_epochs=1, loss="plackett_luce", **QUIET),
+                        train_dataset=f).train()
+    assert res.steps == 1
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_batch8_equals_batch4_x2_accumulation(tmp_path, base_model, sft_file, pref_files, kind):
+    common = dict(learning_rate=1e-3, max_steps=4, max_length=64, seed=3, **QUIET)
+    if kind == "sft":
+        run = lambda out, **kw: SFTTrainer(model=base_model, args=SFTConfig(output_dir=str(out), **common, **kw),
+                                           train_dataset=sft_file).train()
+    else:
+        run = lambda out, **kw: RewardTrainer(model=base_model, args=RewardConfig(output_dir=str(out), **common, **kw),
+                                              train_dataset=pref_files[0]).train()
+    a = run(tmp_path / "b8", per_device_batch_size=8)
+    b = run(tmp_path / "b4x2", per_device_batch_size=4, gradient_accumulation_steps=2)
+    assert_same_weights(a.output_dir, b.output_dir, atol=2e-6)
+    c = run(tmp_path / "b4", per_device_batch_size=4)  # a different global batch must give different weights
+    with pytest.raises(AssertionError):
+        assert_same_weights(a.output_dir, c.output_dir, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_resume_gives_same_weights(tmp_path, dropout_model, sft_file, pref_files, kind):
+    """Dropout is on, so a resume that lost the RNG state, the data position, the optimizer moments or the
+    schedule would end elsewhere."""
+    common = dict(learning_rate=1e-3, num_epochs=2, per_device_batch_size=16, max_length=64, seed=1, save_steps=5,
+                  save_total_limit=None, lr_scheduler="cosine", warmup_steps=2, **QUIET)
+    Trainer, Config, data = (SFTTrainer, SFTConfig, sft_file) if kind == "sft" else (RewardTrainer, RewardConfig, pref_files[0])
+    full = Trainer(model=dropout_model, args=Config(output_dir=str(tmp_path / "full"), **common), train_dataset=data).train()
+    assert full.steps > 10
+    # "interrupted" run: only the checkpoint at step 5 survives; resume into a fresh folder
+    ckpt = tmp_path / "full" / "checkpoints" / "step-000005"
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step-000005")
+    resumed = Trainer(model=dropout_model, args=Config(output_dir=str(tmp_path / "resumed"), resume_from="latest",
+                                                       **common), train_dataset=data).train()
+    assert resumed.steps == full.steps
+    assert_same_weights(full.output_dir, resumed.output_dir, atol=0)
+    # and the metrics file reads as one run: each step logged once
+    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if "loss/" + kind in m]
+    assert steps == sorted(set(steps)) and steps[-1] == full.steps
+
+
+def test_cli_yaml_and_flags(tmp_path, base_model, sft_file):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: {base_model}\ntrain_file: {sft_file}\nlearning_rate: 0.5\nmax_steps: 2\n"
+                   f"output_dir: {tmp_path / 'cli'}\nprogress: false\ntensorboard: false\n")
+    out = subprocess.run([sys.executable, "-m", "alignloop.cli", "sft", "--config", str(cfg), "--learning-rate",
+                          "0.001", "--per-device-batch-size", "4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 2 and Path(report["model"]).is_dir()
+    saved = (tmp_path / "cli" / "config.yaml").read_text()
+    assert "learning_rate: 0.001" in saved and "per_device_batch_size: 4" in saved
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rm", "--model", "/no/such/model", "--train-file", "x.jsonl"], "does not exist"),
+    (["sft", "--model", "m", "--max-length", "1"], "max_length"),
+    (["rm", "--config", "/no/such.yaml"], "config file not found"),
+])
+def test_cli_user_errors_exit_2_without_traceback(args, message):
+    out = subprocess.run([sys.executable, "-m", "alignloop.cli", *args], capture_output=True, text=True)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_unknown_yaml_field(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: m\nlearning_rat: 0.1\n")
+    out = subprocess.run([sys.executable, "-m", "alignloop.cli", "rm", "--config", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown field 'learning_rat'" in out.stderr and "learning_rate" in out.stderr
+
+
+TWO_PROC = r'''
+import sys, torch
+torch.set_num_threads(1)
+from alignloop.trainers.{mod} import {T}, {C}
+{T}(model=sys.argv[1], args={C}(output_dir=sys.argv[2], learning_rate=1e-3, max_steps=3, per_device_batch_size={b},
+    max_length=64, seed=3, progress=False, tensorboard=False), train_dataset=sys.argv[3]).train()
+from accelerate import PartialState
+print(f"processes={{PartialState().num_processes}}", flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_two_processes_equal_one(tmp_path, base_model, sft_file, pref_files, kind):
+    """accelerate launch, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8."""
+    mod, T, C, data = ("sft", "SFTTrainer", "SFTConfig", sft_file) if kind == "sft" else ("rm", "RewardTrainer", "RewardConfig", pref_files[0])
+    for n, b in [(1, 8), (2, 4)]:
+        launcher = ["--multi_gpu"] if n > 1 else ["--cpu"]
+        script = tmp_path / f"run{n}.py"
+        script.write_text(TWO_PROC.format(mod=mod, T=T, C=C, b=b))
+        # on a machine without GPUs, accelerate's "multi_gpu" launcher starts torchrun and picks gloo on CPU
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               base_model, str(tmp_path / f"out{n}"), data]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"processes={n}" in out.stdout, out.stdout[-2000:]
+    assert_same_weights(tmp_path / "out1" / "final", tmp_path / "out2" / "final", atol=2e-6)
