@@ -19,7 +19,7 @@ from alignloop.errors import UserError
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64,
 }
 
 

@@ -82,7 +82,8 @@ def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
     from alignloop.models.forward import unwrap_distributed
 
-    if isinstance(unwrap_distributed(model), RewardModel):
+    inner = unwrap_distributed(model)
+    if isinstance(inner, RewardModel) and not isinstance(inner, CriticModel):
         if label != 0:
             raise ValueError("a RewardModel has a single output: label must be 0")
         return model(input_ids, attention_mask)  # through a DDP wrapper, if any
@@ -167,15 +168,20 @@ def critic_from_reward_model(reward_model: str | os.PathLike | RewardModel, dtyp
                              lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
                              trust_remote_code: bool = False) -> CriticModel:
     """A trainable critic initialised from a reward model (a path/hub id, or a `RewardModel` which is deep-copied,
-    so training the critic leaves the reward model unchanged)."""
+    so training the critic leaves the reward model unchanged; a frozen reward model gives a trainable critic)."""
     if isinstance(reward_model, RewardModel):
         import copy
 
-        inner = copy.deepcopy(reward_model.model)
-        if lora is not None:
-            from alignloop.models.loading import apply_lora
+        from alignloop.models.loading import apply_lora, has_adapter
 
-            inner = apply_lora(inner, lora, task_type="SEQ_CLS")
+        inner = copy.deepcopy(reward_model.model)
+        if has_adapter(inner):  # keep the reward model's adapter; train it (and the head copy) only
+            for name, param in inner.named_parameters():
+                param.requires_grad_("lora_" in name or "modules_to_save" in name)
+        else:
+            inner.requires_grad_(True)
+            if lora is not None:
+                inner = apply_lora(inner, lora, task_type="SEQ_CLS")
         return CriticModel(inner)
     return CriticModel.from_pretrained(reward_model, dtype=dtype, lora=lora,
                                        gradient_checkpointing=gradient_checkpointing,

@@ -256,3 +256,22 @@ def test_reward_model_gradient_checkpointing(reward_dir, pad_batch, lora):
     grads = [p.grad for p in rm.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_score_sequences_on_a_critic_reads_the_last_real_token(reward_dir, pad_batch):
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    critic = critic_from_reward_model(rm).eval()
+    ids, mask = pad_batch(SEQS, EOS, "right")
+    with torch.no_grad():
+        torch.testing.assert_close(score_sequences(critic, ids, mask), rm(ids, mask))
+
+
+def test_critic_from_a_frozen_reward_model_is_trainable(reward_dir):
+    rm = RewardModel.from_pretrained(reward_dir).eval().requires_grad_(False)
+    critic = critic_from_reward_model(rm, lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    assert has_adapter(critic) and not has_adapter(rm)
+    trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    full = critic_from_reward_model(rm)
+    assert all(p.requires_grad for p in full.parameters())
+    assert not any(p.requires_grad for p in rm.parameters())
