@@ -65,7 +65,8 @@ class SFTCollator:
         for e in examples:
             n_pad = t - len(e["input_ids"])
             padding = list(range(n_pad))
-            positions.append(e["position_ids"] + padding if self.padding_side == "right" else padding + e["position_ids"])
+            own = list(e["position_ids"])
+            positions.append(own + padding if self.padding_side == "right" else padding + own)
         batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         batch["seq_lens"] = pad([e["seq_lens"] for e in examples], 0, "right")
         lens = []

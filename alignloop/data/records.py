@@ -212,7 +212,8 @@ def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None 
     if (not isinstance(ranking, (list, tuple)) or len(ranking) != k
             or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking)):
         raise BadRow(f"field 'ranking': expected a list of {k} integer ranks >= 1 (one per completion, 1 = best, "
-                     f"equal ranks = ties), got {json.dumps(ranking) if isinstance(ranking, list) else type_name(ranking)}")
+                     f"equal ranks = ties), got "
+                     f"{json.dumps(ranking, default=str) if isinstance(ranking, list) else type_name(ranking)}")
     ranking = list(ranking)
     pairs = rankings_to_pairs(completions, ranking, include_ties)
     if stats is not None:
