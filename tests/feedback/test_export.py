@@ -1,0 +1,198 @@
+"""Export formats and options; the files read back through alignloop.data; export -> `alignloop rm` trains."""
+import json
+
+import pytest
+
+from alignloop.errors import UserError
+from alignloop.feedback.export import ExportOptions, export_records, write_jsonl
+from alignloop.feedback.quality import Thresholds
+
+PW = "password123"
+
+
+def _judge(store, project, labeler, fields_by_prompt):
+    """Have `labeler` label everything available; fields_by_prompt(prompt_text, assignment) -> screen fields."""
+    p = store.get_project(project)
+    n = 0
+    while (a := store.next_assignment(p.id, labeler.id)) is not None:
+        view = store.item_view(a.item, a.shown_order)
+        store.submit(a.id, labeler.id, fields_by_prompt(view, a), f"k-{labeler.id}-{a.id}-exp")
+        n += 1
+    return n
+
+
+def _prefer(text):
+    """Screen fields that pick the completion whose text is `text` as better."""
+    def f(view, a):
+        shown = [c["text"] for c in view["completions"]]
+        if text not in shown:
+            return {"choice": "tie"}
+        return {"choice": "left" if shown[0] == text else "right", "strength": "significantly_better"}
+    return f
+
+
+@pytest.fixture
+def pairwise(store):
+    store.create_project("pw", "pairwise", overlap_k=3)
+    store.import_records("pw", [
+        {"prompt": "p1", "completions": ["good1", "bad1"]},
+        {"prompt": "p2", "completions": ["good2", "bad2"]},
+        {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+                    {"role": "user", "content": "p3"}], "completions": ["good3", "bad3"]},
+    ])
+    labs = [store.add_labeler(n, PW) for n in ("a", "b", "c")]
+    goods = {"good1", "good2", "good3"}
+
+    def honest(view, a):
+        shown = [c["text"] for c in view["completions"]]
+        left_good = shown[0] in goods
+        return {"choice": "left" if left_good else "right", "strength": "better"}
+
+    def contrarian(view, a):
+        shown = [c["text"] for c in view["completions"]]
+        if "good2" in shown:
+            return {"choice": "tie"}
+        return {"choice": "right" if shown[0] in goods else "left", "strength": "slightly_better"}
+    _judge(store, "pw", labs[0], honest)
+    _judge(store, "pw", labs[1], honest)
+    _judge(store, "pw", labs[2], contrarian)
+    return store
+
+
+def test_preference_consensus_margins_and_conversational(pairwise):
+    rows, summary = export_records(pairwise, "pw", ExportOptions(format="preference", thresholds=Thresholds(
+        min_items=100)))
+    assert len(rows) == 3 and summary["used"] == 9
+    by_prompt = {json.dumps(r["prompt"]): r for r in rows}
+    r1 = by_prompt['"p1"']
+    assert (r1["chosen"], r1["rejected"]) == ("good1", "bad1")
+    assert r1["margin"] == pytest.approx(2 / 3)  # mean margin of the agreeing labelers ("better")
+    conv = [r for r in rows if isinstance(r["prompt"], list)][0]
+    assert conv["prompt"][-1] == {"role": "user", "content": "p3"}
+    assert conv["chosen"] == [{"role": "assistant", "content": "good3"}]
+
+
+def test_preference_all_mode_ties_options(pairwise):
+    th = Thresholds(min_items=100)
+    rows, s = export_records(pairwise, "pw", ExportOptions(format="preference", mode="all", thresholds=th))
+    assert len(rows) == 8 and s["dropped"] == {"tie": 1}
+    margins = sorted(r["margin"] for r in rows)
+    assert margins == pytest.approx([1 / 3, 1 / 3] + [2 / 3] * 6)
+    rows, s = export_records(pairwise, "pw", ExportOptions(format="preference", mode="all", ties="both", thresholds=th))
+    ties = [r for r in rows if r["margin"] == 0.0]
+    assert len(ties) == 2 and ties[0]["chosen"] == ties[1]["rejected"]
+
+
+def test_flagged_labelers_left_out(pairwise):
+    th = Thresholds(min_items=1, min_agreement=0.5, min_median_seconds=0.0)
+    rows, s = export_records(pairwise, "pw", ExportOptions(format="preference", mode="all", thresholds=th))
+    assert s["flagged_labelers"] == ["c"] and len(rows) == 6
+    rows, s = export_records(pairwise, "pw", ExportOptions(format="preference", mode="all", thresholds=th,
+                                                           exclude_flagged=False))
+    assert len(rows) == 8
+
+
+def test_ranking_and_unpaired_from_pairwise(pairwise):
+    th = Thresholds(min_items=100)
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="ranking", thresholds=th))
+    assert all(r["ranking"] in ([1, 2], [2, 1]) for r in rows) and len(rows) == 3
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="unpaired", thresholds=th))
+    assert sorted(r["label"] for r in rows) == [False] * 3 + [True] * 3
+    assert all(r["label"] == r["completion"].startswith("good") for r in rows if isinstance(r["completion"], str))
+
+
+def test_both_bad_option(store):
+    store.create_project("bb", "pairwise", overlap_k=1)
+    store.import_records("bb", [{"prompt": "p", "completions": ["x", "y"]}])
+    lab = store.add_labeler("a", PW)
+    _judge(store, "bb", lab, lambda v, a: {"choice": "both_bad"})
+    rows, s = export_records(store, "bb", ExportOptions(mode="all"))
+    assert rows == [] and s["dropped"] == {"both_bad": 1}
+    rows, s = export_records(store, "bb", ExportOptions(mode="all", both_bad="tie", ties="both"))
+    assert len(rows) == 2 and all(r["margin"] == 0.0 for r in rows)
+
+
+def test_rank_project_exports(store):
+    store.create_project("rk", "rank", overlap_k=2)
+    store.import_records("rk", [{"prompt": "p", "completions": ["best", "mid", "worst"]}])
+    order = {"best": 1, "mid": 2, "worst": 3}
+    for name in ("a", "b"):
+        lab = store.add_labeler(name, PW)
+        _judge(store, "rk", lab, lambda v, a: {f"rank_{i}": str(order[c["text"]])
+                                               for i, c in enumerate(v["completions"])})
+    rows, _ = export_records(store, "rk", ExportOptions(format="ranking"))
+    assert rows == [{"prompt": "p", "completions": ["best", "mid", "worst"], "ranking": [1, 2, 3]}]
+    rows, _ = export_records(store, "rk", ExportOptions(format="preference"))
+    assert {(r["chosen"], r["rejected"]) for r in rows} == {("best", "mid"), ("best", "worst"), ("mid", "worst")}
+    rows, _ = export_records(store, "rk", ExportOptions(format="unpaired"))
+    assert rows == [{"prompt": "p", "completion": "best", "label": True},
+                    {"prompt": "p", "completion": "worst", "label": False}]
+
+
+def test_thumbs_and_likert_unpaired(store):
+    store.create_project("th", "thumbs", overlap_k=1)
+    store.import_records("th", [{"prompt": "p", "completions": ["nice", "rude"]}])
+    lab = store.add_labeler("a", PW)
+    _judge(store, "th", lab, lambda v, a: {"thumbs": "up" if v["completions"][0]["text"] == "nice" else "down"})
+    rows, _ = export_records(store, "th", ExportOptions(format="unpaired"))
+    assert sorted((r["completion"], r["label"]) for r in rows) == [("nice", True), ("rude", False)]
+    with pytest.raises(UserError, match="only the unpaired"):
+        export_records(store, "th", ExportOptions(format="preference"))
+    store.create_project("lk", "likert", overlap_k=1)
+    store.import_records("lk", [{"prompt": "p", "completions": ["five", "four"]}])
+    _judge(store, "lk", lab, lambda v, a: {"likert": "5" if v["completions"][0]["text"] == "five" else "4"})
+    rows, _ = export_records(store, "lk", ExportOptions(format="unpaired", likert_threshold=5))
+    assert sorted((r["completion"], r["label"]) for r in rows) == [("five", True), ("four", False)]
+    with pytest.raises(UserError):
+        ExportOptions(format="csv").check()
+
+
+def test_dawid_skene_consensus_option(pairwise):
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="preference", consensus="dawid_skene",
+                                                           thresholds=Thresholds(min_items=100)))
+    assert len(rows) == 3 and all(str(r["chosen"]).find("good") >= 0 for r in rows)
+
+
+def test_files_read_back_by_the_data_module(pairwise, tmp_path):
+    data = pytest.importorskip("alignloop.data")
+    th = Thresholds(min_items=100)
+    for fmt in ("preference", "ranking"):
+        rows, _ = export_records(pairwise, "pw", ExportOptions(format=fmt, thresholds=th))
+        path = write_jsonl(rows, tmp_path / f"{fmt}.jsonl")
+        groups, stats = data.load_preferences(str(path))
+        assert len(groups) == 3
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="unpaired", thresholds=th))
+    recs, _ = data.load_unpaired(str(write_jsonl(rows, tmp_path / "u.jsonl")))
+    assert len(recs) == 6
+
+
+def test_export_then_alignloop_rm_trains(store, tmp_path):
+    """Export -> `alignloop rm` (runs when the RM trainer exists)."""
+    pytest.importorskip("alignloop.trainers.rm")
+    from click.testing import CliRunner
+
+    from alignloop.cli import cli
+    from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
+
+    store.create_project("loop", "pairwise", overlap_k=2)
+    words = default_corpus(40, seed=3)
+    store.import_records("loop", [{"prompt": f"review {i}:", "completions": [f"great fun {w}", f"awful boring {w}"]}
+                                  for i, w in enumerate(words)])
+    for name in ("a", "b"):
+        _judge(store, "loop", store.add_labeler(name, PW),
+               lambda v, a: {"choice": "left" if v["completions"][0]["text"].startswith("great") else "right",
+                             "strength": "better"})
+    out = tmp_path / "prefs.jsonl"
+    from alignloop.cli.feedback import feedback
+    r = CliRunner().invoke(feedback, ["export", "--db", store.url, "--project", "loop", "--out", str(out),
+                                     "--include-flagged"])  # fast test labelers trip the time threshold
+    assert r.exit_code == 0, r.output
+    assert len(out.read_text().splitlines()) == 40
+    tok = train_tokenizer(default_corpus(300), vocab_size=300)
+    model = build_tiny_checkpoint(tmp_path / "base", tokenizer=tok, n_layer=1, n_embd=32, n_head=2)
+    r = CliRunner().invoke(cli, ["rm", "--model", str(model), "--train-file", str(out), "--output-dir",
+                                 str(tmp_path / "rm"), "--max-steps", "3", "--per-device-batch-size", "8",
+                                 "--learning-rate", "0.001", "--max-length", "64", "--no-progress",
+                                 "--no-tensorboard"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rm" / "final").is_dir()
