@@ -8,8 +8,10 @@ from __future__ import annotations
 import click
 
 from alignloop.data import (
-    KINDS, DataStats, PreferenceGroup, groups_to_rows, groups_to_unpaired, parse_rows, write_rows,
+    KINDS, DataStats, PreferenceGroup, groups_to_rows, groups_to_unpaired, parse_rows, tokenize_preferences,
+    tokenize_prompts, tokenize_sft, write_rows,
 )
+from alignloop.data.tokenize import TRUNCATIONS
 from alignloop.data.readers import _read
 from alignloop.errors import UserError
 
@@ -24,12 +26,26 @@ class DataCommandError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def _load(path: str, kind: str | None, split: str, include_ties: bool, margins: str) -> tuple[list, DataStats]:
+def _tokenizer(name: str | None):
+    if name is None:
+        return None
+    from alignloop.models import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except UserError as e:
+        raise DataCommandError(str(e)) from None
+
+
+def _load(path: str, kind: str | None, split: str, include_ties: bool, margins: str,
+          tokenizer=None) -> tuple[list, DataStats]:
     """Read and validate, collecting bad rows in the stats (the commands decide what to do with them)."""
     stats = DataStats()
     try:
         rows = _read(path, split, stats)
-        return parse_rows(rows, kind, include_ties=include_ties, margins=margins, stats=stats), stats
+        records = parse_rows(rows, kind, tokenizer=tokenizer, include_ties=include_ties, margins=margins,
+                             stats=stats)
+        return records, stats
     except UserError as e:
         raise DataCommandError(str(e)) from None
 
@@ -49,6 +65,9 @@ skip_option = click.option("--skip-bad-rows", is_flag=True,
                            help="Skip rows that fail validation (they are counted and listed) instead of failing.")
 ties_option = click.option("--include-ties", is_flag=True,
                            help="Keep tied ranking pairs (margin 0, tie=true); by default they are skipped.")
+tokenizer_option = click.option("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                                help="A tokenizer (local folder or hub id) to apply its chat template to "
+                                     "conversational data (and, for validate, to count tokens).")
 margins_option = click.option("--margins", type=click.Choice(["small", "large"]), default="small", show_default=True,
                               help="Llama 2 margin table used to turn a `strength` column into `margin`.")
 
@@ -66,8 +85,17 @@ def data() -> None:
 @skip_option
 @ties_option
 @margins_option
-def validate(file: str, kind: str | None, split: str, skip_bad_rows: bool, include_ties: bool, margins: str) -> None:
-    records, stats = _load(file, kind, split, include_ties, margins)
+@tokenizer_option
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="With --tokenizer: count the examples (SFT, prompts) or pairs that this token limit would "
+                   "truncate or drop.")
+@click.option("--truncation", type=click.Choice(TRUNCATIONS), default="keep_end", show_default=True,
+              help="With --max-length: keep_end cuts the prompt from the left first, then the completion; "
+                   "keep_start keeps the first tokens; drop drops too-long examples.")
+def validate(file: str, kind: str | None, split: str, skip_bad_rows: bool, include_ties: bool, margins: str,
+             tokenizer: str | None, max_length: int | None, truncation: str) -> None:
+    tok = _tokenizer(tokenizer)
+    records, stats = _load(file, kind, split, include_ties, margins, tok)
     click.echo(f"file: {file}")
     click.echo(f"format: {stats.kind or 'unknown (no rows)'} ({'given' if kind else 'detected'})")
     click.echo(f"rows: {stats.rows}")
@@ -77,10 +105,39 @@ def validate(file: str, kind: str | None, split: str, skip_bad_rows: bool, inclu
         click.echo(f"pairs: {stats.pairs}")
         click.echo(f"ties skipped: {stats.ties_skipped}")
     click.echo(f"bad rows: {stats.bad_rows}")
+    if tok is not None and records:
+        _token_report(records, stats.kind, tok, max_length, truncation)
     if stats.bad_rows:
         _print_bad_rows(stats)
         if not skip_bad_rows:
             raise DataCommandError(f"{stats.bad_rows} bad rows in {file} (--skip-bad-rows to skip them)")
+
+
+def _token_report(records: list, kind: str, tok, max_length: int | None, truncation: str) -> None:
+    """Token lengths (before truncation), and what --max-length would truncate or drop."""
+
+    def tokenize(limit):
+        if kind in ("preference", "ranking"):
+            out, tstats = tokenize_preferences(records, tok, max_length=limit, truncation=truncation)
+            return [len(p[k]) for g in out for p in g["pairs"] for k in ("chosen_input_ids", "rejected_input_ids")], \
+                tstats, "pairs"
+        if kind in ("sft", "unpaired"):
+            recs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+            out, tstats = tokenize_sft(recs, tok, max_length=limit, truncation=truncation)
+            return [len(e["input_ids"]) for e in out], tstats, "examples"
+        out, tstats = tokenize_prompts(records, tok, max_length=limit)
+        return [len(e["input_ids"]) for e in out], tstats, "prompts"
+
+    try:
+        lengths, _, unit = tokenize(None)
+        if lengths:
+            click.echo(f"tokens per sequence: max {max(lengths)}, mean {sum(lengths) / len(lengths):.1f}")
+        if max_length is not None:
+            _, tstats, _ = tokenize(max_length)
+            click.echo(f"truncated {unit} (max length {max_length}, {truncation}): {tstats.truncated}")
+            click.echo(f"dropped {unit}: {tstats.dropped}")
+    except UserError as e:
+        raise DataCommandError(str(e)) from None
 
 
 def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict]:
@@ -143,9 +200,10 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
 @skip_option
 @ties_option
 @margins_option
+@tokenizer_option
 def convert(in_path: str, out_path: str, to: str, kind: str | None, split: str, skip_bad_rows: bool,
-            include_ties: bool, margins: str) -> None:
-    records, stats = _load(in_path, kind, split, include_ties, margins)
+            include_ties: bool, margins: str, tokenizer: str | None) -> None:
+    records, stats = _load(in_path, kind, split, include_ties, margins, _tokenizer(tokenizer))
     if stats.bad_rows and not skip_bad_rows:
         _print_bad_rows(stats)
         raise DataCommandError(f"{stats.bad_rows} bad rows in {in_path}; nothing written (--skip-bad-rows to "

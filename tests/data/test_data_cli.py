@@ -129,3 +129,31 @@ def test_every_option_has_help():
         for p in cmd.params:
             if p.param_type_name == "option":
                 assert p.help, f"{name} {p.name} has no help"
+
+
+def test_validate_and_convert_with_a_tokenizer(tmp_path, chat_tok, plain_tok):
+    chat_tok.save_pretrained(tmp_path / "chat_tok")
+    plain_tok.save_pretrained(tmp_path / "plain_tok")
+    u, a, b = ({"role": "user", "content": "is the movie good"}, {"role": "assistant", "content": "yes"},
+               {"role": "assistant", "content": " ".join(["no"] * 30)})
+    src = _jsonl(tmp_path / "c.jsonl", [{"prompt": [u], "chosen": [a], "rejected": [b]},
+                                        {"prompt": [u], "chosen": [a], "rejected": [{"role": "assistant",
+                                                                                    "content": "no"}]}])
+    from alignloop.data import load_preferences, tokenize_preferences
+
+    tokenized, _ = tokenize_preferences(load_preferences(src, tokenizer=chat_tok)[0], chat_tok)
+    short = max(len(tokenized[1]["pairs"][0][k]) for k in ("chosen_input_ids", "rejected_input_ids"))
+    longest = max(len(tokenized[0]["pairs"][0][k]) for k in ("chosen_input_ids", "rejected_input_ids"))
+    assert longest > short
+    res = run("validate", src, "--tokenizer", tmp_path / "chat_tok", "--max-length", short)
+    assert res.exit_code == 0, res.output
+    assert f"tokens per sequence: max {longest}" in res.output
+    assert f"truncated pairs (max length {short}, keep_end): 1" in res.output and "dropped pairs: 0" in res.output
+    res = run("validate", src, "--tokenizer", tmp_path / "chat_tok", "--max-length", short, "--truncation", "drop")
+    assert "dropped pairs: 1" in res.output
+    res = run("validate", src, "--tokenizer", tmp_path / "plain_tok")
+    assert res.exit_code == 2 and "no chat template" in res.output and "Traceback" not in res.output
+    out = tmp_path / "rendered.jsonl"
+    assert run("convert", src, out, "--tokenizer", tmp_path / "chat_tok").exit_code == 0
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["prompt"] == "<|user|>is the movie good\n<|assistant|>" and first["chosen"] == "yes\n"
