@@ -17,3 +17,10 @@ generate = make_config_command(
     "generate", BestOfNConfig, run_generate,
     help="Sample completions for prompts; with --best-of N --reward-model PATH, N per prompt, every candidate and "
          "its score written to JSONL, the best marked; prints the analytic KL of best-of-N, log N - (N-1)/N.")
+
+from alignloop.trainers.rejection_sampling import RSConfig, run_rs  # noqa: E402
+
+rs = make_config_command(
+    "rs", RSConfig, run_rs,
+    help="Rejection-sampling fine-tuning: sample N per prompt from the latest model, score with --reward-model, keep "
+         "the top k per prompt and/or all above --score-threshold, SFT on them; repeat for --rounds.")

@@ -1,0 +1,63 @@
+"""Rejection-sampling fine-tuning: selection rule, the CLI end to end, and (slow) one round raises the mean reward
+of fresh samples."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from alignloop.models import tiny
+from alignloop.trainers.rejection_sampling import RejectionSamplingTrainer, RSConfig, select
+
+from .conftest import SHAPE
+
+
+def test_select_top_k_and_threshold():
+    cs = [{"score": s} for s in (0.1, 0.9, 0.5, 0.9, -1.0)]
+    assert select(cs, 1, None) == [1]
+    assert select(cs, 2, None) == [1, 3]
+    assert select(cs, 3, 0.6) == [1, 3]
+    assert select(cs, 0, 0.0) == [0, 1, 2, 3]
+    assert select(cs, 0, 5.0) == []
+
+
+def test_cli_rs_one_round(tmp_path, tok):
+    policy = tiny.build_tiny_checkpoint(tmp_path / "policy", tokenizer=tok, **SHAPE)
+    rm = tiny.build_tiny_checkpoint(tmp_path / "rm", tokenizer=tok, kind="reward", seed=1, **SHAPE)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie", "a good film", "plot", "fun"]))
+    from alignloop.cli import cli
+
+    out = tmp_path / "rs"
+    res = CliRunner().invoke(cli, ["rs", "--model", str(policy), "--reward-model", str(rm), "--prompts-file",
+                                   str(prompts), "--output-dir", str(out), "--samples-per-prompt", "3",
+                                   "--keep-top-k", "1", "--max-new-tokens", "6", "--no-progress", "--rounds", "2"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "round-0" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(sum(c["kept"] for c in r["candidates"]) == 1 for r in rows)
+    for r in rows:
+        best = max(r["candidates"], key=lambda c: c["score"])
+        assert best["kept"]
+    assert (out / "round-1" / "final" / "config.json").is_file() and (out / "final" / "config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["rs/kept"] for s in summary] == [4, 4] and "final/mean_score" in summary[-1]
+
+
+def vowel_share(prompts, completions):
+    return [sum(ch in "aeiou" for ch in c) / (len(c) + 1) for c in completions]
+
+
+@pytest.mark.slow
+def test_one_round_raises_mean_reward_of_fresh_samples(tmp_path, tok):
+    policy = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+    prompts = [f"{a} {b}" for a in "the a this that".split() for b in "movie film plot actor scene story".split()]
+    args = RSConfig(output_dir=str(tmp_path / "rs"), rounds=1, samples_per_prompt=8, keep_top_k=2,
+                    max_new_tokens=12, sft_learning_rate=3e-3, sft_epochs=4, sft_batch_size=8, progress=False,
+                    seed=0)
+    summaries = RejectionSamplingTrainer(model=policy, args=args, train_dataset=prompts, reward_fn=vowel_share,
+                                         tokenizer=tok).train()
+    before, after = summaries[0]["rs/mean_score"], summaries[0]["final/mean_score"]
+    print(f"mean reward of fresh samples: before {before:.4f}, after one round {after:.4f}, "
+          f"best-of-8 before {summaries[0]['rs/mean_best_score']:.4f}")
+    assert after > before + 0.03 and after > 1.25 * before, (before, after)  # seen: 0.107 -> 0.157
