@@ -46,6 +46,7 @@ completions unless add_eos=False; BOS prepended only with add_bos=True):
     tokenize_sft(records, tokenizer, *, max_length=None, truncation="keep_end", max_prompt_length=None,
         add_eos=True, add_bos=False, stats=None) -> (examples, DataStats)
     tokenize_preferences(groups, tokenizer, *, same options) -> (tokenised groups, DataStats)
+    tokenize_rankings(groups, tokenizer, *, same options) -> (one entry per group, each completion once, DataStats)
     tokenize_prompts(records, tokenizer, *, max_length=None, add_bos=False) -> ({"input_ids"}, DataStats)
     truncate(prompt_ids, completions, max_length, truncation, max_prompt_length) -> (prompt, completions, cut) | None
     pack_sft(examples, max_length) -> packed rows; run them as model(input_ids, position_ids=..., use_cache=False)
@@ -56,7 +57,13 @@ completions unless add_eos=False; BOS prepended only with add_bos=True):
 
 Collators (torch tensors; padding_side "right" for training, "left" for generation):
     SFTCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)
-    PreferenceCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)
+    PreferenceCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)   # DPO and RM
+    RankingCollator(pad_token_id, padding_side="right", pad_to_multiple_of=None)      # RM, each completion once
+  How trainers use a PreferenceCollator batch (P pairs, G groups):
+    DPO: logps = per-row sum of token log-probs over response_mask (labels shifted by one, as usual);
+      chosen = logps[:P], rejected = logps[P:]; dpo_loss(...) per pair; skip tie pairs; plain pairs have weight 1.
+    RM: s = score at the last real token of each row; loss = sum(pair_weight * bradley_terry_loss(s[:P], s[P:],
+      margin)) / G, so each prompt counts once whatever its K (InstructGPT); tie pairs use the tie loss above.
 
 Errors: DataError (a UserError) names file, line (1-based, JSONL/CSV; the CSV header is line 1) or index (0-based,
 JSON/Parquet/datasets), field and what was expected, e.g. "pairs.jsonl line 7, field 'chosen': expected a string or
@@ -74,11 +81,14 @@ examples per row):
                             cu_seqlens [N+1] int32
     PreferenceCollator      input_ids, attention_mask, position_ids, labels, response_mask [2P,T] (rows :P chosen,
                             P: rejected); margin, pair_weight [P] float; group_index [P] long; tie [P] bool
+    RankingCollator         input_ids, attention_mask, position_ids, labels, response_mask [N,T] (N = distinct
+                            completions); group_index [N]; chosen_index, rejected_index, pair_group_index [P] long
+                            (rows of N); margin, pair_weight [P]; tie [P]; order, valid [G,K] (best first)
     DataStats               kind, rows, bad_rows, errors, records, pairs, ties_skipped, truncated, dropped
 """
 from __future__ import annotations
 
-from alignloop.data.collators import PreferenceCollator, SFTCollator, pad
+from alignloop.data.collators import PreferenceCollator, RankingCollator, SFTCollator, pad
 from alignloop.data.conversions import (
     STRENGTH_MARGINS, Pair, PreferenceGroup, groups_to_rows, groups_to_unpaired, implicit_messages_prompt,
     implicit_text_prompt, ranking_pair_weight, rankings_to_pairs, strength_to_margin,
@@ -90,7 +100,7 @@ from alignloop.data.records import (
     render_record,
 )
 from alignloop.data.tokenize import (
-    IGNORE_INDEX, pack_sft, tokenize_preferences, tokenize_prompts, tokenize_sft, truncate,
+    IGNORE_INDEX, pack_sft, tokenize_preferences, tokenize_prompts, tokenize_rankings, tokenize_sft, truncate,
 )
 
 __all__ = [
@@ -98,6 +108,6 @@ __all__ = [
     "load_sft", "load_preferences", "load_unpaired", "load_prompts", "render_record", "KINDS",
     "Pair", "PreferenceGroup", "rankings_to_pairs", "ranking_pair_weight", "strength_to_margin", "STRENGTH_MARGINS",
     "implicit_text_prompt", "implicit_messages_prompt", "groups_to_rows", "groups_to_unpaired",
-    "tokenize_sft", "tokenize_preferences", "tokenize_prompts", "truncate", "pack_sft", "IGNORE_INDEX",
-    "SFTCollator", "PreferenceCollator", "pad",
+    "tokenize_sft", "tokenize_preferences", "tokenize_rankings", "tokenize_prompts", "truncate", "pack_sft", "IGNORE_INDEX",
+    "SFTCollator", "PreferenceCollator", "RankingCollator", "pad",
 ]

@@ -117,3 +117,61 @@ class PreferenceCollator:
             "group_index": torch.tensor(index, dtype=torch.long),
             "tie": torch.tensor([bool(p.get("tie", False)) for p in pairs], dtype=torch.bool),
         }
+
+
+@dataclass
+class RankingCollator:
+    """Batch groups from `tokenize_rankings`: every distinct completion once (N rows), pairs as row indices.
+
+    input_ids, attention_mask, position_ids, labels, response_mask: [N, T] (the completions, group by group);
+    group_index [N] long; for the P pairs: chosen_index, rejected_index [P] long (rows of the above), margin [P],
+    pair_weight [P], tie [P] bool, pair_group_index [P] long; listwise: order [G, K] long (each group's rows,
+    best first by rank; 0 where invalid) and valid [G, K] bool (False for padding and for groups without a ranking).
+    Reward model, pairwise: s = scores(rows) [N]; loss = sum(pair_weight * bradley_terry_loss(s[chosen_index],
+    s[rejected_index], margin)) / G — the same as with PreferenceCollator, with each completion scored once.
+    Listwise: plackett_luce_loss(s[order], valid)."""
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, groups: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, group_index = [], [], []
+        chosen, rejected, margin, weight, tie, pair_group = [], [], [], [], [], []
+        k_max = max(len(g["input_ids"]) for g in groups)
+        order = torch.zeros(len(groups), k_max, dtype=torch.long)
+        valid = torch.zeros(len(groups), k_max, dtype=torch.bool)
+        for g_i, g in enumerate(groups):
+            start = len(ids)
+            ids += g["input_ids"]
+            labels += g["labels"]
+            group_index += [g_i] * len(g["input_ids"])
+            for i, j, m, t in g["pairs"]:
+                chosen.append(start + i)
+                rejected.append(start + j)
+                margin.append(float(m))
+                tie.append(bool(t))
+                weight.append(float(g.get("pair_weight", 1.0)))
+                pair_group.append(g_i)
+            if g.get("ranking") is not None:
+                best_first = sorted(range(len(g["ranking"])), key=lambda k: g["ranking"][k])
+                order[g_i, :len(best_first)] = torch.tensor(best_first) + start
+                valid[g_i, :len(best_first)] = True
+        t = _round_up(max(len(s) for s in ids), self.pad_to_multiple_of)
+        attention_mask = pad([[1] * len(s) for s in ids], 0, self.padding_side, t)
+        labels_t = pad(labels, IGNORE_INDEX, self.padding_side, t)
+        return {
+            "input_ids": pad(ids, self.pad_token_id, self.padding_side, t),
+            "attention_mask": attention_mask,
+            "position_ids": _position_ids(attention_mask),
+            "labels": labels_t,
+            "response_mask": labels_t != IGNORE_INDEX,
+            "group_index": torch.tensor(group_index, dtype=torch.long),
+            "chosen_index": torch.tensor(chosen, dtype=torch.long),
+            "rejected_index": torch.tensor(rejected, dtype=torch.long),
+            "margin": torch.tensor(margin, dtype=torch.float32),
+            "pair_weight": torch.tensor(weight, dtype=torch.float32),
+            "tie": torch.tensor(tie, dtype=torch.bool),
+            "pair_group_index": torch.tensor(pair_group, dtype=torch.long),
+            "order": order,
+            "valid": valid,
+        }

@@ -132,6 +132,49 @@ def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length
     return out, stats
 
 
+def tokenize_rankings(groups: list[PreferenceGroup], tokenizer, *, max_length: int | None = None,
+                      truncation: str = "keep_end", max_prompt_length: int | None = None, add_eos: bool = True,
+                      add_bos: bool = False, stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
+    """Preference groups -> one entry per group with each distinct completion tokenised once (for a reward model
+    that scores each of K completions once instead of once per pair; collate with `RankingCollator`):
+    {"input_ids": [K][T], "labels": [K][T] (-100 on the prompt), "prompt_length", "ranking": [K] or None (a single
+    pair is the ranking [1, 2]; merged flat pairs without a ranking have None),
+    "pairs": [[chosen i, rejected j, margin, tie], ...] (indices into the K), "pair_weight"}.
+    Completions are those of the ranking, or the distinct texts of the pairs in order. Truncation fits the prompt
+    and the longest completion; `stats.truncated`/`stats.dropped` count groups here."""
+    stats = stats if stats is not None else DataStats(kind="ranking")
+    groups = _render_all(groups, tokenizer)
+    prompts = _encode_many(tokenizer, [g.prompt for g in groups])
+    out = []
+    for g, prompt_ids in zip(groups, prompts):
+        texts = list(g.completions) if g.completions is not None else []
+        for pair in g.pairs:
+            texts += [t for t in (pair.chosen, pair.rejected) if t not in texts]
+        index = {t: i for i, t in enumerate(texts)}
+        finished = [_finish(prompt_ids, c, tokenizer, add_eos, add_bos) for c in _encode_many(tokenizer, texts)]
+        fitted = truncate(finished[0][0], [c for _, c in finished], max_length, truncation, max_prompt_length)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        p, completions, was_truncated = fitted
+        stats.truncated += was_truncated
+        out.append({"input_ids": [p + c for c in completions],
+                    "labels": [[IGNORE_INDEX] * len(p) + c for c in completions], "prompt_length": len(p),
+                    "ranking": _ranking_of(g),
+                    "pairs": [[index[x.chosen], index[x.rejected], float(x.margin), bool(x.tie)] for x in g.pairs],
+                    "pair_weight": float(g.pair_weight)})
+    return out, stats
+
+
+def _ranking_of(g: PreferenceGroup) -> list[int] | None:
+    """The group's ranking; a single strict pair is the ranking [1, 2]; other groups have none."""
+    if g.ranking is not None:
+        return list(g.ranking)
+    if len(g.pairs) == 1 and not g.pairs[0].tie:
+        return [1, 2]
+    return None
+
+
 def tokenize_prompts(records: list[dict], tokenizer, *, max_length: int | None = None, add_bos: bool = False,
                      stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
     """Prompt records -> {"input_ids"} for generation; prompts longer than max_length keep their last max_length

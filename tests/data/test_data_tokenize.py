@@ -219,3 +219,29 @@ def test_preference_batch_logps_same_for_left_and_right_padding(plain_tok):
     assert b["response_mask"].sum(-1).tolist() == [
         len(p[f"{side}_input_ids"]) - p["prompt_length"] for side in ("chosen", "rejected")
         for g in tokenized for p in g["pairs"]]
+
+
+def test_ranking_collator_scores_each_completion_once(plain_tok):
+    from alignloop.data import RankingCollator, rankings_to_pairs, tokenize_rankings
+
+    comps = [" good", " bad plot", " boring"]
+    ranked = PreferenceGroup("the movie", rankings_to_pairs(comps, [2, 1, 3]), 1 / 3, comps, [2, 1, 3])
+    plain = PreferenceGroup("a", [Pair(" fun", " awful", 1.0)])
+    groups = [ranked, plain]
+    out, stats = tokenize_rankings(groups, plain_tok)
+    assert [len(g["input_ids"]) for g in out] == [3, 2] and stats.dropped == 0
+    assert out[0]["pairs"] == [[1, 0, 0.0, False], [0, 2, 0.0, False], [1, 2, 0.0, False]]
+    b = RankingCollator(plain_tok.pad_token_id)(out)
+    assert b["input_ids"].shape[0] == 5 and b["group_index"].tolist() == [0, 0, 0, 1, 1]
+    assert b["chosen_index"].tolist() == [1, 0, 1, 3] and b["rejected_index"].tolist() == [0, 2, 2, 4]
+    assert b["pair_weight"].tolist() == pytest.approx([1 / 3] * 3 + [1.0]) and b["margin"].tolist()[-1] == 1.0
+    assert b["order"].tolist() == [[1, 0, 2], [3, 4, 0]] and b["valid"].tolist() == [[True] * 3, [True, True, False]]
+
+    # the same pairwise comparisons as the PreferenceCollator batch, with any per-sequence score
+    def score(batch):
+        return (batch["input_ids"] * batch["response_mask"]).sum(-1).float()
+
+    pref = PreferenceCollator(plain_tok.pad_token_id)(tokenize_preferences(groups, plain_tok)[0])
+    p = pref["margin"].shape[0]
+    s_pref, s_rank = score(pref), score(b)
+    assert torch.equal(s_pref[:p] - s_pref[p:], s_rank[b["chosen_index"]] - s_rank[b["rejected_index"]])
