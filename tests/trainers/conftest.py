@@ -1,12 +1,8 @@
-import json
-import random
-
 import pytest
 import torch
 
 from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
-
-WORDS = "good bad great awful movie film plot actor scene love hate boring fun the a and is was it this that".split()
+from trainer_data import preference_rows, sft_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -35,23 +31,6 @@ def dropout_model(tmp_path_factory, tiny_tok):
     return str(path)
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def sft_rows(n, seed):
-    """A learnable SFT task: the completion repeats the word named in the prompt three times."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        w = rng.choice(["good", "bad", "fun", "plot", "love"])
-        rows.append({"prompt": f"{rng.choice(WORDS)} say {w}:", "completion": f" {w} {w} {w}"})
-    return rows
-
-
 @pytest.fixture(scope="session")
 def sft_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", sft_rows(240, 0))
@@ -60,19 +39,6 @@ def sft_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_heldout(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("sft_eval") / "eval.jsonl", sft_rows(60, 1))
-
-
-def preference_rows(n, seed):
-    """Chosen completions contain 'great' 1-3 times, rejected ones never: a learnable signal."""
-    rng = random.Random(seed)
-    sent = lambda k: [rng.choice([w for w in WORDS if w != "great"]) for _ in range(k)]
-    rows = []
-    for _ in range(n):
-        c = sent(8)
-        for j in rng.sample(range(8), rng.randint(1, 3)):
-            c[j] = "great"
-        rows.append({"prompt": " ".join(sent(4)), "chosen": " " + " ".join(c), "rejected": " " + " ".join(sent(8))})
-    return rows
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from alignloop.trainers.rm import RewardConfig, RewardTrainer, group_sequences, 
 from alignloop.trainers.sft import SFTConfig, SFTTrainer, _batch_tensors, token_nll
 from alignloop.training import read_metrics
 
-from conftest import write_jsonl
+from trainer_data import write_jsonl
 
 QUIET = dict(progress=False, tensorboard=False, logging_steps=1)
 
