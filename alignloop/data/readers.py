@@ -85,8 +85,14 @@ def _read(path_or_id: str | os.PathLike, split: str, stats: DataStats) -> list[R
     if fmt is None:
         raise DataError(f"{name}: unknown file type {path.suffix!r}; expected one of "
                         f"{', '.join(sorted(SUFFIXES))}, or a datasets save_to_disk folder")
-    return {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
-            "csv": _read_csv, "tsv": _read_csv}[fmt](path, name, stats)
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
+              "tsv": _read_csv}[fmt]
+    try:
+        return reader(path, name, stats)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{name}: unreadable CSV ({e})") from None
 
 
 def _add(rows: list[Row], obj: Any, where: str, stats: DataStats, from_text: bool = False) -> None:
@@ -99,7 +105,7 @@ def _add(rows: list[Row], obj: Any, where: str, stats: DataStats, from_text: boo
 
 def _read_jsonl(path: Path, name: str, stats: DataStats) -> list[Row]:
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -115,7 +121,7 @@ def _read_jsonl(path: Path, name: str, stats: DataStats) -> list[Row]:
 
 
 def _read_json(path: Path, name: str, stats: DataStats) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -148,7 +154,7 @@ def _read_parquet(path: Path, name: str, stats: DataStats) -> list[Row]:
 def _read_csv(path: Path, name: str, stats: DataStats) -> list[Row]:
     rows: list[Row] = []
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)

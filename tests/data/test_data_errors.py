@@ -105,5 +105,8 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match="not a datasets save_to_disk folder"):
         read_rows(tmp_path / "folder")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="latin.jsonl: not UTF-8 text"):
+        read_rows(tmp_path / "latin.jsonl")
     with pytest.raises(DataError, match="unknown data kind 'pairs'"):
         load_records([GOOD], "pairs")

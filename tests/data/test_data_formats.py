@@ -170,3 +170,19 @@ def test_csv_label_and_margin_coercion(tmp_path):
     path.write_text("prompt,chosen,rejected,margin\nP,a,b,2.5\nP,a,b,\n")
     groups, _ = load_preferences(path)
     assert [g.pairs[0].margin for g in groups] == [2.5, 0.0]
+
+
+def test_bom_tsv_and_json_lines_in_a_json_file(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes("\ufeffprompt,completion\nP,C\n".encode("utf-8"))
+    assert load_sft(path)[0] == [{"prompt": "P", "completion": "C"}]
+    path = tmp_path / "b.jsonl"
+    path.write_bytes('\ufeff{"prompt": "P"}\n'.encode("utf-8"))
+    assert load_prompts(path)[0] == [{"prompt": "P"}]
+    path = tmp_path / "t.tsv"
+    path.write_text("prompt\tcompletion\nP, with comma\tC\n")
+    assert load_sft(path)[0] == [{"prompt": "P, with comma", "completion": "C"}]
+    path = tmp_path / "lines.json"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    rows = read_rows(path)
+    assert rows == [{"prompt": "a"}, {"prompt": "b"}] and rows[1].where == f"{path} line 2"
