@@ -1,6 +1,7 @@
 """alignloop.data: read preference/SFT/prompt data in TRL's formats, convert it, tokenise it, and batch it.
 
-Reading (JSONL, JSON list or {"data": [...]}, Parquet, CSV/TSV, a `datasets` save_to_disk folder, or a hub id):
+Reading (JSONL, JSON list or {"data": [...]}, Parquet, CSV/TSV, a `datasets` save_to_disk folder, a hub id, or rows
+already in memory: a list of dicts or a datasets.Dataset, named "row i" in errors):
     read_rows(path_or_id, split="train", skip_bad_rows=False, stats=None) -> list[Row]   # dicts with .where
     write_rows(rows, path) -> Path                                    # format from the suffix
     detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "prompt" | None
@@ -32,6 +33,7 @@ tokenizer without a chat template is a DataError.
 Conversions:
     rankings_to_pairs(completions, ranking, include_ties=False) -> list[Pair]   # all C(K,2) pairs, index order
     ranking_pair_weight(K) -> 1/C(K,2)                                          # InstructGPT's per-pair scale
+        (with tied pairs skipped a prompt's weights sum to (C(K,2) - ties)/C(K,2): ties carry no preference)
     strength_to_margin(strength, mapping="small"|"large"|dict) -> float          # Llama 2 Table 28
     groups_to_rows(groups, with_ties=False) -> TRL preference rows {prompt, chosen, rejected, margin, pair_weight,
         group} (reading them back regroups by `group`);  groups_to_unpaired(groups) -> KTO rows
