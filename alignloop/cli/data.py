@@ -50,11 +50,11 @@ def _load(path: str, kind: str | None, split: str, include_ties: bool, margins: 
         raise DataCommandError(str(e)) from None
 
 
-def _print_bad_rows(stats: DataStats) -> None:
+def _print_bad_rows(stats: DataStats, err: bool = True) -> None:
     for message in stats.errors:
-        click.echo(f"  {message}", err=True)
+        click.echo(f"  {message}", err=err)
     if stats.bad_rows > len(stats.errors):
-        click.echo(f"  ... and {stats.bad_rows - len(stats.errors)} more", err=True)
+        click.echo(f"  ... and {stats.bad_rows - len(stats.errors)} more", err=err)
 
 
 kind_option = click.option("--kind", type=click.Choice(KINDS), default=None,
@@ -108,7 +108,7 @@ def validate(file: str, kind: str | None, split: str, skip_bad_rows: bool, inclu
     if tok is not None and records:
         _token_report(records, stats.kind, tok, max_length, truncation)
     if stats.bad_rows:
-        _print_bad_rows(stats)
+        _print_bad_rows(stats, err=False)  # part of the report
         if not skip_bad_rows:
             raise DataCommandError(f"{stats.bad_rows} bad rows in {file} (--skip-bad-rows to skip them)")
 
