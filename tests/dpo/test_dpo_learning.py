@@ -1,0 +1,80 @@
+"""Slow DPO tests: learning on a synthetic task, and a 2-process run equal to 1 process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignloop.models import tiny
+from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+
+from .conftest import SHAPE, synthetic_pairs
+
+
+@pytest.mark.slow
+def test_dpo_raises_heldout_accuracy_and_margin(tok, tmp_path):
+    train, held = synthetic_pairs(64, seed=1), synthetic_pairs(32, seed=2)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), beta=0.1, learning_rate=5e-4, num_epochs=3,
+                     per_device_batch_size=8, ref_cache_dir=str(tmp_path / "cache"), progress=False,
+                     tensorboard=False, save_final=False, logging_steps=1)
+    tr = DPOTrainer(model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE), tokenizer=tok, args=args, train_dataset=train,
+                    eval_dataset=held)
+    before = tr.evaluate()
+    after = tr.train().metrics
+    print("held-out before:", {k: round(v, 4) for k, v in before.items()})
+    print("held-out after: ", {k: round(v, 4) for k, v in after.items() if k.startswith("eval/")})
+    # policy == reference at the start: implicit rewards 0, loss log 2
+    assert before["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert before["eval/loss/dpo"] == pytest.approx(0.6931, abs=1e-3)
+    assert after["eval/rewards/accuracies"] >= 0.9
+    assert after["eval/rewards/margins"] > 1.0
+    assert after["eval/loss/dpo"] < 0.4
+
+
+DIST_SCRIPT = r'''
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from alignloop.models import tiny
+from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+from tests.dpo.conftest import SHAPE, synthetic_pairs
+tok = tiny.train_tokenizer(tiny.default_corpus(300), vocab_size=300)
+args = DPOConfig(output_dir={out!r}, learning_rate=1e-3, per_device_batch_size={per_device}, num_epochs=2,
+                 ref_cache_dir="none", progress=False, tensorboard=False, save_final=False, logging_steps=1, seed=3)
+tr = DPOTrainer(model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE), tokenizer=tok, args=args,
+                train_dataset=synthetic_pairs(16, seed=0))
+tr.train()
+print(f"world={{tr.world}}")
+if tr.accelerator.is_main_process:
+    torch.save(tr.model.state_dict(), {out!r} + "/weights.pt")
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    root = str(Path(__file__).resolve().parents[2])
+    results = {}
+    for name, nproc, per_device in (("one", 1, 8), ("two", 2, 4)):
+        out = tmp_path / name
+        out.mkdir()
+        script = tmp_path / f"{name}.py"
+        script.write_text(DIST_SCRIPT.format(root=root, out=str(out), per_device=per_device))
+        # torchrun + ACCELERATE_USE_CPU: accelerate's MULTI_CPU (gloo). (`accelerate launch --cpu --num_processes 2`
+        # starts a single process with this accelerate version.)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "ACCELERATE_USE_CPU": "true"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(script)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"world={nproc}" in proc.stdout, proc.stdout
+        results[name] = torch.load(out / "weights.pt")
+        norms = [r["train/grad_norm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "train/grad_norm" in r]
+        results[name + "_norms"] = norms
+    assert len(results["one_norms"]) == 4
+    assert results["one_norms"] == pytest.approx(results["two_norms"], rel=1e-5)
+    for k, v in results["one"].items():
+        torch.testing.assert_close(v, results["two"][k], rtol=0, atol=1e-5)
