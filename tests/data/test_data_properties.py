@@ -53,3 +53,17 @@ def test_skipped_bad_rows_are_logged(tmp_path, caplog):
     assert stats.bad_rows == 1
     assert "skipped 1 bad rows" in caplog.text and "p.jsonl line 2" in caplog.text
     assert "bad_rows=1" in stats.summary()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="ab \n", max_size=12), st.text(alphabet="ab \n", max_size=12))
+def test_implicit_text_prompt_invariants(chosen, rejected):
+    from alignloop.data import implicit_text_prompt
+
+    if chosen == rejected:
+        return
+    prompt, c, r = implicit_text_prompt(chosen, rejected)
+    assert prompt + c == chosen and prompt + r == rejected
+    assert (c or not chosen) and (r or not rejected)  # never an empty completion unless the text is empty
+    if prompt:
+        assert c[0].isspace() and r[0].isspace()  # cut just before a whitespace
