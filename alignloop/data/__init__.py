@@ -39,7 +39,8 @@ Conversions:
         group} (reading them back regroups by `group`);  groups_to_unpaired(groups) -> KTO rows
     Ties (include_ties=True): Pair(a, b, margin=0, tie=True). A reward model should not push a tie apart: use the
     Bradley-Terry loss with target 1/2, i.e. ½(-log σ(r_a - r_b)) + ½(-log σ(r_b - r_a)), minimised at r_a = r_b;
-    DPO should skip ties (its loss has no tie term). Ties are skipped by default (counted in stats.ties_skipped).
+    DPO should skip ties (its loss has no tie term). Ties are skipped by default (counted in stats.ties_skipped),
+    also flat rows with tie=true (as groups_to_rows(with_ties=True) writes them).
     Strength margins, "small" (default): significantly_better 1, better 2/3, slightly_better 1/3,
     negligibly_better (alias unsure) 0; "large": 3, 2, 1, 0. A `strength` column becomes `margin` when margin is empty.
 

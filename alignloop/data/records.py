@@ -173,7 +173,8 @@ def parse_unpaired(row: Row, **_) -> dict:
     return {"prompt": prompt, "completion": completion, "label": _label(row)}
 
 
-def parse_preference(row: Row, margins="small", **_) -> PreferenceGroup:
+def parse_preference(row: Row, margins="small", include_ties: bool = False, stats: DataStats | None = None,
+                     **_) -> PreferenceGroup | None:
     chosen = _text_or_messages(row, "chosen")
     rejected = _text_or_messages(row, "rejected")
     implicit = "prompt" not in row
@@ -195,6 +196,10 @@ def parse_preference(row: Row, margins="small", **_) -> PreferenceGroup:
             raise BadRow(f"field 'strength': {e}") from None
     weight = _number(row, "pair_weight")
     tie = row.get("tie") in (True, "true", "True", "1", 1)
+    if tie and not include_ties:  # a tie row (from groups_to_rows(with_ties=True)): skipped like ranking ties
+        if stats is not None:
+            stats.ties_skipped += 1
+        return None
     return PreferenceGroup(prompt, [Pair(chosen, rejected, 0.0 if margin is None else margin, tie)],
                            1.0 if weight is None else weight, where=row.where)
 
@@ -300,6 +305,8 @@ def parse_rows(rows: list[Row] | list[dict], kind: str | None = None, *, tokeniz
             rec = parse(row, include_ties=include_ties, margins=margins, stats=stats)
         except BadRow as e:
             stats.add_error(f"{row.where}, {e}")
+            continue
+        if rec is None:
             continue
         if tokenizer is not None and _is_conversational(rec):
             if not template_checked:

@@ -107,7 +107,10 @@ def test_groups_to_rows_and_back(tmp_path):
                        "tie": False}
     assert rows[2]["tie"] is True and rows[3]["group"] == 1 and len(rows) == 4
     for suffix in (".jsonl", ".csv", ".parquet"):
-        back, stats = load_preferences(write_rows(rows, tmp_path / f"pairs{suffix}"))
+        path = write_rows(rows, tmp_path / f"pairs{suffix}")
+        back, stats = load_preferences(path)  # tie rows are skipped unless include_ties
+        assert [len(g.pairs) for g in back] == [2, 1] and stats.ties_skipped == 1, suffix
+        back, stats = load_preferences(path, include_ties=True)
         assert [len(g.pairs) for g in back] == [3, 1], suffix
         assert [g.pair_weight for g in back] == pytest.approx([1 / 3, 1.0])
         assert [p.tie for p in back[0].pairs] == [False, False, True]
