@@ -1,0 +1,98 @@
+"""Simulated labelers: noisy Bradley-Terry judges of a hidden gold scorer, and a careless one.
+
+A careful labeler shown completions L (left) and R (right) picks L with probability σ((g(L) − g(R)) / τ), g the gold
+score and τ its noise temperature; the strength of the preference grows with |g(L) − g(R)|. The careless labeler
+ignores the text and picks the left one with probability `left_bias` (position bias). They label through the same
+store API the web app uses (`Store.next_assignment` / `Store.submit`), so overlap, shuffling of the shown order and
+the labeler-quality statistics are exactly those of human labeling.
+"""
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class SimulatedLabeler:
+    name: str
+    temperature: float = 1.0     # Bradley-Terry noise τ (careful labelers)
+    careless: bool = False
+    left_bias: float = 0.85      # careless: probability of picking the left completion
+
+
+def default_labelers(n_careful: int = 4, seed: int = 0) -> list[SimulatedLabeler]:
+    temps = [0.6, 0.8, 1.0, 1.2, 0.9, 0.7]
+    out = [SimulatedLabeler(f"judge{i + 1}", temperature=temps[i % len(temps)]) for i in range(n_careful)]
+    out.append(SimulatedLabeler("careless", careless=True, left_bias=0.85))
+    return out
+
+
+def _strength(gap: float) -> str:
+    gap = abs(gap)
+    return ("significantly_better" if gap >= 3 else "better" if gap >= 1.5 else "slightly_better" if gap >= 0.5
+            else "negligibly_better")
+
+
+def judge(lab: SimulatedLabeler, gold_left: float, gold_right: float, rng: random.Random) -> dict:
+    """The form fields a labeler submits for one pair shown as (left, right)."""
+    if lab.careless:
+        choice = "left" if rng.random() < lab.left_bias else "right"
+        return {"choice": choice, "strength": rng.choice(["better", "slightly_better"])}
+    d = (gold_left - gold_right) / lab.temperature
+    p_left = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, d))))
+    return {"choice": "left" if rng.random() < p_left else "right", "strength": _strength(gold_left - gold_right)}
+
+
+def simulate_labeling(store, project: str, labelers: list[SimulatedLabeler], gold: Callable, seed: int = 0,
+                      password: str = "simulated-labeler-password") -> dict:
+    """Every labeler takes assignments in turn until none is left for anyone. Returns counts per labeler.
+    `gold`: f(prompts, responses) -> list[float] (the hidden scorer; only the simulated labelers call it)."""
+    rng = random.Random(seed)
+    p = store.get_project(project)
+    existing = {lab.username: lab for lab in store.list_labelers()}
+    ids = {}
+    for lab in labelers:
+        ids[lab.name] = (existing[lab.name] if lab.name in existing else store.add_labeler(lab.name, password)).id
+    counts = {lab.name: 0 for lab in labelers}
+    cache: dict[tuple[str, str], float] = {}
+    active = list(labelers)
+    while active:
+        still = []
+        for lab in active:
+            a = store.next_assignment(p.id, ids[lab.name])
+            if a is None:
+                continue
+            item = a.item
+            view = store.item_view(item, a.shown_order)
+            prompt = view["messages"][-1]["content"]
+            texts = [c["text"] for c in view["completions"]]
+            g = []
+            for t in texts:
+                if (prompt, t) not in cache:
+                    cache[(prompt, t)] = float(gold([prompt], [t])[0])
+                g.append(cache[(prompt, t)])
+            store.submit(a.id, ids[lab.name], judge(lab, g[0], g[1], rng), idempotency_key=uuid.uuid4().hex)
+            counts[lab.name] += 1
+            still.append(lab)
+        active = still
+    return counts
+
+
+def gold_agreement(records: list[dict], store, project_id: int, gold: Callable) -> dict[str, float]:
+    """Per labeler: the share of their decisive pairwise judgements that agree with the gold scorer's preference
+    (pairs where the gold scores differ). Only the demo can compute this: it knows the hidden scorer."""
+    prompts, comps = store.prompts_and_completions(project_id)
+    agree: dict[str, list[int]] = {}
+    for r in records:
+        if r.get("choice") not in ("a", "b") or r.get("is_gold"):
+            continue
+        pr = prompts[r["prompt_id"]].messages[-1]["content"]
+        a, b = (comps[c].text for c in r["completion_ids"])
+        ga, gb = gold([pr, pr], [a, b])
+        if ga == gb:
+            continue
+        agree.setdefault(r["labeler"], []).append(int((r["choice"] == "a") == (ga > gb)))
+    return {w: sum(v) / len(v) for w, v in agree.items() if v}

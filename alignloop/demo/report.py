@@ -1,0 +1,425 @@
+"""The run report: `report.md` and `report.html` in the run folder, plots rendered to PNG in `plots/`.
+
+Reads only the run folder (stage markers, metrics.jsonl of the trainers, labeling quality, eval results), so it can
+be rebuilt at any time: `write_report("runs/demo")`.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+DONE = "STAGE_DONE.json"
+
+
+def _read_json(p: Path):
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            xs.append(r.get("step", len(xs)))
+            ys.append(v)
+    return xs, ys
+
+
+def _last_round(root: Path) -> int:
+    n = 0
+    while (root / f"round-{n + 1}").exists():
+        n += 1
+    return n
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ppo(root: Path, out: Path) -> Path | None:
+    rows = []
+    r = 1
+    while (root / f"round-{r}" / "ppo" / "metrics.jsonl").exists():
+        rows.append((r, _metrics(root / f"round-{r}" / "ppo" / "metrics.jsonl")))
+        r += 1
+    if not rows:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for rnd, m in rows:
+        tag = f" (round {rnd})" if len(rows) > 1 else ""
+        for key, label in (("reward/raw_mean", "reward model score"), ("reward/gold_mean", "gold score")):
+            xs, ys = _series(m, key)
+            if xs:
+                a1.plot(xs, ys, label=label + tag, marker="." if len(xs) < 30 else None)
+        xs, ys = _series(m, "objective/kl")
+        if xs:
+            a2.plot(xs, ys, label="KL(policy ‖ SFT), nats per sequence" + tag)
+    a1.set(title="PPO: reward over training", xlabel="PPO update", ylabel="mean score of the batch's samples")
+    a2.set(title="PPO: KL to the reference over training", xlabel="PPO update", ylabel="KL (nats / sequence)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    p = out / "ppo_training.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_dpo(root: Path, out: Path) -> Path | None:
+    m = _metrics(root / "dpo" / "metrics.jsonl")
+    if not m:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("rewards/chosen", "implicit reward, chosen"), ("rewards/rejected", "implicit reward, rejected"),
+                       ("rewards/margins", "margin (chosen − rejected)")):
+        xs, ys = _series(m, key)
+        if xs:
+            a1.plot(xs, ys, label=label)
+    a1.set(title="DPO: implicit reward β·log(π/π_ref) over training", xlabel="optimizer step",
+           ylabel="implicit reward (train batch)")
+    beta = None
+    cfg = root / "dpo" / "config.yaml"
+    if cfg.exists():
+        import yaml
+
+        beta = (yaml.safe_load(cfg.read_text()) or {}).get("beta")
+    beta = beta or 0.1
+    for key, label in (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")):
+        xs, ys = _series(m, key)
+        if xs:
+            a2.plot(xs, [-y / beta for y in ys], label=f"log π_ref/π on {label} completions")
+    xs, ys = _series(m, "loss/dpo") if _series(m, "loss/dpo")[0] else _series(m, "loss")
+    a2.set(title="DPO: sequence log-ratio to the reference (a KL proxy)", xlabel="optimizer step",
+           ylabel="log π_ref(y|x) − log π(y|x) (nats)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    p = out / "dpo_training.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_frontier(root: Path, res: dict, out: Path) -> Path | None:
+    if not res or not res.get("summary"):
+        return None
+    summ = res["summary"]
+    if "gold/mean" not in summ.get("SFT", {}):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    bon = res.get("best_of_n") or {}
+    if bon:
+        ns = sorted(bon, key=int)
+        ax.plot([bon[n]["kl"] for n in ns], [bon[n]["gold/mean"] for n in ns], "o-", color="tab:green",
+                label="best-of-N (KL = log N − (N−1)/N)")
+        for n in ns:
+            ax.annotate(f"N={n}", (bon[n]["kl"], bon[n]["gold/mean"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color="tab:green")
+    m = _metrics(root / f"round-{max(1, _last_round(root))}" / "ppo" / "metrics.jsonl")
+    xs = [r["objective/kl"] for r in m if "objective/kl" in r and "reward/gold_mean" in r]
+    ys = [r["reward/gold_mean"] for r in m if "objective/kl" in r and "reward/gold_mean" in r]
+    if xs:
+        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.35, label="PPO during training (train prompts)")
+    colors = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "RS": "tab:purple"}
+    for name, s in summ.items():
+        if name.startswith("best-of") or "kl" not in s or "gold/mean" not in s:
+            continue
+        ax.errorbar([s["kl"]], [s["gold/mean"]], yerr=[s.get("gold/sem", 0) or 0], fmt="s", ms=9, capsize=3,
+                    color=colors.get(name, "gray"), label=f"{name} (held-out prompts)")
+    ax.set(title="Gold reward against KL to the SFT model (reward–KL frontier)",
+           xlabel="KL(policy ‖ SFT) on the policy's samples (nats / sequence)", ylabel="mean gold score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    p = out / "frontier.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_best_of_n(res: dict, out: Path) -> Path | None:
+    bon = (res or {}).get("best_of_n") or {}
+    if not bon:
+        return None
+    plt = _plt()
+    ns = sorted(bon, key=int)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, label in (("gold/mean", "gold score"), ("rm/mean", "reward-model score")):
+        if key in bon[ns[0]]:
+            ax.errorbar([int(n) for n in ns], [bon[n][key] for n in ns],
+                        yerr=[bon[n].get(key.replace("mean", "sem"), 0) or 0 for n in ns], marker="o", capsize=3,
+                        label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(title="Best-of-N from the SFT model, picked by the reward model", xlabel="N (log scale)",
+           ylabel="mean score of the picked sample")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = out / "best_of_n.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_rm(root: Path, quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out: Path) -> Path | None:
+    if not rm_info:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs, ys = _series(rm_rows, "eval/accuracy")
+    if xs:
+        a1.plot(xs, ys, "o-", label="held-out accuracy")
+    xs2, ys2 = _series(rm_rows, "loss/rm") if _series(rm_rows, "loss/rm")[0] else _series(rm_rows, "loss")
+    a1.set(title="Reward model: held-out pairwise accuracy", xlabel="optimizer step", ylabel="accuracy")
+    a1.set_ylim(0.4, 1.0)
+    a1.axhline(0.5, color="gray", ls=":", label="chance")
+    a1.grid(alpha=0.3)
+    a1.legend()
+    bars, vals = [], []
+    if rm_info.get("eval/accuracy") is not None:
+        bars.append("RM held-out\naccuracy")
+        vals.append(rm_info["eval/accuracy"])
+    if quality:
+        if quality.get("mean_loo_agreement_unflagged") is not None:
+            bars.append("labeler vs others'\nmajority (LOO)")
+            vals.append(quality["mean_loo_agreement_unflagged"])
+        if quality.get("pairwise_percent_agreement") is not None:
+            bars.append("labeler-labeler\nagreement")
+            vals.append(quality["pairwise_percent_agreement"])
+    a2.bar(bars, vals, color=["tab:orange"] + ["tab:blue"] * (len(bars) - 1), label="value")
+    for i, v in enumerate(vals):
+        a2.text(i, v + 0.01, f"{v:.2f}", ha="center")
+    a2.set(title="Reward-model accuracy vs labeler agreement", ylabel="share of agreeing pairs")
+    a2.set_ylim(0, 1.05)
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    p = out / "reward_model.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_labelers(quality: dict | None, out: Path) -> Path | None:
+    if not quality or not quality.get("stats"):
+        return None
+    plt = _plt()
+    import numpy as np
+
+    stats = quality["stats"]
+    names = list(stats)
+    flagged = set(quality.get("flagged", []))
+    x = np.arange(len(names))
+    w = 0.27
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    loo = [stats[n].get("agreement") or 0 for n in names]
+    left = [stats[n].get("left_share") or 0 for n in names]
+    ga = quality.get("gold_agreement") or {}
+    ax.bar(x - w, loo, w, label="agreement with the others' majority")
+    if ga:
+        ax.bar(x, [ga.get(n, 0) for n in names], w, label="agreement with the hidden gold scorer")
+    ax.bar(x + w, left, w, label="share of 'left' picks")
+    ax.axhline(0.5, color="gray", ls=":")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n + ("\n(FLAGGED)" if n in flagged else "") for n in names])
+    for t, n in zip(ax.get_xticklabels(), names):
+        if n in flagged:
+            t.set_color("red")
+    ax.set(title="Labeler quality (flagged labelers in red)", xlabel="labeler", ylabel="share")
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    p = out / "labelers.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_times(times: dict, out: Path) -> Path | None:
+    if not times:
+        return None
+    plt = _plt()
+    names = list(times)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
+    ax.barh(names, [times[n] for n in names], color="tab:gray", label="wall time")
+    for i, n in enumerate(names):
+        ax.text(times[n], i, f" {times[n]:.0f}s", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title=f"Wall time per stage (total {sum(times.values()) / 60:.1f} min)", xlabel="seconds",
+           ylabel="stage")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    p = out / "stage_times.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
+    """Render plots and write report.md / report.html. Returns {"markdown", "html", "plots"}."""
+    root = Path(root)
+    plots_dir = root / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    times = _read_json(root / "stages.json") or {}
+    res = _read_json(root / "eval" / "results.json") or {}
+    rnd = _last_round(root)
+    quality = _read_json(root / "round-1" / "label" / "quality.json")
+    rm_dir = root / f"round-{max(rnd, 1)}" / "rm"
+    rm_info = _read_json(rm_dir / DONE)
+    rm_rows = _metrics(rm_dir / "metrics.jsonl")
+    plots = {}
+    for name, fn in (("ppo", lambda: plot_ppo(root, plots_dir)), ("dpo", lambda: plot_dpo(root, plots_dir)),
+                     ("frontier", lambda: plot_frontier(root, res, plots_dir)),
+                     ("best_of_n", lambda: plot_best_of_n(res, plots_dir)),
+                     ("reward_model", lambda: plot_rm(root, quality, rm_info, rm_rows, plots_dir)),
+                     ("labelers", lambda: plot_labelers(quality, plots_dir)),
+                     ("times", lambda: plot_times(times, plots_dir))):
+        p = fn()
+        if p is not None:
+            plots[name] = p.relative_to(root).as_posix()
+
+    md = ["# alignloop run report", ""]
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    summ = res.get("summary", {})
+    if summ:
+        md += ["## Results on held-out prompts", "",
+               f"{res.get('prompts')} held-out prompts × {res.get('samples_per_prompt')} sample(s). Gold = the "
+               f"hidden scorer `{res.get('gold')}` (no training stage saw it); RM = the learned reward model. Win "
+               "rates are against independent SFT samples on the same prompts (ties ½). KL = Σ_t log π/π_SFT on the "
+               "policy's samples (best-of-N: the analytic log N − (N−1)/N).", ""]
+        rows = []
+        for name, s in summ.items():
+            rows.append([name, _fmt(s.get("gold/mean")) + (f" ± {_fmt(s.get('gold/sem'))}" if "gold/sem" in s else ""),
+                         _fmt(s.get("gold/win_rate"), 2), _fmt(s.get("rm/mean")), _fmt(s.get("rm/win_rate"), 2),
+                         _fmt(s.get("kl"), 2), _fmt(s.get("length"), 1)])
+        md += [_table(["method", "gold reward", "gold win rate vs SFT", "RM reward", "RM win rate vs SFT",
+                       "KL to SFT", "length (tokens)"], rows), ""]
+        bon = res.get("best_of_n") or {}
+        if bon:
+            md += ["### Best-of-N (SFT samples picked by the reward model)", "",
+                   _table(["N", "gold reward", "RM reward", "KL bound"],
+                          [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
+                           for n in sorted(bon, key=int)]), ""]
+    for key, title in (("frontier", "Gold reward against KL"), ("best_of_n", "Best-of-N"),
+                       ("ppo", "PPO training"), ("dpo", "DPO training"), ("reward_model", "Reward model"),
+                       ("labelers", "Labelers"), ("times", "Wall time per stage")):
+        if key in plots:
+            md += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
+        if key == "reward_model" and rm_info:
+            md += [f"Reward model: {rm_info.get('pairs')} preference pairs, held-out accuracy "
+                   f"{_fmt(rm_info.get('eval/accuracy'))}."
+                   + (f" Labelers agree with the others' majority {_fmt(quality.get('mean_loo_agreement_unflagged'))}"
+                      f" of the time (unflagged labelers; pairwise labeler-labeler agreement "
+                      f"{_fmt(quality.get('pairwise_percent_agreement'))}): the ceiling a reward model trained on "
+                      f"these labels can reach." if quality else ""), ""]
+        if key == "labelers" and quality:
+            st = quality["stats"]
+            rows = [[w, d["n"], _fmt(d.get("agreement"), 2), _fmt((quality.get("gold_agreement") or {}).get(w), 2),
+                     _fmt(d.get("left_share"), 2), _fmt(d.get("position_p"), 4),
+                     "; ".join(quality["flags"].get(w, [])) or "–"] for w, d in st.items()]
+            md += [_table(["labeler", "judgements", "agreement (LOO)", "agreement with gold", "left share",
+                           "position p-value", "flags"], rows), "",
+                   "Project agreement: " + ", ".join(f"{k} {_fmt(v)}" for k, v in
+                                                      (quality.get("project_agreement") or {}).items()), ""]
+    if times:
+        md += [_table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
+                      + [["total", f"{sum(times.values()):.1f}"]]), ""]
+    # sample completions before / after
+    ev = root / "eval"
+    ref = _metrics(ev / "samples_SFT.jsonl")
+    if ref:
+        md += ["## Sample completions (same held-out prompts)", ""]
+        methods = [m for m in summ if m != "SFT"]
+        others = {m: _metrics(ev / f"samples_{m.replace(' ', '_')}.jsonl") for m in methods}
+        for i in range(min(4, len(ref))):
+            md += [f"**{ref[i]['prompt']}**", ""]
+            rows = [["SFT (before)", ref[i]["response"].strip(), _fmt(ref[i].get("gold"), 1), _fmt(ref[i].get("rm"), 2)]]
+            for m, rs in others.items():
+                if i < len(rs):
+                    rows.append([m, rs[i]["response"].strip(), _fmt(rs[i].get("gold"), 1), _fmt(rs[i].get("rm"), 2)])
+            md += [_table(["model", "completion", "gold", "RM"], rows), ""]
+    text = "\n".join(md)
+    (root / "report.md").write_text(text)
+    (root / "report.html").write_text(_md_to_html(text))
+    return {"markdown": str(root / "report.md"), "html": str(root / "report.html"), "plots": plots}
+
+
+def _md_to_html(md: str) -> str:
+    """A small converter for the subset the report uses: headings, tables, images, bold lines, list items."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            head = [c.strip() for c in table[0].strip("|").split(" | ")]
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>"
+                        "<tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in
+                                                            r.strip().strip("|").split(" | ")) + "</tr>"
+                                            for r in table[2:]) + "</tbody></table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            body.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"></p>')
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
+        elif line.startswith("**") and line.endswith("**"):
+            body.append(f"<p><b>{html.escape(line.strip('*'))}</b></p>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:14px;text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>alignloop run report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
