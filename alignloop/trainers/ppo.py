@@ -466,6 +466,11 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = self._whiten(advantages, mask)
 
+        self.last_rollout = rollout
+        self.last_batch = {"scores": scores, "raw_scores": raw, "kl": kl, "rewards": rewards, "returns": returns,
+                           "advantages": advantages, "old_values": old_values, "old_logprobs": old_logprobs,
+                           "ref_logprobs": ref_logprobs}
+
         # 5. PPO epochs ------------------------------------------------------------------------------------------
         stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approxkl", "ratio", "grad_norm",
                                  "ent")}

@@ -1,0 +1,180 @@
+import math
+
+import pytest
+import torch
+
+from alignloop.losses import AdaptiveKLController, entropy_from_logits, gae, kl_penalty
+from alignloop.models import model_forward
+from alignloop.models.tiny import tiny_causal_lm, tiny_sequence_classifier
+from alignloop.rollout import HFSampler, SamplingParams
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
+from alignloop.trainers.ppo_guard import RewardHackingGuard, SampleTable
+from alignloop.trainers.ppo_scoring import ModelScorer, RewardTransform
+
+from .conftest import make_target_reward, small_lm
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=8, max_new_tokens=10,
+                temperature=0.7, learning_rate=1e-3, progress_bar=False, save_final=False, tensorboard=False,
+                sample_every=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+@pytest.mark.parametrize("mb,ga", [(1, 1), (2, 2)])
+def test_first_minibatch_ratio_is_one(tmp_path, tok, prompts, mb, ga):
+    """The decisive check: first minibatch of the first epoch has ratio = 1, approx-KL 0, clipfrac 0."""
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=tiny_causal_lm(tok, n_layer=2, n_embd=64, dropout=0.1), reward=make_target_reward(tok),
+                    args=_cfg(tmp_path, num_mini_batches=mb, gradient_accumulation_steps=ga), train_dataset=prompts,
+                    tokenizer=tok)
+    m = tr.train()[0]
+    assert m["policy/max_abs_ratio_minus_1_first"] == 0.0
+    assert m["policy/approxkl_first"] == 0.0
+    assert m["policy/clipfrac_first"] == 0.0
+    assert m["policy/approxkl"] > 0  # later minibatches/epochs did move the policy
+    assert m["objective/kl"] == 0.0  # policy == reference before the first step
+
+
+def test_score_at_last_real_token_left_padding_and_pad_eq_eos(tok_pad_eos):
+    tok = tok_pad_eos
+    assert tok.pad_token_id == tok.eos_token_id
+    lm = tiny_causal_lm(tok, n_layer=1, n_embd=32, seed=3)
+    rm = tiny_sequence_classifier(tok, n_layer=1, n_embd=32, seed=4).eval()
+    prompts = [tok(t)["input_ids"] for t in ["good", "the movie was very boring and", "a plot"]]
+    with torch.no_grad():  # make EOS likely, so that responses end with EOS == pad
+        lm.transformer.ln_f.bias.copy_(lm.transformer.wte.weight[tok.eos_token_id] * 300)
+    torch.manual_seed(0)
+    r = HFSampler(lm, tok).generate(prompts * 4, SamplingParams(max_new_tokens=12))
+    scores = ModelScorer(rm)(r, None, None)
+    for b in range(len(r)):
+        seq = torch.cat([r.prompt_ids[b][r.prompt_mask[b]], r.response_ids[b][r.response_mask[b]]])
+        with torch.no_grad():  # the unpadded sequence alone, read at its last token
+            h = rm.transformer(input_ids=seq[None]).last_hidden_state
+            expected = rm.score(h[0, -1])[0]
+        assert abs(scores[b].item() - expected.item()) < 1e-5
+    # responses ending with EOS (== pad) were scored at the EOS token itself, and some rows are padded after it
+    eos_rows = [b for b in range(len(r)) if r.response_ids[b][r.response_mask[b]][-1] == tok.eos_token_id]
+    assert eos_rows and (~r.response_mask).any() and r.prompt_mask[:, 0].logical_not().any()
+
+
+def test_entropy_is_masked(tmp_path, tok, prompts):
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), args=_cfg(tmp_path, max_new_tokens=12,
+                                                                              stop_token_ids=list(range(100, 140))),
+                    train_dataset=prompts, tokenizer=tok)
+    torch.manual_seed(1)
+    m = tr.train()[0]
+    # recompute per sequence, unpadded: mean over real response tokens only
+    r = tr.last_rollout
+    ents = []
+    for b in range(len(r)):
+        p = r.prompt_ids[b][r.prompt_mask[b]]
+        resp = r.response_ids[b][r.response_mask[b]]
+        ids = torch.cat([p, resp])[None]
+        with torch.no_grad():
+            logits = model_forward(tr.ref_model, ids, torch.ones_like(ids))  # ref == policy before the step
+        ents.append(entropy_from_logits(logits[0, len(p) - 1:-1], 0.7))
+    expected = torch.cat(ents).mean().item()
+    assert abs(m["objective/entropy"] - expected) < 1e-4
+    assert (~r.response_mask).any()  # there was padding to leave out
+    assert 0 < m["objective/entropy"] <= math.log(len(tok))
+
+
+def test_adaptive_kl_moves_the_right_way(tmp_path, tok, prompts):
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(5.0, 10) > 0.1
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(0.1, 10) < 0.1
+    for target, up in [(1e-4, True), (1e4, False)]:
+        torch.manual_seed(0)
+        tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
+                        args=_cfg(tmp_path / str(target), total_updates=3, adaptive_kl=True, kl_coef=0.1,
+                                  kl_target=target, kl_horizon=16, kl_estimator="k3"),
+                        train_dataset=prompts, tokenizer=tok)
+        h = tr.train()
+        coefs = [m["objective/kl_coef"] for m in h] + [tr.kl_ctl.value]
+        assert (coefs[-1] > coefs[1]) == up, coefs
+
+
+def test_rewards_score_on_last_token_and_kl_penalty(tmp_path, tok, prompts):
+    """With gamma = lam = 1 and whitening off, the return at the first response token is score - beta * sum KL."""
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
+                    args=_cfg(tmp_path, total_updates=2, gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.5),
+                    train_dataset=prompts, tokenizer=tok)
+    h = tr.train()
+    d = tr.last_batch
+    expected = d["scores"] - 0.5 * d["kl"].sum(1)
+    assert torch.allclose(d["returns"][:, 0], expected, atol=1e-5)
+    assert abs(h[1]["objective/non_score_reward"] + 0.5 * h[1]["objective/kl"]) < 1e-5
+
+
+def test_gae_against_loop_and_kl_estimators():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 1 + [0] * 5]).bool()
+    adv, ret = gae(r, v, mask, 0.9, 0.8)
+    for b in range(3):
+        n = int(mask[b].sum())
+        a, last = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            nv = v[b, t + 1].item() if t + 1 < n else 0.0
+            delta = r[b, t].item() + 0.9 * nv - v[b, t].item()
+            last = delta + 0.9 * 0.8 * last
+            a[t] = last
+        assert torch.allclose(adv[b, :n], torch.tensor(a), atol=1e-5)
+        assert torch.allclose(ret[b, :n], adv[b, :n] + v[b, :n], atol=1e-5)
+    lp, ref = torch.randn(4, 5), torch.randn(4, 5)
+    l = ref - lp
+    assert torch.allclose(kl_penalty(lp, ref, "k1"), -l)
+    assert torch.allclose(kl_penalty(lp, ref, "k2"), 0.5 * l ** 2)
+    assert torch.allclose(kl_penalty(lp, ref, "k3"), torch.exp(l) - 1 - l)
+
+
+def test_reward_transform():
+    raw = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    stopped = torch.tensor([True, False, True, True])
+    t = RewardTransform("fit")
+    t.fit(raw)
+    s = t(raw, torch.ones(4, dtype=torch.bool))
+    assert abs(s.mean().item()) < 1e-6 and abs(s.std(unbiased=False).item() - 1) < 1e-6
+    assert RewardTransform(missing_eos_penalty=-1.0, missing_eos_mode="replace")(raw, stopped).tolist() == \
+        [1.0, -1.0, 3.0, 4.0]
+    assert RewardTransform(missing_eos_penalty=1.0, missing_eos_mode="subtract")(raw, stopped).tolist() == \
+        [1.0, 1.0, 3.0, 4.0]
+    assert RewardTransform(clip=2.5)(raw, stopped).tolist() == [1.0, 2.0, 2.5, 2.5]
+    run = RewardTransform("running")
+    out = run(raw, stopped)
+    assert abs(out.mean().item()) < 1e-6
+
+
+def test_guard_and_sample_table(tmp_path):
+    g = RewardHackingGuard(kl_budget=5.0, window=3, action="stop")
+    assert g.update(1, proxy=0.1, kl=1.0, gold=1.0) == []
+    g.update(2, proxy=0.2, kl=1.0, gold=0.9)
+    msgs = g.update(3, proxy=0.3, kl=1.0, gold=0.8)
+    assert any("reward hacking" in m for m in msgs) and g.should_stop
+    g2 = RewardHackingGuard(kl_budget=5.0, window=3)
+    assert any("budget" in m for m in g2.update(1, 0.0, 6.0)) and not g2.should_stop
+    text = SampleTable(tmp_path, max_rows=2).write(1, ["p1", "p2", "p3"], ["r|1", "r2", "r3"], [1, 2, 3], [1, 2, 3])
+    assert "r\\|1" in text and (tmp_path / "samples.jsonl").read_text().count("\n") == 2
+
+
+def test_metrics_and_outputs(tmp_path, tok, prompts):
+    torch.manual_seed(0)
+    gold = lambda p, r: [0.0] * len(r)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), gold_reward=gold,
+                    args=_cfg(tmp_path, total_updates=2, sample_every=1, tensorboard=True, save_final=True,
+                              ent_coef=0.01),
+                    train_dataset=prompts, tokenizer=tok)
+    h = tr.train()
+    for k in ["objective/kl", "objective/entropy", "reward/mean", "reward/std", "objective/non_score_reward",
+              "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac",
+              "val/explained_variance", "response/length_mean", "response/eos_share", "objective/kl_coef",
+              "perf/tokens_per_sec", "time/generate", "time/score", "time/train", "reward/gold_mean", "loss/entropy"]:
+        assert k in h[-1], k
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "samples.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
+    assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "value_head.safetensors").exists()
