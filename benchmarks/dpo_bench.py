@@ -3,7 +3,7 @@ against its own initial weights, the first 160 rows of pairs.jsonl, batch 8, 1 e
 Only `train()` is timed; the reference log-probs are computed inside it (into a fresh, empty cache folder, so
 nothing is reused from an earlier run).
 
-    python benchmarks/dpo_bench.py WORKLOAD_DIR      -> one JSON line (the peer script's fields)
+    python benchmarks/run.py WORKLOAD_DIR dpo   (or benchmarks/dpo_bench.py WORKLOAD_DIR) -> one JSON line
 """
 from __future__ import annotations
 
@@ -35,11 +35,9 @@ def run_dpo(workload_dir: str) -> dict:
         t = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t
-    result = {"peer": "alignloop", "workload": "dpo", "pairs": len(rows), "seconds": round(wall, 2),
-              "pairs_per_sec": round(len(rows) / wall, 2)}
-    print(json.dumps(result))
-    return result
+    return {"peer": "alignloop", "workload": "dpo", "pairs": len(rows), "seconds": round(wall, 2),
+            "pairs_per_sec": round(len(rows) / wall, 2)}
 
 
 if __name__ == "__main__":
-    run_dpo(sys.argv[1])
+    print(json.dumps(run_dpo(sys.argv[1])))

@@ -4,7 +4,8 @@ reference-free. The loss is `alignloop.losses.dpo_loss`; this module feeds it.
     trainer = DPOTrainer(model="path/to/sft", args=DPOConfig(output_dir="out", beta=0.1), train_dataset="pairs.jsonl")
     result = trainer.train()   # -> out/final (save_pretrained), out/metrics.jsonl, out/checkpoints/step-N/
     alignloop dpo --model path/to/sft --train-file pairs.jsonl --output-dir out --beta 0.1
-    accelerate launch --num_processes 2 -m alignloop.cli dpo ...   (or: accelerate launch $(which alignloop) dpo ...)
+    accelerate launch --num_processes 2 $(which alignloop) dpo ...                       (GPUs)
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 $(which alignloop) dpo ...      (CPU processes, gloo)
 
 Choices (see the DPO section of the implementation-details reference):
 - Log-probabilities are **sums over completion tokens** (the prompt is masked out). For IPO, `ipo_average_logps`
