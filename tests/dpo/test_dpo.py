@@ -184,3 +184,24 @@ def test_cli_dpo(lm_dir, tmp_path, pairs):
     assert (out / "final" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
     res = CliRunner().invoke(cli, ["dpo", "--model", str(lm_dir), "--train-file", str(data), "--beta", "-1"])
     assert res.exit_code != 0
+
+
+def test_conversational_and_implicit_prompt_data(tmp_path):
+    chat_tok = tiny.train_tokenizer(tiny.default_corpus(300), vocab_size=300, chat_template=tiny.SIMPLE_CHAT_TEMPLATE)
+    conv = [{"prompt": [{"role": "user", "content": "the movie"}],
+             "chosen": [{"role": "assistant", "content": "good fun"}],
+             "rejected": [{"role": "assistant", "content": "bad boring"}]}] * 4
+    implicit = [{"chosen": "the movie was good fun", "rejected": "the movie was bad"}] * 4
+    for rows in (conv, implicit):
+        tr = make(chat_tok, tmp_path, rows, model=tiny.tiny_causal_lm(chat_tok, seed=0, **SHAPE),
+                  per_device_batch_size=4, ref_cache_dir="none")
+        ex = tr.train_examples[0]
+        assert ex["prompt_length"] > 0 and ex["chosen_input_ids"][:ex["prompt_length"]] == \
+            ex["rejected_input_ids"][:ex["prompt_length"]]
+        assert tr.train().steps == 1
+
+
+def test_eval_fraction_holds_out_pairs(tok, tmp_path, pairs):
+    tr = make(tok, tmp_path, pairs, eval_fraction=0.25)
+    assert len(tr.train_examples) == 12 and len(tr.eval_examples) == 4
+    assert "eval/rewards/accuracies" in tr.train().metrics
