@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Peer and alignloop on the same workloads, same machine, same run; prints both JSON lines and the ratios.
+#   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo ppo]
+# Needs ../shared/peers (beside the checkout, or PEERS=path). Run on an otherwise idle machine: with more runnable
+# processes than cores, multi-threaded PyTorch slows down by an order of magnitude and the figures mean nothing.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+peers=${PEERS:-$repo/../shared/peers}
+out=${1:-/tmp/peer-workloads}; size=${2:-tiny}; shift $(( $# > 2 ? 2 : $# ))
+workloads=${*:-rm dpo ppo}
+cache=${PEERS_CACHE:-$HOME/.cache/peers}
+py=${PYTHON:-$repo/.venv/bin/python}
+bash "$peers/run.sh" "$out" "$size" >/dev/null 2>&1 || true   # builds the workload folder and the peer venvs once
+for w in $workloads; do
+  if [ "$w" = ppo ]; then
+    peer=$("$cache/trl-0.29/bin/python" "$peers/trl_ppo.py" "$out/$size" 2>/dev/null | tail -n 1)
+  else
+    peer=$("$cache/trl-1.16/bin/python" "$peers/trl_offline.py" "$out/$size" "$w" 2>/dev/null | tail -n 1)
+  fi
+  ours=$("$py" "$repo/benchmarks/run.py" "$out/$size" "$w" 2>/dev/null | tail -n 1)
+  echo "$peer"
+  echo "$ours"
+  "$py" - "$peer" "$ours" "$size" <<'PY'
+import json, sys
+p, o = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+key = "episodes_per_sec" if "episodes_per_sec" in p else "pairs_per_sec"
+print(json.dumps({"size": sys.argv[3], "workload": p["workload"], key + "_ratio": round(o[key] / p[key], 2)}))
+PY
+done
