@@ -11,7 +11,9 @@ out=${1:-/tmp/peer-workloads}; size=${2:-tiny}; shift $(( $# > 2 ? 2 : $# ))
 workloads=${*:-rm dpo ppo}
 cache=${PEERS_CACHE:-$HOME/.cache/peers}
 py=${PYTHON:-$repo/.venv/bin/python}
-bash "$peers/run.sh" "$out" "$size" >/dev/null 2>&1 || true   # builds the workload folder and the peer venvs once
+# the peer venvs (installed once by the peers' run.sh) and the workload folder (make_models.py, deterministic)
+[ -x "$cache/trl-0.29/bin/python" ] && [ -x "$cache/trl-1.16/bin/python" ] || bash "$peers/run.sh" "$out" "$size" >/dev/null
+[ -f "$out/$size/pairs.jsonl" ] || "$cache/trl-1.16/bin/python" "$peers/make_models.py" "$out/$size" --size "$size" >/dev/null
 for w in $workloads; do
   if [ "$w" = ppo ]; then
     peer=$("$cache/trl-0.29/bin/python" "$peers/trl_ppo.py" "$out/$size" 2>/dev/null | tail -n 1)
