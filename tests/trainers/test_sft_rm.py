@@ -219,3 +219,39 @@ def test_two_processes_equal_one(tmp_path, base_model, sft_file, pref_files, kin
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"processes={n}" in out.stdout, out.stdout[-2000:]
     assert_same_weights(tmp_path / "out1" / "final", tmp_path / "out2" / "final", atol=2e-6)
+
+
+def test_sft_conversational_through_chat_template(tmp_path, base_model):
+    """`messages` rows go through the tokenizer's chat template; only the assistant turn is a target."""
+    from alignloop.models import load_tokenizer
+    from alignloop.models.tiny import SIMPLE_CHAT_TEMPLATE
+
+    tok = load_tokenizer(base_model)
+    tok.chat_template = SIMPLE_CHAT_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+            for w in ["good", "bad", "fun", "plot"] * 10]
+    f = write_jsonl(tmp_path / "chat.jsonl", rows)
+    from alignloop.data import load_sft, tokenize_sft
+
+    records, _ = load_sft(f, tokenizer=tok)
+    assert records[0]["prompt"] == "<|user|>say good\n<|assistant|>" and records[0]["completion"] == "good good\n"
+    res = SFTTrainer(model=base_model, tokenizer=tok, args=SFTConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-2,
+                                                                     num_epochs=4, per_device_batch_size=8, **QUIET),
+                     train_dataset=f).train()
+    losses = [m["loss/sft"] for m in read_metrics(tmp_path / "o") if "loss/sft" in m]
+    assert res.steps == 20 and losses[-1] < 0.5 * losses[0]
+
+
+def test_sft_lora_saves_merged_model(tmp_path, base_model, sft_file, sft_heldout):
+    """LoRA trains only the adapter; final/ is the merged model (no LoRA keys, only weight matrices changed),
+    loadable by plain transformers, and better on held-out data."""
+    res = SFTTrainer(model=base_model, args=SFTConfig(output_dir=str(tmp_path / "lora"), learning_rate=1e-2,
+                                                      num_epochs=3, per_device_batch_size=16, lora_r=8, lora_alpha=16,
+                                                      max_length=64, **QUIET), train_dataset=sft_file).train()
+    merged = weights(res.output_dir)
+    assert not any("lora" in k for k in merged)
+    base = weights(base_model)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(k.endswith("weight") for k in changed)
+    # LoRA on a 32-wide random GPT-2 learns slowly (the tied output embedding is not adapted): ~5.7 -> ~5.25
+    assert heldout_nll(res.output_dir, sft_heldout) < heldout_nll(base_model, sft_heldout) - 0.3
