@@ -49,6 +49,8 @@ def _serve_for_human(db: str, project: str, host: str, port: int, serve: bool, r
     store.dispose()
     _echo("")
     _echo(f"Sampling done: project '{project}' in {db} is ready to label.")
+    if not serve:
+        _echo(f"Serve the labeling app with: alignloop feedback serve --db {db} --host {host} --port {port}")
     _echo(f"Log in at http://{host}:{port} as {cred}. Add more labelers with: "
           f"alignloop feedback add-labeler --db {db} NAME")
     _echo(f"When you are done, stop the server (Ctrl-C) and run: {resume_cmd}")

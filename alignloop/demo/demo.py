@@ -47,6 +47,7 @@ class DemoSize:
     ppo_batch: int = 32
     dpo_epochs: int = 3
     rs_rounds: int = 2
+    rs_prompts: int = 192
     eval_prompts: int = 64
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_new_tokens: int = 40
@@ -54,7 +55,7 @@ class DemoSize:
     @classmethod
     def quick(cls) -> "DemoSize":
         return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=64,
-                   ppo_updates=25, ppo_batch=32, dpo_epochs=3, rs_rounds=1, eval_prompts=48,
+                   ppo_updates=25, ppo_batch=32, dpo_epochs=2, rs_rounds=1, rs_prompts=128, eval_prompts=48,
                    best_of_n=[1, 4, 16])
 
 
@@ -70,7 +71,9 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False) -
         eval_prompts=str(data / "eval_prompts.jsonl"),
         feedback=FeedbackSettings(num_prompts=size.label_prompts, completions_per_prompt=size.completions_per_prompt,
                                   max_new_tokens=size.max_new_tokens, labelers="human" if human else "simulated",
-                                  n_careful=size.n_careful, overlap_k=3, gold=GOLD, seed=seed),
+                                  n_careful=size.n_careful, overlap_k=3, gold=GOLD, seed=seed,
+                                  guidelines="# Which review is better?\nPick the review you would rather read: "
+                                             "well-formed, and as positive about the film as it honestly can be."),
         rm={"num_epochs": size.rm_epochs, "learning_rate": 5e-4, "per_device_batch_size": 16, "max_length": 96,
             "eval_fraction": 0.2, "warmup_steps": 5, "progress": False, "tensorboard": False, "logging_steps": 5,
             "use_margin": False},
@@ -82,8 +85,8 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False) -
              "max_length": 96, "logging_steps": 5,
              "progress": False, "tensorboard": False, "lr_scheduler": "constant"},
         rejection_sampling={"rounds": size.rs_rounds, "samples_per_prompt": 8, "keep_top_k": 1,
-                            "max_new_tokens": size.max_new_tokens, "max_prompts": size.label_prompts,
-                            "batch_size": 16, "sft_learning_rate": 3e-4, "sft_epochs": 2, "sft_batch_size": 16,
+                            "max_new_tokens": size.max_new_tokens, "max_prompts": size.rs_prompts,
+                            "batch_size": 16, "sft_learning_rate": 3e-4, "sft_epochs": 3, "sft_batch_size": 16,
                             "sft_max_length": 96, "progress": False},
         eval=EvalSettings(num_prompts=size.eval_prompts, max_new_tokens=size.max_new_tokens, gold=GOLD,
                           best_of_n=list(size.best_of_n)),

@@ -45,6 +45,8 @@ class FeedbackSettings:
     n_careful: int = 4                    # simulated: careful Bradley-Terry judges (plus one careless)
     overlap_k: int = 3                    # distinct labelers per item
     gold: str | None = None               # simulated: module:function f(prompts, responses) -> list[float]
+    guidelines: str = "# Which completion is better?\nPick the completion that answers the prompt better."
+    thresholds: dict | None = None        # labeler-quality thresholds (alignloop.feedback.quality.Thresholds)
     export_mode: str = "all"              # export: all (every judgement of unflagged labelers) | consensus
     consensus: str = "majority"           # export consensus: majority | dawid_skene
     seed: int = 0
@@ -231,11 +233,13 @@ def _config(cls, overrides: dict | None, **fixed):
     return cls(**vals)
 
 
-def _feedback_thresholds(simulated: bool):
-    from alignloop.feedback import quality
-
-    # simulated labelers answer instantly: the time-per-item test is for people only
-    return quality.Thresholds(min_median_seconds=0.0) if simulated else quality.Thresholds()
+def _threshold_settings(fb: FeedbackSettings) -> dict:
+    """Quality thresholds stored with the project (the app's dashboard and the export use the same ones).
+    Simulated labelers answer instantly: the time-per-item test is for people only."""
+    th = dict(fb.thresholds or {})
+    if fb.labelers == "simulated":
+        th.setdefault("min_median_seconds", 0.0)
+    return th
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -296,11 +300,8 @@ class Pipeline:
         store = Store(str(self.run.root / "feedback.db"))
         try:
             project = f"round-{round_}"
-            simulated = fb.labelers == "simulated"
-            store.create_project(project, "pairwise", overlap_k=fb.overlap_k,
-                                 guidelines_md="# Which review is better?\nPick the review you would rather read: "
-                                               "well-formed, and as positive about the film as it can honestly be.",
-                                 settings={"thresholds": {"min_median_seconds": 0.0}} if simulated else None)
+            store.create_project(project, "pairwise", overlap_k=fb.overlap_k, guidelines_md=fb.guidelines,
+                                 settings={"thresholds": _threshold_settings(fb)})
             res = store.import_records(project, rows)
         finally:
             store.dispose()
@@ -333,7 +334,7 @@ class Pipeline:
             if not records:
                 raise UserError(f"project {project}: no judgements yet. Label in the app "
                                 f"(alignloop feedback serve --db {self.run.root / 'feedback.db'}) and resume.")
-            th = _feedback_thresholds(simulated)
+            th = quality.thresholds_from_dict((p.settings or {}).get("thresholds"))
             stats = quality.labeler_stats(records, "pairwise")
             flags = quality.flag_labelers(stats, th)
             agreement = quality.project_agreement(records, "pairwise")
@@ -436,7 +437,9 @@ class Pipeline:
                 pref_files.append(cfg.preferences)
             else:
                 run.stage(f"{rd}/sample", lambda f, r=r, policy=policy: self.stage_sample(f, r, policy))
-                if cfg.human_stop and r == 1 and not run.done(f"{rd}/label"):
+                people = cfg.human_stop or cfg.feedback.labelers == "human"
+                if people and not run.done(f"{rd}/label") and not self._has_judgements(rd):
+                    # people label in the app; running the same command again continues from here
                     return {"stopped": "human", "db": str(run.root / "feedback.db"), "project": rd}
                 info = run.stage(f"{rd}/label", lambda f, r=r: self.stage_label(f, r))
                 pref_files.append(info["preferences"])
@@ -460,6 +463,15 @@ class Pipeline:
         write_report(self.run.root, notes=self.notes)
         return {"run": str(run.root), "sft": sft, "reward_model": rm, "policies": policies,
                 "report": str(run.root / "report.html"), "results": results.get("summary", {}), "notes": self.notes}
+
+    def _has_judgements(self, project: str) -> bool:
+        from alignloop.feedback.store import Store
+
+        store = Store(str(self.run.root / "feedback.db"))
+        try:
+            return bool(store.current_judgements(store.get_project(project).id))
+        finally:
+            store.dispose()
 
     def _available(self, module: str, what: str) -> bool:
         import importlib.util

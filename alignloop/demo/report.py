@@ -175,6 +175,8 @@ def plot_best_of_n(res: dict, out: Path) -> Path | None:
                         yerr=[bon[n].get(key.replace("mean", "sem"), 0) or 0 for n in ns], marker="o", capsize=3,
                         label=label)
     ax.set_xscale("log", base=2)
+    ax.set_xticks([int(n) for n in ns])
+    ax.set_xticklabels(ns)
     ax.set(title="Best-of-N from the SFT model, picked by the reward model", xlabel="N (log scale)",
            ylabel="mean score of the picked sample")
     ax.grid(alpha=0.3)
@@ -250,8 +252,8 @@ def plot_labelers(quality: dict | None, out: Path) -> Path | None:
         if n in flagged:
             t.set_color("red")
     ax.set(title="Labeler quality (flagged labelers in red)", xlabel="labeler", ylabel="share")
-    ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     p = out / "labelers.png"
@@ -351,10 +353,11 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
         if key == "reward_model" and rm_info:
             md += [f"Reward model: {rm_info.get('pairs')} preference pairs, held-out accuracy "
                    f"{_fmt(rm_info.get('eval/accuracy'))}."
-                   + (f" Labelers agree with the others' majority {_fmt(quality.get('mean_loo_agreement_unflagged'))}"
-                      f" of the time (unflagged labelers; pairwise labeler-labeler agreement "
-                      f"{_fmt(quality.get('pairwise_percent_agreement'))}): the ceiling a reward model trained on "
-                      f"these labels can reach." if quality else ""), ""]
+                   + (f" For comparison, two (unflagged) labelers agree on "
+                      f"{_fmt(quality.get('pairwise_percent_agreement'))} of the pairs they both judged, and a "
+                      f"labeler agrees with the others' majority on {_fmt(quality.get('mean_loo_agreement_unflagged'))}"
+                      f": held-out labels are that noisy, so a reward model's accuracy on them stays near these "
+                      f"figures (InstructGPT reports the same)." if quality else ""), ""]
         if key == "labelers" and quality:
             st = quality["stats"]
             rows = [[w, d["n"], _fmt(d.get("agreement"), 2), _fmt((quality.get("gold_agreement") or {}).get(w), 2),

@@ -149,3 +149,42 @@ def test_pipeline_config_errors(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["pipeline", str(bad)])
     assert e.value.code == 2
+
+
+def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path):
+    """labelers: human -> the run stops after sampling; people label in the app (here: through the same store
+    calls the app makes); running the command again trains on their judgements."""
+    from alignloop.cli.demo import pipeline
+    from alignloop.feedback.store import Store
+
+    cfg = yaml.safe_load(open(_pipeline_yaml(tiny, tmp_path)))
+    cfg.update(rounds=1, ppo=None)
+    cfg["feedback"].update(labelers="human", thresholds={"min_median_seconds": 0})
+    cfg["eval"]["best_of_n"] = [1]
+    config = tmp_path / "human.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    res = _invoke(pipeline, [str(config)])
+    assert res.exit_code == 0
+    stop = _json(res.output)
+    assert stop["stopped"] == "human" and stop["project"] == "round-1"
+    run = tmp_path / "run"
+    assert (run / "round-1" / "sample" / "STAGE_DONE.json").exists()
+    assert not (run / "round-1" / "label").exists()
+
+    store = Store(stop["db"])
+    p = store.get_project("round-1")
+    for name in ("ann", "bob"):
+        lab = store.add_labeler(name, "a long password")
+        while (a := store.next_assignment(p.id, lab.id)) is not None:
+            left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
+            choice = "left" if (len(left), left) >= (len(right), right) else "right"   # these people like length
+            store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
+                         idempotency_key=f"key-{name}-{a.id:06d}")
+    store.dispose()
+
+    res = _invoke(pipeline, [str(config)])
+    assert res.exit_code == 0, res.output[-2000:]
+    q = json.loads((run / "round-1" / "label" / "quality.json").read_text())
+    assert q["per_labeler"] is None and set(q["stats"]) == {"ann", "bob"} and q["judgements"] > 0
+    assert q["flagged"] == [] and q["pairwise_percent_agreement"] == 1.0
+    assert (run / "round-1" / "rm" / "final").exists() and (run / "report.md").exists()
