@@ -23,6 +23,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 from markupsafe import Markup
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
 
 from . import export as export_mod
@@ -34,6 +36,7 @@ from .store import DEFAULT_FLAGS, Forbidden, NotFound, Store, ValidationError
 HERE = Path(__file__).parent
 STRENGTH_LABELS = {"significantly_better": "Significantly better", "better": "Better",
                    "slightly_better": "Slightly better", "negligibly_better": "Negligibly better / unsure"}
+USER_CACHE_S = 5.0
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -46,6 +49,31 @@ class _Redirect(Exception):
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): CSP and friends on every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                h = MutableHeaders(scope=message)
+                h["Content-Security-Policy"] = CSP
+                h["X-Content-Type-Options"] = "nosniff"
+                h["Referrer-Policy"] = "same-origin"
+                h["X-Frame-Options"] = "DENY"
+                if path != "/healthz" and not path.startswith("/static"):
+                    h["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _markdown() -> MarkdownIt:
@@ -70,16 +98,7 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     templates.env.globals["STRENGTHS"] = STRENGTHS
     templates.env.globals["STRENGTH_LABELS"] = STRENGTH_LABELS
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers["X-Frame-Options"] = "DENY"
-        if request.url.path != "/healthz" and not request.url.path.startswith("/static"):
-            response.headers["Cache-Control"] = "no-store"
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(_Redirect)
     async def _redir(request: Request, exc: _Redirect):
@@ -111,9 +130,23 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         base = {"request": request, "user": user, "csrf_token": csrf_token(request)}
         return templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
 
+    user_cache: dict[int, tuple[float, Labeler | None]] = {}
+
+    def get_user(uid: int) -> Labeler | None:
+        """The labeler, cached for USER_CACHE_S seconds (a deactivation takes effect within that)."""
+        now = time.monotonic()
+        hit = user_cache.get(uid)
+        if hit is not None and now - hit[0] < USER_CACHE_S:
+            return hit[1]
+        user = store.get_labeler(uid)
+        if len(user_cache) > 10_000:
+            user_cache.clear()
+        user_cache[uid] = (now, user)
+        return user
+
     def user_or_redirect(request: Request) -> Labeler:
         uid = request.session.get("uid")
-        user = store.get_labeler(uid) if uid else None
+        user = get_user(uid) if isinstance(uid, int) else None
         if user is None or not user.active:
             request.session.pop("uid", None)
             if request.url.path.startswith("/api/"):
@@ -129,15 +162,18 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
             raise _HTTPError(403, "admins only")
         return user
 
-    async def form_with_csrf(request: Request) -> dict[str, Any]:
+    async def read_form(request: Request) -> dict[str, Any]:
         form = await request.form()
-        if not tokens_equal(form.get("csrf_token"), request.session.get("csrf")):
-            raise _HTTPError(403, "invalid or missing CSRF token; reload the page and try again")
         out: dict[str, Any] = {}
         for k in form.keys():
             vals = form.getlist(k)
             out[k] = vals if k == "flags" else vals[-1]
         return out
+
+    def check_csrf(request: Request, form: dict[str, Any]) -> dict[str, Any]:
+        if not tokens_equal(form.get("csrf_token"), request.session.get("csrf")):
+            raise _HTTPError(403, "invalid or missing CSRF token; reload the page and try again")
+        return form
 
     def check_api_csrf(request: Request) -> None:
         if not tokens_equal(request.headers.get("x-csrf-token"), request.session.get("csrf")):
@@ -186,7 +222,11 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
     @app.post("/login")
     async def login(request: Request):
-        form = await form_with_csrf(request)
+        form = await read_form(request)
+        return await run_in_threadpool(_login, request, form)
+
+    def _login(request: Request, form: dict):
+        check_csrf(request, form)
         username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
         nxt = safe_next(form.get("next"))
         if not username or not password:
@@ -201,7 +241,7 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
     @app.post("/logout")
     async def logout(request: Request):
-        await form_with_csrf(request)
+        check_csrf(request, await read_form(request))
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -228,8 +268,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
     @app.post("/p/{name}/label/{aid}")
     async def submit(request: Request, name: str, aid: int):
+        form = await read_form(request)
+        return await run_in_threadpool(_submit, request, form, name, aid)
+
+    def _submit(request: Request, form: dict, name: str, aid: int):
         user = user_or_redirect(request)
-        form = await form_with_csrf(request)
+        check_csrf(request, form)
         p = project_or_404(name)
         a = store.get_assignment(aid, labeler_id=user.id)
         if a.project_id != p.id:
@@ -248,8 +292,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
     @app.post("/p/{name}/skip/{aid}")
     async def skip(request: Request, name: str, aid: int):
+        form = await read_form(request)
+        return await run_in_threadpool(_skip, request, form, name, aid)
+
+    def _skip(request: Request, form: dict, name: str, aid: int):
         user = user_or_redirect(request)
-        await form_with_csrf(request)
+        check_csrf(request, form)
         p = project_or_404(name)
         store.skip(aid, user.id)
         return RedirectResponse(f"/p/{p.name}/label", status_code=303)
@@ -283,8 +331,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
     @app.post("/admin/labelers")
     async def admin_add_labeler(request: Request):
+        form = await read_form(request)
+        return await run_in_threadpool(_admin_add_labeler, request, form)
+
+    def _admin_add_labeler(request: Request, form: dict):
         admin(request)
-        form = await form_with_csrf(request)
+        check_csrf(request, form)
         try:
             store.add_labeler(str(form.get("username", "")).strip(), str(form.get("password", "")),
                               str(form.get("role", "labeler")))
@@ -329,8 +381,14 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     async def api_login(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise _HTTPError(415, "send JSON")
-        body = await request.json()
-        user = store.authenticate(str(body.get("username", "")), str(body.get("password", "")))
+        try:
+            body = await request.json()
+        except Exception:
+            raise _HTTPError(400, "body must be JSON") from None
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "body must be a JSON object")
+        user = await run_in_threadpool(store.authenticate, str(body.get("username", "")),
+                                       str(body.get("password", "")))
         if user is None:
             raise _HTTPError(401, "wrong username or password")
         request.session.clear()
@@ -341,29 +399,37 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     @app.get("/api/p/{name}/next")
     def api_next(request: Request, name: str):
         user = user_or_redirect(request)
-        p = project_or_404(name)
-        a = store.next_assignment(p.id, user.id)
+        return next_payload(project_or_404(name).id, user.id)
+
+    def next_payload(project_id: int, labeler_id: int) -> dict:
+        a = store.next_assignment(project_id, labeler_id)
         if a is None:
             return {"assignment_id": None}
+        task_type, _flags = store.project_rules(project_id)
         view = store.item_view(a.item, a.shown_order)
-        return {"assignment_id": a.id, "task_type": p.task_type, "shown_order": a.shown_order, **view}
+        return {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
 
     @app.post("/api/assignments/{aid}/judgement")
     async def api_submit(request: Request, aid: int):
-        user = user_or_redirect(request)
-        check_api_csrf(request)
         try:
             body = await request.json()
         except Exception:
             raise _HTTPError(400, "body must be JSON") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "body must be a JSON object")
+        return await run_in_threadpool(_api_submit, request, body, aid)
+
+    def _api_submit(request: Request, body: dict, aid: int):
+        user = user_or_redirect(request)
+        check_api_csrf(request)
         try:
             j, created = store.submit(aid, user.id, body, str(body.get("idempotency_key", "")))
         except ValidationError as e:
             return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
-        return JSONResponse({"judgement_id": j.id, "version": j.version, "created": created},
-                            status_code=201 if created else 200)
+        out: dict[str, Any] = {"judgement_id": j.id, "version": j.version, "created": created}
+        if request.query_params.get("next") in ("1", "true"):  # one round trip per judgement: submit + next
+            out["next"] = next_payload(store.get_assignment(aid).project_id, user.id)
+        return JSONResponse(out, status_code=201 if created else 200)
 
     @app.post("/api/assignments/{aid}/skip")
     def api_skip(request: Request, aid: int):

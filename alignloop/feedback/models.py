@@ -76,7 +76,7 @@ class Item(Base):
     n_active: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     n_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
-    prompt: Mapped[Prompt] = relationship(lazy="joined")
+    prompt: Mapped[Prompt] = relationship(lazy="select")
     __table_args__ = (Index("ix_items_queue", "project_id", "is_gold", "n_active", "id"),)
 
 

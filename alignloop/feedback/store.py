@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Integer, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, noload, sessionmaker
 
 from alignloop.errors import UserError
 
@@ -250,6 +252,11 @@ class Store:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(dbmod.write_engine(self.engine), expire_on_commit=False)
         self._rng = random.SystemRandom()
+        self._rules_cache: dict[int, tuple[float, tuple[str, list[str]]]] = {}
+        # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
+        # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
+        # busy_timeout. PostgreSQL writers run concurrently.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -261,7 +268,7 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        with self._write() as s, s.begin():
+        with self._write_lock, self._write() as s, s.begin():
             yield s
 
     # -- projects -------------------------------------------------------------------------------------------------
@@ -527,14 +534,13 @@ class Store:
                 if j.labeler_id != labeler_id:
                     raise Forbidden("idempotency key belongs to another labeler")
                 return j, False
-            a = s.get(Assignment, assignment_id)
+            a = s.get(Assignment, assignment_id, options=[noload(Assignment.item)])
             if a is None or a.labeler_id != labeler_id:
                 raise NotFound("no such assignment")
             if a.status == "skipped":
                 raise ValidationError({"assignment": "this item was skipped; it can no longer be judged"})
-            p = s.get(Project, a.project_id)
-            flag_names = [f["name"] for f in p.settings.get("flags", DEFAULT_FLAGS)]
-            canon = validate_submission(p.task_type, a.shown_order, fields, flag_names)
+            task_type, flag_names = self._project_rules(s, a.project_id)
+            canon = validate_submission(task_type, a.shown_order, fields, flag_names)
             last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0
             now = utcnow()
             start = a.created_at if last == 0 or started_at is None else started_at
@@ -549,6 +555,21 @@ class Store:
                 s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
             s.flush()
             return j, True
+
+    def _project_rules(self, s: Session, project_id: int) -> tuple[str, list[str]]:
+        """(task type, flag names) of a project, cached for a few seconds (the hot path of every submission)."""
+        now = time.monotonic()
+        hit = self._rules_cache.get(project_id)
+        if hit is not None and now - hit[0] < 5.0:
+            return hit[1]
+        p = s.get(Project, project_id)
+        rules = (p.task_type, [f["name"] for f in p.settings.get("flags", DEFAULT_FLAGS)])
+        self._rules_cache[project_id] = (now, rules)
+        return rules
+
+    def project_rules(self, project_id: int) -> tuple[str, list[str]]:
+        with self.read() as s:
+            return self._project_rules(s, project_id)
 
     # -- reading --------------------------------------------------------------------------------------------------
     def item_view(self, item: Item, shown_order: list[int]) -> dict:

@@ -298,6 +298,12 @@ def test_json_api(setup, make_client, store):
     r = c.post(f"/api/assignments/{aid}/judgement", json={"choice": "right", "idempotency_key": "api-key-0002"},
                headers={"X-CSRF-Token": tok})
     assert r.status_code == 422 and "strength" in r.json()["fields"]
+    r = c.post(f"/api/assignments/{aid}/judgement?next=1", json={**body, "idempotency_key": "api-key-0003"},
+               headers={"X-CSRF-Token": tok})
+    assert r.status_code == 201 and r.json()["version"] == 2  # an edit, plus the next item in the same reply
+    nxt = r.json()["next"]
+    assert nxt["assignment_id"] != aid and nxt["task_type"] == "pairwise" and len(nxt["completions"]) == 2
     aid2 = c.get("/api/p/pw/next").json()["assignment_id"]
+    assert aid2 == nxt["assignment_id"]
     assert c.post(f"/api/assignments/{aid2}/skip", headers={"X-CSRF-Token": tok}).json() == {"skipped": aid2}
     assert c.get("/api/p/pw/next").json() == {"assignment_id": None}

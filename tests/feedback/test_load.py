@@ -1,0 +1,33 @@
+"""The load test (benchmarks/feedback_load.py) at a reduced count: a real uvicorn server on loopback, concurrent
+labelers, a SIGKILL + restart mid-run; every acknowledged judgement stored exactly once."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("feedback_load", ROOT / "benchmarks" / "feedback_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("extra", [[], ["--separate-next"]])
+def test_load_with_kill_and_restart(tmp_path, extra):
+    out = tmp_path / "r.json"
+    rc = _bench().main(["--labelers", "12", "--judgements", "400", "--kill-at", "0.4", "--json", str(out),
+                        "--db", str(tmp_path / "load.db"), *extra])
+    r = json.loads(out.read_text())
+    assert rc == 0, r
+    assert r["acked"] >= 400 and r["errors"] == []
+    assert len(r["restarts"]) == 1 and r["restarts"][0]["acked_at_kill"] >= 160
+    c = r["check"]
+    assert c["ok"] and c["acked_missing"] == 0 and c["duplicate_keys"] == 0 and c["stored_rows"] == r["acked"]
+    assert c["max_labelers_per_item"] <= c["k"] and c["duplicate_item_labeler"] == 0
+    assert r["submit_p50_ms"] > 0 and r["judgements_per_s"] > 0
