@@ -176,3 +176,33 @@ def write_summary(accelerator, output_dir: str | Path, result: TrainResult, *sta
     if accelerator.is_main_process:
         summary = {**asdict(result), "data": [{k: v for k, v in vars(s).items() if k != "errors"} for s in stats]}
         (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def eval_due(args, step: int, epoch_end: bool) -> bool:
+    """Evaluate every `eval_steps` optimizer steps, or at the end of each epoch when eval_steps is 0."""
+    return bool(args.eval_steps and step % args.eval_steps == 0) or (not args.eval_steps and epoch_end)
+
+
+def checkpoint_if_due(args, accelerator, step: int, epoch: int, pos: int, epoch_end: bool, modules: dict,
+                      optimizer, scheduler, config_dict: dict, **extra_state) -> None:
+    """Every `save_steps` steps: a checkpoint that resumes at the next batch (the next epoch's first after its last)."""
+    if not (args.save_steps and step % args.save_steps == 0):
+        return
+    from alignloop.training import save_checkpoint
+
+    nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
+    save_checkpoint(args.output_dir, step, accelerator=accelerator, modules=modules, optimizer=optimizer,
+                    scheduler=scheduler, keep_last=args.save_total_limit,
+                    trainer_state={"step": step, "epoch": nxt_epoch, "batch_in_epoch": nxt_pos, "config": config_dict,
+                                   **extra_state})
+
+
+def finish(args, accelerator, model, tokenizer, logger, progress, step: int, metrics: dict, seconds: float,
+           *stats, save: bool = True) -> TrainResult:
+    """Close the progress bar and logs, save OUTPUT_DIR/final, write summary.json; the TrainResult of the run."""
+    progress.close()
+    final = save_final(accelerator, model, tokenizer, args.output_dir) if save else Path(args.output_dir)
+    logger.close()
+    result = TrainResult(output_dir=str(final), steps=step, metrics=metrics, seconds=seconds)
+    write_summary(accelerator, args.output_dir, result, *stats)
+    return result

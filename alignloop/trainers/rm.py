@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from alignloop.errors import ConfigError
 from alignloop.losses import bradley_terry_loss, plackett_luce_loss
-from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run,
-                                       resolve_tokenizer, save_final, split_eval, write_summary)
+from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
+                                       maybe_resume, prepare_run, resolve_tokenizer, split_eval)
 from alignloop.training import (MetricsLogger, Progress, build_optimizer, build_scheduler, global_batches,
-                                micro_batches, optimizer_step, save_checkpoint, shard, steps_per_epoch, sync_context)
+                                micro_batches, optimizer_step, shard, steps_per_epoch, sync_context)
 
 
 @dataclass
@@ -251,21 +250,13 @@ class RewardTrainer:
                             "train/epoch": epoch + pos / per_epoch,
                             "perf/groups_per_sec": step * global_batch / max(time.perf_counter() - t0, 1e-9)}, step)
                 window, acc_window = [], []
-            if eval_ex and ((a.eval_steps and step % a.eval_steps == 0) or (not a.eval_steps and epoch_end)):
+            if eval_ex and eval_due(a, step, epoch_end):
                 last_eval = evaluate()
                 logger.log(last_eval, step)
-            if a.save_steps and step % a.save_steps == 0:
-                nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
-                save_checkpoint(a.output_dir, step, accelerator=acc, modules={"model": model}, optimizer=optimizer,
-                                scheduler=scheduler, keep_last=a.save_total_limit,
-                                trainer_state={"step": step, "epoch": nxt_epoch, "batch_in_epoch": nxt_pos,
-                                               "config": run.config_dict})
+            checkpoint_if_due(a, acc, step, epoch, pos, epoch_end, {"model": model}, optimizer, scheduler,
+                              run.config_dict)
         if eval_ex and not last_eval:
             last_eval = evaluate()
             logger.log(last_eval, step)
-        progress.close()
-        final = save_final(acc, model, tokenizer, a.output_dir)
-        logger.close()
-        result = TrainResult(output_dir=str(final), steps=step, metrics=last_eval, seconds=time.perf_counter() - t0)
-        write_summary(acc, a.output_dir, result, stats, tstats)
-        return result
+        return finish(a, acc, model, tokenizer, logger, progress, step, last_eval, time.perf_counter() - t0,
+                      stats, tstats)

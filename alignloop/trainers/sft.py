@@ -14,16 +14,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
-from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run, resolve_tokenizer,
-                                       save_final, split_eval, write_summary)
+from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
+                                       maybe_resume, prepare_run, resolve_tokenizer, split_eval)
 from alignloop.training import (MetricsLogger, Progress, build_optimizer, build_scheduler, global_batches,
-                                micro_batches, optimizer_step, save_checkpoint, shard, steps_per_epoch, sync_context)
+                                micro_batches, optimizer_step, shard, steps_per_epoch, sync_context)
 
 
 @dataclass
@@ -196,23 +196,14 @@ class SFTTrainer:
                             "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch + pos / per_epoch,
                             "perf/tokens_per_sec": tokens_seen * acc.num_processes / max(elapsed, 1e-9)}, step)
                 window = []
-            if eval_ex and ((a.eval_steps and step % a.eval_steps == 0) or (not a.eval_steps and epoch_end)):
+            if eval_ex and eval_due(a, step, epoch_end):
                 last_eval = evaluate()
                 logger.log(last_eval, step)
-            if a.save_steps and step % a.save_steps == 0:
-                nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
-                save_checkpoint(a.output_dir, step, accelerator=acc, modules={"model": model}, optimizer=optimizer,
-                                scheduler=scheduler, keep_last=a.save_total_limit,
-                                trainer_state={"step": step, "epoch": nxt_epoch, "batch_in_epoch": nxt_pos,
-                                               "config": run.config_dict})
+            checkpoint_if_due(a, acc, step, epoch, pos, epoch_end, {"model": model}, optimizer, scheduler,
+                              run.config_dict)
         if eval_ex and not last_eval:
             last_eval = evaluate()
             logger.log(last_eval, step)
-        progress.close()
-        final = save_final(acc, model, tokenizer, a.output_dir)
-        logger.close()
-        result = TrainResult(output_dir=str(final), steps=step, metrics=last_eval,
-                             seconds=time.perf_counter() - t0)
-        write_summary(acc, a.output_dir, result, stats, tstats)
-        return result
+        return finish(a, acc, model, tokenizer, logger, progress, step, last_eval, time.perf_counter() - t0,
+                      stats, tstats)
 
