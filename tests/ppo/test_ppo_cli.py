@@ -27,8 +27,12 @@ def test_ppo_cli_runs_from_yaml(tmp_path):
 
 
 def test_ppo_cli_user_errors(tmp_path):
-    res = CliRunner().invoke(cli, ["ppo", "--total-updates", "2"])
-    assert res.exit_code == 2 and "--model-name-or-path" in res.output
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "alignloop.cli", "ppo", "--total-updates", "2"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "error: alignloop ppo needs --model-name-or-path" in p.stderr
+    assert "Traceback" not in p.stderr
     res = CliRunner().invoke(cli, ["ppo", "--kl-estimator", "k9"])
     assert res.exit_code == 2
     assert "--kl-coef" in CliRunner().invoke(cli, ["ppo", "--help"]).output
