@@ -442,16 +442,32 @@ class PPOTrainer:
         old_values = torch.zeros(B, R, device=acc.device)
         ref_logprobs = torch.zeros(B, R, device=acc.device)
         entropy = torch.zeros(B, R, device=acc.device)
-        with torch.no_grad():
-            for mb in self._micro_batches(orders[0]):
-                for rows in mb:
-                    ids, am, p, r, _ = self._trim(rollout, rows)
-                    logits, values = self.model(ids, am)
-                    logits = logits[:, p - 1:p + r - 1]
-                    old_logprobs[rows, :r] = logprobs_from_logits(logits, ids[:, p:], cfg.temperature)
-                    entropy[rows, :r] = entropy_from_logits(logits, cfg.temperature)
-                    old_values[rows, :r] = values[:, p - 1:p + r - 1].float()
-                    ref_logprobs[rows, :r] = self._ref_logprobs(ids, am, p, r)
+        # With one micro-batch per update (1 minibatch, no accumulation) the first training forward *is* the old
+        # forward: run it once with grad and reuse it (saves a forward; ratio = 1 there by construction).
+        cached = None
+        if cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1:
+            rows = orders[0]
+            ids, am, p, r, _ = self._trim(rollout, rows)
+            logits, values = self.ddp_model(ids, am)
+            logits, values = logits[:, p - 1:p + r - 1], values[:, p - 1:p + r - 1].float()
+            logprobs = logprobs_from_logits(logits, ids[:, p:], cfg.temperature)
+            cached = (ids, am, p, r, logits, values, logprobs)
+            with torch.no_grad():
+                old_logprobs[rows, :r] = logprobs.detach()
+                old_values[rows, :r] = values.detach()
+                entropy[rows, :r] = entropy_from_logits(logits.detach(), cfg.temperature)
+                ref_logprobs[rows, :r] = self._ref_logprobs(ids, am, p, r)
+        else:
+            with torch.no_grad():
+                for mb in self._micro_batches(orders[0]):
+                    for rows in mb:
+                        ids, am, p, r, _ = self._trim(rollout, rows)
+                        logits, values = self.model(ids, am)
+                        logits = logits[:, p - 1:p + r - 1]
+                        old_logprobs[rows, :r] = logprobs_from_logits(logits, ids[:, p:], cfg.temperature)
+                        entropy[rows, :r] = entropy_from_logits(logits, cfg.temperature)
+                        old_values[rows, :r] = values[:, p - 1:p + r - 1].float()
+                        ref_logprobs[rows, :r] = self._ref_logprobs(ids, am, p, r)
         maskf = mask.float()
         old_logprobs, old_values, ref_logprobs = old_logprobs * maskf, old_values * maskf, ref_logprobs * maskf
 
@@ -482,14 +498,18 @@ class PPOTrainer:
                 scale = self.world / n_tok.clamp(min=1)
                 acc_kl = acc_n = 0.0
                 for i, rows in enumerate(mb):
-                    ids, am, p, r, _ = self._trim(rollout, rows)
-                    m = mask[rows, :r]
                     sync = contextlib.nullcontext() if i == len(mb) - 1 else acc.no_sync(self.ddp_model)
                     with sync:
-                        logits, values = self.ddp_model(ids, am)
-                        logits = logits[:, p - 1:p + r - 1]
-                        values = values[:, p - 1:p + r - 1].float()
-                        logprobs = logprobs_from_logits(logits, ids[:, p:], cfg.temperature)
+                        if cached is not None:
+                            ids, am, p, r, logits, values, logprobs = cached
+                            cached = None
+                        else:
+                            ids, am, p, r, _ = self._trim(rollout, rows)
+                            logits, values = self.ddp_model(ids, am)
+                            logits = logits[:, p - 1:p + r - 1]
+                            values = values[:, p - 1:p + r - 1].float()
+                            logprobs = logprobs_from_logits(logits, ids[:, p:], cfg.temperature)
+                        m = mask[rows, :r]
                         pg, clipped, approx = ppo_policy_loss(logprobs, old_logprobs[rows, :r],
                                                               advantages[rows, :r], cfg.cliprange)
                         vf, vclipped = ppo_value_loss(values, old_values[rows, :r], returns[rows, :r],
