@@ -35,51 +35,69 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 DONE = "STAGE_DONE.json"
 
 
+def _f(default, help: str):
+    """A config field with its help text (factories for mutable defaults)."""
+    if isinstance(default, (list, dict)) or callable(default):
+        value = default
+        return field(default_factory=value if callable(value) else (lambda: type(value)(value)),
+                     metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class FeedbackSettings:
-    num_prompts: int = 64                 # prompts sampled for labeling per round
-    completions_per_prompt: int = 4       # K: each prompt gives K(K-1)/2 pairwise items
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    labelers: str = "simulated"           # simulated | human
-    n_careful: int = 4                    # simulated: careful Bradley-Terry judges (plus one careless)
-    overlap_k: int = 3                    # distinct labelers per item
-    gold: str | None = None               # simulated: module:function f(prompts, responses) -> list[float]
-    guidelines: str = "# Which completion is better?\nPick the completion that answers the prompt better."
-    thresholds: dict | None = None        # labeler-quality thresholds (alignloop.feedback.quality.Thresholds)
-    export_mode: str = "all"              # export: all (every judgement of unflagged labelers) | consensus
-    consensus: str = "majority"           # export consensus: majority | dawid_skene
-    seed: int = 0
+    """How completions are collected and labeled each round (the `feedback:` section)."""
+    num_prompts: int = _f(64, "Prompts sampled for labeling per round.")
+    completions_per_prompt: int = _f(4, "K completions per prompt; each prompt gives K(K-1)/2 pairwise items.")
+    max_new_tokens: int = _f(48, "Maximum tokens per sampled completion.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    labelers: str = _f("simulated", "simulated (judges of `gold`) or human (people label in the app; the run "
+                                    "stops after sampling until they have).")
+    n_careful: int = _f(4, "Simulated: careful Bradley-Terry judges (plus one careless, position-biased one).")
+    overlap_k: int = _f(3, "Distinct labelers per item.")
+    gold: str | None = _f(None, "Simulated: the hidden scorer module:function, f(prompts, responses) -> scores.")
+    guidelines: str = _f("# Which completion is better?\nPick the completion that answers the prompt better.",
+                         "Markdown guidelines shown to labelers.")
+    thresholds: dict | None = _f(None, "Labeler-quality thresholds (fields of alignloop.feedback.quality."
+                                       "Thresholds); flagged labelers are left out of the export.")
+    export_mode: str = _f("all", "Export every judgement of unflagged labelers (all) or one consensus label "
+                                 "per item (consensus).")
+    consensus: str = _f("majority", "Consensus method: majority or dawid_skene.")
+    seed: int = _f(0, "Seed of prompt choice, sampling and simulated labelers.")
 
 
 @dataclass
 class EvalSettings:
-    num_prompts: int = 64
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    gold: str | None = None               # module:function, the held-out scorer (never trained on)
-    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    seed: int = 1234
+    """The evaluation stage (the `eval:` section)."""
+    num_prompts: int = _f(64, "Held-out prompts evaluated.")
+    samples_per_prompt: int = _f(1, "Samples per prompt and policy.")
+    max_new_tokens: int = _f(48, "Maximum tokens per sample.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    gold: str | None = _f(None, "A held-out scorer module:function (never trained on); else only the reward "
+                                "model judges.")
+    best_of_n: list[int] = _f([1, 2, 4, 8, 16], "N values of best-of-N from the SFT model (empty: none).")
+    seed: int = _f(1234, "Sampling seed.")
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/pipeline"
-    policy: str = ""                      # starting model: hub id or local folder
-    sft: dict | None = None               # SFTConfig fields (train_file required); None = policy is already SFT
-    prompts: str | list | None = None     # prompt file ({"prompt"} rows) or a list of strings
-    eval_prompts: str | list | None = None  # held-out prompts; default: the last eval.num_prompts of `prompts`
-    preferences: str | None = None        # existing preference data: round 1 uses it instead of collecting
-    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
-    rm: dict = field(default_factory=dict)          # RewardConfig fields
-    ppo: dict | None = field(default_factory=dict)  # PPOConfig fields; None = skip PPO
-    dpo: dict | None = field(default_factory=dict)  # DPOConfig fields; None = skip DPO
-    rejection_sampling: dict | None = field(default_factory=dict)  # None = skip
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    rounds: int = 1
-    seed: int = 0
-    human_stop: bool = False              # stop after sampling round 1 (people label in the app)
+    """`alignloop pipeline config.yaml`: the fields of the file (see examples/pipeline.yaml)."""
+    output_dir: str = _f("runs/pipeline", "The run folder: every artifact goes here.")
+    policy: str = _f("", "Starting model: hub id or local folder.")
+    sft: dict | None = _f(None, "SFTConfig fields (train_file required); leave out when `policy` is already SFT.")
+    prompts: str | list | None = _f(None, "Prompt file ({prompt} rows) or a list of strings.")
+    eval_prompts: str | list | None = _f(None, "Held-out prompts; default: the last eval.num_prompts of `prompts`.")
+    preferences: str | None = _f(None, "Existing preference data ({prompt, chosen, rejected}); round 1 uses it "
+                                       "instead of collecting.")
+    feedback: FeedbackSettings = _f(FeedbackSettings, "Collection and labeling.")
+    rm: dict = _f({}, "RewardConfig fields (alignloop rm --help).")
+    ppo: dict | None = _f({}, "PPOConfig fields (alignloop ppo --help); null skips PPO.")
+    dpo: dict | None = _f({}, "DPOConfig fields (alignloop dpo --help); null skips DPO.")
+    rejection_sampling: dict | None = _f({}, "RSConfig fields (alignloop rs --help); null skips it.")
+    eval: EvalSettings = _f(EvalSettings, "Evaluation.")
+    rounds: int = _f(1, "Rounds of collect -> reward model -> PPO, each sampling from the last PPO policy.")
+    seed: int = _f(0, "Seed of every stage.")
+    human_stop: bool = _f(False, "Stop after sampling so people can label (implied by feedback.labelers human).")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "PipelineConfig":
