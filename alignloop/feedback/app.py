@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import asynccontextmanager
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,11 +84,27 @@ def _markdown() -> MarkdownIt:
 
 
 def create_app(store: Store | str, secret_key: str | None = None, secure_cookies: bool = False,
-               session_max_age: int = 14 * 24 * 3600) -> FastAPI:
+               session_max_age: int = 14 * 24 * 3600, threads: int | None = None,
+               inline_db: bool | None = None) -> FastAPI:
+    """`threads`: worker threads for the blocking database work (default: 8 on SQLite, whose writes are serialised
+    anyway, so more threads only add GIL contention; anyio's default of 40 elsewhere). `inline_db`: run the JSON API's
+    short database calls on the event loop (default on SQLite)."""
     if isinstance(store, str):
         store = Store(store)
     key = resolve_secret_key(secret_key, store.url)
-    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    if threads is None and store.engine.dialect.name == "sqlite":
+        threads = 8
+    if inline_db is None:
+        inline_db = store.engine.dialect.name == "sqlite"
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if threads:
+            import anyio.to_thread
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.store = store
     app.add_middleware(SessionMiddleware, secret_key=key, session_cookie="alignloop_session", max_age=session_max_age,
                        same_site="lax", https_only=secure_cookies)
@@ -117,6 +134,13 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     @app.exception_handler(Forbidden)
     async def _fb(request: Request, exc: Forbidden):
         return await _http_error(request, _HTTPError(403, str(exc) or "forbidden"))
+
+    async def db_call(fn, *args):
+        """Run short database work: inline on the event loop for SQLite (writes are serialised anyway, and this
+        avoids thread hand-offs and GIL contention), in the thread pool otherwise."""
+        if inline_db:
+            return fn(*args)
+        return await run_in_threadpool(fn, *args)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def csrf_token(request: Request) -> str:
@@ -397,15 +421,20 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         return {"csrf_token": tok, "labeler": user.username, "role": user.role}
 
     @app.get("/api/p/{name}/next")
-    def api_next(request: Request, name: str):
+    async def api_next(request: Request, name: str):
+        return await db_call(_api_next, request, name)
+
+    def _api_next(request: Request, name: str):
         user = user_or_redirect(request)
         return next_payload(project_or_404(name).id, user.id)
 
     def next_payload(project_id: int, labeler_id: int) -> dict:
-        a = store.next_assignment(project_id, labeler_id)
+        return assignment_payload(store.next_assignment(project_id, labeler_id))
+
+    def assignment_payload(a) -> dict:
         if a is None:
             return {"assignment_id": None}
-        task_type, _flags = store.project_rules(project_id)
+        task_type, _flags = store.project_rules(a.project_id)
         view = store.item_view(a.item, a.shown_order)
         return {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
 
@@ -417,18 +446,23 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
             raise _HTTPError(400, "body must be JSON") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "body must be a JSON object")
-        return await run_in_threadpool(_api_submit, request, body, aid)
+        return await db_call(_api_submit, request, body, aid)
 
     def _api_submit(request: Request, body: dict, aid: int):
         user = user_or_redirect(request)
         check_api_csrf(request)
+        want_next = request.query_params.get("next") in ("1", "true")
+        key = str(body.get("idempotency_key", ""))
         try:
-            j, created = store.submit(aid, user.id, body, str(body.get("idempotency_key", "")))
+            if want_next:  # one round trip and one write transaction per judgement: submit + next
+                j, created, a = store.submit_and_next(aid, user.id, body, key)
+            else:
+                j, created = store.submit(aid, user.id, body, key)
         except ValidationError as e:
             return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
         out: dict[str, Any] = {"judgement_id": j.id, "version": j.version, "created": created}
-        if request.query_params.get("next") in ("1", "true"):  # one round trip per judgement: submit + next
-            out["next"] = next_payload(store.get_assignment(aid).project_id, user.id)
+        if want_next:
+            out["next"] = assignment_payload(a)
         return JSONResponse(out, status_code=201 if created else 200)
 
     @app.post("/api/assignments/{aid}/skip")

@@ -445,39 +445,43 @@ class Store:
 
     def _next_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
         with self.write() as s:
-            open_a = s.scalar(select(Assignment).where(
-                Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
-                Assignment.status == "assigned").order_by(Assignment.id).limit(1))
-            if open_a is not None:
-                return open_a
-            p = s.get(Project, project_id)
-            if p is None:
-                raise NotFound(f"no project {project_id}")
-            mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
-            want_gold = False
-            if p.gold_rate > 0:
-                n_all, n_gold = s.execute(select(func.count(), func.coalesce(func.sum(
-                    func.cast(Assignment.is_gold, Integer)), 0)).where(
-                    Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)).one()
-                want_gold = n_gold < p.gold_rate * (n_all + 1)
-            if want_gold:
-                gold = s.scalars(select(Item).where(Item.project_id == project_id, Item.is_gold.is_(True),
-                                                    Item.id.not_in(mine)).order_by(Item.n_done, Item.id)
-                                 .limit(50)).all()
-                if gold:
-                    item = self._rng.choice(gold)
-                    s.execute(update(Item).where(Item.id == item.id).values(n_active=Item.n_active + 1))
-                    return self._new_assignment(s, item, labeler_id, project_id)
-            candidates = s.execute(select(Item.id).where(
-                Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
-                Item.id.not_in(mine)).order_by(Item.n_active, Item.n_done, Item.id).limit(20)).scalars().all()
-            for item_id in candidates:
-                r = s.execute(update(Item).where(Item.id == item_id, Item.n_active < p.overlap_k)
-                              .values(n_active=Item.n_active + 1))
-                if r.rowcount == 1:
-                    item = s.get(Item, item_id)
-                    return self._new_assignment(s, item, labeler_id, project_id)
-            return None
+            return self._next_in(s, project_id, labeler_id)
+
+    def _next_in(self, s: Session, project_id: int, labeler_id: int) -> Assignment | None:
+        open_a = s.scalar(select(Assignment).where(
+            Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
+            Assignment.status == "assigned").order_by(Assignment.id).limit(1))
+        if open_a is not None:
+            open_a.item  # noqa: B018 - load it while the session is open
+            return open_a
+        p = s.get(Project, project_id)
+        if p is None:
+            raise NotFound(f"no project {project_id}")
+        mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
+        want_gold = False
+        if p.gold_rate > 0:
+            n_all, n_gold = s.execute(select(func.count(), func.coalesce(func.sum(
+                func.cast(Assignment.is_gold, Integer)), 0)).where(
+                Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)).one()
+            want_gold = n_gold < p.gold_rate * (n_all + 1)
+        if want_gold:
+            gold = s.scalars(select(Item).where(Item.project_id == project_id, Item.is_gold.is_(True),
+                                                Item.id.not_in(mine)).order_by(Item.n_done, Item.id)
+                             .limit(50)).all()
+            if gold:
+                item = self._rng.choice(gold)
+                s.execute(update(Item).where(Item.id == item.id).values(n_active=Item.n_active + 1))
+                return self._new_assignment(s, item, labeler_id, project_id)
+        candidates = s.execute(select(Item.id).where(
+            Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
+            Item.id.not_in(mine)).order_by(Item.n_active, Item.n_done, Item.id).limit(20)).scalars().all()
+        for item_id in candidates:
+            r = s.execute(update(Item).where(Item.id == item_id, Item.n_active < p.overlap_k)
+                          .values(n_active=Item.n_active + 1))
+            if r.rowcount == 1:
+                item = s.get(Item, item_id)
+                return self._new_assignment(s, item, labeler_id, project_id)
+        return None
 
     def _new_assignment(self, s: Session, item: Item, labeler_id: int, project_id: int) -> Assignment:
         order = list(range(len(item.completion_ids)))
@@ -529,32 +533,52 @@ class Store:
 
     def _submit(self, assignment_id, labeler_id, fields, idempotency_key, started_at):
         with self.write() as s:
-            j = s.scalar(select(Judgement).where(Judgement.idempotency_key == idempotency_key))
-            if j is not None:
-                if j.labeler_id != labeler_id:
-                    raise Forbidden("idempotency key belongs to another labeler")
-                return j, False
-            a = s.get(Assignment, assignment_id, options=[noload(Assignment.item)])
-            if a is None or a.labeler_id != labeler_id:
-                raise NotFound("no such assignment")
-            if a.status == "skipped":
-                raise ValidationError({"assignment": "this item was skipped; it can no longer be judged"})
-            task_type, flag_names = self._project_rules(s, a.project_id)
-            canon = validate_submission(task_type, a.shown_order, fields, flag_names)
-            last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0
-            now = utcnow()
-            start = a.created_at if last == 0 or started_at is None else started_at
-            spent = int(max(0.0, (now - start).total_seconds()) * 1000)
-            j = Judgement(assignment_id=a.id, item_id=a.item_id, labeler_id=labeler_id, version=last + 1,
-                          shown_order=a.shown_order, idempotency_key=idempotency_key, time_spent_ms=spent,
-                          created_at=now, **canon)
-            s.add(j)
-            if a.status == "assigned":
-                a.status = "done"
-                a.completed_at = now
-                s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
-            s.flush()
-            return j, True
+            j, created, _project_id = self._submit_in(s, assignment_id, labeler_id, fields, idempotency_key,
+                                                      started_at)
+            return j, created
+
+    def submit_and_next(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
+                        idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:
+        """`submit`, then `next_assignment` in the same project, in one write transaction (one round trip and one
+        lock hand-off per judgement on the hot path)."""
+        if not isinstance(idempotency_key, str) or not _IDEM_RE.match(idempotency_key):
+            raise ValidationError({"idempotency_key": "missing or malformed (8-100 letters, digits, _.:-)"})
+        try:
+            with self.write() as s:
+                j, created, project_id = self._submit_in(s, assignment_id, labeler_id, fields, idempotency_key,
+                                                         None)
+                return j, created, self._next_in(s, project_id, labeler_id)
+        except IntegrityError:  # a concurrent duplicate or version race: fall back to the two-step path
+            j, created = self.submit(assignment_id, labeler_id, fields, idempotency_key)
+            return j, created, self.next_assignment(self.get_assignment(assignment_id).project_id, labeler_id)
+
+    def _submit_in(self, s: Session, assignment_id, labeler_id, fields, idempotency_key, started_at):
+        j = s.scalar(select(Judgement).where(Judgement.idempotency_key == idempotency_key))
+        if j is not None:
+            if j.labeler_id != labeler_id:
+                raise Forbidden("idempotency key belongs to another labeler")
+            return j, False, s.get(Assignment, j.assignment_id, options=[noload(Assignment.item)]).project_id
+        a = s.get(Assignment, assignment_id, options=[noload(Assignment.item)])
+        if a is None or a.labeler_id != labeler_id:
+            raise NotFound("no such assignment")
+        if a.status == "skipped":
+            raise ValidationError({"assignment": "this item was skipped; it can no longer be judged"})
+        task_type, flag_names = self._project_rules(s, a.project_id)
+        canon = validate_submission(task_type, a.shown_order, fields, flag_names)
+        last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0
+        now = utcnow()
+        start = a.created_at if last == 0 or started_at is None else started_at
+        spent = int(max(0.0, (now - start).total_seconds()) * 1000)
+        j = Judgement(assignment_id=a.id, item_id=a.item_id, labeler_id=labeler_id, version=last + 1,
+                      shown_order=a.shown_order, idempotency_key=idempotency_key, time_spent_ms=spent,
+                      created_at=now, **canon)
+        s.add(j)
+        if a.status == "assigned":
+            a.status = "done"
+            a.completed_at = now
+            s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
+        s.flush()
+        return j, True, a.project_id
 
     def _project_rules(self, s: Session, project_id: int) -> tuple[str, list[str]]:
         """(task type, flag names) of a project, cached for a few seconds (the hot path of every submission)."""
