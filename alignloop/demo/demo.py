@@ -36,20 +36,20 @@ class DemoSize:
     n_embd: int = 128
     n_head: int = 4
     vocab_size: int = 600
-    pretrain_steps: int = 400
+    pretrain_steps: int = 500
     pretrain_batch: int = 32
     sft_steps: int = 150
-    label_prompts: int = 128
+    label_prompts: int = 160
     completions_per_prompt: int = 4
     n_careful: int = 4
     rm_epochs: int = 3
-    ppo_updates: int = 40
+    ppo_updates: int = 60
     ppo_batch: int = 32
-    dpo_epochs: int = 3
+    dpo_epochs: int = 2
     rs_rounds: int = 2
     rs_prompts: int = 192
-    eval_prompts: int = 64
-    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    eval_prompts: int = 128
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     max_new_tokens: int = 40
 
     @classmethod

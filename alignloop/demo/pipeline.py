@@ -387,11 +387,19 @@ class Pipeline:
         if len(rows) < 4:
             raise UserError(f"only {len(rows)} preference pairs: too few to train a reward model")
         section = dict(self.cfg.rm)
-        section.setdefault("eval_fraction", 0.2)
         section.setdefault("seed", self.cfg.seed)
-        args = _config(RewardConfig, section, model=self.sft_model(), output_dir=str(folder))
-        res = RewardTrainer(model=self.sft_model(), args=args, train_dataset=rows).train()
-        return {"model": res.output_dir, "steps": res.steps, "pairs": len(rows), **res.metrics}
+        fraction = section.pop("eval_fraction", 0.2)
+        eval_rows = None
+        if fraction and not section.get("eval_file"):
+            # held out by prompt: no judgement of a held-out prompt's pairs (another labeler's, or the reverse
+            # order) is trained on
+            rows, eval_rows = split_by_prompt(rows, fraction, section["seed"])
+            write_jsonl(eval_rows, folder / "heldout_preferences.jsonl")
+        args = _config(RewardConfig, section, model=self.sft_model(), output_dir=str(folder), eval_fraction=0.0)
+        res = RewardTrainer(model=self.sft_model(), args=args, train_dataset=rows,
+                            eval_dataset=eval_rows or None).train()
+        return {"model": res.output_dir, "steps": res.steps, "pairs": len(rows),
+                "heldout_pairs": len(eval_rows or []), **res.metrics}
 
     # -- PPO
     def stage_ppo(self, folder: Path, policy: str, rm: str, ref: str) -> dict:
@@ -504,6 +512,17 @@ class Pipeline:
                 self.notes.append(note)
                 self.echo(note)
         return found
+
+
+def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts)."""
+    prompts = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, int(round(len(prompts) * fraction)))])
+    if len(held) == len(prompts):
+        return rows, []
+    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held]
+    return train, [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held]
 
 
 def _mean(xs):
