@@ -9,7 +9,8 @@
 
 Assignment rules: an item goes to `overlap_k` distinct labelers (a skipped assignment frees its slot), never twice
 to the same labeler (unique constraint), items with fewer labels first, gold items (known answers, outside the k
-count) mixed in at `gold_rate`. Concurrency: the slot is taken with a conditional `UPDATE ... WHERE n_active < k`
+count) mixed in at `gold_rate`. An assignment left open longer than the project's `assignment_timeout_s` setting
+(default 2 h) is expired and its slot given to someone else. Concurrency: the slot is taken with a conditional `UPDATE ... WHERE n_active < k`
 checked for one affected row, so it holds under concurrent requests on SQLite and PostgreSQL alike.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B)
     {"name": "opinion", "label": "Expresses an opinion", "key": "o"},
     {"name": "moral_judgement", "label": "Expresses a moral judgement", "key": "j"},
 ]
+DEFAULT_ASSIGNMENT_TIMEOUT_S = 2 * 3600
 _IDEM_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -253,6 +255,8 @@ class Store:
         self._write = sessionmaker(dbmod.write_engine(self.engine), expire_on_commit=False)
         self._rng = random.SystemRandom()
         self._rules_cache: dict[int, tuple[float, tuple[str, list[str]]]] = {}
+        self._last_expiry: dict[int, float] = {}
+        self.expiry_check_interval_s = 30.0
         # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
         # busy_timeout. PostgreSQL writers run concurrently.
@@ -457,6 +461,7 @@ class Store:
         p = s.get(Project, project_id)
         if p is None:
             raise NotFound(f"no project {project_id}")
+        self._expire_stale(s, p)
         mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
         want_gold = False
         if p.gold_rate > 0:
@@ -482,6 +487,28 @@ class Store:
                 item = s.get(Item, item_id)
                 return self._new_assignment(s, item, labeler_id, project_id)
         return None
+
+    def _expire_stale(self, s: Session, p: Project) -> int:
+        """Release assignments left open longer than the project's `assignment_timeout_s` (setting; default 2 h; 0
+        = never): status "expired", slot freed for another labeler. Checked at most every
+        `expiry_check_interval_s` per project. Returns how many were released."""
+        ttl = p.settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S)
+        now_m = time.monotonic()
+        if not ttl or now_m - self._last_expiry.get(p.id, -1e18) < self.expiry_check_interval_s:
+            return 0
+        self._last_expiry[p.id] = now_m
+        now = utcnow()
+        stale = s.execute(select(Assignment.id, Assignment.item_id).where(
+            Assignment.project_id == p.id, Assignment.status == "assigned",
+            Assignment.created_at < now - timedelta(seconds=float(ttl)))).all()
+        n = 0
+        for aid, item_id in stale:
+            r = s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "assigned")
+                          .values(status="expired", completed_at=now))
+            if r.rowcount == 1:
+                s.execute(update(Item).where(Item.id == item_id).values(n_active=Item.n_active - 1))
+                n += 1
+        return n
 
     def _new_assignment(self, s: Session, item: Item, labeler_id: int, project_id: int) -> Assignment:
         order = list(range(len(item.completion_ids)))
@@ -563,6 +590,13 @@ class Store:
             raise NotFound("no such assignment")
         if a.status == "skipped":
             raise ValidationError({"assignment": "this item was skipped; it can no longer be judged"})
+        if a.status == "expired":  # left open too long: take the slot back if nobody else has it
+            p = s.get(Project, a.project_id)
+            cond = [Item.id == a.item_id] + ([] if a.is_gold else [Item.n_active < p.overlap_k])
+            if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)).rowcount != 1:
+                raise ValidationError({"assignment": "this item was given to another labeler after you left it "
+                                                     "open too long; your judgement was not stored"})
+            a.status = "assigned"
         task_type, flag_names = self._project_rules(s, a.project_id)
         canon = validate_submission(task_type, a.shown_order, fields, flag_names)
         last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0

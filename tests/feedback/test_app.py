@@ -307,3 +307,38 @@ def test_json_api(setup, make_client, store):
     assert aid2 == nxt["assignment_id"]
     assert c.post(f"/api/assignments/{aid2}/skip", headers={"X-CSRF-Token": tok}).json() == {"skipped": aid2}
     assert c.get("/api/p/pw/next").json() == {"assignment_id": None}
+
+
+def test_secret_key_sources(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from alignloop.errors import UserError
+    from alignloop.feedback.security import SECRET_ENV, resolve_secret_key
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    k1 = resolve_secret_key(None, url)  # generated file next to the database, private
+    path = tmp_path / "feedback-secret.key"
+    assert path.exists() and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert resolve_secret_key(None, url) == k1 and len(k1) >= 32
+    monkeypatch.setenv(SECRET_ENV, "e" * 40)
+    assert resolve_secret_key(None, url) == "e" * 40
+    assert resolve_secret_key("x" * 32, url) == "x" * 32
+    with pytest.raises(UserError, match="at least 32"):
+        resolve_secret_key("short", url)
+
+
+def test_sessions_survive_an_app_restart_with_the_same_key(store):
+    from fastapi.testclient import TestClient
+
+    from alignloop.feedback.app import create_app
+
+    store.add_labeler("ann", PASSWORD)
+    c1 = TestClient(create_app(store, secret_key="k" * 40))
+    page = c1.get("/login")
+    c1.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": csrf_of(page.text)})
+    c2 = TestClient(create_app(store, secret_key="k" * 40), cookies=dict(c1.cookies))
+    assert c2.get("/", follow_redirects=False).status_code == 200
+    c3 = TestClient(create_app(store, secret_key="z" * 40), cookies=dict(c1.cookies))
+    assert c3.get("/", follow_redirects=False).status_code == 303  # another key: the cookie is not trusted

@@ -228,3 +228,37 @@ def test_concurrent_assignment_keeps_k_and_submissions_exactly_once(tmp_path):
         pairs = ss.execute(select(Assignment.item_id, Assignment.labeler_id)).all()
         assert len(pairs) == len(set(pairs))
     s.dispose()
+
+
+def test_abandoned_assignments_expire(store):
+    from datetime import timedelta
+
+    from sqlalchemy import update as sa_update
+
+    from alignloop.feedback.models import utcnow
+
+    store.expiry_check_interval_s = 0.0
+    p = store.create_project("exp", "pairwise", overlap_k=1, settings={"assignment_timeout_s": 60})
+    store.import_records("exp", [{"prompt": f"p{i}", "completions": ["x", "y"]} for i in range(2)])
+    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a1 = store.next_assignment(p.id, a_lab.id)
+    a2 = store.next_assignment(p.id, b_lab.id)
+    assert a2.item_id != a1.item_id
+
+    def age(assignment):
+        with store.write() as s:
+            s.execute(sa_update(Assignment).where(Assignment.id == assignment.id)
+                      .values(created_at=utcnow() - timedelta(seconds=120)))
+    age(a1)
+    store.submit(a2.id, b_lab.id, {"choice": "tie"}, "b-first-0001")
+    b2 = store.next_assignment(p.id, b_lab.id)  # a's abandoned item is released and given to b
+    assert b2 is not None and b2.item_id == a1.item_id
+    assert store.get_assignment(a1.id).status == "expired"
+    with pytest.raises(ValidationError, match="another labeler"):
+        store.submit(a1.id, a_lab.id, {"choice": "tie"}, "a-late-00001")
+    # a late submission whose slot is still free is accepted
+    store.skip(b2.id, b_lab.id)
+    j, created = store.submit(a1.id, a_lab.id, {"choice": "tie"}, "a-late-00002")
+    assert created and store.get_assignment(a1.id).status == "done"
+    with store.read() as s:
+        assert s.get(Item, a1.item_id).n_active == 1
