@@ -178,3 +178,53 @@ def test_metrics_and_outputs(tmp_path, tok, prompts):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "samples.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
     assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "value_head.safetensors").exists()
+
+
+def test_lora_reference_is_base_with_adapter_disabled(tmp_path, tok, prompts):
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
+                    args=_cfg(tmp_path, total_updates=2, use_lora=True, lora_r=4, learning_rate=1e-2,
+                              save_final=True), train_dataset=prompts, tokenizer=tok)
+    assert tr.ref_model is None and tr.lora
+    h = tr.train()
+    assert h[0]["objective/kl"] == 0.0 and h[0]["policy/max_abs_ratio_minus_1_first"] == 0.0
+    assert h[1]["objective/kl"] != 0.0  # the adapter moved the policy away from the (adapter-off) reference
+    assert (tmp_path / "final" / "config.json").exists()  # merged HF model + value head
+    assert (tmp_path / "final" / "value_head.safetensors").exists()
+
+
+def test_separate_critic_from_reward_model(tmp_path, tok, prompts):
+    torch.manual_seed(0)
+    rm = tiny_sequence_classifier(tok, n_layer=1, n_embd=32, seed=7)
+    tr = PPOTrainer(model=small_lm(tok), reward=rm, args=_cfg(tmp_path, value_model="reward", save_final=True,
+                                                              total_updates=2),
+                    train_dataset=prompts, tokenizer=tok)
+    assert tr.model.critic is not None
+    before = rm.score.weight.detach().clone()
+    h = tr.train()
+    assert h[0]["policy/max_abs_ratio_minus_1_first"] == 0.0
+    assert h[0]["val/mean"] != 0.0  # the critic starts from the reward head, not from zero
+    assert torch.equal(rm.score.weight, before)  # training the critic leaves the reward model alone
+    assert (tmp_path / "final" / "critic" / "config.json").exists()
+
+
+def test_reward_tokenizer_differs_and_fit_normalisation(tmp_path, tok, prompts):
+    from alignloop.models.tiny import train_tokenizer
+    rtok = train_tokenizer(vocab_size=400)
+    rm = tiny_sequence_classifier(rtok, n_layer=1, n_embd=32, seed=7).eval()
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=small_lm(tok), reward=rm, reward_tokenizer=rtok,
+                    args=_cfg(tmp_path, reward_normalization="fit", normalization_samples=16),
+                    train_dataset=prompts, tokenizer=tok)
+    assert tr.scorer.retokenize
+    tr.train()
+    assert tr.transform.fitted and tr.transform.gain != 1.0
+    r, d = tr.last_rollout, tr.last_batch
+    b = 0
+    resp = tok.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True)
+    prompt = tok.decode(r.prompt_ids[b][r.prompt_mask[b]].tolist())
+    enc = rtok(prompt + resp, return_tensors="pt")
+    with torch.no_grad():
+        h = rm.transformer(input_ids=enc["input_ids"]).last_hidden_state
+        expected = rm.score(h[0, -1])[0].item()
+    assert abs(d["raw_scores"][b].item() - expected) < 1e-4
