@@ -18,9 +18,17 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def normalise_url(db: str) -> str:
-    if "://" in db:
-        return db
-    return f"sqlite:///{Path(db).expanduser().resolve()}"
+    """A plain path becomes a SQLite URL; `postgresql://` picks psycopg (3) when psycopg2 is not installed."""
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    if db.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + db.split("://", 1)[1]
+        if db.startswith("postgres://"):
+            return "postgresql://" + db.split("://", 1)[1]
+    return db
 
 
 def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORMAL") -> Engine:
@@ -51,9 +59,13 @@ def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORM
             conn.exec_driver_sql(f"BEGIN {mode}".strip())
 
         return engine
-    if url.get_backend_name() == "postgresql":
-        return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
-    return create_engine(url)
+    try:
+        if url.get_backend_name() == "postgresql":
+            return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        return create_engine(url)
+    except ModuleNotFoundError as e:
+        raise UserError(f"{url.render_as_string(hide_password=True)}: the database driver is not installed ({e.name}); "
+                        "for PostgreSQL: pip install 'psycopg[binary]'") from None
 
 
 def write_engine(engine: Engine) -> Engine:
