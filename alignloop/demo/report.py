@@ -125,34 +125,42 @@ def plot_dpo(root: Path, out: Path) -> Path | None:
 
 
 def plot_frontier(root: Path, res: dict, out: Path) -> Path | None:
+    """Gold reward against KL for every method; without a gold scorer, the reward model's score instead."""
     if not res or not res.get("summary"):
         return None
     summ = res["summary"]
-    if "gold/mean" not in summ.get("SFT", {}):
+    key = "gold" if "gold/mean" in summ.get("SFT", {}) else "rm" if "rm/mean" in summ.get("SFT", {}) else None
+    if key is None:
         return None
+    what = "gold score" if key == "gold" else "reward-model score (no gold scorer given)"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     bon = res.get("best_of_n") or {}
     if bon:
         ns = sorted(bon, key=int)
-        ax.plot([bon[n]["kl"] for n in ns], [bon[n]["gold/mean"] for n in ns], "o-", color="tab:green",
+        ax.plot([bon[n]["kl"] for n in ns], [bon[n][f"{key}/mean"] for n in ns], "o-", color="tab:green",
                 label="best-of-N (KL = log N − (N−1)/N)")
         for n in ns:
-            ax.annotate(f"N={n}", (bon[n]["kl"], bon[n]["gold/mean"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=8, color="tab:green")
+            ax.annotate(f"N={n}", (bon[n]["kl"], bon[n][f"{key}/mean"]), textcoords="offset points",
+                        xytext=(-30, 4), fontsize=8, color="tab:green")
     m = _metrics(root / f"round-{max(1, _last_round(root))}" / "ppo" / "metrics.jsonl")
-    xs = [r["objective/kl"] for r in m if "objective/kl" in r and "reward/gold_mean" in r]
-    ys = [r["reward/gold_mean"] for r in m if "objective/kl" in r and "reward/gold_mean" in r]
+    mkey = "reward/gold_mean" if key == "gold" else "reward/raw_mean"
+    xs = [r["objective/kl"] for r in m if "objective/kl" in r and mkey in r]
+    ys = [r[mkey] for r in m if "objective/kl" in r and mkey in r]
     if xs:
-        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.35, label="PPO during training (train prompts)")
+        w = min(5, len(xs))
+        xs = [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.45,
+                label=f"PPO during training (train batches, {w}-update moving average)")
     colors = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "RS": "tab:purple"}
     for name, s in summ.items():
-        if name.startswith("best-of") or "kl" not in s or "gold/mean" not in s:
+        if name.startswith("best-of") or "kl" not in s or f"{key}/mean" not in s:
             continue
-        ax.errorbar([s["kl"]], [s["gold/mean"]], yerr=[s.get("gold/sem", 0) or 0], fmt="s", ms=9, capsize=3,
+        ax.errorbar([s["kl"]], [s[f"{key}/mean"]], yerr=[s.get(f"{key}/sem", 0) or 0], fmt="s", ms=9, capsize=3,
                     color=colors.get(name, "gray"), label=f"{name} (held-out prompts)")
-    ax.set(title="Gold reward against KL to the SFT model (reward–KL frontier)",
-           xlabel="KL(policy ‖ SFT) on the policy's samples (nats / sequence)", ylabel="mean gold score")
+    ax.set(title=f"{what.split(' (')[0].capitalize()} against KL to the SFT model (reward–KL frontier)",
+           xlabel="KL(policy ‖ SFT) on the policy's samples (nats / sequence)", ylabel=f"mean {what}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -326,6 +334,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     summ = res.get("summary", {})
+    md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times)
     if summ:
         md += ["## Results on held-out prompts", "",
                f"{res.get('prompts')} held-out prompts × {res.get('samples_per_prompt')} sample(s). Gold = the "
@@ -345,7 +354,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
                    _table(["N", "gold reward", "RM reward", "KL bound"],
                           [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
                            for n in sorted(bon, key=int)]), ""]
-    for key, title in (("frontier", "Gold reward against KL"), ("best_of_n", "Best-of-N"),
+    for key, title in (("frontier", "Reward against KL (the reward–KL frontier)"), ("best_of_n", "Best-of-N"),
                        ("ppo", "PPO training"), ("dpo", "DPO training"), ("reward_model", "Reward model"),
                        ("labelers", "Labelers"), ("times", "Wall time per stage")):
         if key in plots:
@@ -388,6 +397,35 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     (root / "report.md").write_text(text)
     (root / "report.html").write_text(_md_to_html(text))
     return {"markdown": str(root / "report.md"), "html": str(root / "report.html"), "plots": plots}
+
+
+def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, times: dict) -> list[str]:
+    """The headline: what the loop is expected to show, and whether this run shows it."""
+    lines = []
+    sft = summ.get("SFT", {}).get("gold/mean")
+    for m in ("PPO", "DPO", "RS"):
+        if sft is not None and m in summ and "gold/mean" in summ[m]:
+            g = summ[m]["gold/mean"]
+            lines.append(f"- {m} {'raises' if g > sft else 'does NOT raise'} the gold reward over SFT: {sft:.2f} → "
+                         f"{g:.2f} (win rate {summ[m].get('gold/win_rate', float('nan')):.2f}, KL "
+                         f"{summ[m].get('kl', float('nan')):.2f} nats)")
+    if bon and "gold/mean" in next(iter(bon.values())):
+        ns = sorted(bon, key=int)
+        golds = [bon[n]["gold/mean"] for n in ns]
+        rising = all(b >= a for a, b in zip(golds, golds[1:]))
+        lines.append(f"- best-of-N {'rises' if rising else 'does NOT rise monotonically'} with N: "
+                     + ", ".join(f"N={n}: {bon[n]['gold/mean']:.2f}" for n in ns))
+    if quality:
+        flagged = quality.get("flagged") or []
+        reasons = "; ".join(f"{w}: {', '.join(quality['flags'].get(w, []))}" for w in flagged)
+        lines.append(f"- flagged labelers: {', '.join(flagged) if flagged else 'none'}" + (f" ({reasons})" if reasons
+                                                                                             else ""))
+    if rm_info and quality and rm_info.get("eval/accuracy") is not None:
+        lines.append(f"- reward model held-out accuracy {rm_info['eval/accuracy']:.2f} (prompts never trained on) vs "
+                     f"labeler-labeler agreement {_fmt(quality.get('pairwise_percent_agreement'), 2)}")
+    if times:
+        lines.append(f"- wall time: {sum(times.values()) / 60:.1f} min over {len(times)} stages")
+    return (["## Summary", ""] + lines + [""]) if lines else []
 
 
 def _md_to_html(md: str) -> str:
