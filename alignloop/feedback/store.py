@@ -256,6 +256,7 @@ class Store:
         self._rng = random.SystemRandom()
         self._rules_cache: dict[int, tuple[float, tuple[str, list[str]]]] = {}
         self._last_expiry: dict[int, float] = {}
+        self._view_cache: dict[int, tuple[dict, list[dict]]] = {}
         self.expiry_check_interval_s = 30.0
         # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
@@ -477,14 +478,13 @@ class Store:
                 item = self._rng.choice(gold)
                 s.execute(update(Item).where(Item.id == item.id).values(n_active=Item.n_active + 1))
                 return self._new_assignment(s, item, labeler_id, project_id)
-        candidates = s.execute(select(Item.id).where(
+        candidates = s.scalars(select(Item).where(
             Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
-            Item.id.not_in(mine)).order_by(Item.n_active, Item.n_done, Item.id).limit(20)).scalars().all()
-        for item_id in candidates:
-            r = s.execute(update(Item).where(Item.id == item_id, Item.n_active < p.overlap_k)
-                          .values(n_active=Item.n_active + 1))
+            Item.id.not_in(mine)).order_by(Item.n_active, Item.n_done, Item.id).limit(20)).all()
+        for item in candidates:
+            r = s.execute(update(Item).where(Item.id == item.id, Item.n_active < p.overlap_k)
+                          .values(n_active=Item.n_active + 1), execution_options={"synchronize_session": False})
             if r.rowcount == 1:
-                item = s.get(Item, item_id)
                 return self._new_assignment(s, item, labeler_id, project_id)
         return None
 
@@ -599,7 +599,8 @@ class Store:
             a.status = "assigned"
         task_type, flag_names = self._project_rules(s, a.project_id)
         canon = validate_submission(task_type, a.shown_order, fields, flag_names)
-        last = s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0
+        last = 0 if a.status == "assigned" else (  # first judgement of an open assignment: version 1
+            s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0)
         now = utcnow()
         start = a.created_at if last == 0 or started_at is None else started_at
         spent = int(max(0.0, (now - start).total_seconds()) * 1000)
@@ -631,13 +632,21 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------------------------------
     def item_view(self, item: Item, shown_order: list[int]) -> dict:
-        """What a labeler sees: prompt messages and completions in the shown order."""
-        with self.read() as s:
-            prompt = s.get(Prompt, item.prompt_id)
-            comps = {c.id: c for c in s.scalars(select(Completion).where(Completion.id.in_(item.completion_ids)))}
-        shown = [comps[item.completion_ids[i]] for i in shown_order]
-        return {"messages": prompt.messages, "is_chat": prompt.is_chat,
-                "completions": [{"text": c.text, "model": c.model} for c in shown]}
+        """What a labeler sees: prompt messages and completions in the shown order. Cached per item (prompts and
+        completions never change once imported; an item is shown to k labelers)."""
+        cached = self._view_cache.get(item.id)
+        if cached is None:
+            with self.read() as s:
+                prompt = s.get(Prompt, item.prompt_id)
+                comps = {c.id: c for c in s.scalars(select(Completion).where(
+                    Completion.id.in_(item.completion_ids)))}
+            cached = ({"messages": prompt.messages, "is_chat": prompt.is_chat},
+                      [{"text": comps[cid].text, "model": comps[cid].model} for cid in item.completion_ids])
+            if len(self._view_cache) >= 4096:
+                self._view_cache.pop(next(iter(self._view_cache)))
+            self._view_cache[item.id] = cached
+        head, canon = cached
+        return {**head, "completions": [dict(canon[i]) for i in shown_order]}
 
     def judgement_history(self, assignment_id: int) -> list[Judgement]:
         with self.read() as s:
