@@ -74,14 +74,19 @@ def _serve_for_human(db: str, project: str, host: str, port: int, serve: bool, r
 @click.option("--host", default="127.0.0.1", show_default=True, help="--human: where to serve the app.")
 @click.option("--port", type=int, default=8000, show_default=True, help="--human: port of the app.")
 @click.option("--no-serve", is_flag=True, hidden=True, help="--human: prepare but do not start the server.")
-def demo(output_dir, quick, seed, human, resume, host, port, no_serve):
+@click.option("--threads", type=int, default=None,
+              help="Torch CPU threads (default: all cores on an idle machine, 1 on a busy one).")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Rounds of sample -> label -> reward model -> PPO, each sampling from the last PPO policy.")
+def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds):
     from alignloop.demo.demo import DemoSize, run_demo
 
     out = Path(output_dir)
     if not resume and (out / "demo.json").exists():
         _echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     size = DemoSize.quick() if quick else DemoSize()
-    result = run_demo(out, size, seed=seed, human=human, resume=resume, echo=_echo)
+    result = run_demo(out, size, seed=seed, human=human, resume=resume, echo=_echo, threads=threads,
+                      rounds=rounds)
     if result.get("stopped") == "human":
         click.echo(json.dumps({"stopped": "human", "db": result["db"], "project": result["project"]}))
         _serve_for_human(result["db"], result["project"], host, port, not no_serve,
@@ -162,9 +167,13 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
 @click.option("--output-dir", default=None, help="Override the run folder of the file.")
 @click.option("--rounds", type=int, default=None, help="Override the number of collect → RM → PPO rounds.")
 @click.option("--human", is_flag=True, help="Stop after the first sampling so people can label in the app.")
-def pipeline(config, output_dir, rounds, human):
+@click.option("--threads", type=int, default=None,
+              help="Torch CPU threads (default: all cores on an idle machine, 1 on a busy one).")
+def pipeline(config, output_dir, rounds, human, threads):
+    from alignloop.demo.demo import set_threads
     from alignloop.demo.pipeline import PipelineConfig, run_pipeline
 
+    set_threads(threads)
     cfg = PipelineConfig.from_yaml(config)
     if output_dir:
         cfg.output_dir = output_dir

@@ -59,7 +59,7 @@ class DemoSize:
                    best_of_n=[1, 4, 16])
 
 
-def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False) -> PipelineConfig:
+def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, rounds: int = 1) -> PipelineConfig:
     data = out / "data"
     return PipelineConfig(
         output_dir=str(out),
@@ -90,7 +90,7 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False) -
                             "sft_max_length": 96, "progress": False},
         eval=EvalSettings(num_prompts=size.eval_prompts, max_new_tokens=size.max_new_tokens, gold=GOLD,
                           best_of_n=list(size.best_of_n)),
-        rounds=1, seed=seed, human_stop=human)
+        rounds=rounds, seed=seed, human_stop=human)
 
 
 def stage_data(folder: Path, size: DemoSize, seed: int) -> dict:
@@ -140,10 +140,11 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None, seed: int = 0, human: bool = False,
-             resume: bool = False, echo: Callable[[str], None] = print) -> dict:
+             resume: bool = False, echo: Callable[[str], None] = print, threads: int | None = None,
+             rounds: int = 1) -> dict:
     """Run (or resume) the demo. Returns the summary the CLI prints as JSON."""
     size = size or DemoSize()
-    set_threads()
+    set_threads(threads)
     out = Path(output_dir)
     state_file = out / "demo.json"
     if resume and state_file.exists():
@@ -151,12 +152,14 @@ def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None,
         size = DemoSize(**state["size"])
         seed = state["seed"]
         human = state.get("human", False)
+        rounds = state.get("rounds", rounds)
     out.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human}, indent=1))
+    state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds},
+                                     indent=1))
     run = RunFolder(out, echo)
     run.stage("data", lambda f: stage_data(f, size, seed))
     run.stage("base", lambda f: stage_base(f, out / "data", size, seed))
-    cfg = demo_config(out, size, seed, human=human and not resume)
+    cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds)
     if human and resume:
         cfg.feedback.labelers = "human"
     pipe = Pipeline(cfg, echo)
