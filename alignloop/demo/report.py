@@ -221,10 +221,14 @@ def plot_rm(root: Path, quality: dict | None, rm_info: dict | None, rm_rows: lis
         if quality.get("pairwise_percent_agreement") is not None:
             bars.append("labeler-labeler\nagreement")
             vals.append(quality["pairwise_percent_agreement"])
-    a2.bar(bars, vals, color=["tab:orange"] + ["tab:blue"] * (len(bars) - 1), label="value")
+    a2.bar(bars[:1], vals[:1], color="tab:orange", label="reward model (held-out prompts)")
+    if len(bars) > 1:
+        a2.bar(bars[1:], vals[1:], color="tab:blue", label="simulated or human labelers")
     for i, v in enumerate(vals):
         a2.text(i, v + 0.01, f"{v:.2f}", ha="center")
-    a2.set(title="Reward-model accuracy vs labeler agreement", ylabel="share of agreeing pairs")
+    a2.set(title="Reward-model accuracy vs labeler agreement", ylabel="share of agreeing pairs",
+           xlabel="agreement measure")
+    a2.legend(loc="lower right", fontsize=8)
     a2.set_ylim(0, 1.05)
     a2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
