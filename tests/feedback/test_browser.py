@@ -388,3 +388,43 @@ def test_dashboard_with_simulated_labelers(server, browser, shots):
     lines = Path(path).read_text().splitlines()
     assert len(lines) == 16  # consensus of the three careful labelers; the flagged one left out
     ctx.close()
+
+
+def test_remaining_shortcuts_both_bad_thumbs_up_rank_navigation(server, browser):
+    store, base = server
+    proj, (user,) = _setup(store, "pairwise", [{"prompt": "p", "completions": ["x", "y"]}])
+    ctx, page = _login(browser, base, user)
+    page.goto(f"{base}/p/{proj}/label")
+    page.keyboard.press("x")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#all-done")).to_be_visible()
+    assert _current(store, proj, user)[0]["choice"] == "both_bad"
+    ctx.close()
+
+    proj, (user,) = _setup(store, "thumbs", [{"prompt": "p", "completions": ["fine"]}])
+    ctx, page = _login(browser, base, user)
+    page.goto(f"{base}/p/{proj}/label")
+    page.keyboard.press("u")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#all-done")).to_be_visible()
+    assert _current(store, proj, user)[0]["thumbs"] == 1
+    ctx.close()
+
+    proj, (user,) = _setup(store, "rank", [{"prompt": "p", "completions": ["r0", "r1", "r2"]}])
+    ctx, page = _login(browser, base, user)
+    page.goto(f"{base}/p/{proj}/label")
+    page.keyboard.press("j")  # highlight the second response
+    page.keyboard.press("1")  # rank it 1 (moves to the third)
+    page.keyboard.press("k")
+    page.keyboard.press("k")  # back to the first
+    page.keyboard.press("2")  # rank it 2 (moves to the second)
+    page.keyboard.press("j")  # on to the third
+    page.keyboard.press("3")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#all-done")).to_be_visible()
+    (j,) = _current(store, proj, user)
+    assignment = store.get_assignment(store.labeler_history(store.get_project(proj).id, j["labeler_id"])[0][
+        "assignment"].id)
+    shown_ranks = [j["ranking"][c] for c in assignment.shown_order]
+    assert shown_ranks == [2, 1, 3]
+    ctx.close()

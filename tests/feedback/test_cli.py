@@ -110,3 +110,36 @@ def test_root_cli_registers_feedback():
     root = pytest.importorskip("alignloop.cli")
     r = CliRunner().invoke(root.cli, ["feedback", "--help"])
     assert r.exit_code == 0 and "export" in r.output and "serve" in r.output
+
+
+@pytest.mark.slow
+def test_serve_starts_a_server(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    db = tmp_path / "f.db"
+    run("create", "--db", db, "--project", "hh")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from alignloop.cli.feedback import feedback; feedback()", "serve",
+                             "--db", str(db), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("server did not start")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5) as r:
+            assert "Sign in" in r.read().decode()
+        assert (tmp_path / "feedback-secret.key").exists()  # generated next to the database
+    finally:
+        proc.terminate()
+        proc.wait(10)
