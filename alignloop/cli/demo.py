@@ -98,10 +98,11 @@ def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, 
 
 @click.command(name="eval", help="Evaluate a policy against a reference on prompts: win rate judged by a reward "
                                  "model and/or a Python gold function, KL to the reference, reward, length. "
-                                 "--human imports both models' samples into a feedback project for people instead.")
-@click.option("--policy", required=True, help="Policy model (hub id or local folder).")
-@click.option("--reference", required=True, help="Reference model, e.g. the SFT model (same tokenizer).")
-@click.option("--prompts", "prompts_file", required=True, help="Prompt file (rows with a 'prompt' field).")
+                                 "--human-db also imports (policy, reference) pairs for people to judge in the app; "
+                                 "--tally then reports the people's win rate.")
+@click.option("--policy", default=None, help="Policy model (hub id or local folder).")
+@click.option("--reference", default=None, help="Reference model, e.g. the SFT model (same tokenizer).")
+@click.option("--prompts", "prompts_file", default=None, help="Prompt file (rows with a 'prompt' field).")
 @click.option("--reward-model", default=None, help="Reward model judging the win rate (local folder or hub id).")
 @click.option("--gold", default=None, help="Gold scorer module:function, f(prompts, responses) -> list[float].")
 @click.option("-n", "--samples-per-prompt", type=int, default=1, show_default=True)
@@ -110,15 +111,31 @@ def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, 
 @click.option("--max-prompts", type=int, default=None, help="Use only the first N prompts.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None, help="Write the samples (JSONL) and the summary (.json next to it) here.")
-@click.option("--human-db", default=None, help="Also import (policy, reference) pairs into this feedback database "
-                                               "for people to judge in the app (project --human-project).")
-@click.option("--human-project", default="eval", show_default=True)
+@click.option("--human-db", default=None, help="Import (policy, reference) pairs into this feedback database for "
+                                               "people to judge in the app (alignloop feedback serve).")
+@click.option("--human-project", default="eval", show_default=True, help="The feedback project of those pairs.")
+@click.option("--tally", is_flag=True, help="With --human-db: report the people's win rate from their judgements "
+                                            "(no sampling).")
 def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_prompt, max_new_tokens, temperature,
-             max_prompts, seed, out, human_db, human_project):
-    from alignloop.demo.evaluate import RewardScorer, evaluate_policy, load_function
+             max_prompts, seed, out, human_db, human_project, tally):
+    from alignloop.demo.evaluate import RewardScorer, evaluate_policy, load_function, people_win_rate
     from alignloop.demo.pipeline import read_prompts, write_jsonl
     from alignloop.errors import UserError
 
+    if tally:
+        if not human_db:
+            raise UserError("--tally needs --human-db (and --human-project)")
+        from alignloop.feedback.store import Store
+
+        store = Store(human_db, create=False)
+        try:
+            click.echo(json.dumps({"project": human_project, **people_win_rate(store, human_project)}))
+        finally:
+            store.dispose()
+        return
+    missing = [f"--{n}" for n, v in (("policy", policy), ("reference", reference), ("prompts", prompts_file)) if not v]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
     if reward_model is None and gold is None and human_db is None:
         raise UserError("give a judge: --reward-model, --gold module:function, or --human-db")
     prompts = read_prompts(prompts_file)
@@ -149,11 +166,15 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
                 store.get_project(human_project)
             except UserError:
                 store.create_project(human_project, "pairwise", overlap_k=1,
-                                     guidelines_md="# Which completion is better?")
-            rows = [{"prompt": p, "completions": [{"text": a, "model": policy}, {"text": b, "model": reference}]}
-                    for p, a, b in zip(s.prompts, s.responses, ref.responses) if a != b]
+                                     guidelines_md="# Which completion is better?\nPick the better completion.")
+            rows = [{"prompt": p, "completions": [
+                {"text": a, "model": policy, "params": {"eval_role": "policy"}},
+                {"text": b, "model": reference, "params": {"eval_role": "reference"}}]}
+                for p, a, b in zip(s.prompts, s.responses, ref.responses) if a != b]
             res = store.import_records(human_project, rows)
-            summary["human"] = {"db": human_db, "project": human_project, "items": res.items}
+            summary["human"] = {"db": human_db, "project": human_project, "items": res.items,
+                                "next": f"alignloop feedback serve --db {human_db}; then alignloop eval --tally "
+                                        f"--human-db {human_db} --human-project {human_project}"}
         finally:
             store.dispose()
     click.echo(json.dumps(summary))

@@ -221,3 +221,26 @@ def evaluate_policy(policy: str, reference: str, prompts: Sequence[str], rm: Cal
                       ref_model=ref_model)
     score(s, rm, gold)
     return summarize(s, reference_samples), s, reference_samples
+
+
+def people_win_rate(store, project: str) -> dict[str, float]:
+    """The win rate of the policy against the reference as judged by people in the app: pairs imported by
+    `alignloop eval --human-db` carry params {"eval_role": "policy"|"reference"}; each current judgement counts 1
+    for the policy's completion, ½ for tie / both bad, 0 otherwise."""
+    p = store.get_project(project)
+    _, comps = store.prompts_and_completions(p.id)
+    wins = n = 0.0
+    labelers = set()
+    for r in store.current_judgements(p.id):
+        roles = [(comps[c].params or {}).get("eval_role") for c in r["completion_ids"]]
+        if sorted(roles) != ["policy", "reference"]:
+            continue
+        n += 1
+        labelers.add(r["labeler"])
+        if r["choice"] in ("tie", "both_bad"):
+            wins += 0.5
+        elif roles["ab".index(r["choice"])] == "policy":
+            wins += 1.0
+    if not n:
+        raise UserError(f"project {project}: no judgements of (policy, reference) pairs yet")
+    return {"people/win_rate": wins / n, "people/judgements": int(n), "people/labelers": len(labelers)}

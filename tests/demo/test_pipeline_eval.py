@@ -204,6 +204,17 @@ def test_eval_for_people_imports_pairs_into_the_app(tiny, tmp_path):
     s = _json(res.output)
     assert s["human"]["project"] == "eval" and 1 <= s["human"]["items"] <= 3
     store = Store(str(db))
-    items = store.project_summary(store.get_project("eval").id)["items"]
+    p = store.get_project("eval")
+    assert store.project_summary(p.id)["items"] == s["human"]["items"]
+    # a person who always prefers the policy's completion -> win rate 1
+    lab = store.add_labeler("ann", "a long password")
+    while (a := store.next_assignment(p.id, lab.id)) is not None:
+        shown = [a.item.completion_ids[i] for i in a.shown_order]
+        _, comps = store.prompts_and_completions(p.id)
+        left_is_policy = comps[shown[0]].params["eval_role"] == "policy"
+        store.submit(a.id, lab.id, {"choice": "left" if left_is_policy else "right", "strength": "better"},
+                     idempotency_key=f"key-ann-{a.id:06d}")
     store.dispose()
-    assert items == s["human"]["items"]
+    res = _invoke(eval_cmd, ["--tally", "--human-db", str(db)])
+    t = _json(res.output)
+    assert t["people/win_rate"] == 1.0 and t["people/judgements"] == s["human"]["items"] and t["people/labelers"] == 1
