@@ -99,8 +99,7 @@ def _current(store, project, username):
 
 def test_sign_in(server, browser, shots):
     store, base = server
-    user = _uniq("s")
-    store.add_labeler(user, PASSWORD)
+    proj, (user,) = _setup(store, "pairwise", [{"prompt": f"p{i}", "completions": ["x", "y"]} for i in range(3)])
     ctx = browser.new_context()
     page = ctx.new_page()
     page.goto(base + "/p/anything/label")
@@ -115,7 +114,11 @@ def test_sign_in(server, browser, shots):
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
     sync_api.expect(page.locator("header")).to_contain_text(f"Signed in as {user}")
-    page.screenshot(path=str(shots / "03_projects.png"))
+    assert page.url.endswith("/p/anything/label")  # back where sign-in was asked (a 404 page: no such project)
+    page.goto(base + "/")
+    sync_api.expect(page.locator("h1")).to_have_text("Projects")
+    sync_api.expect(page.locator("table")).to_contain_text(proj)
+    page.screenshot(path=str(shots / "03_projects.png"), full_page=True)
     ctx.close()
 
 
