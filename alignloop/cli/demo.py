@@ -118,7 +118,12 @@ def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, 
                                             "(no sampling).")
 def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_prompt, max_new_tokens, temperature,
              max_prompts, seed, out, human_db, human_project, tally):
-    from alignloop.demo.evaluate import RewardScorer, evaluate_policy, load_function, people_win_rate
+    from alignloop.demo.evaluate import (
+        RewardScorer,
+        evaluate_policy,
+        load_function,
+        people_win_rate,
+    )
     from alignloop.demo.pipeline import read_prompts, write_jsonl
     from alignloop.errors import UserError
 

@@ -17,12 +17,19 @@ Stages (each resumable; see `alignloop.demo.pipeline`):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from alignloop.demo import domain
-from alignloop.demo.pipeline import EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder, write_jsonl
+from alignloop.demo.pipeline import (
+    EvalSettings,
+    FeedbackSettings,
+    Pipeline,
+    PipelineConfig,
+    RunFolder,
+    write_jsonl,
+)
 
 GOLD = "alignloop.demo.domain:gold_scores"
 
@@ -53,7 +60,7 @@ class DemoSize:
     max_new_tokens: int = 40
 
     @classmethod
-    def quick(cls) -> "DemoSize":
+    def quick(cls) -> DemoSize:
         return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=64,
                    ppo_updates=25, ppo_batch=32, dpo_epochs=2, rs_rounds=1, rs_prompts=128, eval_prompts=48,
                    best_of_n=[1, 4, 16])

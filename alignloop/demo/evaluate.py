@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class Samples:
         return rows
 
     @classmethod
-    def from_rows(cls, rows: list[dict]) -> "Samples":
+    def from_rows(cls, rows: list[dict]) -> Samples:
         s = cls([r["prompt"] for r in rows], [r["response"] for r in rows], [int(r["length"]) for r in rows],
                 [r["kl"] for r in rows] if rows and "kl" in rows[0] else None)
         for k in ("gold", "rm"):

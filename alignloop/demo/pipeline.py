@@ -24,9 +24,9 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from alignloop.errors import ConfigError, UserError
 
@@ -100,7 +100,7 @@ class PipelineConfig:
     human_stop: bool = _f(False, "Stop after sampling so people can label (implied by feedback.labelers human).")
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "PipelineConfig":
+    def from_dict(cls, d: dict, where: str = "config") -> PipelineConfig:
         d = dict(d or {})
         known = {f for f in cls.__dataclass_fields__}
         bad = sorted(set(d) - known)
@@ -125,7 +125,7 @@ class PipelineConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "PipelineConfig":
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
         import yaml
 
         p = Path(path)
@@ -439,7 +439,10 @@ class Pipeline:
 
     # -- rejection sampling
     def stage_rs(self, folder: Path, rm: str) -> dict:
-        from alignloop.trainers.rejection_sampling import RejectionSamplingTrainer, RSConfig
+        from alignloop.trainers.rejection_sampling import (
+            RejectionSamplingTrainer,
+            RSConfig,
+        )
 
         section = dict(self.cfg.rejection_sampling or {})
         section.setdefault("seed", self.cfg.seed)

@@ -10,8 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignloop.demo.evaluate import (RewardScorer, best_of_n, first_of_each, load_function, load_policy,
-                                     sample_policy, score, summarize)
+from alignloop.demo.evaluate import (
+    RewardScorer,
+    best_of_n,
+    first_of_each,
+    load_function,
+    load_policy,
+    sample_policy,
+    score,
+    summarize,
+)
 from alignloop.demo.pipeline import write_jsonl
 
 

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from alignloop.demo import domain
-from alignloop.demo.evaluate import Samples, best_of_n, first_of_each, summarize, win_rate
+from alignloop.demo.evaluate import (
+    Samples,
+    best_of_n,
+    first_of_each,
+    summarize,
+    win_rate,
+)
 
 
 def test_gold_score_prefers_positive_well_formed_reviews():
@@ -53,7 +59,11 @@ def test_win_rate_best_of_n_and_summary():
 
 
 def test_simulated_labelers_flag_the_careless_one(tmp_path):
-    from alignloop.demo.labelers import default_labelers, gold_agreement, simulate_labeling
+    from alignloop.demo.labelers import (
+        default_labelers,
+        gold_agreement,
+        simulate_labeling,
+    )
     from alignloop.demo.pipeline import _percent_agreement
     from alignloop.feedback import quality
     from alignloop.feedback.store import Store
