@@ -10,6 +10,7 @@ labeler can only see, submit, skip and edit their own assignments (others' give 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from contextlib import asynccontextmanager
 import uuid
@@ -50,6 +51,41 @@ class _Redirect(Exception):
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
+
+
+THROTTLE_MESSAGE = "Too many failed sign-ins for this username; wait a few minutes and try again."
+
+
+class LoginThrottle:
+    """At most `max_failures` failed sign-ins per username in `window_s` (in-process; also spares the CPU that
+    argon2 would spend on a password-guessing run)."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300.0):
+        self.max_failures, self.window_s = max_failures, window_s
+        self._fails: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, name: str, now: float) -> list[float]:
+        fails = [t for t in self._fails.get(name, []) if now - t < self.window_s]
+        if fails:
+            self._fails[name] = fails
+        else:
+            self._fails.pop(name, None)
+        return fails
+
+    def blocked(self, username: str) -> bool:
+        with self._lock:
+            return len(self._recent(username.lower(), time.monotonic())) >= self.max_failures
+
+    def failed(self, username: str) -> None:
+        with self._lock:
+            if len(self._fails) > 100_000:
+                self._fails.clear()
+            self._fails.setdefault(username.lower(), []).append(time.monotonic())
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._fails.pop(username.lower(), None)
 
 
 class SecurityHeaders:
@@ -141,6 +177,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         if inline_db:
             return fn(*args)
         return await run_in_threadpool(fn, *args)
+
+    throttle = LoginThrottle()
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def csrf_token(request: Request) -> str:
@@ -255,9 +293,13 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         nxt = safe_next(form.get("next"))
         if not username or not password:
             return render(request, "login.html", {"next": nxt, "error": "Enter your username and password."}, 422)
+        if throttle.blocked(username):
+            return render(request, "login.html", {"next": nxt, "error": THROTTLE_MESSAGE}, 429)
         user = store.authenticate(username, password)
         if user is None:
+            throttle.failed(username)
             return render(request, "login.html", {"next": nxt, "error": "Wrong username or password."}, 401)
+        throttle.succeeded(username)
         request.session.clear()
         request.session["uid"] = user.id
         request.session["csrf"] = new_token()  # rotate on sign-in
@@ -411,10 +453,14 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
             raise _HTTPError(400, "body must be JSON") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "body must be a JSON object")
-        user = await run_in_threadpool(store.authenticate, str(body.get("username", "")),
-                                       str(body.get("password", "")))
+        username = str(body.get("username", "")).strip()
+        if throttle.blocked(username):
+            raise _HTTPError(429, THROTTLE_MESSAGE)
+        user = await run_in_threadpool(store.authenticate, username, str(body.get("password", "")))
         if user is None:
+            throttle.failed(username)
             raise _HTTPError(401, "wrong username or password")
+        throttle.succeeded(username)
         request.session.clear()
         request.session["uid"] = user.id
         request.session["csrf"] = tok = new_token()

@@ -342,3 +342,17 @@ def test_sessions_survive_an_app_restart_with_the_same_key(store):
     assert c2.get("/", follow_redirects=False).status_code == 200
     c3 = TestClient(create_app(store, secret_key="z" * 40), cookies=dict(c1.cookies))
     assert c3.get("/", follow_redirects=False).status_code == 303  # another key: the cookie is not trusted
+
+
+def test_login_throttled_after_repeated_failures(setup, make_client):
+    c = make_client()
+    tok = csrf_of(c.get("/login").text)
+    for _ in range(5):
+        r = c.post("/login", data={"username": "ann", "password": "nope nope", "csrf_token": tok})
+        assert r.status_code == 401
+    r = c.post("/login", data={"username": "ann", "password": PASSWORD, "csrf_token": tok})
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    assert c.post("/api/login", json={"username": "ann", "password": PASSWORD}).status_code == 429
+    # another username is not affected
+    r = c.post("/login", data={"username": "bob", "password": PASSWORD, "csrf_token": tok}, follow_redirects=False)
+    assert r.status_code == 303
