@@ -79,7 +79,7 @@ def plot_ppo(root: Path, out: Path) -> Path | None:
     a2.set(title="PPO: KL to the reference over training", xlabel="PPO update", ylabel="KL (nats / sequence)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend()
+        a.legend(fontsize=8, loc="best")
     fig.tight_layout()
     p = out / "ppo_training.png"
     fig.savefig(p, dpi=110)
@@ -338,7 +338,9 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     summ = res.get("summary", {})
-    md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times)
+    per_round = [q for q in (_read_json(root / f"round-{r}" / "label" / "quality.json")
+                             for r in range(1, rnd + 1)) if q]
+    md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times, per_round)
     if summ:
         md += ["## Results on held-out prompts", "",
                f"{res.get('prompts')} held-out prompts × {res.get('samples_per_prompt')} sample(s). Gold = the "
@@ -403,7 +405,8 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     return {"markdown": str(root / "report.md"), "html": str(root / "report.html"), "plots": plots}
 
 
-def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, times: dict) -> list[str]:
+def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, times: dict,
+            per_round: list[dict] | None = None) -> list[str]:
     """The headline: what the loop is expected to show, and whether this run shows it."""
     lines = []
     sft = summ.get("SFT", {}).get("gold/mean")
@@ -425,8 +428,10 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
         lines.append(f"- flagged labelers: {', '.join(flagged) if flagged else 'none'}" + (f" ({reasons})" if reasons
                                                                                              else ""))
     if rm_info and quality and rm_info.get("eval/accuracy") is not None:
+        agree = ", ".join(f"{_fmt(q.get('pairwise_percent_agreement'), 2)} (round {i})"
+                          for i, q in enumerate(per_round or [quality], 1))
         lines.append(f"- reward model held-out accuracy {rm_info['eval/accuracy']:.2f} (prompts never trained on) vs "
-                     f"labeler-labeler agreement {_fmt(quality.get('pairwise_percent_agreement'), 2)}")
+                     f"labeler-labeler agreement {agree}")
     if times:
         lines.append(f"- wall time: {sum(times.values()) / 60:.1f} min over {len(times)} stages")
     return (["## Summary", ""] + lines + [""]) if lines else []
