@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import Integer, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, noload, sessionmaker
 
@@ -52,6 +52,37 @@ DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B)
 DEFAULT_ASSIGNMENT_TIMEOUT_S = 2 * 3600
 _IDEM_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class _ProjectInfo:
+    task_type: str
+    flag_names: list
+    overlap_k: int
+    gold_rate: float
+    timeout_s: float
+
+
+# Core statements for the hot path, built once (see Store._fast_submit_and_next)
+_J, _A, _I = Judgement.__table__, Assignment.__table__, Item.__table__
+_Q_JUDGEMENT_BY_KEY = select(_J.c.id).where(_J.c.idempotency_key == bindparam("key"))
+_Q_ASSIGNMENT = select(_A.c.item_id, _A.c.labeler_id, _A.c.project_id, _A.c.status, _A.c.shown_order,
+                       _A.c.created_at).where(_A.c.id == bindparam("aid"))
+_INS_JUDGEMENT = insert(_J)
+_UPD_ASSIGNMENT_DONE = update(_A).where(_A.c.id == bindparam("aid_")).values(status="done",
+                                                                            completed_at=bindparam("now"))
+_UPD_ITEM_DONE = update(_I).where(_I.c.id == bindparam("iid")).values(n_done=_I.c.n_done + 1)
+_Q_OPEN = select(_A.c.id).where(_A.c.labeler_id == bindparam("lid"), _A.c.project_id == bindparam("pid"),
+                                _A.c.status == "assigned").limit(1)
+_Q_CANDIDATES = (select(_I.c.id, _I.c.prompt_id, _I.c.completion_ids)
+                 .where(_I.c.project_id == bindparam("pid"), _I.c.is_gold.is_(False),
+                        _I.c.n_active < bindparam("k"),
+                        _I.c.id.not_in(select(_A.c.item_id).where(_A.c.labeler_id == bindparam("lid"))
+                                       .scalar_subquery()))
+                 .order_by(_I.c.n_active, _I.c.n_done, _I.c.id).limit(20))
+_UPD_TAKE = update(_I).where(_I.c.id == bindparam("iid"), _I.c.n_active < bindparam("k")).values(
+    n_active=_I.c.n_active + 1)
+_INS_ASSIGNMENT = insert(_A)
 
 
 class ValidationError(UserError):
@@ -257,6 +288,7 @@ class Store:
         self._rules_cache: dict[int, tuple[float, tuple[str, list[str]]]] = {}
         self._last_expiry: dict[int, float] = {}
         self._view_cache: dict[int, tuple[dict, list[dict]]] = {}
+        self._info_cache: dict[int, tuple[float, _ProjectInfo]] = {}
         self.expiry_check_interval_s = 30.0
         # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
@@ -572,12 +604,72 @@ class Store:
             raise ValidationError({"idempotency_key": "missing or malformed (8-100 letters, digits, _.:-)"})
         try:
             with self.write() as s:
+                fast = self._fast_submit_and_next(s, assignment_id, labeler_id, fields, idempotency_key)
+                if fast is not None:
+                    return fast
                 j, created, project_id = self._submit_in(s, assignment_id, labeler_id, fields, idempotency_key,
                                                          None)
                 return j, created, self._next_in(s, project_id, labeler_id)
         except IntegrityError:  # a concurrent duplicate or version race: fall back to the two-step path
             j, created = self.submit(assignment_id, labeler_id, fields, idempotency_key)
             return j, created, self.next_assignment(self.get_assignment(assignment_id).project_id, labeler_id)
+
+    def _fast_submit_and_next(self, s: Session, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
+                              idempotency_key: str) -> tuple[Judgement, bool, Assignment | None] | None:
+        """The common case in Core statements built once (no ORM loading or flush): the first judgement of an open
+        assignment, then a non-gold next item, no expiry check due. Returns None (nothing written) for anything
+        else, and the caller takes the general path."""
+        conn = s.connection()
+        if conn.execute(_Q_JUDGEMENT_BY_KEY, {"key": idempotency_key}).first() is not None:
+            return None
+        row = conn.execute(_Q_ASSIGNMENT, {"aid": assignment_id}).first()
+        if row is None or row.labeler_id != labeler_id or row.status != "assigned":
+            return None
+        info = self._project_info(s, row.project_id)
+        if info.gold_rate > 0 or (info.timeout_s and time.monotonic() - self._last_expiry.get(row.project_id, -1e18)
+                                  >= self.expiry_check_interval_s):
+            return None
+        canon = validate_submission(info.task_type, row.shown_order, fields, info.flag_names)
+        now = utcnow()
+        values = {"assignment_id": assignment_id, "item_id": row.item_id, "labeler_id": labeler_id, "version": 1,
+                  "shown_order": row.shown_order, "idempotency_key": idempotency_key, "created_at": now,
+                  "time_spent_ms": int(max(0.0, (now - row.created_at).total_seconds()) * 1000),
+                  "choice": None, "strength": None, "picked_position": None, "ranking": None, "thumbs": None,
+                  "likert": None, **canon}
+        jid = conn.execute(_INS_JUDGEMENT, values).inserted_primary_key[0]
+        conn.execute(_UPD_ASSIGNMENT_DONE, {"aid_": assignment_id, "now": now})
+        conn.execute(_UPD_ITEM_DONE, {"iid": row.item_id})
+        j = Judgement(id=jid, **values)
+        nxt = None
+        if conn.execute(_Q_OPEN, {"lid": labeler_id, "pid": row.project_id}).first() is not None:
+            nxt = self._next_in(s, row.project_id, labeler_id)  # an older open one (two tabs): general path
+        else:
+            cands = conn.execute(_Q_CANDIDATES, {"pid": row.project_id, "k": info.overlap_k, "lid": labeler_id}).all()
+            for cand in cands:
+                if conn.execute(_UPD_TAKE, {"iid": cand.id, "k": info.overlap_k}).rowcount == 1:
+                    order = list(range(len(cand.completion_ids)))
+                    self._rng.shuffle(order)
+                    avals = {"item_id": cand.id, "labeler_id": labeler_id, "project_id": row.project_id,
+                             "status": "assigned", "is_gold": False, "shown_order": order, "created_at": now}
+                    aid = conn.execute(_INS_ASSIGNMENT, avals).inserted_primary_key[0]
+                    nxt = Assignment(id=aid, **avals)
+                    nxt.item = Item(id=cand.id, project_id=row.project_id, prompt_id=cand.prompt_id,
+                                    completion_ids=cand.completion_ids, is_gold=False)
+                    break
+        return j, True, nxt
+
+    def _project_info(self, s: Session, project_id: int) -> _ProjectInfo:
+        now = time.monotonic()
+        hit = self._info_cache.get(project_id)
+        if hit is not None and now - hit[0] < 5.0:
+            return hit[1]
+        p = s.get(Project, project_id)
+        if p is None:
+            raise NotFound(f"no project {project_id}")
+        info = _ProjectInfo(p.task_type, [f["name"] for f in p.settings.get("flags", DEFAULT_FLAGS)], p.overlap_k,
+                            p.gold_rate, p.settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S))
+        self._info_cache[project_id] = (now, info)
+        return info
 
     def _submit_in(self, s: Session, assignment_id, labeler_id, fields, idempotency_key, started_at):
         j = s.scalar(select(Judgement).where(Judgement.idempotency_key == idempotency_key))

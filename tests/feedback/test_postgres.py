@@ -106,13 +106,23 @@ def test_postgres_concurrent_labeling_and_export(pg_store):
 
     def work(lab):
         try:
-            while (a := s.next_assignment(p.id, lab.id)) is not None:
+            a = s.next_assignment(p.id, lab.id)
+            n = 0
+            while a is not None:
                 view = s.item_view(a.item, a.shown_order)
                 fields = {"choice": "left" if view["completions"][0]["text"].startswith("good") else "right",
                           "strength": "better"}
                 key = f"pg-key-{lab.id}-{a.id}"
-                s.submit(a.id, lab.id, fields, key)
-                s.submit(a.id, lab.id, fields, key)  # retry: stored once
+                if n % 2:  # both paths: submit + next, and submit_and_next in one transaction
+                    s.submit(a.id, lab.id, fields, key)
+                    s.submit(a.id, lab.id, fields, key)  # retry: stored once
+                    a = s.next_assignment(p.id, lab.id)
+                else:
+                    j1, created, nxt = s.submit_and_next(a.id, lab.id, fields, key)
+                    j2, created2, _ = s.submit_and_next(a.id, lab.id, fields, key)  # retry: stored once
+                    assert created and not created2 and j1.id == j2.id
+                    a = nxt
+                n += 1
         except Exception as e:  # pragma: no cover
             errors.append(repr(e))
 

@@ -262,3 +262,33 @@ def test_abandoned_assignments_expire(store):
     assert created and store.get_assignment(a1.id).status == "done"
     with store.read() as s:
         assert s.get(Item, a1.item_id).n_active == 1
+
+
+def test_submit_and_next_fast_path_keeps_the_rules(store):
+    p = _project(store, n_items=12, k=2)
+    labs = [store.add_labeler(f"f{i}", "password123") for i in range(3)]
+    nxt = {lab.id: store.next_assignment(p.id, lab.id) for lab in labs}
+    n = 0
+    while any(nxt.values()):
+        for lab in labs:
+            a = nxt[lab.id]
+            if a is None:
+                continue
+            view = store.item_view(a.item, a.shown_order)
+            assert len(view["completions"]) == 2
+            j, created, nxt[lab.id] = store.submit_and_next(a.id, lab.id, {"choice": "right", "strength": "better"},
+                                                            f"fast-{a.id}-{lab.id}")
+            assert created and j.version == 1 and j.picked_position == 1 and j.choice == "ab"[a.shown_order[1]]
+            again = store.submit_and_next(a.id, lab.id, {"choice": "tie"}, f"fast-{a.id}-{lab.id}")
+            assert again[1] is False and again[0].id == j.id  # a retried submission: stored once
+            n += 1
+    assert n == 24
+    with store.read() as s:
+        items = s.scalars(select(Item)).all()
+        assert {(i.n_active, i.n_done) for i in items} == {(2, 2)}
+        assert set(s.scalars(select(Assignment.status))) == {"done"}
+        assert s.scalar(select(func.count()).select_from(Judgement)) == 24
+    recs = store.current_judgements(p.id)
+    assert len(recs) == 24 and all(r["time_spent_ms"] is not None for r in recs)
+    # the fast path's judgement reads back like any other
+    assert {r["strength"] for r in recs} == {"better"} and {r["picked_position"] for r in recs} == {1}
