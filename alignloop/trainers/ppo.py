@@ -209,6 +209,14 @@ class PPOTrainer:
 
         self.args = cfg = args
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
+        world = self.acc.num_processes
+        if cfg.rollout_batch_size % world:
+            raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by the number of "
+                              f"processes ({world})")
+        if cfg.rollout_batch_size // world < cfg.num_mini_batches * cfg.gradient_accumulation_steps:
+            raise ConfigError(f"each process has {cfg.rollout_batch_size // world} rollouts per update, fewer than "
+                              f"num_mini_batches × gradient_accumulation_steps = "
+                              f"{cfg.num_mini_batches * cfg.gradient_accumulation_steps}")
         seed_everything(cfg.seed, self.acc.process_index)
         lora = LoraOptions(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
                            target_modules=cfg.lora_target_modules) if cfg.use_lora else None

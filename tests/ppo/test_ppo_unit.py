@@ -228,3 +228,13 @@ def test_reward_tokenizer_differs_and_fit_normalisation(tmp_path, tok, prompts):
         h = rm.transformer(input_ids=enc["input_ids"]).last_hidden_state
         expected = rm.score(h[0, -1])[0].item()
     assert abs(d["raw_scores"][b].item() - expected) < 1e-4
+
+
+def test_config_errors(tmp_path, tok, prompts):
+    from alignloop.errors import ConfigError
+    with pytest.raises(ConfigError):
+        PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
+                   args=_cfg(tmp_path, rollout_batch_size=4, num_mini_batches=4, gradient_accumulation_steps=2),
+                   train_dataset=prompts, tokenizer=tok)
+    with pytest.raises(ConfigError):
+        PPOConfig(temperature=0.0)
