@@ -83,6 +83,10 @@ _Q_CANDIDATES = (select(_I.c.id, _I.c.prompt_id, _I.c.completion_ids)
 _UPD_TAKE = update(_I).where(_I.c.id == bindparam("iid"), _I.c.n_active < bindparam("k")).values(
     n_active=_I.c.n_active + 1)
 _INS_ASSIGNMENT = insert(_A)
+_Q_PROMPT = select(Prompt.__table__.c.messages, Prompt.__table__.c.is_chat).where(
+    Prompt.__table__.c.id == bindparam("pid"))
+_Q_COMPLETIONS = select(Completion.__table__.c.id, Completion.__table__.c.text, Completion.__table__.c.model).where(
+    Completion.__table__.c.id.in_(bindparam("ids", expanding=True)))
 
 
 class ValidationError(UserError):
@@ -719,6 +723,9 @@ class Store:
         return rules
 
     def project_rules(self, project_id: int) -> tuple[str, list[str]]:
+        hit = self._rules_cache.get(project_id)
+        if hit is not None and time.monotonic() - hit[0] < 5.0:
+            return hit[1]
         with self.read() as s:
             return self._project_rules(s, project_id)
 
@@ -728,10 +735,9 @@ class Store:
         completions never change once imported; an item is shown to k labelers)."""
         cached = self._view_cache.get(item.id)
         if cached is None:
-            with self.read() as s:
-                prompt = s.get(Prompt, item.prompt_id)
-                comps = {c.id: c for c in s.scalars(select(Completion).where(
-                    Completion.id.in_(item.completion_ids)))}
+            with self.engine.connect() as conn:
+                prompt = conn.execute(_Q_PROMPT, {"pid": item.prompt_id}).one()
+                comps = {c.id: c for c in conn.execute(_Q_COMPLETIONS, {"ids": list(item.completion_ids)})}
             cached = ({"messages": prompt.messages, "is_chat": prompt.is_chat},
                       [{"text": comps[cid].text, "model": comps[cid].model} for cid in item.completion_ids])
             if len(self._view_cache) >= 4096:
