@@ -554,6 +554,7 @@ class PPOTrainer:
             epochs_done += 1
             if stopped_early:
                 break
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
         self.scheduler.step()
         t_train = time.perf_counter()
 
@@ -588,7 +589,7 @@ class PPOTrainer:
             "val/mean": self._masked_mean_all(old_values, mask),
             "response/length_mean": resp_len.mean().item(),
             "response/eos_share": self._gather(rollout.stopped.float()).mean().item(),
-            "optim/lr": self.optimizer.param_groups[0]["lr"],
+            "optim/lr": lr,
             "optim/grad_norm": mean(stats["grad_norm"]),
             "time/generate": t_gen - t_start,
             "time/score": t_score - t_gen,
