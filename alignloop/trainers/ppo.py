@@ -146,6 +146,10 @@ class PPOConfig:
     resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     save_final: bool = field(default=True, metadata={"help": "Save OUTPUT_DIR/final in HF format "
                                                              "(+ value_head.safetensors)."})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "torch threads for training on CPU (None = leave torch's setting, normally every core)."})
+    generation_threads: int | None = field(default=1, metadata={
+        "help": "torch threads while sampling on CPU (decode ops are too small to gain from more; None = as is)."})
     fused_gelu: bool = field(default=True, metadata={
         "help": "Run GPT-2's gelu_new as PyTorch's fused tanh GELU (same function, faster; see ppo_fast.py)."})
 
@@ -270,7 +274,7 @@ class PPOTrainer:
                                         else gold_reward, tokenizer, None, cfg.positive_label)
         self.transform = RewardTransform(cfg.reward_normalization, cfg.reward_clip, cfg.missing_eos_penalty,
                                          cfg.missing_eos_penalty_mode)
-        self.sampler = sampler or HFSampler(self.model.lm, tokenizer)
+        self.sampler = sampler or HFSampler(self.model.lm, tokenizer, cpu_threads=cfg.generation_threads)
         self.sampling = cfg.sampling_params(tokenizer)
 
         # data: prompt strings and their token ids (left-truncated)
@@ -368,6 +372,17 @@ class PPOTrainer:
                 for r, m in zip(rollout.response_ids, rollout.response_mask)]
 
     def train(self) -> list[dict]:
+        from alignloop.training import MetricsLogger, Progress, resolve_resume
+        cfg, acc = self.args, self.acc
+        threads = torch.get_num_threads()
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        try:
+            return self._train()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self) -> list[dict]:
         from alignloop.training import MetricsLogger, Progress, resolve_resume
         cfg, acc = self.args, self.acc
         resume = resolve_resume(cfg.resume_from, cfg.output_dir)
