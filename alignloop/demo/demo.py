@@ -61,8 +61,8 @@ class DemoSize:
 
     @classmethod
     def quick(cls) -> DemoSize:
-        return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=64,
-                   ppo_updates=25, ppo_batch=32, dpo_epochs=2, rs_rounds=1, rs_prompts=128, eval_prompts=48,
+        return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=128,
+                   ppo_updates=30, ppo_batch=32, dpo_epochs=2, rs_rounds=1, rs_prompts=128, eval_prompts=48,
                    best_of_n=[1, 4, 16])
 
 
