@@ -213,7 +213,7 @@ def stats(db, project, as_json):
     click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
     click.echo(f"{'labeler':<16}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}  flags")
     for w, st in d["stats"].items():
-        click.echo(f"{str(w):<16}{st['n']:>5}{_fmt(st['agreement']):>7}{_fmt(st['gold_accuracy']):>7}"
+        click.echo(f"{w!s:<16}{st['n']:>5}{_fmt(st['agreement']):>7}{_fmt(st['gold_accuracy']):>7}"
                    f"{_fmt(st['left_share'], True):>6}{_fmt(st['tie_rate'], True):>6}{_fmt(st['median_seconds']):>7}"
                    f"  {'; '.join(d['flags'][w])}")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import asynccontextmanager
 import uuid
-from datetime import datetime, timezone
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -346,7 +346,7 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
             raise NotFound("no such assignment")
         started = None
         if str(form.get("shown_at", "")).isdigit():
-            started = datetime.fromtimestamp(int(form["shown_at"]) / 1000, tz=timezone.utc).replace(tzinfo=None)
+            started = datetime.fromtimestamp(int(form["shown_at"]) / 1000, tz=UTC).replace(tzinfo=None)
         edit = a.status == "done"
         try:
             store.submit(aid, user.id, form, str(form.get("idempotency_key", "")), started_at=started)

@@ -11,9 +11,9 @@ Tables: projects, prompts, completions, items, labelers, assignments, judgements
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint)
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
@@ -25,7 +25,7 @@ STRENGTH_MARGIN = {"significantly_better": 1.0, "better": 2 / 3, "slightly_bette
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

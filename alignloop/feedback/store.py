@@ -34,8 +34,20 @@ from sqlalchemy.orm import Session, noload, sessionmaker
 from alignloop.errors import UserError
 
 from . import db as dbmod
-from .models import (PAIRWISE_CHOICES, ROLES, STRENGTHS, TASK_TYPES, Assignment, Completion, Item, Judgement, Labeler,
-                     Project, Prompt, utcnow)
+from .models import (
+    PAIRWISE_CHOICES,
+    ROLES,
+    STRENGTHS,
+    TASK_TYPES,
+    Assignment,
+    Completion,
+    Item,
+    Judgement,
+    Labeler,
+    Project,
+    Prompt,
+    utcnow,
+)
 from .security import hash_password, verify_password
 
 DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B); key = keyboard shortcut

@@ -5,8 +5,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 
-from alignloop.feedback.store import Store  # noqa: E402
-from fb_helpers import PASSWORD, SECRET, csrf_of  # noqa: E402
+from fb_helpers import PASSWORD, SECRET, csrf_of
+
+from alignloop.feedback.store import Store
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import json
 import re
 
 import pytest
-
 from fb_helpers import PASSWORD, Labeling, assignment_of, csrf_of, field_of
 
 

@@ -17,9 +17,9 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("chromium is not installed at /usr/bin/chromium", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from fb_helpers import PASSWORD, SECRET  # noqa: E402
+from fb_helpers import PASSWORD, SECRET
 
-from alignloop.feedback.store import Store  # noqa: E402
+from alignloop.feedback.store import Store
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync"]

@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections import Counter
 

@@ -258,7 +258,7 @@ def test_abandoned_assignments_expire(store):
         store.submit(a1.id, a_lab.id, {"choice": "tie"}, "a-late-00001")
     # a late submission whose slot is still free is accepted
     store.skip(b2.id, b_lab.id)
-    j, created = store.submit(a1.id, a_lab.id, {"choice": "tie"}, "a-late-00002")
+    _j, created = store.submit(a1.id, a_lab.id, {"choice": "tie"}, "a-late-00002")
     assert created and store.get_assignment(a1.id).status == "done"
     with store.read() as s:
         assert s.get(Item, a1.item_id).n_active == 1
