@@ -82,8 +82,15 @@ class TrainResult:
 @dataclass
 class Run:
     accelerator: Any
-    log: logging.Logger
+    log: logging.LoggerAdapter
     config_dict: dict[str, Any]
+
+
+class _Prefixed(logging.LoggerAdapter):
+    """Prefix each message with the trainer's name, so lines of consecutive trainers in one process stay apart."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['name']}] {msg}", kwargs
 
 
 def prepare_run(args, name: str) -> Run:
@@ -97,9 +104,8 @@ def prepare_run(args, name: str) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         save_config(args, out / "config.yaml")
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
-                            format=f"[{name}] %(message)s")
-    return Run(acc, log, asdict(args))
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING, format="%(message)s")
+    return Run(acc, _Prefixed(log, {"name": name}), asdict(args))
 
 
 def resolve_tokenizer(model_arg: Any, tokenizer: Any, padding_side: str):
