@@ -205,3 +205,19 @@ def test_eval_fraction_holds_out_pairs(tok, tmp_path, pairs):
     tr = make(tok, tmp_path, pairs, eval_fraction=0.25)
     assert len(tr.train_examples) == 12 and len(tr.eval_examples) == 4
     assert "eval/rewards/accuracies" in tr.train().metrics
+
+
+def test_length_buckets_give_the_same_loss_and_gradient(tok, tmp_path, pairs):
+    results = []
+    for buckets in (1, 3):
+        tr = make(tok, tmp_path / str(buckets), pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
+                  ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), length_buckets=buckets)
+        assert len(tr._buckets([len(e["chosen_input_ids"]) for e in tr.train_examples[:8]] * 2)) == buckets
+        terms = tr.pair_terms(tr.train_examples, list(range(8)), tr.precompute_ref_logps(tr.train_examples))
+        terms[0].sum().backward()
+        results.append((terms, [p.grad.clone() for p in tr.model.parameters()]))
+    (t1, g1), (t3, g3) = results
+    for a, b in zip(t1, t3):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
