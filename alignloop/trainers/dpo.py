@@ -20,9 +20,9 @@ Choices (see the DPO section of the implementation-details reference):
   copy of the model (the policy's weights before the first step *are* the reference). `False` computes them on the
   fly each step (a frozen copy of the initial policy is kept when there is no adapter and no `ref_model`).
 - Chosen and rejected are run in one concatenated forward ([chosen; rejected] rows, padded to the longest row of
-  the micro-batch); for wide models the rows may be split by length into `length_buckets` forwards to cut padding
-  (the loss and its gradient are the same). The LM head is applied only at completion positions when the
-  architecture allows it.
+  the micro-batch), or, for wide models (`packing`), packed padding-free into rows of up to twice the longest
+  sequence with attention kept within each sequence (the loss and its gradient are the same). The LM head is
+  applied only at completion positions when the architecture allows it.
 - Batch planning (`alignloop.training`): the global batch of an optimizer step is per_device_batch_size x
   gradient_accumulation_steps x processes pairs; each process takes its contiguous slice, split into micro-batches
   of per_device_batch_size. The loss of a micro-batch is the sum of its pairs' losses divided by the global batch
@@ -92,9 +92,10 @@ class DPOConfig(TrainingArgs):
                                           "this many prompt tokens (default max_length // 2)."})
     eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass in evaluation and in the "
                                                                "reference precomputation."})
-    length_buckets: int = field(default=0, metadata={"help": "Split each micro-batch's 2k sequences into this many "
-                                "forward passes by length (less padding); 0 = auto (2 for models with hidden size "
-                                ">= 256 when it saves >= 10% of padded tokens), 1 = one concatenated forward."})
+    packing: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "Padding-free policy forward: "
+                                  "the micro-batch's sequences packed into rows of up to twice the longest one "
+                                  "(block-diagonal attention from restarting position ids); auto = on for models "
+                                  "with hidden size >= 256 (compute-bound), off for smaller ones."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the policy to 0 "
                                                                   "(the implicit reward is then 0 at step 0)."})
     save_final: bool = field(default=True, metadata={"help": "save_pretrained the trained model into "
@@ -176,22 +177,65 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: 
     return masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)
 
 
-def _rows_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """(input_ids, prompt_length) rows -> a right-padded batch like `PreferenceCollator`'s (input_ids,
-    attention_mask, position_ids, response_mask [R,T] True on completion tokens)."""
-    from alignloop.models import position_ids_from_attention_mask
+def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Pack (input_ids, prompt_length) rows into bins of up to twice the longest row (first-fit decreasing).
+    Position ids restart at 0 for each sequence (transformers then attends within each sequence only); the tail of a
+    bin is padding, a sequence of its own that is never scored. Returns input_ids, position_ids [B,C], `scored`
+    [B,C] (the next token is a completion token of the same sequence), `labels` [B,C] (that next token) and `row`
+    [B,C] (which input row the position belongs to)."""
+    capacity = 2 * max(len(ids) for ids, _ in rows)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for r in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        n = len(rows[r][0])
+        for b in range(len(bins)):
+            if room[b] >= n:
+                bins[b].append(r)
+                room[b] -= n
+                break
+        else:
+            bins.append([r])
+            room.append(capacity - n)
+    C = max(capacity - rm for rm in room)
+    input_ids = torch.full((len(bins), C), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), C), dtype=torch.long)
+    scored = torch.zeros((len(bins), C), dtype=torch.bool)
+    labels = torch.zeros((len(bins), C), dtype=torch.long)
+    row = torch.zeros((len(bins), C), dtype=torch.long)
+    for b, members in enumerate(bins):
+        off = 0
+        for r in members:
+            ids, start = rows[r]
+            n = len(ids)
+            t = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, off:off + n] = t
+            position_ids[b, off:off + n] = torch.arange(n)
+            first = max(start, 1)
+            scored[b, off + first - 1:off + n - 1] = True          # position p predicts token p + 1
+            labels[b, off + first - 1:off + n - 1] = t[first:]
+            row[b, off:off + n] = r
+            off += n
+        position_ids[b, off:] = torch.arange(C - off)
+    out = {"input_ids": input_ids, "position_ids": position_ids, "scored": scored, "labels": labels, "row": row}
+    return {k: v.to(device) for k, v in out.items()}
 
-    T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, (ids, start) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, :len(ids)] = 1
-        response_mask[i, start:len(ids)] = True
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "position_ids": position_ids_from_attention_mask(attention_mask), "response_mask": response_mask}
-    return {k: v.to(device) for k, v in batch.items()}
+
+def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
+                            average: bool = False) -> torch.Tensor:
+    """`completion_logps` on a `_packed_batch` -> [n_rows] (sum, or mean with `average`, per input row)."""
+    backbone, head = _lm_parts(model)
+    out = backbone(input_ids=packed["input_ids"], attention_mask=None, position_ids=packed["position_ids"],
+                   use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    sel = packed["scored"]
+    token_logps = logprobs_from_logits(head(hidden[sel])[None], packed["labels"][sel][None])[0]
+    rows = packed["row"][sel]
+    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    if not average:
+        return sums
+    counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, rows, torch.ones_like(token_logps))
+    return sums / counts.clamp(min=1.0)
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -393,44 +437,23 @@ class DPOTrainer:
 
     # -- one micro-batch ----------------------------------------------------------------------------------
 
-    def _buckets(self, lengths: list[int]) -> list[list[int]]:
-        """Row indices grouped into `length_buckets` forward passes by length (each padded to its own longest row):
-        less padding for the same sum of losses. Auto (0): 2 buckets when the model is wide enough to be
-        compute-bound (hidden size >= 256), there are >= 8 rows and it saves >= 10% of the padded tokens."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        n = self.args.length_buckets
-        if n == 0:
-            hidden = getattr(getattr(unwrap_model(self.model), "config", None), "hidden_size", 0) or 0
-            n = 1
-            if hidden >= 256 and len(lengths) >= 8:
-                half = len(order) // 2
-                split = lengths[order[half - 1]] * half + lengths[order[-1]] * (len(order) - half)
-                n = 2 if split <= 0.9 * lengths[order[-1]] * len(order) else 1
-        n = max(1, min(n, len(order)))
-        size, extra = divmod(len(order), n)
-        groups, lo = [], 0
-        for b in range(n):
-            hi = lo + size + (1 if b < extra else 0)
-            groups.append(order[lo:hi])
-            lo = hi
-        return groups
+    def _use_packing(self) -> bool:
+        if self.args.packing != "auto":
+            return self.args.packing == "on" and _lm_parts(self.model) is not None
+        hidden = getattr(getattr(unwrap_model(self.model), "config", None), "hidden_size", 0) or 0
+        return hidden >= 256 and _lm_parts(self.model) is not None
 
     def policy_logps(self, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
-        """Policy completion log-probs [2k] ([chosen; rejected]) of the pairs `exs`: one concatenated forward, or
-        one per length bucket (`_buckets`). Also returns the single batch when there was one (reused for an
-        on-the-fly reference)."""
-        rows = [(ex["chosen_input_ids"], ex["prompt_length"]) for ex in exs] + \
-               [(ex["rejected_input_ids"], ex["prompt_length"]) for ex in exs]
-        groups = self._buckets([len(r[0]) for r in rows])
+        """Policy completion log-probs [2k] ([chosen; rejected]) of the pairs `exs`, in one forward: padded rows
+        (returned too, for reuse by an on-the-fly reference) or packed rows (`packing`; None returned)."""
         with self.accelerator.autocast():
-            if len(groups) == 1:
+            if not self._use_packing():
                 batch = self._batch(exs)
                 return completion_logps(self.model, batch, self.args.average_logps).float(), batch
-            parts = [completion_logps(self.model, _rows_batch([rows[i] for i in g], self.tokenizer.pad_token_id,
-                                                              self.accelerator.device), self.args.average_logps)
-                     for g in groups]
-        order = torch.tensor([i for g in groups for i in g])
-        return torch.cat(parts).float()[torch.argsort(order).to(parts[0].device)], None
+            rows = [(ex["chosen_input_ids"], ex["prompt_length"]) for ex in exs] + \
+                   [(ex["rejected_input_ids"], ex["prompt_length"]) for ex in exs]
+            packed = _packed_batch(rows, self.tokenizer.pad_token_id, self.accelerator.device)
+            return packed_completion_logps(self.model, packed, len(rows), self.args.average_logps).float(), None
 
     def pair_terms(self, examples: list[dict], indices: list[int], ref_table: torch.Tensor | None = None):
         """Policy forward over examples[indices] (chosen and rejected together) -> (losses [k], chosen_rewards [k],

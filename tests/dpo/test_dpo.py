@@ -207,17 +207,17 @@ def test_eval_fraction_holds_out_pairs(tok, tmp_path, pairs):
     assert "eval/rewards/accuracies" in tr.train().metrics
 
 
-def test_length_buckets_give_the_same_loss_and_gradient(tok, tmp_path, pairs):
+def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs):
     results = []
-    for buckets in (1, 3):
-        tr = make(tok, tmp_path / str(buckets), pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
-                  ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), length_buckets=buckets)
-        assert len(tr._buckets([len(e["chosen_input_ids"]) for e in tr.train_examples[:8]] * 2)) == buckets
+    for packing in ("off", "on"):
+        tr = make(tok, tmp_path / packing, pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
+                  ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), packing=packing, loss_type="ipo")
+        assert tr._use_packing() == (packing == "on")
         terms = tr.pair_terms(tr.train_examples, list(range(8)), tr.precompute_ref_logps(tr.train_examples))
         terms[0].sum().backward()
         results.append((terms, [p.grad.clone() for p in tr.model.parameters()]))
-    (t1, g1), (t3, g3) = results
-    for a, b in zip(t1, t3):
+    (t1, g1), (t2, g2) = results
+    for a, b in zip(t1, t2):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(g1, g3):
+    for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
