@@ -96,6 +96,8 @@ class DPOConfig(TrainingArgs):
                                   "the micro-batch's sequences packed into rows of up to twice the longest one "
                                   "(block-diagonal attention from restarting position ids); auto = on for models "
                                   "with hidden size >= 256 (compute-bound), off for smaller ones."})
+    fast_gelu: bool = field(default=True, metadata={"help": "Run GPT-2's gelu_new through the fused tanh-GELU kernel "
+                                                            "(same function to ~2e-7, much faster on CPU)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the policy to 0 "
                                                                   "(the implicit reward is then 0 at step 0)."})
     save_final: bool = field(default=True, metadata={"help": "save_pretrained the trained model into "
@@ -238,6 +240,23 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
     return sums / counts.clamp(min=1.0)
 
 
+def _fast_gelu(model: nn.Module) -> int:
+    """Swap transformers' `NewGELUActivation` (GPT-2's gelu_new: the tanh approximation of GELU written as six
+    elementwise ops) for `GELUTanh` (the same function in one fused kernel, to ~2e-7; transformers documents them as
+    equivalent). No weights change; saved checkpoints are unaffected. Returns the number of modules swapped."""
+    try:
+        from transformers.activations import GELUTanh, NewGELUActivation
+    except ImportError:  # pragma: no cover
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def _disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -308,6 +327,8 @@ class DPOTrainer:
         self.model = model.to(acc.device)
         if a.disable_dropout:
             _disable_dropout(self.model)
+        if a.fast_gelu:
+            _fast_gelu(self.model)
         self.use_adapter = has_adapter(self.model)
 
         # The reference: base with the adapter off (LoRA) > ref_model > the policy's initial weights.
@@ -320,6 +341,8 @@ class DPOTrainer:
             ref_model = copy.deepcopy(self.model)  # on the fly, no adapter: a frozen copy of the start
         if ref_model is not None:
             ref_model = ref_model.to(acc.device).eval().requires_grad_(False)
+            if a.fast_gelu:
+                _fast_gelu(ref_model)
         self.ref_model = ref_model
 
         train_dataset = train_dataset if train_dataset is not None else a.train_file
