@@ -199,7 +199,10 @@ def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device) 
             bins.append([r])
             room.append(capacity - n)
     C = max(capacity - rm for rm in room)
-    input_ids = torch.full((len(bins), C), pad_token_id, dtype=torch.long)
+    # the tail filler is never scored and attends only to itself; not the pad id, so transformers does not warn
+    # about padding without an attention mask
+    filler = 0 if pad_token_id != 0 else 1
+    input_ids = torch.full((len(bins), C), filler, dtype=torch.long)
     position_ids = torch.zeros((len(bins), C), dtype=torch.long)
     scored = torch.zeros((len(bins), C), dtype=torch.bool)
     labels = torch.zeros((len(bins), C), dtype=torch.long)
