@@ -29,6 +29,8 @@ Choices (see the DPO section of the implementation-details reference):
   size, and gradients are summed over processes (one flat all-reduce; the model is not DDP-wrapped, because the LM
   head is applied outside its forward), so 1 process x 8 == 1 x 4 x 2 accumulation == 2 processes x 4 (up to
   float summation order). fp16 autocast has no loss scaling here: on GPU use bf16.
+- Speed (CPU and GPU): fused AdamW kernel; GPT-2's gelu_new through the fused tanh-GELU kernel (`fast_gelu`, same
+  function to ~2e-7); reference log-probs under inference_mode in length-sorted batches; no HF Trainer.
 - Dropout in the policy is switched off by default (`disable_dropout`), as the DPO reference implementation does:
   otherwise the implicit reward at step 0 is not 0.
 - Data: `alignloop.data` (TRL formats, chat templates, truncation policy). A ranking of K completions gives its
