@@ -46,7 +46,7 @@ def test_whiten_property(values, seed):
     g = torch.Generator().manual_seed(seed)
     m = torch.rand(len(values), generator=g) < 0.7
     m[:2] = True
-    if masked_var(x, m) < 1e-6:
+    if masked_var(x, m) < 1e-3:  # eps = 1e-8 in the denominator visibly shrinks near-constant inputs
         return
     w = masked_whiten(x, m)
     assert masked_mean(w, m).abs().item() < 1e-6
