@@ -41,10 +41,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,20 +245,9 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
 
 
 def _fast_gelu(model: nn.Module) -> int:
-    """Swap transformers' `NewGELUActivation` (GPT-2's gelu_new: the tanh approximation of GELU written as six
-    elementwise ops) for `GELUTanh` (the same function in one fused kernel, to ~2e-7; transformers documents them as
-    equivalent). No weights change; saved checkpoints are unaffected. Returns the number of modules swapped."""
-    try:
-        from transformers.activations import GELUTanh, NewGELUActivation
-    except ImportError:  # pragma: no cover
-        return 0
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, GELUTanh())
-                swapped += 1
-    return swapped
+    from alignloop.models.fast import fuse_gelu
+
+    return fuse_gelu(model)
 
 
 def _disable_dropout(model: nn.Module) -> None:

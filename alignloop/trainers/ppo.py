@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from alignloop.errors import ConfigError, UserError
 from alignloop.losses import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty,
                               logprobs_from_logits, masked_mean, masked_sum, masked_whiten, ppo_policy_loss,
                               ppo_value_loss)
-from alignloop.models import (CausalLMWithValueHead, CriticModel, LoraOptions, has_adapter, model_forward,
+from alignloop.models import (CausalLMWithValueHead, LoraOptions, has_adapter, model_forward,
                               reference_mode, unwrap_model)
 from alignloop.rollout import HFSampler, Rollout, Sampler, SamplingParams
 from alignloop.trainers.ppo_guard import RewardHackingGuard, SampleTable
@@ -372,7 +371,6 @@ class PPOTrainer:
                 for r, m in zip(rollout.response_ids, rollout.response_mask)]
 
     def train(self) -> list[dict]:
-        from alignloop.training import MetricsLogger, Progress, resolve_resume
         cfg, acc = self.args, self.acc
         threads = torch.get_num_threads()
         if cfg.cpu_threads:

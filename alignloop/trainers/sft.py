@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from alignloop.models.fast import fuse_gelu
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
@@ -135,6 +136,7 @@ class SFTTrainer:
         model = self.model_arg if not isinstance(self.model_arg, (str, Path)) else load_causal_lm(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
+        fuse_gelu(model)  # same function, one kernel
         global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
         per_epoch = steps_per_epoch(len(train_ex), global_batch)
         total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
