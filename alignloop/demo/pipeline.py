@@ -334,7 +334,7 @@ class Pipeline:
         fb = self.cfg.feedback
         project = f"round-{round_}"
         simulated = fb.labelers == "simulated"
-        store = Store(str(self.run.root / "feedback.db"))
+        store = Store(str(self.run.root / "feedback.db"), seed=fb.seed + round_ if simulated else None)
         try:
             p = store.get_project(project)
             counts = None

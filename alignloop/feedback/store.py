@@ -291,7 +291,7 @@ class ImportResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Store:
-    def __init__(self, db: str, create: bool = True, synchronous: str = "NORMAL"):
+    def __init__(self, db: str, create: bool = True, synchronous: str = "NORMAL", seed: int | None = None):
         self.url = dbmod.normalise_url(db)
         self.engine = dbmod.open_engine(self.url, synchronous=synchronous)
         if create:
@@ -300,7 +300,8 @@ class Store:
             raise UserError(f"{db}: not a feedback database (run `alignloop feedback create` first)")
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(dbmod.write_engine(self.engine), expire_on_commit=False)
-        self._rng = random.SystemRandom()
+        # display order and gold mixing: unpredictable for people; `seed` makes simulations (the demo) reproducible
+        self._rng = random.SystemRandom() if seed is None else random.Random(seed)
         self._rules_cache: dict[int, tuple[float, tuple[str, list[str]]]] = {}
         self._last_expiry: dict[int, float] = {}
         self._view_cache: dict[int, tuple[dict, list[dict]]] = {}
