@@ -212,3 +212,42 @@ def finish(args, accelerator, model, tokenizer, logger, progress, step: int, met
     result = TrainResult(output_dir=str(final), steps=step, metrics=metrics, seconds=seconds)
     write_summary(accelerator, args.output_dir, result, *stats)
     return result
+
+
+@dataclass
+class Optimization:
+    """What `setup_optimization` builds: the prepared model and optimizer, the schedule, the resume position
+    (step, epoch, batch within the epoch), the logger and the progress bar."""
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    global_batch: int
+    per_epoch: int
+    total: int
+    state: dict
+    step: int
+    epoch: int
+    pos: int
+    logger: Any
+    progress: Any
+
+
+def setup_optimization(args, run: Run, model, n_examples: int, name: str) -> Optimization:
+    """Global batch and step budget, AdamW + schedule, accelerate.prepare, resume, metrics logger, progress bar:
+    the set-up every offline trainer (SFT, reward model) shares."""
+    from alignloop.training import MetricsLogger, Progress, build_optimizer, build_scheduler, steps_per_epoch
+
+    a, acc = args, run.accelerator
+    global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
+    per_epoch = steps_per_epoch(n_examples, global_batch)
+    total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
+    optimizer = build_optimizer(model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
+    scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = maybe_resume(a, acc, {"model": model}, optimizer, scheduler)
+    step = state.get("step", 0)
+    logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,
+                           config=run.config_dict, resume_step=step if state else None)
+    progress = Progress(total, name, enabled=a.progress and acc.is_main_process, start=step)
+    return Optimization(model, optimizer, scheduler, global_batch, per_epoch, total, state, step,
+                        state.get("epoch", 0), state.get("batch_in_epoch", 0), logger, progress)

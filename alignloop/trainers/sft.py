@@ -22,9 +22,9 @@ from alignloop.models.fast import fuse_gelu
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
-                                       maybe_resume, prepare_run, resolve_tokenizer, split_eval)
-from alignloop.training import (MetricsLogger, Progress, build_optimizer, build_scheduler, global_batches,
-                                micro_batches, optimizer_step, shard, steps_per_epoch, sync_context)
+                                       prepare_run, setup_optimization, resolve_tokenizer, split_eval)
+from alignloop.training import (global_batches,
+                                micro_batches, optimizer_step, shard, sync_context)
 
 
 @dataclass
@@ -137,17 +137,10 @@ class SFTTrainer:
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
         fuse_gelu(model)  # same function, one kernel
-        global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
-        per_epoch = steps_per_epoch(len(train_ex), global_batch)
-        total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
-        optimizer = build_optimizer(model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
-        scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
-        model, optimizer = acc.prepare(model, optimizer)
-        state = maybe_resume(a, acc, {"model": model}, optimizer, scheduler)
-        step, epoch, pos = state.get("step", 0), state.get("epoch", 0), state.get("batch_in_epoch", 0)
-        logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,
-                               config=run.config_dict, resume_step=step if state else None)
-        progress = Progress(total, "sft", enabled=a.progress and acc.is_main_process, start=step)
+        opt = setup_optimization(a, run, model, len(train_ex), "sft")
+        model, optimizer, scheduler, logger, progress = opt.model, opt.optimizer, opt.scheduler, opt.logger, opt.progress
+        global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
+        step, epoch, pos = opt.step, opt.epoch, opt.pos
         pad_id = tokenizer.pad_token_id
 
         def evaluate() -> dict[str, float]:
