@@ -126,17 +126,10 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
-        import yaml
+        from alignloop.training.config import read_yaml
 
         p = Path(path)
-        if not p.exists():
-            raise UserError(f"{path}: no such file")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping of fields")
+        d = read_yaml(p)  # missing file, bad YAML, non-mapping: ConfigError naming the file
         # relative paths in the file are relative to the file
         base = p.parent
         for key in ("policy", "prompts", "eval_prompts", "preferences"):
