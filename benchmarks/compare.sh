@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peer and alignloop on the same workloads, same machine, same run; prints both JSON lines and the ratios.
 #   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo ppo]
+# MP=no|bf16 overrides our precision (default: the peer's, see run.py).
 # Needs ../shared/peers (beside the checkout, or PEERS=path). Run on an otherwise idle machine: with more runnable
 # processes than cores, multi-threaded PyTorch slows down by an order of magnitude and the figures mean nothing.
 set -euo pipefail
@@ -20,7 +21,7 @@ for w in $workloads; do
   else
     peer=$("$cache/trl-1.16/bin/python" "$peers/trl_offline.py" "$out/$size" "$w" 2>/dev/null | tail -n 1)
   fi
-  ours=$("$py" "$repo/benchmarks/run.py" "$out/$size" "$w" 2>/dev/null | tail -n 1)
+  ours=$("$py" "$repo/benchmarks/run.py" "$out/$size" "$w" --mixed-precision "${MP:-peer}" 2>/dev/null | tail -n 1)
   echo "$peer"
   echo "$ours"
   "$py" - "$peer" "$ours" "$size" <<'PY'

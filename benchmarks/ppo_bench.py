@@ -4,7 +4,7 @@
 
 PPO of policy/ against reward/ (scalar-head reward model), frozen reference copy, value head on the policy trunk
 (the project's design); 8 updates × 16 prompts, ≤ 48 new tokens, temperature 0.7, stop at EOS, 4 PPO epochs,
-1 minibatch, KL coefficient 0.05. Only `train()` is timed (model loading and trainer construction are not).
+1 minibatch, KL coefficient 0.05; float32 by default, as the peer (its script passes bf16=False). Only `train()` is timed (model loading and trainer construction are not).
 Prints the peer script's fields plus the time split (generate / score / train) summed over the updates.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 BATCH, UPDATES, RESPONSE_LEN = 16, 8, 48
 
 
-def run_ppo(workload_dir: str) -> dict:
+def run_ppo(workload_dir: str, mixed_precision: str = "no") -> dict:
     import torch
 
     from alignloop.models import CausalLMWithValueHead, RewardModel, load_tokenizer
@@ -35,7 +35,8 @@ def run_ppo(workload_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = PPOConfig(output_dir=out, rollout_batch_size=BATCH, total_updates=UPDATES, max_new_tokens=RESPONSE_LEN,
                         temperature=0.7, num_ppo_epochs=4, num_mini_batches=1, kl_coef=0.05, learning_rate=3e-6,
-                        tensorboard=False, progress_bar=False, save_final=False, sample_every=0, seed=0)
+                        tensorboard=False, progress_bar=False, save_final=False, sample_every=0, seed=0,
+                        mixed_precision=mixed_precision)
         trainer = PPOTrainer(model=policy, reward=reward, args=cfg, train_dataset=prompts, tokenizer=tok)
         t = time.perf_counter()
         history = trainer.train()
@@ -43,7 +44,8 @@ def run_ppo(workload_dir: str) -> dict:
     split = {k: round(sum(m[f"time/{k}"] for m in history), 3) for k in ("generate", "score", "train")}
     return {"peer": "alignloop", "workload": "ppo", "episodes": BATCH * UPDATES, "seconds": round(wall, 2),
             "episodes_per_sec": round(BATCH * UPDATES / wall, 2), "time_split_s": split,
-            "mean_response_len": round(sum(m["response/length_mean"] for m in history) / len(history), 1)}
+            "mean_response_len": round(sum(m["response/length_mean"] for m in history) / len(history), 1),
+            "mixed_precision": mixed_precision}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """alignloop's side of the peer benchmarks (../shared/peers/README.md).
 
-    python benchmarks/run.py WORKLOAD_DIR rm|dpo|ppo
+    python benchmarks/run.py WORKLOAD_DIR rm|dpo|ppo [--mixed-precision peer|no|bf16]
 
 WORKLOAD_DIR is a folder built by the peers' make_models.py (policy/, reward/, prompts.jsonl, pairs.jsonl).
 Prints one JSON line with the same fields as the peer script, so the two lines divide. Only the training call is
 timed, with every core in use, exactly as the peer script does.
+
+Precision follows the peer by default (`peer`): TRL 1.16's RewardConfig and DPOConfig default to bf16=True, which
+on a CPU runs each step under bf16 autocast, so `rm` and `dpo` run under bf16 autocast too; the peer's PPO script
+passes bf16=False, so `ppo` runs in float32. `--mixed-precision no` gives our float32 figure for any workload.
 """
 from __future__ import annotations
 
@@ -16,10 +20,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+PEER_PRECISION = {"rm": "bf16", "dpo": "bf16", "ppo": "no"}
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in ("rm", "dpo", "ppo"):
-        sys.exit("usage: python benchmarks/run.py WORKLOAD_DIR rm|dpo|ppo")
-    workload_dir, name = argv
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description="alignloop on a peer workload.")
+    p.add_argument("workload_dir")
+    p.add_argument("workload", choices=["rm", "dpo", "ppo"])
+    p.add_argument("--mixed-precision", choices=["peer", "no", "bf16"], default="peer",
+                   help="peer (default): what the peer script runs (bf16 autocast for rm/dpo, float32 for ppo)")
+    ns = p.parse_args(argv)
+    workload_dir, name = ns.workload_dir, ns.workload
+    mp = ns.mixed_precision if ns.mixed_precision != "peer" else PEER_PRECISION[name]
     if not (Path(workload_dir) / "pairs.jsonl").is_file():
         sys.exit(f"{workload_dir}: not a workload folder (no pairs.jsonl); build it with shared/peers/make_models.py")
     import torch
@@ -31,7 +45,7 @@ def main(argv: list[str]) -> None:
         from dpo_bench import run_dpo as run
     else:
         from ppo_bench import run_ppo as run
-    print(json.dumps(run(workload_dir)))
+    print(json.dumps(run(workload_dir, mixed_precision=mp)))
 
 
 if __name__ == "__main__":

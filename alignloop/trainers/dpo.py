@@ -52,6 +52,7 @@ from torch import nn
 
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
+from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.models.forward import unwrap_model
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run,
                                        resolve_tokenizer, save_final, split_eval, write_summary)
@@ -97,8 +98,9 @@ class DPOConfig(TrainingArgs):
                                   "the micro-batch's sequences packed into rows of up to twice the longest one "
                                   "(block-diagonal attention from restarting position ids); auto = on for models "
                                   "with hidden size >= 256 (compute-bound), off for smaller ones."})
-    fast_gelu: bool = field(default=True, metadata={"help": "Run GPT-2's gelu_new through the fused tanh-GELU kernel "
-                                                            "(same function to ~2e-7, much faster on CPU)."})
+    fast_gelu: bool = field(default=True, metadata={"help": "Speed-ups that keep the function (alignloop.models.fast): "
+                                                            "GPT-2's gelu_new as one fused kernel (same to ~2e-7); "
+                                                            "attention in fp32 under CPU bf16 autocast."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the policy to 0 "
                                                                   "(the implicit reward is then 0 at step 0)."})
     save_final: bool = field(default=True, metadata={"help": "save_pretrained the trained model into "
@@ -180,10 +182,13 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: 
     return masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)
 
 
-def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """Pack (input_ids, prompt_length) rows into bins of up to twice the longest row (first-fit decreasing).
-    Position ids restart at 0 for each sequence (transformers then attends within each sequence only); the tail of a
-    bin is padding, a sequence of its own that is never scored. Returns input_ids, position_ids [B,C], `scored`
+def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device,
+                  multiple: int = 32) -> dict[str, torch.Tensor]:
+    """Pack (input_ids, prompt_length) rows into bins of up to twice the longest row (first-fit decreasing), the
+    bin length rounded up to a `multiple` (few distinct shapes: oneDNN builds a kernel for each new matmul shape,
+    ~1 ms each, which under bf16 cost more than the padding). Position ids restart at 0 for each sequence
+    (transformers then attends within each sequence only); the tail of a bin is padding, a sequence of its own that
+    is never scored. Returns input_ids, position_ids [B,C], `scored`
     [B,C] (the next token is a completion token of the same sequence), `labels` [B,C] (that next token) and `row`
     [B,C] (which input row the position belongs to)."""
     capacity = 2 * max(len(ids) for ids, _ in rows)
@@ -200,6 +205,7 @@ def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device) 
             bins.append([r])
             room.append(capacity - n)
     C = max(capacity - rm for rm in room)
+    C = -(-C // multiple) * multiple
     # the tail filler is never scored and attends only to itself; not the pad id, so transformers does not warn
     # about padding without an attention mask
     filler = 0 if pad_token_id != 0 else 1
@@ -242,18 +248,6 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
     counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, rows, torch.ones_like(token_logps))
     return sums / counts.clamp(min=1.0)
-
-
-def _fast_gelu(model: nn.Module) -> int:
-    from alignloop.models.fast import fuse_gelu
-
-    return fuse_gelu(model)
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
 
 
 def _use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
@@ -319,9 +313,9 @@ class DPOTrainer:
             model = apply_lora(model, build_lora(a))
         self.model = model.to(acc.device)
         if a.disable_dropout:
-            _disable_dropout(self.model)
+            disable_dropout(self.model)
         if a.fast_gelu:
-            _fast_gelu(self.model)
+            speed_up(self.model)
         self.use_adapter = has_adapter(self.model)
 
         # The reference: base with the adapter off (LoRA) > ref_model > the policy's initial weights.
@@ -335,7 +329,7 @@ class DPOTrainer:
         if ref_model is not None:
             ref_model = ref_model.to(acc.device).eval().requires_grad_(False)
             if a.fast_gelu:
-                _fast_gelu(ref_model)
+                speed_up(ref_model)
         self.ref_model = ref_model
 
         train_dataset = train_dataset if train_dataset is not None else a.train_file
@@ -380,7 +374,8 @@ class DPOTrainer:
     def _batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         from alignloop.data import PreferenceCollator
 
-        b = PreferenceCollator(self.tokenizer.pad_token_id)(examples)
+        # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
+        b = PreferenceCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=8)(examples)
         return {k: b[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "position_ids",
                                                                "response_mask")}
 

@@ -150,7 +150,7 @@ class PPOConfig:
     generation_threads: int | None = field(default=1, metadata={
         "help": "torch threads while sampling on CPU (decode ops are too small to gain from more; None = as is)."})
     fused_gelu: bool = field(default=True, metadata={
-        "help": "Run GPT-2's gelu_new as PyTorch's fused tanh GELU (same function, faster; see ppo_fast.py)."})
+        "help": "Run GPT-2's gelu_new as PyTorch's fused tanh GELU (same function, faster), and attention in fp32 under CPU bf16 autocast (alignloop.models.fast)."})
 
     def __post_init__(self):
         if self.rollout_batch_size < 1 or self.num_mini_batches < 1 or self.gradient_accumulation_steps < 1:
@@ -264,9 +264,9 @@ class PPOTrainer:
             self.ref_model.to(self.acc.device).eval().requires_grad_(False)
 
         if cfg.fused_gelu:
-            from alignloop.trainers.ppo_fast import fuse_gelu
+            from alignloop.models.fast import speed_up
             for m in (self.model, self.ref_model, reward, gold_reward):
-                fuse_gelu(m)
+                speed_up(m)
         self.scorer = build_scorer(reward.to(self.acc.device) if isinstance(reward, nn.Module) else reward,
                                    tokenizer, reward_tokenizer, cfg.positive_label)
         self.gold_scorer = build_scorer(gold_reward.to(self.acc.device) if isinstance(gold_reward, nn.Module)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop.models.fast import fuse_gelu
+from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.errors import ConfigError
 from alignloop.losses import bradley_terry_loss, plackett_luce_loss
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
@@ -56,6 +56,9 @@ class RewardConfig(TrainingArgs):
         "help": "Append EOS to every completion, so the score is read at the same kind of token everywhere."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
         "help": "Add coef·mean(r²) to keep scores centred near 0 (Eisenstein et al. 2023); 0 disables."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Set every dropout probability of the model to 0 (as TRL's RewardTrainer does by default): the score "
+                "of a completion no longer depends on a random mask."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
 
     def __post_init__(self):
@@ -89,8 +92,9 @@ def order_from_pairs(n: int, pairs: list[tuple[int, int, float, bool]]) -> list[
     return sorted(range(n), key=lambda i: -wins[i])
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
+def pad_right(seqs: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence rounded up to `multiple` -> input_ids, attention_mask [S,T]."""
+    T = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -175,7 +179,9 @@ class RewardTrainer:
         model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
-        fuse_gelu(model)  # same function, one kernel
+        speed_up(model)  # same function, faster kernels
+        if a.disable_dropout:
+            disable_dropout(model)
         opt = setup_optimization(a, run, model, len(train_ex), "rm")
         model, optimizer, scheduler, logger, progress = opt.model, opt.optimizer, opt.scheduler, opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
@@ -188,7 +194,8 @@ class RewardTrainer:
             for g_seqs, _ in groups:
                 offsets.append(len(seqs))
                 seqs.extend(g_seqs)
-            ids, mask = pad_right(seqs, pad_id, acc.device)
+            # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
+            ids, mask = pad_right(seqs, pad_id, acc.device, multiple=8)
             scores = model(ids, mask).float()
             losses, pair_stats = group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
             return losses, pair_stats, scores

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignloop.models.fast import fuse_gelu
+from alignloop.models.fast import speed_up
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
@@ -136,7 +136,7 @@ class SFTTrainer:
         model = self.model_arg if not isinstance(self.model_arg, (str, Path)) else load_causal_lm(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
-        fuse_gelu(model)  # same function, one kernel
+        speed_up(model)  # same function, faster kernels
         opt = setup_optimization(a, run, model, len(train_ex), "sft")
         model, optimizer, scheduler, logger, progress = opt.model, opt.optimizer, opt.scheduler, opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total

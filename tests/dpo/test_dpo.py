@@ -221,3 +221,18 @@ def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_have_few_shapes_and_score_each_completion_token_once():
+    """Bins are padded to a multiple of 32 (few distinct matmul shapes); every completion token after the first
+    position is scored exactly once, for its own row, and the filler is never scored."""
+    from alignloop.trainers.dpo import _packed_batch
+
+    rows = [([7] * n, p) for n, p in [(10, 3), (23, 5), (17, 1), (5, 2), (31, 4)]]
+    packed = _packed_batch(rows, pad_token_id=1, device="cpu")
+    assert packed["input_ids"].shape[1] % 32 == 0
+    for r, (ids, start) in enumerate(rows):
+        scored = packed["scored"] & (packed["row"] == r)
+        assert int(scored.sum()) == len(ids) - max(start, 1)
+    assert int(packed["scored"].sum()) == sum(len(ids) - max(s, 1) for ids, s in rows)
+    assert packed["input_ids"].numel() >= sum(len(ids) for ids, _ in rows)

@@ -146,6 +146,8 @@ def test_resume_gives_same_weights(tmp_path, dropout_model, sft_file, pref_files
     common = dict(learning_rate=1e-3, num_epochs=2, per_device_batch_size=16, max_length=64, seed=1, save_steps=5,
                   save_total_limit=None, lr_scheduler="cosine", warmup_steps=2, **QUIET)
     Trainer, Config, data = (SFTTrainer, SFTConfig, sft_file) if kind == "sft" else (RewardTrainer, RewardConfig, pref_files[0])
+    if kind == "rm":
+        common["disable_dropout"] = False  # keep the random masks this test is about
     full = Trainer(model=dropout_model, args=Config(output_dir=str(tmp_path / "full"), **common), train_dataset=data).train()
     assert full.steps > 10
     # "interrupted" run: only the checkpoint at step 5 survives; resume into a fresh folder
