@@ -50,7 +50,7 @@ from alignloop.losses import (AdaptiveKLController, FixedKLController, entropy_f
 from alignloop.models import (CausalLMWithValueHead, LoraOptions, has_adapter, model_forward,
                               reference_mode, unwrap_model)
 from alignloop.rollout import HFSampler, Rollout, Sampler, SamplingParams
-from alignloop.trainers.ppo_guard import RewardHackingGuard, SampleTable
+from alignloop.trainers.ppo_guard import RewardHackingGuard, RewardHackingWarning, SampleTable
 from alignloop.trainers.ppo_scoring import RewardTransform, build_scorer
 
 
@@ -128,6 +128,9 @@ class PPOConfig:
     # --- reward-hacking guard ---
     kl_budget: float | None = field(default=None, metadata={"help": "Alarm when objective/kl passes this."})
     guard_window: int = field(default=5, metadata={"help": "Updates over which proxy and gold trends are compared."})
+    guard_min_t: float | None = field(default=None, metadata={
+        "help": "t-statistic both trends must pass (None = one-sided 95% critical value for guard_window - 2 "
+                "degrees of freedom; 0 = any opposite slopes)."})
     guard_action: Literal["warn", "stop"] = field(default="warn", metadata={"help": "On alarm: warn, or stop."})
     sample_every: int = field(default=10, metadata={"help": "Log a table of samples every N updates (0 = never)."})
     sample_rows: int = field(default=8, metadata={"help": "Rows in that table."})
@@ -287,7 +290,7 @@ class PPOTrainer:
         self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        self.guard = RewardHackingGuard(cfg.kl_budget, cfg.guard_window, cfg.guard_action)
+        self.guard = RewardHackingGuard(cfg.kl_budget, cfg.guard_window, cfg.guard_action, cfg.guard_min_t)
         self.samples = SampleTable(cfg.output_dir, cfg.sample_rows)
         self.state: dict[str, Any] = {"update": 0, "data_epoch": 0, "data_pos": 0, "raw_reward_history": [],
                                       "stop_reason": None}
@@ -427,10 +430,10 @@ class PPOTrainer:
                 and sum(window) / len(window) >= cfg.reward_threshold):
             self.state["stop_reason"] = (f"reward threshold: moving average {sum(window) / len(window):.4f} >= "
                                          f"{cfg.reward_threshold}")
-        for msg in self.guard.update(step, metrics["reward/mean"], metrics["objective/kl"],
+        for msg in self.guard.update(step, metrics["reward/raw_mean"], metrics["objective/kl"],
                                      metrics.get("reward/gold_mean")):
             import warnings
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, RewardHackingWarning, stacklevel=2)
             logger.log_text("guard", msg, step)
         if self.guard.should_stop and self.state["stop_reason"] is None:
             self.state["stop_reason"] = "reward-hacking guard: " + self.guard.alerts[-1][1]

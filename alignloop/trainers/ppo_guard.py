@@ -5,10 +5,18 @@
     if guard.should_stop: ...
 
 Two alarms (Gao et al. 2022: the proxy keeps rising while the true reward peaks and falls):
-- **divergence**: over the last `window` updates the proxy reward's least-squares slope is > 0 while the held-out
-  score's slope is < 0 (needs a gold scorer);
+- **divergence**: over the last `window` updates the proxy reward's least-squares slope is significantly > 0 while the
+  held-out score's slope is significantly < 0 (needs a gold scorer). "Significantly": the slope's t-statistic
+  (slope / its standard error from the regression residuals) passes `min_t`, by default the one-sided 95% critical
+  value of Student's t with window - 2 degrees of freedom (2.35 for the default window of 5). Without it, batch noise
+  alone fired the alarm: two flat, noisy series have opposite slope signs about a quarter of the time (half the time
+  when the gold score mirrors the proxy), so action="stop" ended runs a few updates in, before anything was hacked.
+  `min_t=0` restores the bare sign test;
 - **KL budget**: the mean per-sequence KL to the reference exceeds `kl_budget` nats.
-Each alarm is returned as a message (the trainer logs it as a warning); with action="stop" training stops.
+The trainer feeds it the **raw** proxy score (`reward/raw_mean`, the reward model's own output, before
+normalisation, clipping and the no-EOS penalty) and the gold score (`reward/gold_mean`).
+Each alarm is returned as a message (the trainer issues it as a `RewardHackingWarning` and logs it to TensorBoard);
+with action="stop" training stops with `stop_reason` "reward-hacking guard: <message>".
 
 `SampleTable` writes every N updates a table of prompts, responses and rewards to `samples.jsonl` (one JSON object
 per row, with the update step) so that a person can read what the policy is doing.
@@ -22,6 +30,24 @@ from pathlib import Path
 from alignloop.errors import ConfigError
 
 
+class RewardHackingWarning(UserWarning):
+    """Issued by PPOTrainer for each alarm of the RewardHackingGuard."""
+
+
+# one-sided 95% critical values of Student's t by degrees of freedom (beyond 30: the normal 1.645)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729,
+        20: 1.725, 25: 1.708, 30: 1.697}
+
+
+def t95(df: int) -> float:
+    if df in _T95:
+        return _T95[df]
+    if df > 30:
+        return 1.645
+    return _T95[max(k for k in _T95 if k < df)]  # 21..29: the next smaller tabulated df (slightly conservative)
+
+
 def _slope(ys: list[float]) -> float:
     n = len(ys)
     if n < 2:
@@ -33,13 +59,33 @@ def _slope(ys: list[float]) -> float:
     return num / den
 
 
+def _slope_t(ys: list[float]) -> tuple[float, float]:
+    """(least-squares slope, its t-statistic); t = ±inf for an exact nonzero line, 0 for a flat one."""
+    n = len(ys)
+    b = _slope(ys)
+    if n < 3:
+        return b, 0.0
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    ssr = sum((y - (ym + b * (i - xm))) ** 2 for i, y in enumerate(ys))
+    se = (ssr / (n - 2) / sxx) ** 0.5
+    if se <= 1e-12 * max(1.0, abs(ym)):
+        return b, (float("inf") if b > 0 else float("-inf") if b < 0 else 0.0)
+    return b, b / se
+
+
 class RewardHackingGuard:
-    def __init__(self, kl_budget: float | None = None, window: int = 5, action: str = "warn"):
+    def __init__(self, kl_budget: float | None = None, window: int = 5, action: str = "warn",
+                 min_t: float | None = None):
         if action not in ("warn", "stop"):
             raise ConfigError(f"guard_action must be warn or stop, got {action!r}")
-        if window < 2:
-            raise ConfigError(f"guard_window must be >= 2, got {window}")
+        if window < 3:
+            raise ConfigError(f"guard_window must be >= 3 (a trend's noise needs window - 2 >= 1 degrees of "
+                              f"freedom), got {window}")
+        if min_t is not None and min_t < 0:
+            raise ConfigError(f"guard_min_t must be >= 0, got {min_t}")
         self.kl_budget, self.window, self.action = kl_budget, window, action
+        self.min_t = t95(window - 2) if min_t is None else float(min_t)
         self.proxy: deque[float] = deque(maxlen=window)
         self.gold: deque[float] = deque(maxlen=window)
         self.should_stop = False
@@ -53,10 +99,11 @@ class RewardHackingGuard:
         if self.kl_budget is not None and kl > self.kl_budget:
             msgs.append(f"update {step}: KL to the reference {kl:.3f} passed its budget {self.kl_budget:.3f}")
         if len(self.gold) == self.window and len(self.proxy) == self.window:
-            sp, sg = _slope(list(self.proxy)), _slope(list(self.gold))
-            if sp > 0 and sg < 0:
-                msgs.append(f"update {step}: possible reward hacking: proxy reward rising (slope {sp:+.4f}/update) "
-                            f"while the held-out score falls (slope {sg:+.4f}/update) over {self.window} updates")
+            (sp, tp), (sg, tg) = _slope_t(list(self.proxy)), _slope_t(list(self.gold))
+            if sp > 0 and sg < 0 and tp >= self.min_t and tg <= -self.min_t:
+                msgs.append(f"update {step}: possible reward hacking: proxy reward rising (slope {sp:+.4f}/update, "
+                            f"t {tp:+.1f}) while the held-out score falls (slope {sg:+.4f}/update, t {tg:+.1f}) over "
+                            f"{self.window} updates")
         for m in msgs:
             self.alerts.append((step, m))
         if msgs and self.action == "stop":
