@@ -7,8 +7,15 @@
 
 Generation is batched (`alignloop.rollout.HFSampler`, KV cache: `batch_size` prompts x N completions per call) and so
 is scoring (`score_batch_size` sequences per reward-model forward, in eval mode under inference_mode). The reward
-model scores the text prompt + completion, tokenised with its own tokenizer (so policy and reward model may use
-different vocabularies), at the last real token (`alignloop.models.score_sequences`).
+model scores prompt + completion tokenised with its own tokenizer (so policy and reward model may use different
+vocabularies) **the way the reward-model trainer tokenised its training pairs** (`alignloop.trainers.rm`,
+`tokenize_preferences`): prompt and completion tokenised separately without special tokens, then EOS appended to the
+completion unless it already ends with one (`add_eos`, like rm's `add_eos`, on by default), so the score is read at an
+EOS token, as in training (`alignloop.models.score_sequences`, last real token). Completions are decoded without
+special tokens, so one that stopped at EOS and one cut at `max_new_tokens` both get exactly one EOS (never two),
+as every training completion had; the candidate's `stopped` flag tells them apart. PPO scores tokens instead
+(`ppo_scoring`): there a response that stopped at EOS ends with it, and one cut at max tokens has none (use its
+`missing_eos_penalty`). `add_eos=False` (`--no-add-eos`) is for a reward model trained with `--no-add-eos`.
 
 Output JSONL, one line per prompt: {"prompt", "candidates": [{"completion", "score", "stopped"}, ... N],
 "best_index", "best_completion", "best_score"}. Completions are decoded without special tokens (the stop token is
@@ -61,6 +68,9 @@ class BestOfNConfig:
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
+    add_eos: bool = field(default=True, metadata={
+        "help": "Score prompt + completion + EOS, as the reward-model trainer appends EOS to every completion (its "
+                "add_eos); an EOS already there is not doubled. Off for a reward model trained with --no-add-eos."})
 
     def __post_init__(self):
         if self.best_of < 1:
@@ -69,16 +79,43 @@ class BestOfNConfig:
             raise ConfigError("batch_size and score_batch_size must be >= 1")
 
 
-def reward_fn_from_model(reward_model, tokenizer, batch_size: int = 32, max_length: int | None = None) -> RewardFn:
+def reward_input_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str], add_eos: bool = True,
+                     max_length: int | None = None) -> list[list[int]]:
+    """Token ids of prompt + completion exactly as the reward-model trainer builds its training sequences
+    (`tokenize_preferences`): each part tokenised without special tokens, EOS appended to the completion unless it
+    already ends with EOS (`add_eos`), and a sequence longer than `max_length` cut like rm's default truncation
+    "keep_end" (the prompt from the left first, then the completion's end)."""
+    from alignloop.data import truncate
+    from alignloop.data.tokenize import _finish
+
+    if len(prompts) != len(completions):
+        raise ConfigError(f"got {len(prompts)} prompts for {len(completions)} completions")
+    if not prompts:
+        return []
+    enc_p = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    enc_c = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (tokenizer.pad_token_id or 0)
+    out = []
+    for p, c in zip(enc_p, enc_c):
+        p, c = _finish(list(p), list(c), tokenizer, add_eos, False)
+        if max_length is not None and len(p) + len(c) > max_length:
+            fitted = truncate(p, [c], max_length, "keep_end")
+            p, c = (fitted[0], fitted[1][0]) if fitted is not None else ([], (p + c)[-max_length:])
+        out.append(p + c or [filler])  # never an empty row (empty prompt and completion without add_eos)
+    return out
+
+
+def reward_fn_from_model(reward_model, tokenizer, batch_size: int = 32, max_length: int | None = None,
+                         add_eos: bool = True) -> RewardFn:
     """A `(prompts, completions) -> scores` function from a reward model (a `RewardModel` or a transformers
-    sequence classifier with one output), scoring prompt + completion text in batches, in eval mode."""
+    sequence classifier with one output), scoring in batches, in eval mode. The text is tokenised as the reward-model
+    trainer did (`reward_input_ids`: with `add_eos`, the score is read at an EOS token; an EOS already at the end
+    of a completion is not doubled); `max_length` defaults to the model's context size."""
     from alignloop.models import score_sequences
 
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     limit = max_length or getattr(getattr(reward_model, "config", None), "n_positions", None) \
         or getattr(getattr(reward_model, "config", None), "max_position_embeddings", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     @torch.inference_mode()
     def score(prompts: list[str], completions: list[str]) -> list[float]:
@@ -87,11 +124,16 @@ def reward_fn_from_model(reward_model, tokenizer, batch_size: int = 32, max_leng
         device = next(reward_model.parameters()).device
         out: list[float] = []
         try:
-            texts = [p + c for p, c in zip(prompts, completions)]
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                                truncation=limit is not None, max_length=limit)
-                s = score_sequences(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            seqs = reward_input_ids(tokenizer, prompts, completions, add_eos, limit)
+            for i in range(0, len(seqs), batch_size):
+                chunk = seqs[i:i + batch_size]
+                width = max(len(x) for x in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, x in enumerate(chunk):  # right padding: the score is read at the last real token
+                    ids[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+                    mask[j, :len(x)] = 1
+                s = score_sequences(reward_model, ids.to(device), mask.to(device))
                 out += s.float().cpu().tolist()
         finally:
             reward_model.train(was)
@@ -196,7 +238,8 @@ def run_generate(config: BestOfNConfig) -> dict[str, float]:
     reward_fn = None
     if config.reward_model:
         rm = RewardModel.from_pretrained(config.reward_model, dtype=config.dtype).eval()
-        reward_fn = reward_fn_from_model(rm, load_tokenizer(config.reward_model), config.score_batch_size)
+        reward_fn = reward_fn_from_model(rm, load_tokenizer(config.reward_model), config.score_batch_size,
+                                         add_eos=config.add_eos)
     prompts = _prompt_texts(config.prompts_file, tokenizer, config.max_prompts)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                             top_k=config.top_k, top_p=config.top_p)

@@ -62,6 +62,10 @@ class RSConfig:
     seed: int = field(default=0, metadata={"help": "Seed for sampling and SFT."})
     dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
     progress: bool = field(default=True, metadata={"help": "Show the SFT progress bars."})
+    add_eos: bool = field(default=True, metadata={
+        "help": "Score prompt + completion + EOS, as the reward-model trainer appends EOS to every completion (its "
+                "add_eos); an EOS already there is not doubled. Off for a reward model trained with --no-add-eos. "
+                "(Only for --reward-model; a reward_fn gets the text as is.)"})
 
     def __post_init__(self):
         if self.rounds < 1 or self.samples_per_prompt < 1:
@@ -118,7 +122,8 @@ class RejectionSamplingTrainer:
                 reward_model = RewardModel.from_pretrained(reward_model, dtype=a.dtype)
             elif reward_tokenizer is None:
                 raise ConfigError("pass reward_tokenizer=... together with a reward model object")
-            reward_fn = reward_fn_from_model(reward_model.eval(), reward_tokenizer, a.score_batch_size)
+            reward_fn = reward_fn_from_model(reward_model.eval(), reward_tokenizer, a.score_batch_size,
+                                             add_eos=a.add_eos)
         self.reward_fn = reward_fn
         source = train_dataset if train_dataset is not None else a.prompts_file
         if not source:

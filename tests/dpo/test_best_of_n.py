@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignloop.models import tiny
+from alignloop.models import RewardModel, tiny
 from alignloop.rollout import SamplingParams
-from alignloop.trainers.best_of_n import best_of_n, best_of_n_kl
+from alignloop.trainers.best_of_n import best_of_n, best_of_n_kl, reward_fn_from_model, reward_input_ids
 
 from .conftest import SHAPE
 
@@ -65,3 +65,77 @@ def test_cli_generate_with_reward_model(tmp_path, tok):
         assert r["best_score"] == max(c["score"] for c in r["candidates"])
     res = CliRunner().invoke(cli, ["generate", "--model", str(policy), "--prompts-file", str(prompts), "--best-of", "4"])
     assert res.exit_code != 0
+
+
+# --- scoring must match reward-model training: prompt + completion + EOS -----------------------------------------
+
+def rm_training_ids(tok, prompt: str, completion: str, add_eos: bool = True) -> list[int]:
+    """The token ids the reward-model trainer trains on for (prompt, completion) (alignloop.trainers.rm tokenises
+    with tokenize_preferences, add_eos=True by default)."""
+    from alignloop.data import tokenize_preferences
+    from alignloop.data.conversions import Pair, PreferenceGroup
+
+    groups, _ = tokenize_preferences([PreferenceGroup(prompt=prompt, pairs=[Pair(completion, " x")])], tok,
+                                     max_length=512, add_eos=add_eos)
+    return groups[0]["pairs"][0]["chosen_input_ids"]
+
+
+class SpyRM(RewardModel):
+    """The same reward model, recording every sequence it scores (its real tokens)."""
+
+    def __init__(self, rm):
+        super().__init__(rm.model)
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        return super().forward(input_ids, attention_mask)
+
+
+def _rm_score(rm, ids: list[int]) -> float:
+    with torch.no_grad():
+        return float(rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tok):
+    return RewardModel(tiny.tiny_reward_model(tok, seed=1, **SHAPE)).eval()
+
+
+def test_reward_fn_scores_prompt_completion_eos_like_rm_training(tok, tiny_rm):
+    eos = tok.eos_token_id
+    prompts = ["the movie", "a good film", "plot", "the actor"]
+    completions = [" was fun", " great story and music", " bad" + tok.eos_token, ""]  # one already ends with EOS
+    got = reward_fn_from_model(tiny_rm, tok)(prompts, completions)
+    want = [_rm_score(tiny_rm, rm_training_ids(tok, p, c)) for p, c in zip(prompts, completions)]
+    no_eos = [_rm_score(tiny_rm, rm_training_ids(tok, p, c, add_eos=False) or [eos])
+              for p, c in zip(prompts, completions)]
+    print("with EOS", want, "without", no_eos, "got", got)
+    assert got == pytest.approx(want, abs=1e-5)
+    # the old behaviour (prompt + completion, no EOS) gives other scores on the completions without EOS
+    assert all(abs(g - n) > 1e-3 for g, n in zip(got[:2], no_eos[:2]))
+    assert got[2] == pytest.approx(no_eos[2], abs=1e-5)   # its EOS is the text's own: not doubled
+    # every scored sequence ends with exactly one EOS, token for token what the RM trainer builds
+    seqs = reward_input_ids(tok, prompts, completions)
+    assert all(s[-1] == eos and s[-2] != eos for s in seqs)
+    assert seqs == [rm_training_ids(tok, p, c) for p, c in zip(prompts, completions)]
+    # add_eos=False mirrors a reward model trained with rm's add_eos=False
+    off = reward_fn_from_model(tiny_rm, tok, add_eos=False)(prompts, completions)
+    assert off[:3] == pytest.approx(no_eos[:3], abs=1e-5)
+
+
+def test_best_of_n_candidates_scored_with_one_eos(tok, tiny_rm):
+    policy = tiny.tiny_causal_lm(tok, seed=0, **SHAPE).eval()
+    tok.padding_side = "left"
+    prompts = ["the movie", "a good film", "plot"]
+    spy = SpyRM(tiny_rm)
+    torch.manual_seed(0)
+    rows, summary = best_of_n(policy, tok, prompts, 4, reward_fn_from_model(spy, tok),
+                              SamplingParams(max_new_tokens=6, temperature=1.0), batch_size=2)
+    eos = tok.eos_token_id
+    assert len(spy.seen) == 12 and all(s[-1] == eos and s[-2] != eos for s in spy.seen)
+    for r in rows:
+        for c in r["candidates"]:
+            assert c["score"] == pytest.approx(_rm_score(tiny_rm, rm_training_ids(tok, r["prompt"], c["completion"])),
+                                               abs=1e-5)
+        assert r["best_score"] == max(c["score"] for c in r["candidates"])

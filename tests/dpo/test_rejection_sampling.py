@@ -61,3 +61,37 @@ def test_one_round_raises_mean_reward_of_fresh_samples(tmp_path, tok):
     print(f"mean reward of fresh samples: before {before:.4f}, after one round {after:.4f}, "
           f"best-of-8 before {summaries[0]['rs/mean_best_score']:.4f}")
     assert after > before + 0.03 and after > 1.25 * before, (before, after)  # seen: 0.107 -> 0.157
+
+
+def test_reward_model_scores_samples_with_eos_like_rm_training(tmp_path, tok):
+    """RS scores each sample as the reward-model trainer saw its completions: prompt + completion + EOS (add_eos,
+    on by default); add_eos=False scores prompt + completion only."""
+    import torch
+
+    from alignloop.data import tokenize_preferences
+    from alignloop.data.conversions import Pair, PreferenceGroup
+    from alignloop.models import RewardModel
+
+    policy = tiny.tiny_causal_lm(tok, seed=0, **SHAPE).eval()
+    rm = RewardModel(tiny.tiny_reward_model(tok, seed=1, **SHAPE)).eval()
+    prompts = ["the movie", "a good film", "plot"]
+
+    def rm_score(prompt, completion, add_eos):
+        groups, _ = tokenize_preferences([PreferenceGroup(prompt=prompt, pairs=[Pair(completion, " x")])], tok,
+                                         max_length=512, add_eos=add_eos)
+        ids = groups[0]["pairs"][0]["chosen_input_ids"]
+        with torch.no_grad():
+            return float(rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
+
+    for add_eos in (True, False):
+        args = RSConfig(output_dir=str(tmp_path), samples_per_prompt=3, max_new_tokens=6, progress=False,
+                        add_eos=add_eos)
+        tr = RejectionSamplingTrainer(model=policy, args=args, train_dataset=prompts, reward_model=rm,
+                                      tokenizer=tok, reward_tokenizer=tok)
+        cands = tr._sample_and_score(0)
+        got = [c["score"] for cs in cands for c in cs]
+        want = [rm_score(p, c["completion"], add_eos) for p, cs in zip(prompts, cands) for c in cs]
+        other = [rm_score(p, c["completion"], not add_eos) for p, cs in zip(prompts, cands) for c in cs]
+        print("add_eos", add_eos, [round(x, 3) for x in got], "other", [round(x, 3) for x in other])
+        assert got == pytest.approx(want, abs=1e-5)
+        assert all(abs(g - o) > 1e-4 for g, o in zip(got, other))  # the two conventions do differ here
