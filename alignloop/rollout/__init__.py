@@ -145,12 +145,13 @@ class HFSampler:
     use_cache) and returns `.logits` and `.past_key_values` (every HF causal LM). `tokenizer` is needed only for
     `stop_strings` and for default EOS / pad ids.
 
-    `cpu_threads`: torch intra-op threads while sampling on CPU (restored afterwards; None = leave as is). Decode
-    steps are tiny ops where OpenMP synchronisation costs more than a second thread gains (measured 1 thread:
-    0.08 s vs 2 threads: 0.1-3 s for 48 steps of a 2-layer model on a 2-core machine, the worst when the cores
-    are shared), so the default is 1."""
+    `cpu_threads`: torch intra-op threads while sampling on CPU (restored afterwards; None = leave as is; 0 = auto).
+    Decode steps of a narrow model are tiny ops where OpenMP synchronisation costs more than a second thread gains
+    (2 layers x 128, 16 x 48 tokens on 2 idle cores: 1 thread 0.11 s, 2 threads 0.98 s), while a wider one gains
+    (6 x 384: 1 thread 0.68 s, 2 threads 0.42 s). Auto: 1 thread below hidden size 256, every thread from there.
+    With more runnable processes than cores, extra threads cost far more: pass 1 on a shared machine."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, cpu_threads: int | None = 1):
+    def __init__(self, model: torch.nn.Module, tokenizer=None, cpu_threads: int | None = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.cpu_threads = cpu_threads
@@ -174,6 +175,11 @@ class HFSampler:
         stops = list(params.stop_token_ids) + ([eos] if eos is not None else [])
         return pad, sorted(set(int(s) for s in stops))
 
+    def _auto_threads(self, available: int) -> int:
+        cfg = getattr(self.model, "config", None)
+        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+        return available if width >= 256 else 1
+
     def _device(self):
         try:
             return next(self.model.parameters()).device
@@ -182,8 +188,8 @@ class HFSampler:
 
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         threads = torch.get_num_threads()
-        if self.cpu_threads and self._device().type == "cpu":
-            torch.set_num_threads(self.cpu_threads)
+        if self.cpu_threads is not None and self._device().type == "cpu":
+            torch.set_num_threads(self.cpu_threads or self._auto_threads(threads))
         try:
             r = self._generate(prompts_token_ids, params)
         finally:

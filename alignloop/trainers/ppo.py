@@ -150,8 +150,9 @@ class PPOConfig:
                                                              "(+ value_head.safetensors)."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "torch threads for training on CPU (None = leave torch's setting, normally every core)."})
-    generation_threads: int | None = field(default=1, metadata={
-        "help": "torch threads while sampling on CPU (decode ops are too small to gain from more; None = as is)."})
+    generation_threads: int | None = field(default=0, metadata={
+        "help": "torch threads while sampling on CPU: 0 = auto (1 for models narrower than 256, whose decode ops are "
+                "too small to gain from more; every thread otherwise); N = N; None = leave as is."})
     fused_gelu: bool = field(default=True, metadata={
         "help": "Run GPT-2's gelu_new as PyTorch's fused tanh GELU (same function, faster), and attention in fp32 under CPU bf16 autocast (alignloop.models.fast)."})
 

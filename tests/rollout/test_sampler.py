@@ -97,3 +97,21 @@ def test_left_pad_positions():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_sampling_threads_auto_by_width_and_restored(tok, monkeypatch):
+    """cpu_threads=0 (auto): one thread for a narrow model, every thread for a wide one; the caller's setting is
+    restored afterwards; an explicit count wins."""
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    params = SamplingParams(max_new_tokens=2)
+    narrow, wide = tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2), tiny_causal_lm(tok, n_layer=1, n_embd=256,
+                                                                                      n_head=4)
+    HFSampler(narrow, tok).generate(_prompts(tok), params)
+    HFSampler(wide, tok).generate(_prompts(tok), params)
+    HFSampler(wide, tok, cpu_threads=1).generate(_prompts(tok), params)
+    HFSampler(wide, tok, cpu_threads=None).generate(_prompts(tok), params)
+    monkeypatch.setattr(torch, "set_num_threads", real_set)
+    assert seen == [1, 2, 2, 2, 1, 2]  # (set, restore) per call; None touches nothing
