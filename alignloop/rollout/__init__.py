@@ -188,12 +188,14 @@ class HFSampler:
 
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         threads = torch.get_num_threads()
-        if self.cpu_threads is not None and self._device().type == "cpu":
+        change = self.cpu_threads is not None and self._device().type == "cpu"
+        if change:
             torch.set_num_threads(self.cpu_threads or self._auto_threads(threads))
         try:
             r = self._generate(prompts_token_ids, params)
         finally:
-            torch.set_num_threads(threads)
+            if change:
+                torch.set_num_threads(threads)
         # leave inference mode: the trainer feeds these tensors to autograd-recorded ops
         for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "policy_logprobs",
                   "stopped"):
