@@ -55,31 +55,110 @@ def prepare(db: str, labelers: int, judgements: int, k: int) -> None:
     s.dispose()
 
 
-def start_server(db: str, port: int, secret: str) -> subprocess.Popen:
+def start_server(db: str, port: int, secret: str, cpu: int | None = None) -> subprocess.Popen:
+    """uvicorn as `alignloop feedback serve` runs it (uvloop and httptools when installed: the `web` extra pulls
+    `uvicorn[standard]`), access log off. `cpu`: pin the server process to that core."""
     code = ("import uvicorn; from alignloop.feedback.app import create_app; "
             f"uvicorn.run(create_app({db!r}), host='127.0.0.1', port={port}, log_level='warning', "
-            "timeout_keep_alive=30, backlog=2048)")
+            "access_log=False, timeout_keep_alive=30, backlog=2048)")
     env = {**os.environ, "ALIGNLOOP_FEEDBACK_SECRET": secret, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT))
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
+    return proc
 
 
-async def wait_healthy(base: str, timeout: float = 60.0) -> float:
-    import httpx
+class HTTPConn:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection, one request at a time, the session
+    cookie kept (the app's only cookie). Much lighter than httpx, so the load generator takes less of the CPU the
+    server needs; latency is still measured end to end (request written -> whole response read)."""
 
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+        self.cookie = ""
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+        """(status, body bytes); raises OSError / asyncio.IncompleteReadError / ConnectionError on transport
+        failures (the connection is then closed)."""
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            head = f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+            if self.cookie:
+                head += f"cookie: {self.cookie}\r\n"
+            for k, v in (headers or {}).items():
+                head += f"{k}: {v}\r\n"
+            if body or method == "POST":
+                head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            self.writer.write(head.encode("latin-1") + b"\r\n" + body)
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            length, chunked, close = 0, False, False
+            for line in lines[1:]:
+                if not line:
+                    continue
+                name, _, value = line.partition(":")
+                name, value = name.strip().lower(), value.strip()
+                if name == "content-length":
+                    length = int(value)
+                elif name == "transfer-encoding" and "chunked" in value.lower():
+                    chunked = True
+                elif name == "connection" and value.lower() == "close":
+                    close = True
+                elif name == "set-cookie":
+                    pair = value.split(";", 1)[0]
+                    cname, _, cval = pair.partition("=")
+                    if cname.strip() == "alignloop_session":
+                        self.cookie = "" if cval in ("", "null") or "max-age=0" in value.lower() else pair
+            if chunked:
+                parts = []
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    if size == 0:
+                        await self.reader.readuntil(b"\r\n")
+                        break
+                    parts.append(await self.reader.readexactly(size))
+                    await self.reader.readexactly(2)
+                data = b"".join(parts)
+            else:
+                data = await self.reader.readexactly(length) if length else b""
+            if close:
+                await self.close()
+            return status, data
+        except BaseException:
+            await self.close()
+            raise
+
+
+TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError)
+
+
+async def wait_healthy(host: str, port: int, timeout: float = 60.0) -> float:
     t0 = time.perf_counter()
-    async with httpx.AsyncClient() as c:
-        while time.perf_counter() - t0 < timeout:
-            try:
-                if (await c.get(base + "/healthz", timeout=1.0)).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
+    while time.perf_counter() - t0 < timeout:
+        c = HTTPConn(host, port)
+        try:
+            async with asyncio.timeout(1.0):
+                status, _ = await c.request("GET", "/healthz")
+            if status == 200:
+                return time.perf_counter() - t0
+        except (*TRANSPORT_ERRORS, TimeoutError):
+            pass
+        finally:
+            await c.close()
+        await asyncio.sleep(0.05)
     raise RuntimeError("server did not come up")
 
 
 class State:
-    def __init__(self, target: int, combined: bool = True, think_s: float = 0.0):
+    def __init__(self, target: int, labelers: int, combined: bool = True, think_s: float = 0.0):
         self.target = target
         self.combined = combined
         self.think_s = think_s
@@ -89,39 +168,50 @@ class State:
         self.retried_latencies: list[float] = []
         self.retries = 0
         self.errors: list[str] = []
-        self.done = asyncio.Event()
+        self.signed_in = 0
+        self.all_signed_in = asyncio.Event()  # labeling starts once everybody has signed in (timed separately)
+        self.labelers = labelers
+        self.t_sign_in_done = 0.0
 
 
-async def labeler(i: int, base: str, st: State) -> None:
-    import httpx
+async def labeler(i: int, host: str, port: int, st: State) -> None:
+    c = HTTPConn(host, port)
 
-    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as c:
-        async def call(method: str, url: str, **kw):
-            """Retry through a dead or restarting server; returns the response."""
-            delay = 0.05
-            while True:
-                try:
-                    r = await c.request(method, url, **kw)
-                    if r.status_code < 500:
-                        return r
-                except httpx.TransportError:
-                    pass
-                st.retries += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+    async def call(method: str, url: str, body: bytes = b"", headers: dict | None = None):
+        """Retry through a dead or restarting server; returns (status, body)."""
+        delay = 0.05
+        while True:
+            try:
+                async with asyncio.timeout(30.0):
+                    status, data = await c.request(method, url, body, headers)
+                if status < 500:
+                    return status, data
+            except (*TRANSPORT_ERRORS, TimeoutError):
+                pass
+            st.retries += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
-        r = await call("POST", "/api/login", json={"username": f"lab{i:03d}", "password": PASSWORD})
-        if r.status_code != 200:
-            st.errors.append(f"login {i}: {r.status_code} {r.text[:200]}")
-            return
-        headers = {"X-CSRF-Token": r.json()["csrf_token"]}
-        suffix = "?next=1" if st.combined else ""
-        r = await call("GET", f"/api/p/{PROJECT}/next")
-        nxt = r.json() if r.status_code == 200 else None
-        if nxt is None:
-            st.errors.append(f"next {i}: {r.status_code} {r.text[:200]}")
-            return
+    try:
+        try:
+            status, data = await call("POST", "/api/login",
+                                      json.dumps({"username": f"lab{i:03d}", "password": PASSWORD}).encode())
+            if status != 200:
+                st.errors.append(f"login {i}: {status} {data[:200]!r}")
+                return
+            headers = {"x-csrf-token": json.loads(data)["csrf_token"]}
+            suffix = "?next=1" if st.combined else ""
+            status, data = await call("GET", f"/api/p/{PROJECT}/next")
+            if status != 200:
+                st.errors.append(f"next {i}: {status} {data[:200]!r}")
+                return
+            nxt = json.loads(data)
+        finally:
+            st.signed_in += 1
+            if st.signed_in == st.labelers:
+                st.t_sign_in_done = time.perf_counter()
+                st.all_signed_in.set()
+        await st.all_signed_in.wait()
         while len(st.acked) < st.target:
             aid = nxt["assignment_id"]
             if aid is None:
@@ -130,26 +220,28 @@ async def labeler(i: int, base: str, st: State) -> None:
                 await asyncio.sleep(random.expovariate(1.0 / st.think_s))
             key = uuid.uuid4().hex
             st.attempted.add(key)
-            body = {"choice": "left" if (i + aid) % 3 else "right", "strength": "better", "idempotency_key": key}
+            body = json.dumps({"choice": "left" if (i + aid) % 3 else "right", "strength": "better",
+                               "idempotency_key": key}).encode()
             t0 = time.perf_counter()
             retries_before = st.retries
-            r = await call("POST", f"/api/assignments/{aid}/judgement{suffix}", json=body, headers=headers)
+            status, data = await call("POST", f"/api/assignments/{aid}/judgement{suffix}", body, headers)
             dt = time.perf_counter() - t0
-            if r.status_code not in (200, 201):
-                st.errors.append(f"submit {i}: {r.status_code} {r.text[:200]}")
+            if status not in (200, 201):
+                st.errors.append(f"submit {i}: {status} {data[:200]!r}")
                 return
-            reply = r.json()
+            reply = json.loads(data)
             st.acked[key] = reply["judgement_id"]
             (st.latencies if st.retries == retries_before else st.retried_latencies).append(dt)
             if st.combined:
                 nxt = reply["next"]
             else:
-                r = await call("GET", f"/api/p/{PROJECT}/next")
-                if r.status_code != 200:
-                    st.errors.append(f"next {i}: {r.status_code} {r.text[:200]}")
+                status, data = await call("GET", f"/api/p/{PROJECT}/next")
+                if status != 200:
+                    st.errors.append(f"next {i}: {status} {data[:200]!r}")
                     return
-                nxt = r.json()
-        st.done.set()
+                nxt = json.loads(data)
+    finally:
+        await c.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -200,6 +292,12 @@ def verify(db: str, st: State, k: int) -> dict:
                   and max((c for _, c in per_item), default=0) <= k and pairs == distinct_pairs}
 
 
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 async def run(args) -> dict:
     tmp = None
     db = args.db
@@ -210,19 +308,28 @@ async def run(args) -> dict:
     prepare(db, args.labelers, args.judgements, args.k)
     t_prep = time.perf_counter() - t_prep
     port = args.port or free_port()
-    base = f"http://127.0.0.1:{port}"
+    host = "127.0.0.1"
     secret = uuid.uuid4().hex * 2
-    proc = start_server(db, port, secret)
+    server_core = client_core = None
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least 2 cores")
+        server_core, client_core = cores[0], cores[1]
+        os.sched_setaffinity(0, {client_core})
+    proc = start_server(db, port, secret, server_core)
     restarts = []
-    server_cpu = [0.0]
+    server_cpu = [0.0]  # server CPU seconds during the labeling phase (startups and sign-ins excluded)
     load_before = os.getloadavg()[0]
+    st = State(args.judgements, args.labelers, combined=not args.separate_next, think_s=args.think_ms / 1000)
     try:
-        await wait_healthy(base)
-        server_cpu[0] -= cpu_seconds(proc.pid)  # startup is not part of the work
-        client_cpu0 = time.process_time()
-        st = State(args.judgements, combined=not args.separate_next, think_s=args.think_ms / 1000)
+        await wait_healthy(host, port)
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(labeler(i, base, st)) for i in range(args.labelers)]
+        tasks = [asyncio.create_task(labeler(i, host, port, st)) for i in range(args.labelers)]
+        await st.all_signed_in.wait()
+        t_label = st.t_sign_in_done
+        server_cpu[0] -= cpu_seconds(proc.pid)
+        client_cpu0 = time.process_time()
 
         async def killer():
             nonlocal proc
@@ -237,15 +344,16 @@ async def run(args) -> dict:
             server_cpu[0] += cpu_seconds(proc.pid)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            proc = start_server(db, port, secret)
-            up = await wait_healthy(base)
+            proc = start_server(db, port, secret, server_core)
+            up = await wait_healthy(host, port)
+            server_cpu[0] -= cpu_seconds(proc.pid)
             restarts.append({"acked_at_kill": acked_at_kill, "downtime_s": round(time.perf_counter() - t_kill, 3),
                              "startup_s": round(up, 3)})
 
         kill_task = asyncio.create_task(killer())
         await asyncio.gather(*tasks)
         await kill_task
-        wall = time.perf_counter() - t0
+        t_end = time.perf_counter()
         server_cpu[0] += cpu_seconds(proc.pid)
         client_cpu = time.process_time() - client_cpu0
     finally:
@@ -256,17 +364,26 @@ async def run(args) -> dict:
             proc.kill()
     check = verify(db, st, args.k)
     downtime = sum(r["downtime_s"] for r in restarts)
+    wall = t_end - t_label
     lat = st.latencies
+    every = st.latencies + st.retried_latencies
+    n = len(st.acked)
     result = {
         "labelers": args.labelers, "target": args.judgements, "think_ms": args.think_ms,
-        "round_trips_per_judgement": 2 if args.separate_next else 1, "acked": len(st.acked),
-        "wall_s": round(wall, 2), "judgements_per_s": round(len(st.acked) / wall, 1),
-        "judgements_per_s_excluding_restart": round(len(st.acked) / max(1e-9, wall - downtime), 1),
+        "round_trips_per_judgement": 2 if args.separate_next else 1, "acked": n,
+        "sign_in_s": round(t_label - t0, 2),
+        "wall_s": round(wall, 2), "judgements_per_s": round(n / wall, 1),
+        "judgements_per_s_excluding_restart": round(n / max(1e-9, wall - downtime), 1),
+        "judgements_per_s_including_sign_in": round(n / (t_end - t0), 1),
+        "offered_per_s": (round(args.labelers / (args.think_ms / 1000), 1) if args.think_ms > 0 else None),
         "submit_p50_ms": round(percentile(lat, 0.50) * 1000, 2), "submit_p99_ms": round(percentile(lat, 0.99) * 1000, 2),
         "submit_max_ms": round(max(lat) * 1000, 2) if lat else None,
+        "submit_p99_all_ms": round(percentile(every, 0.99) * 1000, 2),
         "submits_retried_across_restart": len(st.retried_latencies), "transport_retries": st.retries,
-        "server_cpu_ms_per_judgement": round(1000 * server_cpu[0] / max(1, len(st.acked)), 2),
-        "client_cpu_ms_per_judgement": round(1000 * client_cpu / max(1, len(st.acked)), 2),
+        "server_cpu_ms_per_judgement": round(1000 * server_cpu[0] / max(1, n), 3),
+        "client_cpu_ms_per_judgement": round(1000 * client_cpu / max(1, n), 3),
+        "pinned": {"server_core": server_core, "client_core": client_core} if args.pin else None,
+        "uvloop": _module_available("uvloop"), "httptools": _module_available("httptools"),
         "cpu_cores": os.cpu_count(), "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "restarts": restarts, "errors": st.errors[:10], "prepare_s": round(t_prep, 2), "check": check,
@@ -292,8 +409,15 @@ def main(argv=None) -> int:
                     help="mean think time per item (exponential); 0 = closed loop at full speed (a stress test)")
     ap.add_argument("--separate-next", action="store_true",
                     help="fetch the next item with its own GET (default: the submit reply carries it, ?next=1)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the server to the first allowed core and this load generator to the second")
     args = ap.parse_args(argv)
-    result = asyncio.run(run(args))
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(run(args))
+    else:
+        result = uvloop.run(run(args))
     line = json.dumps(result)
     print(line)
     if args.json:

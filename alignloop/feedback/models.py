@@ -77,7 +77,8 @@ class Item(Base):
     n_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     prompt: Mapped[Prompt] = relationship(lazy="select")
-    __table_args__ = (Index("ix_items_queue", "project_id", "is_gold", "n_active", "id"),)
+    # matches the next-item query's WHERE and its whole ORDER BY (n_active, n_done, id): no sort per request
+    __table_args__ = (Index("ix_items_queue", "project_id", "is_gold", "n_active", "n_done", "id"),)
 
 
 class Labeler(Base):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -99,6 +100,40 @@ _Q_PROMPT = select(Prompt.__table__.c.messages, Prompt.__table__.c.is_chat).wher
     Prompt.__table__.c.id == bindparam("pid"))
 _Q_COMPLETIONS = select(Completion.__table__.c.id, Completion.__table__.c.text, Completion.__table__.c.model).where(
     Completion.__table__.c.id.in_(bindparam("ids", expanding=True)))
+
+# The same hot path as plain SQL on SQLite's own connection (see Store._raw_submit_and_next): SQLAlchemy's per-statement
+# work (compile cache lookup, parameter processing, result metadata) cost more than SQLite itself. Columns and value
+# formats are the ones the ORM writes: JSON as json.dumps text, DateTime as "YYYY-MM-DD HH:MM:SS.ffffff", booleans
+# as 0/1.
+_SQL_JUDGEMENT_BY_KEY = "SELECT id FROM judgements WHERE idempotency_key = ?"
+_SQL_ASSIGNMENT = ("SELECT item_id, labeler_id, project_id, status, shown_order, created_at FROM assignments "
+                   "WHERE id = ?")
+_SQL_PROJECT = "SELECT task_type, overlap_k, gold_rate, settings FROM projects WHERE id = ?"
+_SQL_INS_JUDGEMENT = ("INSERT INTO judgements (assignment_id, item_id, labeler_id, version, shown_order, choice, "
+                      "strength, picked_position, ranking, thumbs, likert, flags, comment, time_spent_ms, "
+                      "idempotency_key, created_at) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SQL_ASSIGNMENT_DONE = "UPDATE assignments SET status = 'done', completed_at = ? WHERE id = ?"
+_SQL_ITEM_DONE = "UPDATE items SET n_done = n_done + 1 WHERE id = ?"
+_SQL_OPEN = ("SELECT a.id, a.item_id, a.is_gold, a.shown_order, a.created_at, i.prompt_id, i.completion_ids "
+             "FROM assignments a JOIN items i ON i.id = a.item_id "
+             "WHERE a.labeler_id = ? AND a.project_id = ? AND a.status = 'assigned' ORDER BY a.id LIMIT 1")
+_SQL_CANDIDATES = ("SELECT id, prompt_id, completion_ids FROM items WHERE project_id = ? AND is_gold = 0 "
+                   "AND n_active < ? AND id NOT IN (SELECT item_id FROM assignments WHERE labeler_id = ?) "
+                   "ORDER BY n_active, n_done, id LIMIT 4")
+_SQL_TAKE = "UPDATE items SET n_active = n_active + 1 WHERE id = ? AND n_active < ?"
+_SQL_INS_ASSIGNMENT = ("INSERT INTO assignments (item_id, labeler_id, project_id, status, is_gold, shown_order, "
+                       "created_at) VALUES (?, ?, ?, 'assigned', 0, ?, ?)")
+_SQL_PROMPT = "SELECT messages, is_chat FROM prompts WHERE id = ?"
+_SQL_COMPLETION = "SELECT text, model FROM completions WHERE id = ?"
+
+
+def _sqlite_datetime(d: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME storage format (microseconds always written)."""
+    return d.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _json_or_null(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)
 
 
 class ValidationError(UserError):
@@ -311,9 +346,23 @@ class Store:
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
         # busy_timeout. PostgreSQL writers run concurrently.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        # SQLite: one pooled connection kept for the submit hot path, used only under _write_lock (plain SQL)
+        self._hot = None
+        self.raw_hot_path = self.engine.dialect.name == "sqlite"
 
     def dispose(self) -> None:
+        with self._write_lock:
+            if self._hot is not None:
+                self._hot.close()  # back to the pool
+                self._hot = None
         self.engine.dispose()
+
+    def _hot_connection(self) -> sqlite3.Connection:
+        """The hot path's DBAPI connection (call with _write_lock held). Opened through the engine, so it has the
+        pragmas of every connection (WAL, busy_timeout, synchronous, foreign keys) and autocommit mode (we BEGIN)."""
+        if self._hot is None:
+            self._hot = self.engine.raw_connection()
+        return self._hot.driver_connection
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -619,6 +668,20 @@ class Store:
         lock hand-off per judgement on the hot path)."""
         if not isinstance(idempotency_key, str) or not _IDEM_RE.match(idempotency_key):
             raise ValidationError({"idempotency_key": "missing or malformed (8-100 letters, digits, _.:-)"})
+        if self.raw_hot_path:
+            with self._write_lock:
+                conn = self._hot_connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    fast = self._raw_submit_and_next(conn, assignment_id, labeler_id, fields, idempotency_key)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                if fast is None:
+                    conn.execute("ROLLBACK")  # nothing was written; the general path below decides
+                else:
+                    conn.execute("COMMIT")
+                    return fast
         try:
             with self.write() as s:
                 fast = self._fast_submit_and_next(s, assignment_id, labeler_id, fields, idempotency_key)
@@ -674,6 +737,102 @@ class Store:
                                     completion_ids=cand.completion_ids, is_gold=False)
                     break
         return j, True, nxt
+
+    def _raw_submit_and_next(self, conn: sqlite3.Connection, assignment_id: int, labeler_id: int,
+                             fields: Mapping[str, Any], idempotency_key: str
+                             ) -> tuple[Judgement, bool, Assignment | None] | None:
+        """`_fast_submit_and_next` in plain SQL on SQLite's connection, inside the caller's write transaction: the
+        first judgement of an open assignment, then a non-gold next item, no expiry check due. Returns None before
+        writing anything when the case is not that one (a retry, an edit, another labeler's assignment, gold mixing,
+        an expiry check due, an older open assignment); the caller rolls back and takes the general path.
+        ValidationError (nothing written) for invalid fields."""
+        if conn.execute(_SQL_JUDGEMENT_BY_KEY, (idempotency_key,)).fetchone() is not None:
+            return None
+        row = conn.execute(_SQL_ASSIGNMENT, (assignment_id,)).fetchone()
+        if row is None:
+            return None
+        item_id, a_labeler, project_id, status, shown_order_json, created_at = row
+        if a_labeler != labeler_id or status != "assigned":
+            return None
+        info = self._raw_project_info(conn, project_id)
+        if info.gold_rate > 0 or (info.timeout_s and time.monotonic() - self._last_expiry.get(project_id, -1e18)
+                                  >= self.expiry_check_interval_s):
+            return None
+        shown_order = json.loads(shown_order_json)
+        canon = validate_submission(info.task_type, shown_order, fields, info.flag_names)
+        now = utcnow()
+        now_s = _sqlite_datetime(now)
+        spent = int(max(0.0, (now - datetime.fromisoformat(created_at)).total_seconds()) * 1000)
+        values = {"assignment_id": assignment_id, "item_id": item_id, "labeler_id": labeler_id, "version": 1,
+                  "shown_order": shown_order, "choice": canon.get("choice"), "strength": canon.get("strength"),
+                  "picked_position": canon.get("picked_position"), "ranking": canon.get("ranking"),
+                  "thumbs": canon.get("thumbs"), "likert": canon.get("likert"), "flags": canon["flags"],
+                  "comment": canon["comment"], "time_spent_ms": spent, "idempotency_key": idempotency_key,
+                  "created_at": now}
+        try:
+            cur = conn.execute(_SQL_INS_JUDGEMENT, (
+                assignment_id, item_id, labeler_id, shown_order_json, values["choice"], values["strength"],
+                values["picked_position"], _json_or_null(values["ranking"]), values["thumbs"], values["likert"],
+                json.dumps(values["flags"]), values["comment"], spent, idempotency_key, now_s))
+        except sqlite3.IntegrityError:  # e.g. a version row from another process: the general path sorts it out
+            return None
+        jid = cur.lastrowid
+        conn.execute(_SQL_ASSIGNMENT_DONE, (now_s, assignment_id))
+        conn.execute(_SQL_ITEM_DONE, (item_id,))
+        j = Judgement(id=jid, **values)
+        open_row = conn.execute(_SQL_OPEN, (labeler_id, project_id)).fetchone()
+        if open_row is not None:  # another open assignment (two tabs): resume it, as next_assignment does
+            aid, cand_id, is_gold, order_json, a_created, prompt_id, completion_ids_json = open_row
+            nxt = Assignment(id=aid, item_id=cand_id, labeler_id=labeler_id, project_id=project_id,
+                             status="assigned", is_gold=bool(is_gold), shown_order=json.loads(order_json),
+                             created_at=datetime.fromisoformat(a_created))
+            nxt.item = Item(id=cand_id, project_id=project_id, prompt_id=prompt_id,
+                            completion_ids=json.loads(completion_ids_json), is_gold=bool(is_gold))
+            return j, True, nxt
+        k = info.overlap_k
+        for cand_id, prompt_id, completion_ids_json in conn.execute(_SQL_CANDIDATES,
+                                                                      (project_id, k, labeler_id)).fetchall():
+            if conn.execute(_SQL_TAKE, (cand_id, k)).rowcount != 1:
+                continue
+            completion_ids = json.loads(completion_ids_json)
+            order = list(range(len(completion_ids)))
+            self._rng.shuffle(order)
+            aid = conn.execute(_SQL_INS_ASSIGNMENT, (cand_id, labeler_id, project_id, json.dumps(order),
+                                                     now_s)).lastrowid
+            nxt = Assignment(id=aid, item_id=cand_id, labeler_id=labeler_id, project_id=project_id,
+                             status="assigned", is_gold=False, shown_order=order, created_at=now)
+            nxt.item = Item(id=cand_id, project_id=project_id, prompt_id=prompt_id, completion_ids=completion_ids,
+                            is_gold=False)
+            if cand_id not in self._view_cache:
+                self._cache_view_raw(conn, cand_id, prompt_id, completion_ids)
+            return j, True, nxt
+        return j, True, None
+
+    def _raw_project_info(self, conn: sqlite3.Connection, project_id: int) -> _ProjectInfo:
+        now = time.monotonic()
+        hit = self._info_cache.get(project_id)
+        if hit is not None and now - hit[0] < 5.0:
+            return hit[1]
+        row = conn.execute(_SQL_PROJECT, (project_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no project {project_id}")
+        task_type, overlap_k, gold_rate, settings_json = row
+        settings = json.loads(settings_json) if settings_json else {}
+        info = _ProjectInfo(task_type, [f["name"] for f in settings.get("flags", DEFAULT_FLAGS)], overlap_k, gold_rate,
+                            settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S))
+        self._info_cache[project_id] = (now, info)
+        return info
+
+    def _cache_view_raw(self, conn: sqlite3.Connection, item_id: int, prompt_id: int, completion_ids: list) -> None:
+        messages_json, is_chat = conn.execute(_SQL_PROMPT, (prompt_id,)).fetchone()
+        comps = [conn.execute(_SQL_COMPLETION, (cid,)).fetchone() for cid in completion_ids]
+        self._put_view(item_id, ({"messages": json.loads(messages_json), "is_chat": bool(is_chat)},
+                                 [{"text": text, "model": model} for text, model in comps]))
+
+    def _put_view(self, item_id: int, view: tuple[dict, list[dict]]) -> None:
+        if len(self._view_cache) >= 4096:
+            self._view_cache.pop(next(iter(self._view_cache)))
+        self._view_cache[item_id] = view
 
     def _project_info(self, s: Session, project_id: int) -> _ProjectInfo:
         now = time.monotonic()
@@ -753,9 +912,7 @@ class Store:
                 comps = {c.id: c for c in conn.execute(_Q_COMPLETIONS, {"ids": list(item.completion_ids)})}
             cached = ({"messages": prompt.messages, "is_chat": prompt.is_chat},
                       [{"text": comps[cid].text, "model": comps[cid].model} for cid in item.completion_ids])
-            if len(self._view_cache) >= 4096:
-                self._view_cache.pop(next(iter(self._view_cache)))
-            self._view_cache[item.id] = cached
+            self._put_view(item.id, cached)
         head, canon = cached
         return {**head, "completions": [dict(canon[i]) for i in shown_order]}
 

@@ -83,7 +83,7 @@ def test_postgres_schema_matches_models(pg_store):
     from alignloop.feedback.models import Base
 
     assert pg_store.engine.dialect.name == "postgresql"
-    assert dbmod.current_revision(pg_store.engine) == "0001"
+    assert dbmod.current_revision(pg_store.engine) == "0002"
     with pg_store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 

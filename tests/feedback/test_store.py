@@ -17,7 +17,7 @@ def test_migrations_create_the_models_schema(tmp_path):
     from alembic.migration import MigrationContext
 
     s = Store(str(tmp_path / "m.db"))
-    assert dbmod.current_revision(s.engine) == "0001"
+    assert dbmod.current_revision(s.engine) == "0002"
     with s.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
