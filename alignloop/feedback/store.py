@@ -127,6 +127,54 @@ _SQL_PROMPT = "SELECT messages, is_chat FROM prompts WHERE id = ?"
 _SQL_COMPLETION = "SELECT text, model FROM completions WHERE id = ?"
 
 
+@dataclass(slots=True)
+class StoredJudgement:
+    """A judgement row as the SQLite hot path wrote it (same attributes as `Judgement`; not an ORM instance, which
+    would cost more to build than the SQL to store it)."""
+    id: int
+    assignment_id: int
+    item_id: int
+    labeler_id: int
+    version: int
+    shown_order: list
+    choice: str | None
+    strength: str | None
+    picked_position: int | None
+    ranking: list | None
+    thumbs: int | None
+    likert: int | None
+    flags: list
+    comment: str
+    time_spent_ms: int | None
+    idempotency_key: str
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class ItemRef:
+    """The `Item` attributes a labeler's view needs (see StoredJudgement)."""
+    id: int
+    project_id: int
+    prompt_id: int
+    completion_ids: list
+    is_gold: bool
+
+
+@dataclass(slots=True)
+class AssignmentRef:
+    """An open assignment as the SQLite hot path wrote or found it (same attributes as `Assignment`)."""
+    id: int
+    item_id: int
+    labeler_id: int
+    project_id: int
+    status: str
+    is_gold: bool
+    shown_order: list
+    created_at: datetime
+    item: ItemRef
+    completed_at: datetime | None = None
+
+
 def _sqlite_datetime(d: datetime) -> str:
     """SQLAlchemy's SQLite DATETIME storage format (microseconds always written)."""
     return d.strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -665,7 +713,8 @@ class Store:
     def submit_and_next(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                         idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:
         """`submit`, then `next_assignment` in the same project, in one write transaction (one round trip and one
-        lock hand-off per judgement on the hot path)."""
+        lock hand-off per judgement on the hot path). On SQLite's hot path the results are `StoredJudgement` /
+        `AssignmentRef` (the same attributes as the ORM classes, read-only snapshots)."""
         if not isinstance(idempotency_key, str) or not _IDEM_RE.match(idempotency_key):
             raise ValidationError({"idempotency_key": "missing or malformed (8-100 letters, digits, _.:-)"})
         if self.raw_hot_path:
@@ -740,7 +789,7 @@ class Store:
 
     def _raw_submit_and_next(self, conn: sqlite3.Connection, assignment_id: int, labeler_id: int,
                              fields: Mapping[str, Any], idempotency_key: str
-                             ) -> tuple[Judgement, bool, Assignment | None] | None:
+                             ) -> tuple[StoredJudgement, bool, AssignmentRef | None] | None:
         """`_fast_submit_and_next` in plain SQL on SQLite's connection, inside the caller's write transaction: the
         first judgement of an open assignment, then a non-gold next item, no expiry check due. Returns None before
         writing anything when the case is not that one (a retry, an edit, another labeler's assignment, gold mixing,
@@ -779,16 +828,13 @@ class Store:
         jid = cur.lastrowid
         conn.execute(_SQL_ASSIGNMENT_DONE, (now_s, assignment_id))
         conn.execute(_SQL_ITEM_DONE, (item_id,))
-        j = Judgement(id=jid, **values)
+        j = StoredJudgement(id=jid, **values)
         open_row = conn.execute(_SQL_OPEN, (labeler_id, project_id)).fetchone()
         if open_row is not None:  # another open assignment (two tabs): resume it, as next_assignment does
             aid, cand_id, is_gold, order_json, a_created, prompt_id, completion_ids_json = open_row
-            nxt = Assignment(id=aid, item_id=cand_id, labeler_id=labeler_id, project_id=project_id,
-                             status="assigned", is_gold=bool(is_gold), shown_order=json.loads(order_json),
-                             created_at=datetime.fromisoformat(a_created))
-            nxt.item = Item(id=cand_id, project_id=project_id, prompt_id=prompt_id,
-                            completion_ids=json.loads(completion_ids_json), is_gold=bool(is_gold))
-            return j, True, nxt
+            item = ItemRef(cand_id, project_id, prompt_id, json.loads(completion_ids_json), bool(is_gold))
+            return j, True, AssignmentRef(aid, cand_id, labeler_id, project_id, "assigned", bool(is_gold),
+                                          json.loads(order_json), datetime.fromisoformat(a_created), item)
         k = info.overlap_k
         for cand_id, prompt_id, completion_ids_json in conn.execute(_SQL_CANDIDATES,
                                                                       (project_id, k, labeler_id)).fetchall():
@@ -799,10 +845,8 @@ class Store:
             self._rng.shuffle(order)
             aid = conn.execute(_SQL_INS_ASSIGNMENT, (cand_id, labeler_id, project_id, json.dumps(order),
                                                      now_s)).lastrowid
-            nxt = Assignment(id=aid, item_id=cand_id, labeler_id=labeler_id, project_id=project_id,
-                             status="assigned", is_gold=False, shown_order=order, created_at=now)
-            nxt.item = Item(id=cand_id, project_id=project_id, prompt_id=prompt_id, completion_ids=completion_ids,
-                            is_gold=False)
+            nxt = AssignmentRef(aid, cand_id, labeler_id, project_id, "assigned", False, order, now,
+                                ItemRef(cand_id, project_id, prompt_id, completion_ids, False))
             if cand_id not in self._view_cache:
                 self._cache_view_raw(conn, cand_id, prompt_id, completion_ids)
             return j, True, nxt
