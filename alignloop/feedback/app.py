@@ -31,8 +31,6 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.routing import Route
 
-from . import export as export_mod
-from . import quality
 from .models import STRENGTHS, Labeler
 from .security import new_token, resolve_secret_key, tokens_equal
 from .store import DEFAULT_FLAGS, Forbidden, NotFound, Store, ValidationError
@@ -436,6 +434,9 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     def export(request: Request, name: str, format: str = "preference", mode: str = "consensus",
                consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
                exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
+        from . import export as export_mod
+        from . import quality
+
         admin(request)
         p = project_or_404(name)
         opts = export_mod.ExportOptions(format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
@@ -535,6 +536,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
 
 def dashboard_data(store: Store, p) -> dict:
+    from . import quality  # numpy, scipy, scikit-learn: loaded when an admin first opens a dashboard, not at startup
+
     records = store.current_judgements(p.id)
     th = quality.thresholds_from_dict(p.settings.get("thresholds"))
     stats = quality.labeler_stats(records, p.task_type)

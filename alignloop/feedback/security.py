@@ -6,6 +6,7 @@ use; for a PostgreSQL URL, in the current folder). It is never in the code.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import secrets
@@ -17,8 +18,14 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from alignloop.errors import UserError
 
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 low-memory profile (64 MiB, 3 passes)
-_DUMMY_HASH = _HASHER.hash("dummy password for timing")
 SECRET_ENV = "ALIGNLOOP_FEEDBACK_SECRET"
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against for unknown users (same cost as a real check). Made on first use, not at import:
+    it costs a full argon2 run (~0.2 s), which delayed every server start and restart."""
+    return _HASHER.hash("dummy password for timing")
 
 
 def hash_password(password: str) -> str:
@@ -27,7 +34,7 @@ def hash_password(password: str) -> str:
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
     try:
-        return _HASHER.verify(stored_hash or _DUMMY_HASH, password or "") and stored_hash is not None
+        return _HASHER.verify(stored_hash or _dummy_hash(), password or "") and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

@@ -16,8 +16,12 @@ def test_migrations_create_the_models_schema(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(dbmod.alembic_config()).get_current_head() == dbmod.HEAD
+    assert dbmod.stored_revision(dbmod.open_engine(str(tmp_path / "empty.db"))) is None
     s = Store(str(tmp_path / "m.db"))
-    assert dbmod.current_revision(s.engine) == "0002"
+    assert dbmod.current_revision(s.engine) == dbmod.HEAD == dbmod.stored_revision(s.engine)
     with s.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
@@ -27,6 +31,36 @@ def test_migrations_create_the_models_schema(tmp_path):
     Store(str(tmp_path / "m.db"))  # idempotent upgrade
     with pytest.raises(UserError):
         Store(str(tmp_path / "other.db"), create=False)
+
+
+def test_upgrade_from_0001_and_the_next_item_query_needs_no_sort(tmp_path):
+    engine = dbmod.open_engine(str(tmp_path / "old.db"))
+    dbmod.upgrade(engine, "0001")
+    assert dbmod.stored_revision(engine) == "0001"
+    engine.dispose()
+    s = Store(str(tmp_path / "old.db"))  # upgrades to head
+    assert dbmod.stored_revision(s.engine) == dbmod.HEAD
+    with s.engine.connect() as conn:
+        cols = [r[2] for r in conn.exec_driver_sql("PRAGMA index_info(ix_items_queue)")]
+        assert cols == ["project_id", "is_gold", "n_active", "n_done", "id"]
+        from alignloop.feedback.store import _SQL_CANDIDATES
+        plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + _SQL_CANDIDATES, (1, 3, 1)))
+    assert "ix_items_queue" in plan and "TEMP B-TREE" not in plan, plan  # walks the index in ORDER BY order
+    s.dispose()
+
+
+def test_sqlite_pragmas(store):
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    with store._write_lock:
+        hot = store._hot_connection()  # the submit hot path's connection has the same settings
+        assert hot.execute("PRAGMA synchronous").fetchone()[0] == 1
+        assert hot.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert hot.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert hot.isolation_level is None  # autocommit: the hot path issues BEGIN IMMEDIATE / COMMIT itself
 
 
 def test_project_and_labeler_validation(store):
@@ -292,3 +326,61 @@ def test_submit_and_next_fast_path_keeps_the_rules(store):
     assert len(recs) == 24 and all(r["time_spent_ms"] is not None for r in recs)
     # the fast path's judgement reads back like any other
     assert {r["strength"] for r in recs} == {"better"} and {r["picked_position"] for r in recs} == {1}
+
+
+def test_sqlite_hot_path_rows_match_the_orm_path(store):
+    """submit_and_next on SQLite writes plain SQL: its rows must be stored exactly as the ORM path stores them."""
+    p = _project(store, n_items=4, k=2)
+    lab = store.add_labeler("hot", "password123")
+    a1 = store.next_assignment(p.id, lab.id)
+    j_orm, _ = store.submit(a1.id, lab.id, {"choice": "left", "strength": "slightly_better", "comment": " c "},
+                            "orm-path-0001")
+    a2 = store.next_assignment(p.id, lab.id)
+    j_raw, created, a3 = store.submit_and_next(a2.id, lab.id, {"choice": "left", "strength": "slightly_better",
+                                                               "comment": " c "}, "raw-path-0001")
+    assert created and type(j_raw).__name__ == "StoredJudgement"  # the hot path took it
+    assert a3 is not None and a3.item_id not in (a1.item_id, a2.item_id)
+    with store.engine.connect() as conn:
+        rows = {r[0]: r[1:] for r in conn.exec_driver_sql(
+            "SELECT idempotency_key, typeof(created_at), length(created_at), shown_order, flags, ranking, comment, "
+            "strength, version FROM judgements")}
+        a_rows = conn.exec_driver_sql("SELECT id, typeof(created_at), length(created_at), typeof(shown_order), "
+                                      "is_gold FROM assignments ORDER BY id").all()
+    orm, raw = rows["orm-path-0001"], rows["raw-path-0001"]
+    assert raw[:2] == orm[:2] == ("text", 26)  # "YYYY-MM-DD HH:MM:SS.ffffff"
+    assert raw[3:] == orm[3:] and raw[4] is None  # flags "[]", no ranking, comment stripped, strength, version 1
+    assert {r[1:] for r in a_rows} == {("text", 26, "text", 0)}
+    with store.read() as s:
+        back = s.get(Judgement, j_raw.id)
+        assert back.created_at == j_raw.created_at and back.shown_order == a2.shown_order
+        assert back.choice == "ab"[a2.shown_order[0]] and back.picked_position == 0 and back.flags == []
+        nxt = s.get(Assignment, a3.id)
+        assert (nxt.status, nxt.shown_order, nxt.created_at) == ("assigned", a3.shown_order, a3.created_at)
+        assert s.get(Assignment, a2.id).status == "done" and s.get(Item, a2.item_id).n_done == 1
+    assert store.next_assignment(p.id, lab.id).id == a3.id  # the new one is this labeler's open assignment
+    assert store.item_view(a3.item, a3.shown_order) == store.item_view(store.get_assignment(a3.id).item,
+                                                                       a3.shown_order)
+
+
+def test_sqlite_hot_path_invalid_or_other_cases_write_nothing(store):
+    p = _project(store, n_items=4, k=2)
+    lab, other = store.add_labeler("h1", "password123"), store.add_labeler("h2", "password123")
+    a = store.next_assignment(p.id, lab.id)
+    with pytest.raises(ValidationError, match="strength"):
+        store.submit_and_next(a.id, lab.id, {"choice": "left"}, "invalid-0001")
+    with pytest.raises(Exception, match="no such assignment"):
+        store.submit_and_next(a.id, other.id, {"choice": "tie"}, "not-mine-0001")
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Judgement)) == 0
+        assert s.get(Assignment, a.id).status == "assigned"
+    # the transaction was closed each time: the next submission goes through
+    j, created, _ = store.submit_and_next(a.id, lab.id, {"choice": "tie"}, "valid-00001")
+    assert created and j.choice == "tie"
+    # two open assignments (two tabs): submitting one hands back the other, as next_assignment would
+    b = store.next_assignment(p.id, lab.id)
+    with store.write() as s:
+        item = s.scalars(select(Item).where(Item.id.not_in([a.item_id, b.item_id]))).first()
+        item.n_active += 1
+        s.add(Assignment(item_id=item.id, labeler_id=lab.id, project_id=p.id, shown_order=[1, 0]))
+    _j, _c, nxt = store.submit_and_next(b.id, lab.id, {"choice": "tie"}, "two-tabs-0001")
+    assert nxt.item_id == item.id and nxt.shown_order == [1, 0] and nxt.item.completion_ids == item.completion_ids
