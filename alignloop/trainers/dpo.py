@@ -20,9 +20,11 @@ Choices (see the DPO section of the implementation-details reference):
   copy of the model (the policy's weights before the first step *are* the reference). `False` computes them on the
   fly each step (a frozen copy of the initial policy is kept when there is no adapter and no `ref_model`).
 - Chosen and rejected are run in one concatenated forward ([chosen; rejected] rows, padded to the longest row of
-  the micro-batch), or, for wide models (`packing`), packed padding-free into rows of up to twice the longest
-  sequence with attention kept within each sequence (the loss and its gradient are the same). The LM head is
-  applied only at completion positions when the architecture allows it.
+  the micro-batch), or, for wide models (`packing`), packed padding-free into near-equal rows of about 256 tokens
+  with attention kept within each sequence; with `share_prompt` each pair's prompt is run once and both
+  completions attend to it through a block mask. The loss and its gradient are the same in every layout. The LM
+  head is applied only at completion positions when the architecture allows it. The reference pass uses the same
+  layout.
 - Batch planning (`alignloop.training`): the global batch of an optimizer step is per_device_batch_size x
   gradient_accumulation_steps x processes pairs; each process takes its contiguous slice, split into micro-batches
   of per_device_batch_size. The loss of a micro-batch is the sum of its pairs' losses divided by the global batch
@@ -52,7 +54,7 @@ from torch import nn
 
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
-from alignloop.models.fast import disable_dropout, speed_up
+from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
 from alignloop.models.forward import unwrap_model
 from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run,
                                        resolve_tokenizer, save_final, split_eval, write_summary)
@@ -95,9 +97,12 @@ class DPOConfig(TrainingArgs):
     eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass in evaluation and in the "
                                                                "reference precomputation."})
     packing: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "Padding-free policy forward: "
-                                  "the micro-batch's sequences packed into rows of up to twice the longest one "
+                                  "the micro-batch's sequences packed into near-equal rows of ~256 tokens "
                                   "(block-diagonal attention from restarting position ids); auto = on for models "
                                   "with hidden size >= 256 (compute-bound), off for smaller ones."})
+    share_prompt: bool = field(default=True, metadata={"help": "With packing: run each pair's prompt once, both "
+                                                               "completions attending to it through a block mask "
+                                                               "(same log-probs and gradients, fewer tokens)."})
     fast_gelu: bool = field(default=True, metadata={"help": "Speed-ups that keep the function (alignloop.models.fast): "
                                                             "GPT-2's gelu_new as one fused kernel (same to ~2e-7); "
                                                             "attention in fp32 under CPU bf16 autocast."})
@@ -182,30 +187,29 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: 
     return masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)
 
 
-def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device,
+def _bins(sizes: list[int], bin_tokens: int, multiple: int) -> tuple[list[list[int]], int]:
+    """Split items of `sizes` tokens into ceil(total / bin_tokens) bins of near-equal load (largest first, each to
+    the least-loaded bin) -> (the items of each bin, the bin length: the largest load rounded up to `multiple`).
+    Few tokens of padding, few distinct shapes (oneDNN builds a kernel for each new matmul shape, ~1 ms each) and
+    short rows (attention is quadratic in the row length)."""
+    n = max(1, -(-sum(sizes) // bin_tokens))
+    bins: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for j in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        b = min(range(n), key=load.__getitem__)
+        bins[b].append(j)
+        load[b] += sizes[j]
+    return [b for b in bins if b], -(-max(load) // multiple) * multiple
+
+
+def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device, bin_tokens: int = 256,
                   multiple: int = 32) -> dict[str, torch.Tensor]:
-    """Pack (input_ids, prompt_length) rows into bins of up to twice the longest row (first-fit decreasing), the
-    bin length rounded up to a `multiple` (few distinct shapes: oneDNN builds a kernel for each new matmul shape,
-    ~1 ms each, which under bf16 cost more than the padding). Position ids restart at 0 for each sequence
-    (transformers then attends within each sequence only); the tail of a bin is padding, a sequence of its own that
-    is never scored. Returns input_ids, position_ids [B,C], `scored`
+    """Pack (input_ids, prompt_length) rows into `_bins`. Position ids restart at 0 for each sequence (transformers
+    then attends within each sequence only); the tail of a bin is padding, never scored, whose position ids restart
+    every `multiple` tokens (short sequences of its own, always within the model's positions). Returns input_ids, position_ids [B,C], `scored`
     [B,C] (the next token is a completion token of the same sequence), `labels` [B,C] (that next token) and `row`
     [B,C] (which input row the position belongs to)."""
-    capacity = 2 * max(len(ids) for ids, _ in rows)
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for r in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-        n = len(rows[r][0])
-        for b in range(len(bins)):
-            if room[b] >= n:
-                bins[b].append(r)
-                room[b] -= n
-                break
-        else:
-            bins.append([r])
-            room.append(capacity - n)
-    C = max(capacity - rm for rm in room)
-    C = -(-C // multiple) * multiple
+    bins, C = _bins([len(ids) for ids, _ in rows], bin_tokens, multiple)
     # the tail filler is never scored and attends only to itself; not the pad id, so transformers does not warn
     # about padding without an attention mask
     filler = 0 if pad_token_id != 0 else 1
@@ -227,9 +231,91 @@ def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device,
             labels[b, off + first - 1:off + n - 1] = t[first:]
             row[b, off:off + n] = r
             off += n
-        position_ids[b, off:] = torch.arange(C - off)
+        position_ids[b, off:] = torch.arange(C - off) % multiple
     out = {"input_ids": input_ids, "position_ids": position_ids, "scored": scored, "labels": labels, "row": row}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _shared_prompt_batch(exs: list[dict], device, bin_tokens: int = 256, multiple: int = 32) -> dict[str, torch.Tensor]:
+    """Pack pairs with the prompt computed once: each pair is one segment [prompt | chosen completion | rejected
+    completion], the completions both attending to the prompt and to themselves (never to each other), with
+    position ids continuing from the prompt in each branch; so every token sees exactly what it sees in its own
+    unshared sequence, and log-probs and gradients are those of the unshared forward. Segments are packed into
+    `_bins`.
+    A pair whose chosen and rejected prompts differ (truncated differently) or that has no prompt is packed as two
+    separate sequences. Rows: 0..k-1 chosen, k..2k-1 rejected (as `_packed_batch`).
+
+    Returns input_ids, position_ids [B,C], attention_mask [B,1,C,C] bool (True = may attend), and for the N scored
+    tokens: `src` [N] (flat index b*C+t of the position whose logits predict it), `labels` [N], `row` [N]."""
+    k = len(exs)
+    # a segment: (shared prefix ids, [(branch ids, row, first scored index in the branch)])
+    segments: list[tuple[list[int], list[tuple[list[int], int, int]]]] = []
+    for i, ex in enumerate(exs):
+        c, r, p = ex["chosen_input_ids"], ex["rejected_input_ids"], ex["prompt_length"]
+        if p >= 1 and c[:p] == r[:p] and len(c) > p and len(r) > p:
+            segments.append((c[:p], [(c[p:], i, 0), (r[p:], k + i, 0)]))
+        else:
+            segments.append(([], [(c, i, max(p, 1))]))
+            segments.append(([], [(r, k + i, max(p, 1))]))
+    size = [len(pre) + sum(len(b) for b, _, _ in br) for pre, br in segments]
+    bins, C = _bins(size, bin_tokens, multiple)
+    B = len(bins)
+    input_ids = torch.zeros((B, C), dtype=torch.long)
+    position_ids = torch.zeros((B, C), dtype=torch.long)
+    mask = torch.zeros((B, C, C), dtype=torch.bool)
+    src, labels, rows = [], [], []
+
+    def causal(b: int, lo: int, n: int) -> None:
+        mask[b, lo:lo + n, lo:lo + n] = torch.ones(n, n, dtype=torch.bool).tril()
+
+    for b, members in enumerate(bins):
+        off = 0
+        for j in members:
+            prefix, branches = segments[j]
+            n_pre = len(prefix)
+            input_ids[b, off:off + n_pre] = torch.tensor(prefix, dtype=torch.long)
+            position_ids[b, off:off + n_pre] = torch.arange(n_pre)
+            causal(b, off, n_pre)
+            start = off + n_pre
+            for ids, row, first in branches:
+                n = len(ids)
+                input_ids[b, start:start + n] = torch.tensor(ids, dtype=torch.long)
+                position_ids[b, start:start + n] = torch.arange(n_pre, n_pre + n)
+                causal(b, start, n)
+                mask[b, start:start + n, off:off + n_pre] = True          # the branch sees the whole prefix
+                for t in range(first, n):  # the logits at the previous position predict token t
+                    src.append(b * C + (start + t - 1 if t > 0 else off + n_pre - 1))
+                    labels.append(ids[t])
+                    rows.append(row)
+                start += n
+            off = start
+        causal(b, off, C - off)  # the tail filler: a sequence of its own, never scored (no fully masked rows)
+        position_ids[b, off:] = torch.arange(C - off) % multiple
+    out = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
+           "src": torch.tensor(src, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+           "row": torch.tensor(rows, dtype=torch.long)}
+    return {key: v.to(device) for key, v in out.items()}
+
+
+def shared_prompt_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
+                        average: bool = False) -> torch.Tensor:
+    """`completion_logps` on a `_shared_prompt_batch` -> [n_rows] (sum, or mean with `average`, per input row)."""
+    backbone, head = _lm_parts(model)
+    out = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                   position_ids=packed["position_ids"], use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    picked = hidden.reshape(-1, hidden.shape[-1])[packed["src"]]
+    token_logps = logprobs_from_logits(head(picked)[None], packed["labels"][None])[0]
+    return _sum_rows(token_logps, packed["row"], n_rows, average)
+
+
+def _sum_rows(token_logps: torch.Tensor, rows: torch.Tensor, n_rows: int, average: bool) -> torch.Tensor:
+    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    if not average:
+        return sums
+    counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, rows, torch.ones_like(token_logps))
+    return sums / counts.clamp(min=1.0)
 
 
 def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
@@ -241,13 +327,7 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     sel = packed["scored"]
     token_logps = logprobs_from_logits(head(hidden[sel])[None], packed["labels"][sel][None])[0]
-    rows = packed["row"][sel]
-    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    if not average:
-        return sums
-    counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, rows, torch.ones_like(token_logps))
-    return sums / counts.clamp(min=1.0)
+    return _sum_rows(token_logps, packed["row"][sel], n_rows, average)
 
 
 def _use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
@@ -389,8 +469,7 @@ class DPOTrainer:
         with self._ref_context() as ref, self.accelerator.autocast():
             for lo in range(0, len(order), self.args.eval_batch_size):
                 js = order[lo:lo + self.args.eval_batch_size]
-                lp = completion_logps(ref, self._batch([examples[indices[j]] for j in js]),
-                                      self.args.average_logps).float().cpu()
+                lp = self._logps(ref, [examples[indices[j]] for j in js])[0].float().cpu()
                 out[js, 0], out[js, 1] = lp[:len(js)], lp[len(js):]
         return out
 
@@ -442,29 +521,48 @@ class DPOTrainer:
             return torch.zeros(2 * k)
         if ref_table is not None:
             return torch.cat([ref_table[indices, 0], ref_table[indices, 1]])
-        batch = batch if batch is not None else self._batch([examples[i] for i in indices])
         with torch.no_grad(), self._ref_context() as ref_model, self.accelerator.autocast():
-            return completion_logps(ref_model, batch, self.args.average_logps).float()
+            if batch is not None:  # the policy's padded rows, reused
+                return completion_logps(ref_model, batch, self.args.average_logps).float()
+            return self._logps(ref_model, [examples[i] for i in indices])[0].float()
 
     # -- one micro-batch ----------------------------------------------------------------------------------
 
-    def _use_packing(self) -> bool:
+    def _use_packing(self, model: nn.Module | None = None) -> bool:
+        model = model if model is not None else self.model
         if self.args.packing != "auto":
-            return self.args.packing == "on" and _lm_parts(self.model) is not None
-        hidden = getattr(getattr(unwrap_model(self.model), "config", None), "hidden_size", 0) or 0
-        return hidden >= 256 and _lm_parts(self.model) is not None
+            return self.args.packing == "on" and _lm_parts(model) is not None
+        hidden = getattr(getattr(unwrap_model(model), "config", None), "hidden_size", 0) or 0
+        return hidden >= 256 and _lm_parts(model) is not None
+
+    def _share_prompt(self, model: nn.Module | None = None) -> bool:
+        """Prompt computed once per pair (`share_prompt`): needs a custom 4D attention mask, which transformers'
+        SDPA and eager attention take as is (flash-attention kernels do not)."""
+        model = model if model is not None else self.model
+        impl = getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None)
+        return self.args.share_prompt and impl in ("sdpa", "eager", CPU_SDPA)
+
+    def _logps(self, model: nn.Module, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
+        """Completion log-probs [2k] ([chosen; rejected]) of the pairs `exs` under `model`, in one forward: padded
+        rows (returned too, for reuse by an on-the-fly reference), or packed (`packing`; prompts once with
+        `share_prompt`; None returned)."""
+        a = self.args
+        if not self._use_packing(model):
+            batch = self._batch(exs)
+            return completion_logps(model, batch, a.average_logps), batch
+        if self._share_prompt(model):
+            packed = _shared_prompt_batch(exs, self.accelerator.device)
+            return shared_prompt_logps(model, packed, 2 * len(exs), a.average_logps), None
+        rows = [(ex["chosen_input_ids"], ex["prompt_length"]) for ex in exs] + \
+               [(ex["rejected_input_ids"], ex["prompt_length"]) for ex in exs]
+        packed = _packed_batch(rows, self.tokenizer.pad_token_id, self.accelerator.device)
+        return packed_completion_logps(model, packed, len(rows), a.average_logps), None
 
     def policy_logps(self, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
-        """Policy completion log-probs [2k] ([chosen; rejected]) of the pairs `exs`, in one forward: padded rows
-        (returned too, for reuse by an on-the-fly reference) or packed rows (`packing`; None returned)."""
+        """Policy completion log-probs [2k] of the pairs `exs` (see `_logps`)."""
         with self.accelerator.autocast():
-            if not self._use_packing():
-                batch = self._batch(exs)
-                return completion_logps(self.model, batch, self.args.average_logps).float(), batch
-            rows = [(ex["chosen_input_ids"], ex["prompt_length"]) for ex in exs] + \
-                   [(ex["rejected_input_ids"], ex["prompt_length"]) for ex in exs]
-            packed = _packed_batch(rows, self.tokenizer.pad_token_id, self.accelerator.device)
-            return packed_completion_logps(self.model, packed, len(rows), self.args.average_logps).float(), None
+            logps, batch = self._logps(self.model, exs)
+            return logps.float(), batch
 
     def pair_terms(self, examples: list[dict], indices: list[int], ref_table: torch.Tensor | None = None):
         """Policy forward over examples[indices] (chosen and rejected together) -> (losses [k], chosen_rewards [k],

@@ -207,20 +207,53 @@ def test_eval_fraction_holds_out_pairs(tok, tmp_path, pairs):
     assert "eval/rewards/accuracies" in tr.train().metrics
 
 
-def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])  # ipo: averaged log-probs (per-row token counts)
+def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs, loss_type):
+    """Padded rows, packed rows, and packed pairs with the prompt run once (block mask): the same log-probs,
+    losses and gradients."""
     results = []
-    for packing in ("off", "on"):
-        tr = make(tok, tmp_path / packing, pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
-                  ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), packing=packing, loss_type="ipo")
-        assert tr._use_packing() == (packing == "on")
+    for packing, share in (("off", False), ("on", False), ("on", True)):
+        tr = make(tok, tmp_path / f"{packing}{share}", pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
+                  ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), packing=packing, share_prompt=share,
+                  loss_type=loss_type)
+        assert tr._use_packing() == (packing == "on") and tr._share_prompt() == share
         terms = tr.pair_terms(tr.train_examples, list(range(8)), tr.precompute_ref_logps(tr.train_examples))
         terms[0].sum().backward()
         results.append((terms, [p.grad.clone() for p in tr.model.parameters()]))
-    (t1, g1), (t2, g2) = results
-    for a, b in zip(t1, t2):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    (t1, g1) = results[0]
+    for t2, g2 in results[1:]:
+        for a, b in zip(t1, t2):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_batch_layout():
+    """Worked example: pair 0 shares prompt [5, 6] between chosen [7, 8] and rejected [9]; pair 1 has no prompt
+    (prompt_length 0), so its two sequences are packed apart and scored from their second token."""
+    from alignloop.trainers.dpo import _shared_prompt_batch
+
+    exs = [{"chosen_input_ids": [5, 6, 7, 8], "rejected_input_ids": [5, 6, 9], "prompt_length": 2},
+           {"chosen_input_ids": [3, 4, 4], "rejected_input_ids": [3, 2], "prompt_length": 0}]
+    b = _shared_prompt_batch(exs, "cpu", multiple=8)
+    ids, pos, mask = b["input_ids"], b["position_ids"], b["attention_mask"][:, 0]
+    assert ids.shape[1] % 8 == 0
+    flat_ids, flat_pos = ids.reshape(-1).tolist(), pos.reshape(-1).tolist()
+    seg = next(i for i in range(len(flat_ids) - 4) if flat_ids[i:i + 5] == [5, 6, 7, 8, 9])
+    assert flat_pos[seg:seg + 5] == [0, 1, 2, 3, 2]  # the rejected branch continues from the prompt
+    row, col = divmod(seg, ids.shape[1])
+    m = mask[row, col:col + 5, col:col + 5].int().tolist()
+    assert m == [[1, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0],
+                 [1, 1, 1, 0, 0],
+                 [1, 1, 1, 1, 0],
+                 [1, 1, 0, 0, 1]]  # rejected token 9 sees the prompt and itself, not the chosen completion
+    # scored tokens per row: chosen 0 -> 7, 8; rejected 0 -> 9; chosen 1 -> 4, 4; rejected 1 -> 2
+    got = sorted(zip(b["row"].tolist(), b["labels"].tolist()))
+    assert got == [(0, 7), (0, 8), (1, 4), (1, 4), (2, 9), (3, 2)]
+    src = dict(zip(zip(b["row"].tolist(), b["labels"].tolist()), b["src"].tolist()))
+    assert src[(0, 7)] == src[(2, 9)] == seg + 1  # both first completion tokens predicted from the prompt's end
+    assert mask.any(-1).all()  # no row of the mask is empty (no NaN from SDPA)
 
 
 def test_packed_rows_have_few_shapes_and_score_each_completion_token_once():
