@@ -166,6 +166,7 @@ class State:
         self.attempted: set[str] = set()
         self.latencies: list[float] = []     # seconds, successful submits (first try)
         self.retried_latencies: list[float] = []
+        self.trace: list[tuple[float, float, bool]] = []  # (sent at, latency, retried) per acknowledged submit
         self.retries = 0
         self.errors: list[str] = []
         self.signed_in = 0
@@ -232,6 +233,7 @@ async def labeler(i: int, host: str, port: int, st: State) -> None:
             reply = json.loads(data)
             st.acked[key] = reply["judgement_id"]
             (st.latencies if st.retries == retries_before else st.retried_latencies).append(dt)
+            st.trace.append((t0, dt, st.retries != retries_before))
             if st.combined:
                 nxt = reply["next"]
             else:
@@ -353,9 +355,21 @@ async def run(args) -> dict:
             restarts.append({"acked_at_kill": acked_at_kill, "downtime_s": round(time.perf_counter() - t_kill, 3),
                              "startup_s": round(up, 3)})
 
+        lag = [0.0]
+
+        async def lag_monitor():
+            """The largest delay of this process's own event loop (a 10 ms sleep that woke late): a stalled load
+            generator would show up as server latency."""
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lag[0] = max(lag[0], time.perf_counter() - t - 0.01)
+
         kill_task = asyncio.create_task(killer())
+        lag_task = asyncio.create_task(lag_monitor())
         await asyncio.gather(*tasks)
         await kill_task
+        lag_task.cancel()
         t_end = time.perf_counter()
         server_cpu[0] += cpu_seconds(proc.pid)
         client_cpu = time.process_time() - client_cpu0
@@ -385,6 +399,7 @@ async def run(args) -> dict:
         "submits_retried_across_restart": len(st.retried_latencies), "transport_retries": st.retries,
         "server_cpu_ms_per_judgement": round(1000 * server_cpu[0] / max(1, n), 3),
         "client_cpu_ms_per_judgement": round(1000 * client_cpu / max(1, n), 3),
+        "client_loop_max_lag_ms": round(lag[0] * 1000, 1),
         "pinned": {"server_core": server_core, "client_core": client_core} if args.pin else None,
         "uvloop": _module_available("uvloop"), "httptools": _module_available("httptools"),
         "cpu_cores": os.cpu_count(), "loadavg_1m_before": round(load_before, 2),
@@ -392,6 +407,8 @@ async def run(args) -> dict:
         "restarts": restarts, "errors": st.errors[:10], "prepare_s": round(t_prep, 2), "check": check,
         "db": db,
     }
+    if args.trace:
+        Path(args.trace).write_text("".join(f"{t - t_label:.4f} {dt * 1000:.2f} {int(r)}\n" for t, dt, r in st.trace))
     if tmp and not args.keep_db:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -412,6 +429,8 @@ def main(argv=None) -> int:
                     help="mean think time per item (exponential); 0 = closed loop at full speed (a stress test)")
     ap.add_argument("--separate-next", action="store_true",
                     help="fetch the next item with its own GET (default: the submit reply carries it, ?next=1)")
+    ap.add_argument("--trace", default=None,
+                    help="write one line per acknowledged submit: seconds since labeling began, latency ms, retried")
     ap.add_argument("--pin", action="store_true",
                     help="pin the server to the first allowed core and this load generator to the second")
     args = ap.parse_args(argv)

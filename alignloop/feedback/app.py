@@ -121,11 +121,14 @@ def _markdown() -> MarkdownIt:
 
 def create_app(store: Store | str, secret_key: str | None = None, secure_cookies: bool = False,
                session_max_age: int = 14 * 24 * 3600, threads: int | None = None,
-               inline_db: bool | None = None, freeze_gc: bool = True) -> FastAPI:
+               inline_db: bool | None = None, freeze_gc: bool = True,
+               background_checkpoints: bool = True) -> FastAPI:
     """`threads`: worker threads for the blocking database work (default: 8 on SQLite, whose writes are serialised
     anyway, so more threads only add GIL contention; anyio's default of 40 elsewhere). `inline_db`: run the JSON API's
     short database calls on the event loop (default on SQLite). `freeze_gc`: at startup, `gc.freeze()` what is
-    loaded (full collections then stay short)."""
+    loaded (full collections then stay short). `background_checkpoints`: SQLite WAL checkpoints (where SQLite
+    fsyncs) run in a background thread while the server runs, not in the request that happens to commit
+    (`Store.start_checkpointer`)."""
     if isinstance(store, str):
         store = Store(store)
     key = resolve_secret_key(secret_key, store.url)
@@ -139,13 +142,20 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         if threads:
             import anyio.to_thread
             anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        checkpointing = store.start_checkpointer() if background_checkpoints else False
         if freeze_gc:
             # Everything loaded so far (FastAPI, SQLAlchemy, the models, templates) lives as long as the process:
             # move it out of the garbage collector's view, so a full collection scans only request garbage
             # (without this a full collection paused the event loop for ~40 ms, every submission then waiting).
             gc.collect()
             gc.freeze()
-        yield
+        try:
+            yield
+        finally:
+            if checkpointing:
+                store.stop_checkpointer()
+            if freeze_gc:
+                gc.unfreeze()  # an app run inside a longer process (tests) leaves its collector as it was
 
     app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.store = store

@@ -397,8 +397,12 @@ class Store:
         # SQLite: one pooled connection kept for the submit hot path, used only under _write_lock (plain SQL)
         self._hot = None
         self.raw_hot_path = self.engine.dialect.name == "sqlite"
+        self._checkpointer: threading.Thread | None = None
+        self._checkpointer_stop = threading.Event()
+        self.checkpoints = 0  # completed background checkpoints (for tests and diagnostics)
 
     def dispose(self) -> None:
+        self.stop_checkpointer()
         with self._write_lock:
             if self._hot is not None:
                 self._hot.close()  # back to the pool
@@ -410,7 +414,51 @@ class Store:
         pragmas of every connection (WAL, busy_timeout, synchronous, foreign keys) and autocommit mode (we BEGIN)."""
         if self._hot is None:
             self._hot = self.engine.raw_connection()
+            if self._checkpointer is not None:
+                self._hot.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
         return self._hot.driver_connection
+
+    # -- WAL checkpoints off the request path ---------------------------------------------------------------------
+    def start_checkpointer(self, interval_s: float = 0.2) -> bool:
+        """SQLite: copy the WAL back into the database file from a background thread, every `interval_s`, and turn
+        SQLite's automatic checkpoint off on the submit hot path's connection. A checkpoint is where SQLite fsyncs
+        in WAL + synchronous=NORMAL mode; done by the committing request (the default) it stalled the event loop
+        for up to ~1 s whenever the disk was busy. PASSIVE checkpoints never block writers or readers. Returns
+        False (nothing started) on other databases. The web app starts it for the server's lifetime."""
+        if self.engine.dialect.name != "sqlite" or self._checkpointer is not None:
+            return False
+        self._checkpointer_stop.clear()
+        conn = self.engine.raw_connection()
+
+        def loop() -> None:
+            try:
+                while not self._checkpointer_stop.wait(interval_s):
+                    try:
+                        conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        self.checkpoints += 1
+                    except sqlite3.Error:
+                        continue  # e.g. SQLITE_BUSY while another checkpoint runs: try again next round
+            finally:
+                conn.close()
+
+        self._checkpointer = threading.Thread(target=loop, name="sqlite-checkpointer", daemon=True)
+        self._checkpointer.start()
+        with self._write_lock:
+            if self._hot is not None:
+                self._hot.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
+        return True
+
+    def stop_checkpointer(self) -> None:
+        """Stop the background checkpoints; SQLite's automatic ones apply again on every connection."""
+        t = self._checkpointer
+        if t is None:
+            return
+        self._checkpointer_stop.set()
+        t.join()
+        self._checkpointer = None
+        with self._write_lock:
+            if self._hot is not None:
+                self._hot.driver_connection.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
 
     @contextmanager
     def read(self) -> Iterator[Session]:

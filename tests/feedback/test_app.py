@@ -290,6 +290,11 @@ def test_json_api(setup, make_client, store):
     assert nxt["task_type"] == "pairwise" and len(nxt["completions"]) == 2
     body = {"choice": "right", "strength": "better", "idempotency_key": "api-key-0001"}
     assert c.post(f"/api/assignments/{aid}/judgement", json=body).status_code == 403  # no CSRF header
+    hdr = {"X-CSRF-Token": tok, "Content-Type": "application/json"}
+    assert c.post(f"/api/assignments/{aid}/judgement", content=b"{not json", headers=hdr).status_code == 400
+    assert c.post(f"/api/assignments/{aid}/judgement", content=b"[1, 2]", headers=hdr).status_code == 400
+    assert c.post("/api/assignments/x1/judgement", json=body, headers={"X-CSRF-Token": tok}).status_code == 404
+    assert make_client().post(f"/api/assignments/{aid}/judgement", json=body).status_code == 401  # signed out
     r = c.post(f"/api/assignments/{aid}/judgement", json=body, headers={"X-CSRF-Token": tok})
     assert r.status_code == 201 and r.json()["created"] is True
     r2 = c.post(f"/api/assignments/{aid}/judgement", json=body, headers={"X-CSRF-Token": tok})
@@ -355,3 +360,21 @@ def test_login_throttled_after_repeated_failures(setup, make_client):
     # another username is not affected
     r = c.post("/login", data={"username": "bob", "password": PASSWORD, "csrf_token": tok}, follow_redirects=False)
     assert r.status_code == 303
+
+
+def test_server_lifespan_checkpoints_in_the_background_and_freezes_the_gc(store):
+    from fastapi.testclient import TestClient
+
+    from alignloop.feedback.app import create_app
+
+    import gc
+
+    app = create_app(store, secret_key="k" * 40)
+    assert store._checkpointer is None and gc.get_freeze_count() == 0
+    with TestClient(app) as c:  # the lifespan runs: startup ... shutdown
+        assert c.get("/healthz").json() == {"ok": True}
+        assert store._checkpointer is not None and store._checkpointer.is_alive()
+        assert gc.get_freeze_count() > 0  # what was loaded at startup is out of the collector's way
+    assert store._checkpointer is None and gc.get_freeze_count() == 0
+    with TestClient(create_app(store, secret_key="k" * 40, background_checkpoints=False)):
+        assert store._checkpointer is None

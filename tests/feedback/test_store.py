@@ -384,3 +384,29 @@ def test_sqlite_hot_path_invalid_or_other_cases_write_nothing(store):
         s.add(Assignment(item_id=item.id, labeler_id=lab.id, project_id=p.id, shown_order=[1, 0]))
     _j, _c, nxt = store.submit_and_next(b.id, lab.id, {"choice": "tie"}, "two-tabs-0001")
     assert nxt.item_id == item.id and nxt.shown_order == [1, 0] and nxt.item.completion_ids == item.completion_ids
+
+
+def test_background_checkpointer_takes_checkpoints_off_the_hot_path(store):
+    import time
+
+    p = _project(store, n_items=20, k=2)
+    lab = store.add_labeler("ck", "password123")
+    a = store.next_assignment(p.id, lab.id)
+    assert store.start_checkpointer(interval_s=0.01) and not store.start_checkpointer()  # one thread only
+    with store._write_lock:
+        assert store._hot_connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for n in range(10):
+        _j, _c, a = store.submit_and_next(a.id, lab.id, {"choice": "tie"}, f"ckpt-key-{n:04d}")
+    seen = store.checkpoints
+    deadline = time.monotonic() + 10
+    while store.checkpoints < seen + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.checkpoints >= seen + 2
+    with store.engine.connect() as conn:  # everything written so far is already back in the database file
+        _busy, wal_frames, backfilled = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+    assert wal_frames == backfilled
+    thread = store._checkpointer
+    store.stop_checkpointer()
+    assert not thread.is_alive() and store._checkpointer is None
+    with store._write_lock:
+        assert store._hot_connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
