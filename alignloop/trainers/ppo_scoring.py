@@ -6,7 +6,8 @@
 - A scalar-head reward model (e.g. `GPT2ForSequenceClassification(num_labels=1)` or alignloop's `RewardModel`) scores
   prompt + response **at the response's last real token**, found from the attention mask (never by searching for the
   pad id, so a pad == EOS tokenizer works). With a reward tokenizer different from the policy's, the text is
-  re-tokenised (prompt + response, right-padded).
+  re-tokenised as the reward-model trainer does (prompt and response apart, the reward tokenizer's EOS appended
+  where the policy stopped, right-padded).
 - A classifier with several labels gives its positive-class logit (`positive_label`, default 1).
 - A function `f(prompts: list[str], responses: list[str]) -> list[float]`.
 
@@ -63,15 +64,18 @@ class ModelScorer:
     def __call__(self, rollout: Rollout, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         self.model.eval()
         if self.retokenize:
-            tok = self.reward_tokenizer
-            texts = [p + r for p, r in zip(prompts, responses)]
-            old_side = tok.padding_side
-            tok.padding_side = "right"
-            try:
-                enc = tok(texts, return_tensors="pt", padding=True)
-            finally:
-                tok.padding_side = old_side
-            ids, mask = enc["input_ids"], enc["attention_mask"]
+            # as the reward-model trainer built its sequences; the reward tokenizer's EOS where the policy stopped
+            # (the same-vocabulary path scores the policy's own EOS there, and no EOS after a truncated response)
+            from alignloop.trainers.best_of_n import reward_input_ids
+
+            stopped = rollout.stopped.tolist()
+            seqs = [reward_input_ids(self.reward_tokenizer, [p], [r], add_eos=bool(s))[0]
+                    for p, r, s in zip(prompts, responses, stopped)]
+            T = max(len(q) for q in seqs)
+            ids = torch.zeros((len(seqs), T), dtype=torch.long)
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for i, q in enumerate(seqs):
+                ids[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
         else:
             ids, mask = rollout.input_ids, rollout.attention_mask.long()
         dev = self._device()

@@ -219,15 +219,20 @@ def test_reward_tokenizer_differs_and_fit_normalisation(tmp_path, tok, prompts):
     assert tr.scorer.retokenize
     tr.train()
     assert tr.transform.fitted and tr.transform.gain != 1.0
-    r, d = tr.last_rollout, tr.last_batch
-    b = 0
-    resp = tok.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True)
-    prompt = tok.decode(r.prompt_ids[b][r.prompt_mask[b]].tolist())
-    enc = rtok(prompt + resp, return_tensors="pt")
-    with torch.no_grad():
-        h = rm.transformer(input_ids=enc["input_ids"]).last_hidden_state
-        expected = rm.score(h[0, -1])[0].item()
-    assert abs(d["raw_scores"][b].item() - expected) < 1e-4
+    r = tr.last_rollout
+    # re-tokenised as the RM trainer does: prompt and response apart, the reward tokenizer's EOS appended where the
+    # policy stopped (at EOS), none after a truncated response
+    r.stopped = torch.tensor([i % 2 == 0 for i in range(len(r.stopped))])
+    texts_p = ["the movie", "a plot"] * (len(r.stopped) // 2)
+    texts_r = [" was good", " and music"] * (len(r.stopped) // 2)
+    got = tr.scorer(r, texts_p, texts_r)
+    for b in range(2):
+        ids = rtok(texts_p[b], add_special_tokens=False)["input_ids"] + \
+            rtok(texts_r[b], add_special_tokens=False)["input_ids"] + ([rtok.eos_token_id] if b == 0 else [])
+        with torch.no_grad():
+            h = rm.transformer(input_ids=torch.tensor([ids])).last_hidden_state
+            expected = rm.score(h[0, -1])[0].item()
+        assert abs(got[b].item() - expected) < 1e-4
 
 
 def test_config_errors(tmp_path, tok, prompts):
