@@ -1,17 +1,26 @@
 """Load test of the feedback app against a real uvicorn server on loopback.
 
-    python benchmarks/feedback_load.py --labelers 50 --judgements 10000 [--kill-at 0.4] [--json out.json]
+    python benchmarks/feedback_load.py --labelers 50 --judgements 10000 [--kill-at 0.4] [--pin] [--json out.json]
 
-N concurrent labelers (asyncio + httpx, one session each) sign in through the JSON API and loop: fetch the next
-assignment, submit a pairwise judgement with a fresh idempotency key. (By default the submit reply carries the
-next item, `?next=1`: one round trip per judgement; `--separate-next` uses a GET for it.) A submission that fails (connection refused or
-reset, 5xx) is retried with the *same* key until acknowledged. Once `--kill-at` of the target is acknowledged the
-server is killed with SIGKILL and restarted on the same database (sessions survive: the secret key is the same).
+N concurrent labelers (asyncio streams with keep-alive, one connection and one session each; uvloop when installed)
+first sign in through the JSON API (`POST /api/login`, argon2) and fetch their first item; once all have signed in
+(timed separately: `sign_in_s`) they loop: submit a pairwise judgement with a fresh idempotency key. By default the
+submit reply carries the next item (`?next=1`: one round trip per judgement); `--separate-next` uses a GET for it.
+A submission that fails (connection refused or reset, 5xx) is retried with the *same* key until acknowledged; a
+judgement counts as acknowledged only when its 200/201 reply has been read (the server replies after COMMIT). Once
+`--kill-at` of the target is acknowledged the server is killed with SIGKILL and restarted on the same database
+(sessions survive: the secret key is the same).
+
+The server runs as `alignloop feedback serve` runs it: uvicorn (uvloop + httptools when installed, access log off),
+one process. `--pin` pins the server to one core and this load generator to another. `--think-ms` adds an
+exponential think time per item (a human pace; the default 0 is a closed loop at full speed, a stress test).
 
 Checks at the end, against the database: every acknowledged key is stored exactly once, the number of judgement rows
 equals the number of distinct keys (no duplicates from retries), no item has more than k labelers and no labeler has
-an item twice. Prints one JSON line: p50/p99 submit latency (ms), judgements/s, restart downtime, check results.
-Exit status 1 if a check fails.
+an item twice. Prints one JSON line: submit latency p50/p99 (end to end, first tries; `submit_p99_all_ms` includes
+the submissions retried across the restart), judgements/s over the labeling phase (restart downtime included;
+`judgements_per_s_including_sign_in` counts the sign-in phase too), restart downtime, server and client CPU per
+judgement, the load generator's own worst event-loop lag, and the check results. Exit status 1 if a check fails.
 """
 from __future__ import annotations
 
@@ -313,6 +322,7 @@ async def run(args) -> dict:
     host = "127.0.0.1"
     secret = uuid.uuid4().hex * 2
     server_core = client_core = None
+    affinity = os.sched_getaffinity(0)
     if args.pin:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2:
@@ -379,6 +389,7 @@ async def run(args) -> dict:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        os.sched_setaffinity(0, affinity)  # run() may be called inside a longer process (the tests)
     check = verify(db, st, args.k)
     downtime = sum(r["downtime_s"] for r in restarts)
     wall = t_end - t_label

@@ -771,13 +771,14 @@ class Store:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     fast = self._raw_submit_and_next(conn, assignment_id, labeler_id, fields, idempotency_key)
+                    # the reply (the acknowledgement) is only built after COMMIT returned; None: nothing was
+                    # written, and the general path below decides
+                    conn.execute("COMMIT" if fast is not None else "ROLLBACK")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
-                if fast is None:
-                    conn.execute("ROLLBACK")  # nothing was written; the general path below decides
-                else:
-                    conn.execute("COMMIT")
+                if fast is not None:
                     return fast
         try:
             with self.write() as s:

@@ -18,16 +18,26 @@ def _bench():
     return mod
 
 
-@pytest.mark.parametrize("extra", [[], ["--separate-next"]])
+@pytest.mark.parametrize("extra", [[], ["--separate-next"], ["--pin", "--think-ms", "5"]])
 def test_load_with_kill_and_restart(tmp_path, extra):
+    import os
+
+    if "--pin" in extra and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs 2 cores")
+    affinity = os.sched_getaffinity(0)
     out = tmp_path / "r.json"
     rc = _bench().main(["--labelers", "12", "--judgements", "400", "--kill-at", "0.4", "--json", str(out),
                         "--db", str(tmp_path / "load.db"), *extra])
     r = json.loads(out.read_text())
     assert rc == 0, r
+    assert os.sched_getaffinity(0) == affinity  # --pin gave this process its cores back
     assert r["acked"] >= 400 and r["errors"] == []
     assert len(r["restarts"]) == 1 and r["restarts"][0]["acked_at_kill"] >= 160
     c = r["check"]
     assert c["ok"] and c["acked_missing"] == 0 and c["duplicate_keys"] == 0 and c["stored_rows"] == r["acked"]
     assert c["max_labelers_per_item"] <= c["k"] and c["duplicate_item_labeler"] == 0
     assert r["submit_p50_ms"] > 0 and r["judgements_per_s"] > 0
+    assert r["sign_in_s"] > 0 and r["judgements_per_s_including_sign_in"] < r["judgements_per_s"]
+    assert r["server_cpu_ms_per_judgement"] > 0 and r["client_loop_max_lag_ms"] >= 0
+    assert (r["pinned"] is not None) == ("--pin" in extra)
+    assert (r["offered_per_s"] is not None) == ("--think-ms" in extra)

@@ -410,3 +410,38 @@ def test_background_checkpointer_takes_checkpoints_off_the_hot_path(store):
     assert not thread.is_alive() and store._checkpointer is None
     with store._write_lock:
         assert store._hot_connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+
+
+def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
+    """The reply is built only after COMMIT returned: a failing COMMIT raises (no acknowledgement), leaves nothing
+    stored and no transaction open on the hot connection."""
+    import sqlite3
+
+    p = _project(store, n_items=4, k=2)
+    lab = store.add_labeler("cf", "password123")
+    a = store.next_assignment(p.id, lab.id)
+    real = store._hot_connection
+
+    class FailingCommit:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(store, "_hot_connection", lambda: FailingCommit(real()))
+    with pytest.raises(sqlite3.OperationalError):
+        store.submit_and_next(a.id, lab.id, {"choice": "tie"}, "commit-fails-1")
+    monkeypatch.setattr(store, "_hot_connection", real)
+    with store._write_lock:
+        assert not real().in_transaction
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Judgement)) == 0
+        assert s.get(Assignment, a.id).status == "assigned"
+    j, created, _ = store.submit_and_next(a.id, lab.id, {"choice": "tie"}, "commit-fails-1")  # the client's retry
+    assert created and j.id is not None
