@@ -301,8 +301,12 @@ def shared_prompt_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_row
                         average: bool = False) -> torch.Tensor:
     """`completion_logps` on a `_shared_prompt_batch` -> [n_rows] (sum, or mean with `average`, per input row)."""
     backbone, head = _lm_parts(model)
-    out = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                   position_ids=packed["position_ids"], use_cache=False)
+    mask = packed["attention_mask"]
+    if getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None) == "eager":
+        # eager attention adds the mask to the scores: an additive mask, not a boolean one
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out = backbone(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
+                   use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     picked = hidden.reshape(-1, hidden.shape[-1])[packed["src"]]
     token_logps = logprobs_from_logits(head(picked)[None], packed["labels"][None])[0]

@@ -212,8 +212,11 @@ def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs, loss_typ
     """Padded rows, packed rows, and packed pairs with the prompt run once (block mask): the same log-probs,
     losses and gradients."""
     results = []
-    for packing, share in (("off", False), ("on", False), ("on", True)):
-        tr = make(tok, tmp_path / f"{packing}{share}", pairs, model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE),
+    for packing, share, attn in (("off", False, "sdpa"), ("on", False, "sdpa"), ("on", True, "sdpa"),
+                                 ("on", True, "eager")):
+        model = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+        model.set_attn_implementation(attn)  # eager attention adds the mask: it needs the additive form
+        tr = make(tok, tmp_path / f"{packing}{share}{attn}", pairs, model=model,
                   ref_model=tiny.tiny_causal_lm(tok, seed=1, **SHAPE), packing=packing, share_prompt=share,
                   loss_type=loss_type)
         assert tr._use_packing() == (packing == "on") and tr._share_prompt() == share
