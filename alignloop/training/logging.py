@@ -10,8 +10,10 @@ from typing import Any
 
 class MetricsLogger:
     """`log(metrics, step)` appends `{"step": step, **metrics}` to `OUTPUT_DIR/metrics.jsonl` and writes scalars to
-    TensorBoard under `OUTPUT_DIR/tensorboard`. On resume (`resume_step`), lines after that step are dropped so the
-    file reads as one uninterrupted run."""
+    TensorBoard under `OUTPUT_DIR/tensorboard`. `log_text(tag, text, step)` appends `{"step", "tag", "text"}` to
+    `OUTPUT_DIR/events.jsonl` (warnings, stop reasons, sample tables: readable without TensorBoard) and to
+    TensorBoard. On resume (`resume_step`), lines after that step are dropped from both files so they read as one
+    uninterrupted run."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
                  wandb: bool = False, run_name: str | None = None, config: dict | None = None,
@@ -22,12 +24,14 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        self.events_path = self.path.with_name("events.jsonl")
+        for path in (self.path, self.events_path):
+            if resume_step is not None and path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            elif resume_step is None and path.exists():
+                path.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,7 +58,11 @@ class MetricsLogger:
             self._wandb.log(clean, step=step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled and self._tb is not None:
+        if not self.enabled:
+            return
+        with self.events_path.open("a") as f:
+            f.write(json.dumps({"step": step, "tag": tag, "text": text}) + "\n")
+        if self._tb is not None:
             self._tb.add_text(tag, text, step)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ disagrees with it (minus that share: the policy never trains on it). The guard m
 gold score falls, stop the run with `guard_action="stop"`, and fire its KL alarm when KL passes `kl_budget`.
 Tiny models, one torch thread: each run takes a few seconds.
 """
+import json
 import warnings
 
 import pytest
@@ -121,3 +122,7 @@ def test_kl_budget_warns_and_stops(tmp_path, tok, prompts):
     assert len(h2) == over[0] < 8                                      # stopped at the first update over budget
     assert h2[-1]["objective/kl"] > budget >= max(m["objective/kl"] for m in h2[:-1])
     assert tr2.state["stop_reason"].startswith("reward-hacking guard: ") and "KL" in tr2.state["stop_reason"]
+    # readable without TensorBoard: every alarm and the stop reason are in events.jsonl
+    events = [json.loads(line) for line in (tmp_path / "stop" / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["tag"]) for e in events] == [(over[0], "guard"), (over[0], "stop")]
+    assert events[1]["text"] == tr2.state["stop_reason"]
