@@ -9,6 +9,7 @@ labeler can only see, submit, skip and edit their own assignments (others' give 
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import threading
@@ -122,13 +123,14 @@ def _markdown() -> MarkdownIt:
 def create_app(store: Store | str, secret_key: str | None = None, secure_cookies: bool = False,
                session_max_age: int = 14 * 24 * 3600, threads: int | None = None,
                inline_db: bool | None = None, freeze_gc: bool = True,
-               background_checkpoints: bool = True) -> FastAPI:
+               background_checkpoints: bool = True, group_commit: bool | None = None) -> FastAPI:
     """`threads`: worker threads for the blocking database work (default: 8 on SQLite, whose writes are serialised
     anyway, so more threads only add GIL contention; anyio's default of 40 elsewhere). `inline_db`: run the JSON API's
     short database calls on the event loop (default on SQLite). `freeze_gc`: at startup, `gc.freeze()` what is
     loaded (full collections then stay short). `background_checkpoints`: SQLite WAL checkpoints (where SQLite
     fsyncs) run in a background thread while the server runs, not in the request that happens to commit
-    (`Store.start_checkpointer`)."""
+    (`Store.start_checkpointer`). `group_commit`: the JSON submit+next calls that arrive together are stored in one
+    transaction, each acknowledged after its COMMIT (default: with `inline_db`)."""
     if isinstance(store, str):
         store = Store(store)
     key = resolve_secret_key(secret_key, store.url)
@@ -136,6 +138,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         threads = 8
     if inline_db is None:
         inline_db = store.engine.dialect.name == "sqlite"
+    if group_commit is None:
+        group_commit = inline_db
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -514,7 +518,46 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
             raise _HTTPError(400, "body must be JSON") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "body must be a JSON object")
-        return await db_call(_api_submit, request, body, request.path_params["aid"])
+        aid = request.path_params["aid"]
+        if group_commit and request.query_params.get("next") in ("1", "true"):
+            user = user_or_redirect(request)
+            check_api_csrf(request)
+            try:
+                j, created, a = await grouped_submit_and_next(aid, user.id, body,
+                                                              str(body.get("idempotency_key", "")))
+            except ValidationError as e:
+                return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
+            return JSONResponse({"judgement_id": j.id, "version": j.version, "created": created,
+                                 "next": assignment_payload(a)}, status_code=201 if created else 200)
+        return await db_call(_api_submit, request, body, aid)
+
+    # Group commit (SQLite, database work on the event loop): submissions that arrive in the same turn of the event
+    # loop are stored in one transaction (Store.submit_and_next_batch) right after it; each waits for that COMMIT
+    # before its reply is built, so an acknowledged judgement is a stored one.
+    pending: list[tuple[tuple, asyncio.Future]] = []
+
+    def flush_pending() -> None:
+        batch = pending[:]
+        pending.clear()
+        try:
+            results = store.submit_and_next_batch([req for req, _ in batch])
+        except Exception as e:  # the COMMIT failed: nothing of the batch is stored, every request gets the error
+            results = [e] * len(batch)
+        for (_req, fut), r in zip(batch, results):
+            if fut.done():  # the client went away; the judgement may be stored (its retry finds it by key)
+                continue
+            if isinstance(r, Exception):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+    async def grouped_submit_and_next(aid: int, labeler_id: int, fields: dict, key: str):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not pending:
+            loop.call_soon(flush_pending)
+        pending.append(((aid, labeler_id, fields, key), fut))
+        return await fut
 
     app.router.routes.insert(0, Route("/api/assignments/{aid:int}/judgement", api_submit, methods=["POST"]))
 

@@ -792,6 +792,50 @@ class Store:
             j, created = self.submit(assignment_id, labeler_id, fields, idempotency_key)
             return j, created, self.next_assignment(self.get_assignment(assignment_id).project_id, labeler_id)
 
+    def submit_and_next_batch(self, requests: list[tuple[int, int, Mapping[str, Any], str]]) -> list[Any]:
+        """Group commit: `submit_and_next` for several (assignment_id, labeler_id, fields, idempotency_key) in one
+        write transaction on SQLite, each in its own SAVEPOINT, so one invalid submission does not undo the others.
+        Returns, per request, what `submit_and_next` returns or the exception it raises. Nothing is returned before
+        the one COMMIT has returned: a caller that acknowledges a result acknowledges a stored judgement. If the
+        COMMIT fails, this raises and none of them is stored. Cases the hot path does not take (retries, edits,
+        ...) run after the COMMIT, one by one, through `submit_and_next`. Elsewhere than SQLite: one by one."""
+        results: list[Any] = [None] * len(requests)
+        later: list[int] = []
+        if not self.raw_hot_path:
+            later = list(range(len(requests)))
+        else:
+            with self._write_lock:
+                conn = self._hot_connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for i, (aid, labeler_id, fields, key) in enumerate(requests):
+                        if not isinstance(key, str) or not _IDEM_RE.match(key):
+                            later.append(i)  # submit_and_next raises the ValidationError
+                            continue
+                        conn.execute("SAVEPOINT submission")
+                        try:
+                            r = self._raw_submit_and_next(conn, aid, labeler_id, fields, key)
+                        except Exception as e:  # ValidationError, NotFound, a database error: this one only
+                            r = e
+                        if r is None or isinstance(r, Exception):
+                            conn.execute("ROLLBACK TO submission")
+                        conn.execute("RELEASE submission")
+                        if r is None:
+                            later.append(i)
+                        else:
+                            results[i] = r
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        for i in later:
+            try:
+                results[i] = self.submit_and_next(*requests[i])
+            except Exception as e:
+                results[i] = e
+        return results
+
     def _fast_submit_and_next(self, s: Session, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                               idempotency_key: str) -> tuple[Judgement, bool, Assignment | None] | None:
         """The common case in Core statements built once (no ORM loading or flush): the first judgement of an open

@@ -378,3 +378,56 @@ def test_server_lifespan_checkpoints_in_the_background_and_freezes_the_gc(store)
     assert store._checkpointer is None and gc.get_freeze_count() == 0
     with TestClient(create_app(store, secret_key="k" * 40, background_checkpoints=False)):
         assert store._checkpointer is None
+
+
+def test_concurrent_api_submissions_are_group_committed(store):
+    """Submissions arriving together share one transaction; each reply comes after that COMMIT (acknowledged =>
+    stored), and invalid ones in the same group get their own 422."""
+    import asyncio
+
+    import httpx
+    from sqlalchemy import select
+
+    from alignloop.feedback.app import create_app
+    from alignloop.feedback.models import Judgement
+
+    store.create_project("gc", "pairwise", overlap_k=2)
+    store.import_records("gc", [{"prompt": f"p{i}", "completions": [f"a{i}", f"b{i}"]} for i in range(8)])
+    for i in range(4):
+        store.add_labeler(f"gc{i}", PASSWORD)
+    batches = []
+    real_batch = store.submit_and_next_batch
+
+    def spy(reqs):
+        out = real_batch(reqs)
+        with store.read() as s:  # by the time results exist, they are committed (visible to another connection)
+            stored = set(s.scalars(select(Judgement.idempotency_key)))
+        batches.append((len(reqs), all(r[3] in stored for r, o in zip(reqs, out) if isinstance(o, tuple))))
+        return out
+
+    store.submit_and_next_batch = spy
+    app = create_app(store, secret_key="k" * 40)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        clients, jobs = [], []
+        for i in range(4):
+            c = httpx.AsyncClient(transport=transport, base_url="http://t")
+            tok = (await c.post("/api/login", json={"username": f"gc{i}", "password": PASSWORD})).json()["csrf_token"]
+            aid = (await c.get("/api/p/gc/next")).json()["assignment_id"]
+            body = {"choice": "left", "idempotency_key": f"gc-key-{i:04d}"}
+            if i != 3:
+                body["strength"] = "better"
+            clients.append(c)
+            jobs.append(c.post(f"/api/assignments/{aid}/judgement?next=1", json=body, headers={"X-CSRF-Token": tok}))
+        replies = await asyncio.gather(*jobs)
+        for c in clients:
+            await c.aclose()
+        return replies
+
+    replies = asyncio.run(run())
+    assert [r.status_code for r in replies] == [201, 201, 201, 422]
+    assert all(r.json()["next"]["assignment_id"] for r in replies[:3])
+    assert batches and max(n for n, _ in batches) >= 2 and all(ok for _, ok in batches)
+    with store.read() as s:
+        assert sorted(s.scalars(select(Judgement.idempotency_key))) == ["gc-key-0000", "gc-key-0001", "gc-key-0002"]

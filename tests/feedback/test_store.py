@@ -445,3 +445,59 @@ def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
         assert s.get(Assignment, a.id).status == "assigned"
     j, created, _ = store.submit_and_next(a.id, lab.id, {"choice": "tie"}, "commit-fails-1")  # the client's retry
     assert created and j.id is not None
+
+
+def test_group_commit_batch_stores_each_valid_submission_once(store):
+    p = _project(store, n_items=10, k=2)
+    labs = [store.add_labeler(f"g{i}", "password123") for i in range(4)]
+    a = [store.next_assignment(p.id, lab.id) for lab in labs]
+    reqs = [(a[0].id, labs[0].id, {"choice": "left", "strength": "better"}, "group-key-0000"),
+            (a[1].id, labs[1].id, {"choice": "left"}, "group-key-0001"),              # invalid: no strength
+            (a[2].id, labs[3].id, {"choice": "tie"}, "group-key-0002"),               # not labs[3]'s assignment
+            (a[2].id, labs[2].id, {"choice": "tie"}, "bad key"),                      # malformed key
+            (a[3].id, labs[3].id, {"choice": "both_bad"}, "group-key-0003"),
+            (a[3].id, labs[3].id, {"choice": "both_bad"}, "group-key-0003")]          # its retry, same batch
+    r = store.submit_and_next_batch(reqs)
+    assert r[0][1] is True and r[0][0].choice == "ab"[a[0].shown_order[0]] and r[0][2] is not None
+    assert isinstance(r[1], ValidationError) and "strength" in r[1].errors
+    assert type(r[2]).__name__ == "NotFound"
+    assert isinstance(r[3], ValidationError) and "idempotency_key" in r[3].errors
+    assert r[4][1] is True and r[5][1] is False and r[5][0].id == r[4][0].id  # stored once
+    with store.read() as s:
+        keys = sorted(s.scalars(select(Judgement.idempotency_key)))
+        assert keys == ["group-key-0000", "group-key-0003"]
+        assert s.get(Assignment, a[1].id).status == "assigned" and s.get(Assignment, a[2].id).status == "assigned"
+        assert s.get(Item, a[1].item_id).n_done == 0
+    # the invalid ones can be sent again, corrected
+    r = store.submit_and_next_batch([(a[1].id, labs[1].id, {"choice": "tie"}, "group-key-0001")])
+    assert r[0][1] is True
+
+
+def test_group_commit_failed_commit_stores_nothing(store, monkeypatch):
+    import sqlite3
+
+    p = _project(store, n_items=6, k=2)
+    labs = [store.add_labeler(f"gf{i}", "password123") for i in range(3)]
+    reqs = [(store.next_assignment(p.id, lab.id).id, lab.id, {"choice": "tie"}, f"gf-key-{i:04d}")
+            for i, lab in enumerate(labs)]
+    real = store._hot_connection
+
+    class FailingCommit:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(store, "_hot_connection", lambda: FailingCommit(real()))
+    with pytest.raises(sqlite3.OperationalError):
+        store.submit_and_next_batch(reqs)
+    monkeypatch.setattr(store, "_hot_connection", real)
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(Judgement)) == 0
+    assert all(r[1] is True for r in store.submit_and_next_batch(reqs))  # the clients' retries
