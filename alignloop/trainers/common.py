@@ -232,9 +232,9 @@ class Optimization:
     progress: Any
 
 
-def setup_optimization(args, run: Run, model, n_examples: int, name: str) -> Optimization:
-    """Global batch and step budget, AdamW + schedule, accelerate.prepare, resume, metrics logger, progress bar:
-    the set-up every offline trainer (SFT, reward model) shares."""
+def setup_optimization(args, run: Run, model, n_examples: int, name: str, wrap: bool = True) -> Optimization:
+    """Global batch and step budget, AdamW + schedule, accelerate.prepare (`wrap`; DPO sums gradients itself),
+    resume, metrics logger, progress bar: the set-up every offline trainer (SFT, reward model, DPO) shares."""
     from alignloop.training import MetricsLogger, Progress, build_optimizer, build_scheduler, steps_per_epoch
 
     a, acc = args, run.accelerator
@@ -243,7 +243,8 @@ def setup_optimization(args, run: Run, model, n_examples: int, name: str) -> Opt
     total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
     optimizer = build_optimizer(model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
     scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
-    model, optimizer = acc.prepare(model, optimizer)
+    if wrap:
+        model, optimizer = acc.prepare(model, optimizer)
     state = maybe_resume(a, acc, {"model": model}, optimizer, scheduler)
     step = state.get("step", 0)
     logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,

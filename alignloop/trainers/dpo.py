@@ -56,10 +56,9 @@ from alignloop.errors import ConfigError, UserError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
 from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
 from alignloop.models.forward import unwrap_model
-from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, maybe_resume, prepare_run,
-                                       resolve_tokenizer, save_final, split_eval, write_summary)
-from alignloop.training import (MetricsLogger, Progress, build_optimizer, build_scheduler, global_batches,
-                                micro_batches, optimizer_step, save_checkpoint, shard, steps_per_epoch)
+from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
+                                       prepare_run, resolve_tokenizer, setup_optimization, split_eval)
+from alignloop.training import global_batches, micro_batches, optimizer_step, shard
 
 CACHE_VERSION = 1
 
@@ -332,16 +331,6 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
     sel = packed["scored"]
     token_logps = logprobs_from_logits(head(hidden[sel])[None], packed["labels"][sel][None])[0]
     return _sum_rows(token_logps, packed["row"][sel], n_rows, average)
-
-
-def _use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
-    """Switch AdamW to its fused kernel where torch has one for the parameters' device and dtype (CPU and CUDA,
-    float32/bf16/fp16): the same update in one kernel instead of a Python loop over tensors (10x faster on small
-    models)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
-        for g in optimizer.param_groups:
-            g["fused"], g["foreach"] = True, False
 
 
 def _weights_hash(model: nn.Module) -> str:
@@ -635,9 +624,6 @@ class DPOTrainer:
         a, acc = self.args, self.accelerator
         t0 = time.perf_counter()
         n = len(self.train_examples)
-        global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * self.world
-        per_epoch = steps_per_epoch(n, global_batch)
-        total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
 
         # Reference log-probs first: before any update the policy's weights may be the reference.
         train_ref = None
@@ -648,17 +634,14 @@ class DPOTrainer:
         ref_seconds = time.perf_counter() - t0
 
         self.model.train()
-        optimizer = build_optimizer(self.model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2),
-                                    a.adam_epsilon)
-        _use_fused_adam(optimizer)
-        scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
-        self.state = maybe_resume(a, acc, {"model": self.model}, optimizer, scheduler)
-        step, epoch, pos = (self.state.get(k, 0) for k in ("step", "epoch", "batch_in_epoch"))
-        logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,
-                               config=self.run.config_dict, resume_step=step if self.state else None)
+        # not DDP-wrapped: gradients are summed by `_all_reduce_grads` (the LM head runs outside the forward)
+        opt = setup_optimization(a, self.run, self.model, n, "dpo", wrap=False)
+        optimizer, scheduler, logger, progress = opt.optimizer, opt.scheduler, opt.logger, opt.progress
+        global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
+        step, epoch, pos = opt.step, opt.epoch, opt.pos
+        self.state = opt.state
         if not self.state:
             logger.log({"time/ref_logps": ref_seconds}, step=0)
-        progress = Progress(total, "dpo", enabled=a.progress and acc.is_main_process, start=step)
         last: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         window = torch.zeros(len(_METRICS))
@@ -684,26 +667,16 @@ class DPOTrainer:
                              "perf/pairs_per_sec": window_pairs / max(time.perf_counter() - t_train, 1e-9)})
                 logger.log(last, step)
                 window, window_pairs, t_train = torch.zeros(len(_METRICS)), 0, time.perf_counter()
-            if self.eval_examples and ((a.eval_steps and step % a.eval_steps == 0)
-                                       or (not a.eval_steps and epoch_end)):
+            if self.eval_examples and eval_due(a, step, epoch_end):
                 last_eval = self.evaluate()
                 logger.log(last_eval, step)
-            if a.save_steps and step % a.save_steps == 0:
-                nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
-                self.state = {"step": step, "epoch": nxt_epoch, "batch_in_epoch": nxt_pos}
-                save_checkpoint(a.output_dir, step, accelerator=acc, modules={"model": self.model},
-                                optimizer=optimizer, scheduler=scheduler, keep_last=a.save_total_limit,
-                                trainer_state={**self.state, "config": self.run.config_dict})
+            checkpoint_if_due(a, acc, step, epoch, pos, epoch_end, {"model": self.model}, optimizer, scheduler,
+                              self.run.config_dict)
         if self.eval_examples and not last_eval:
             last_eval = self.evaluate()
             logger.log(last_eval, step)
-        progress.close()
-        logger.close()
-        final = save_final(acc, self.model, self.tokenizer, a.output_dir) if a.save_final else Path(a.output_dir)
-        result = TrainResult(output_dir=str(final), steps=step, metrics={**last, **last_eval},
-                             seconds=time.perf_counter() - t0)
-        write_summary(acc, a.output_dir, result, *self.data_stats)
-        return result
+        return finish(a, acc, self.model, self.tokenizer, logger, progress, step, {**last, **last_eval},
+                      time.perf_counter() - t0, *self.data_stats, save=a.save_final)
 
 
 def run_dpo(config: DPOConfig) -> TrainResult:
