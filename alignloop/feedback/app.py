@@ -541,7 +541,7 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         pending.clear()
         try:
             results = store.submit_and_next_batch([req for req, _ in batch])
-        except Exception as e:  # the COMMIT failed: nothing of the batch is stored, every request gets the error
+        except Exception as e:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is stored; all get the error
             results = [e] * len(batch)
         for (_req, fut), r in zip(batch, results):
             if fut.done():  # the client went away; the judgement may be stored (its retry finds it by key)
@@ -589,7 +589,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
 
 
 def dashboard_data(store: Store, p) -> dict:
-    from . import quality  # numpy, scipy, scikit-learn: loaded when an admin first opens a dashboard, not at startup
+    # numpy, scipy, scikit-learn: loaded when an admin first opens a dashboard, not at server startup
+    from . import quality
 
     records = store.current_judgements(p.id)
     th = quality.thresholds_from_dict(p.settings.get("thresholds"))

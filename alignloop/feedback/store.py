@@ -815,7 +815,7 @@ class Store:
                         conn.execute("SAVEPOINT submission")
                         try:
                             r = self._raw_submit_and_next(conn, aid, labeler_id, fields, key)
-                        except Exception as e:  # ValidationError, NotFound, a database error: this one only
+                        except Exception as e:  # noqa: BLE001 - ValidationError, NotFound, a database error: this one only
                             r = e
                         if r is None or isinstance(r, Exception):
                             conn.execute("ROLLBACK TO submission")
@@ -832,7 +832,7 @@ class Store:
         for i in later:
             try:
                 results[i] = self.submit_and_next(*requests[i])
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - handed to that request's caller
                 results[i] = e
         return results
 

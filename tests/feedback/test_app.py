@@ -363,11 +363,11 @@ def test_login_throttled_after_repeated_failures(setup, make_client):
 
 
 def test_server_lifespan_checkpoints_in_the_background_and_freezes_the_gc(store):
+    import gc
+
     from fastapi.testclient import TestClient
 
     from alignloop.feedback.app import create_app
-
-    import gc
 
     app = create_app(store, secret_key="k" * 40)
     assert store._checkpointer is None and gc.get_freeze_count() == 0

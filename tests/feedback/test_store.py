@@ -15,7 +15,6 @@ from alignloop.feedback.store import Store, ValidationError, competition_ranks, 
 def test_migrations_create_the_models_schema(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
-
     from alembic.script import ScriptDirectory
 
     assert ScriptDirectory.from_config(dbmod.alembic_config()).get_current_head() == dbmod.HEAD
@@ -333,7 +332,7 @@ def test_sqlite_hot_path_rows_match_the_orm_path(store):
     p = _project(store, n_items=4, k=2)
     lab = store.add_labeler("hot", "password123")
     a1 = store.next_assignment(p.id, lab.id)
-    j_orm, _ = store.submit(a1.id, lab.id, {"choice": "left", "strength": "slightly_better", "comment": " c "},
+    _j_orm, _ = store.submit(a1.id, lab.id, {"choice": "left", "strength": "slightly_better", "comment": " c "},
                             "orm-path-0001")
     a2 = store.next_assignment(p.id, lab.id)
     j_raw, created, a3 = store.submit_and_next(a2.id, lab.id, {"choice": "left", "strength": "slightly_better",
