@@ -15,7 +15,8 @@ Two alarms (Gao et al. 2022: the proxy keeps rising while the true reward peaks 
 - **KL budget**: the mean per-sequence KL to the reference exceeds `kl_budget` nats.
 The trainer feeds it the **raw** proxy score (`reward/raw_mean`, the reward model's own output, before
 normalisation, clipping and the no-EOS penalty) and the gold score (`reward/gold_mean`).
-Each alarm is returned as a message (the trainer issues it as a `RewardHackingWarning` and logs it to TensorBoard);
+Each alarm is returned as a message (the trainer issues it as a `RewardHackingWarning` and logs it to events.jsonl and
+TensorBoard);
 with action="stop" training stops with `stop_reason` "reward-hacking guard: <message>".
 
 `SampleTable` writes every N updates a table of prompts, responses and rewards to `samples.jsonl` (one JSON object
