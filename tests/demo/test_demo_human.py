@@ -4,14 +4,14 @@ their judgements and finishes the loop."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+import sqlite3
 
 import pytest
 from click.testing import CliRunner
 
 
 @pytest.mark.slow
-def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path, monkeypatch):
+def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path):
     from alignloop.cli.demo import demo
     from alignloop.feedback.store import Store
 
@@ -29,30 +29,26 @@ def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path, monkeypatch):
     assert {lab.username for lab in store.list_labelers()} == {"you"}  # the person's admin account
     p = store.get_project("round-1")
     judged = 0
-    clock = [datetime(2026, 11, 22, 9, 0, 0)]
-
-    def people_time() -> datetime:  # people read: 3 s between one store call and the next (not flagged too fast)
-        clock[0] += timedelta(seconds=3)
-        return clock[0]
-
-    with monkeypatch.context() as m:
-        m.setattr("alignloop.feedback.store.utcnow", people_time)
-        for name in ("ann", "bob"):
-            lab = store.add_labeler(name, "a long password")
-            while (a := store.next_assignment(p.id, lab.id)) is not None:
-                left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
-                choice = "left" if (len(left), left) >= (len(right), right) else "right"  # they like length
-                store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
-                             idempotency_key=f"key-{name}-{a.id:06d}")
-                judged += 1
+    for name in ("ann", "bob"):
+        lab = store.add_labeler(name, "a long password")
+        while (a := store.next_assignment(p.id, lab.id)) is not None:
+            left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
+            choice = "left" if (len(left), left) >= (len(right), right) else "right"  # these people like length
+            store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
+                         idempotency_key=f"key-{name}-{a.id:06d}")
+            judged += 1
     store.dispose()
     assert judged > 50
+    # people read: they took seconds per item (this loop took microseconds, which the quality check flags as
+    # "too fast to be reading")
+    with sqlite3.connect(stop["db"]) as con:
+        con.execute("UPDATE judgements SET time_spent_ms = 3000")
 
     res = CliRunner().invoke(demo, ["--resume", "--output-dir", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output[-3000:]
     q = json.loads((out / "round-1" / "label" / "quality.json").read_text())
     assert set(q["stats"]) == {"ann", "bob"} and q["judgements"] == judged  # their labels, not simulated ones
-    assert q["pairwise_percent_agreement"] == 1.0 and q["flagged"] == []
+    assert q["pairwise_percent_agreement"] == 1.0 and q["flagged"] == [], {k: q[k] for k in ("flagged", "stats", "pairwise_percent_agreement")}
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {"SFT", "PPO", "DPO", "RS"} <= set(results["summary"])
     # the reward model learned these people's taste (longer is better): PPO and DPO write longer than SFT
