@@ -202,6 +202,13 @@ async def labeler(i: int, host: str, port: int, st: State) -> None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
+    async def fetch_next() -> dict | None:
+        status, data = await call("GET", f"/api/p/{PROJECT}/next")
+        if status != 200:
+            st.errors.append(f"next {i}: {status} {data[:200]!r}")
+            return None
+        return json.loads(data)
+
     try:
         try:
             status, data = await call("POST", "/api/login",
@@ -211,11 +218,9 @@ async def labeler(i: int, host: str, port: int, st: State) -> None:
                 return
             headers = {"x-csrf-token": json.loads(data)["csrf_token"]}
             suffix = "?next=1" if st.combined else ""
-            status, data = await call("GET", f"/api/p/{PROJECT}/next")
-            if status != 200:
-                st.errors.append(f"next {i}: {status} {data[:200]!r}")
+            nxt = await fetch_next()
+            if nxt is None:
                 return
-            nxt = json.loads(data)
         finally:
             st.signed_in += 1
             if st.signed_in == st.labelers:
@@ -246,11 +251,9 @@ async def labeler(i: int, host: str, port: int, st: State) -> None:
             if st.combined:
                 nxt = reply["next"]
             else:
-                status, data = await call("GET", f"/api/p/{PROJECT}/next")
-                if status != 200:
-                    st.errors.append(f"next {i}: {status} {data[:200]!r}")
+                nxt = await fetch_next()
+                if nxt is None:
                     return
-                nxt = json.loads(data)
     finally:
         await c.close()
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 
 @pytest.mark.slow
-def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path):
+def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path, label_like_people):
     from alignloop.cli.demo import demo
     from alignloop.feedback.store import Store
 
@@ -27,17 +27,8 @@ def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path):
 
     store = Store(stop["db"])
     assert {lab.username for lab in store.list_labelers()} == {"you"}  # the person's admin account
-    p = store.get_project("round-1")
-    judged = 0
-    for name in ("ann", "bob"):
-        lab = store.add_labeler(name, "a long password")
-        while (a := store.next_assignment(p.id, lab.id)) is not None:
-            left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
-            choice = "left" if (len(left), left) >= (len(right), right) else "right"  # these people like length
-            store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
-                         idempotency_key=f"key-{name}-{a.id:06d}")
-            judged += 1
     store.dispose()
+    judged = label_like_people(stop["db"], "round-1")
     assert judged > 50
     # people read: they took seconds per item (this loop took microseconds, which the quality check flags as
     # "too fast to be reading")

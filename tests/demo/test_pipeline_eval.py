@@ -153,11 +153,10 @@ def test_pipeline_config_errors(tmp_path):
     assert e.value.code == 2
 
 
-def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path):
+def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path, label_like_people):
     """labelers: human -> the run stops after sampling; people label in the app (here: through the same store
     calls the app makes); running the command again trains on their judgements."""
     from alignloop.cli.demo import pipeline
-    from alignloop.feedback.store import Store
 
     cfg = yaml.safe_load(open(_pipeline_yaml(tiny, tmp_path)))
     cfg.update(rounds=1, ppo=None)
@@ -173,16 +172,7 @@ def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path):
     assert (run / "round-1" / "sample" / "STAGE_DONE.json").exists()
     assert not (run / "round-1" / "label").exists()
 
-    store = Store(stop["db"])
-    p = store.get_project("round-1")
-    for name in ("ann", "bob"):
-        lab = store.add_labeler(name, "a long password")
-        while (a := store.next_assignment(p.id, lab.id)) is not None:
-            left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
-            choice = "left" if (len(left), left) >= (len(right), right) else "right"   # these people like length
-            store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
-                         idempotency_key=f"key-{name}-{a.id:06d}")
-    store.dispose()
+    assert label_like_people(stop["db"], "round-1") > 0
 
     res = _invoke(pipeline, [str(config)])
     assert res.exit_code == 0, res.output[-2000:]

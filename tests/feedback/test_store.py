@@ -411,6 +411,23 @@ def test_background_checkpointer_takes_checkpoints_off_the_hot_path(store):
         assert store._hot_connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
 
 
+class _FailingCommit:
+    """The hot SQLite connection, except that COMMIT fails (a disk error at the worst moment)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        import sqlite3
+
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
 def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
     """The reply is built only after COMMIT returned: a failing COMMIT raises (no acknowledgement), leaves nothing
     stored and no transaction open on the hot connection."""
@@ -421,19 +438,7 @@ def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
     a = store.next_assignment(p.id, lab.id)
     real = store._hot_connection
 
-    class FailingCommit:
-        def __init__(self, conn):
-            self.conn = conn
-
-        def execute(self, sql, *args):
-            if sql == "COMMIT":
-                raise sqlite3.OperationalError("disk I/O error")
-            return self.conn.execute(sql, *args)
-
-        def __getattr__(self, name):
-            return getattr(self.conn, name)
-
-    monkeypatch.setattr(store, "_hot_connection", lambda: FailingCommit(real()))
+    monkeypatch.setattr(store, "_hot_connection", lambda: _FailingCommit(real()))
     with pytest.raises(sqlite3.OperationalError):
         store.submit_and_next(a.id, lab.id, {"choice": "tie"}, "commit-fails-1")
     monkeypatch.setattr(store, "_hot_connection", real)
@@ -481,19 +486,7 @@ def test_group_commit_failed_commit_stores_nothing(store, monkeypatch):
             for i, lab in enumerate(labs)]
     real = store._hot_connection
 
-    class FailingCommit:
-        def __init__(self, conn):
-            self.conn = conn
-
-        def execute(self, sql, *args):
-            if sql == "COMMIT":
-                raise sqlite3.OperationalError("disk I/O error")
-            return self.conn.execute(sql, *args)
-
-        def __getattr__(self, name):
-            return getattr(self.conn, name)
-
-    monkeypatch.setattr(store, "_hot_connection", lambda: FailingCommit(real()))
+    monkeypatch.setattr(store, "_hot_connection", lambda: _FailingCommit(real()))
     with pytest.raises(sqlite3.OperationalError):
         store.submit_and_next_batch(reqs)
     monkeypatch.setattr(store, "_hot_connection", real)

@@ -1,0 +1,29 @@
+"""Shared by the demo and pipeline tests."""
+from __future__ import annotations
+
+import pytest
+
+
+def _label_like_people(db: str, project: str, names=("ann", "bob")) -> int:
+    """People who like length judge every item of `project` in `db`, through the same store calls the app makes
+    (the longer response wins). Returns the number of judgements."""
+    from alignloop.feedback.store import Store
+
+    store = Store(db)
+    p = store.get_project(project)
+    judged = 0
+    for name in names:
+        lab = store.add_labeler(name, "a long password")
+        while (a := store.next_assignment(p.id, lab.id)) is not None:
+            left, right = (c["text"] for c in store.item_view(a.item, a.shown_order)["completions"])
+            choice = "left" if (len(left), left) >= (len(right), right) else "right"
+            store.submit(a.id, lab.id, {"choice": choice, "strength": "better"},
+                         idempotency_key=f"key-{name}-{a.id:06d}")
+            judged += 1
+    store.dispose()
+    return judged
+
+
+@pytest.fixture
+def label_like_people():
+    return _label_like_people
