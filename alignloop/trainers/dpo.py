@@ -201,57 +201,30 @@ def _bins(sizes: list[int], bin_tokens: int, multiple: int) -> tuple[list[list[i
     return [b for b in bins if b], -(-max(load) // multiple) * multiple
 
 
-def _packed_batch(rows: list[tuple[list[int], int]], pad_token_id: int, device, bin_tokens: int = 256,
+def _packed_pairs(exs: list[dict], device, share_prompt: bool, pad_token_id: int = 0, bin_tokens: int = 256,
                   multiple: int = 32) -> dict[str, torch.Tensor]:
-    """Pack (input_ids, prompt_length) rows into `_bins`. Position ids restart at 0 for each sequence (transformers
-    then attends within each sequence only); the tail of a bin is padding, never scored, whose position ids restart
-    every `multiple` tokens (short sequences of its own, always within the model's positions). Returns input_ids, position_ids [B,C], `scored`
-    [B,C] (the next token is a completion token of the same sequence), `labels` [B,C] (that next token) and `row`
-    [B,C] (which input row the position belongs to)."""
-    bins, C = _bins([len(ids) for ids, _ in rows], bin_tokens, multiple)
-    # the tail filler is never scored and attends only to itself; not the pad id, so transformers does not warn
-    # about padding without an attention mask
-    filler = 0 if pad_token_id != 0 else 1
-    input_ids = torch.full((len(bins), C), filler, dtype=torch.long)
-    position_ids = torch.zeros((len(bins), C), dtype=torch.long)
-    scored = torch.zeros((len(bins), C), dtype=torch.bool)
-    labels = torch.zeros((len(bins), C), dtype=torch.long)
-    row = torch.zeros((len(bins), C), dtype=torch.long)
-    for b, members in enumerate(bins):
-        off = 0
-        for r in members:
-            ids, start = rows[r]
-            n = len(ids)
-            t = torch.tensor(ids, dtype=torch.long)
-            input_ids[b, off:off + n] = t
-            position_ids[b, off:off + n] = torch.arange(n)
-            first = max(start, 1)
-            scored[b, off + first - 1:off + n - 1] = True          # position p predicts token p + 1
-            labels[b, off + first - 1:off + n - 1] = t[first:]
-            row[b, off:off + n] = r
-            off += n
-        position_ids[b, off:] = torch.arange(C - off) % multiple
-    out = {"input_ids": input_ids, "position_ids": position_ids, "scored": scored, "labels": labels, "row": row}
-    return {k: v.to(device) for k, v in out.items()}
+    """Pack the chosen and rejected sequences of the pairs `exs` padding-free into `_bins`. Rows: 0..k-1 chosen,
+    k..2k-1 rejected.
 
+    Without `share_prompt`, every sequence is a segment of its own and position ids restart at 0 for each
+    (transformers then attends within each sequence only): no attention mask. With `share_prompt`, each pair is one
+    segment [prompt | chosen completion | rejected completion]: the completions attend to the prompt and to
+    themselves (never to each other), position ids continue from the prompt in each branch, so every token sees
+    exactly what it sees in its own unshared sequence and log-probs and gradients are those of the unshared
+    forward; this needs the block mask `attention_mask` [B,1,C,C] bool (True = may attend). A pair whose chosen and
+    rejected prompts differ (truncated differently) or that has no prompt is packed as two separate sequences.
+    The tail of a bin is filler, never scored, whose position ids restart every `multiple` tokens (short sequences
+    of its own, always within the model's positions; not the pad id, so transformers does not warn about padding
+    without an attention mask).
 
-def _shared_prompt_batch(exs: list[dict], device, bin_tokens: int = 256, multiple: int = 32) -> dict[str, torch.Tensor]:
-    """Pack pairs with the prompt computed once: each pair is one segment [prompt | chosen completion | rejected
-    completion], the completions both attending to the prompt and to themselves (never to each other), with
-    position ids continuing from the prompt in each branch; so every token sees exactly what it sees in its own
-    unshared sequence, and log-probs and gradients are those of the unshared forward. Segments are packed into
-    `_bins`.
-    A pair whose chosen and rejected prompts differ (truncated differently) or that has no prompt is packed as two
-    separate sequences. Rows: 0..k-1 chosen, k..2k-1 rejected (as `_packed_batch`).
-
-    Returns input_ids, position_ids [B,C], attention_mask [B,1,C,C] bool (True = may attend), and for the N scored
-    tokens: `src` [N] (flat index b*C+t of the position whose logits predict it), `labels` [N], `row` [N]."""
+    Returns input_ids, position_ids [B,C] (+ attention_mask with `share_prompt`) and, for the N scored tokens:
+    `src` [N] (flat index b*C+t of the position whose logits predict it), `labels` [N], `row` [N]."""
     k = len(exs)
     # a segment: (shared prefix ids, [(branch ids, row, first scored index in the branch)])
     segments: list[tuple[list[int], list[tuple[list[int], int, int]]]] = []
     for i, ex in enumerate(exs):
         c, r, p = ex["chosen_input_ids"], ex["rejected_input_ids"], ex["prompt_length"]
-        if p >= 1 and c[:p] == r[:p] and len(c) > p and len(r) > p:
+        if share_prompt and p >= 1 and c[:p] == r[:p] and len(c) > p and len(r) > p:
             segments.append((c[:p], [(c[p:], i, 0), (r[p:], k + i, 0)]))
         else:
             segments.append(([], [(c, i, max(p, 1))]))
@@ -259,13 +232,14 @@ def _shared_prompt_batch(exs: list[dict], device, bin_tokens: int = 256, multipl
     size = [len(pre) + sum(len(b) for b, _, _ in br) for pre, br in segments]
     bins, C = _bins(size, bin_tokens, multiple)
     B = len(bins)
-    input_ids = torch.zeros((B, C), dtype=torch.long)
+    input_ids = torch.full((B, C), 0 if pad_token_id != 0 else 1, dtype=torch.long)
     position_ids = torch.zeros((B, C), dtype=torch.long)
-    mask = torch.zeros((B, C, C), dtype=torch.bool)
+    mask = torch.zeros((B, C, C), dtype=torch.bool) if share_prompt else None
     src, labels, rows = [], [], []
 
     def causal(b: int, lo: int, n: int) -> None:
-        mask[b, lo:lo + n, lo:lo + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        if mask is not None:
+            mask[b, lo:lo + n, lo:lo + n] = torch.ones(n, n, dtype=torch.bool).tril()
 
     for b, members in enumerate(bins):
         off = 0
@@ -281,27 +255,30 @@ def _shared_prompt_batch(exs: list[dict], device, bin_tokens: int = 256, multipl
                 input_ids[b, start:start + n] = torch.tensor(ids, dtype=torch.long)
                 position_ids[b, start:start + n] = torch.arange(n_pre, n_pre + n)
                 causal(b, start, n)
-                mask[b, start:start + n, off:off + n_pre] = True          # the branch sees the whole prefix
+                if mask is not None:
+                    mask[b, start:start + n, off:off + n_pre] = True      # the branch sees the whole prefix
                 for t in range(first, n):  # the logits at the previous position predict token t
                     src.append(b * C + (start + t - 1 if t > 0 else off + n_pre - 1))
                     labels.append(ids[t])
                     rows.append(row)
                 start += n
             off = start
-        causal(b, off, C - off)  # the tail filler: a sequence of its own, never scored (no fully masked rows)
+        causal(b, off, C - off)  # the filler attends to itself only (no fully masked rows)
         position_ids[b, off:] = torch.arange(C - off) % multiple
-    out = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
-           "src": torch.tensor(src, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-           "row": torch.tensor(rows, dtype=torch.long)}
+    out = {"input_ids": input_ids, "position_ids": position_ids, "src": torch.tensor(src, dtype=torch.long),
+           "labels": torch.tensor(labels, dtype=torch.long), "row": torch.tensor(rows, dtype=torch.long)}
+    if mask is not None:
+        out["attention_mask"] = mask[:, None]
     return {key: v.to(device) for key, v in out.items()}
 
 
-def shared_prompt_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
-                        average: bool = False) -> torch.Tensor:
-    """`completion_logps` on a `_shared_prompt_batch` -> [n_rows] (sum, or mean with `average`, per input row)."""
+def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
+                            average: bool = False) -> torch.Tensor:
+    """`completion_logps` on a `_packed_pairs` batch -> [n_rows] (sum, or mean with `average`, per input row)."""
     backbone, head = _lm_parts(model)
-    mask = packed["attention_mask"]
-    if getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None) == "eager":
+    mask = packed.get("attention_mask")
+    if mask is not None and getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation",
+                                    None) == "eager":
         # eager attention adds the mask to the scores: an additive mask, not a boolean one
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = backbone(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
@@ -309,28 +286,13 @@ def shared_prompt_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_row
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     picked = hidden.reshape(-1, hidden.shape[-1])[packed["src"]]
     token_logps = logprobs_from_logits(head(picked)[None], packed["labels"][None])[0]
-    return _sum_rows(token_logps, packed["row"], n_rows, average)
-
-
-def _sum_rows(token_logps: torch.Tensor, rows: torch.Tensor, n_rows: int, average: bool) -> torch.Tensor:
+    rows = packed["row"]
     sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     if not average:
         return sums
     counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, rows, torch.ones_like(token_logps))
     return sums / counts.clamp(min=1.0)
-
-
-def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
-                            average: bool = False) -> torch.Tensor:
-    """`completion_logps` on a `_packed_batch` -> [n_rows] (sum, or mean with `average`, per input row)."""
-    backbone, head = _lm_parts(model)
-    out = backbone(input_ids=packed["input_ids"], attention_mask=None, position_ids=packed["position_ids"],
-                   use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    sel = packed["scored"]
-    token_logps = logprobs_from_logits(head(hidden[sel])[None], packed["labels"][sel][None])[0]
-    return _sum_rows(token_logps, packed["row"][sel], n_rows, average)
 
 
 def _weights_hash(model: nn.Module) -> str:
@@ -543,13 +505,8 @@ class DPOTrainer:
         if not self._use_packing(model):
             batch = self._batch(exs)
             return completion_logps(model, batch, a.average_logps), batch
-        if self._share_prompt(model):
-            packed = _shared_prompt_batch(exs, self.accelerator.device)
-            return shared_prompt_logps(model, packed, 2 * len(exs), a.average_logps), None
-        rows = [(ex["chosen_input_ids"], ex["prompt_length"]) for ex in exs] + \
-               [(ex["rejected_input_ids"], ex["prompt_length"]) for ex in exs]
-        packed = _packed_batch(rows, self.tokenizer.pad_token_id, self.accelerator.device)
-        return packed_completion_logps(model, packed, len(rows), a.average_logps), None
+        packed = _packed_pairs(exs, self.accelerator.device, self._share_prompt(model), self.tokenizer.pad_token_id)
+        return packed_completion_logps(model, packed, 2 * len(exs), a.average_logps), None
 
     def policy_logps(self, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
         """Policy completion log-probs [2k] of the pairs `exs` (see `_logps`)."""

@@ -234,11 +234,11 @@ def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs, loss_typ
 def test_shared_prompt_batch_layout():
     """Worked example: pair 0 shares prompt [5, 6] between chosen [7, 8] and rejected [9]; pair 1 has no prompt
     (prompt_length 0), so its two sequences are packed apart and scored from their second token."""
-    from alignloop.trainers.dpo import _shared_prompt_batch
+    from alignloop.trainers.dpo import _packed_pairs
 
     exs = [{"chosen_input_ids": [5, 6, 7, 8], "rejected_input_ids": [5, 6, 9], "prompt_length": 2},
            {"chosen_input_ids": [3, 4, 4], "rejected_input_ids": [3, 2], "prompt_length": 0}]
-    b = _shared_prompt_batch(exs, "cpu", multiple=8)
+    b = _packed_pairs(exs, "cpu", share_prompt=True, multiple=8)
     ids, pos, mask = b["input_ids"], b["position_ids"], b["attention_mask"][:, 0]
     assert ids.shape[1] % 8 == 0
     flat_ids, flat_pos = ids.reshape(-1).tolist(), pos.reshape(-1).tolist()
@@ -262,13 +262,21 @@ def test_shared_prompt_batch_layout():
 def test_packed_rows_have_few_shapes_and_score_each_completion_token_once():
     """Bins are padded to a multiple of 32 (few distinct matmul shapes); every completion token after the first
     position is scored exactly once, for its own row, and the filler is never scored."""
-    from alignloop.trainers.dpo import _packed_batch
+    from alignloop.trainers.dpo import _packed_pairs
 
-    rows = [([7] * n, p) for n, p in [(10, 3), (23, 5), (17, 1), (5, 2), (31, 4)]]
-    packed = _packed_batch(rows, pad_token_id=1, device="cpu")
+    # pairs (chosen, rejected, prompt length); no shared prompt: every sequence packed on its own
+    exs = [{"chosen_input_ids": [7] * 10, "rejected_input_ids": [8] * 23, "prompt_length": 3},
+           {"chosen_input_ids": [7] * 17, "rejected_input_ids": [8] * 5, "prompt_length": 1},
+           {"chosen_input_ids": [7] * 31, "rejected_input_ids": [8] * 2, "prompt_length": 2}]
+    rows = [(e["chosen_input_ids"], e["prompt_length"]) for e in exs] + \
+           [(e["rejected_input_ids"], e["prompt_length"]) for e in exs]
+    packed = _packed_pairs(exs, "cpu", share_prompt=False, pad_token_id=1)
+    assert "attention_mask" not in packed  # position ids alone keep the sequences apart
     assert packed["input_ids"].shape[1] % 32 == 0
     for r, (ids, start) in enumerate(rows):
-        scored = packed["scored"] & (packed["row"] == r)
-        assert int(scored.sum()) == len(ids) - max(start, 1)
-    assert int(packed["scored"].sum()) == sum(len(ids) - max(s, 1) for ids, s in rows)
+        assert int((packed["row"] == r).sum()) == len(ids) - max(start, 1)
+    assert len(packed["src"]) == sum(len(ids) - max(s, 1) for ids, s in rows)
+    real = torch.zeros(packed["input_ids"].numel(), dtype=torch.bool)
+    real[packed["src"]] = True  # every scored position holds a real token, never the filler
+    assert (packed["input_ids"].reshape(-1)[real] != 0).all()
     assert packed["input_ids"].numel() >= sum(len(ids) for ids, _ in rows)
