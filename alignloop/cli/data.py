@@ -12,7 +12,7 @@ from alignloop.data import (
     tokenize_prompts, tokenize_sft, write_rows,
 )
 from alignloop.data.tokenize import TRUNCATIONS
-from alignloop.data.readers import _read
+from alignloop.data.readers import read_raw_rows
 from alignloop.errors import UserError
 
 TARGETS = ("auto", "pairs", "preference", "unpaired", "prompt", "sft")
@@ -42,7 +42,7 @@ def _load(path: str, kind: str | None, split: str, include_ties: bool, margins: 
     """Read and validate, collecting bad rows in the stats (the commands decide what to do with them)."""
     stats = DataStats()
     try:
-        rows = _read(path, split, stats)
+        rows = read_raw_rows(path, split, stats)
         records = parse_rows(rows, kind, tokenizer=tokenizer, include_ties=include_ties, margins=margins,
                              stats=stats)
         return records, stats

@@ -118,12 +118,8 @@ def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, 
                                             "(no sampling).")
 def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_prompt, max_new_tokens, temperature,
              max_prompts, seed, out, human_db, human_project, tally):
-    from alignloop.demo.evaluate import (
-        RewardScorer,
-        evaluate_policy,
-        load_function,
-        people_win_rate,
-    )
+    from alignloop.evaluation import evaluate_policy, people_win_rate
+    from alignloop.scoring import load_function, load_scorer
     from alignloop.demo.pipeline import read_prompts, write_jsonl
     from alignloop.errors import UserError
 
@@ -148,7 +144,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
         prompts = prompts[:max_prompts]
     if not prompts:
         raise UserError(f"{prompts_file}: no prompts")
-    rm = RewardScorer(reward_model) if reward_model else None
+    rm = load_scorer(reward_model, batch_size=64) if reward_model else None
     gold_fn = load_function(gold) if gold else None
     summary, s, ref = evaluate_policy(policy, reference, prompts, rm=rm, gold=gold_fn, n=samples_per_prompt,
                                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)

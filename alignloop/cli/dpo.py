@@ -11,14 +11,14 @@ dpo = make_config_command(
     "dpo", DPOConfig, run_dpo,
     help="Direct preference optimisation (sigmoid/cDPO/IPO/reference-free) on {prompt, chosen, rejected} pairs.")
 
-from alignloop.trainers.best_of_n import BestOfNConfig, run_generate  # noqa: E402
+from alignloop.recipes.best_of_n import BestOfNConfig, run_generate  # noqa: E402
 
 generate = make_config_command(
     "generate", BestOfNConfig, run_generate,
     help="Sample completions for prompts; with --best-of N --reward-model PATH, N per prompt, every candidate and "
          "its score written to JSONL, the best marked; prints the analytic KL of best-of-N, log N - (N-1)/N.")
 
-from alignloop.trainers.rejection_sampling import RSConfig, run_rs  # noqa: E402
+from alignloop.recipes.rejection_sampling import RSConfig, run_rs  # noqa: E402
 
 rs = make_config_command(
     "rs", RSConfig, run_rs,

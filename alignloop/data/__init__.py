@@ -3,7 +3,9 @@
 Reading (JSONL, JSON list or {"data": [...]}, Parquet, CSV/TSV, a `datasets` save_to_disk folder, a hub id, or rows
 already in memory: a list of dicts or a datasets.Dataset, named "row i" in errors):
     read_rows(path_or_id, split="train", skip_bad_rows=False, stats=None) -> list[Row]   # dicts with .where
-    write_rows(rows, path) -> Path                                    # format from the suffix
+    read_raw_rows(path_or_id, split, stats) -> list[Row]   # unreadable rows kept as placeholders with .error set
+    write_rows(rows, path) -> Path            # format from the suffix; written aside and renamed into place
+    prompt_texts(source, tokenizer=None, max_prompts=None) -> list[str]   # prompts of any source, ready to sample
     detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "prompt" | None
     load_records(path, kind=None, *, split, tokenizer, include_ties, margins, skip_bad_rows) -> (records, DataStats)
     load_sft(path, *, kind=None, split="train", tokenizer=None, skip_bad_rows=False) -> (list[dict], DataStats)
@@ -51,6 +53,9 @@ completions unless add_eos=False; BOS prepended only with add_bos=True):
     tokenize_preferences(groups, tokenizer, *, same options) -> (tokenised groups, DataStats)
     tokenize_rankings(groups, tokenizer, *, same options) -> (one entry per group, each completion once, DataStats)
     tokenize_prompts(records, tokenizer, *, max_length=None, add_bos=False) -> ({"input_ids"}, DataStats)
+    reward_input_ids(tokenizer, prompts, completions, add_eos=True, max_length=None) -> list[list[int]]: one
+        (prompt, completion) sequence as tokenize_preferences builds it, to score text with a reward model
+    with_bos_eos(prompt_ids, completion_ids, tokenizer, add_eos, add_bos): the BOS/EOS rule of all of these
     truncate(prompt_ids, completions, max_length, truncation, max_prompt_length) -> (prompt, completions, cut) | None
     pack_sft(examples, max_length) -> packed rows; run them as model(input_ids, position_ids=..., use_cache=False)
         with no attention_mask, so transformers masks attention block-diagonally (tested to equal separate passes)
@@ -97,18 +102,20 @@ from alignloop.data.conversions import (
     implicit_text_prompt, ranking_pair_weight, rankings_to_pairs, strength_to_margin,
 )
 from alignloop.data.errors import DataError, DataStats
-from alignloop.data.readers import Row, read_rows, write_rows
+from alignloop.data.readers import Row, read_raw_rows, read_rows, write_rows
 from alignloop.data.records import (
-    KINDS, detect_kind, load_preferences, load_prompts, load_records, load_sft, load_unpaired, parse_rows,
-    render_record,
+    KINDS, detect_kind, is_conversational, load_preferences, load_prompts, load_records, load_sft, load_unpaired,
+    parse_rows, prompt_texts, render_record,
 )
 from alignloop.data.tokenize import (
-    IGNORE_INDEX, pack_sft, tokenize_preferences, tokenize_prompts, tokenize_rankings, tokenize_sft, truncate,
+    IGNORE_INDEX, pack_sft, reward_input_ids, tokenize_preferences, tokenize_prompts, tokenize_rankings, tokenize_sft,
+    truncate, with_bos_eos,
 )
 
 __all__ = [
-    "DataError", "DataStats", "Row", "read_rows", "write_rows", "detect_kind", "parse_rows", "load_records",
-    "load_sft", "load_preferences", "load_unpaired", "load_prompts", "render_record", "KINDS",
+    "DataError", "DataStats", "Row", "read_rows", "read_raw_rows", "write_rows", "prompt_texts", "detect_kind",
+    "parse_rows", "load_records", "load_sft", "load_preferences", "load_unpaired", "load_prompts", "render_record",
+    "is_conversational", "KINDS", "reward_input_ids", "with_bos_eos",
     "Pair", "PreferenceGroup", "rankings_to_pairs", "ranking_pair_weight", "strength_to_margin", "STRENGTH_MARGINS",
     "implicit_text_prompt", "implicit_messages_prompt", "groups_to_rows", "groups_to_unpaired",
     "tokenize_sft", "tokenize_preferences", "tokenize_rankings", "tokenize_prompts", "truncate", "pack_sft", "IGNORE_INDEX",

@@ -56,7 +56,7 @@ def read_rows(path_or_id: str | os.PathLike, split: str = "train", skip_bad_rows
     `skip_bad_rows` (then they are counted in `stats.bad_rows`)."""
     stats = stats if stats is not None else DataStats()
     rows = []
-    for row in _read(path_or_id, split, stats):
+    for row in read_raw_rows(path_or_id, split, stats):
         if row.error is not None:
             stats.add_error(row.error)
         else:
@@ -65,7 +65,7 @@ def read_rows(path_or_id: str | os.PathLike, split: str = "train", skip_bad_rows
     return rows
 
 
-def _read(path_or_id: str | os.PathLike, split: str, stats: DataStats) -> list[Row]:
+def read_raw_rows(path_or_id: str | os.PathLike, split: str, stats: DataStats) -> list[Row]:
     """Read rows (counted in stats.rows); unreadable ones are placeholders with `.error` set, in file order.
     Also takes rows already in memory: a list of dicts or a `datasets.Dataset` (rows named "row i")."""
     if not isinstance(path_or_id, (str, os.PathLike)):
@@ -213,13 +213,24 @@ def _read_hf_hub(name: str, split: str, stats: DataStats) -> list[Row]:  # pragm
 
 def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows to .jsonl/.json/.parquet/.csv/.tsv (by suffix). In CSV, lists and objects are written as JSON text
-    (which `read_rows` reads back)."""
+    (which `read_rows` reads back). The file is written beside its destination and renamed into place, so a crash
+    never leaves a half-written file where a complete one was expected."""
     path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: cannot infer the output format from {path.suffix!r}; use one of "
                         f"{', '.join(sorted(SUFFIXES))}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        _write(rows, tmp, fmt)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write(rows, path: Path, fmt: str) -> None:
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for r in rows:
@@ -240,7 +251,6 @@ def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
             w.writerow(columns)
             for r in rows:
                 w.writerow([_cell(r.get(c)) for c in columns])
-    return path
 
 
 def _cell(value: Any) -> str:

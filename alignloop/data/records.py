@@ -20,7 +20,7 @@ from alignloop.data.conversions import (
     strength_to_margin,
 )
 from alignloop.data.errors import DataError, DataStats, raise_or_skip
-from alignloop.data.readers import Row, _read, type_name
+from alignloop.data.readers import Row, read_raw_rows, type_name
 
 KINDS = ("sft", "preference", "ranking", "unpaired", "prompt")
 # Required columns of each format, for detection (first match wins) and for error messages.
@@ -266,7 +266,7 @@ def render_record(record: Any, tokenizer) -> Any:
     return out
 
 
-def _is_conversational(record: Any) -> bool:
+def is_conversational(record: Any) -> bool:
     p = prompt_of(record)
     if isinstance(p, list) and p:
         return True
@@ -308,7 +308,7 @@ def parse_rows(rows: list[Row] | list[dict], kind: str | None = None, *, tokeniz
             continue
         if rec is None:
             continue
-        if tokenizer is not None and _is_conversational(rec):
+        if tokenizer is not None and is_conversational(rec):
             if not template_checked:
                 check_chat_template(tokenizer, row.where)
                 template_checked = True
@@ -337,7 +337,7 @@ def load_records(path_or_id: str | os.PathLike, kind: str | None = None, *, spli
                  stats: DataStats | None = None) -> tuple[list, DataStats]:
     """Read and validate a file of any supported format. Returns (records, stats); see `parse_rows`."""
     stats = stats if stats is not None else DataStats()
-    rows = _read(path_or_id, split, stats)
+    rows = read_raw_rows(path_or_id, split, stats)
     records = parse_rows(rows, kind, tokenizer=tokenizer, include_ties=include_ties, margins=margins, stats=stats)
     raise_or_skip(stats, skip_bad_rows)
     return records, stats
@@ -384,3 +384,28 @@ def load_prompts(path_or_id, *, kind: str | None = None, split: str = "train", t
     if stats.kind == "sft" and prompts and all(p["prompt"] in ("", []) for p in prompts):
         raise DataError(f"{path_or_id}: SFT `text` rows have no prompt; give prompt-only data (a `prompt` column)")
     return prompts, stats
+
+
+def prompt_texts(source, *, tokenizer=None, max_prompts: int | None = None, split: str = "train") -> list[str]:
+    """The prompt strings of `source`, ready to tokenise: a list of strings as is; rows (a path of any supported
+    format, a hub id, a list of dicts or a `datasets.Dataset`) through `load_prompts` (conversational prompts
+    chat-templated with `tokenizer`). Only the first `max_prompts` are kept. An empty prompt or an empty source is a
+    DataError naming where it came from."""
+    if isinstance(source, (list, tuple)) and all(isinstance(p, str) for p in source):
+        texts = list(source)
+        where = [f"prompt {i}" for i in range(len(texts))]
+    else:
+        records, _ = load_prompts(source, tokenizer=tokenizer, split=split)
+        texts = [r["prompt"] for r in records]
+        where = [getattr(r, "where", None) or f"row {i}" for i, r in enumerate(records)]
+        for w, t in zip(where, texts, strict=True):
+            if isinstance(t, list):
+                raise DataError(f"{w}: the prompt is a list of messages; pass the policy's tokenizer to render it "
+                                f"with its chat template")
+    name = source if isinstance(source, (str, os.PathLike)) else "prompts"
+    if not texts:
+        raise DataError(f"{name}: no prompts")
+    for w, t in zip(where, texts, strict=True):
+        if not t:
+            raise DataError(f"{name}: {w}: expected a non-empty prompt")
+    return texts[:max_prompts] if max_prompts is not None else texts

@@ -5,12 +5,13 @@ identical for a pair's chosen and rejected completions and the prompt/completion
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from alignloop.data.chat import check_chat_template
 from alignloop.data.conversions import PreferenceGroup
 from alignloop.data.errors import DataStats
-from alignloop.data.records import _is_conversational, render_record
+from alignloop.data.records import is_conversational, render_record
 
 IGNORE_INDEX = -100
 TRUNCATIONS = ("keep_end", "keep_start", "drop")
@@ -19,7 +20,7 @@ TRUNCATIONS = ("keep_end", "keep_start", "drop")
 def _render_all(records: list, tokenizer) -> list:
     out = []
     for i, r in enumerate(records):
-        if _is_conversational(r):
+        if is_conversational(r):
             check_chat_template(tokenizer, f"record {i}")
             r = render_record(r, tokenizer)
         out.append(r)
@@ -32,7 +33,7 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _finish(prompt_ids: list[int], completion_ids: list[int], tokenizer, add_eos: bool, add_bos: bool):
+def with_bos_eos(prompt_ids: list[int], completion_ids: list[int], tokenizer, add_eos: bool, add_bos: bool):
     if add_bos and tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     if add_eos and tokenizer.eos_token_id is not None and (not completion_ids
@@ -86,7 +87,7 @@ def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = Non
     completions = _encode_many(tokenizer, [r["completion"] for r in records])
     out = []
     for p, c in zip(prompts, completions):
-        p, c = _finish(p, c, tokenizer, add_eos, add_bos)
+        p, c = with_bos_eos(p, c, tokenizer, add_eos, add_bos)
         if not c:
             stats.dropped += 1
             continue
@@ -116,8 +117,8 @@ def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length
     for g, prompt_ids in zip(groups, prompts):
         pairs = []
         for pair in g.pairs:
-            p, c = _finish(prompt_ids, ids[pair.chosen], tokenizer, add_eos, add_bos)
-            _, r = _finish(prompt_ids, ids[pair.rejected], tokenizer, add_eos, False)
+            p, c = with_bos_eos(prompt_ids, ids[pair.chosen], tokenizer, add_eos, add_bos)
+            _, r = with_bos_eos(prompt_ids, ids[pair.rejected], tokenizer, add_eos, False)
             fitted = truncate(p, [c, r], max_length, truncation, max_prompt_length)
             if fitted is None:
                 stats.dropped += 1
@@ -151,7 +152,7 @@ def tokenize_rankings(groups: list[PreferenceGroup], tokenizer, *, max_length: i
         for pair in g.pairs:
             texts += [t for t in (pair.chosen, pair.rejected) if t not in texts]
         index = {t: i for i, t in enumerate(texts)}
-        finished = [_finish(prompt_ids, c, tokenizer, add_eos, add_bos) for c in _encode_many(tokenizer, texts)]
+        finished = [with_bos_eos(prompt_ids, c, tokenizer, add_eos, add_bos) for c in _encode_many(tokenizer, texts)]
         fitted = truncate(finished[0][0], [c for _, c in finished], max_length, truncation, max_prompt_length)
         if fitted is None:
             stats.dropped += 1
@@ -175,6 +176,29 @@ def _ranking_of(g: PreferenceGroup) -> list[int] | None:
     return None
 
 
+def reward_input_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                     add_eos: bool | Sequence[bool] = True, max_length: int | None = None) -> list[list[int]]:
+    """Token ids of prompt + completion exactly as the reward-model trainer builds its training sequences
+    (`tokenize_preferences`): each part tokenised without special tokens, EOS appended to the completion unless it
+    already ends with EOS (`add_eos`: one flag for all rows, or one per row), and a sequence longer than `max_length`
+    cut like rm's default truncation "keep_end" (the prompt from the left first, then the completion's end)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
+    eos = [add_eos] * len(prompts) if isinstance(add_eos, bool) else [bool(x) for x in add_eos]
+    if len(eos) != len(prompts):
+        raise ValueError(f"got {len(eos)} add_eos flags for {len(prompts)} completions")
+    filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (tokenizer.pad_token_id or 0)
+    out = []
+    for p, c, e in zip(_encode_many(tokenizer, list(prompts)), _encode_many(tokenizer, list(completions)), eos,
+                       strict=True):
+        p, c = with_bos_eos(p, c, tokenizer, e, False)
+        if max_length is not None and len(p) + len(c) > max_length:
+            fitted = truncate(p, [c], max_length, "keep_end")
+            p, c = (fitted[0], fitted[1][0]) if fitted is not None else ([], (p + c)[-max_length:])
+        out.append(p + c or [filler])  # never an empty row (empty prompt and completion without EOS)
+    return out
+
+
 def tokenize_prompts(records: list[dict], tokenizer, *, max_length: int | None = None, add_bos: bool = False,
                      stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
     """Prompt records -> {"input_ids"} for generation; prompts longer than max_length keep their last max_length
@@ -183,7 +207,7 @@ def tokenize_prompts(records: list[dict], tokenizer, *, max_length: int | None =
     records = _render_all(records, tokenizer)
     out = []
     for ids in _encode_many(tokenizer, [r["prompt"] for r in records]):
-        ids, _ = _finish(ids, [], tokenizer, False, add_bos)
+        ids, _ = with_bos_eos(ids, [], tokenizer, False, add_bos)
         if max_length is not None and len(ids) > max_length:
             ids = ids[len(ids) - max_length:]
             stats.truncated += 1

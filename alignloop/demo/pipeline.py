@@ -288,7 +288,7 @@ class Pipeline:
 
     # -- collect
     def stage_sample(self, folder: Path, round_: int, policy: str) -> dict:
-        from alignloop.demo.evaluate import load_policy, sample_policy
+        from alignloop.evaluation import load_policy, sample_policy
         from alignloop.feedback.store import Store
 
         fb = self.cfg.feedback
@@ -333,7 +333,7 @@ class Pipeline:
             counts = None
             gold_fn = None
             if simulated:
-                from alignloop.demo.evaluate import load_function
+                from alignloop.scoring import load_function
                 from alignloop.demo.labelers import default_labelers, simulate_labeling
 
                 if not fb.gold:
@@ -403,7 +403,7 @@ class Pipeline:
         args = _config(PPOConfig, section, output_dir=str(folder))
         gold = None
         if self.cfg.eval.gold:  # monitoring only (logged as reward/gold_mean; the update never sees it)
-            from alignloop.demo.evaluate import load_function
+            from alignloop.scoring import load_function
             gold = load_function(self.cfg.eval.gold)
         ref_model = None
         if ref != policy:
@@ -432,7 +432,7 @@ class Pipeline:
 
     # -- rejection sampling
     def stage_rs(self, folder: Path, rm: str) -> dict:
-        from alignloop.trainers.rejection_sampling import (
+        from alignloop.recipes.rejection_sampling import (
             RejectionSamplingTrainer,
             RSConfig,
         )
@@ -474,7 +474,7 @@ class Pipeline:
             policies["PPO"] = policy
         if cfg.dpo is not None and self._available("alignloop.trainers.dpo", "DPO"):
             policies["DPO"] = run.stage("dpo", lambda f: self.stage_dpo(f, pref_files))["model"]
-        if cfg.rejection_sampling is not None and self._available("alignloop.trainers.rejection_sampling",
+        if cfg.rejection_sampling is not None and self._available("alignloop.recipes.rejection_sampling",
                                                                  "rejection sampling"):
             policies["RS"] = run.stage("rs", lambda f: self.stage_rs(f, rm))["model"]
         from alignloop.demo.stages import stage_eval

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignloop.demo.evaluate import (
-    RewardScorer,
+from alignloop.evaluation import (
     best_of_n,
     first_of_each,
-    load_function,
     load_policy,
     sample_policy,
     score,
     summarize,
 )
 from alignloop.demo.pipeline import write_jsonl
+from alignloop.scoring import load_function, load_scorer
 
 
 def stage_eval(pipe, folder: Path, policies: dict[str, str], sft: str, rm: str | None) -> dict:
@@ -28,7 +27,7 @@ def stage_eval(pipe, folder: Path, policies: dict[str, str], sft: str, rm: str |
     prompts = pipe.eval_prompts
     n = ev.samples_per_prompt
     gold = load_function(ev.gold) if ev.gold else None
-    scorer = RewardScorer(rm) if rm else None
+    scorer = load_scorer(rm, batch_size=64) if rm else None
     sft_model, sft_tok = load_policy(sft)
     # independent SFT samples: the reference every win rate is computed against
     reference = score(sample_policy(sft_model, sft_tok, prompts, n, ev.max_new_tokens, ev.temperature,

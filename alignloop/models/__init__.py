@@ -25,8 +25,9 @@ breaks with pad == EOS and left padding).
         init N(0, 1/sqrt(d+1)));  rm(input_ids, attention_mask) -> scores[B];  rm.token_scores(...) -> [B,T];
         rm.save_pretrained(dir, tokenizer=None, merge_lora=True)
     score_sequences(model, input_ids, attention_mask, label=0) -> [B];  sequence_logits(...) -> [B, num_labels]
+    has_decoder_head(model): a decoder `score` head (read at the last real token) rather than an encoder classifier
     CriticModel / critic_from_reward_model(path_or_rm) -> critic(input_ids, attention_mask) -> values[B,T]
-    ClassifierReward.from_pretrained(path, positive_label=1 | "LABEL_NAME") ; cr(texts) -> [B];
+    ClassifierReward.from_pretrained(path, positive_label=1 | "LABEL_NAME") ; cr(texts) -> [B] (keep="start"|"end");
         cr.score_tokens(input_ids, attention_mask) -> [B]  (positive-class logit)
 
 Policy + value head (PPO)
@@ -60,6 +61,7 @@ from alignloop.models.reward import (
     CriticModel,
     RewardModel,
     critic_from_reward_model,
+    has_decoder_head,
     init_reward_head,
     score_sequences,
     sequence_logits,
@@ -70,7 +72,7 @@ from alignloop.models.value_head import VALUE_HEAD_FILE, CausalLMWithValueHead, 
 __all__ = [
     "CausalLMWithValueHead", "ClassifierReward", "CriticModel", "LogitsAndValues", "LoraOptions", "RewardModel",
     "VALUE_HEAD_FILE", "ValueHead", "apply_lora", "backbone_hidden_states", "check_name_or_path",
-    "critic_from_reward_model", "has_adapter", "init_reward_head", "last_token_index", "load_causal_lm",
+    "critic_from_reward_model", "has_adapter", "has_decoder_head", "init_reward_head", "last_token_index", "load_causal_lm",
     "load_sequence_classifier", "load_tokenizer", "model_forward", "position_ids_from_attention_mask",
     "reference_mode", "resolve_dtype", "score_sequences", "sequence_logits", "token_logits", "unwrap_model",
 ]

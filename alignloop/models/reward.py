@@ -38,6 +38,12 @@ def _score_head(hf: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+def has_decoder_head(model: nn.Module) -> bool:
+    """True for a decoder-style sequence classifier (a `score` head read at the last real token: GPT-2, Llama, ...,
+    alignloop's reward models); False for an encoder classifier (BERT, RoBERTa: pooled, with special tokens)."""
+    return _score_head(unwrap_model(_classifier(model))) is not None
+
+
 def _classifier(model: nn.Module) -> nn.Module:
     """Our wrappers (RewardModel, CriticModel, ClassifierReward; possibly DDP-wrapped) -> the classifier inside."""
     from alignloop.models.forward import unwrap_distributed
@@ -250,7 +256,12 @@ class ClassifierReward(nn.Module):
         return self.score_tokens(input_ids, attention_mask)
 
     @torch.no_grad()
-    def reward(self, texts: list[str]) -> torch.Tensor:
+    def reward(self, texts: list[str], keep: str = "start") -> torch.Tensor:
+        """Positive-class logits [B] of texts, tokenised with the tokenizer's special tokens; a text longer than the
+        model's context keeps its first tokens (`keep="start"`) or its last ones (`keep="end"`, for a prompt +
+        completion whose completion must be seen)."""
+        if keep not in ("start", "end"):
+            raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
         if self.tokenizer is None:
             raise UserError("ClassifierReward needs a tokenizer to score texts (pass tokenizer=...)")
         if isinstance(texts, str):
@@ -266,13 +277,16 @@ class ClassifierReward(nn.Module):
                 max_length = min(max_length, limit)
                 break
         out = []
+        side = self.tokenizer.truncation_side
         try:
+            self.tokenizer.truncation_side = "right" if keep == "start" else "left"
             for i in range(0, len(texts), self.batch_size):
                 # right padding: encoder classifiers pool their first token (decoders read the mask either way)
                 enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
                                      truncation=True, max_length=max_length, padding_side="right")
                 out.append(self.score_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
         finally:
+            self.tokenizer.truncation_side = side
             self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 

@@ -56,7 +56,7 @@ from alignloop.errors import ConfigError, UserError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
 from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
 from alignloop.models.forward import unwrap_model
-from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
+from alignloop.training.run import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
                                        prepare_run, resolve_tokenizer, setup_optimization, split_eval)
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard
 

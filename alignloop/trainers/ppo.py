@@ -50,8 +50,8 @@ from alignloop.losses import (AdaptiveKLController, FixedKLController, entropy_f
 from alignloop.models import (CausalLMWithValueHead, LoraOptions, has_adapter, model_forward,
                               reference_mode, unwrap_model)
 from alignloop.rollout import HFSampler, Rollout, Sampler, SamplingParams
-from alignloop.trainers.ppo_guard import RewardHackingGuard, RewardHackingWarning, SampleTable
-from alignloop.trainers.ppo_scoring import RewardTransform, build_scorer
+from alignloop.scoring import RewardTransform, build_scorer
+from alignloop.training.guard import RewardHackingGuard, RewardHackingWarning, SampleTable
 
 
 @dataclass
@@ -239,19 +239,20 @@ class PPOTrainer:
         if tokenizer is None:
             raise UserError("PPOTrainer needs the policy's tokenizer (tokenizer=...)")
         self.tokenizer = tokenizer
-        if isinstance(reward, str):
-            reward = RewardModel.from_pretrained(reward, dtype=cfg.dtype)
-        if isinstance(gold_reward, str):
-            gold_reward = RewardModel.from_pretrained(gold_reward, dtype=cfg.dtype)
+        self.scorer = build_scorer(reward, reward_tokenizer, policy_tokenizer=tokenizer,
+                                   positive_label=cfg.positive_label, batch_size=64, dtype=cfg.dtype,
+                                   device=self.acc.device)
+        self.gold_scorer = build_scorer(gold_reward, policy_tokenizer=tokenizer, positive_label=cfg.positive_label,
+                                        batch_size=64, dtype=cfg.dtype, device=self.acc.device)
+        reward_model = getattr(self.scorer, "model", None)
 
         # policy + value function
         critic = None
         if cfg.value_model == "reward":
-            if not isinstance(reward, nn.Module):
+            if reward_model is None:
                 raise ConfigError("value_model='reward' needs a reward model, not a function")
             from alignloop.models import critic_from_reward_model
-            inner = reward if isinstance(reward, RewardModel) else RewardModel(getattr(reward, "model", reward))
-            critic = critic_from_reward_model(inner)
+            critic = critic_from_reward_model(RewardModel(reward_model))
             if isinstance(model, CausalLMWithValueHead):
                 model = model.lm
         elif not isinstance(model, CausalLMWithValueHead):
@@ -269,12 +270,8 @@ class PPOTrainer:
 
         if cfg.fused_gelu:
             from alignloop.models.fast import speed_up
-            for m in (self.model, self.ref_model, reward, gold_reward):
+            for m in (self.model, self.ref_model, reward_model, getattr(self.gold_scorer, "model", None)):
                 speed_up(m)
-        self.scorer = build_scorer(reward.to(self.acc.device) if isinstance(reward, nn.Module) else reward,
-                                   tokenizer, reward_tokenizer, cfg.positive_label)
-        self.gold_scorer = build_scorer(gold_reward.to(self.acc.device) if isinstance(gold_reward, nn.Module)
-                                        else gold_reward, tokenizer, None, cfg.positive_label)
         self.transform = RewardTransform(cfg.reward_normalization, cfg.reward_clip, cfg.missing_eos_penalty,
                                          cfg.missing_eos_penalty_mode)
         self.sampler = sampler or HFSampler(self.model.lm, tokenizer, cpu_threads=cfg.generation_threads)
@@ -348,8 +345,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one update
     def _score(self, rollout: Rollout, idx: list[int], responses: list[str]):
         prompts = [self.prompts[i] for i in idx]
-        raw = self.scorer(rollout, prompts, responses).float()
-        gold = self.gold_scorer(rollout, prompts, responses).float() if self.gold_scorer else None
+        raw = self.scorer.score_rollout(rollout, prompts, responses).float()
+        gold = self.gold_scorer.score_rollout(rollout, prompts, responses).float() if self.gold_scorer else None
         return raw, gold
 
     def _fit_reward_normalization(self) -> None:

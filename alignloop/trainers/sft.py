@@ -21,7 +21,7 @@ import torch
 from alignloop.models.fast import speed_up
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
-from alignloop.trainers.common import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
+from alignloop.training.run import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
                                        prepare_run, setup_optimization, resolve_tokenizer, split_eval)
 from alignloop.training import (global_batches,
                                 micro_batches, optimizer_step, shard, sync_context)

@@ -1,7 +1,7 @@
 """Shared training utilities: config, checkpoints, metrics, optimizer, loop pieces. Functions, not a base class."""
 from alignloop.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.config import (click_options_from_dataclass, config_from_cli, load_config, make_config_command,
-                                       save_config)
+                                       renamed_fields, save_config)
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import (epoch_order, global_batches, sync_context, make_accelerator, micro_batches, optimizer_step, plan_epoch,
                                      seed_everything, shard, steps_per_epoch)
@@ -9,7 +9,7 @@ from alignloop.training.optim import build_optimizer, build_scheduler
 
 __all__ = [
     "latest_checkpoint", "load_checkpoint", "resolve_resume", "save_checkpoint", "click_options_from_dataclass",
-    "config_from_cli", "load_config", "make_config_command", "save_config", "MetricsLogger", "Progress",
+    "config_from_cli", "load_config", "make_config_command", "renamed_fields", "save_config", "MetricsLogger", "Progress",
     "read_metrics", "epoch_order", "global_batches", "sync_context", "make_accelerator", "micro_batches", "optimizer_step", "plan_epoch",
     "seed_everything", "shard", "steps_per_epoch", "build_optimizer", "build_scheduler",
 ]

@@ -4,13 +4,18 @@ Every trainer's config is a dataclass whose fields carry `metadata={"help": ...}
 defaults, then the YAML file (`--config x.yaml`), then explicit flags. Flags are the field names with `_` -> `-`
 (`learning_rate` -> `--learning-rate`), the same names as the Python API. Validation uses pydantic, so a wrong
 type names the field: `config.yaml: field 'learning_rate': expected a number, got 'fast'`.
+
+Renamed fields (`@renamed_fields({"old": "new"})` on a config class) keep working under their old names for one
+release, as a Python keyword, a YAML key and a (hidden) CLI flag, each time with a FutureWarning naming the new one.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -28,9 +33,50 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+REMOVED_IN = "0.3"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def apply_renames(cls, values: dict[str, Any], source: str, stacklevel: int = 3) -> dict[str, Any]:
+    """Map the old names of renamed fields to their new ones, warning once per name (FutureWarning)."""
+    renamed = getattr(cls, "renamed_fields", {})
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in renamed:
+            new = renamed[key]
+            warnings.warn(f"{source}: '{key}' ({_flag(key)}) is deprecated and will be removed in alignloop "
+                          f"{REMOVED_IN}: use '{new}' ({_flag(new)})", FutureWarning, stacklevel=stacklevel)
+            if new in values:
+                raise ConfigError(f"{source}: give '{new}' or its deprecated name '{key}', not both")
+            key = new
+        out[key] = value
+    return out
+
+
+def renamed_fields(mapping: dict[str, str]):
+    """Class decorator for a config dataclass: `{old name: new name}` of fields renamed in this release."""
+
+    def decorator(cls):
+        cls.renamed_fields = dict(mapping)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **apply_renames(cls, kwargs, cls.__name__))
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorator
+
+
 def _validate(cls, values: dict[str, Any], source: str):
     import pydantic
 
+    values = apply_renames(cls, values, source, stacklevel=4)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
@@ -86,6 +132,11 @@ def _unwrap_optional(tp):
     return tp
 
 
+def _one_or_many(tp) -> bool:
+    """`str | list[str]`: one value or several (a repeatable flag; YAML takes a string or a list)."""
+    return get_origin(tp) in (typing.Union, types.UnionType) and any(get_origin(a) is list for a in get_args(tp))
+
+
 def click_options_from_dataclass(cls):
     """A decorator adding one `--field-name` option per dataclass field (default None = "not given", so YAML
     values are not overridden by flag defaults). Help text: the field's help plus its default."""
@@ -108,8 +159,8 @@ def click_options_from_dataclass(cls):
                 continue
             if origin is Literal:
                 kwargs["type"] = click.Choice([str(a) for a in get_args(tp)])
-            elif origin in (list, tuple):
-                inner = get_args(tp)[0] if get_args(tp) else str
+            elif origin in (list, tuple) or _one_or_many(tp):
+                inner = get_args(tp)[0] if get_args(tp) and origin in (list, tuple) else str
                 kwargs.update(type=inner if inner in (int, float, str) else str, multiple=True)
                 kwargs["help"] += " (repeat the flag for several values)"
             elif tp in (int, float, str):
@@ -117,6 +168,14 @@ def click_options_from_dataclass(cls):
             else:
                 kwargs["type"] = str
             fn = click.option(flag, f.name, **kwargs)(fn)
+        for old, new in getattr(cls, "renamed_fields", {}).items():  # deprecated spellings, hidden from --help
+            tp = _unwrap_optional(types_[new])
+            if tp is bool:
+                fn = click.option(f"{_flag(old)}/--no-{old.replace('_', '-')}", old, default=None, hidden=True)(fn)
+            else:
+                many = get_origin(tp) in (list, tuple)
+                fn = click.option(_flag(old), old, default=None, hidden=True, multiple=many,
+                                  type=tp if tp in (int, float, str) else str)(fn)
         return fn
 
     return decorator

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from alignloop.demo import domain
-from alignloop.demo.evaluate import (
+from alignloop.evaluation import (
     Samples,
     best_of_n,
     first_of_each,

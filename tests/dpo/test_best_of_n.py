@@ -11,7 +11,10 @@ from click.testing import CliRunner
 
 from alignloop.models import RewardModel, tiny
 from alignloop.rollout import SamplingParams
-from alignloop.trainers.best_of_n import best_of_n, best_of_n_kl, reward_fn_from_model, reward_input_ids
+from alignloop.data import reward_input_ids
+from alignloop.evaluation import best_of_n_kl
+from alignloop.recipes.best_of_n import best_of_n
+from alignloop.scoring import ModelScorer
 
 from .conftest import SHAPE
 
@@ -106,7 +109,7 @@ def test_reward_fn_scores_prompt_completion_eos_like_rm_training(tok, tiny_rm):
     eos = tok.eos_token_id
     prompts = ["the movie", "a good film", "plot", "the actor"]
     completions = [" was fun", " great story and music", " bad" + tok.eos_token, ""]  # one already ends with EOS
-    got = reward_fn_from_model(tiny_rm, tok)(prompts, completions)
+    got = ModelScorer(tiny_rm, tok)(prompts, completions).tolist()
     want = [_rm_score(tiny_rm, rm_training_ids(tok, p, c)) for p, c in zip(prompts, completions)]
     no_eos = [_rm_score(tiny_rm, rm_training_ids(tok, p, c, add_eos=False) or [eos])
               for p, c in zip(prompts, completions)]
@@ -120,7 +123,7 @@ def test_reward_fn_scores_prompt_completion_eos_like_rm_training(tok, tiny_rm):
     assert all(s[-1] == eos and s[-2] != eos for s in seqs)
     assert seqs == [rm_training_ids(tok, p, c) for p, c in zip(prompts, completions)]
     # add_eos=False mirrors a reward model trained with rm's add_eos=False
-    off = reward_fn_from_model(tiny_rm, tok, add_eos=False)(prompts, completions)
+    off = ModelScorer(tiny_rm, tok, add_eos=False)(prompts, completions).tolist()
     assert off[:3] == pytest.approx(no_eos[:3], abs=1e-5)
 
 
@@ -130,7 +133,7 @@ def test_best_of_n_candidates_scored_with_one_eos(tok, tiny_rm):
     prompts = ["the movie", "a good film", "plot"]
     spy = SpyRM(tiny_rm)
     torch.manual_seed(0)
-    rows, summary = best_of_n(policy, tok, prompts, 4, reward_fn_from_model(spy, tok),
+    rows, summary = best_of_n(policy, tok, prompts, 4, ModelScorer(spy, tok),
                               SamplingParams(max_new_tokens=6, temperature=1.0), batch_size=2)
     eos = tok.eos_token_id
     assert len(spy.seen) == 12 and all(s[-1] == eos and s[-2] != eos for s in spy.seen)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignloop.models import tiny
-from alignloop.trainers.rejection_sampling import RejectionSamplingTrainer, RSConfig, select
+from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig, select
 
 from .conftest import SHAPE
 

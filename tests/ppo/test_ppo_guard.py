@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
-from alignloop.trainers.ppo_guard import RewardHackingGuard, RewardHackingWarning, _slope
+from alignloop.training.guard import RewardHackingGuard, RewardHackingWarning, _slope
 
 from .conftest import make_target_reward, small_lm
 

@@ -8,8 +8,8 @@ from alignloop.models import model_forward
 from alignloop.models.tiny import tiny_causal_lm, tiny_sequence_classifier
 from alignloop.rollout import HFSampler, SamplingParams
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
-from alignloop.trainers.ppo_guard import RewardHackingGuard, SampleTable
-from alignloop.trainers.ppo_scoring import ModelScorer, RewardTransform
+from alignloop.scoring import ModelScorer, RewardTransform
+from alignloop.training.guard import RewardHackingGuard, SampleTable
 
 from .conftest import make_target_reward, small_lm
 
@@ -47,7 +47,7 @@ def test_score_at_last_real_token_left_padding_and_pad_eq_eos(tok_pad_eos):
         lm.transformer.ln_f.bias.copy_(lm.transformer.wte.weight[tok.eos_token_id] * 300)
     torch.manual_seed(0)
     r = HFSampler(lm, tok).generate(prompts * 4, SamplingParams(max_new_tokens=12))
-    scores = ModelScorer(rm)(r, None, None)
+    scores = ModelScorer(rm).score_rollout(r, None, None)
     for b in range(len(r)):
         seq = torch.cat([r.prompt_ids[b][r.prompt_mask[b]], r.response_ids[b][r.response_mask[b]]])
         with torch.no_grad():  # the unpadded sequence alone, read at its last token
@@ -225,7 +225,7 @@ def test_reward_tokenizer_differs_and_fit_normalisation(tmp_path, tok, prompts):
     r.stopped = torch.tensor([i % 2 == 0 for i in range(len(r.stopped))])
     texts_p = ["the movie", "a plot"] * (len(r.stopped) // 2)
     texts_r = [" was good", " and music"] * (len(r.stopped) // 2)
-    got = tr.scorer(r, texts_p, texts_r)
+    got = tr.scorer.score_rollout(r, texts_p, texts_r)
     for b in range(2):
         ids = rtok(texts_p[b], add_special_tokens=False)["input_ids"] + \
             rtok(texts_r[b], add_special_tokens=False)["input_ids"] + ([rtok.eos_token_id] if b == 0 else [])

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from alignloop.models.tiny import tiny_causal_lm, train_tokenizer
-from alignloop.rollout import HFSampler, SamplingParams, filter_logits, left_pad, position_ids_from_mask
+from alignloop.models import position_ids_from_attention_mask as position_ids_from_mask
+from alignloop.rollout import HFSampler, SamplingParams, filter_logits, left_pad
 
 
 @pytest.fixture(scope="module")

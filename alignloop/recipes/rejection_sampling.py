@@ -1,14 +1,16 @@
 """Rejection-sampling fine-tuning (Llama 2's "rejection sampling", a.k.a. best-of-N distillation / RAFT).
 
-For each of `rounds` rounds: sample `samples_per_prompt` completions per prompt from the *latest* model (batched,
-`alignloop.trainers.best_of_n.sample_completions`), score them with the reward model, keep the best `keep_top_k`
-per prompt and/or every completion scoring at least `score_threshold`, and fine-tune on the kept (prompt,
-completion) pairs with the SFT trainer (`alignloop.trainers.sft.SFTTrainer`, loss on completion tokens only). The
-next round samples from the model that SFT produced.
+A recipe, not a training loop of its own: it composes the shared verbs with the SFT trainer. For each of `rounds`
+rounds: sample `samples_per_prompt` completions per prompt from the *latest* model (`alignloop.rollout.
+sample_completions`), score them with the reward (`alignloop.scoring`: a reward model sees prompt + completion + EOS
+as in its training), keep the best `keep_top_k` per prompt and/or every completion scoring at least
+`score_threshold`, and fine-tune on the kept (prompt, completion) pairs with the SFT trainer
+(`alignloop.trainers.sft.SFTTrainer`, loss on completion tokens only). The next round samples from the model that
+SFT produced.
 
     RejectionSamplingTrainer(model="sft-model", args=RSConfig(output_dir="runs/rs", rounds=2),
                              train_dataset="prompts.jsonl", reward_model="rm").train()
-    alignloop rs --model sft-model --reward-model rm --prompts-file prompts.jsonl --rounds 2 --output-dir runs/rs
+    alignloop rs --model sft-model --reward-model rm --train-file prompts.jsonl --rounds 2 --output-dir runs/rs
 
 Layout: OUTPUT_DIR/round-R/samples.jsonl (every candidate, its score and whether it was kept), OUTPUT_DIR/round-R/
 (the SFT run: metrics.jsonl, final/), OUTPUT_DIR/metrics.jsonl (one line per round: rs/mean_score of the fresh
@@ -25,20 +27,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
-from alignloop.errors import ConfigError, UserError
-from alignloop.trainers.best_of_n import RewardFn, _prompt_texts, best_of_n_kl, reward_fn_from_model, \
-    sample_completions, write_jsonl
+from alignloop.data import prompt_texts, write_rows
+from alignloop.errors import ConfigError
+from alignloop.evaluation import best_of_n_kl
+from alignloop.models import load_causal_lm, load_tokenizer
+from alignloop.rollout import SamplingParams, sample_completions
+from alignloop.scoring import build_scorer
+from alignloop.trainers.sft import SFTConfig, SFTTrainer
+from alignloop.training import MetricsLogger, renamed_fields
+from alignloop.training.run import TrainResult
 
 
+@renamed_fields({"prompts_file": "train_file"})
 @dataclass
 class RSConfig:
     """`alignloop rs` settings; every field is a flag (`keep_top_k` -> `--keep-top-k`)."""
 
     model: str = field(default="", metadata={"help": "Starting policy: hub id or local folder."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model scoring the samples."})
-    prompts_file: str = field(default="", metadata={"help": "Prompts ({prompt} rows; JSONL/JSON/Parquet/CSV)."})
+    reward_model: str | list[str] | None = field(default=None, metadata={
+        "help": "The reward scoring the samples: a reward model or classifier (folder or hub id), a Python function "
+                "module:function, or several SPEC=WEIGHT (a weighted sum)."})
+    positive_label: str = field(default="1", metadata={"help": "Positive class (index or label name) of a "
+                                                                "classifier with several labels used as the reward."})
+    train_file: str = field(default="", metadata={"help": "Prompts ({prompt} rows; JSONL/JSON/Parquet/CSV, a datasets "
+                                                          "folder or a hub id)."})
     output_dir: str = field(default="runs/rs", metadata={"help": "Where the rounds' samples and models go."})
     rounds: int = field(default=1, metadata={"help": "R: sample -> select -> SFT rounds, each from the latest model."})
     samples_per_prompt: int = field(default=4, metadata={"help": "N completions sampled per prompt each round."})
@@ -48,6 +62,7 @@ class RSConfig:
                                                                           "this (combined with keep_top_k)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per sampled completion."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Top-k truncation (0 = none)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = none)."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N prompt tokens."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
@@ -65,7 +80,7 @@ class RSConfig:
     add_eos: bool = field(default=True, metadata={
         "help": "Score prompt + completion + EOS, as the reward-model trainer appends EOS to every completion (its "
                 "add_eos); an EOS already there is not doubled. Off for a reward model trained with --no-add-eos. "
-                "(Only for --reward-model; a reward_fn gets the text as is.)"})
+                "(A Python function gets the text as is.)"})
 
     def __post_init__(self):
         if self.rounds < 1 or self.samples_per_prompt < 1:
@@ -89,18 +104,15 @@ def select(candidates: list[dict], keep_top_k: int, score_threshold: float | Non
 
 class RejectionSamplingTrainer:
     """`RejectionSamplingTrainer(model, args, train_dataset=prompts, reward_model=None, reward_fn=None,
-    tokenizer=None).train() -> list of per-round summaries`.
+    tokenizer=None).train() -> TrainResult` (its `history`: one summary per round).
 
     model: a path / hub id or a causal LM (with `tokenizer`). train_dataset: prompts (a path, rows or strings;
-    default `args.prompts_file`). The reward: `reward_fn(prompts, completions) -> scores`, or a reward model (a
-    path, default `args.reward_model`, or a loaded `RewardModel` / sequence classifier, then with
-    `reward_tokenizer`)."""
+    default `args.train_file`). The reward: `reward_fn(prompts, completions) -> scores`, or `reward_model`: a spec
+    (folder, hub id, module:function, SPEC=WEIGHT list; default `args.reward_model`), a loaded `RewardModel` /
+    sequence classifier (then with `reward_tokenizer`), or any scorer of `alignloop.scoring`."""
 
     def __init__(self, model: Any = None, args: RSConfig | None = None, train_dataset: Any = None,
-                 reward_model: Any = None, reward_fn: RewardFn | None = None, tokenizer: Any = None,
-                 reward_tokenizer: Any = None):
-        from alignloop.models import RewardModel, load_causal_lm, load_tokenizer
-
+                 reward_model: Any = None, reward_fn=None, tokenizer: Any = None, reward_tokenizer: Any = None):
         self.args = a = args if args is not None else RSConfig()
         model = model if model is not None else a.model
         if model is None or model == "":
@@ -113,53 +125,37 @@ class RejectionSamplingTrainer:
         else:
             self.tokenizer = tokenizer
         self.model = model
-        if reward_fn is None:
-            reward_model = reward_model if reward_model is not None else a.reward_model
-            if reward_model is None:
-                raise ConfigError("rejection sampling needs a reward: --reward-model PATH (or reward_fn=...)")
-            if isinstance(reward_model, (str, os.PathLike)):
-                reward_tokenizer = reward_tokenizer or load_tokenizer(reward_model)
-                reward_model = RewardModel.from_pretrained(reward_model, dtype=a.dtype)
-            elif reward_tokenizer is None:
-                raise ConfigError("pass reward_tokenizer=... together with a reward model object")
-            reward_fn = reward_fn_from_model(reward_model.eval(), reward_tokenizer, a.score_batch_size,
-                                             add_eos=a.add_eos)
-        self.reward_fn = reward_fn
-        source = train_dataset if train_dataset is not None else a.prompts_file
+        reward = reward_fn if reward_fn is not None else reward_model if reward_model is not None else a.reward_model
+        if reward is None:
+            raise ConfigError("rejection sampling needs a reward: --reward-model PATH or module:function "
+                              "(or reward_fn=...)")
+        if isinstance(reward, nn.Module) and reward_tokenizer is None and not hasattr(reward, "tokenizer"):
+            raise ConfigError("pass reward_tokenizer=... together with a reward model object")
+        self.scorer = build_scorer(reward, reward_tokenizer, positive_label=a.positive_label,
+                                   batch_size=a.score_batch_size, add_eos=a.add_eos, dtype=a.dtype)
+        source = train_dataset if train_dataset is not None else a.train_file
         if not source:
-            raise ConfigError("prompts_file: give the prompts to sample for (--prompts-file)")
-        self.prompts = _prompt_texts(source, self.tokenizer, a.max_prompts)
-        if not self.prompts:
-            raise UserError("no prompts to sample for")
+            raise ConfigError("train_file: give the prompts to sample for (--train-file)")
+        self.prompts = prompt_texts(source, tokenizer=self.tokenizer, max_prompts=a.max_prompts)
 
     def _sample_and_score(self, round_seed: int) -> list[list[dict]]:
-        from alignloop.rollout import SamplingParams
-
         a = self.args
-        torch.manual_seed(round_seed)
-        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p)
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p)
         self.tokenizer.padding_side = "left"
-        candidates = sample_completions(self.model, self.tokenizer, self.prompts, a.samples_per_prompt, params,
-                                        a.batch_size, a.max_prompt_length)
-        flat_p = [p for p, cs in zip(self.prompts, candidates) for _ in cs]
-        flat_c = [c["completion"] for cs in candidates for c in cs]
-        scores = [float(s) for s in self.reward_fn(flat_p, flat_c)]
-        k = 0
-        for cs in candidates:
-            for c in cs:
-                c["score"] = scores[k]
-                k += 1
-        return candidates
+        groups = sample_completions(self.model, self.tokenizer, self.prompts, a.samples_per_prompt, params,
+                                    batch_size=a.batch_size, max_prompt_length=a.max_prompt_length, seed=round_seed)
+        flat_p = [p for p, g in zip(self.prompts, groups, strict=True) for _ in g]
+        scores = iter(self.scorer(flat_p, [c.text for g in groups for c in g]).tolist())
+        return [[{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": next(scores)} for c in g]
+                for g in groups]
 
-    def train(self) -> list[dict[str, Any]]:
-        from alignloop.models import load_causal_lm
-        from alignloop.trainers.sft import SFTConfig, SFTTrainer
-        from alignloop.training import MetricsLogger
-
+    def train(self) -> TrainResult:
         a = self.args
         out = Path(a.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(out, tensorboard=False)
+        t_start = time.perf_counter()
         summaries: list[dict[str, Any]] = []
         n = a.samples_per_prompt
         for r in range(a.rounds):
@@ -167,13 +163,13 @@ class RejectionSamplingTrainer:
             round_dir = out / f"round-{r}"
             candidates = self._sample_and_score(a.seed + 1000 * r)
             rows, sft_rows = [], []
-            for p, cs in zip(self.prompts, candidates):
+            for p, cs in zip(self.prompts, candidates, strict=True):
                 kept = select(cs, a.keep_top_k, a.score_threshold)
                 for i, c in enumerate(cs):
                     c["kept"] = i in kept
                 rows.append({"prompt": p, "candidates": cs})
                 sft_rows += [{"prompt": p, "completion": cs[i]["completion"]} for i in kept]
-            write_jsonl(rows, round_dir / "samples.jsonl")
+            write_rows(rows, round_dir / "samples.jsonl")
             scores = [c["score"] for cs in candidates for c in cs]
             summary: dict[str, Any] = {
                 "round": r, "rs/mean_score": sum(scores) / len(scores),
@@ -205,12 +201,14 @@ class RejectionSamplingTrainer:
         self.model.save_pretrained(out / "final")
         self.tokenizer.save_pretrained(out / "final")
         (out / "summary.json").write_text(json.dumps(summaries, indent=1, default=str))
-        return summaries
+        return TrainResult(output_dir=str(out / "final"), steps=a.rounds,
+                           metrics={k: v for k, v in summaries[-1].items() if isinstance(v, (int, float))},
+                           seconds=time.perf_counter() - t_start, history=summaries)
 
 
-def run_rs(config: RSConfig) -> list[dict[str, Any]]:
+def run_rs(config: RSConfig) -> TrainResult:
     """The `alignloop rs` entry point."""
-    summaries = RejectionSamplingTrainer(args=config).train()
-    for s in summaries:
+    result = RejectionSamplingTrainer(args=config).train()
+    for s in result.history:
         print(json.dumps(s, default=str))
-    return summaries
+    return result

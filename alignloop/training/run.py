@@ -1,4 +1,5 @@
-"""Small functions the trainers share (not a base class): run set-up, tokenizer, LoRA options, resume, final save."""
+"""What the trainers share (functions, not a base class): the offline trainers' config fields (`TrainingArgs`), the
+result every `train()` returns (`TrainResult`), run set-up, tokenizer, LoRA options, resume, checkpoints, final save."""
 from __future__ import annotations
 
 import json
@@ -72,11 +73,26 @@ class TrainingArgs:
 
 @dataclass
 class TrainResult:
-    """What `train()` returns: where the final model is, how many optimizer steps ran, the last eval metrics."""
+    """What every trainer's `train()` returns: where the final model is (`output_dir`, a folder plain transformers
+    loads), how many steps ran (optimizer steps; PPO: updates; rejection sampling: rounds), the last metrics
+    (evaluation metrics where there is an eval set), the wall time, why the run stopped early (None: it used its
+    budget) and `history`, the metrics of every logged step (PPO: one dict per update; rejection sampling: per round).
+    Indexing and iterating the result go through `history` (`result[-1]` is the last update's metrics)."""
     output_dir: str
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    stop_reason: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, i):
+        return self.history[i]
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def __iter__(self):
+        return iter(self.history)
 
 
 @dataclass

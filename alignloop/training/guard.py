@@ -1,4 +1,4 @@
-"""Reward-hacking guard for PPO: watch the proxy reward together with KL and (when given) a held-out/gold scorer.
+"""Reward-hacking guard for the RL trainers (PPO and its relatives): watch the proxy reward together with KL and (when given) a held-out/gold scorer.
 
     guard = RewardHackingGuard(kl_budget=10.0, window=5, action="warn")
     alerts = guard.update(step, proxy=reward_mean, kl=kl_mean, gold=gold_mean_or_None)

@@ -1,0 +1,121 @@
+"""Best-of-N sampling (`alignloop generate`): draw N completions per prompt from a policy, score them with a reward,
+keep the best.
+
+    from alignloop.recipes.best_of_n import BestOfNConfig, best_of_n
+    rows, summary = best_of_n(policy, tokenizer, prompts, n=8, reward=load_scorer("runs/rm/final"),
+                              params=SamplingParams(max_new_tokens=64, temperature=1.0))
+    alignloop generate --model POLICY --prompts-file prompts.jsonl --best-of 8 --reward-model RM --output-file out.jsonl
+
+Sampling goes through `alignloop.rollout.sample_completions` (KV cache, `batch_size` prompts x N completions per
+call), scoring through `alignloop.scoring` (`score_batch_size` sequences per reward-model forward): a reward model
+scores prompt + completion + EOS exactly as the reward-model trainer tokenised its pairs, so the score is read at an
+EOS token as in training (`add_eos`; an EOS already at the end is not doubled; `--no-add-eos` for a reward model
+trained with `--no-add-eos`). Completions are decoded without special tokens, so one that stopped at EOS and one cut
+at `max_new_tokens` both get exactly one EOS; the candidate's `stopped` flag tells them apart.
+
+Output JSONL, one line per prompt: {"prompt", "candidates": [{"completion", "score", "stopped", "length"}, ... N],
+"best_index", "best_completion", "best_score"}. The summary reports the mean best and mean candidate score and the
+analytic KL of the best-of-N distribution to the base policy, log N - (N-1)/N nats (Stiennon et al. 2020; an upper
+bound, Beirami et al. 2024).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from alignloop.data import prompt_texts, write_rows
+from alignloop.errors import ConfigError
+from alignloop.evaluation import best_of_n_kl
+from alignloop.models import load_causal_lm, load_tokenizer
+from alignloop.rollout import SamplingParams, sample_completions
+from alignloop.scoring import build_scorer, load_scorer
+
+
+@dataclass
+class BestOfNConfig:
+    """`alignloop generate`: sample completions; with --best-of N > 1, N per prompt scored by --reward-model."""
+
+    model: str = field(default="", metadata={"help": "Policy to sample from: hub id or local folder."})
+    prompts_file: str = field(default="", metadata={"help": "Prompts ({prompt} rows, text or messages; "
+                                                            "JSONL/JSON/Parquet/CSV or a datasets folder)."})
+    output_file: str = field(default="generations.jsonl", metadata={"help": "Where to write one JSON line per "
+                                                                            "prompt (every candidate and its score)."})
+    best_of: int = field(default=1, metadata={"help": "N: completions per prompt; the reward picks the best."})
+    reward_model: str | list[str] | None = field(default=None, metadata={
+        "help": "The reward scoring the N candidates: a reward model or classifier (folder or hub id), a Python "
+                "function module:function, or several SPEC=WEIGHT (a weighted sum)."})
+    positive_label: str = field(default="1", metadata={"help": "Positive class (index or label name) of a "
+                                                                "classifier with several labels used as the reward."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k truncation (0 = none)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass (1.0 = none)."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N prompt tokens."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (x best_of sequences)."})
+    score_batch_size: int = field(default=32, metadata={"help": "Sequences per reward-model forward."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
+    add_eos: bool = field(default=True, metadata={
+        "help": "Score prompt + completion + EOS, as the reward-model trainer appends EOS to every completion (its "
+                "add_eos); an EOS already there is not doubled. Off for a reward model trained with --no-add-eos."})
+
+    def __post_init__(self):
+        if self.best_of < 1:
+            raise ConfigError(f"best_of must be >= 1, got {self.best_of}")
+        if self.batch_size < 1 or self.score_batch_size < 1:
+            raise ConfigError("batch_size and score_batch_size must be >= 1")
+
+
+def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params: SamplingParams | None = None,
+              batch_size: int = 8, max_prompt_length: int | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Sample n completions per prompt, score them with `reward` (a scorer of `alignloop.scoring`, a model or a
+    function `f(prompts, completions) -> scores`), keep the best. Returns (rows, summary); see the module docstring
+    for the row layout. With n == 1 and no reward, plain sampling (scores None)."""
+    scorer = build_scorer(reward, policy_tokenizer=tokenizer)
+    if n > 1 and scorer is None:
+        raise ConfigError("best-of-N with N > 1 needs a reward (--reward-model) to pick the best")
+    groups = sample_completions(policy, tokenizer, prompts, n, params, batch_size=batch_size,
+                                max_prompt_length=max_prompt_length)
+    flat_p = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
+    flat_c = [c.text for g in groups for c in g]
+    scores = scorer(flat_p, flat_c).tolist() if scorer is not None else [None] * len(flat_c)
+    rows = []
+    for i, (p, g) in enumerate(zip(prompts, groups, strict=True)):
+        cs = [{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": scores[i * n + j]}
+              for j, c in enumerate(g)]
+        best = max(range(len(cs)), key=lambda j: cs[j]["score"]) if scorer is not None else 0
+        rows.append({"prompt": p, "candidates": cs, "best_index": best, "best_completion": cs[best]["completion"],
+                     "best_score": cs[best]["score"]})
+    summary = {"n": n, "prompts": len(rows), "kl_best_of_n": best_of_n_kl(n)}
+    if scorer is not None:
+        summary["mean_best_score"] = sum(r["best_score"] for r in rows) / max(len(rows), 1)
+        summary["mean_score"] = sum(scores) / max(len(scores), 1)
+    return rows, summary
+
+
+def run_generate(config: BestOfNConfig) -> dict[str, float]:
+    """The `alignloop generate` entry point."""
+    if not config.model:
+        raise ConfigError("model: give the policy to sample from (--model)")
+    if not config.prompts_file:
+        raise ConfigError("prompts_file: give the prompts (--prompts-file)")
+    if config.best_of > 1 and not config.reward_model:
+        raise ConfigError("--best-of N > 1 needs --reward-model (a folder, hub id or module:function) to score the "
+                          "candidates")
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    policy = load_causal_lm(config.model, dtype=config.dtype).eval()
+    scorer = load_scorer(config.reward_model, dtype=config.dtype, positive_label=config.positive_label,
+                         batch_size=config.score_batch_size, add_eos=config.add_eos) if config.reward_model else None
+    prompts = prompt_texts(config.prompts_file, tokenizer=tokenizer, max_prompts=config.max_prompts)
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            top_k=config.top_k, top_p=config.top_p)
+    rows, summary = best_of_n(policy, tokenizer, prompts, config.best_of, scorer, params, config.batch_size,
+                              config.max_prompt_length)
+    write_rows(rows, config.output_file)
+    summary["output_file"] = str(config.output_file)
+    print(json.dumps(summary))
+    return summary

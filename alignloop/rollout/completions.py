@@ -1,0 +1,97 @@
+"""Sampling N completions per prompt: the one home of "prompts in, texts out" for every caller (the feedback app's
+`sample`, best-of-N, rejection sampling, the pipeline and evaluation).
+
+    groups = sample_completions(model, tokenizer, prompts, n=4, params=SamplingParams(max_new_tokens=48), seed=0)
+    groups[i][j].text, .stopped, .length, .kl          # prompt i's j-th completion
+
+Prompts are tokenised without special tokens and keep their last `max_prompt_length` tokens (`encode_prompts`; an
+empty prompt becomes BOS, or EOS when the tokenizer has no BOS); generation is batched through a `Sampler` (the
+KV-cache `HFSampler` by default), `batch_size` prompts × n sequences per call, each prompt's n samples in the same
+call. Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
+`stopped` tells a completion that ended at a stop token from one cut at `max_new_tokens`.
+
+With `ref_model`, each completion also carries `kl` = Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over its tokens (the k1
+estimator, `alignloop.losses.kl_penalty`), both log-probs at the sampling temperature: the per-sequence KL that
+PPO's `objective/kl` reports, estimated on the policy's own samples.
+
+Shapes: B = sequences in a call, P = prompt tokens (left-padded), R = response tokens (right-padded).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignloop.losses import kl_penalty, logprobs_from_logits, masked_sum
+from alignloop.models.forward import model_forward
+from alignloop.rollout.sampler import HFSampler, Rollout, Sampler, SamplingParams
+
+
+@dataclass
+class Completion:
+    text: str                    # decoded without special tokens
+    stopped: bool                # ended with a stop token / string (False: cut at max_new_tokens)
+    length: int                  # response tokens, the stop token included
+    kl: float | None = None      # Σ_t k1 to the reference (only with ref_model)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt (no special tokens), keeping the last `max_prompt_length` tokens. An empty prompt
+    becomes [BOS] (or [EOS]): generation needs at least one token to condition on."""
+    ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
+    if max_prompt_length is not None:
+        ids = [x[-max_prompt_length:] for x in ids]
+    if any(not x for x in ids):
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [x or [start] for x in ids]
+    return ids
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The response texts of a rollout, without special tokens (the stop token is not part of the text)."""
+    return tokenizer.batch_decode([r[m].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask,
+                                                                  strict=True)], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | x, y<t) [B,R] of a rollout's response tokens under `model` at `temperature` (0 where masked),
+    in eval mode (dropout off; the previous mode is restored)."""
+    P = rollout.prompt_ids.shape[1]
+    was = model.training
+    model.eval()
+    try:
+        logits = model_forward(model, rollout.input_ids, rollout.attention_mask.long())
+    finally:
+        model.train(was)
+    lp = logprobs_from_logits(logits[:, P - 1:-1], rollout.response_ids, temperature)
+    return lp * rollout.response_mask
+
+
+def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams | None = None, *,
+                       batch_size: int = 8, max_prompt_length: int | None = None, seed: int | None = None,
+                       ref_model=None, sampler: Sampler | None = None) -> list[list[Completion]]:
+    """n completions for each prompt -> one list of `Completion` per prompt, in prompt order. `seed` seeds torch's
+    RNG first (None: the RNG as it is). See the module docstring."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    params = params if params is not None else SamplingParams()
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampler = sampler if sampler is not None else HFSampler(model, tokenizer)
+    ids = encode_prompts(tokenizer, prompts, max_prompt_length)
+    out: list[list[Completion]] = []
+    for lo in range(0, len(ids), max(1, batch_size)):
+        chunk = ids[lo:lo + max(1, batch_size)]
+        rollout = sampler.generate([x for x in chunk for _ in range(n)], params)
+        texts = decode_responses(tokenizer, rollout)
+        lengths = rollout.response_mask.sum(1).tolist()
+        stopped = rollout.stopped.tolist()
+        kls = [None] * len(texts)
+        if ref_model is not None:
+            ref_lp = response_logprobs(ref_model, rollout, params.temperature).to(rollout.policy_logprobs.device)
+            kls = masked_sum(kl_penalty(rollout.policy_logprobs, ref_lp, "k1"), rollout.response_mask, dim=1).tolist()
+        flat = [Completion(t, bool(s), int(ln), k) for t, s, ln, k in zip(texts, stopped, lengths, kls, strict=True)]
+        out += [flat[j * n:(j + 1) * n] for j in range(len(chunk))]
+    return out

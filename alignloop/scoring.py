@@ -1,0 +1,370 @@
+"""Scoring text with a reward: the one home of "(prompt, completion) -> a number", for every caller (PPO, best-of-N,
+rejection sampling, evaluation, the pipeline).
+
+    scorer = load_scorer("runs/rm/final")                        # a reward model or classifier: folder or hub id
+    scorer = load_scorer("mypkg.rewards:exact_match")            # a function f(prompts, completions) -> floats
+    scorer = load_scorer(["runs/rm/final=0.7", "mypkg.rewards:exact_match=0.3"])   # a weighted sum
+    scorer = build_scorer(model_or_fn_or_spec, tokenizer=...)    # from objects already in memory
+    scores = scorer(prompts, completions)                        # [B] float32 tensor
+    parts = scorer.parts(prompts, completions)                   # {name: [B]}: each reward of a weighted sum
+    scores = scorer.score_rollout(rollout, prompts, completions) # PPO: the rollout's own tokens when possible
+
+Every scorer has `.weights` ({name: weight}), `.parts(prompts, completions, eos=None)` and
+`.rollout_parts(rollout, prompts, completions)` ({name: [B] float32}); calling it gives Σ weight · part.
+
+How a model sees the text (`ModelScorer`):
+- A **scalar-head reward model** (a decoder `...ForSequenceClassification` with one output, as `alignloop rm` saves,
+  or alignloop's `RewardModel`) scores prompt + completion tokenised **exactly as reward-model training tokenised**
+  (`alignloop.data.reward_input_ids`: the two parts without special tokens, EOS appended to the completion unless
+  already there, rm's "keep_end" truncation to the model's context), read at the last real token (from the attention
+  mask; pad == EOS tokenizers work). `eos` gives the EOS rule per row: PPO passes the rollout's `stopped` flags, so a
+  response cut at `max_new_tokens` gets no EOS (its `missing_eos_penalty` handles it).
+- A **classifier with several labels** gives its positive-class logit (`positive_label`: index or label name).
+- An **encoder classifier** (BERT, RoBERTa, ...: no decoder `score` head) sees prompt + completion as one text with
+  its tokenizer's special tokens ([CLS] ... [SEP]), as it was trained; a text longer than its context keeps its end.
+- With the rollout (`score_rollout`) and a decoder reward model sharing the policy's vocabulary, the rollout's own
+  tokens are scored (no decode/re-encode): the response that stopped ends with the policy's EOS, exactly what
+  `reward_input_ids` builds from its text with `eos = stopped`.
+A **function** `module:function` gets the texts: `f(prompts: list[str], completions: list[str]) -> list[float]`.
+
+`RewardTransform` then turns raw scores into the reward an RL trainer optimises, in this order: normalisation (none /
+running mean-std / gain and bias fitted on samples from the starting policy, Ziegler et al. 2019), clipping to
+±`clip`, and the no-EOS penalty:
+  * mode "replace" (OpenAI's original recipe): a response that never emitted a stop token gets score = penalty
+    value (e.g. -1.0), whatever the reward model said;
+  * mode "subtract" (TRL's `missing_eos_penalty`): score = score - penalty.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignloop.data import reward_input_ids
+from alignloop.errors import ConfigError, UserError
+from alignloop.models import (ClassifierReward, has_decoder_head, load_sequence_classifier, load_tokenizer,
+                              score_sequences, unwrap_model)
+from alignloop.rollout import Rollout
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def total(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Σ weight · part: the scalar reward of a (possibly weighted) scorer's parts."""
+    return sum(weights[k] * v for k, v in parts.items())
+
+
+# ------------------------------------------------------------------------------------------------ specs
+def load_function(spec: str) -> Callable:
+    """`module:function` -> the function (a scorer `f(prompts, completions) -> list[float]`)."""
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise UserError(f"reward function {spec!r}: expected 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"reward function {spec!r}: {e}") from None
+    if not callable(fn):
+        raise UserError(f"reward function {spec!r} is not callable")
+    return fn
+
+
+def is_function_spec(spec: str) -> bool:
+    """`package.module:function` (and no such local path): a Python function, not a model folder or hub id."""
+    mod, sep, name = spec.partition(":")
+    return bool(sep) and not Path(spec).exists() and all(p.isidentifier() for p in mod.split(".") + [name])
+
+
+def split_weight(item: str) -> tuple[str, float]:
+    """`SPEC=WEIGHT` -> (SPEC, WEIGHT); a plain `SPEC` has weight 1."""
+    spec, sep, w = item.rpartition("=")
+    if sep and spec:
+        try:
+            weight = float(w)
+        except ValueError:
+            return item, 1.0
+        if not math.isfinite(weight):
+            raise ConfigError(f"reward {item!r}: the weight must be a finite number")
+        return spec, weight
+    return item, 1.0
+
+
+def spec_name(spec: str) -> str:
+    """A short name for metrics (`reward/<name>`): the function's name, or the model folder's (its parent for
+    `.../final`)."""
+    if is_function_spec(spec):
+        return spec.partition(":")[2]
+    p = Path(spec.rstrip("/"))
+    return p.parent.name if p.name == "final" and p.parent.name else p.name
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+class FunctionScorer:
+    """A Python function `f(prompts, completions) -> list[float]` as a scorer (it sees texts only)."""
+
+    def __init__(self, fn: RewardFn, name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+        self.weights = {self.name: 1.0}
+
+    def parts(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> dict[str, torch.Tensor]:
+        values = [float(v) for v in self.fn(list(prompts), list(completions))]
+        if len(values) != len(completions):
+            raise UserError(f"reward function {self.name} returned {len(values)} scores for {len(completions)} "
+                            f"completions")
+        return {self.name: torch.tensor(values, dtype=torch.float32)}
+
+    def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
+        return {k: v.to(rollout.response_ids.device) for k, v in self.parts(prompts, completions).items()}
+
+    def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
+        return total(self.parts(prompts, completions, eos), self.weights)
+
+    def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
+        return total(self.rollout_parts(rollout, prompts, completions), self.weights)
+
+
+class ModelScorer:
+    """A sequence-scoring model: a scalar-head reward model, or a classifier's `positive_label` logit (see the module
+    docstring for how each sees the text). Scores in eval mode, without gradients, `batch_size` sequences per
+    forward. `policy_tokenizer`: the tokenizer of the policy whose rollouts `score_rollout` gets."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
+                 batch_size: int = 32, add_eos: bool = True, max_length: int | None = None,
+                 name: str = "reward_model"):
+        if isinstance(model, ClassifierReward):
+            tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+            positive_label = model.label_index
+            model = model.model
+        config = unwrap_model(model).config
+        multi = int(getattr(config, "num_labels", 1)) > 1
+        self.label = ClassifierReward.resolve_label(config, positive_label) if multi else 0
+        self.model = model
+        # the reward model's own tokenizer; without one, the policy's (scoring the rollout's tokens needs neither)
+        self.tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
+        self.policy_tokenizer = policy_tokenizer
+        self.decoder = has_decoder_head(model)   # else an encoder classifier: text with its own special tokens
+        self.batch_size, self.add_eos, self.name = batch_size, add_eos, name
+        self.weights = {name: 1.0}
+        limits = [getattr(config, k, None) for k in ("n_positions", "max_position_embeddings")]
+        self.max_length = max_length or next((x for x in limits if isinstance(x, int) and x > 0), None)
+        self.retokenize = not self.decoder or (policy_tokenizer is not None and self.tokenizer is not None and (
+            self.tokenizer.get_vocab() != policy_tokenizer.get_vocab()))
+
+    def _text_scores(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ConfigError("scoring text with a reward model needs its tokenizer (tokenizer=...)")
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
+        if not self.decoder:  # the classifier's own view: one text, its special tokens, the end kept when too long
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+            classifier = ClassifierReward(self.model, self.tokenizer, self.label, self.max_length or 512,
+                                          self.batch_size)
+            return classifier.reward(texts, keep="end") if texts else torch.zeros(0)
+        return self.score_ids(reward_input_ids(self.tokenizer, prompts, completions,
+                                               self.add_eos if eos is None else eos, self.max_length))
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Scores [len(seqs)] float32 of token sequences (right-padded in batches, read at the last real token)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        out = []
+        for lo in range(0, len(seqs), self.batch_size):
+            chunk = seqs[lo:lo + self.batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, s in enumerate(chunk):
+                ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+            out.append(self.score_tokens(ids.to(device), mask.to(device)))
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores [B] float32 of token tensors already in this model's vocabulary (any padding side)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            return score_sequences(self.model, input_ids, attention_mask, self.label).float()
+        finally:
+            self.model.train(was)
+
+    def parts(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> dict[str, torch.Tensor]:
+        return {self.name: self._text_scores(prompts, completions, eos)}
+
+    def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
+        if self.retokenize:
+            scores = self._text_scores(prompts, completions, rollout.stopped.tolist())
+        else:
+            ids, mask = rollout.input_ids, rollout.attention_mask.long()
+            device = next(self.model.parameters()).device
+            scores = torch.cat([self.score_tokens(ids[i:i + self.batch_size].to(device),
+                                                  mask[i:i + self.batch_size].to(device))
+                                for i in range(0, ids.shape[0], self.batch_size)])
+        return {self.name: scores.to(rollout.response_ids.device)}
+
+    def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
+        return total(self.parts(prompts, completions, eos), self.weights)
+
+    def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
+        return total(self.rollout_parts(rollout, prompts, completions), self.weights)
+
+
+class WeightedScorer:
+    """Σ weight_i · scorer_i: several rewards in one, each part kept for logging (`reward/<name>`)."""
+
+    def __init__(self, scorers: Sequence[tuple[object, float]]):
+        if not scorers:
+            raise ConfigError("a weighted reward needs at least one scorer")
+        self.scorers = []
+        self.weights: dict[str, float] = {}
+        for scorer, weight in scorers:
+            for name, w in scorer.weights.items():
+                unique, k = name, 2
+                while unique in self.weights:
+                    unique, k = f"{name}_{k}", k + 1
+                self.scorers.append((scorer, name, unique))
+                self.weights[unique] = w * weight
+
+    def parts(self, prompts, completions, eos=None) -> dict[str, torch.Tensor]:
+        return self._rename([s.parts(prompts, completions, eos) for s, _, _ in self.scorers])
+
+    def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
+        return self._rename([s.rollout_parts(rollout, prompts, completions) for s, _, _ in self.scorers])
+
+    def _rename(self, results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {unique: res[name] for (_, name, unique), res in zip(self.scorers, results, strict=True)}
+
+    def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
+        return total(self.parts(prompts, completions, eos), self.weights)
+
+    def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
+        return total(self.rollout_parts(rollout, prompts, completions), self.weights)
+
+
+Scorer = FunctionScorer | ModelScorer | WeightedScorer
+
+
+# ------------------------------------------------------------------------------------------------ transform
+class RewardTransform:
+    """Normalisation -> clipping -> no-EOS penalty (see module doc). State is saved in checkpoints.
+
+    normalize: "none"; "running" (running mean/std over every raw score seen so far, batch included);
+    "fit" (gain g = target_std/σ and bias b = target_mean − g·μ fitted once by `fit(raw_scores)` on samples from
+    the starting policy; the trainer does this before the first update)."""
+
+    def __init__(self, normalize: str = "none", clip: float | None = None, missing_eos_penalty: float | None = None,
+                 missing_eos_mode: str = "replace", target_mean: float = 0.0, target_std: float = 1.0):
+        if normalize not in ("none", "running", "fit"):
+            raise ConfigError(f"reward_normalization must be none, running or fit, got {normalize!r}")
+        if missing_eos_mode not in ("replace", "subtract"):
+            raise ConfigError(f"missing_eos_penalty_mode must be replace or subtract, got {missing_eos_mode!r}")
+        self.normalize, self.clip = normalize, clip
+        self.penalty, self.penalty_mode = missing_eos_penalty, missing_eos_mode
+        self.target_mean, self.target_std = target_mean, target_std
+        self.gain, self.bias = 1.0, 0.0
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.fitted = False
+
+    def fit(self, raw: torch.Tensor) -> None:
+        raw = raw.double()
+        mu, sigma = raw.mean().item(), raw.std(unbiased=False).item()
+        self.gain = self.target_std / max(sigma, 1e-8)
+        self.bias = self.target_mean - self.gain * mu
+        self.fitted = True
+
+    def _update_running(self, raw: torch.Tensor) -> None:
+        for x in raw.double().tolist():  # Welford
+            self.count += 1
+            d = x - self.mean
+            self.mean += d / self.count
+            self.m2 += d * (x - self.mean)
+
+    def __call__(self, raw: torch.Tensor, stopped: torch.Tensor, all_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """raw [B] -> final scores [B]. `all_raw`: the raw scores of every process (running statistics must be the
+        same everywhere); defaults to `raw`."""
+        s = raw.float()
+        if self.normalize == "running":
+            self._update_running(all_raw if all_raw is not None else raw)
+            std = math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+            s = (s - self.mean) / max(std, 1e-8) * self.target_std + self.target_mean
+        elif self.normalize == "fit":
+            s = s * self.gain + self.bias
+        if self.clip is not None:
+            s = s.clamp(-self.clip, self.clip)
+        if self.penalty is not None:
+            no_eos = ~stopped.to(s.device)
+            if self.penalty_mode == "replace":
+                s = torch.where(no_eos, torch.full_like(s, self.penalty), s)
+            else:
+                s = torch.where(no_eos, s - self.penalty, s)
+        return s
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("gain", "bias", "count", "mean", "m2", "fitted")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_reward_model(name_or_path: str | os.PathLike, dtype=None) -> tuple[nn.Module, object]:
+    """(sequence classifier in eval mode, its tokenizer) from a folder or hub id. A checkpoint without a trained
+    classification head (e.g. a plain causal LM) is refused: its scores would come from a random head."""
+    model, info = load_sequence_classifier(name_or_path, dtype=dtype, output_loading_info=True)
+    missing = sorted(k for k in (info or {}).get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier"))
+    if missing:
+        raise UserError(f"{name_or_path} is not a reward model or classifier: its classification head "
+                        f"({', '.join(missing)}) is not in the checkpoint (train one with `alignloop rm`)")
+    return model.eval(), load_tokenizer(str(name_or_path), padding_side="right")
+
+
+def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int | str = 1, batch_size: int = 32,
+                add_eos: bool = True, policy_tokenizer=None, device=None) -> Scorer:
+    """A scorer from one spec or several `SPEC=WEIGHT` (see the module docstring). SPEC: a reward-model /
+    classifier folder or hub id, or `module:function`."""
+    items = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
+    if not items:
+        raise ConfigError("no reward given: a reward-model folder or hub id, or module:function")
+    built = []
+    for item in items:
+        spec, weight = split_weight(str(item)) if len(items) > 1 else (str(item), 1.0)
+        if is_function_spec(spec):
+            scorer = FunctionScorer(load_function(spec), spec_name(spec))
+        else:
+            model, tok = load_reward_model(spec, dtype)
+            if device is not None:
+                model.to(device)
+            scorer = ModelScorer(model, tok, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
+                                 batch_size=batch_size, add_eos=add_eos, name=spec_name(spec))
+        built.append((scorer, weight))
+    return built[0][0] if len(built) == 1 and built[0][1] == 1.0 else WeightedScorer(built)
+
+
+def build_scorer(reward, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
+                 batch_size: int = 32, add_eos: bool = True, dtype=None, device=None) -> Scorer | None:
+    """A scorer from whatever the user handed over: a scorer (as is), a spec string or list (`load_scorer`), a model
+    (`RewardModel`, `ClassifierReward`, any transformers sequence classifier; with its `tokenizer`) or a function
+    `f(prompts, completions) -> floats`. None stays None."""
+    if reward is None or isinstance(reward, (FunctionScorer, ModelScorer, WeightedScorer)):
+        return reward
+    if isinstance(reward, (str, os.PathLike)) or (isinstance(reward, (list, tuple)) and reward
+                                                  and all(isinstance(r, (str, os.PathLike)) for r in reward)):
+        return load_scorer(reward, dtype=dtype, positive_label=positive_label, batch_size=batch_size,
+                           add_eos=add_eos, policy_tokenizer=policy_tokenizer, device=device)
+    if isinstance(reward, nn.Module):
+        if device is not None:
+            reward.to(device)
+        return ModelScorer(reward, tokenizer, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
+                           batch_size=batch_size, add_eos=add_eos)
+    if callable(reward):
+        return FunctionScorer(reward)
+    raise ConfigError(f"reward must be a model, a ClassifierReward, a function f(prompts, completions), a folder / "
+                      f"hub id or module:function, got {type(reward).__name__}")
