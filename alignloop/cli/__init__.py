@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from alignloop.errors import UserError
+
 # name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("alignloop.cli.demo", "demo", "Run the whole loop on the built-in example task (no downloads)."),
@@ -20,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("alignloop.cli.dpo", "dpo", "Direct preference optimisation (no reward model)."),
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
-    "eval": ("alignloop.cli.demo", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
-    "pipeline": ("alignloop.cli.demo", "pipeline", "Run the whole loop on your own models and data from a YAML file."),
+    "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
+    "pipeline": ("alignloop.cli.pipeline", "pipeline", "Run the whole loop on your own models and data from a YAML file."),
     "data": ("alignloop.cli.data", "data", "Validate and convert datasets (rankings -> pairs, formats)."),
     "feedback": ("alignloop.cli.feedback", "feedback", "The human-feedback labeling app: serve, import, stats, export."),
 }
@@ -58,8 +60,6 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alignloop.errors import UserError
-
     try:
         cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
     except UserError as e:

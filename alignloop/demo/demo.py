@@ -1,6 +1,7 @@
 """`alignloop demo`: the whole loop on the built-in toy domain (short movie reviews), with no downloads.
 
-Stages (each resumable; see `alignloop.demo.pipeline`):
+Stages (each resumable; the run folder and the loop are `alignloop.pipeline`'s; this module adds the toy domain's
+data and base model and the demo's sizes):
   data      generate the pretraining corpus, SFT demonstrations and prompts (`alignloop.demo.domain`)
   base      train a byte-level BPE tokenizer locally and pretrain a small GPT-2 from scratch on the corpus
   sft       supervised fine-tuning on the demonstrations
@@ -21,15 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alignloop.data import read_rows, write_rows
 from alignloop.demo import domain
-from alignloop.demo.pipeline import (
-    EvalSettings,
-    FeedbackSettings,
-    Pipeline,
-    PipelineConfig,
-    RunFolder,
-    write_jsonl,
-)
+from alignloop.models.tiny import build_tiny_checkpoint
+from alignloop.pipeline import EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder
+from alignloop.trainers.sft import SFTConfig, SFTTrainer
+from alignloop.training.loop import set_threads
 
 GOLD = "alignloop.demo.domain:gold_scores"
 
@@ -67,10 +65,11 @@ class DemoSize:
 
 
 def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, rounds: int = 1) -> PipelineConfig:
-    data = out / "data"
+    run = RunFolder(out, create=False)
+    data = run.data_dir
     return PipelineConfig(
         output_dir=str(out),
-        policy=str(out / "base" / "final"),
+        policy=str(run.base_model),
         sft={"train_file": str(data / "demos.jsonl"), "max_steps": size.sft_steps, "learning_rate": 1e-3,
              "per_device_batch_size": 32, "warmup_steps": 10, "lr_scheduler": "cosine", "max_length": 96,
              "seed": seed, "progress": False, "tensorboard": False, "logging_steps": 10},
@@ -86,7 +85,7 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, r
             "use_margin": False},
         ppo={"total_updates": size.ppo_updates, "rollout_batch_size": size.ppo_batch, "num_ppo_epochs": 4,
              "num_mini_batches": 2, "learning_rate": 1e-4, "max_new_tokens": size.max_new_tokens, "kl_coef": 0.1,
-             "reward_normalization": "fit", "normalization_samples": 64, "sample_every": 10, "progress_bar": False,
+             "reward_normalization": "fit", "normalization_samples": 64, "sample_every": 10, "progress": False,
              "tensorboard": False, "lr_scheduler": "constant"},
         dpo={"beta": 0.1, "num_epochs": size.dpo_epochs, "learning_rate": 1e-4, "per_device_batch_size": 16,
              "max_length": 96, "logging_steps": 5,
@@ -104,20 +103,17 @@ def stage_data(folder: Path, size: DemoSize, seed: int) -> dict:
     corpus = domain.pretraining_corpus(size.corpus, seed=seed)
     demos = domain.demonstrations(size.demos, seed=seed + 1)
     train, held = domain.prompt_split(seed=seed, n_eval=size.eval_prompts)
-    write_jsonl(corpus, folder / "corpus.jsonl")
-    write_jsonl(demos, folder / "demos.jsonl")
-    write_jsonl([{"prompt": p} for p in train], folder / "prompts.jsonl")
-    write_jsonl([{"prompt": p} for p in held], folder / "eval_prompts.jsonl")
+    write_rows(corpus, folder / "corpus.jsonl")
+    write_rows(demos, folder / "demos.jsonl")
+    write_rows([{"prompt": p} for p in train], folder / "prompts.jsonl")
+    write_rows([{"prompt": p} for p in held], folder / "eval_prompts.jsonl")
     return {"corpus": len(corpus), "demos": len(demos), "prompts": len(train), "eval_prompts": len(held)}
 
 
 def stage_base(folder: Path, data: Path, size: DemoSize, seed: int) -> dict:
     """Tokenizer trained locally + a GPT-2-shaped model pretrained from scratch on the corpus (loss on every
     token), with the SFT trainer on `text` rows."""
-    from alignloop.models.tiny import build_tiny_checkpoint
-    from alignloop.trainers.sft import SFTConfig, SFTTrainer
-
-    rows = [json.loads(x) for x in (data / "corpus.jsonl").read_text().splitlines()]
+    rows = [dict(r) for r in read_rows(data / "corpus.jsonl")]
     init = build_tiny_checkpoint(folder / "init", [r["text"] for r in rows], vocab_size=size.vocab_size, seed=seed,
                                  n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head, n_positions=128)
     args = SFTConfig(output_dir=str(folder), max_steps=size.pretrain_steps, learning_rate=2e-3,
@@ -128,24 +124,6 @@ def stage_base(folder: Path, data: Path, size: DemoSize, seed: int) -> dict:
     return {"model": res.output_dir, "steps": res.steps, **res.metrics}
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Torch intra-op threads. Default: all cores on an idle machine, 1 on a busy one (several threads contending
-    for busy cores make small models many times slower: measured 0.18 s vs 2.2 s per step)."""
-    import os
-
-    import torch
-
-    if threads is None:
-        n = os.cpu_count() or 1
-        try:
-            busy = os.getloadavg()[0] > n - 0.5
-        except OSError:
-            busy = False
-        threads = 1 if busy else n
-    torch.set_num_threads(max(1, threads))
-    return threads
-
-
 def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None, seed: int = 0, human: bool = False,
              resume: bool = False, echo: Callable[[str], None] = print, threads: int | None = None,
              rounds: int = 1) -> dict:
@@ -153,23 +131,19 @@ def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None,
     size = size or DemoSize()
     set_threads(threads)
     out = Path(output_dir)
-    state_file = out / "demo.json"
+    run = RunFolder(out, echo)
+    state_file = run.demo_state
     if resume and state_file.exists():
         state = json.loads(state_file.read_text())
         size = DemoSize(**state["size"])
         seed = state["seed"]
         human = state.get("human", False)
         rounds = state.get("rounds", rounds)
-    out.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds},
                                      indent=1))
-    run = RunFolder(out, echo)
     run.stage("data", lambda f: stage_data(f, size, seed))
-    run.stage("base", lambda f: stage_base(f, out / "data", size, seed))
+    run.stage("base", lambda f: stage_base(f, run.data_dir, size, seed))
     cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds)
     if human and resume:
         cfg.feedback.labelers = "human"
-    pipe = Pipeline(cfg, echo)
-    pipe.run = run
-    result = pipe.run_all()
-    return result
+    return Pipeline(cfg, echo, run=run).run_all()

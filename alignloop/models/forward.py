@@ -62,18 +62,23 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _lm_wrapper(model: nn.Module) -> bool:
+    """An alignloop wrapper holding a causal LM in `.lm` (e.g. `CausalLMWithValueHead`)."""
+    return getattr(model, "_alignloop_wrapper", False) and isinstance(getattr(model, "lm", None), nn.Module)
+
+
 def model_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   return_hidden: bool = False, position_ids: torch.Tensor | None = None, **kwargs):
     """Run a causal LM with position ids built from the attention mask (`position_ids_from_attention_mask`).
 
     Returns `logits` [B,T,V], or `(logits, last_hidden_state[B,T,D])` when `return_hidden`. No KV cache is kept.
     `model` may be a transformers causal LM, a peft model, or a `CausalLMWithValueHead` (its LM is used).
-    The logits at position t predict token t+1 (shift them before `alignloop.losses.logprobs_from_logits`)."""
-    from alignloop.models.value_head import CausalLMWithValueHead
-
+    The logits at position t predict token t+1 (shift them before `alignloop.losses.logprobs_from_logits`).
+    An alignloop wrapper around an LM (one with an `lm` attribute, e.g. `CausalLMWithValueHead`) is called itself,
+    and its `.logits` returned, so a distributed wrapper around it sees the call."""
     if position_ids is None:
         position_ids = position_ids_from_attention_mask(attention_mask)
-    if isinstance(unwrap_distributed(model), CausalLMWithValueHead):
+    if _lm_wrapper(unwrap_distributed(model)):
         if not return_hidden and not kwargs:
             # through the (possibly DDP-wrapped) module itself, so distributed gradient sync sees the call
             return model(input_ids, attention_mask, position_ids=position_ids).logits

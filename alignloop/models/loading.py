@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from alignloop.errors import UserError
+from alignloop.models.forward import unwrap_distributed
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -124,8 +125,6 @@ def apply_lora(model: nn.Module, options: LoraOptions, task_type: str = "CAUSAL_
 def _unwrap_wrapper(model: nn.Module) -> nn.Module:
     # DDP/compile wrappers, then our wrappers (CausalLMWithValueHead, RewardModel) that hold the transformers/peft
     # model in .lm / .model
-    from alignloop.models.forward import unwrap_distributed
-
     model = unwrap_distributed(model)
     for attr in ("lm", "model"):
         inner = getattr(model, attr, None)

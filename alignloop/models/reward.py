@@ -11,7 +11,7 @@ padding-safe.
 """
 from __future__ import annotations
 
-import math
+import copy
 import os
 from typing import Any
 
@@ -19,17 +19,9 @@ import torch
 from torch import nn
 
 from alignloop.errors import UserError
-from alignloop.models.forward import backbone_hidden_states, last_token_index, unwrap_model
-from alignloop.models.loading import LoraOptions, load_sequence_classifier, load_tokenizer
-
-
-def init_reward_head(linear: nn.Linear, d_model: int | None = None) -> None:
-    """Reward-head init: weight ~ N(0, std = 1/sqrt(d_model + 1)), bias 0 (Huang et al. 2024, OpenAI's lm-human-prefs)."""
-    d = d_model if d_model is not None else linear.in_features
-    with torch.no_grad():
-        linear.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
-        if linear.bias is not None:
-            linear.bias.zero_()
+from alignloop.models.forward import backbone_hidden_states, last_token_index, unwrap_distributed, unwrap_model
+from alignloop.models.loading import LoraOptions, apply_lora, has_adapter, load_sequence_classifier, load_tokenizer
+from alignloop.models.value_head import init_reward_head
 
 
 def _score_head(hf: nn.Module) -> nn.Module | None:
@@ -46,8 +38,6 @@ def has_decoder_head(model: nn.Module) -> bool:
 
 def _classifier(model: nn.Module) -> nn.Module:
     """Our wrappers (RewardModel, CriticModel, ClassifierReward; possibly DDP-wrapped) -> the classifier inside."""
-    from alignloop.models.forward import unwrap_distributed
-
     inner = unwrap_distributed(model)
     if getattr(inner, "_alignloop_wrapper", False) and isinstance(getattr(inner, "model", None), nn.Module):
         return inner.model
@@ -86,8 +76,6 @@ def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     label: int = 0) -> torch.Tensor:
     """Scalar score per sequence [B], float32, at the last real token (column `label` of `sequence_logits`).
     `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
-    from alignloop.models.forward import unwrap_distributed
-
     inner = unwrap_distributed(model)
     if isinstance(inner, RewardModel) and not isinstance(inner, CriticModel):
         if label != 0:
@@ -97,8 +85,6 @@ def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def _merged_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).merge_and_unload()
 
 
@@ -135,8 +121,6 @@ class RewardModel(nn.Module):
         missing = set(info.get("missing_keys", ())) if isinstance(info, dict) else set()
         if head is not None and any(k.startswith("score.") for k in missing) and isinstance(head, nn.Linear):
             init_reward_head(head)
-        from alignloop.models.loading import apply_lora, has_adapter
-
         if lora is not None and not has_adapter(model):
             model = apply_lora(model, lora, task_type="SEQ_CLS")
         return cls(model)
@@ -153,8 +137,6 @@ class RewardModel(nn.Module):
         `merge_lora=True` (default) saves a merged copy (the live model keeps its adapter); False saves the adapter
         only (peft format)."""
         model = self.model
-        from alignloop.models.loading import has_adapter
-
         if has_adapter(model) and merge_lora:
             model = _merged_copy(model)
         model.save_pretrained(path, **kwargs)
@@ -176,10 +158,6 @@ def critic_from_reward_model(reward_model: str | os.PathLike | RewardModel, dtyp
     """A trainable critic initialised from a reward model (a path/hub id, or a `RewardModel` which is deep-copied,
     so training the critic leaves the reward model unchanged; a frozen reward model gives a trainable critic)."""
     if isinstance(reward_model, RewardModel):
-        import copy
-
-        from alignloop.models.loading import apply_lora, has_adapter
-
         inner = copy.deepcopy(reward_model.model)
         if has_adapter(inner):  # keep the reward model's adapter; train it (and the head copy) only
             for name, param in inner.named_parameters():

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from alignloop.models.value_head import init_reward_head
+
 EOS = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
@@ -86,7 +88,6 @@ def tiny_sequence_classifier(tok: PreTrainedTokenizerFast, num_labels: int = 1, 
 def tiny_reward_model(tok: PreTrainedTokenizerFast, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
                       n_positions: int = 256, seed: int = 0, dropout: float = 0.0) -> GPT2ForSequenceClassification:
     """A GPT-2 sequence classifier with num_labels=1 and the reward-head init N(0, 1/sqrt(n_embd+1))."""
-    from alignloop.models.reward import init_reward_head
 
     model = tiny_sequence_classifier(tok, num_labels=1, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                                      n_positions=n_positions, seed=seed, dropout=dropout)

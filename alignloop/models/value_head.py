@@ -8,6 +8,8 @@ Save layout (`CausalLMWithValueHead.save_pretrained(dir)`):
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,6 +22,15 @@ from alignloop.models.forward import model_forward, unwrap_model
 from alignloop.models.loading import LoraOptions, has_adapter, load_causal_lm
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def init_reward_head(linear: nn.Linear, d_model: int | None = None) -> None:
+    """Reward-head init: weight ~ N(0, std = 1/sqrt(d_model + 1)), bias 0 (Huang et al. 2024, OpenAI's lm-human-prefs)."""
+    d = d_model if d_model is not None else linear.in_features
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 def hidden_size(config) -> int:
@@ -45,8 +56,6 @@ class ValueHead(nn.Module):
             nn.init.zeros_(self.summary.weight)
             nn.init.zeros_(self.summary.bias)
         elif init == "reward":
-            from alignloop.models.reward import init_reward_head
-
             init_reward_head(self.summary, d_model)
         else:
             raise ValueError(f"init must be 'zero' or 'reward', got {init!r}")
@@ -131,8 +140,6 @@ class CausalLMWithValueHead(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         lm = self.lm
         if has_adapter(lm) and merge_lora:
-            import copy
-
             lm = copy.deepcopy(lm).merge_and_unload()
         lm.save_pretrained(path, **kwargs)
         save_file(self.v_head.state_for_save(), str(path / VALUE_HEAD_FILE))

@@ -4,12 +4,12 @@ from alignloop.training.config import (click_options_from_dataclass, config_from
                                        renamed_fields, save_config)
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import (epoch_order, global_batches, sync_context, make_accelerator, micro_batches, optimizer_step, plan_epoch,
-                                     seed_everything, shard, steps_per_epoch)
+                                     seed_everything, set_threads, shard, steps_per_epoch)
 from alignloop.training.optim import build_optimizer, build_scheduler
 
 __all__ = [
     "latest_checkpoint", "load_checkpoint", "resolve_resume", "save_checkpoint", "click_options_from_dataclass",
     "config_from_cli", "load_config", "make_config_command", "renamed_fields", "save_config", "MetricsLogger", "Progress",
     "read_metrics", "epoch_order", "global_batches", "sync_context", "make_accelerator", "micro_batches", "optimizer_step", "plan_epoch",
-    "seed_everything", "shard", "steps_per_epoch", "build_optimizer", "build_scheduler",
+    "seed_everything", "set_threads", "shard", "steps_per_epoch", "build_optimizer", "build_scheduler",
 ]

@@ -35,7 +35,7 @@ def _json(output: str) -> dict:
 
 
 def test_eval_policy_against_itself_and_another(tiny, tmp_path):
-    from alignloop.cli.demo import eval_cmd
+    from alignloop.cli.evaluate import eval_cmd
 
     out = tmp_path / "samples.jsonl"
     res = _invoke(eval_cmd, ["--policy", str(tiny / "policy"), "--reference", str(tiny / "policy"),
@@ -100,7 +100,7 @@ def _pipeline_yaml(tiny, tmp_path) -> str:
 
 
 def test_pipeline_runs_rounds_and_resumes(tiny, tmp_path):
-    from alignloop.cli.demo import pipeline
+    from alignloop.cli.pipeline import pipeline
 
     config = _pipeline_yaml(tiny, tmp_path)
     res = _invoke(pipeline, [config])
@@ -156,7 +156,7 @@ def test_pipeline_config_errors(tmp_path):
 def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path, label_like_people):
     """labelers: human -> the run stops after sampling; people label in the app (here: through the same store
     calls the app makes); running the command again trains on their judgements."""
-    from alignloop.cli.demo import pipeline
+    from alignloop.cli.pipeline import pipeline
 
     cfg = yaml.safe_load(open(_pipeline_yaml(tiny, tmp_path)))
     cfg.update(rounds=1, ppo=None)
@@ -183,7 +183,7 @@ def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path, label_like_p
 
 
 def test_eval_for_people_imports_pairs_into_the_app(tiny, tmp_path):
-    from alignloop.cli.demo import eval_cmd
+    from alignloop.cli.evaluate import eval_cmd
     from alignloop.feedback.store import Store
 
     db = tmp_path / "eval.db"

@@ -59,12 +59,12 @@ def test_win_rate_best_of_n_and_summary():
 
 
 def test_simulated_labelers_flag_the_careless_one(tmp_path):
-    from alignloop.demo.labelers import (
+    from alignloop.pipeline.labelers import (
         default_labelers,
         gold_agreement,
         simulate_labeling,
     )
-    from alignloop.demo.pipeline import _percent_agreement
+    from alignloop.pipeline.stages import percent_agreement as _percent_agreement
     from alignloop.feedback import quality
     from alignloop.feedback.store import Store
 
@@ -89,7 +89,7 @@ def test_simulated_labelers_flag_the_careless_one(tmp_path):
 
 
 def test_report_from_a_minimal_run_folder(tmp_path):
-    from alignloop.demo.report import write_report
+    from alignloop.pipeline.report import write_report
 
     (tmp_path / "stages.json").write_text(json.dumps({"sft": 3.0, "round-1/rm": 2.0}))
     (tmp_path / "eval").mkdir()

@@ -1,33 +1,18 @@
 """The run report: `report.md` and `report.html` in the run folder, plots rendered to PNG in `plots/`.
 
-Reads only the run folder (stage markers, metrics.jsonl of the trainers, labeling quality, eval results), so it can
-be rebuilt at any time: `write_report("runs/demo")`.
+Reads only the run folder, through `RunFolder` (stage markers, metrics.jsonl of the trainers, labeling quality,
+eval results), so it can be rebuilt at any time: `write_report("runs/demo")`.
 """
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
-DONE = "STAGE_DONE.json"
+import numpy as np
+import yaml
 
-
-def _read_json(p: Path):
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+from alignloop.pipeline.run_folder import RunFolder, read_json, read_jsonl
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -40,27 +25,22 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _last_round(root: Path) -> int:
-    n = 0
-    while (root / f"round-{n + 1}").exists():
-        n += 1
-    return n
-
-
 def _plt():
-    import matplotlib
+    """pyplot on the non-interactive Agg backend, chosen only when a report is drawn: importing the pipeline must not
+    change the backend of a user's notebook."""
+    import matplotlib  # noqa: PLC0415 - see the docstring
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - see the docstring
 
     return plt
 
 
-def plot_ppo(root: Path, out: Path) -> Path | None:
+def plot_ppo(run: RunFolder, out: Path) -> Path | None:
     rows = []
     r = 1
-    while (root / f"round-{r}" / "ppo" / "metrics.jsonl").exists():
-        rows.append((r, _metrics(root / f"round-{r}" / "ppo" / "metrics.jsonl")))
+    while (run.ppo_dir(r) / "metrics.jsonl").exists():
+        rows.append((r, read_jsonl(run.ppo_dir(r) / "metrics.jsonl")))
         r += 1
     if not rows:
         return None
@@ -87,8 +67,8 @@ def plot_ppo(root: Path, out: Path) -> Path | None:
     return p
 
 
-def plot_dpo(root: Path, out: Path) -> Path | None:
-    m = _metrics(root / "dpo" / "metrics.jsonl")
+def plot_dpo(run: RunFolder, out: Path) -> Path | None:
+    m = read_jsonl(run.dpo_dir / "metrics.jsonl")
     if not m:
         return None
     plt = _plt()
@@ -101,10 +81,8 @@ def plot_dpo(root: Path, out: Path) -> Path | None:
     a1.set(title="DPO: implicit reward β·log(π/π_ref) over training", xlabel="optimizer step",
            ylabel="implicit reward (train batch)")
     beta = None
-    cfg = root / "dpo" / "config.yaml"
+    cfg = run.dpo_dir / "config.yaml"
     if cfg.exists():
-        import yaml
-
         beta = (yaml.safe_load(cfg.read_text()) or {}).get("beta")
     beta = beta or 0.1
     for key, label in (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")):
@@ -124,7 +102,7 @@ def plot_dpo(root: Path, out: Path) -> Path | None:
     return p
 
 
-def plot_frontier(root: Path, res: dict, out: Path) -> Path | None:
+def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
     """Gold reward against KL for every method; without a gold scorer, the reward model's score instead."""
     if not res or not res.get("summary"):
         return None
@@ -143,7 +121,7 @@ def plot_frontier(root: Path, res: dict, out: Path) -> Path | None:
         for n in ns:
             ax.annotate(f"N={n}", (bon[n]["kl"], bon[n][f"{key}/mean"]), textcoords="offset points",
                         xytext=(-30, 4), fontsize=8, color="tab:green")
-    m = _metrics(root / f"round-{max(1, _last_round(root))}" / "ppo" / "metrics.jsonl")
+    m = read_jsonl(run.ppo_dir(max(1, run.rounds())) / "metrics.jsonl")
     mkey = "reward/gold_mean" if key == "gold" else "reward/raw_mean"
     xs = [r["objective/kl"] for r in m if "objective/kl" in r and mkey in r]
     ys = [r[mkey] for r in m if "objective/kl" in r and mkey in r]
@@ -196,7 +174,7 @@ def plot_best_of_n(res: dict, out: Path) -> Path | None:
     return p
 
 
-def plot_rm(root: Path, quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out: Path) -> Path | None:
+def plot_rm(quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out: Path) -> Path | None:
     if not rm_info:
         return None
     plt = _plt()
@@ -242,7 +220,6 @@ def plot_labelers(quality: dict | None, out: Path) -> Path | None:
     if not quality or not quality.get("stats"):
         return None
     plt = _plt()
-    import numpy as np
 
     stats = quality["stats"]
     names = list(stats)
@@ -313,53 +290,68 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     """Render plots and write report.md / report.html. Returns {"markdown", "html", "plots"}."""
-    root = Path(root)
-    plots_dir = root / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    times = _read_json(root / "stages.json") or {}
-    res = _read_json(root / "eval" / "results.json") or {}
-    rnd = _last_round(root)
-    quality = _read_json(root / "round-1" / "label" / "quality.json")
-    rm_dir = root / f"round-{max(rnd, 1)}" / "rm"
-    rm_info = _read_json(rm_dir / DONE)
-    rm_rows = _metrics(rm_dir / "metrics.jsonl")
+    run = RunFolder(root, create=False)
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    times = run.timings()
+    res = run.results()
+    rnd = max(run.rounds(), 1)
+    quality = read_json(run.quality(1))
+    rm_info = run.info(run.round_stage(rnd, "rm"))
+    rm_rows = read_jsonl(run.rm_dir(rnd) / "metrics.jsonl")
     plots = {}
-    for name, fn in (("ppo", lambda: plot_ppo(root, plots_dir)), ("dpo", lambda: plot_dpo(root, plots_dir)),
-                     ("frontier", lambda: plot_frontier(root, res, plots_dir)),
-                     ("best_of_n", lambda: plot_best_of_n(res, plots_dir)),
-                     ("reward_model", lambda: plot_rm(root, quality, rm_info, rm_rows, plots_dir)),
-                     ("labelers", lambda: plot_labelers(quality, plots_dir)),
-                     ("times", lambda: plot_times(times, plots_dir))):
+    for name, fn in (("ppo", lambda: plot_ppo(run, run.plots_dir)), ("dpo", lambda: plot_dpo(run, run.plots_dir)),
+                     ("frontier", lambda: plot_frontier(run, res, run.plots_dir)),
+                     ("best_of_n", lambda: plot_best_of_n(res, run.plots_dir)),
+                     ("reward_model", lambda: plot_rm(quality, rm_info, rm_rows, run.plots_dir)),
+                     ("labelers", lambda: plot_labelers(quality, run.plots_dir)),
+                     ("times", lambda: plot_times(times, run.plots_dir))):
         p = fn()
         if p is not None:
-            plots[name] = p.relative_to(root).as_posix()
+            plots[name] = p.relative_to(run.root).as_posix()
 
     md = ["# alignloop run report", ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     summ = res.get("summary", {})
-    per_round = [q for q in (_read_json(root / f"round-{r}" / "label" / "quality.json")
-                             for r in range(1, rnd + 1)) if q]
+    per_round = [q for q in (read_json(run.quality(r)) for r in range(1, run.rounds() + 1)) if q]
     md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times, per_round)
-    if summ:
-        md += ["## Results on held-out prompts", "",
-               f"{res.get('prompts')} held-out prompts × {res.get('samples_per_prompt')} sample(s). Gold = the "
-               f"hidden scorer `{res.get('gold')}` (no training stage saw it); RM = the learned reward model. Win "
-               "rates are against independent SFT samples on the same prompts (ties ½). KL = Σ_t log π/π_SFT on the "
-               "policy's samples (best-of-N: the analytic log N − (N−1)/N).", ""]
-        rows = []
-        for name, s in summ.items():
-            rows.append([name, _fmt(s.get("gold/mean")) + (f" ± {_fmt(s.get('gold/sem'))}" if "gold/sem" in s else ""),
-                         _fmt(s.get("gold/win_rate"), 2), _fmt(s.get("rm/mean")), _fmt(s.get("rm/win_rate"), 2),
-                         _fmt(s.get("kl"), 2), _fmt(s.get("length"), 1)])
-        md += [_table(["method", "gold reward", "gold win rate vs SFT", "RM reward", "RM win rate vs SFT",
-                       "KL to SFT", "length (tokens)"], rows), ""]
-        bon = res.get("best_of_n") or {}
-        if bon:
-            md += ["### Best-of-N (SFT samples picked by the reward model)", "",
-                   _table(["N", "gold reward", "RM reward", "KL bound"],
-                          [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
-                           for n in sorted(bon, key=int)]), ""]
+    md += _results_section(res)
+    md += _plot_sections(plots, quality, rm_info)
+    if times:
+        md += [_table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
+                      + [["total", f"{sum(times.values()):.1f}"]]), ""]
+    md += _sample_section(run, summ)
+    text = "\n".join(md)
+    run.report_md.write_text(text)
+    run.report_html.write_text(_md_to_html(text))
+    return {"markdown": str(run.report_md), "html": str(run.report_html), "plots": plots}
+
+
+def _results_section(res: dict) -> list[str]:
+    summ = res.get("summary", {})
+    if not summ:
+        return []
+    md = ["## Results on held-out prompts", "",
+          f"{res.get('prompts')} held-out prompts × {res.get('samples_per_prompt')} sample(s). Gold = the "
+          f"hidden scorer `{res.get('gold')}` (no training stage saw it); RM = the learned reward model. Win "
+          "rates are against independent SFT samples on the same prompts (ties ½). KL = Σ_t log π/π_SFT on the "
+          "policy's samples (best-of-N: the analytic log N − (N−1)/N).", ""]
+    rows = [[name, _fmt(s.get("gold/mean")) + (f" ± {_fmt(s.get('gold/sem'))}" if "gold/sem" in s else ""),
+             _fmt(s.get("gold/win_rate"), 2), _fmt(s.get("rm/mean")), _fmt(s.get("rm/win_rate"), 2),
+             _fmt(s.get("kl"), 2), _fmt(s.get("length"), 1)] for name, s in summ.items()]
+    md += [_table(["method", "gold reward", "gold win rate vs SFT", "RM reward", "RM win rate vs SFT",
+                   "KL to SFT", "length (tokens)"], rows), ""]
+    bon = res.get("best_of_n") or {}
+    if bon:
+        md += ["### Best-of-N (SFT samples picked by the reward model)", "",
+               _table(["N", "gold reward", "RM reward", "KL bound"],
+                      [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
+                       for n in sorted(bon, key=int)]), ""]
+    return md
+
+
+def _plot_sections(plots: dict, quality: dict | None, rm_info: dict | None) -> list[str]:
+    md = []
     for key, title in (("frontier", "Reward against KL (the reward–KL frontier)"), ("best_of_n", "Best-of-N"),
                        ("ppo", "PPO training"), ("dpo", "DPO training"), ("reward_model", "Reward model"),
                        ("labelers", "Labelers"), ("times", "Wall time per stage")):
@@ -374,35 +366,35 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
                       f": held-out labels are that noisy, so a reward model's accuracy on them stays near these "
                       f"figures (InstructGPT reports the same)." if quality else ""), ""]
         if key == "labelers" and quality:
-            st = quality["stats"]
-            rows = [[w, d["n"], _fmt(d.get("agreement"), 2), _fmt((quality.get("gold_agreement") or {}).get(w), 2),
-                     _fmt(d.get("left_share"), 2), _fmt(d.get("position_p"), 4),
-                     "; ".join(quality["flags"].get(w, [])) or "–"] for w, d in st.items()]
-            md += [_table(["labeler", "judgements", "agreement (LOO)", "agreement with gold", "left share",
-                           "position p-value", "flags"], rows), "",
-                   "Project agreement: " + ", ".join(f"{k} {_fmt(v)}" for k, v in
-                                                      (quality.get("project_agreement") or {}).items()), ""]
-    if times:
-        md += [_table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
-                      + [["total", f"{sum(times.values()):.1f}"]]), ""]
-    # sample completions before / after
-    ev = root / "eval"
-    ref = _metrics(ev / "samples_SFT.jsonl")
-    if ref:
-        md += ["## Sample completions (same held-out prompts)", ""]
-        methods = [m for m in summ if m != "SFT"]
-        others = {m: _metrics(ev / f"samples_{m.replace(' ', '_')}.jsonl") for m in methods}
-        for i in range(min(4, len(ref))):
-            md += [f"**{ref[i]['prompt']}**", ""]
-            rows = [["SFT (before)", ref[i]["response"].strip(), _fmt(ref[i].get("gold"), 1), _fmt(ref[i].get("rm"), 2)]]
-            for m, rs in others.items():
-                if i < len(rs):
-                    rows.append([m, rs[i]["response"].strip(), _fmt(rs[i].get("gold"), 1), _fmt(rs[i].get("rm"), 2)])
-            md += [_table(["model", "completion", "gold", "RM"], rows), ""]
-    text = "\n".join(md)
-    (root / "report.md").write_text(text)
-    (root / "report.html").write_text(_md_to_html(text))
-    return {"markdown": str(root / "report.md"), "html": str(root / "report.html"), "plots": plots}
+            md += _labeler_table(quality)
+    return md
+
+
+def _labeler_table(quality: dict) -> list[str]:
+    rows = [[w, d["n"], _fmt(d.get("agreement"), 2), _fmt((quality.get("gold_agreement") or {}).get(w), 2),
+             _fmt(d.get("left_share"), 2), _fmt(d.get("position_p"), 4),
+             "; ".join(quality["flags"].get(w, [])) or "–"] for w, d in quality["stats"].items()]
+    return [_table(["labeler", "judgements", "agreement (LOO)", "agreement with gold", "left share",
+                    "position p-value", "flags"], rows), "",
+            "Project agreement: " + ", ".join(f"{k} {_fmt(v)}" for k, v in
+                                               (quality.get("project_agreement") or {}).items()), ""]
+
+
+def _sample_section(run: RunFolder, summ: dict) -> list[str]:
+    """Sample completions before / after, on the same held-out prompts."""
+    ref = read_jsonl(run.eval_samples("SFT"))
+    if not ref:
+        return []
+    md = ["## Sample completions (same held-out prompts)", ""]
+    others = {m: read_jsonl(run.eval_samples(m)) for m in summ if m != "SFT"}
+    for i in range(min(4, len(ref))):
+        md += [f"**{ref[i]['prompt']}**", ""]
+        rows = [["SFT (before)", ref[i]["response"].strip(), _fmt(ref[i].get("gold"), 1), _fmt(ref[i].get("rm"), 2)]]
+        for m, rs in others.items():
+            if i < len(rs):
+                rows.append([m, rs[i]["response"].strip(), _fmt(rs[i].get("gold"), 1), _fmt(rs[i].get("rm"), 2)])
+        md += [_table(["model", "completion", "gold", "RM"], rows), ""]
+    return md
 
 
 def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, times: dict,

@@ -1,0 +1,120 @@
+"""The pipeline's configuration: `alignloop pipeline config.yaml` (see examples/pipeline.yaml).
+
+    cfg = PipelineConfig.from_yaml("pipeline.yaml")      # or PipelineConfig(policy=..., prompts=..., ...)
+
+The sections `sft`, `rm`, `ppo`, `dpo` and `rejection_sampling` hold the fields of the trainers' own configs
+(SFTConfig, RewardConfig, PPOConfig, DPOConfig, RSConfig: one vocabulary), checked when their stage builds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignloop.errors import ConfigError
+from alignloop.training.config import read_yaml
+
+
+def _f(default, help: str):
+    """A config field with its help text (factories for mutable defaults)."""
+    if isinstance(default, (list, dict)) or callable(default):
+        value = default
+        return field(default_factory=value if callable(value) else (lambda: type(value)(value)),
+                     metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FeedbackSettings:
+    """How completions are collected and labeled each round (the `feedback:` section)."""
+    num_prompts: int = _f(64, "Prompts sampled for labeling per round.")
+    completions_per_prompt: int = _f(4, "K completions per prompt; each prompt gives K(K-1)/2 pairwise items.")
+    max_new_tokens: int = _f(48, "Maximum tokens per sampled completion.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    labelers: str = _f("simulated", "simulated (judges of `gold`) or human (people label in the app; the run "
+                                    "stops after sampling until they have).")
+    n_careful: int = _f(4, "Simulated: careful Bradley-Terry judges (plus one careless, position-biased one).")
+    overlap_k: int = _f(3, "Distinct labelers per item.")
+    gold: str | None = _f(None, "Simulated: the hidden scorer module:function, f(prompts, responses) -> scores.")
+    guidelines: str = _f("# Which completion is better?\nPick the completion that answers the prompt better.",
+                         "Markdown guidelines shown to labelers.")
+    thresholds: dict | None = _f(None, "Labeler-quality thresholds (fields of alignloop.feedback.quality."
+                                       "Thresholds); flagged labelers are left out of the export.")
+    export_mode: str = _f("all", "Export every judgement of unflagged labelers (all) or one consensus label "
+                                 "per item (consensus).")
+    consensus: str = _f("majority", "Consensus method: majority or dawid_skene.")
+    seed: int = _f(0, "Seed of prompt choice, sampling and simulated labelers.")
+
+
+@dataclass
+class EvalSettings:
+    """The evaluation stage (the `eval:` section)."""
+    num_prompts: int = _f(64, "Held-out prompts evaluated.")
+    samples_per_prompt: int = _f(1, "Samples per prompt and policy.")
+    max_new_tokens: int = _f(48, "Maximum tokens per sample.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    gold: str | None = _f(None, "A held-out scorer module:function (never trained on); else only the reward "
+                                "model judges.")
+    best_of_n: list[int] = _f([1, 2, 4, 8, 16], "N values of best-of-N from the SFT model (empty: none).")
+    seed: int = _f(1234, "Sampling seed.")
+
+
+@dataclass
+class PipelineConfig:
+    """`alignloop pipeline config.yaml`: the fields of the file (see examples/pipeline.yaml)."""
+    output_dir: str = _f("runs/pipeline", "The run folder: every artifact goes here.")
+    policy: str = _f("", "Starting model: hub id or local folder.")
+    sft: dict | None = _f(None, "SFTConfig fields (train_file required); leave out when `policy` is already SFT.")
+    prompts: str | list | None = _f(None, "Prompt file ({prompt} rows) or a list of strings.")
+    eval_prompts: str | list | None = _f(None, "Held-out prompts; default: the last eval.num_prompts of `prompts`.")
+    preferences: str | None = _f(None, "Existing preference data ({prompt, chosen, rejected}); round 1 uses it "
+                                       "instead of collecting.")
+    feedback: FeedbackSettings = _f(FeedbackSettings, "Collection and labeling.")
+    rm: dict = _f({}, "RewardConfig fields (alignloop rm --help).")
+    ppo: dict | None = _f({}, "PPOConfig fields (alignloop ppo --help); null skips PPO.")
+    dpo: dict | None = _f({}, "DPOConfig fields (alignloop dpo --help); null skips DPO.")
+    rejection_sampling: dict | None = _f({}, "RSConfig fields (alignloop rs --help); null skips it.")
+    eval: EvalSettings = _f(EvalSettings, "Evaluation.")
+    rounds: int = _f(1, "Rounds of collect -> reward model -> PPO, each sampling from the last PPO policy.")
+    seed: int = _f(0, "Seed of every stage.")
+    human_stop: bool = _f(False, "Stop after sampling so people can label (implied by feedback.labelers human).")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> PipelineConfig:
+        d = dict(d or {})
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(bad)}; expected {', '.join(sorted(known))}")
+        for name, sub in (("feedback", FeedbackSettings), ("eval", EvalSettings)):
+            v = d.get(name)
+            if isinstance(v, dict):
+                bad = sorted(set(v) - set(sub.__dataclass_fields__))
+                if bad:
+                    raise ConfigError(f"{where}: {name}: unknown field(s) {', '.join(bad)}")
+                d[name] = sub(**v)
+        cfg = cls(**d)
+        if not cfg.policy:
+            raise ConfigError(f"{where}: 'policy' (the starting model, hub id or local folder) is required")
+        if cfg.prompts is None:
+            raise ConfigError(f"{where}: 'prompts' (a JSONL/JSON file of prompts or a list) is required")
+        if cfg.rounds < 1:
+            raise ConfigError(f"{where}: rounds must be >= 1")
+        if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows"):
+            raise ConfigError(f"{where}: sft.train_file is required when an sft section is given")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        p = Path(path)
+        d = read_yaml(p)  # missing file, bad YAML, non-mapping: ConfigError naming the file
+        # relative paths in the file are relative to the file
+        base = p.parent
+        for key in ("policy", "prompts", "eval_prompts", "preferences"):
+            v = d.get(key)
+            if isinstance(v, str) and (base / v).exists() and not Path(v).is_absolute():
+                d[key] = str(base / v)
+        if isinstance(d.get("sft"), dict) and isinstance(d["sft"].get("train_file"), str):
+            tf = d["sft"]["train_file"]
+            if (base / tf).exists() and not Path(tf).is_absolute():
+                d["sft"]["train_file"] = str(base / tf)
+        return cls.from_dict(d, str(path))

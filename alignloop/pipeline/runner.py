@@ -1,0 +1,93 @@
+"""The whole loop as resumable stages in one run folder: SFT -> sample -> label -> reward model -> PPO (rounds), then
+DPO, best-of-N, rejection sampling, evaluation and the report.
+
+    run_pipeline(PipelineConfig.from_yaml("pipeline.yaml"))     # `alignloop pipeline pipeline.yaml`
+
+Several `rounds` repeat collect -> label -> reward model -> PPO, each round sampling from the previous round's PPO
+policy and training the reward model on the preferences of all rounds so far (InstructGPT's loop). With people as
+labelers the run stops after sampling (the project is ready in the app) and the same command continues once they
+have judged. The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from alignloop.data import prompt_texts
+from alignloop.errors import UserError
+from alignloop.pipeline import stages
+from alignloop.pipeline.config import PipelineConfig
+from alignloop.pipeline.report import write_report
+from alignloop.pipeline.run_folder import RunFolder
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Pipeline:
+    """The run of one `PipelineConfig` in its run folder (`run`: a `RunFolder`, replaceable before `run_all`)."""
+
+    def __init__(self, cfg: PipelineConfig, echo: Callable[[str], None] = print, run: RunFolder | None = None):
+        self.cfg = cfg
+        self.run = run if run is not None else RunFolder(cfg.output_dir, echo)
+        self.echo = echo
+        self.notes: list[str] = []
+        all_prompts = prompt_texts(cfg.prompts)
+        if cfg.eval_prompts is not None:
+            self.train_prompts, self.eval_prompts = all_prompts, prompt_texts(cfg.eval_prompts)
+        else:
+            k = min(cfg.eval.num_prompts, max(1, len(all_prompts) // 4))
+            self.train_prompts, self.eval_prompts = all_prompts[:-k], all_prompts[-k:]
+        self.eval_prompts = self.eval_prompts[:cfg.eval.num_prompts]
+        if not self.train_prompts:
+            raise UserError("no training prompts")
+
+    def sft_model(self) -> str:
+        return self.cfg.policy if self.cfg.sft is None else str(self.run.sft_model)
+
+    def run_all(self) -> dict:
+        cfg, run = self.cfg, self.run
+        if cfg.sft is not None:
+            run.stage("sft", lambda f: stages.stage_sft(f, cfg))
+        sft = self.sft_model()
+        policy, rm, pref_files = sft, None, []
+        for r in range(1, cfg.rounds + 1):
+            if r == 1 and cfg.preferences:
+                pref_files.append(cfg.preferences)
+            else:
+                stopped = self._collect(r, policy, pref_files)
+                if stopped:
+                    return stopped
+            rm = run.stage(run.round_stage(r, "rm"),
+                           lambda f, files=list(pref_files): stages.stage_rm(f, cfg, sft, files))["model"]
+            if cfg.ppo is not None:
+                policy = run.stage(run.round_stage(r, "ppo"), lambda f, policy=policy, rm=rm: stages.stage_ppo(
+                    f, cfg, policy, rm, sft, self.train_prompts))["model"]
+        policies = {"SFT": sft}
+        if cfg.ppo is not None and run.done(run.round_stage(cfg.rounds, "ppo")):
+            policies["PPO"] = policy
+        if cfg.dpo is not None:
+            policies["DPO"] = run.stage("dpo", lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
+        if cfg.rejection_sampling is not None:
+            policies["RS"] = run.stage("rs", lambda f: stages.stage_rs(f, cfg, sft, rm, self.train_prompts))["model"]
+        results = run.stage("eval", lambda f: stages.stage_eval(f, cfg, run, policies, sft, rm, self.eval_prompts))
+        write_report(run.root, notes=self.notes)
+        return {"run": str(run.root), "sft": sft, "reward_model": rm, "policies": policies,
+                "report": str(run.report_html), "results": results.get("summary", {}), "notes": self.notes}
+
+    def _collect(self, r: int, policy: str, pref_files: list[str]) -> dict | None:
+        """Sample and label round r (its preferences appended to `pref_files`); a dict when the run must stop for
+        people to label."""
+        cfg, run = self.cfg, self.run
+        run.stage(run.round_stage(r, "sample"),
+                  lambda f: stages.stage_sample(f, cfg, run, r, policy, self.train_prompts))
+        people = cfg.human_stop or cfg.feedback.labelers == "human"
+        if people and not run.done(run.round_stage(r, "label")) and not stages.has_judgements(run, r):
+            # people label in the app; running the same command again continues from here
+            return {"stopped": "human", "db": str(run.feedback_db), "project": run.project(r)}
+        info = run.stage(run.round_stage(r, "label"), lambda f: stages.stage_label(f, cfg, run, r))
+        pref_files.append(info["preferences"])
+        return None
+
+
+def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
+    return Pipeline(cfg, echo).run_all()

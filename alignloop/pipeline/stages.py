@@ -1,0 +1,266 @@
+"""The pipeline's stages, one function each: `stage_x(folder, cfg, ...) -> info` (what STAGE_DONE.json keeps).
+
+Each reads its inputs from its arguments and writes into its own folder (`folder`, given by `RunFolder.stage`) and
+the run's feedback store; `alignloop.pipeline.runner` chains them. Trainers are configured from the YAML sections
+(`trainer_config`: their own dataclasses, one vocabulary) plus the fields the pipeline fixes (model, output_dir).
+
+The evaluation stage: every policy against the SFT model, by the gold scorer and the reward model. For each policy:
+samples on the held-out prompts, mean gold and reward-model score, win rate against independent SFT samples on the
+same prompts, KL to the SFT model (Σ_t k1 on the policy's samples), length. Best-of-N for each N of
+`eval.best_of_n`: max(N) SFT candidates per prompt scored by the reward model once, the best of the first N kept;
+its KL is the analytic log N − (N−1)/N (Beirami et al. 2024).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from alignloop.data import write_rows
+from alignloop.errors import ConfigError, UserError
+from alignloop.evaluation import (best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize)
+from alignloop.feedback import quality
+from alignloop.feedback.export import ExportOptions, export_records
+from alignloop.feedback.store import Store
+from alignloop.models import load_causal_lm
+from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
+from alignloop.pipeline.labelers import default_labelers, gold_agreement, simulate_labeling
+from alignloop.pipeline.run_folder import RunFolder, read_jsonl
+from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
+from alignloop.scoring import load_function, load_scorer
+from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
+from alignloop.trainers.rm import RewardConfig, RewardTrainer
+from alignloop.trainers.sft import SFTConfig, SFTTrainer
+
+
+def trainer_config(cls, section: dict | None, **fixed):
+    """A trainer config from its dataclass defaults, the YAML section, then the pipeline's fixed fields."""
+    values = {**(section or {}), **fixed}
+    bad = sorted(set(values) - set(cls.__dataclass_fields__) - set(getattr(cls, "renamed_fields", {})))
+    if bad:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(bad)}")
+    return cls(**values)
+
+
+def numbers(info: dict) -> dict:
+    """The numeric entries of a metrics dict (what a stage marker keeps of a trainer's result)."""
+    return {k: v for k, v in info.items() if isinstance(v, (int, float))}
+
+
+# ------------------------------------------------------------------------------------------------ SFT, collection
+def stage_sft(folder: Path, cfg: PipelineConfig) -> dict:
+    section = dict(cfg.sft)
+    rows = section.pop("train_rows", None)
+    args = trainer_config(SFTConfig, section, model=cfg.policy, output_dir=str(folder))
+    res = SFTTrainer(model=cfg.policy, args=args, train_dataset=rows).train()
+    return {"model": res.output_dir, "steps": res.steps, **res.metrics}
+
+
+def threshold_settings(fb: FeedbackSettings) -> dict:
+    """Quality thresholds stored with the project (the app's dashboard and the export use the same ones).
+    Simulated labelers answer instantly: the time-per-item test is for people only."""
+    th = dict(fb.thresholds or {})
+    if fb.labelers == "simulated":
+        th.setdefault("min_median_seconds", 0.0)
+    return th
+
+
+def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int, policy: str,
+                 train_prompts: list[str]) -> dict:
+    """K completions for `feedback.num_prompts` prompts from `policy`, imported into the store as a pairwise
+    project (identical completions are kept once: they make an uninformative pair)."""
+    fb = cfg.feedback
+    prompts = list(train_prompts)
+    random.Random(fb.seed + round_).shuffle(prompts)
+    prompts = prompts[:fb.num_prompts]
+    model, tok = load_policy(policy)
+    K = fb.completions_per_prompt
+    s = sample_policy(model, tok, prompts, K, fb.max_new_tokens, fb.temperature, seed=fb.seed + 100 * round_)
+    rows = []
+    for i, p in enumerate(prompts):
+        texts = list(dict.fromkeys(s.responses[i * K:(i + 1) * K]))
+        rows.append({"prompt": p, "completions": [{"text": t, "model": policy} for t in texts]})
+    write_rows(rows, run.samples(round_))
+    project = run.project(round_)
+    store = Store(str(run.feedback_db))
+    try:
+        store.create_project(project, "pairwise", overlap_k=fb.overlap_k, guidelines_md=fb.guidelines,
+                             settings={"thresholds": threshold_settings(fb)})
+        res = store.import_records(project, rows)
+    finally:
+        store.dispose()
+    return {"project": project, "prompts": res.prompts, "completions": res.completions, "items": res.items,
+            "policy": policy}
+
+
+def has_judgements(run: RunFolder, round_: int) -> bool:
+    store = Store(str(run.feedback_db))
+    try:
+        return bool(store.current_judgements(store.get_project(run.project(round_)).id))
+    finally:
+        store.dispose()
+
+
+def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) -> dict:
+    """Simulated labelers label the round's project (or people did, in the app); labeler quality; the export of
+    unflagged labelers' judgements as preference pairs."""
+    fb = cfg.feedback
+    project = run.project(round_)
+    simulated = fb.labelers == "simulated"
+    if simulated and not fb.gold:
+        raise ConfigError("feedback.gold (module:function) is required for simulated labelers")
+    gold_fn = load_function(fb.gold) if simulated else None
+    store = Store(str(run.feedback_db), seed=fb.seed + round_ if simulated else None)
+    try:
+        p = store.get_project(project)
+        counts = simulate_labeling(store, project, default_labelers(fb.n_careful), gold_fn,
+                                   seed=fb.seed + round_) if simulated else None
+        records = store.current_judgements(p.id)
+        if not records:
+            raise UserError(f"project {project}: no judgements yet. Label in the app "
+                            f"(alignloop feedback serve --db {run.feedback_db}) and resume.")
+        th = quality.thresholds_from_dict((p.settings or {}).get("thresholds"))
+        stats = quality.labeler_stats(records, "pairwise")
+        flags = quality.flag_labelers(stats, th)
+        flagged = {w for w, r in flags.items() if r}
+        ann = quality.annotations_from_records("pairwise", records, gold=False)
+        rows, summary = export_records(store, project, ExportOptions(
+            format="preference", mode=fb.export_mode, consensus=fb.consensus, thresholds=th, exclude_flagged=True))
+        gold_acc = gold_agreement(records, store, p.id, gold_fn) if gold_fn is not None else None
+        agreement = quality.project_agreement(records, "pairwise")
+    finally:
+        store.dispose()
+    write_rows(rows, run.preferences(round_))
+    loo = [stats[w]["agreement"] for w in stats if w not in flagged and stats[w]["agreement"] is not None]
+    info = {"judgements": len(records), "per_labeler": counts, "stats": stats, "flags": flags,
+            "flagged": sorted(flagged), "project_agreement": agreement,
+            "pairwise_percent_agreement": percent_agreement(ann, exclude=flagged),
+            "mean_loo_agreement_unflagged": mean(loo) if loo else None,
+            "gold_agreement": gold_acc, "export": summary, "preferences": str(run.preferences(round_))}
+    run.quality(round_).write_text(json.dumps(info, indent=1, default=str))
+    return info
+
+
+def percent_agreement(ann: dict, exclude: set) -> float | None:
+    """Share of agreeing label pairs over all pairs of labelers on the same item (flagged labelers left out)."""
+    agree = total = 0
+    for labels in ann.values():
+        vals = [v for w, v in labels.items() if w not in exclude]
+        for i in range(len(vals)):
+            for j in range(i + 1, len(vals)):
+                total += 1
+                agree += vals[i] == vals[j]
+    return agree / total if total else None
+
+
+# ------------------------------------------------------------------------------------------------ training
+def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts)."""
+    prompts = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, int(round(len(prompts) * fraction)))])
+    if len(held) == len(prompts):
+        return rows, []
+    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held]
+    return train, [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held]
+
+
+def read_preferences(pref_files: list[str]) -> list[dict]:
+    return [dict(r) for f in pref_files for r in read_jsonl(Path(f))]
+
+
+def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:
+    """The reward model on the preferences of every round so far, held out by prompt: no judgement of a held-out
+    prompt's pairs (another labeler's, or the reverse order) is trained on."""
+    rows = read_preferences(pref_files)
+    if len(rows) < 4:
+        raise UserError(f"only {len(rows)} preference pairs: too few to train a reward model")
+    section = dict(cfg.rm)
+    section.setdefault("seed", cfg.seed)
+    fraction = section.pop("eval_fraction", 0.2)
+    eval_rows = None
+    if fraction and not section.get("eval_file"):
+        rows, eval_rows = split_by_prompt(rows, fraction, section["seed"])
+        write_rows(eval_rows, folder / "heldout_preferences.jsonl")
+    args = trainer_config(RewardConfig, section, model=sft_model, output_dir=str(folder), eval_fraction=0.0)
+    res = RewardTrainer(model=sft_model, args=args, train_dataset=rows, eval_dataset=eval_rows or None).train()
+    return {"model": res.output_dir, "steps": res.steps, "pairs": len(rows), "heldout_pairs": len(eval_rows or []),
+            **res.metrics}
+
+
+def stage_ppo(folder: Path, cfg: PipelineConfig, policy: str, rm: str, ref: str, train_prompts: list[str]) -> dict:
+    """PPO of `policy` against the reward model, with a KL penalty to `ref` (the SFT model). The gold scorer, when
+    given, is only watched (`reward/gold_mean`); the update never sees it."""
+    section = dict(cfg.ppo or {})
+    section.setdefault("seed", cfg.seed)
+    args = trainer_config(PPOConfig, section, output_dir=str(folder))
+    gold = load_function(cfg.eval.gold) if cfg.eval.gold else None
+    ref_model = load_causal_lm(ref) if ref != policy else None
+    res = PPOTrainer(model=policy, reward=rm, args=args, train_dataset=train_prompts, gold_reward=gold,
+                     ref_model=ref_model).train()
+    return {"model": str(folder / "final"), "updates": res.steps, "stop_reason": res.stop_reason,
+            **numbers(res.metrics)}
+
+
+def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:
+    rows = read_preferences(pref_files)
+    section = dict(cfg.dpo or {})
+    section.setdefault("seed", cfg.seed)
+    section.setdefault("ref_cache_dir", "none")
+    args = trainer_config(DPOConfig, section, output_dir=str(folder))
+    res = DPOTrainer(model=sft_model, args=args, train_dataset=rows).train()
+    return {"model": str(res.output_dir), "steps": res.steps, "pairs": len(rows), **numbers(res.metrics)}
+
+
+def stage_rs(folder: Path, cfg: PipelineConfig, sft_model: str, rm: str, train_prompts: list[str]) -> dict:
+    section = dict(cfg.rejection_sampling or {})
+    section.setdefault("seed", cfg.seed)
+    args = trainer_config(RSConfig, section, model=sft_model, reward_model=rm, output_dir=str(folder))
+    res = RejectionSamplingTrainer(model=sft_model, args=args, train_dataset=train_prompts, reward_model=rm).train()
+    return {"model": res.output_dir, "rounds": res.steps, **numbers(res.metrics)}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def stage_eval(folder: Path, cfg: PipelineConfig, run: RunFolder, policies: dict[str, str], sft: str,
+               rm: str | None, prompts: list[str]) -> dict:
+    ev = cfg.eval
+    n = ev.samples_per_prompt
+    gold = load_function(ev.gold) if ev.gold else None
+    scorer = load_scorer(rm, batch_size=64) if rm else None
+    sft_model, sft_tok = load_policy(sft)
+    # independent SFT samples: the reference every win rate is computed against
+    reference = score(sample_policy(sft_model, sft_tok, prompts, n, ev.max_new_tokens, ev.temperature,
+                                    seed=ev.seed), scorer, gold)
+    write_rows(reference.to_rows(), run.eval_samples("reference"))
+    summary: dict[str, dict] = {}
+    samples: dict[str, list[dict]] = {}
+    bon: dict[str, dict] = {}
+    big_n = max(ev.best_of_n) if ev.best_of_n and scorer is not None else n
+    # SFT candidates (the first of each prompt is the SFT row; all of them feed best-of-N)
+    cand = score(sample_policy(sft_model, sft_tok, prompts, big_n, ev.max_new_tokens, ev.temperature,
+                               seed=ev.seed + 1, ref_model=sft_model), scorer, gold)
+    sft_s = first_of_each(cand, big_n)
+    summary["SFT"] = summarize(sft_s, reference)
+    samples["SFT"] = sft_s.to_rows()
+    if scorer is not None:
+        for N in ev.best_of_n:
+            s = best_of_n(cand, big_n, N, key="rm")
+            bon[str(N)] = summarize(s, reference)
+            samples[f"best-of-{N}"] = s.to_rows()
+        summary[f"best-of-{max(ev.best_of_n)}"] = bon[str(max(ev.best_of_n))]
+    for name, path in policies.items():
+        if name == "SFT":
+            continue
+        model, tok = load_policy(path)
+        s = score(sample_policy(model, tok, prompts, n, ev.max_new_tokens, ev.temperature, seed=ev.seed + 2,
+                                ref_model=sft_model), scorer, gold)
+        summary[name] = summarize(s, reference)
+        samples[name] = s.to_rows()
+        del model
+    for name, rows in samples.items():
+        write_rows(rows, run.eval_samples(name))
+    results = {"summary": summary, "best_of_n": bon, "policies": policies, "reference": sft, "reward_model": rm,
+               "gold": ev.gold, "prompts": len(prompts), "samples_per_prompt": n}
+    run.results_file.write_text(json.dumps(results, indent=1))
+    return results
