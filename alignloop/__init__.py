@@ -1,6 +1,8 @@
 """alignloop: the whole RLHF loop, from a base model and prompts to a model aligned with human preferences."""
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 # Trainers are imported lazily so `import alignloop` stays fast and the CLI's --help is quick.
@@ -14,7 +16,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'alignloop' has no attribute {name!r}")

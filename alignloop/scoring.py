@@ -47,8 +47,14 @@ from torch import nn
 
 from alignloop.data import reward_input_ids
 from alignloop.errors import ConfigError, UserError
-from alignloop.models import (ClassifierReward, has_decoder_head, load_sequence_classifier, load_tokenizer,
-                              score_sequences, unwrap_model)
+from alignloop.models import (
+    ClassifierReward,
+    has_decoder_head,
+    load_sequence_classifier,
+    load_tokenizer,
+    score_sequences,
+    unwrap_model,
+)
 from alignloop.rollout import Rollout
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]

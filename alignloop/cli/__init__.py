@@ -23,9 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
     "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
-    "pipeline": ("alignloop.cli.pipeline", "pipeline", "Run the whole loop on your own models and data from a YAML file."),
+    "pipeline": ("alignloop.cli.pipeline", "pipeline",
+                 "Run the whole loop on your own models and data from a YAML file."),
     "data": ("alignloop.cli.data", "data", "Validate and convert datasets (rankings -> pairs, formats)."),
-    "feedback": ("alignloop.cli.feedback", "feedback", "The human-feedback labeling app: serve, import, stats, export."),
+    "feedback": ("alignloop.cli.feedback", "feedback",
+                 "The human-feedback labeling app: serve, import, stats, export."),
 }
 
 

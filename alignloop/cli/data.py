@@ -8,12 +8,21 @@ from __future__ import annotations
 import click
 
 from alignloop.data import (
-    KINDS, DataStats, PreferenceGroup, groups_to_rows, groups_to_unpaired, parse_rows, tokenize_preferences,
-    tokenize_prompts, tokenize_sft, write_rows,
+    KINDS,
+    DataStats,
+    PreferenceGroup,
+    groups_to_rows,
+    groups_to_unpaired,
+    parse_rows,
+    tokenize_preferences,
+    tokenize_prompts,
+    tokenize_sft,
+    write_rows,
 )
-from alignloop.data.tokenize import TRUNCATIONS
 from alignloop.data.readers import read_raw_rows
+from alignloop.data.tokenize import TRUNCATIONS
 from alignloop.errors import UserError
+from alignloop.models import load_tokenizer
 
 TARGETS = ("auto", "pairs", "preference", "unpaired", "prompt", "sft")
 
@@ -29,8 +38,6 @@ class DataCommandError(click.ClickException):
 def _tokenizer(name: str | None):
     if name is None:
         return None
-    from alignloop.models import load_tokenizer
-
     try:
         return load_tokenizer(name)
     except UserError as e:
@@ -141,16 +148,10 @@ def _token_report(records: list, kind: str, tok, max_length: int | None, truncat
 
 
 def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict]:
+    """Records of `kind` -> rows of the target format `to` (auto: the records' own format)."""
     groups = kind in ("preference", "ranking")
     if to == "auto":
-        if kind == "ranking":
-            return [{"prompt": g.prompt, "completions": g.completions, "ranking": g.ranking} for g in records]
-        if kind == "preference":
-            rows = groups_to_rows(records, with_ties=include_ties)
-            if all(len(g.pairs) == 1 and g.pair_weight == 1.0 for g in records):  # plain pairs: no group columns
-                rows = [{k: v for k, v in r.items() if k not in ("pair_weight", "group")} for r in rows]
-            return rows
-        return [dict(r) for r in records]
+        return _as_own_format(records, kind, include_ties)
     if to in ("pairs", "preference"):
         if not groups:
             raise DataCommandError(f"cannot convert {kind} data to preference pairs; give preference or ranking data")
@@ -167,23 +168,39 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
         if kind == "sft" and prompts and all(p["prompt"] in ("", []) for p in prompts):
             raise DataCommandError("SFT text rows have no prompt to extract")
         return prompts
-    # to == "sft": the preferred completion of each prompt
+    return _to_sft(records, kind)
+
+
+def _as_own_format(records: list, kind: str, include_ties: bool) -> list[dict]:
+    if kind == "ranking":
+        return [{"prompt": g.prompt, "completions": g.completions, "ranking": g.ranking} for g in records]
+    if kind == "preference":
+        rows = groups_to_rows(records, with_ties=include_ties)
+        if all(len(g.pairs) == 1 and g.pair_weight == 1.0 for g in records):  # plain pairs: no group columns
+            rows = [{k: v for k, v in r.items() if k not in ("pair_weight", "group")} for r in rows]
+        return rows
+    return [dict(r) for r in records]
+
+
+def _to_sft(records: list, kind: str) -> list[dict]:
+    """The preferred completion of each prompt."""
     if kind == "sft":
         return [dict(r) for r in records]
     if kind == "unpaired":
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
-    if groups:
-        rows = []
-        for g in records:
-            if g.ranking is not None:
-                best = g.completions[g.ranking.index(min(g.ranking))]
-            elif g.pairs:
-                best = g.pairs[0].chosen
-            else:
-                continue
-            rows.append({"prompt": g.prompt, "completion": best})
-        return rows
-    raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking or unpaired data")
+    if kind not in ("preference", "ranking"):
+        raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking or unpaired "
+                               f"data")
+    rows = []
+    for g in records:
+        if g.ranking is not None:
+            best = g.completions[g.ranking.index(min(g.ranking))]
+        elif g.pairs:
+            best = g.pairs[0].chosen
+        else:
+            continue
+        rows.append({"prompt": g.prompt, "completion": best})
+    return rows
 
 
 @data.command(help="Convert IN (any supported format and file type) to OUT; the output file type comes from OUT's "

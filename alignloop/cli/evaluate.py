@@ -62,7 +62,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
     if out:
         rows = [{**r, "reference_response": rr["response"], **{f"reference_{k}": rr[k] for k in ("gold", "rm")
                                                                if k in rr}}
-                for r, rr in zip(s.to_rows(), ref.to_rows())]
+                for r, rr in zip(s.to_rows(), ref.to_rows(), strict=True)]
         write_rows(rows, Path(out))
         Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
     if human_db:
@@ -78,7 +78,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
             rows = [{"prompt": p, "completions": [
                 {"text": a, "model": policy, "params": {"eval_role": "policy"}},
                 {"text": b, "model": reference, "params": {"eval_role": "reference"}}]}
-                for p, a, b in zip(s.prompts, s.responses, ref.responses) if a != b]
+                for p, a, b in zip(s.prompts, s.responses, ref.responses, strict=True) if a != b]
             res = store.import_records(human_project, rows)
             summary["human"] = {"db": human_db, "project": human_project, "items": res.items,
                                 "next": f"alignloop feedback serve --db {human_db}; then alignloop eval --tally "

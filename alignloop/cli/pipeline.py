@@ -1,4 +1,4 @@
-"""`alignloop pipeline`, and what it shares with `alignloop demo`: the closing summary and serving the app for people."""
+"""`alignloop pipeline`, and what it shares with `alignloop demo`: the closing summary, serving the app for people."""
 from __future__ import annotations
 
 import json

@@ -97,7 +97,7 @@ class PreferenceCollator:
     def __call__(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         pairs, weights, index = [], [], []
         for g_i, g in enumerate(groups):
-            g_pairs = g["pairs"] if "pairs" in g else [g]
+            g_pairs = g.get("pairs", [g])
             pairs += g_pairs
             weights += [float(g.get("pair_weight", 1.0))] * len(g_pairs)
             index += [g_i] * len(g_pairs)

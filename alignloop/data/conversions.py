@@ -130,7 +130,7 @@ def groups_to_unpaired(groups: list[PreferenceGroup]) -> list[dict]:
     for g in groups:
         if g.ranking is not None and g.completions is not None:
             best, worst = min(g.ranking), max(g.ranking)
-            labelled = [(c, r == best) for c, r in zip(g.completions, g.ranking)
+            labelled = [(c, r == best) for c, r in zip(g.completions, g.ranking, strict=True)
                         if r in (best, worst) and best != worst]
         else:
             labelled = [x for p in g.pairs if not p.tie for x in ((p.chosen, True), (p.rejected, False))]

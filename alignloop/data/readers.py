@@ -139,7 +139,7 @@ def _read_json(path: Path, name: str, stats: DataStats) -> list[Row]:
 
 
 def _read_parquet(path: Path, name: str, stats: DataStats) -> list[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - slow import: only for this source type
 
     try:
         table = pq.read_table(path)
@@ -171,7 +171,7 @@ def _read_csv(path: Path, name: str, stats: DataStats) -> list[Row]:
                 rows.append(Row({}, where, error=f"{where}: expected {len(header)} cells (columns "
                                                  f"{', '.join(header)}), got {len(cells)}"))
                 continue
-            rows.append(Row(dict(zip(header, cells)), where, from_text=True))
+            rows.append(Row(dict(zip(header, cells, strict=True)), where, from_text=True))
     return rows
 
 
@@ -183,7 +183,7 @@ def _from_dataset(ds, name: str, stats: DataStats) -> list[Row]:
 
 
 def _pick_split(ds, name: str, split: str):
-    from datasets import DatasetDict
+    from datasets import DatasetDict  # noqa: PLC0415 - slow import: only for this source type
 
     if isinstance(ds, DatasetDict):
         if split not in ds:
@@ -193,7 +193,7 @@ def _pick_split(ds, name: str, split: str):
 
 
 def _read_hf_disk(path: Path, name: str, split: str, stats: DataStats) -> list[Row]:
-    import datasets
+    import datasets  # noqa: PLC0415 - slow import: only for this source type
 
     if not any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         raise DataError(f"{name}: a folder, but not a datasets save_to_disk folder (no dataset_info.json or "
@@ -202,7 +202,7 @@ def _read_hf_disk(path: Path, name: str, split: str, stats: DataStats) -> list[R
 
 
 def _read_hf_hub(name: str, split: str, stats: DataStats) -> list[Row]:  # pragma: no cover - needs the network
-    import datasets
+    import datasets  # noqa: PLC0415 - slow import: only for this source type
 
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -238,8 +238,8 @@ def _write(rows, path: Path, fmt: str) -> None:
     elif fmt == "json":
         path.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1), encoding="utf-8")
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # noqa: PLC0415 - slow import: only for this source type
+        import pyarrow.parquet as pq  # noqa: PLC0415 - slow import: only for this source type
 
         pq.write_table(pa.Table.from_pylist(list(rows)), path)
     else:

@@ -12,11 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from alignloop.data.chat import check_chat_template, render_completion, render_prompt
 from alignloop.data.conversions import (
-    Pair, PreferenceGroup, implicit_messages_prompt, implicit_text_prompt, ranking_pair_weight, rankings_to_pairs,
+    Pair,
+    PreferenceGroup,
+    implicit_messages_prompt,
+    implicit_text_prompt,
+    ranking_pair_weight,
+    rankings_to_pairs,
     strength_to_margin,
 )
 from alignloop.data.errors import DataError, DataStats, raise_or_skip

@@ -86,7 +86,7 @@ def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = Non
     prompts = _encode_many(tokenizer, [r["prompt"] for r in records])
     completions = _encode_many(tokenizer, [r["completion"] for r in records])
     out = []
-    for p, c in zip(prompts, completions):
+    for p, c in zip(prompts, completions, strict=True):
         p, c = with_bos_eos(p, c, tokenizer, add_eos, add_bos)
         if not c:
             stats.dropped += 1
@@ -112,9 +112,9 @@ def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length
     groups = _render_all(groups, tokenizer)
     prompts = _encode_many(tokenizer, [g.prompt for g in groups])
     texts = sorted({t for g in groups for p in g.pairs for t in (p.chosen, p.rejected)})
-    ids = dict(zip(texts, _encode_many(tokenizer, texts)))
+    ids = dict(zip(texts, _encode_many(tokenizer, texts), strict=True))
     out = []
-    for g, prompt_ids in zip(groups, prompts):
+    for g, prompt_ids in zip(groups, prompts, strict=True):
         pairs = []
         for pair in g.pairs:
             p, c = with_bos_eos(prompt_ids, ids[pair.chosen], tokenizer, add_eos, add_bos)
@@ -147,7 +147,7 @@ def tokenize_rankings(groups: list[PreferenceGroup], tokenizer, *, max_length: i
     groups = _render_all(groups, tokenizer)
     prompts = _encode_many(tokenizer, [g.prompt for g in groups])
     out = []
-    for g, prompt_ids in zip(groups, prompts):
+    for g, prompt_ids in zip(groups, prompts, strict=True):
         texts = list(g.completions) if g.completions is not None else []
         for pair in g.pairs:
             texts += [t for t in (pair.chosen, pair.rejected) if t not in texts]

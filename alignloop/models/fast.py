@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The name under which `fp32_cpu_attention` registers its attention function with transformers.
 CPU_SDPA = "alignloop_sdpa"
@@ -14,8 +18,6 @@ def fuse_gelu(model: nn.Module | None) -> int:
     kernel (to ~2e-7). Returns the number of modules swapped."""
     if model is None or not isinstance(model, nn.Module):
         return 0
-    from transformers.activations import GELUTanh, NewGELUActivation
-
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -29,8 +31,6 @@ def _sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, except that on CPU with bf16/fp16 inputs (autocast) it runs in float32 and
     casts the output back: PyTorch's CPU flash-attention backward is ~3.5x slower in bf16 than in fp32, and
     attention is a small share of the FLOPs, so fp32 here is both faster and more exact. Elsewhere: unchanged."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     dtype = query.dtype
@@ -49,9 +49,6 @@ def fp32_cpu_attention(model: nn.Module | None) -> int:
     of configs switched."""
     if model is None or not isinstance(model, nn.Module):
         return 0
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(CPU_SDPA, _sdpa_fp32_on_cpu)
     AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
     seen: set[int] = set()

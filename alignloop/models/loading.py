@@ -1,18 +1,22 @@
 """Loading models and tokenizers by hub id or local path, with dtype, LoRA and gradient checkpointing options.
 
 User mistakes (a missing local folder, a folder without a model, an unknown dtype) raise
-`alignloop.errors.UserError` with a message that says what to fix.
+`alignloop.errors.UserError` with a message that says what to fix. peft is imported only where an adapter is made or
+loaded (it takes seconds to import); `has_adapter` never needs to import it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignloop.errors import UserError
 from alignloop.models.forward import unwrap_distributed
@@ -59,7 +63,8 @@ def check_name_or_path(name_or_path: str | os.PathLike, what: str = "model") -> 
             raise UserError(f"{what} path {str(name_or_path)!r} does not exist (expected a folder written by "
                             f"save_pretrained, or a hub id such as 'gpt2')")
         if not p.is_dir():
-            raise UserError(f"{what} path {str(name_or_path)!r} is a file; expected a folder written by save_pretrained")
+            raise UserError(f"{what} path {str(name_or_path)!r} is a file; expected a folder written by "
+                            f"save_pretrained")
         if what != "tokenizer" and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
             raise UserError(f"{what} folder {str(name_or_path)!r} has no config.json: is it a save_pretrained folder?")
     return name
@@ -71,7 +76,7 @@ def _user_errors(name: str, what: str):
         yield
     except UserError:
         raise
-    except (OSError, EnvironmentError) as e:  # not found on the hub, offline, missing files
+    except OSError as e:  # not found on the hub, offline, missing files
         hint = "" if Path(name).exists() else f" (and there is no local folder {name!r})"
         raise UserError(f"could not load {what} {name!r}{hint}: {e}") from e
     except ValueError as e:  # unrecognised model type / architecture
@@ -103,7 +108,7 @@ class LoraOptions:
             raise UserError(f"lora bias must be none, all or lora_only, got {self.bias!r}")
 
     def to_peft_config(self, task_type: str = "CAUSAL_LM"):
-        from peft import LoraConfig
+        from peft import LoraConfig  # noqa: PLC0415 - slow import (seconds): adapters only
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self.target_modules, bias=self.bias, modules_to_save=self.modules_to_save,
@@ -113,9 +118,7 @@ class LoraOptions:
 def apply_lora(model: nn.Module, options: LoraOptions, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` in a peft LoRA model (only the adapter, plus `modules_to_save`, is trainable). At init the
     adapter is the identity (LoRA B = 0), so outputs equal the base model's."""
-    import warnings
-
-    from peft import get_peft_model
+    from peft import get_peft_model  # noqa: PLC0415 - slow import (seconds): adapters only
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
@@ -136,11 +139,8 @@ def _unwrap_wrapper(model: nn.Module) -> nn.Module:
 def has_adapter(model: nn.Module) -> bool:
     """True when `model` (or the LM inside our wrappers) carries a peft adapter."""
     model = _unwrap_wrapper(model)
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        PeftModel = ()
-    if PeftModel and isinstance(model, PeftModel):
+    peft = sys.modules.get("peft")  # a model cannot be a PeftModel before peft was imported: no need to import it
+    if peft is not None and isinstance(model, peft.PeftModel):
         return True
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
@@ -195,18 +195,15 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | N
     """Load an `AutoModelForCausalLM` by hub id or local folder. `dtype`: None (float32), "auto", "float32",
     "bfloat16", "float16" or a torch.dtype. `lora` wraps the model in a peft LoRA adapter. A folder holding a peft
     adapter (adapter_config.json) loads base + adapter. Extra kwargs go to `from_pretrained`."""
-    from transformers import AutoModelForCausalLM
-
     name = check_name_or_path(name_or_path, "model")
     torch_dtype = resolve_dtype(dtype)
     with _user_errors(name, "causal LM"):
         if Path(name, "adapter_config.json").exists() and not Path(name, "config.json").exists():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM  # noqa: PLC0415 - slow import (seconds): adapters only
 
             if lora is not None:
-                import warnings
-
-                warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored")
+                warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored",
+                              stacklevel=2)
             model = AutoPeftModelForCausalLM.from_pretrained(name, dtype=torch_dtype, is_trainable=True,
                                                              trust_remote_code=trust_remote_code, **kwargs)
             return _finish(model, None, gradient_checkpointing, "CAUSAL_LM")
@@ -222,19 +219,16 @@ def load_sequence_classifier(name_or_path: str | os.PathLike, dtype: str | torch
     """Load an `AutoModelForSequenceClassification` (same options as `load_causal_lm`). `num_labels=None` keeps the
     checkpoint's. With `output_loading_info`, returns `(model, info)` where info["missing_keys"] lists newly
     initialised weights (e.g. the score head when loading a causal-LM checkpoint)."""
-    from transformers import AutoModelForSequenceClassification
-
     name = check_name_or_path(name_or_path, "model")
     torch_dtype = resolve_dtype(dtype)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     if Path(name, "adapter_config.json").exists() and not Path(name, "config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
+        from peft import AutoPeftModelForSequenceClassification  # noqa: PLC0415 - slow import (seconds): adapters only
 
         if lora is not None:
-            import warnings
-
-            warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored")
+            warnings.warn(f"{name} already holds a LoRA adapter: training it, the lora options are ignored",
+                              stacklevel=2)
         with _user_errors(name, "sequence classifier"):
             model = AutoPeftModelForSequenceClassification.from_pretrained(
                 name, dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code, **kwargs)
@@ -261,8 +255,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str = "right",
     """Load a tokenizer by hub id or local folder. When it has no pad token, pad = EOS (our code finds the last
     real token from the attention mask, so pad == EOS is safe). `padding_side`: "right" (training) or "left"
     (generation)."""
-    from transformers import AutoTokenizer
-
     if padding_side not in ("left", "right"):
         raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     name = check_name_or_path(name_or_path, "tokenizer")

@@ -112,7 +112,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                         lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
-                        trust_remote_code: bool = False, **kwargs: Any) -> "RewardModel":
+                        trust_remote_code: bool = False, **kwargs: Any) -> RewardModel:
         model, info = load_sequence_classifier(name_or_path, dtype=dtype, num_labels=1, lora=None,
                                                gradient_checkpointing=gradient_checkpointing,
                                                trust_remote_code=trust_remote_code, output_loading_info=True,
@@ -220,7 +220,7 @@ class ClassifierReward(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, positive_label: int | str = 1,
                         dtype: str | torch.dtype | None = None, max_length: int = 512, batch_size: int = 32,
-                        trust_remote_code: bool = False) -> "ClassifierReward":
+                        trust_remote_code: bool = False) -> ClassifierReward:
         model = load_sequence_classifier(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(name_or_path, padding_side="right", trust_remote_code=trust_remote_code)
         model.eval()
@@ -262,7 +262,8 @@ class ClassifierReward(nn.Module):
                 # right padding: encoder classifiers pool their first token (decoders read the mask either way)
                 enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
                                      truncation=True, max_length=max_length, padding_side="right")
-                out.append(self.score_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+                scores = self.score_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                out.append(scores.float().cpu())
         finally:
             self.tokenizer.truncation_side = side
             self.model.train(was_training)

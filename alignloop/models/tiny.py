@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from alignloop.models.value_head import init_reward_head
@@ -40,7 +41,6 @@ def train_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 500, 
                     chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer locally. `<|endoftext|>` is EOS (and BOS); the pad token is `<pad>`,
     or EOS itself when `pad_equals_eos` (to test tokenizers that have no pad token of their own)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,7 +62,8 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 
-def _config(tok: PreTrainedTokenizerFast, n_layer: int, n_embd: int, n_head: int, n_positions: int, **extra) -> GPT2Config:
+def _config(tok: PreTrainedTokenizerFast, n_layer: int, n_embd: int, n_head: int, n_positions: int,
+            **extra) -> GPT2Config:
     return GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                       **extra)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignloop.errors import UserError
@@ -25,7 +26,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def init_reward_head(linear: nn.Linear, d_model: int | None = None) -> None:
-    """Reward-head init: weight ~ N(0, std = 1/sqrt(d_model + 1)), bias 0 (Huang et al. 2024, OpenAI's lm-human-prefs)."""
+    """Reward-head init: weight ~ N(0, std = 1/sqrt(d_model + 1)), bias 0 (Huang et al. 2024; OpenAI's
+    lm-human-preferences)."""
     d = d_model if d_model is not None else linear.in_features
     with torch.no_grad():
         linear.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
@@ -106,7 +108,7 @@ class CausalLMWithValueHead(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                         lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
                         trust_remote_code: bool = False, value_head_init: str = "zero",
-                        **kwargs: Any) -> "CausalLMWithValueHead":
+                        **kwargs: Any) -> CausalLMWithValueHead:
         """Load the LM with `load_causal_lm`; the value head from `value_head.safetensors` when the folder has
         one, else freshly initialised (`value_head_init`)."""
         lm = load_causal_lm(name_or_path, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing,
@@ -114,8 +116,6 @@ class CausalLMWithValueHead(nn.Module):
         model = cls(lm, value_head_init=value_head_init)
         head_file = Path(os.path.expanduser(str(name_or_path))) / VALUE_HEAD_FILE
         if head_file.exists():
-            from safetensors.torch import load_file
-
             try:
                 model.v_head.load_saved(load_file(str(head_file)))
             except (KeyError, RuntimeError) as e:
@@ -134,8 +134,6 @@ class CausalLMWithValueHead(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, merge_lora: bool = True, **kwargs) -> None:
         """LM via `save_pretrained` (merged copy when it has a LoRA adapter and `merge_lora`), value head as
         `value_head.safetensors`, tokenizer too when given."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lm = self.lm

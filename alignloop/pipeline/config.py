@@ -81,7 +81,7 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> PipelineConfig:
         d = dict(d or {})
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         bad = sorted(set(d) - known)
         if bad:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(bad)}; expected {', '.join(sorted(known))}")

@@ -6,6 +6,7 @@ eval results), so it can be rebuilt at any time: `write_report("runs/demo")`.
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from pathlib import Path
 
@@ -182,7 +183,6 @@ def plot_rm(quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out
     xs, ys = _series(rm_rows, "eval/accuracy")
     if xs:
         a1.plot(xs, ys, "o-", label="held-out accuracy")
-    xs2, ys2 = _series(rm_rows, "loss/rm") if _series(rm_rows, "loss/rm")[0] else _series(rm_rows, "loss")
     a1.set(title="Reward model: held-out pairwise accuracy", xlabel="optimizer step", ylabel="accuracy")
     a1.set_ylim(0.4, 1.0)
     a1.axhline(0.5, color="gray", ls=":", label="chance")
@@ -237,7 +237,7 @@ def plot_labelers(quality: dict | None, out: Path) -> Path | None:
     ax.axhline(0.5, color="gray", ls=":")
     ax.set_xticks(x)
     ax.set_xticklabels([n + ("\n(FLAGGED)" if n in flagged else "") for n in names])
-    for t, n in zip(ax.get_xticklabels(), names):
+    for t, n in zip(ax.get_xticklabels(), names, strict=True):
         if n in flagged:
             t.set_color("red")
     ax.set(title="Labeler quality (flagged labelers in red)", xlabel="labeler", ylabel="share")
@@ -411,7 +411,7 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
     if bon and "gold/mean" in next(iter(bon.values())):
         ns = sorted(bon, key=int)
         golds = [bon[n]["gold/mean"] for n in ns]
-        rising = all(b >= a for a, b in zip(golds, golds[1:]))
+        rising = all(b >= a for a, b in itertools.pairwise(golds))
         lines.append(f"- best-of-N {'rises' if rising else 'does NOT rise monotonically'} with N: "
                      + ", ".join(f"N={n}: {bon[n]['gold/mean']:.2f}" for n in ns))
     if quality:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from alignloop.data import write_rows
 from alignloop.errors import ConfigError, UserError
-from alignloop.evaluation import (best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize)
+from alignloop.evaluation import best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize
 from alignloop.feedback import quality
 from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.store import Store
@@ -159,7 +159,7 @@ def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[
     """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts)."""
     prompts = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
     random.Random(seed).shuffle(prompts)
-    held = set(prompts[:max(1, int(round(len(prompts) * fraction)))])
+    held = set(prompts[:max(1, round(len(prompts) * fraction))])
     if len(held) == len(prompts):
         return rows, []
     train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held]

@@ -5,9 +5,25 @@
     completions.py   N completions per prompt as text (sample_completions), encode_prompts, decode_responses,
                      response_logprobs: what every non-PPO caller samples through
 """
-from alignloop.rollout.completions import (Completion, decode_responses, encode_prompts, response_logprobs,
-                                           sample_completions)
+from alignloop.rollout.completions import (
+                                           Completion,
+                                           decode_responses,
+                                           encode_prompts,
+                                           response_logprobs,
+                                           sample_completions,
+)
 from alignloop.rollout.sampler import HFSampler, Rollout, Sampler, SamplingParams, filter_logits, left_pad
 
-__all__ = ["SamplingParams", "Rollout", "Sampler", "HFSampler", "left_pad", "filter_logits", "Completion",
-           "sample_completions", "encode_prompts", "decode_responses", "response_logprobs"]
+__all__ = [
+                                           "Completion",
+                                           "HFSampler",
+                                           "Rollout",
+                                           "Sampler",
+                                           "SamplingParams",
+                                           "decode_responses",
+                                           "encode_prompts",
+                                           "filter_logits",
+                                           "left_pad",
+                                           "response_logprobs",
+                                           "sample_completions",
+]

@@ -167,7 +167,7 @@ class HFSampler:
         if pad is None:
             pad = eos if eos is not None else 0
         stops = list(params.stop_token_ids) + ([eos] if eos is not None else [])
-        return pad, sorted(set(int(s) for s in stops))
+        return pad, sorted({int(s) for s in stops})
 
     def _auto_threads(self, available: int) -> int:
         cfg = getattr(self.model, "config", None)

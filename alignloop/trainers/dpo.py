@@ -40,6 +40,7 @@ Choices (see the DPO section of the implementation-details reference):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -52,13 +53,24 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from alignloop.data import PreferenceCollator, load_preferences, tokenize_preferences
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
+from alignloop.models import apply_lora, has_adapter, load_causal_lm, model_forward, reference_mode, unwrap_model
 from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
-from alignloop.models.forward import unwrap_model
-from alignloop.training.run import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
-                                       prepare_run, resolve_tokenizer, setup_optimization, split_eval)
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard
+from alignloop.training.run import (
+    TrainingArgs,
+    TrainResult,
+    build_lora,
+    checkpoint_if_due,
+    eval_due,
+    finish,
+    prepare_run,
+    resolve_tokenizer,
+    setup_optimization,
+    split_eval,
+)
 
 CACHE_VERSION = 1
 
@@ -87,8 +99,8 @@ class DPOConfig(TrainingArgs):
     reference_free: bool = field(default=False, metadata={"help": "Use a uniform reference (reference log-probs 0)."})
     ipo_average_logps: bool = field(default=True, metadata={"help": "IPO only: average completion log-probs over "
                                                                     "tokens (the IPO paper) instead of summing."})
-    precompute_ref_logps: bool = field(default=True, metadata={"help": "Compute reference log-probs once before "
-                                                                       "training (cached on disk) instead of each step."})
+    precompute_ref_logps: bool = field(default=True, metadata={
+        "help": "Compute reference log-probs once before training (cached on disk) instead of each step."})
     ref_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for reference log-probs; default "
                                       "$ALIGNLOOP_CACHE/ref_logps or ~/.cache/alignloop/ref_logps; 'none' = no cache."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "With truncation keep_end: keep at least "
@@ -133,8 +145,6 @@ def load_pairs(source, tokenizer, args: DPOConfig) -> tuple[list[dict], Any, Any
     """A path / rows -> flat list of tokenised pairs (`alignloop.data.tokenize_preferences`; a ranking gives all its
     C(K,2) pairs, each weighted 1 like a plain pair; ties are skipped: DPO has no tie term). Returns
     (pairs, read stats, tokenisation stats)."""
-    from alignloop.data import load_preferences, tokenize_preferences
-
     groups, stats = load_preferences(source, tokenizer=tokenizer, skip_bad_rows=args.skip_bad_rows)
     tokenised, tstats = tokenize_preferences(groups, tokenizer, max_length=args.max_length,
                                              truncation=args.truncation, max_prompt_length=args.max_prompt_length)
@@ -148,8 +158,6 @@ def load_pairs(source, tokenizer, args: DPOConfig) -> tuple[list[dict], Any, Any
 def _lm_parts(model: nn.Module):
     """(backbone, lm_head) when the LM head can be applied to selected positions only (decoder LMs whose logits are
     lm_head(last hidden state)); None otherwise (then the full forward is used)."""
-    from alignloop.models import unwrap_model
-
     hf = unwrap_model(model)
     cfg = getattr(hf, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
@@ -168,8 +176,6 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: 
     batch: `PreferenceCollator` output (input_ids, attention_mask, position_ids, response_mask [R,T]). Logits at
     position t predict token t+1, so the completion tokens scored are input_ids[:, 1:] where response_mask[:, 1:].
     The LM head runs only at those positions when the architecture allows it (`_lm_parts`)."""
-    from alignloop.models import model_forward
-
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     labels, rmask = ids[:, 1:], batch["response_mask"][:, 1:]
     parts = _lm_parts(model)
@@ -330,8 +336,6 @@ class DPOTrainer:
 
     def __init__(self, model: Any = None, args: DPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, ref_model: Any = None, tokenizer: Any = None):
-        from alignloop.models import apply_lora, has_adapter, load_causal_lm
-
         self.args = a = args if args is not None else DPOConfig()
         self.run = prepare_run(a, "dpo")
         self.accelerator = acc = self.run.accelerator
@@ -386,10 +390,6 @@ class DPOTrainer:
 
     def _ref_context(self):
         """A context whose value is the reference model, in eval mode, without gradients."""
-        import contextlib
-
-        from alignloop.models import reference_mode
-
         if self.use_adapter:
             return reference_mode(self.model)
         if self.ref_model is not None:
@@ -407,8 +407,6 @@ class DPOTrainer:
         return policy_as_reference()
 
     def _batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from alignloop.data import PreferenceCollator
-
         # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
         b = PreferenceCollator(self.tokenizer.pad_token_id, pad_to_multiple_of=8)(examples)
         return {k: b[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "position_ids",
@@ -534,7 +532,7 @@ class DPOTrainer:
     def _reduce(self, sums: torch.Tensor, n: int) -> dict[str, float]:
         if self.world > 1:
             sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
-        return {name: float(v) / max(n, 1) for name, v in zip(_METRICS, sums)}
+        return {name: float(v) / max(n, 1) for name, v in zip(_METRICS, sums, strict=True)}
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over processes in one flat buffer. The model is not wrapped in DDP (the LM head is applied
@@ -595,7 +593,7 @@ class DPOTrainer:
         opt = setup_optimization(a, self.run, self.model, n, "dpo", wrap=False)
         optimizer, scheduler, logger, progress = opt.optimizer, opt.scheduler, opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
-        step, epoch, pos = opt.step, opt.epoch, opt.pos
+        step = opt.step
         self.state = opt.state
         if not self.state:
             logger.log({"time/ref_logps": ref_seconds}, step=0)
@@ -603,7 +601,8 @@ class DPOTrainer:
         last_eval: dict[str, float] = {}
         window = torch.zeros(len(_METRICS))
         window_pairs, t_train = 0, time.perf_counter()
-        for epoch, pos, batch, epoch_end in global_batches(n, global_batch, a.seed, epoch=epoch, batch_in_epoch=pos):
+        for epoch, pos, batch, epoch_end in global_batches(n, global_batch, a.seed, epoch=opt.epoch,
+                                                           batch_in_epoch=opt.pos):
             if step >= total:
                 break
             for mb in micro_batches(shard(batch, self.rank, self.world), a.per_device_batch_size):

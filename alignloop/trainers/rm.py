@@ -24,13 +24,24 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop.models.fast import disable_dropout, speed_up
+from alignloop.data import load_preferences, tokenize_preferences
 from alignloop.errors import ConfigError
 from alignloop.losses import bradley_terry_loss, plackett_luce_loss
-from alignloop.training.run import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
-                                       prepare_run, setup_optimization, resolve_tokenizer, split_eval)
-from alignloop.training import (global_batches,
-                                micro_batches, optimizer_step, shard, sync_context)
+from alignloop.models import RewardModel
+from alignloop.models.fast import disable_dropout, speed_up
+from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
+from alignloop.training.run import (
+    TrainingArgs,
+    TrainResult,
+    build_lora,
+    checkpoint_if_due,
+    eval_due,
+    finish,
+    prepare_run,
+    resolve_tokenizer,
+    setup_optimization,
+    split_eval,
+)
 
 
 @dataclass
@@ -51,7 +62,8 @@ class RewardConfig(TrainingArgs):
     include_ties: bool = field(default=False, metadata={
         "help": "Keep tied pairs of rankings and train their scores towards equality (default: skip them)."})
     strength_margins: Literal["small", "large"] = field(default="small", metadata={
-        "help": "Llama 2's table turning a strength label into a margin: small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0)."})
+        "help": "Llama 2's table turning a strength label into a margin: small (1, 2/3, 1/3, 0) or large "
+                "(3, 2, 1, 0)."})
     add_eos: bool = field(default=True, metadata={
         "help": "Append EOS to every completion, so the score is read at the same kind of token everywhere."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
@@ -108,7 +120,7 @@ def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[li
     """Weighted loss of each group [G] from the scores of all distinct sequences [S], plus per-pair statistics
     (for accuracy and margin metrics over non-tie pairs)."""
     losses, diffs, is_tie = [], [], []
-    for g, ((seqs, pairs), w, off) in enumerate(zip(groups, weights, offsets)):
+    for (seqs, pairs), w, off in zip(groups, weights, offsets, strict=True):
         c = torch.tensor([p[0] + off for p in pairs], device=scores.device)
         r = torch.tensor([p[1] + off for p in pairs], device=scores.device)
         margin = torch.tensor([p[2] for p in pairs], device=scores.device, dtype=scores.dtype)
@@ -146,8 +158,6 @@ class RewardTrainer:
             raise ConfigError("train_file: give the preferences to train on (--train-file)")
 
     def _tokenize(self, source, tokenizer):
-        from alignloop.data import load_preferences, tokenize_preferences
-
         a = self.args
         groups, stats = load_preferences(source, tokenizer=tokenizer, include_ties=a.include_ties,
                                          margins=a.strength_margins, skip_bad_rows=a.skip_bad_rows)
@@ -155,13 +165,9 @@ class RewardTrainer:
                                                  add_eos=a.add_eos)
         return [(group_sequences(g), g["pair_weight"]) for g in tokenized], stats, tstats
 
-    def train(self) -> TrainResult:
+    def _data(self, tokenizer, log):
+        """Training and held-out examples, each (distinct sequences, pairs), pair weight; and the data stats."""
         a = self.args
-        run = prepare_run(a, "rm")
-        acc, log = run.accelerator, run.log
-        tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
-
-        # ---- data: each example is (distinct sequences, pairs), pair weight
         train_ex, stats, tstats = self._tokenize(self.train_source, tokenizer)
         eval_ex = None
         if self.eval_source is not None:
@@ -172,10 +178,16 @@ class RewardTrainer:
             raise ConfigError("no training pairs left after tokenisation (all dropped by truncation?)")
         log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
                  sum(len(e[0][1]) for e in train_ex))
+        return train_ex, eval_ex, stats, tstats
+
+    def train(self) -> TrainResult:
+        a = self.args
+        run = prepare_run(a, "rm")
+        acc = run.accelerator
+        tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
+        train_ex, eval_ex, stats, tstats = self._data(tokenizer, run.log)
 
         # ---- model, optimizer, schedule
-        from alignloop.models import RewardModel
-
         model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
@@ -183,7 +195,8 @@ class RewardTrainer:
         if a.disable_dropout:
             disable_dropout(model)
         opt = setup_optimization(a, run, model, len(train_ex), "rm")
-        model, optimizer, scheduler, logger, progress = opt.model, opt.optimizer, opt.scheduler, opt.logger, opt.progress
+        model, optimizer, scheduler = opt.model, opt.optimizer, opt.scheduler
+        logger, progress = opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
         step, epoch, pos = opt.step, opt.epoch, opt.pos
         pad_id = tokenizer.pad_token_id

@@ -18,13 +18,24 @@ from typing import Any
 
 import torch
 
-from alignloop.models.fast import speed_up
+from alignloop.data import load_sft, pack_sft, tokenize_sft
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
-from alignloop.training.run import (TrainingArgs, TrainResult, build_lora, checkpoint_if_due, eval_due, finish,
-                                       prepare_run, setup_optimization, resolve_tokenizer, split_eval)
-from alignloop.training import (global_batches,
-                                micro_batches, optimizer_step, shard, sync_context)
+from alignloop.models import load_causal_lm
+from alignloop.models.fast import speed_up
+from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
+from alignloop.training.run import (
+    TrainingArgs,
+    TrainResult,
+    build_lora,
+    checkpoint_if_due,
+    eval_due,
+    finish,
+    prepare_run,
+    resolve_tokenizer,
+    setup_optimization,
+    split_eval,
+)
 
 
 @dataclass
@@ -59,7 +70,8 @@ def _batch_tensors(examples: list[dict[str, Any]], pad_id: int, device) -> dict[
         attn[i, :n] = 1
         pos[i, :n] = torch.tensor(e["position_ids"]) if "position_ids" in e else torch.arange(n)
         tgt[i, :n] = torch.tensor([lab != -100 for lab in e["labels"]])
-    out = {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=attn, position_ids=pos, loss_mask=tgt).items()}
+    tensors = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "loss_mask": tgt}
+    out = {k: v.to(device) for k, v in tensors.items()}
     out["packed"] = any("seq_lens" in e for e in examples)
     return out
 
@@ -98,8 +110,6 @@ class SFTTrainer:
             raise ConfigError("train_file: give the demonstrations to train on (--train-file)")
 
     def _tokenize(self, source, tokenizer, what: str):
-        from alignloop.data import load_sft, tokenize_sft
-
         records, stats = load_sft(source, tokenizer=tokenizer, skip_bad_rows=self.args.skip_bad_rows)
         examples, tstats = tokenize_sft(records, tokenizer, max_length=self.args.max_length,
                                         truncation=self.args.truncation, add_eos=self.args.add_eos)
@@ -122,8 +132,6 @@ class SFTTrainer:
         elif a.eval_fraction > 0:
             train_ex, eval_ex = split_eval(train_ex, a.eval_fraction, a.seed)
         if a.packing:
-            from alignloop.data import pack_sft
-
             train_ex = pack_sft(train_ex, a.max_length)
         if not train_ex:
             raise ConfigError("no training examples left after tokenisation (all dropped by truncation?)")
@@ -131,14 +139,13 @@ class SFTTrainer:
                  "packed rows" if a.packing else "examples")
 
         # ---- model, optimizer, schedule
-        from alignloop.models import load_causal_lm
-
         model = self.model_arg if not isinstance(self.model_arg, (str, Path)) else load_causal_lm(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
         speed_up(model)  # same function, faster kernels
         opt = setup_optimization(a, run, model, len(train_ex), "sft")
-        model, optimizer, scheduler, logger, progress = opt.model, opt.optimizer, opt.scheduler, opt.logger, opt.progress
+        model, optimizer, scheduler = opt.model, opt.optimizer, opt.scheduler
+        logger, progress = opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
         step, epoch, pos = opt.step, opt.epoch, opt.pos
         pad_id = tokenizer.pad_token_id

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from alignloop.errors import ConfigError
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -54,7 +56,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, accelerator, modules: dict[str, torch.nn.Module],
-                    optimizer=None, scheduler=None, trainer_state: dict[str, Any], keep_last: int | None = None) -> Path:
+                    optimizer=None, scheduler=None, trainer_state: dict[str, Any],
+                    keep_last: int | None = None) -> Path:
     """Save everything needed for exact resume. Every process writes its RNG; the main process writes the rest."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -92,7 +95,8 @@ def load_checkpoint(path: str | Path, *, accelerator, modules: dict[str, torch.n
         load_model(accelerator.unwrap_model(module), str(path / f"{name}.safetensors"),
                    device=str(accelerator.device))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=False))
+        state = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=False)
+        optimizer.load_state_dict(state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
@@ -103,8 +107,6 @@ def load_checkpoint(path: str | Path, *, accelerator, modules: dict[str, torch.n
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
     """`resume_from`: None (fresh run), "latest" (the newest checkpoint in output_dir, if any) or a folder."""
-    from alignloop.errors import ConfigError
-
     if not resume_from:
         return None
     if resume_from == "latest":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import types
 import typing
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import click
+import pydantic
 import yaml
 
 from alignloop.errors import ConfigError
@@ -74,8 +76,6 @@ def renamed_fields(mapping: dict[str, str]):
 
 
 def _validate(cls, values: dict[str, Any], source: str):
-    import pydantic
-
     values = apply_renames(cls, values, source, stacklevel=4)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
@@ -144,7 +144,7 @@ def click_options_from_dataclass(cls):
 
     def decorator(fn):
         # the config's own fields first in --help, then the ones it inherits
-        own = set(cls.__dict__.get("__annotations__", {}))
+        own = set(inspect.get_annotations(cls))
         ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
         for f in reversed(ordered):
             tp = _unwrap_optional(types_[f.name])
@@ -152,7 +152,7 @@ def click_options_from_dataclass(cls):
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore
             help_text = f"{help_of(f)}  [default: {default!r}]"
             flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = dict(default=None, help=help_text, show_default=False)
+            kwargs: dict[str, Any] = {"default": None, "help": help_text, "show_default": False}
             origin = get_origin(tp)
             if tp is bool:
                 fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, **kwargs)(fn)

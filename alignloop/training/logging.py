@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 
 class MetricsLogger:
     """`log(metrics, step)` appends `{"step": step, **metrics}` to `OUTPUT_DIR/metrics.jsonl` and writes scalars to
@@ -34,13 +37,13 @@ class MetricsLogger:
                 path.unlink()
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional: tensorboard
 
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except Exception:  # tensorboard missing: JSONL still works
+            except Exception:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl still works
                 self._tb = None
         if wandb:
-            import wandb as _wandb
+            import wandb as _wandb  # noqa: PLC0415 - optional: the wandb extra
 
             self._wandb = _wandb.init(name=run_name, config=config, dir=str(output_dir))
 
@@ -51,9 +54,8 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         for k, v in clean.items():
-            if isinstance(v, float) and math.isfinite(v):
-                if self._tb is not None:
-                    self._tb.add_scalar(k, v, step)
+            if isinstance(v, float) and math.isfinite(v) and self._tb is not None:
+                self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
@@ -86,9 +88,6 @@ class Progress:
         self.t0 = time.perf_counter()
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
         self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                TextColumn("{task.fields[info]}"), transient=False)

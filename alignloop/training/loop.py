@@ -14,6 +14,7 @@ import random
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from alignloop.errors import ConfigError
 
@@ -22,8 +23,6 @@ def make_accelerator(mixed_precision: str = "no"):
     """An `accelerate.Accelerator` (works unchanged under `accelerate launch`; on CPU-only machines launch several
     processes with `accelerate launch --multi_gpu --num_processes N` or `torchrun`). bf16/fp16 autocast is for GPUs:
     fp16 on CPU is refused with a clear message; bf16 on CPU runs (slowly) through CPU autocast."""
-    from accelerate import Accelerator
-
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
     if mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import get_scheduler
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
@@ -21,6 +22,4 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
 
 def build_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     """Warmup then `name` ("linear", "cosine", "constant", "constant_with_warmup", ...), via transformers."""
-    from transformers import get_scheduler
-
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))

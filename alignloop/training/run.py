@@ -2,6 +2,7 @@
 result every `train()` returns (`TrainResult`), run set-up, tokenizer, LoRA options, resume, checkpoints, final save."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -10,6 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignloop.errors import ConfigError
+from alignloop.models import LoraOptions, has_adapter, load_tokenizer
+from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignloop.training.config import save_config
+from alignloop.training.logging import MetricsLogger, Progress
+from alignloop.training.loop import make_accelerator, seed_everything, steps_per_epoch
+from alignloop.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("alignloop")
 
@@ -111,7 +118,6 @@ class _Prefixed(logging.LoggerAdapter):
 
 def prepare_run(args, name: str) -> Run:
     """Accelerator, seeds, output folder, the resolved config saved as `config.yaml` beside the results."""
-    from alignloop.training import make_accelerator, save_config, seed_everything
 
     acc = make_accelerator(args.mixed_precision)
     seed_everything(args.seed, acc.process_index)
@@ -135,7 +141,6 @@ def resolve_tokenizer(model_arg: Any, tokenizer: Any, padding_side: str):
         if not path:
             raise ConfigError("a model object was given without a tokenizer: pass tokenizer=...")
         model_arg = path
-    from alignloop.models import load_tokenizer
 
     return load_tokenizer(str(model_arg), padding_side=padding_side)
 
@@ -144,7 +149,6 @@ def build_lora(args):
     """LoRA options from a config's lora_* fields (None when lora_r == 0)."""
     if not getattr(args, "lora_r", 0):
         return None
-    from alignloop.models import LoraOptions
 
     targets = args.lora_target_modules
     return LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -153,7 +157,6 @@ def build_lora(args):
 
 def maybe_resume(args, accelerator, modules: dict, optimizer, scheduler) -> dict[str, Any]:
     """Restore the checkpoint named by `resume_from` (a folder or 'latest'); {} for a fresh run."""
-    from alignloop.training import load_checkpoint, resolve_resume
 
     path = resolve_resume(args.resume_from, args.output_dir)
     if path is None:
@@ -167,7 +170,7 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """A deterministic held-out split (the same on every process)."""
     idx = list(range(len(examples)))
     random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(round(len(examples) * fraction)))
+    n_eval = max(1, round(len(examples) * fraction))
     held = set(idx[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
@@ -175,7 +178,6 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: str = "final") -> Path:
     """`save_pretrained` (safetensors) into OUTPUT_DIR/final, loadable by plain transformers. A LoRA model is saved
     merged into its base so that no peft is needed to load it."""
-    from alignloop.models import has_adapter
 
     final = Path(output_dir) / subdir
     accelerator.wait_for_everyone()
@@ -185,7 +187,6 @@ def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: st
             m.save_pretrained(final)
         else:
             if has_adapter(m):
-                import copy
 
                 m = copy.deepcopy(m).merge_and_unload()
             m.save_pretrained(final, safe_serialization=True)
@@ -210,7 +211,6 @@ def checkpoint_if_due(args, accelerator, step: int, epoch: int, pos: int, epoch_
     """Every `save_steps` steps: a checkpoint that resumes at the next batch (the next epoch's first after its last)."""
     if not (args.save_steps and step % args.save_steps == 0):
         return
-    from alignloop.training import save_checkpoint
 
     nxt_epoch, nxt_pos = (epoch + 1, 0) if epoch_end else (epoch, pos)
     save_checkpoint(args.output_dir, step, accelerator=accelerator, modules=modules, optimizer=optimizer,
@@ -251,7 +251,6 @@ class Optimization:
 def setup_optimization(args, run: Run, model, n_examples: int, name: str, wrap: bool = True) -> Optimization:
     """Global batch and step budget, AdamW + schedule, accelerate.prepare (`wrap`; DPO sums gradients itself),
     resume, metrics logger, progress bar: the set-up every offline trainer (SFT, reward model, DPO) shares."""
-    from alignloop.training import MetricsLogger, Progress, build_optimizer, build_scheduler, steps_per_epoch
 
     a, acc = args, run.accelerator
     global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
