@@ -79,6 +79,13 @@ margins_option = click.option("--margins", type=click.Choice(["small", "large"])
                               help="Llama 2 margin table used to turn a `strength` column into `margin`.")
 
 
+def read_options(fn):
+    """The options every command that reads a data file takes."""
+    for option in reversed((kind_option, split_option, skip_option, ties_option, margins_option, tokenizer_option)):
+        fn = option(fn)
+    return fn
+
+
 @click.group(name="data", help="Check data files and convert them between formats.")
 def data() -> None:
     pass
@@ -87,12 +94,7 @@ def data() -> None:
 @data.command(help="Check FILE: print its format, row counts and every bad row (file, line, field). "
                    "Exits with status 2 when there are bad rows, unless --skip-bad-rows.")
 @click.argument("file")
-@kind_option
-@split_option
-@skip_option
-@ties_option
-@margins_option
-@tokenizer_option
+@read_options
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="With --tokenizer: count the examples (SFT, prompts) or pairs that this token limit would "
                    "truncate or drop.")
@@ -212,12 +214,7 @@ def _to_sft(records: list, kind: str) -> list[dict]:
                    "flat TRL preference rows (prompt, chosen, rejected, margin, pair_weight, group), a ranking "
                    "becomes its K(K-1)/2 pairs; unpaired: KTO rows (chosen/best true, rejected/worst false); "
                    "prompt: the prompts; sft: prompt + the preferred completion.")
-@kind_option
-@split_option
-@skip_option
-@ties_option
-@margins_option
-@tokenizer_option
+@read_options
 def convert(in_path: str, out_path: str, to: str, kind: str | None, split: str, skip_bad_rows: bool,
             include_ties: bool, margins: str, tokenizer: str | None) -> None:
     records, stats = _load(in_path, kind, split, include_ties, margins, _tokenizer(tokenizer))

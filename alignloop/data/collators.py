@@ -28,9 +28,24 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only real tokens (0 on left padding): mask.cumsum - 1, clamped at 0."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens: `attention_mask.cumsum(1) - 1`, clamped at 0 -- the one formula of
+    every batch, training forward and sampling step (`alignloop.models` and `alignloop.rollout` use this function).
+
+    Left padding -> pads get 0 and the first real token gets 0; right padding -> pads repeat the last position
+    (they are masked, so their value does not matter). [B,T] -> [B,T] long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _padded_rows(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, padding_side: str,
+                 multiple: int | None) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, position_ids, labels and response_mask [N,T] of token rows and their labels."""
+    t = _round_up(max(len(s) for s in ids), multiple)
+    attention_mask = pad([[1] * len(s) for s in ids], 0, padding_side, t)
+    labels_t = pad(labels, IGNORE_INDEX, padding_side, t)
+    return {"input_ids": pad(ids, pad_token_id, padding_side, t), "attention_mask": attention_mask,
+            "position_ids": position_ids_from_attention_mask(attention_mask), "labels": labels_t,
+            "response_mask": labels_t != IGNORE_INDEX}
 
 
 @dataclass
@@ -58,7 +73,7 @@ class SFTCollator:
         if "labels" in examples[0]:
             batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX, self.padding_side, t)
         if "position_ids" not in examples[0]:
-            batch["position_ids"] = _position_ids(batch["attention_mask"])
+            batch["position_ids"] = position_ids_from_attention_mask(batch["attention_mask"])
             return batch
         # packed rows: padding gets positions 0.. (a segment of its own), so it never joins a real example
         positions = []
@@ -103,15 +118,8 @@ class PreferenceCollator:
             index += [g_i] * len(g_pairs)
         ids = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
         labels = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
-        t = _round_up(max(len(s) for s in ids), self.pad_to_multiple_of)
-        attention_mask = pad([[1] * len(s) for s in ids], 0, self.padding_side, t)
-        labels_t = pad(labels, IGNORE_INDEX, self.padding_side, t)
         return {
-            "input_ids": pad(ids, self.pad_token_id, self.padding_side, t),
-            "attention_mask": attention_mask,
-            "position_ids": _position_ids(attention_mask),
-            "labels": labels_t,
-            "response_mask": labels_t != IGNORE_INDEX,
+            **_padded_rows(ids, labels, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
             "margin": torch.tensor([float(p.get("margin", 0.0)) for p in pairs], dtype=torch.float32),
             "pair_weight": torch.tensor(weights, dtype=torch.float32),
             "group_index": torch.tensor(index, dtype=torch.long),
@@ -156,15 +164,8 @@ class RankingCollator:
                 best_first = sorted(range(len(g["ranking"])), key=lambda k: g["ranking"][k])
                 order[g_i, :len(best_first)] = torch.tensor(best_first) + start
                 valid[g_i, :len(best_first)] = True
-        t = _round_up(max(len(s) for s in ids), self.pad_to_multiple_of)
-        attention_mask = pad([[1] * len(s) for s in ids], 0, self.padding_side, t)
-        labels_t = pad(labels, IGNORE_INDEX, self.padding_side, t)
         return {
-            "input_ids": pad(ids, self.pad_token_id, self.padding_side, t),
-            "attention_mask": attention_mask,
-            "position_ids": _position_ids(attention_mask),
-            "labels": labels_t,
-            "response_mask": labels_t != IGNORE_INDEX,
+            **_padded_rows(ids, labels, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
             "group_index": torch.tensor(group_index, dtype=torch.long),
             "chosen_index": torch.tensor(chosen, dtype=torch.long),
             "rejected_index": torch.tensor(rejected, dtype=torch.long),

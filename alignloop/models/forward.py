@@ -12,14 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-
-def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens: `attention_mask.cumsum(1) - 1`, clamped at 0.
-
-    Left padding -> pads get 0 and the first real token gets 0; right padding -> pads repeat the last position
-    (they are masked, so their value does not matter). [B,T] -> [B,T] long."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+from alignloop.data.collators import position_ids_from_attention_mask
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_ppo(run: RunFolder, out: Path) -> Path | None:
     rows = []
     r = 1
@@ -61,11 +68,7 @@ def plot_ppo(run: RunFolder, out: Path) -> Path | None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    p = out / "ppo_training.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "ppo_training.png")
 
 
 def plot_dpo(run: RunFolder, out: Path) -> Path | None:
@@ -96,11 +99,7 @@ def plot_dpo(run: RunFolder, out: Path) -> Path | None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
-    fig.tight_layout()
-    p = out / "dpo_training.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "dpo_training.png")
 
 
 def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
@@ -142,11 +141,7 @@ def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
            xlabel="KL(policy ‖ SFT) on the policy's samples (nats / sequence)", ylabel=f"mean {what}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    p = out / "frontier.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "frontier.png")
 
 
 def plot_best_of_n(res: dict, out: Path) -> Path | None:
@@ -168,11 +163,7 @@ def plot_best_of_n(res: dict, out: Path) -> Path | None:
            ylabel="mean score of the picked sample")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    p = out / "best_of_n.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "best_of_n.png")
 
 
 def plot_rm(quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out: Path) -> Path | None:
@@ -209,11 +200,7 @@ def plot_rm(quality: dict | None, rm_info: dict | None, rm_rows: list[dict], out
     a2.legend(loc="lower right", fontsize=8)
     a2.set_ylim(0, 1.05)
     a2.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p = out / "reward_model.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "reward_model.png")
 
 
 def plot_labelers(quality: dict | None, out: Path) -> Path | None:
@@ -244,11 +231,7 @@ def plot_labelers(quality: dict | None, out: Path) -> Path | None:
     ax.set_ylim(0, 1.3)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p = out / "labelers.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "labelers.png")
 
 
 def plot_times(times: dict, out: Path) -> Path | None:
@@ -265,11 +248,7 @@ def plot_times(times: dict, out: Path) -> Path | None:
            ylabel="stage")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    p = out / "stage_times.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "stage_times.png")
 
 
 def _fmt(v, nd=3):

@@ -33,8 +33,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from alignloop.data.collators import position_ids_from_attention_mask
 from alignloop.errors import ConfigError
-from alignloop.models.forward import position_ids_from_attention_mask
 
 
 @dataclass

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from alignloop.data import PreferenceCollator, load_preferences, tokenize_preferences
-from alignloop.errors import ConfigError, UserError
+from alignloop.errors import ConfigError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
 from alignloop.models import apply_lora, has_adapter, load_causal_lm, model_forward, reference_mode, unwrap_model
 from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
@@ -69,7 +69,7 @@ from alignloop.training.run import (
     prepare_run,
     resolve_tokenizer,
     setup_optimization,
-    split_eval,
+    train_and_eval_examples,
 )
 
 CACHE_VERSION = 1
@@ -375,14 +375,9 @@ class DPOTrainer:
         eval_dataset = eval_dataset if eval_dataset is not None else a.eval_file
         if train_dataset is None:
             raise ConfigError("train_file: give the preference pairs to train on (--train-file)")
-        self.train_examples, *self.data_stats = load_pairs(train_dataset, self.tokenizer, a)
-        self.eval_examples: list[dict] = []
-        if eval_dataset is not None:
-            self.eval_examples = load_pairs(eval_dataset, self.tokenizer, a)[0]
-        elif a.eval_fraction > 0:
-            self.train_examples, self.eval_examples = split_eval(self.train_examples, a.eval_fraction, a.seed)
-        if not self.train_examples:
-            raise UserError("no training pairs left after reading and tokenisation")
+        self.train_examples, eval_examples, *self.data_stats = train_and_eval_examples(
+            lambda source: load_pairs(source, self.tokenizer, a), train_dataset, eval_dataset, a, "pairs")
+        self.eval_examples: list[dict] = eval_examples or []
         self.state: dict[str, Any] = {}
         self._eval_ref: torch.Tensor | None = None
 

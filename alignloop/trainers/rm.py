@@ -40,7 +40,7 @@ from alignloop.training.run import (
     prepare_run,
     resolve_tokenizer,
     setup_optimization,
-    split_eval,
+    train_and_eval_examples,
 )
 
 
@@ -165,27 +165,16 @@ class RewardTrainer:
                                                  add_eos=a.add_eos)
         return [(group_sequences(g), g["pair_weight"]) for g in tokenized], stats, tstats
 
-    def _data(self, tokenizer, log):
-        """Training and held-out examples, each (distinct sequences, pairs), pair weight; and the data stats."""
-        a = self.args
-        train_ex, stats, tstats = self._tokenize(self.train_source, tokenizer)
-        eval_ex = None
-        if self.eval_source is not None:
-            eval_ex, _, _ = self._tokenize(self.eval_source, tokenizer)
-        elif a.eval_fraction > 0:
-            train_ex, eval_ex = split_eval(train_ex, a.eval_fraction, a.seed)
-        if not train_ex:
-            raise ConfigError("no training pairs left after tokenisation (all dropped by truncation?)")
-        log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
-                 sum(len(e[0][1]) for e in train_ex))
-        return train_ex, eval_ex, stats, tstats
-
     def train(self) -> TrainResult:
         a = self.args
         run = prepare_run(a, "rm")
         acc = run.accelerator
         tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
-        train_ex, eval_ex, stats, tstats = self._data(tokenizer, run.log)
+        # each example: (distinct sequences, pairs), pair weight
+        train_ex, eval_ex, stats, tstats = train_and_eval_examples(
+            lambda source: self._tokenize(source, tokenizer), self.train_source, self.eval_source, a, "pairs")
+        run.log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
+                     sum(len(e[0][1]) for e in train_ex))
 
         # ---- model, optimizer, schedule
         model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(

@@ -34,7 +34,7 @@ from alignloop.training.run import (
     prepare_run,
     resolve_tokenizer,
     setup_optimization,
-    split_eval,
+    train_and_eval_examples,
 )
 
 
@@ -109,7 +109,7 @@ class SFTTrainer:
         if self.train_source is None:
             raise ConfigError("train_file: give the demonstrations to train on (--train-file)")
 
-    def _tokenize(self, source, tokenizer, what: str):
+    def _tokenize(self, source, tokenizer):
         records, stats = load_sft(source, tokenizer=tokenizer, skip_bad_rows=self.args.skip_bad_rows)
         examples, tstats = tokenize_sft(records, tokenizer, max_length=self.args.max_length,
                                         truncation=self.args.truncation, add_eos=self.args.add_eos)
@@ -125,16 +125,10 @@ class SFTTrainer:
         tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
 
         # ---- data
-        train_ex, stats, tstats = self._tokenize(self.train_source, tokenizer, "train")
-        eval_ex = None
-        if self.eval_source is not None:
-            eval_ex, _, _ = self._tokenize(self.eval_source, tokenizer, "eval")
-        elif a.eval_fraction > 0:
-            train_ex, eval_ex = split_eval(train_ex, a.eval_fraction, a.seed)
+        train_ex, eval_ex, stats, tstats = train_and_eval_examples(
+            lambda source: self._tokenize(source, tokenizer), self.train_source, self.eval_source, a, "examples")
         if a.packing:
             train_ex = pack_sft(train_ex, a.max_length)
-        if not train_ex:
-            raise ConfigError("no training examples left after tokenisation (all dropped by truncation?)")
         log.info("%s; %s; %d training %s", stats.summary(), tstats.summary(), len(train_ex),
                  "packed rows" if a.packing else "examples")
 

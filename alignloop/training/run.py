@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +165,23 @@ def maybe_resume(args, accelerator, modules: dict, optimizer, scheduler) -> dict
     state = load_checkpoint(path, accelerator=accelerator, modules=modules, optimizer=optimizer, scheduler=scheduler)
     log.info("resumed from %s at step %d", path, state["step"])
     return state
+
+
+def train_and_eval_examples(tokenize: Callable[[Any], tuple[list, Any, Any]], train_source, eval_source, args,
+                            what: str) -> tuple[list, list | None, Any, Any]:
+    """(training examples, held-out examples or None, read stats, tokenisation stats) of an offline trainer:
+    `tokenize(source) -> (examples, stats, tstats)` on the training data; the held-out set is `eval_source`'s, else
+    `args.eval_fraction` of the training examples (a deterministic split). No training example left is a
+    ConfigError (`what`: what the examples are, for the message)."""
+    train, stats, tstats = tokenize(train_source)
+    held = None
+    if eval_source is not None:
+        held = tokenize(eval_source)[0]
+    elif args.eval_fraction > 0:
+        train, held = split_eval(train, args.eval_fraction, args.seed)
+    if not train:
+        raise ConfigError(f"no training {what} left after reading and tokenisation (all dropped by truncation?)")
+    return train, held, stats, tstats
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
