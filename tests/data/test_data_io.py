@@ -1,0 +1,49 @@
+"""The data I/O every caller shares: prompts from any source (`prompt_texts`) and files written whole or not at all
+(`write_rows`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignloop.data import DataError, prompt_texts, read_rows, write_rows
+
+
+def test_prompt_texts_from_strings_files_and_rows(tmp_path):
+    assert prompt_texts(["a", "b", "c"], max_prompts=2) == ["a", "b"]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "x"}, {"prompt": "y", "other": 1}]))
+    assert prompt_texts(str(f)) == ["x", "y"]
+    assert prompt_texts([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == ["p"]   # any format with prompts
+
+
+def test_prompt_texts_errors_name_the_source(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "x"}\n{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2"):
+        prompt_texts(str(f))
+    with pytest.raises(DataError, match="no prompts"):
+        prompt_texts([])
+    with pytest.raises(DataError, match="prompt 1: expected a non-empty prompt"):
+        prompt_texts(["a", ""])
+    msgs = [{"prompt": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(DataError, match="chat template"):
+        prompt_texts(msgs)                       # messages need the policy's tokenizer to become text
+    with pytest.raises(DataError, match="no such file"):
+        prompt_texts(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_write_rows_is_all_or_nothing(tmp_path, suffix):
+    path = tmp_path / f"rows{suffix}"
+    write_rows([{"a": 1}, {"a": 2}], path)
+    before = path.read_bytes()
+    def interrupted():
+        yield {"a": 3}
+        raise RuntimeError("interrupted half-way through")
+
+    with pytest.raises(RuntimeError):
+        write_rows(interrupted(), path)
+    assert path.read_bytes() == before                     # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]   # and nothing half-written is left beside it
+    assert [str(r["a"]) for r in read_rows(path)] == ["1", "2"]
