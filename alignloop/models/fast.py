@@ -8,6 +8,10 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from alignloop.errors import UserError
+from alignloop.models.forward import unwrap_model
+from alignloop.models.value_head import hidden_size
+
 # The name under which `fp32_cpu_attention` registers its attention function with transformers.
 CPU_SDPA = "alignloop_sdpa"
 
@@ -81,3 +85,16 @@ def speed_up(model: nn.Module | None) -> None:
     """Every speed-up of this module (`fuse_gelu`, `fp32_cpu_attention`): same function, same saved checkpoint."""
     fuse_gelu(model)
     fp32_cpu_attention(model)
+
+
+WIDE = 256
+
+
+def is_wide(model: nn.Module) -> bool:
+    """Hidden size >= 256: wide enough for the CPU to be compute-bound, where padding-free packing pays for its
+    bookkeeping (SFT, DPO `packing="auto"`) and a decode step gains from a second thread (`HFSampler`, measured:
+    2 x 128 is fastest on one thread, 6 x 384 on two)."""
+    try:
+        return hidden_size(unwrap_model(model).config) >= WIDE
+    except (AttributeError, UserError):
+        return False

@@ -35,6 +35,7 @@ import torch
 
 from alignloop.data.collators import position_ids_from_attention_mask
 from alignloop.errors import ConfigError
+from alignloop.models.fast import is_wide
 
 
 @dataclass
@@ -170,9 +171,7 @@ class HFSampler:
         return pad, sorted({int(s) for s in stops})
 
     def _auto_threads(self, available: int) -> int:
-        cfg = getattr(self.model, "config", None)
-        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
-        return available if width >= 256 else 1
+        return available if is_wide(self.model) else 1
 
     def _device(self):
         try:

@@ -57,7 +57,7 @@ from alignloop.data import PreferenceCollator, load_preferences, tokenize_prefer
 from alignloop.errors import ConfigError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
 from alignloop.models import apply_lora, has_adapter, load_causal_lm, model_forward, reference_mode, unwrap_model
-from alignloop.models.fast import CPU_SDPA, disable_dropout, speed_up
+from alignloop.models.fast import CPU_SDPA, disable_dropout, is_wide, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard
 from alignloop.training.run import (
     TrainingArgs,
@@ -478,10 +478,8 @@ class DPOTrainer:
 
     def _use_packing(self, model: nn.Module | None = None) -> bool:
         model = model if model is not None else self.model
-        if self.args.packing != "auto":
-            return self.args.packing == "on" and _lm_parts(model) is not None
-        hidden = getattr(getattr(unwrap_model(model), "config", None), "hidden_size", 0) or 0
-        return hidden >= 256 and _lm_parts(model) is not None
+        on = self.args.packing == "on" or (self.args.packing == "auto" and is_wide(model))
+        return on and _lm_parts(model) is not None
 
     def _share_prompt(self, model: nn.Module | None = None) -> bool:
         """Prompt computed once per pair (`share_prompt`): needs a custom 4D attention mask, which transformers'

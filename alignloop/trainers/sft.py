@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -22,7 +22,7 @@ from alignloop.data import load_sft, pack_sft, tokenize_sft
 from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
 from alignloop.models import load_causal_lm
-from alignloop.models.fast import speed_up
+from alignloop.models.fast import is_wide, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
 from alignloop.training.run import (
     TrainingArgs,
@@ -49,8 +49,9 @@ class SFTConfig(TrainingArgs):
     output_dir: str = field(default="runs/sft", metadata={"help": "Where checkpoints, metrics and the final model go."})
     completion_only_loss: bool = field(default=True, metadata={
         "help": "Loss on completion tokens only (prompt tokens masked). False trains on every token."})
-    packing: bool = field(default=False, metadata={
-        "help": "Padding-free packing: concatenate examples into rows of max_length, positions restarting per "
+    packing: Literal["auto", "on", "off"] = field(default="off", metadata={
+        "help": "on: padding-free packing (auto: on for models with hidden size >= 256, compute-bound; a bare "
+                "--packing means on): concatenate examples into rows of max_length, positions restarting per "
                 "example and no token predicting across examples."})
     add_eos: bool = field(default=True, metadata={"help": "Append EOS to each completion so the model learns to stop."})
 
@@ -127,15 +128,16 @@ class SFTTrainer:
         # ---- data
         train_ex, eval_ex, stats, tstats = train_and_eval_examples(
             lambda source: self._tokenize(source, tokenizer), self.train_source, self.eval_source, a, "examples")
-        if a.packing:
-            train_ex = pack_sft(train_ex, a.max_length)
-        log.info("%s; %s; %d training %s", stats.summary(), tstats.summary(), len(train_ex),
-                 "packed rows" if a.packing else "examples")
-
-        # ---- model, optimizer, schedule
         model = self.model_arg if not isinstance(self.model_arg, (str, Path)) else load_causal_lm(
             self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
             trust_remote_code=a.trust_remote_code)
+        packing = a.packing == "on" or (a.packing == "auto" and is_wide(model))
+        if packing:
+            train_ex = pack_sft(train_ex, a.max_length)
+        log.info("%s; %s; %d training %s", stats.summary(), tstats.summary(), len(train_ex),
+                 "packed rows" if packing else "examples")
+
+        # ---- optimizer, schedule
         speed_up(model)  # same function, faster kernels
         opt = setup_optimization(a, run, model, len(train_ex), "sft")
         model, optimizer, scheduler = opt.model, opt.optimizer, opt.scheduler

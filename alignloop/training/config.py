@@ -75,8 +75,23 @@ def renamed_fields(mapping: dict[str, str]):
     return decorator
 
 
+def _on_off(tp) -> bool:
+    """A Literal with "on" and "off" among its values (e.g. packing: auto / on / off)."""
+    return get_origin(tp) is Literal and {"on", "off"} <= set(get_args(tp))
+
+
+def on_off_from_bools(cfg) -> None:
+    """In a config object: an on/off knob given a boolean (Python keyword of an older release) becomes "on"/"off"."""
+    for name, tp in _field_types(type(cfg)).items():
+        if _on_off(tp) and isinstance(getattr(cfg, name, None), bool):
+            setattr(cfg, name, "on" if getattr(cfg, name) else "off")
+
+
 def _validate(cls, values: dict[str, Any], source: str):
     values = apply_renames(cls, values, source, stacklevel=4)
+    types_ = _field_types(cls)
+    values = {k: ("on" if v else "off") if isinstance(v, bool) and k in types_ and _on_off(types_[k]) else v
+              for k, v in values.items()}   # an on/off knob also takes true/false (YAML, older configs)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
@@ -159,6 +174,8 @@ def click_options_from_dataclass(cls):
                 continue
             if origin is Literal:
                 kwargs["type"] = click.Choice([str(a) for a in get_args(tp)])
+                if _on_off(tp):   # a bare --flag means on
+                    kwargs.update(is_flag=False, flag_value="on")
             elif origin in (list, tuple) or _one_or_many(tp):
                 inner = get_args(tp)[0] if get_args(tp) and origin in (list, tuple) else str
                 kwargs.update(type=inner if inner in (int, float, str) else str, multiple=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from alignloop.errors import ConfigError
 from alignloop.models import LoraOptions, has_adapter, load_tokenizer
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from alignloop.training.config import save_config
+from alignloop.training.config import on_off_from_bools, save_config
 from alignloop.training.logging import MetricsLogger, Progress
 from alignloop.training.loop import make_accelerator, seed_everything, steps_per_epoch
 from alignloop.training.optim import build_optimizer, build_scheduler
@@ -71,6 +71,7 @@ class TrainingArgs:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
 
     def __post_init__(self):
+        on_off_from_bools(self)
         if self.max_length < 2:
             raise ConfigError("max_length: expected at least 2")
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
