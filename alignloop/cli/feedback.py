@@ -121,7 +121,7 @@ def import_cmd(db, project, files, model):
 def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size, seed, out):
     """Sample N completions per prompt with a model and import them."""
     from alignloop.feedback.sampling import sample_records
-    from alignloop.feedback.store import read_jsonl
+    from alignloop.feedback.importing import read_jsonl
 
     if n < 1:
         raise UserError("-n must be at least 1")

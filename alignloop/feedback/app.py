@@ -34,7 +34,9 @@ from starlette.routing import Route
 
 from .models import STRENGTHS, Labeler
 from .security import new_token, resolve_secret_key, tokens_equal
-from .store import DEFAULT_FLAGS, Forbidden, NotFound, Store, ValidationError
+from .errors import Forbidden, NotFound, ValidationError
+from .projects import DEFAULT_FLAGS
+from .store import Store
 
 HERE = Path(__file__).parent
 STRENGTH_LABELS = {"significantly_better": "Significantly better", "better": "Better",

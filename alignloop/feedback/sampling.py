@@ -56,7 +56,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], n: int, max_new_tok
 def sample_records(prompt_rows: list[dict], model_path: str, n: int, **gen) -> list[dict]:
     """prompt_rows: `{"prompt": str | messages}` dicts. Returns import rows `{"prompt", "completions": [{"text",
     "model", "params"}]}`."""
-    from alignloop.feedback.store import normalise_prompt
+    from alignloop.feedback.importing import normalise_prompt
 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer

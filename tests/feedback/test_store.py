@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from alignloop.errors import UserError
 from alignloop.feedback import db as dbmod
 from alignloop.feedback.models import Assignment, Base, Item, Judgement
-from alignloop.feedback.store import Store, ValidationError, competition_ranks, validate_submission
+from alignloop.feedback.store import Store
+from alignloop.feedback.validation import ValidationError, competition_ranks, validate_submission
 
 
 def test_migrations_create_the_models_schema(tmp_path):
@@ -42,7 +43,7 @@ def test_upgrade_from_0001_and_the_next_item_query_needs_no_sort(tmp_path):
     with s.engine.connect() as conn:
         cols = [r[2] for r in conn.exec_driver_sql("PRAGMA index_info(ix_items_queue)")]
         assert cols == ["project_id", "is_gold", "n_active", "n_done", "id"]
-        from alignloop.feedback.store import _SQL_CANDIDATES
+        from alignloop.feedback.sqlite_hot import SQL_CANDIDATES as _SQL_CANDIDATES
         plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + _SQL_CANDIDATES, (1, 3, 1)))
     assert "ix_items_queue" in plan and "TEMP B-TREE" not in plan, plan  # walks the index in ORDER BY order
     s.dispose()
@@ -127,7 +128,7 @@ def test_k_distinct_labelers_never_twice_fewer_labels_first(store):
     labs = [store.add_labeler(f"l{i}", "password123") for i in range(4)]
     seen = Counter()
     first_items = []
-    for n, lab in enumerate(labs):
+    for lab in labs:
         got = []
         while (a := store.next_assignment(p.id, lab.id)) is not None:
             got.append(a.item_id)
@@ -247,7 +248,7 @@ def test_concurrent_assignment_keeps_k_and_submissions_exactly_once(tmp_path):
                 _answer(s, a, lab, key)
                 _answer(s, a, lab, key)  # a retry is a no-op
                 n += 1
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - pragma: no cover, reported below
             errors.append(e)
 
     ts = [threading.Thread(target=work, args=(lab,)) for lab in labs]

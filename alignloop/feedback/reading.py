@@ -1,0 +1,133 @@
+"""Reading the store: what a labeler sees of an item, judgement histories, progress, summaries and the judgements
+that quality statistics and export work on. Functions take an open session (or connection); `Store` opens it.
+
+Item views are cached per item (`ItemViewCache`): prompts and completions never change once imported, and an item
+is shown to k labelers. The view is stored in canonical order and put into a labeler's shown order on the way out.
+"""
+from __future__ import annotations
+
+from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy.orm import Session
+
+from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
+
+VIEW_CACHE_ITEMS = 4096  # items whose view is kept (oldest dropped first)
+
+# (prompt head, completions in canonical order): ({"messages", "is_chat"}, [{"text", "model"}, ...])
+ItemView = tuple[dict, list[dict]]
+
+_Q_PROMPT = select(Prompt.messages, Prompt.is_chat).where(Prompt.id == bindparam("pid"))
+_Q_COMPLETIONS = select(Completion.id, Completion.text, Completion.model).where(
+    Completion.id.in_(bindparam("ids", expanding=True)))
+
+
+class ItemViewCache:
+    """item id -> ItemView, at most `max_items` (the oldest entry goes first)."""
+
+    def __init__(self, max_items: int = VIEW_CACHE_ITEMS):
+        self.max_items = max_items
+        self._views: dict[int, ItemView] = {}
+
+    def __contains__(self, item_id: int) -> bool:
+        return item_id in self._views
+
+    def get(self, item_id: int) -> ItemView | None:
+        return self._views.get(item_id)
+
+    def put(self, item_id: int, view: ItemView) -> None:
+        if len(self._views) >= self.max_items:
+            self._views.pop(next(iter(self._views)))
+        self._views[item_id] = view
+
+
+def load_item_view(conn: Connection, prompt_id: int, completion_ids: list[int]) -> ItemView:
+    prompt = conn.execute(_Q_PROMPT, {"pid": prompt_id}).one()
+    comps = {c.id: c for c in conn.execute(_Q_COMPLETIONS, {"ids": list(completion_ids)})}
+    return ({"messages": prompt.messages, "is_chat": prompt.is_chat},
+            [{"text": comps[cid].text, "model": comps[cid].model} for cid in completion_ids])
+
+
+def in_shown_order(view: ItemView, shown_order: list[int]) -> dict:
+    """What a labeler sees: `{"messages", "is_chat", "completions"}` with the completions in the shown order."""
+    head, canon = view
+    return {**head, "completions": [dict(canon[i]) for i in shown_order]}
+
+
+def judgement_history(s: Session, assignment_id: int) -> list[Judgement]:
+    return list(s.scalars(select(Judgement).where(Judgement.assignment_id == assignment_id)
+                          .order_by(Judgement.version)))
+
+
+def current_judgement(s: Session, assignment_id: int) -> Judgement | None:
+    return s.scalar(select(Judgement).where(Judgement.assignment_id == assignment_id)
+                    .order_by(Judgement.version.desc()).limit(1))
+
+
+def _latest_versions(labeler_id: int | None = None):
+    """Subquery (assignment_id, v): the current (highest) version of each judged assignment."""
+    q = select(Judgement.assignment_id, func.max(Judgement.version).label("v"))
+    if labeler_id is not None:
+        q = q.where(Judgement.labeler_id == labeler_id)
+    return q.group_by(Judgement.assignment_id).subquery()
+
+
+def labeler_history(s: Session, project_id: int, labeler_id: int, limit: int = 200) -> list[dict]:
+    """The labeler's current judgements in the project, newest first: `{"judgement", "assignment"}`."""
+    latest = _latest_versions(labeler_id)
+    rows = s.execute(select(Judgement, Assignment).join(
+        latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
+        .join(Assignment, Assignment.id == Judgement.assignment_id)
+        .where(Assignment.project_id == project_id).order_by(Judgement.created_at.desc()).limit(limit)).all()
+    return [{"judgement": j, "assignment": a} for j, a in rows]
+
+
+def progress(s: Session, project_id: int, labeler_id: int) -> dict:
+    """done / skipped / open assignments of the labeler, the items still available to them, and the total."""
+    p = s.get(Project, project_id)
+    counts = dict(s.execute(select(Assignment.status, func.count()).where(
+        Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)
+        .group_by(Assignment.status)).all())
+    mine = select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
+    remaining = s.scalar(select(func.count()).select_from(Item).where(
+        Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
+        Item.id.not_in(mine)))
+    done = counts.get("done", 0)
+    return {"done": done, "skipped": counts.get("skipped", 0), "open": counts.get("assigned", 0),
+            "remaining": remaining, "total": done + counts.get("assigned", 0) + remaining}
+
+
+def project_summary(s: Session, project_id: int) -> dict:
+    p = s.get(Project, project_id)
+
+    def count_items(*cond) -> int:
+        return s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id, *cond))
+
+    n_judgements = s.scalar(select(func.count()).select_from(Judgement).join(
+        Assignment, Assignment.id == Judgement.assignment_id).where(Assignment.project_id == project_id))
+    return {"items": count_items(Item.is_gold.is_(False)), "gold_items": count_items(Item.is_gold.is_(True)),
+            "complete_items": count_items(Item.is_gold.is_(False), Item.n_done >= p.overlap_k),
+            "judgement_rows": n_judgements}
+
+
+def current_judgements(s: Session, project_id: int) -> list[dict]:
+    """The current (latest-version) judgement of every done assignment in the project, as plain dicts."""
+    latest = _latest_versions()
+    rows = s.execute(select(Judgement, Labeler.username, Item).join(
+        latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
+        .join(Assignment, Assignment.id == Judgement.assignment_id)
+        .join(Labeler, Labeler.id == Judgement.labeler_id)
+        .join(Item, Item.id == Judgement.item_id)
+        .where(Assignment.project_id == project_id).order_by(Judgement.id)).all()
+    return [{"item_id": item.id, "prompt_id": item.prompt_id, "completion_ids": item.completion_ids,
+             "is_gold": item.is_gold, "gold_answer": item.gold_answer, "labeler": username,
+             "labeler_id": j.labeler_id, "version": j.version, "shown_order": j.shown_order,
+             "choice": j.choice, "strength": j.strength, "picked_position": j.picked_position,
+             "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert, "flags": j.flags,
+             "comment": j.comment, "time_spent_ms": j.time_spent_ms}
+            for j, username, item in rows]
+
+
+def prompts_and_completions(s: Session, project_id: int) -> tuple[dict[int, Prompt], dict[int, Completion]]:
+    prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.project_id == project_id))}
+    comps = {c.id: c for c in s.scalars(select(Completion).join(Prompt).where(Prompt.project_id == project_id))}
+    return prompts, comps
