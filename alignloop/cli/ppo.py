@@ -1,10 +1,14 @@
-"""`alignloop ppo`: PPO of a policy against a reward model, with a KL penalty to the reference.
+"""`alignloop ppo`: PPO of a policy against a reward (model, function or weighted sum), with a KL penalty to the
+reference.
 
     alignloop ppo --config ppo.yaml
-    alignloop ppo --model-name-or-path ./sft --reward-model-name-or-path ./rm --dataset prompts.jsonl \\
+    alignloop ppo --model ./sft --reward-model ./rm --train-file prompts.jsonl \\
                   --total-updates 200 --kl-coef 0.05 --output-dir runs/ppo
+    alignloop ppo ... --reward-model ./rm=0.7 --reward-model mypkg.rewards:length_penalty=0.3   # a weighted sum
 
 Every field of `alignloop.trainers.ppo.PPOConfig` is a flag (`--field-name`) and a YAML key; flags override YAML.
+The old names (`--model-name-or-path`, `--reward-model-name-or-path`, `--dataset`, ...) still work for one release,
+with a warning. Prints one JSON line: updates run, stop reason, the last update's reward/mean and objective/kl.
 """
 from __future__ import annotations
 
@@ -13,27 +17,21 @@ import json
 import click
 
 from alignloop.errors import ConfigError
-from alignloop.trainers.ppo import PPOConfig
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.training.config import make_config_command
 
 
 def run(cfg: PPOConfig) -> None:
-    from alignloop.data import load_prompts
-    from alignloop.trainers.ppo import PPOTrainer
-
-    missing = [f"--{n.replace('_', '-')}" for n in ("model_name_or_path", "reward_model_name_or_path", "dataset")
-               if getattr(cfg, n) is None]
+    missing = [f"--{n.replace('_', '-')}" for n in ("model", "reward_model", "train_file")
+               if getattr(cfg, n) in (None, "", [])]
     if missing:
         raise ConfigError(f"alignloop ppo needs {', '.join(missing)} (as flags or in the --config YAML)")
-    records, _ = load_prompts(cfg.dataset)
-    trainer = PPOTrainer(model=cfg.model_name_or_path, reward=cfg.reward_model_name_or_path, args=cfg,
-                         train_dataset=records, gold_reward=cfg.gold_model_name_or_path)
-    history = trainer.train()
+    trainer = PPOTrainer(args=cfg)
+    result = trainer.train()
     if trainer.acc.is_main_process:
-        last = history[-1] if history else {}
-        click.echo(json.dumps({"updates": trainer.state["update"], "stop_reason": trainer.state["stop_reason"],
-                               "reward/mean": last.get("reward/mean"), "objective/kl": last.get("objective/kl"),
-                               "output_dir": cfg.output_dir}))
+        click.echo(json.dumps({"updates": result.steps, "stop_reason": result.stop_reason,
+                               "reward/mean": result.metrics.get("reward/mean"),
+                               "objective/kl": result.metrics.get("objective/kl"), "output_dir": cfg.output_dir}))
 
 
 ppo = make_config_command("ppo", PPOConfig, run, help=__doc__.split("\n\n")[0] + "\n\nEvery field of PPOConfig is "

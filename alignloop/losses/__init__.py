@@ -3,14 +3,42 @@
 Every trainer uses these; none re-derives them. Shapes are documented in each module.
 """
 from alignloop.losses.logprobs import entropy_from_logits, logprobs_from_logits
-from alignloop.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from alignloop.losses.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalty, ppo_policy_loss,
-                                  ppo_value_loss)
-from alignloop.losses.preference import (best_of_k_loss, bradley_terry_loss, dpo_loss, implicit_reward,
-                                         plackett_luce_loss)
+from alignloop.losses.masked import masked_max, masked_mean, masked_sum, masked_var, masked_whiten
+from alignloop.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
+from alignloop.losses.preference import (
+    best_of_k_loss,
+    bradley_terry_loss,
+    dpo_loss,
+    implicit_reward,
+    plackett_luce_loss,
+)
 
 __all__ = [
-    "masked_sum", "masked_mean", "masked_var", "masked_whiten", "logprobs_from_logits", "entropy_from_logits",
-    "bradley_terry_loss", "plackett_luce_loss", "best_of_k_loss", "dpo_loss", "implicit_reward",
-    "ppo_policy_loss", "ppo_value_loss", "kl_penalty", "gae", "AdaptiveKLController", "FixedKLController",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "best_of_k_loss",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "implicit_reward",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_max",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "plackett_luce_loss",
+    "ppo_policy_loss",
+    "ppo_rewards",
+    "ppo_value_loss",
 ]

@@ -1,4 +1,5 @@
-"""PPO components: clipped surrogate, clipped value loss, KL estimators, GAE and KL-coefficient controllers.
+"""PPO components: per-token rewards, clipped surrogate, clipped value loss, KL estimators, GAE and KL-coefficient
+controllers.
 
 Shapes: B = rollouts in the (mini)batch, T = response length. Every per-token tensor is [B, T] and is reduced
 with `masked_mean(x, response_mask)` by the trainer (token-level averaging).
@@ -48,6 +49,26 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     if kind == "k3":
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {kind!r}")
+
+
+def ppo_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
+                kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards of RLHF PPO (Ziegler et al. 2019; torchtune's `get_rewards_ppo`) -> (rewards [B,T],
+    non_score_rewards [B,T]).
+
+    scores [B]: one score per sequence; kl [B,T]: per-token KL estimate to the reference (`kl_penalty`);
+    response_mask [B,T] (True = a real response token); kl_coef: β.
+    non_score_rewards_t = −β·KL_t on every response token (0 elsewhere); rewards = non_score_rewards plus the score
+    on the **last real response token**, found from the mask (not from a pad id, so pad == EOS tokenizers and any
+    padding side work). So Σ_t rewards_t = score − β·Σ_t KL_t per row. A row without any real token gets no score
+    (all zeros). Differentiable in scores and kl; nothing is reduced."""
+    m = response_mask.bool()
+    non_score = (-kl_coef * kl).masked_fill(~m, 0.0)
+    positions = torch.arange(m.shape[1], device=m.device)
+    last = torch.where(m, positions, -1).amax(dim=1)                     # [B]; -1 for an empty row
+    at_last = (positions[None, :] == last[:, None]) & m                  # [B,T]: one-hot (none for an empty row)
+    rewards = non_score + at_last.to(non_score.dtype) * scores[:, None].to(non_score.dtype)
+    return rewards, non_score
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,

@@ -1,8 +1,11 @@
-"""Reward-hacking guard for the RL trainers (PPO and its relatives): watch the proxy reward together with KL and (when given) a held-out/gold scorer.
+"""Reward-hacking guard for the RL trainers (PPO and its relatives): watch the proxy reward together with KL and
+(when given) a held-out/gold scorer.
 
     guard = RewardHackingGuard(kl_budget=10.0, window=5, action="warn")
     alerts = guard.update(step, proxy=reward_mean, kl=kl_mean, gold=gold_mean_or_None)
+    alerts = guard.observe(step, metrics)   # the same from a trainer's metrics, each alarm issued as a warning
     if guard.should_stop: ...
+    reason = reward_threshold_stop(raw_means, threshold, window)   # the other stop test: a str, or None
 
 Two alarms (Gao et al. 2022: the proxy keeps rising while the true reward peaks and falls):
 - **divergence**: over the last `window` updates the proxy reward's least-squares slope is significantly > 0 while the
@@ -25,14 +28,16 @@ per row, with the update step) so that a person can read what the policy is doin
 from __future__ import annotations
 
 import json
+import warnings
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from alignloop.errors import ConfigError
 
 
 class RewardHackingWarning(UserWarning):
-    """Issued by PPOTrainer for each alarm of the RewardHackingGuard."""
+    """Issued (by `RewardHackingGuard.observe`) for each alarm of the RewardHackingGuard."""
 
 
 # one-sided 95% critical values of Student's t by degrees of freedom (beyond 30: the normal 1.645)
@@ -111,6 +116,14 @@ class RewardHackingGuard:
             self.should_stop = True
         return msgs
 
+    def observe(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """`update` from an RL trainer's metrics of one update: `reward/raw_mean` (the proxy), `objective/kl` and,
+        when there is a gold scorer, `reward/gold_mean`. Each alarm is also issued as a RewardHackingWarning."""
+        msgs = self.update(step, metrics["reward/raw_mean"], metrics["objective/kl"], metrics.get("reward/gold_mean"))
+        for msg in msgs:
+            warnings.warn(msg, RewardHackingWarning, stacklevel=3)
+        return msgs
+
     def state_dict(self) -> dict:
         return {"proxy": list(self.proxy), "gold": list(self.gold), "alerts": list(self.alerts)}
 
@@ -118,6 +131,21 @@ class RewardHackingGuard:
         self.proxy = deque(state["proxy"], maxlen=self.window)
         self.gold = deque(state["gold"], maxlen=self.window)
         self.alerts = [tuple(a) for a in state["alerts"]]
+
+
+def reward_threshold_stop(raw_means: Sequence[float], threshold: float | None, window: int) -> str | None:
+    """The stop reason once the moving average of the last `window` raw mean scores reaches `threshold` (None
+    before the window has filled, below it, or without a threshold)."""
+    recent = list(raw_means)[-window:]
+    if threshold is None or len(recent) < window or not recent:
+        return None
+    average = sum(recent) / len(recent)
+    return f"reward threshold: moving average {average:.4f} >= {threshold}" if average >= threshold else None
+
+
+def _escape_cell(text: str) -> str:
+    """A markdown table cell: pipes escaped, newlines as spaces."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 class SampleTable:
@@ -140,7 +168,6 @@ class SampleTable:
                 if gold is not None:
                     row["gold"] = float(gold[i])
                 f.write(json.dumps(row) + "\n")
-                esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
-                lines.append(f"| {esc(prompts[i])} | {esc(responses[i])} | {float(scores[i]):.3f} | "
+                lines.append(f"| {_escape_cell(prompts[i])} | {_escape_cell(responses[i])} | {float(scores[i]):.3f} | "
                              f"{float(raw_scores[i]):.3f} |" + (f" {float(gold[i]):.3f} |" if gold is not None else ""))
         return "\n".join(lines)

@@ -1,18 +1,39 @@
 """Every loss against values worked out by hand (in each docstring), plus properties and gradient checks."""
 import math
+import threading
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignloop.losses import (AdaptiveKLController, FixedKLController, best_of_k_loss, bradley_terry_loss, dpo_loss,
-                              entropy_from_logits, gae, implicit_reward, kl_penalty, logprobs_from_logits,
-                              masked_mean, masked_sum, masked_var, masked_whiten, plackett_luce_loss, ppo_policy_loss,
-                              ppo_value_loss)
+from alignloop.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    best_of_k_loss,
+    bradley_terry_loss,
+    dpo_loss,
+    entropy_from_logits,
+    gae,
+    implicit_reward,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_max,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    plackett_luce_loss,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
 
 T = torch.tensor
-sig = lambda x: 1 / (1 + math.exp(-x))
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
 
 
 # ---------------------------------------------------------------- masked reductions
@@ -54,6 +75,82 @@ def test_whiten_property(values, seed):
     x2 = x.clone()
     x2[~m] = 1e6  # what sits under the mask is irrelevant
     assert torch.allclose(masked_whiten(x2, m), w)
+
+
+class _ThreadAllReduce:
+    """Stands in for an all-reduce (op SUM) between `n` processes, each running in a thread: a call blocks until
+    every worker has made its call, then each gets the sum of the n tensors (added in rank order, so all get the
+    same bits)."""
+
+    def __init__(self, n: int):
+        self.barrier = threading.Barrier(n, timeout=30)
+        self.slots: list = [None] * n
+
+    def for_rank(self, rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t
+            self.barrier.wait()
+            out = sum(self.slots[1:], self.slots[0])
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read them
+            return out
+        return reduce
+
+
+def _on_shards(fn, shards):
+    """fn(*shard, reduce) on each shard in its own thread, all joined by one simulated all-reduce -> results."""
+    allreduce, out = _ThreadAllReduce(len(shards)), [None] * len(shards)
+
+    def work(rank):
+        try:
+            out[rank] = fn(*shards[rank], allreduce.for_rank(rank))
+        finally:
+            if out[rank] is None:  # this worker failed: release the others instead of leaving them waiting
+                allreduce.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(o is not None for o in out), "a worker failed (its traceback is printed above)"
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masked_reductions_split_with_summing_reduce_equal_the_whole_batch(seed):
+    """A batch split over 3 'processes' (uneven shards, one with an all-False mask) with a summing `reduce` gives
+    what the whole batch gives alone: global sum, mean (Σ sums / Σ counts, not a mean of means), variance, whitening."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(7, 5, generator=g) < 0.6
+    mask[0, 0] = mask[1, 0] = True
+    mask[5] = False  # a shard's row with nothing to count
+    cuts = [(0, 3), (3, 4), (4, 7)]
+    shards = [(x[a:b], mask[a:b]) for a, b in cuts]
+    assert shards[1][1].sum() <= 5
+
+    def run(xs, ms, reduce):
+        return (masked_sum(xs, ms, reduce=reduce), masked_mean(xs, ms, reduce=reduce),
+                masked_mean(xs, ms, dim=0, reduce=reduce), masked_var(xs, ms, reduce=reduce),
+                masked_var(xs, ms, unbiased=True, reduce=reduce), masked_whiten(xs, ms, reduce=reduce),
+                masked_whiten(xs, ms, shift_mean=False, reduce=reduce))
+
+    whole = run(x, mask, None)
+    parts = _on_shards(run, shards)
+    for k in range(5):  # the scalar reductions (and the per-column mean): every shard holds the global value
+        for p in parts:
+            assert torch.allclose(p[k], whole[k], atol=1e-12, rtol=1e-12), k
+    for k in (5, 6):    # whitening: each shard's rows, whitened with the global statistics
+        assert torch.allclose(torch.cat([p[k] for p in parts]), whole[k], atol=1e-12, rtol=1e-12)
+    # without `reduce` each process would only see its own shard
+    assert not torch.allclose(masked_mean(*shards[0]), whole[1])
+
+
+def test_masked_max():
+    """max over the masked positions only (the 100 is masked out); an empty mask gives 0."""
+    x, m = T([[1.0, -5.0, 100.0], [3.0, 2.0, 7.0]]), T([[True, True, False], [False, True, False]])
+    assert masked_max(x, m).item() == 2.0
+    assert masked_max(x, torch.zeros_like(m)).item() == 0.0
 
 
 # ---------------------------------------------------------------- log-probs and entropy
@@ -103,8 +200,9 @@ def test_bradley_terry_gradient():
     bradley_terry_loss(c, r).sum().backward()
     assert c.grad.item() == pytest.approx(-0.268941, abs=1e-6)
     assert r.grad.item() == pytest.approx(0.268941, abs=1e-6)
-    torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b), (torch.randn(4, dtype=torch.float64, requires_grad=True),
-                                                                     torch.randn(4, dtype=torch.float64, requires_grad=True)))
+    torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b),
+                             (torch.randn(4, dtype=torch.float64, requires_grad=True),
+                              torch.randn(4, dtype=torch.float64, requires_grad=True)))
 
 
 def test_plackett_luce_by_hand():
@@ -112,7 +210,8 @@ def test_plackett_luce_by_hand():
     = (2.407606 - 2) + (1.313262 - 1) = 0.720868. With K=2 it equals Bradley-Terry: -log σ(2-1)."""
     loss = plackett_luce_loss(T([[2.0, 1.0, 0.0]]))
     assert loss.item() == pytest.approx(0.407606 + 0.313262, abs=1e-5)
-    assert plackett_luce_loss(T([[2.0, 1.0]])).item() == pytest.approx(bradley_terry_loss(T([2.0]), T([1.0])).item(), abs=1e-6)
+    assert plackett_luce_loss(T([[2.0, 1.0]])).item() == pytest.approx(bradley_terry_loss(T([2.0]), T([1.0])).item(),
+                                                                       abs=1e-6)
     # A padded third slot is ignored: same as K=2.
     padded = plackett_luce_loss(T([[2.0, 1.0, 55.0]]), valid=T([[True, True, False]]))
     assert padded.item() == pytest.approx(0.313262, abs=1e-6)
@@ -162,7 +261,7 @@ def test_cdpo_and_ipo_by_hand():
 def test_dpo_properties_and_gradient():
     """At π = π_ref the loss is ln 2 with zero rewards; the gradient raises chosen and lowers rejected log-probs."""
     z = torch.zeros(3)
-    loss, rc, rr = dpo_loss(z, z, z, z, beta=0.1)
+    loss, _rc, _rr = dpo_loss(z, z, z, z, beta=0.1)
     assert torch.allclose(loss, torch.full((3,), math.log(2)))
     pc, pr = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     dpo_loss(pc, pr, torch.zeros(2), torch.zeros(2), beta=0.1)[0].sum().backward()
@@ -174,9 +273,66 @@ def test_dpo_properties_and_gradient():
 
 
 # ---------------------------------------------------------------- PPO
+def test_ppo_rewards_by_hand():
+    """β = 0.5, B = 2 rows of T = 4 with different lengths and padding sides.
+    Row 0, right-padded, mask [1, 1, 1, 0], score 2, KL [0.1, 0.2, 0.4, 9 (pad)]:
+      non-score = −0.5·KL on real tokens = [−0.05, −0.1, −0.2, 0] (the pad's 9 never counts);
+      the score goes on the last real token (t = 2): rewards = [−0.05, −0.1, −0.2 + 2, 0] = [−0.05, −0.1, 1.8, 0];
+      Σ rewards = 1.65 = 2 − 0.5·(0.1 + 0.2 + 0.4).
+    Row 1, left-padded, mask [0, 0, 1, 1], score −1, KL [5 (pad), 5 (pad), 0.2, −0.2] (k1 can be negative):
+      non-score = [0, 0, −0.1, 0.1]; the last real token is t = 3: rewards = [0, 0, −0.1, 0.1 − 1] = [0, 0, −0.1, −0.9];
+      Σ rewards = −1 = −1 − 0.5·(0.2 − 0.2).
+    A third row with no real token gets neither score nor penalty: zeros."""
+    scores = T([2.0, -1.0, 4.0])
+    kl = T([[0.1, 0.2, 0.4, 9.0], [5.0, 5.0, 0.2, -0.2], [1.0, 1.0, 1.0, 1.0]])
+    mask = T([[True, True, True, False], [False, False, True, True], [False] * 4])
+    rewards, non_score = ppo_rewards(scores, kl, mask, kl_coef=0.5)
+    assert torch.allclose(non_score, T([[-0.05, -0.1, -0.2, 0.0], [0.0, 0.0, -0.1, 0.1], [0.0] * 4]), atol=1e-7)
+    assert torch.allclose(rewards, T([[-0.05, -0.1, 1.8, 0.0], [0.0, 0.0, -0.1, -0.9], [0.0] * 4]), atol=1e-7)
+    assert torch.allclose(rewards.sum(1), T([1.65, -1.0, 0.0]), atol=1e-6)
+    # pad == EOS does not matter: only the mask says where the response ends (a 0/1 mask works the same)
+    assert torch.equal(ppo_rewards(scores, kl, mask.long(), 0.5)[0], rewards)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 9), st.floats(0.0, 2.0), st.integers(0, 2**31 - 1))
+def test_ppo_rewards_sum_to_score_minus_beta_kl(B, T_, beta, seed):
+    """For any mask (prefix or not): Σ_t rewards = score − β·Σ_t KL over the real tokens, Σ_t non_score = −β·Σ KL,
+    nothing lands off the mask, and exactly one token per row (its last real one) differs from the non-score reward."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    kl = torch.randn(B, T_, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T_, generator=g) < 0.6
+    mask[:, 0] |= torch.rand(B, generator=g) < 0.5  # some rows may still be empty
+    rewards, non_score = ppo_rewards(scores, kl, mask, beta)
+    has = mask.any(1)
+    kl_sum = (kl * mask).sum(1)
+    assert torch.allclose(rewards.sum(1), torch.where(has, scores, 0.0) - beta * kl_sum, atol=1e-10)
+    assert torch.allclose(non_score.sum(1), -beta * kl_sum, atol=1e-10)
+    assert (rewards[~mask] == 0).all() and (non_score[~mask] == 0).all()
+    for b in range(B):
+        idx = mask[b].nonzero().flatten()
+        if len(idx):
+            diff = (rewards[b] - non_score[b]).nonzero().flatten()
+            assert set(diff.tolist()) <= {idx[-1].item()}
+
+
+def test_ppo_rewards_gradient():
+    """d rewards / d score is 1 at the last real token only; d rewards / d KL_t = −β on real tokens, 0 on padding."""
+    mask = T([[True, True, False], [False, True, True]])
+    scores = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    kl = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda s, k: ppo_rewards(s, k, mask, 0.3), (scores, kl))
+    rewards, _ = ppo_rewards(scores, kl, mask, 0.3)
+    rewards.sum().backward()
+    assert torch.equal(scores.grad, torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(kl.grad, -0.3 * mask.double())
+
+
 def test_ppo_policy_loss_by_hand():
     """ε = 0.2. Token 0: ρ = e^0 = 1, A = 2 -> loss −2, not clipped, approx-KL 0.
-    Token 1: log ρ = ln 1.5, A = 1: unclipped −1.5, clipped −1.2 -> max = −1.2 (clipped), approx-KL ½(ln1.5)² = 0.082202.
+    Token 1: log ρ = ln 1.5, A = 1: unclipped −1.5, clipped −1.2 -> max = −1.2 (clipped),
+    approx-KL ½(ln1.5)² = 0.082202.
     Token 2: log ρ = ln 0.5, A = 1: unclipped −0.5, clipped −0.8 -> max = −0.5 (not clipped: pessimistic bound).
     Token 3: log ρ = ln 0.5, A = −1: unclipped 0.5, clipped 0.8 -> 0.8 (clipped)."""
     lp = T([[0.0, math.log(1.5), math.log(0.5), math.log(0.5)]])

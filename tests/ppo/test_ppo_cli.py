@@ -14,9 +14,9 @@ def test_ppo_cli_runs_from_yaml(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie", "a plot", "good", "it was"] * 4))
     cfg = tmp_path / "ppo.yaml"
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(policy), "reward_model_name_or_path": str(reward),
-                                   "dataset": str(data), "output_dir": str(tmp_path / "out"), "total_updates": 3,
-                                   "rollout_batch_size": 4, "max_new_tokens": 6, "progress_bar": False}))
+    cfg.write_text(yaml.safe_dump({"model": str(policy), "reward_model": str(reward),
+                                   "train_file": str(data), "output_dir": str(tmp_path / "out"), "total_updates": 3,
+                                   "rollout_batch_size": 4, "max_new_tokens": 6, "progress": False}))
     res = CliRunner().invoke(cli, ["ppo", "--config", str(cfg), "--total-updates", "2", "--kl-coef", "0.1"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.rindex('{"updates"'):].splitlines()[0])  # after progress bars
@@ -31,7 +31,7 @@ def test_ppo_cli_user_errors(tmp_path):
     import sys
     p = subprocess.run([sys.executable, "-m", "alignloop.cli", "ppo", "--total-updates", "2"], capture_output=True,
                        text=True)
-    assert p.returncode == 2 and "error: alignloop ppo needs --model-name-or-path" in p.stderr
+    assert p.returncode == 2 and "error: alignloop ppo needs --model" in p.stderr
     assert "Traceback" not in p.stderr
     res = CliRunner().invoke(cli, ["ppo", "--kl-estimator", "k9"])
     assert res.exit_code == 2

@@ -20,10 +20,10 @@ WINDOW = 8
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), total_updates=24, rollout_batch_size=32, max_new_tokens=8,
-                learning_rate=2e-3, lr_scheduler="constant", kl_coef=0.01, progress_bar=False, save_final=False,
-                tensorboard=False, sample_every=0, seed=0, cpu_threads=1, generation_threads=1,
-                guard_window=WINDOW, reward_normalization="running")
+    base = {"output_dir": str(tmp_path), "total_updates": 24, "rollout_batch_size": 32, "max_new_tokens": 8,
+            "learning_rate": 2e-3, "lr_scheduler": "constant", "kl_coef": 0.01, "progress": False,
+            "save_final": False, "tensorboard": False, "sample_every": 0, "seed": 0, "cpu_threads": 1,
+            "generation_threads": 1, "guard_window": WINDOW, "reward_normalization": "running"}
     base.update(kw)
     return PPOConfig(**base)
 
@@ -107,7 +107,7 @@ def test_guard_stop_ends_the_run_at_the_first_alarm(tmp_path, tok, prompts, warn
 
 def test_kl_budget_warns_and_stops(tmp_path, tok, prompts):
     budget = 0.1
-    kw = dict(gold=False, kl_budget=budget, total_updates=8, rollout_batch_size=16)
+    kw = {"gold": False, "kl_budget": budget, "total_updates": 8, "rollout_batch_size": 16}
     tr, h, msgs = _run(tmp_path / "warn", tok, prompts, **kw)
     kls = [m["objective/kl"] for m in h]
     print("kl", [round(x, 3) for x in kls])

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), total_updates=40, rollout_batch_size=32, max_new_tokens=8,
-                temperature=1.0, learning_rate=1e-3, lr_scheduler="constant", progress_bar=False, save_final=False,
-                tensorboard=False, sample_every=0, seed=0)
+    base = {"output_dir": str(tmp_path), "total_updates": 40, "rollout_batch_size": 32, "max_new_tokens": 8,
+            "temperature": 1.0, "learning_rate": 1e-3, "lr_scheduler": "constant", "progress": False,
+            "save_final": False, "tensorboard": False, "sample_every": 0, "seed": 0}
     base.update(kw)
     return PPOConfig(**base)
 
@@ -66,8 +66,8 @@ def test_large_kl_coef_stays_close_to_reference(tmp_path, tok, prompts, small_kl
 
 
 def test_resume_gives_same_weights(tmp_path, tok, prompts):
-    kw = dict(total_updates=4, rollout_batch_size=8, save_every=2, keep_last=None, num_mini_batches=2,
-              reward_normalization="running")
+    kw = {"total_updates": 4, "rollout_batch_size": 8, "save_steps": 2, "save_total_limit": None,
+          "num_mini_batches": 2, "reward_normalization": "running"}
     full, _ = _run(tmp_path / "full", tok, prompts, **kw)
     # the interrupted run: train 2 updates (a checkpoint at step 2), then a fresh trainer resumes to 4. It is built
     # from the same starting model (the reference is the starting policy and is not stored in checkpoints).
@@ -100,7 +100,7 @@ SCRIPT = textwrap.dedent('''
     tok = train_tokenizer(vocab_size=300)
     prompts = [" ".join(s.split()[: 1 + i % 6]) for i, s in enumerate(default_corpus(64, seed=1))]
     cfg = PPOConfig(output_dir={out!r}, total_updates=2, rollout_batch_size=8, max_new_tokens=6,
-                    num_mini_batches=2, gradient_accumulation_steps=2, learning_rate=1e-3, progress_bar=False,
+                    num_mini_batches=2, gradient_accumulation_steps=2, learning_rate=1e-3, progress=False,
                     tensorboard=False, sample_every=0, save_final=True)
     tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), args=cfg, train_dataset=prompts,
                     tokenizer=tok)

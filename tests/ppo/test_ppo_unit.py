@@ -7,17 +7,17 @@ from alignloop.losses import AdaptiveKLController, entropy_from_logits, gae, kl_
 from alignloop.models import model_forward
 from alignloop.models.tiny import tiny_causal_lm, tiny_sequence_classifier
 from alignloop.rollout import HFSampler, SamplingParams
-from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.scoring import ModelScorer, RewardTransform
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.training.guard import RewardHackingGuard, SampleTable
 
 from .conftest import make_target_reward, small_lm
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=8, max_new_tokens=10,
-                temperature=0.7, learning_rate=1e-3, progress_bar=False, save_final=False, tensorboard=False,
-                sample_every=0)
+    base = {"output_dir": str(tmp_path), "total_updates": 1, "rollout_batch_size": 8, "max_new_tokens": 10,
+            "temperature": 0.7, "learning_rate": 1e-3, "progress": False, "save_final": False, "tensorboard": False,
+            "sample_every": 0}
     base.update(kw)
     return PPOConfig(**base)
 
@@ -61,13 +61,14 @@ def test_score_at_last_real_token_left_padding_and_pad_eq_eos(tok_pad_eos):
 
 def test_entropy_is_masked(tmp_path, tok, prompts):
     torch.manual_seed(0)
+    seen = []
     tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), args=_cfg(tmp_path, max_new_tokens=12,
                                                                               stop_token_ids=list(range(100, 140))),
-                    train_dataset=prompts, tokenizer=tok)
+                    train_dataset=prompts, tokenizer=tok, callbacks=[seen.append])
     torch.manual_seed(1)
     m = tr.train()[0]
     # recompute per sequence, unpadded: mean over real response tokens only
-    r = tr.last_rollout
+    r = seen[-1].rollout
     ents = []
     for b in range(len(r)):
         p = r.prompt_ids[b][r.prompt_mask[b]]
@@ -101,11 +102,12 @@ def test_adaptive_kl_moves_the_right_way(tmp_path, tok, prompts):
 def test_rewards_score_on_last_token_and_kl_penalty(tmp_path, tok, prompts):
     """With gamma = lam = 1 and whitening off, the return at the first response token is score - beta * sum KL."""
     torch.manual_seed(0)
+    seen = []
     tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
                     args=_cfg(tmp_path, total_updates=2, gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.5),
-                    train_dataset=prompts, tokenizer=tok)
+                    train_dataset=prompts, tokenizer=tok, callbacks=[seen.append])
     h = tr.train()
-    d = tr.last_batch
+    d = seen[-1]
     expected = d["scores"] - 0.5 * d["kl"].sum(1)
     assert torch.allclose(d["returns"][:, 0], expected, atol=1e-5)
     assert abs(h[1]["objective/non_score_reward"] + 0.5 * h[1]["objective/kl"]) < 1e-5
@@ -127,7 +129,7 @@ def test_gae_against_loop_and_kl_estimators():
         assert torch.allclose(adv[b, :n], torch.tensor(a), atol=1e-5)
         assert torch.allclose(ret[b, :n], adv[b, :n] + v[b, :n], atol=1e-5)
     lp, ref = torch.randn(4, 5), torch.randn(4, 5)
-    l = ref - lp
+    l = ref - lp  # noqa: E741 - the log-ratio ℓ of the docstrings
     assert torch.allclose(kl_penalty(lp, ref, "k1"), -l)
     assert torch.allclose(kl_penalty(lp, ref, "k2"), 0.5 * l ** 2)
     assert torch.allclose(kl_penalty(lp, ref, "k3"), torch.exp(l) - 1 - l)
@@ -164,7 +166,10 @@ def test_guard_and_sample_table(tmp_path):
 
 def test_metrics_and_outputs(tmp_path, tok, prompts):
     torch.manual_seed(0)
-    gold = lambda p, r: [0.0] * len(r)
+
+    def gold(p, r):
+        return [0.0] * len(r)
+
     tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), gold_reward=gold,
                     args=_cfg(tmp_path, total_updates=2, sample_every=1, tensorboard=True, save_final=True,
                               ent_coef=0.01),
@@ -183,7 +188,7 @@ def test_metrics_and_outputs(tmp_path, tok, prompts):
 def test_lora_reference_is_base_with_adapter_disabled(tmp_path, tok, prompts):
     torch.manual_seed(0)
     tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
-                    args=_cfg(tmp_path, total_updates=2, use_lora=True, lora_r=4, learning_rate=1e-2,
+                    args=_cfg(tmp_path, total_updates=2, lora_r=4, learning_rate=1e-2,
                               save_final=True), train_dataset=prompts, tokenizer=tok)
     assert tr.ref_model is None and tr.lora
     h = tr.train()
@@ -213,13 +218,14 @@ def test_reward_tokenizer_differs_and_fit_normalisation(tmp_path, tok, prompts):
     rtok = train_tokenizer(vocab_size=400)
     rm = tiny_sequence_classifier(rtok, n_layer=1, n_embd=32, seed=7).eval()
     torch.manual_seed(0)
+    seen = []
     tr = PPOTrainer(model=small_lm(tok), reward=rm, reward_tokenizer=rtok,
                     args=_cfg(tmp_path, reward_normalization="fit", normalization_samples=16),
-                    train_dataset=prompts, tokenizer=tok)
+                    train_dataset=prompts, tokenizer=tok, callbacks=[seen.append])
     assert tr.scorer.retokenize
     tr.train()
     assert tr.transform.fitted and tr.transform.gain != 1.0
-    r = tr.last_rollout
+    r = seen[-1].rollout
     # re-tokenised as the RM trainer does: prompt and response apart, the reward tokenizer's EOS appended where the
     # policy stopped (at EOS), none after a truncated response
     r.stopped = torch.tensor([i % 2 == 0 for i in range(len(r.stopped))])
