@@ -192,7 +192,7 @@ def _fmt(v, pct=False):
 @_user_errors
 def stats(db, project, as_json):
     """Labeler quality and agreement for a project."""
-    from alignloop.feedback.app import dashboard_data
+    from alignloop.feedback.dashboard import dashboard_data
 
     store = _store(db)
     p = store.get_project(project)

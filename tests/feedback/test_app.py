@@ -402,7 +402,7 @@ def test_concurrent_api_submissions_are_group_committed(store):
         out = real_batch(reqs)
         with store.read() as s:  # by the time results exist, they are committed (visible to another connection)
             stored = set(s.scalars(select(Judgement.idempotency_key)))
-        batches.append((len(reqs), all(r[3] in stored for r, o in zip(reqs, out) if isinstance(o, tuple))))
+        batches.append((len(reqs), all(r[3] in stored for r, o in zip(reqs, out, strict=True) if isinstance(o, tuple))))
         return out
 
     store.submit_and_next_batch = spy

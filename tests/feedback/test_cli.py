@@ -1,5 +1,6 @@
 """`alignloop feedback ...` with click's CliRunner (standalone group)."""
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -104,6 +105,31 @@ def test_fallback_generation_without_rollout(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "alignloop.rollout", None)  # import fails -> transformers' generate
     outs = generate_texts(lm, tok, ["the movie", "a very long prompt about the film plot"], n=2, max_new_tokens=4)
     assert len(outs) == 2 and all(len(o) == 2 and all(isinstance(t, str) for t in o) for o in outs)
+
+
+def test_commands_other_than_serve_do_not_load_the_web_app(tmp_path):
+    """create, import, add-labeler, stats and export run without FastAPI / the app in the process."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
+    db = str(tmp_path / "f.db")
+    commands = [["create", "--db", db, "--project", "hh"], ["import", "--db", db, "--project", "hh", str(data)],
+                ["add-labeler", "--db", db, "ann", "--password-env", "PW"],
+                ["stats", "--db", db, "--project", "hh"], ["stats", "--db", db, "--project", "hh", "--json"],
+                ["export", "--db", db, "--project", "hh", "--out", str(tmp_path / "o.jsonl")]]
+    code = ("import json, sys\n"
+            "from alignloop.cli.feedback import feedback\n"
+            f"for args in {commands!r}:\n"
+            "    feedback.main(args, standalone_mode=False)\n"
+            "web = ('fastapi', 'starlette', 'uvicorn', 'alignloop.feedback.app', 'alignloop.feedback.web')\n"
+            "print(json.dumps(sorted(m for m in web if m in sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PW": "pw 12345"})
+    assert r.returncode == 0, r.stderr
+    assert "wrote 0 preference rows" in r.stdout
+    assert json.loads(r.stdout.splitlines()[-1]) == []
 
 
 def test_root_cli_registers_feedback():

@@ -1,0 +1,79 @@
+"""Admin pages (admins only: others get 403): projects and labelers (adding a labeler), a project's quality
+dashboard, and the export download. The statistics and export modules (numpy, scipy, scikit-learn; torch through
+`alignloop.data`) are loaded when an admin first needs them, not at server start-up."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from alignloop.errors import UserError
+
+from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_admin, store_of
+
+router = APIRouter()
+
+
+def _admin_home(request: Request, errors: dict, values: dict, status: int = 200):
+    store = store_of(request)
+    projects = [(p, store.project_summary(p.id)) for p in store.list_projects()]
+    return render(request, "admin.html", {"projects": projects, "labelers": store.list_labelers(),
+                                          "errors": errors, "values": values}, status)
+
+
+@router.get("/admin", response_class=HTMLResponse)
+def admin_home(request: Request):
+    require_admin(request)
+    return _admin_home(request, {}, {})
+
+
+@router.post("/admin/labelers")
+async def add_labeler(request: Request):
+    form = await read_form(request)
+    return await run_in_threadpool(_add_labeler, request, form)
+
+
+def _add_labeler(request: Request, form: dict):
+    require_admin(request)
+    check_csrf(request, form)
+    try:
+        store_of(request).add_labeler(str(form.get("username", "")).strip(), str(form.get("password", "")),
+                                      str(form.get("role", "labeler")))
+    except UserError as e:  # shown on the form
+        return _admin_home(request, {"labeler": str(e)}, {"username": form.get("username", "")}, 422)
+    return RedirectResponse("/admin", status_code=303)
+
+
+@router.get("/admin/p/{name}", response_class=HTMLResponse)
+def dashboard(request: Request, name: str):
+    require_admin(request)
+    from ..dashboard import dashboard_data  # noqa: PLC0415 - heavy (numpy, scipy, scikit-learn): off start-up
+
+    store = store_of(request)
+    p = project_or_404(store, name)
+    return render(request, "dashboard.html", {"project": p, **dashboard_data(store, p)})
+
+
+@router.get("/admin/p/{name}/export")
+def export(request: Request, name: str, format: str = "preference", mode: str = "consensus",
+           consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
+           exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
+    require_admin(request)
+    from .. import export as export_mod  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
+    from .. import quality  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
+
+    store = store_of(request)
+    p = project_or_404(store, name)
+    opts = export_mod.ExportOptions(format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
+                                    exclude_flagged=exclude_flagged, include_gold=include_gold,
+                                    likert_threshold=likert_threshold,
+                                    thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+    try:
+        rows, _summary = export_mod.export_records(store, p.id, opts)
+    except UserError as e:
+        raise HTTPError(400, str(e)) from None
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return Response(body, media_type="application/x-ndjson", headers={
+        "Content-Disposition": f'attachment; filename="{p.name}-{format}.jsonl"'})

@@ -1,0 +1,167 @@
+"""The JSON API (labeling scripts, the load test):
+
+    POST /api/login {"username", "password"}          -> {"csrf_token", "labeler", "role"} (sets the session cookie)
+    GET  /api/p/<project>/next                         -> the labeler's next item ({"assignment_id": null}: none left)
+    POST /api/assignments/<id>/judgement [?next=1]     the form fields as JSON plus `idempotency_key`; with next=1
+                                                       the reply carries the next item (one round trip)
+    POST /api/assignments/<id>/skip
+
+Calls after sign-in send the session's CSRF token as `X-CSRF-Token`. The submit route is a plain Starlette route
+that `create_app` puts at the head of the route list (matched first, no FastAPI parameter solving); the body is
+still validated field by field in the store. With group commit (SQLite, database work on the event loop), the
+submit + next calls that arrive in the same turn of the event loop are stored in one transaction right after it
+(`Store.submit_and_next_batch`), and each reply is built only after that COMMIT: an acknowledged judgement is a
+stored one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
+
+from ..errors import ValidationError
+from ..store import Store
+from .auth import THROTTLE_MESSAGE
+from .common import HTTPError, check_api_csrf, db_call, project_or_404, require_user, start_session, store_of, web
+
+router = APIRouter()
+
+
+class GroupCommit:
+    """Collects the submit + next calls of one event-loop turn and stores them in one transaction after it."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.pending: list[tuple[tuple, asyncio.Future]] = []
+
+    async def submit_and_next(self, assignment_id: int, labeler_id: int, fields: dict, key: str):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self.flush)
+        self.pending.append(((assignment_id, labeler_id, fields, key), fut))
+        return await fut
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            results = self.store.submit_and_next_batch([req for req, _ in batch])
+        except Exception as e:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is stored; all get the error
+            results = [e] * len(batch)
+        for (_req, fut), r in zip(batch, results, strict=True):
+            if fut.done():  # the client went away; the judgement may be stored (its retry finds it by key)
+                continue
+            if isinstance(r, Exception):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+
+def assignment_payload(store: Store, a) -> dict:
+    """An assignment as the API shows it: id, task type, shown order and the item's view in that order."""
+    if a is None:
+        return {"assignment_id": None}
+    task_type, _flags = store.project_rules(a.project_id)
+    view = store.item_view(a.item, a.shown_order)
+    return {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
+
+
+def _judgement_reply(store: Store, j, created: bool, nxt: Any = None, with_next: bool = False) -> JSONResponse:
+    out: dict[str, Any] = {"judgement_id": j.id, "version": j.version, "created": created}
+    if with_next:
+        out["next"] = assignment_payload(store, nxt)
+    return JSONResponse(out, status_code=201 if created else 200)
+
+
+def _invalid(e: ValidationError) -> JSONResponse:
+    return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
+
+
+@router.post("/api/login")
+async def api_login(request: Request):
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise HTTPError(415, "send JSON")
+    try:
+        body = await request.json()
+    except Exception:  # noqa: BLE001 - any undecodable body is the client's mistake
+        raise HTTPError(400, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "body must be a JSON object")
+    username = str(body.get("username", "")).strip()
+    throttle = web(request).throttle
+    if throttle.blocked(username):
+        raise HTTPError(429, THROTTLE_MESSAGE)
+    user = await run_in_threadpool(store_of(request).authenticate, username, str(body.get("password", "")))
+    if user is None:
+        throttle.failed(username)
+        raise HTTPError(401, "wrong username or password")
+    throttle.succeeded(username)
+    tok = start_session(request, user)
+    return {"csrf_token": tok, "labeler": user.username, "role": user.role}
+
+
+@router.get("/api/p/{name}/next")
+async def api_next(request: Request, name: str):
+    return await db_call(request, _api_next, request, name)
+
+
+def _api_next(request: Request, name: str):
+    user = require_user(request)
+    store = store_of(request)
+    return assignment_payload(store, store.next_assignment(project_or_404(store, name).id, user.id))
+
+
+@router.post("/api/assignments/{aid}/skip")
+def api_skip(request: Request, aid: int):
+    user = require_user(request)
+    check_api_csrf(request)
+    store_of(request).skip(aid, user.id)
+    return {"skipped": aid}
+
+
+async def api_submit(request: Request):
+    """POST /api/assignments/<aid>/judgement: the hot path of labeling scripts and the load test."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise HTTPError(400, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "body must be a JSON object")
+    aid = request.path_params["aid"]
+    batcher = web(request).batcher
+    if batcher is not None and request.query_params.get("next") in ("1", "true"):
+        user = require_user(request)
+        check_api_csrf(request)
+        try:
+            j, created, a = await batcher.submit_and_next(aid, user.id, body, str(body.get("idempotency_key", "")))
+        except ValidationError as e:
+            return _invalid(e)
+        return _judgement_reply(store_of(request), j, created, a, with_next=True)
+    return await db_call(request, _api_submit, request, body, aid)
+
+
+def _api_submit(request: Request, body: dict, aid: int):
+    user = require_user(request)
+    check_api_csrf(request)
+    store = store_of(request)
+    want_next = request.query_params.get("next") in ("1", "true")
+    key = str(body.get("idempotency_key", ""))
+    a = None
+    try:
+        if want_next:  # one round trip and one write transaction per judgement: submit + next
+            j, created, a = store.submit_and_next(aid, user.id, body, key)
+        else:
+            j, created = store.submit(aid, user.id, body, key)
+    except ValidationError as e:
+        return _invalid(e)
+    return _judgement_reply(store, j, created, a, with_next=want_next)
+
+
+def submit_route() -> Route:
+    """The submit route, for the head of the app's route list."""
+    return Route("/api/assignments/{aid:int}/judgement", api_submit, methods=["POST"])

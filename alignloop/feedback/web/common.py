@@ -1,0 +1,197 @@
+"""What the routes share: the app's WebContext and small functions for the signed-in user, CSRF, rendering, forms,
+database calls and errors. Routes call them first thing (`user = require_user(request)`), in the order that decides
+which error a request gets: sign-in (303 to the login page, or 401 on the JSON API), then role (403), then CSRF (403).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+from starlette.concurrency import run_in_threadpool
+
+from ..models import STRENGTHS, Labeler
+from ..security import new_token, tokens_equal
+from ..store import Store
+
+if TYPE_CHECKING:
+    from .api import GroupCommit
+    from .auth import LoginThrottle
+
+FEEDBACK_DIR = Path(__file__).resolve().parents[1]
+TEMPLATES_DIR = FEEDBACK_DIR / "templates"
+STATIC_DIR = FEEDBACK_DIR / "static"
+STRENGTH_LABELS = {"significantly_better": "Significantly better", "better": "Better",
+                   "slightly_better": "Slightly better", "negligibly_better": "Negligibly better / unsure"}
+USER_CACHE_S = 5.0  # a signed-in labeler is re-read after this long (a deactivation takes effect within it)
+USER_CACHE_MAX = 10_000
+
+
+class Redirect(Exception):
+    """Answer with a 303 redirect to `url` (sign-in needed)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+
+class HTTPError(Exception):
+    """Answer with `status`: JSON `{"error": message}` on the API, the error page elsewhere."""
+
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+class UserCache:
+    """labeler id -> Labeler (or None), each entry used for USER_CACHE_S seconds."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._entries: dict[int, tuple[float, Labeler | None]] = {}
+
+    def get(self, uid: int) -> Labeler | None:
+        now = time.monotonic()
+        hit = self._entries.get(uid)
+        if hit is not None and now - hit[0] < USER_CACHE_S:
+            return hit[1]
+        user = self.store.get_labeler(uid)
+        if len(self._entries) > USER_CACHE_MAX:
+            self._entries.clear()
+        self._entries[uid] = (now, user)
+        return user
+
+
+@dataclass
+class WebContext:
+    """One app's state (`app.state.web`): the store and what the routes keep between requests."""
+    store: Store
+    templates: Jinja2Templates
+    users: UserCache
+    throttle: LoginThrottle
+    inline_db: bool                   # run the JSON API's short database calls on the event loop (SQLite)
+    batcher: GroupCommit | None       # group commit of the JSON API's submit + next (None: off)
+
+
+def web(request: Request) -> WebContext:
+    return request.app.state.web
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.web.store
+
+
+def make_templates() -> Jinja2Templates:
+    """Jinja2 (autoescape on for .html) with a `markdown` filter (raw HTML off, unsafe link schemes refused)."""
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable("table")
+    templates.env.filters["markdown"] = lambda text: Markup(md.render(text or ""))
+    templates.env.globals["STRENGTHS"] = STRENGTHS
+    templates.env.globals["STRENGTH_LABELS"] = STRENGTH_LABELS
+    return templates
+
+
+async def db_call(request: Request, fn, *args):
+    """Run short database work: inline on the event loop for SQLite (writes are serialised anyway, and this avoids
+    thread hand-offs and GIL contention), in the thread pool otherwise."""
+    if web(request).inline_db:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+# -- the signed-in user -------------------------------------------------------------------------------------------
+def require_user(request: Request) -> Labeler:
+    """The signed-in, active labeler (also set as `request.state.user` for the templates); else a redirect to the
+    login page (401 on the JSON API)."""
+    uid = request.session.get("uid")
+    user = web(request).users.get(uid) if isinstance(uid, int) else None
+    if user is None or not user.active:
+        request.session.pop("uid", None)
+        if request.url.path.startswith("/api/"):
+            raise HTTPError(401, "sign in first")
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise Redirect(f"/login?next={quote(target)}")
+    request.state.user = user
+    return user
+
+
+def require_admin(request: Request) -> Labeler:
+    user = require_user(request)
+    if user.role != "admin":
+        raise HTTPError(403, "admins only")
+    return user
+
+
+def start_session(request: Request, user: Labeler) -> str:
+    """Sign `user` in: a fresh session with a new CSRF token (rotated at sign-in), which is returned."""
+    request.session.clear()
+    request.session["uid"] = user.id
+    request.session["csrf"] = tok = new_token()
+    return tok
+
+
+# -- CSRF and forms -----------------------------------------------------------------------------------------------
+def csrf_token(request: Request) -> str:
+    tok = request.session.get("csrf")
+    if not tok:
+        tok = request.session["csrf"] = new_token()
+    return tok
+
+
+def check_csrf(request: Request, form: dict[str, Any]) -> dict[str, Any]:
+    if not tokens_equal(form.get("csrf_token"), request.session.get("csrf")):
+        raise HTTPError(403, "invalid or missing CSRF token; reload the page and try again")
+    return form
+
+
+def check_api_csrf(request: Request) -> None:
+    if not tokens_equal(request.headers.get("x-csrf-token"), request.session.get("csrf")):
+        raise HTTPError(403, "invalid or missing X-CSRF-Token header")
+
+
+async def read_form(request: Request) -> dict[str, Any]:
+    """The posted form as a dict: the last value of each field, all values of `flags`."""
+    form = await request.form()
+    return {k: (form.getlist(k) if k == "flags" else form.getlist(k)[-1]) for k in form}
+
+
+def safe_next(url: str | None) -> str:
+    """`url` if it is a local path (no open redirect), else "/"."""
+    if url and url.startswith("/") and not url.startswith("//") and "\\" not in url:
+        return url
+    return "/"
+
+
+def project_or_404(store: Store, name: str):
+    return store.get_project(name) if not name.isdigit() else store.get_project(int(name))
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+def render(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> HTMLResponse:
+    user = getattr(request.state, "user", None)
+    base = {"request": request, "user": user, "csrf_token": csrf_token(request)}
+    return web(request).templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
+
+
+async def on_redirect(request: Request, exc: Redirect):
+    return RedirectResponse(exc.url, status_code=303)
+
+
+async def on_http_error(request: Request, exc: HTTPError):
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return render(request, "error.html", {"message": exc.message, "status": exc.status}, status=exc.status)
+
+
+async def on_not_found(request: Request, exc: Exception):
+    return await on_http_error(request, HTTPError(404, str(exc) or "not found"))
+
+
+async def on_forbidden(request: Request, exc: Exception):
+    return await on_http_error(request, HTTPError(403, str(exc) or "forbidden"))

@@ -1,0 +1,144 @@
+"""The labeling pages (server-rendered; every action is a form POST followed by a redirect, so they work without
+JavaScript): the project list, guidelines, the labeling form, submit, skip, "my judgements" and editing one.
+
+A labeler sees and changes only their own assignments: another's gives 404, like a missing one.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import NotFound, ValidationError
+from ..projects import DEFAULT_FLAGS
+from .common import check_csrf, project_or_404, read_form, render, require_user, store_of
+
+router = APIRouter()
+
+
+def label_context(request: Request, project, assignment, errors=None, values=None, edit=False) -> dict:
+    """What label.html needs: the item in the labeler's order, progress, flags, a fresh idempotency key."""
+    store = store_of(request)
+    view = store.item_view(assignment.item, assignment.shown_order)
+    return {"project": project, "assignment": assignment, "view": view, "errors": errors or {},
+            "values": values or {}, "progress": store.progress(project.id, assignment.labeler_id),
+            "flags": project.settings.get("flags", DEFAULT_FLAGS), "edit": edit,
+            "idempotency_key": uuid.uuid4().hex, "shown_at": int(time.time() * 1000),
+            "k": len(view["completions"])}
+
+
+def values_from_judgement(j, shown_order: list[int]) -> dict:
+    """A stored judgement as the form's values (screen terms), to edit it."""
+    v: dict[str, Any] = {"comment": j.comment or "", "flags": j.flags or []}
+    if j.choice in ("tie", "both_bad"):
+        v["choice"] = j.choice
+    elif j.choice in ("a", "b"):
+        v["choice"] = "left" if j.picked_position == 0 else "right"
+        v["strength"] = j.strength
+    if j.ranking:
+        for pos, canon in enumerate(shown_order):
+            v[f"rank_{pos}"] = str(j.ranking[canon])
+    if j.thumbs is not None:
+        v["thumbs"] = "up" if j.thumbs == 1 else "down"
+    if j.likert is not None:
+        v["likert"] = str(j.likert)
+    return v
+
+
+def _shown_at(form: dict) -> datetime | None:
+    """When the form was shown (its `shown_at` field, ms since the epoch), as naive UTC."""
+    if str(form.get("shown_at", "")).isdigit():
+        return datetime.fromtimestamp(int(form["shown_at"]) / 1000, tz=UTC).replace(tzinfo=None)
+    return None
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request):
+    user = require_user(request)
+    store = store_of(request)
+    rows = [(p, store.progress(p.id, user.id)) for p in store.list_projects()]
+    return render(request, "projects.html", {"rows": rows})
+
+
+@router.get("/p/{name}/guidelines", response_class=HTMLResponse)
+def guidelines(request: Request, name: str):
+    require_user(request)
+    return render(request, "guidelines.html", {"project": project_or_404(store_of(request), name)})
+
+
+@router.get("/p/{name}/label", response_class=HTMLResponse)
+def label(request: Request, name: str):
+    user = require_user(request)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    a = store.next_assignment(p.id, user.id)
+    if a is None:
+        return render(request, "done.html", {"project": p, "progress": store.progress(p.id, user.id)})
+    return render(request, "label.html", label_context(request, p, a))
+
+
+@router.post("/p/{name}/label/{aid}")
+async def submit(request: Request, name: str, aid: int):
+    form = await read_form(request)
+    return await run_in_threadpool(_submit, request, form, name, aid)
+
+
+def _submit(request: Request, form: dict, name: str, aid: int):
+    user = require_user(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    a = store.get_assignment(aid, labeler_id=user.id)
+    if a.project_id != p.id:
+        raise NotFound("no such assignment")
+    edit = a.status == "done"
+    try:
+        store.submit(aid, user.id, form, str(form.get("idempotency_key", "")), started_at=_shown_at(form))
+    except ValidationError as e:
+        ctx = label_context(request, p, a, errors=e.errors, values=form, edit=edit)
+        ctx["idempotency_key"] = form.get("idempotency_key") or ctx["idempotency_key"]
+        return render(request, "label.html", ctx, status=422)
+    return RedirectResponse(f"/p/{p.name}/history" if edit else f"/p/{p.name}/label", status_code=303)
+
+
+@router.post("/p/{name}/skip/{aid}")
+async def skip(request: Request, name: str, aid: int):
+    form = await read_form(request)
+    return await run_in_threadpool(_skip, request, form, name, aid)
+
+
+def _skip(request: Request, form: dict, name: str, aid: int):
+    user = require_user(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    store.skip(aid, user.id)
+    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+
+
+@router.get("/p/{name}/history", response_class=HTMLResponse)
+def history(request: Request, name: str):
+    user = require_user(request)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    return render(request, "history.html", {"project": p, "rows": store.labeler_history(p.id, user.id),
+                                            "progress": store.progress(p.id, user.id)})
+
+
+@router.get("/p/{name}/edit/{aid}", response_class=HTMLResponse)
+def edit(request: Request, name: str, aid: int):
+    user = require_user(request)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    a = store.get_assignment(aid, labeler_id=user.id)
+    j = store.current_judgement(aid)
+    if a.project_id != p.id or j is None:
+        raise NotFound("nothing to edit here")
+    ctx = label_context(request, p, a, values=values_from_judgement(j, a.shown_order), edit=True)
+    ctx["version"] = j.version
+    return render(request, "label.html", ctx)
