@@ -46,7 +46,7 @@ class BestOfNConfig:
     reward_model: str | list[str] | None = field(default=None, metadata={
         "help": "The reward scoring the N candidates: a reward model or classifier (folder or hub id), a Python "
                 "function module:function, or several SPEC=WEIGHT (a weighted sum)."})
-    positive_label: str = field(default="1", metadata={"help": "Positive class (index or label name) of a "
+    positive_label: str | int = field(default="1", metadata={"help": "Positive class (index or label name) of a "
                                                                 "classifier with several labels used as the reward."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per completion."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})

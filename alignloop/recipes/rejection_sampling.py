@@ -49,7 +49,7 @@ class RSConfig:
     reward_model: str | list[str] | None = field(default=None, metadata={
         "help": "The reward scoring the samples: a reward model or classifier (folder or hub id), a Python function "
                 "module:function, or several SPEC=WEIGHT (a weighted sum)."})
-    positive_label: str = field(default="1", metadata={"help": "Positive class (index or label name) of a "
+    positive_label: str | int = field(default="1", metadata={"help": "Positive class (index or label name) of a "
                                                                 "classifier with several labels used as the reward."})
     train_file: str = field(default="", metadata={"help": "Prompts ({prompt} rows; JSONL/JSON/Parquet/CSV, a datasets "
                                                           "folder or a hub id)."})
