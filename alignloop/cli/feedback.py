@@ -7,6 +7,11 @@
     alignloop feedback serve --db fb.db --host 127.0.0.1 --port 8000
     alignloop feedback stats --db fb.db --project hh [--json]
     alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl
+
+Only `serve` loads the web app (FastAPI); the other commands need the store (the `web` extra: SQLAlchemy, argon2),
+`stats` and `export` the statistics (numpy, scipy, scikit-learn), `export` and `sample` torch (`alignloop.data`,
+the model). Those modules are imported inside the commands that use them, so `alignloop feedback --help` works
+without the extra and each command loads only what it needs.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ project_option = click.option("--project", "-p", required=True, help="Project na
 
 
 def _store(db: str, create: bool = False):
-    from alignloop.feedback.store import Store
+    from alignloop.feedback.store import Store  # noqa: PLC0415 - the web extra (SQLAlchemy, argon2) stays optional
 
     return Store(db, create=create)
 
@@ -120,8 +125,9 @@ def import_cmd(db, project, files, model):
 @_user_errors
 def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size, seed, out):
     """Sample N completions per prompt with a model and import them."""
-    from alignloop.feedback.sampling import sample_records
-    from alignloop.feedback.importing import read_jsonl
+    from alignloop.data import write_rows  # noqa: PLC0415 - heavy (torch): only this command and export need it
+    from alignloop.feedback.importing import read_jsonl  # noqa: PLC0415 - web extra (SQLAlchemy), optional
+    from alignloop.feedback.sampling import sample_records  # noqa: PLC0415 - heavy (torch, transformers)
 
     if n < 1:
         raise UserError("-n must be at least 1")
@@ -131,8 +137,7 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
     recs = sample_records(rows, model, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, batch_size=batch_size, seed=seed)
     if out:
-        from alignloop.feedback.export import write_jsonl
-        write_jsonl(recs, out)
+        write_rows(recs, out)
     r = store.import_records(project, recs)
     click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items")
 
@@ -170,9 +175,9 @@ def add_labeler(db, username, role, password_env, password_stdin):
 @_user_errors
 def serve(db, host, port, secret_key, secure_cookies, log_level):
     """Serve the labeling app."""
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 - web extra, and only `serve` loads the web server
 
-    from alignloop.feedback.app import create_app
+    from alignloop.feedback.app import create_app  # noqa: PLC0415 - only `serve` loads the web app (FastAPI)
 
     app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies)
     click.echo(f"serving on http://{host}:{port}")
@@ -192,7 +197,7 @@ def _fmt(v, pct=False):
 @_user_errors
 def stats(db, project, as_json):
     """Labeler quality and agreement for a project."""
-    from alignloop.feedback.dashboard import dashboard_data
+    from alignloop.feedback.dashboard import dashboard_data  # noqa: PLC0415 - heavy (numpy, scipy, scikit-learn)
 
     store = _store(db)
     p = store.get_project(project)
@@ -236,17 +241,16 @@ def stats(db, project, as_json):
 @_user_errors
 def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold):
     """Write a preference, ranking or unpaired JSONL dataset the trainers read."""
-    from alignloop.feedback import export as ex
-    from alignloop.feedback import quality
+    from alignloop.data import write_rows  # noqa: PLC0415 - heavy (torch): only this command and sample need it
+    from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (torch, scipy, scikit-learn)
 
     store = _store(db)
     p = store.get_project(project)
-    opts = ex.ExportOptions(format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
-                            exclude_flagged=not include_flagged, include_gold=include_gold,
-                            likert_threshold=likert_threshold,
-                            thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+    opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
+                              exclude_flagged=not include_flagged, include_gold=include_gold,
+                              likert_threshold=likert_threshold)
     rows, summary = ex.export_records(store, p.id, opts)
-    ex.write_jsonl(rows, out)
+    write_rows(rows, out)
     click.echo(f"wrote {len(rows)} {fmt} rows to {out} from {summary['used']} of {summary['judgements']} judgements"
                + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
                + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"

@@ -1,8 +1,9 @@
 """Turn judgements into the datasets the trainers read (TRL formats).
 
-* preference: `{"prompt", "chosen", "rejected", "margin"}` from pairwise judgements (margin from strength, Llama 2's
-  small-margin table: significantly_better 1.0, better 2/3, slightly_better 1/3, negligibly_better 0.0) or from
-  rankings (every pair with different ranks; margin 0.0).
+* preference: `{"prompt", "chosen", "rejected", "margin"}` from pairwise judgements (margin from strength through
+  the data contract, `alignloop.data.strength_to_margin`: Llama 2's small-margin table, significantly_better 1.0,
+  better 2/3, slightly_better 1/3, negligibly_better 0.0) or from rankings (every pair with different ranks; margin
+  0.0).
 * ranking: `{"prompt", "completions", "ranking"}` (rank 1 = best, ties share a rank).
 * unpaired: `{"prompt", "completion", "label"}` (bool): thumbs; Likert >= `likert_threshold`; pairwise chosen True /
   rejected False; rank first True / last False.
@@ -16,20 +17,21 @@ margin 0, which is a 1/2 target for Bradley-Terry in expectation; a rank project
 equal ranks whatever this option, and drop rankings where everything is tied; a pairwise tie in ranking format is
 `[1, 1]` with ties=both); `both_bad` drop | tie (treat as a tie); `exclude_flagged` (labelers flagged by the quality
 thresholds); `include_gold` (gold items are for quality control and left out by default).
+
+The rows are exactly what `alignloop.data.load_preferences` / `load_records` read back (tested); write them with
+`alignloop.data.write_rows` (format from the suffix, written aside and renamed into place).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
+from alignloop.data import strength_to_margin
 from alignloop.errors import UserError
 
 from . import quality
-from .models import STRENGTH_MARGIN
 
 FORMATS = ("preference", "ranking", "unpaired")
 
@@ -56,6 +58,33 @@ class ExportOptions:
             raise UserError("likert threshold must be 1..7")
 
 
+def project_options(p, **options) -> ExportOptions:
+    """ExportOptions with the project's own quality thresholds (its `thresholds` setting) for flagging labelers."""
+    return ExportOptions(**options, thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+
+
+def margin_of(strength: str | None) -> float:
+    """The margin of a pairwise strength (the data contract's table, `alignloop.data.strength_to_margin`); 0 for
+    no strength (ties, both bad)."""
+    return 0.0 if strength is None else strength_to_margin(strength)
+
+
+class _Texts:
+    """A project's prompts and completions as rows carry them: plain strings for a plain prompt; for a multi-turn
+    prompt TRL's conversational form (the messages, and each completion as one assistant message)."""
+
+    def __init__(self, prompts: dict, comps: dict):
+        self.prompts, self.comps = prompts, comps
+
+    def prompt(self, pid: int):
+        pr = self.prompts[pid]
+        return pr.messages if pr.is_chat else pr.messages[-1]["content"]
+
+    def completion(self, pid: int, cid: int):
+        t = self.comps[cid].text
+        return [{"role": "assistant", "content": t}] if self.prompts[pid].is_chat else t
+
+
 def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list[dict], dict]:
     """Build the rows for one project. Returns (rows, summary)."""
     opts.check()
@@ -63,114 +92,133 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     if p.task_type in ("thumbs", "likert") and opts.format != "unpaired":
         raise UserError(f"a {p.task_type} project exports only the unpaired format (got {opts.format!r})")
     records = store.current_judgements(p.id)
-    prompts, comps = store.prompts_and_completions(p.id)
     stats = quality.labeler_stats(records, p.task_type)
     flagged = {w for w, r in quality.flag_labelers(stats, opts.thresholds).items() if r}
     kept = [r for r in records if (opts.include_gold or not r["is_gold"])
             and not (opts.exclude_flagged and r["labeler"] in flagged)]
     summary: dict[str, Any] = {"judgements": len(records), "used": len(kept), "flagged_labelers": sorted(flagged),
                                "dropped": Counter()}
-
-    def prompt_of(pid: int):
-        pr = prompts[pid]
-        return pr.messages if pr.is_chat else pr.messages[-1]["content"]
-
-    def text_of(pid: int, cid: int):
-        t = comps[cid].text
-        return [{"role": "assistant", "content": t}] if prompts[pid].is_chat else t
-
-    # per item: the labels to turn into rows (a list of "votes"; consensus collapses them to one)
-    by_item: dict[int, list[dict]] = defaultdict(list)
-    for r in kept:
-        by_item[r["item_id"]].append(r)
-    votes: list[tuple[dict, dict]] = []  # (item record, vote)
-    if opts.mode == "all":
+    if opts.mode == "all":  # per item: the labels to turn into rows ("votes"); consensus collapses them to one
         votes = [(r, r) for r in kept]
     else:
+        by_item: dict[int, list[dict]] = defaultdict(list)
+        for r in kept:
+            by_item[r["item_id"]].append(r)
         votes = _consensus_votes(p.task_type, by_item, opts, summary)
-
+    texts = _Texts(*store.prompts_and_completions(p.id))
+    rows_of = _ROWS[p.task_type]
     rows: list[dict] = []
-    fmt, tt = opts.format, p.task_type
     for item, v in votes:
-        pid, cids = item["prompt_id"], item["completion_ids"]
-        prompt = prompt_of(pid)
-        if tt == "pairwise":
-            choice = v["choice"]
-            if choice == "both_bad":
-                if opts.both_bad == "drop":
-                    summary["dropped"]["both_bad"] += 1
-                    continue
-                choice = "tie"
-            if choice == "tie":
-                if opts.ties == "drop" and fmt != "unpaired":
-                    summary["dropped"]["tie"] += 1
-                    continue
-                if fmt == "preference":
-                    a, b = text_of(pid, cids[0]), text_of(pid, cids[1])
-                    rows += [{"prompt": prompt, "chosen": a, "rejected": b, "margin": 0.0},
-                             {"prompt": prompt, "chosen": b, "rejected": a, "margin": 0.0}]
-                elif fmt == "ranking":
-                    rows.append({"prompt": prompt, "completions": [text_of(pid, c) for c in cids], "ranking": [1, 1]})
-                else:
-                    summary["dropped"]["tie"] += 1
-                continue
-            win, lose = (cids[0], cids[1]) if choice == "a" else (cids[1], cids[0])
-            if fmt == "preference":
-                rows.append({"prompt": prompt, "chosen": text_of(pid, win), "rejected": text_of(pid, lose),
-                             "margin": float(v.get("margin", STRENGTH_MARGIN.get(v.get("strength"), 0.0)))})
-            elif fmt == "ranking":
-                rows.append({"prompt": prompt, "completions": [text_of(pid, c) for c in cids],
-                             "ranking": [1, 2] if choice == "a" else [2, 1]})
-            else:
-                rows += [{"prompt": prompt, "completion": text_of(pid, win), "label": True},
-                         {"prompt": prompt, "completion": text_of(pid, lose), "label": False}]
-        elif tt == "rank":
-            ranking = v["ranking"]
-            if fmt == "ranking":
-                if len(set(ranking)) == 1:  # everything tied: no information
-                    summary["dropped"]["tie"] += 1
-                    continue
-                rows.append({"prompt": prompt, "completions": [text_of(pid, c) for c in cids], "ranking": ranking})
-            elif fmt == "preference":
-                for i in range(len(cids)):
-                    for j in range(len(cids)):
-                        if ranking[i] < ranking[j]:
-                            rows.append({"prompt": prompt, "chosen": text_of(pid, cids[i]),
-                                         "rejected": text_of(pid, cids[j]), "margin": 0.0})
-                        elif ranking[i] == ranking[j] and i < j:
-                            if opts.ties == "both":
-                                a, b = text_of(pid, cids[i]), text_of(pid, cids[j])
-                                rows += [{"prompt": prompt, "chosen": a, "rejected": b, "margin": 0.0},
-                                         {"prompt": prompt, "chosen": b, "rejected": a, "margin": 0.0}]
-                            else:
-                                summary["dropped"]["tie"] += 1
-            else:
-                best, worst = min(ranking), max(ranking)
-                if best == worst:
-                    summary["dropped"]["tie"] += 1
-                    continue
-                for c, rk in zip(cids, ranking):
-                    if rk in (best, worst):
-                        rows.append({"prompt": prompt, "completion": text_of(pid, c), "label": rk == best})
-        elif tt in ("thumbs", "likert"):
-            label = v["thumbs"] == 1 if tt == "thumbs" else v["likert"] >= opts.likert_threshold
-            rows.append({"prompt": prompt, "completion": text_of(pid, cids[0]), "label": bool(label)})
+        rows += rows_of(texts, item, v, opts, summary["dropped"])
     summary["rows"] = len(rows)
     summary["dropped"] = dict(summary["dropped"])
     return rows, summary
+
+
+# Rows of one vote per task type: (texts, item record, vote, options, dropped counter) -> rows
+
+def _both_orders(prompt, a, b) -> list[dict]:
+    """A tie as preference rows: both orders with margin 0 (a 1/2 target for Bradley-Terry in expectation)."""
+    return [{"prompt": prompt, "chosen": a, "rejected": b, "margin": 0.0},
+            {"prompt": prompt, "chosen": b, "rejected": a, "margin": 0.0}]
+
+
+def _pairwise_tie_rows(t: _Texts, item: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    pid, cids = item["prompt_id"], item["completion_ids"]
+    if opts.ties == "drop" and opts.format != "unpaired":
+        dropped["tie"] += 1
+        return []
+    if opts.format == "preference":
+        return _both_orders(t.prompt(pid), t.completion(pid, cids[0]), t.completion(pid, cids[1]))
+    if opts.format == "ranking":
+        return [{"prompt": t.prompt(pid), "completions": [t.completion(pid, c) for c in cids], "ranking": [1, 1]}]
+    dropped["tie"] += 1
+    return []
+
+
+def _pairwise_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    """A pairwise vote: choice a|b (with a margin or strength), tie or both_bad."""
+    choice = v["choice"]
+    if choice == "both_bad":
+        if opts.both_bad == "drop":
+            dropped["both_bad"] += 1
+            return []
+        choice = "tie"
+    if choice == "tie":
+        return _pairwise_tie_rows(t, item, opts, dropped)
+    pid, cids = item["prompt_id"], item["completion_ids"]
+    prompt = t.prompt(pid)
+    win, lose = (cids[0], cids[1]) if choice == "a" else (cids[1], cids[0])
+    if opts.format == "preference":
+        margin = v["margin"] if "margin" in v else margin_of(v.get("strength"))
+        return [{"prompt": prompt, "chosen": t.completion(pid, win), "rejected": t.completion(pid, lose),
+                 "margin": float(margin)}]
+    if opts.format == "ranking":
+        return [{"prompt": prompt, "completions": [t.completion(pid, c) for c in cids],
+                 "ranking": [1, 2] if choice == "a" else [2, 1]}]
+    return [{"prompt": prompt, "completion": t.completion(pid, win), "label": True},
+            {"prompt": prompt, "completion": t.completion(pid, lose), "label": False}]
+
+
+def _rank_preference_rows(t: _Texts, pid: int, cids: list, ranking: list, opts: ExportOptions,
+                          dropped: Counter) -> list[dict]:
+    """Every pair with different ranks (margin 0); equal ranks: both orders with ties=both, else dropped."""
+    prompt, rows = t.prompt(pid), []
+    for i in range(len(cids)):
+        for j in range(len(cids)):
+            if ranking[i] < ranking[j]:
+                rows.append({"prompt": prompt, "chosen": t.completion(pid, cids[i]),
+                             "rejected": t.completion(pid, cids[j]), "margin": 0.0})
+            elif ranking[i] == ranking[j] and i < j:
+                if opts.ties == "both":
+                    rows += _both_orders(prompt, t.completion(pid, cids[i]), t.completion(pid, cids[j]))
+                else:
+                    dropped["tie"] += 1
+    return rows
+
+
+def _rank_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    """A ranking vote: the ranking row (everything tied: dropped), its pairs, or its first (True) and last (False)."""
+    pid, cids, ranking = item["prompt_id"], item["completion_ids"], v["ranking"]
+    if opts.format == "preference":
+        return _rank_preference_rows(t, pid, cids, ranking, opts, dropped)
+    best, worst = min(ranking), max(ranking)
+    if best == worst:  # everything tied: no information
+        dropped["tie"] += 1
+        return []
+    if opts.format == "ranking":
+        return [{"prompt": t.prompt(pid), "completions": [t.completion(pid, c) for c in cids], "ranking": ranking}]
+    return [{"prompt": t.prompt(pid), "completion": t.completion(pid, c), "label": rk == best}
+            for c, rk in zip(cids, ranking, strict=True) if rk in (best, worst)]
+
+
+def _thumbs_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    pid = item["prompt_id"]
+    return [{"prompt": t.prompt(pid), "completion": t.completion(pid, item["completion_ids"][0]),
+             "label": bool(v["thumbs"] == 1)}]
+
+
+def _likert_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    """Likert >= likert_threshold is a good label."""
+    pid = item["prompt_id"]
+    return [{"prompt": t.prompt(pid), "completion": t.completion(pid, item["completion_ids"][0]),
+             "label": bool(v["likert"] >= opts.likert_threshold)}]
+
+
+_ROWS = {"pairwise": _pairwise_rows, "rank": _rank_rows, "thumbs": _thumbs_rows, "likert": _likert_rows}
 
 
 def _consensus_votes(task_type: str, by_item: dict[int, list[dict]], opts: ExportOptions,
                      summary: dict) -> list[tuple[dict, dict]]:
     out = []
     if task_type == "rank":
-        for item_id, rs in sorted(by_item.items()):
+        for _item_id, rs in sorted(by_item.items()):
             k = len(rs[0]["ranking"])
             means = [mean(r["ranking"][i] for r in rs) for i in range(k)]
             out.append((rs[0], {"ranking": [1 + sum(1 for m in means if m < x) for x in means]}))
         return out
     if task_type == "likert":
-        for item_id, rs in sorted(by_item.items()):
+        for _item_id, rs in sorted(by_item.items()):
             out.append((rs[0], {"likert": median(r["likert"] for r in rs)}))
         return out
     ann = {i: {r["labeler"]: quality.label_of(task_type, r) for r in rs} for i, rs in by_item.items()}
@@ -184,17 +232,8 @@ def _consensus_votes(task_type: str, by_item: dict[int, list[dict]], opts: Expor
             summary["dropped"]["no_consensus"] += 1
             continue
         if task_type == "pairwise":
-            agreeing = [STRENGTH_MARGIN.get(r["strength"], 0.0) for r in rs if r["choice"] == c]
+            agreeing = [margin_of(r["strength"]) for r in rs if r["choice"] == c]
             out.append((rs[0], {"choice": c, "margin": mean(agreeing) if agreeing else 0.0}))
         else:
             out.append((rs[0], {"thumbs": c}))
     return out
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path

@@ -19,9 +19,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
 ROLES = ("admin", "labeler")
 PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
+# How much better the chosen response is, strongest first: the names of the data contract's strength table
+# (`alignloop.data.STRENGTH_MARGINS`; export turns them into margins with `alignloop.data.strength_to_margin`, and a
+# test checks the names agree). Not imported from there: `alignloop.data` loads torch, which the server does not need.
 STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-# Llama 2 (Touvron et al. 2023, table 28) "small margin" values for the reward-model margin loss.
-STRENGTH_MARGIN = {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0}
 
 
 def utcnow() -> datetime:

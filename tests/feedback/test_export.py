@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from alignloop.data import write_rows as write_jsonl
 from alignloop.errors import UserError
-from alignloop.feedback.export import ExportOptions, export_records, write_jsonl
+from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.quality import Thresholds
 
 PW = "password123"
@@ -67,7 +68,7 @@ def test_preference_consensus_margins_and_conversational(pairwise):
     r1 = by_prompt['"p1"']
     assert (r1["chosen"], r1["rejected"]) == ("good1", "bad1")
     assert r1["margin"] == pytest.approx(2 / 3)  # mean margin of the agreeing labelers ("better")
-    conv = [r for r in rows if isinstance(r["prompt"], list)][0]
+    conv = next(r for r in rows if isinstance(r["prompt"], list))
     assert conv["prompt"][-1] == {"role": "user", "content": "p3"}
     assert conv["chosen"] == [{"role": "assistant", "content": "good3"}]
 
@@ -159,11 +160,45 @@ def test_files_read_back_by_the_data_module(pairwise, tmp_path):
     for fmt in ("preference", "ranking"):
         rows, _ = export_records(pairwise, "pw", ExportOptions(format=fmt, thresholds=th))
         path = write_jsonl(rows, tmp_path / f"{fmt}.jsonl")
-        groups, stats = data.load_preferences(str(path))
+        groups, _stats = data.load_preferences(str(path))
         assert len(groups) == 3
     rows, _ = export_records(pairwise, "pw", ExportOptions(format="unpaired", thresholds=th))
     recs, _ = data.load_unpaired(str(write_jsonl(rows, tmp_path / "u.jsonl")))
     assert len(recs) == 6
+
+
+def test_rows_are_what_the_data_contract_reads_back(pairwise, tmp_path):
+    """Export -> alignloop.data.write_rows -> load_preferences / load_records / load_unpaired gives back exactly the
+    exported rows: plain and conversational prompts, chosen/rejected with the contract's strength margins, rankings
+    (with their pairs, ties included), unpaired labels."""
+    from alignloop import data
+    from alignloop.feedback.models import STRENGTHS
+
+    assert tuple(data.STRENGTH_MARGINS["small"]) == STRENGTHS  # the form's strengths are the contract's names
+    th = Thresholds(min_items=100)
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="preference", mode="all", ties="both", thresholds=th))
+    groups, _ = data.load_preferences(str(data.write_rows(rows, tmp_path / "p.jsonl")))
+    assert [(g.prompt, p.chosen, p.rejected, p.margin) for g in groups for p in g.pairs] == [
+        (r["prompt"], r["chosen"], r["rejected"], r["margin"]) for r in rows]
+    margins = {data.strength_to_margin("better"), data.strength_to_margin("slightly_better"), 0.0}
+    assert {r["margin"] for r in rows} == margins
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="ranking", mode="all", thresholds=th))
+    pairwise.create_project("rk", "rank", overlap_k=1)
+    pairwise.import_records("rk", [{"prompt": "p", "completions": ["best", "mid", "worst", "also mid"]}])
+    order = {"best": 1, "mid": 2, "also mid": 2, "worst": 4}
+    _judge(pairwise, "rk", pairwise.add_labeler("r", PW),
+           lambda v, a: {f"rank_{i}": str(order[c["text"]]) for i, c in enumerate(v["completions"])})
+    rows += export_records(pairwise, "rk", ExportOptions(format="ranking", thresholds=th))[0]
+    assert rows[-1]["ranking"] == [1, 2, 4, 2]
+    groups, stats = data.load_records(str(data.write_rows(rows, tmp_path / "r.jsonl")))
+    assert stats.kind == "ranking"
+    assert [(g.prompt, g.completions, g.ranking) for g in groups] == [
+        (r["prompt"], r["completions"], r["ranking"]) for r in rows]
+    assert all(g.pairs == data.rankings_to_pairs(g.completions, g.ranking) for g in groups)
+    assert len(groups[-1].pairs) == 5  # C(4,2) - the tied pair
+    rows, _ = export_records(pairwise, "pw", ExportOptions(format="unpaired", mode="all", thresholds=th))
+    recs, _ = data.load_unpaired(str(data.write_rows(rows, tmp_path / "u.jsonl")))
+    assert [dict(r) for r in recs] == rows
 
 
 def test_export_then_alignloop_rm_trains(store, tmp_path):

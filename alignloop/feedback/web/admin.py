@@ -61,15 +61,13 @@ def export(request: Request, name: str, format: str = "preference", mode: str = 
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
            exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
     require_admin(request)
-    from .. import export as export_mod  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
-    from .. import quality  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
+    from .. import export as export_mod  # noqa: PLC0415 - heavy (torch via alignloop.data, scipy): off start-up
 
     store = store_of(request)
     p = project_or_404(store, name)
-    opts = export_mod.ExportOptions(format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
-                                    exclude_flagged=exclude_flagged, include_gold=include_gold,
-                                    likert_threshold=likert_threshold,
-                                    thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))
+    opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
+                                      exclude_flagged=exclude_flagged, include_gold=include_gold,
+                                      likert_threshold=likert_threshold)
     try:
         rows, _summary = export_mod.export_records(store, p.id, opts)
     except UserError as e:
