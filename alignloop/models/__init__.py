@@ -35,6 +35,7 @@ Policy + value head (PPO)
         model(input_ids, attention_mask) -> LogitsAndValues(logits[B,T,V], values[B,T] float32), one pass;
         zero-initialised value head;  save_pretrained(dir, tokenizer=None, merge_lora=True) writes the LM with
         transformers' save_pretrained plus value_head.safetensors.
+    ActorCritic(policy, critic=None): PPO's policy + value function, model(ids, mask) -> (logits, values)
 """
 from __future__ import annotations
 
@@ -67,10 +68,17 @@ from alignloop.models.reward import (
     sequence_logits,
     token_logits,
 )
-from alignloop.models.value_head import VALUE_HEAD_FILE, CausalLMWithValueHead, LogitsAndValues, ValueHead
+from alignloop.models.value_head import (
+    VALUE_HEAD_FILE,
+    ActorCritic,
+    CausalLMWithValueHead,
+    LogitsAndValues,
+    ValueHead,
+)
 
 __all__ = [
     "VALUE_HEAD_FILE",
+    "ActorCritic",
     "CausalLMWithValueHead",
     "ClassifierReward",
     "CriticModel",

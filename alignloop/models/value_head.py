@@ -143,3 +143,23 @@ class CausalLMWithValueHead(nn.Module):
         save_file(self.v_head.state_for_save(), str(path / VALUE_HEAD_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+class ActorCritic(nn.Module):
+    """PPO's policy with its value function: forward(input_ids, attention_mask) -> (logits [B,T,V], values [B,T]),
+    from the policy's value head (`CausalLMWithValueHead`, one pass) or a separate critic (e.g. a `CriticModel`
+    initialised from the reward model). `lm` is the causal LM that samples."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.policy.lm if isinstance(self.policy, CausalLMWithValueHead) else self.policy
+
+    def forward(self, input_ids, attention_mask):
+        if self.critic is None:
+            out = self.policy(input_ids, attention_mask)
+            return out.logits, out.values
+        return model_forward(self.lm, input_ids, attention_mask), self.critic(input_ids, attention_mask).float()

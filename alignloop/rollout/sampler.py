@@ -90,6 +90,23 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def to(self, device) -> Rollout:
+        """Every tensor moved to `device` (in place; returns the rollout)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The `rows`' prompt + response tokens without the columns that are padding in every one of them (a
+        micro-batch forward wastes nothing on them): (input_ids [b, P'+R'], attention_mask [b, P'+R'], P', R')."""
+        pm, rm = self.prompt_mask[rows], self.response_mask[rows]
+        p0 = int((~pm).all(0).long().cumprod(0).sum())   # leading prompt columns that are pad in every row
+        r = int(rm.any(0).sum())
+        ids = torch.cat([self.prompt_ids[rows, p0:], self.response_ids[rows, :r]], 1)
+        mask = torch.cat([pm[:, p0:], rm[:, :r]], 1).long()
+        return ids, mask, pm.shape[1] - p0, r
+
 
 @runtime_checkable
 class Sampler(Protocol):

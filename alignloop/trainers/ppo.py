@@ -76,6 +76,7 @@ from alignloop.losses import (
     ppo_value_loss,
 )
 from alignloop.models import (
+    ActorCritic,
     CausalLMWithValueHead,
     RewardModel,
     apply_lora,
@@ -93,7 +94,7 @@ from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_
 from alignloop.training.config import renamed_fields
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
 from alignloop.training.logging import MetricsLogger, Progress
-from alignloop.training.loop import epoch_order, make_accelerator, seed_everything, shard, sync_context
+from alignloop.training.loop import make_accelerator, seed_everything, shard, sync_context, take_indices
 from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, build_lora
 
@@ -280,25 +281,6 @@ class PPOExperience:
         return [f.name for f in fields(self)]
 
 
-class ActorCritic(nn.Module):
-    """forward(input_ids, attention_mask) -> (logits [B,T,V], values [B,T]): the policy's value head, or a
-    separate critic. `lm` is the causal LM that samples."""
-
-    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.policy.lm if isinstance(self.policy, CausalLMWithValueHead) else self.policy
-
-    def forward(self, input_ids, attention_mask):
-        if self.critic is None:
-            out = self.policy(input_ids, attention_mask)
-            return out.logits, out.values
-        return model_forward(self.lm, input_ids, attention_mask), self.critic(input_ids, attention_mask).float()
-
-
 @dataclass
 class _Forward:
     """A micro-batch's forward, sliced to its response: R' = the rows' longest response, P' = trimmed prompt width."""
@@ -454,16 +436,10 @@ class PPOTrainer:
     # ------------------------------------------------------------------ data
     def _next_prompt_indices(self) -> list[int]:
         """The global batch of prompt indices (identical on every process), walking shuffled epochs of the data."""
-        out = []
-        while len(out) < self.args.rollout_batch_size:
-            order = epoch_order(len(self.prompts), self.args.seed, self.state["data_epoch"])
-            take = order[self.state["data_pos"]:self.state["data_pos"] + self.args.rollout_batch_size - len(out)]
-            out += take
-            self.state["data_pos"] += len(take)
-            if self.state["data_pos"] >= len(self.prompts):
-                self.state["data_epoch"] += 1
-                self.state["data_pos"] = 0
-        return out
+        idx, self.state["data_epoch"], self.state["data_pos"] = take_indices(
+            len(self.prompts), self.args.rollout_batch_size, self.args.seed, self.state["data_epoch"],
+            self.state["data_pos"])
+        return idx
 
     def _micro_batches(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
         """order [B] -> minibatches, each a list of micro-batch row-index tensors."""
@@ -475,8 +451,8 @@ class PPOTrainer:
         cfg = self.args
         t_start = time.perf_counter()
         idx = shard(self._next_prompt_indices(), self.acc.process_index, self.world)
-        rollout = _to_device(self.sampler.generate([self.prompt_ids[i] for i in idx], self.sampling),
-                             self.acc.device)                                                   # 1. generate
+        rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], self.sampling)      # 1. generate
+        rollout.to(self.acc.device)
         t_gen = time.perf_counter()
         prompts, responses, parts, raw, gold = self._score(rollout, idx)                        # 2. score
         scores = self.transform(raw, rollout.stopped, self._gather(raw) if self.world > 1 else None)
@@ -507,7 +483,7 @@ class PPOTrainer:
     def _forward(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor) -> _Forward:
         """Forward the rollout's `rows` (without their all-pad columns) and slice logits, values and log-probs to the
         response tokens."""
-        ids, am, p, r = _trim(rollout, rows)
+        ids, am, p, r = rollout.rows(rows)
         logits, values = model(ids, am)
         logits = logits[:, p - 1:p + r - 1]
         logprobs = logprobs_from_logits(logits, ids[:, p:], self.args.temperature)
@@ -796,20 +772,3 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(path)
             self.model.critic.save_pretrained(path / "critic")
 
-
-def _trim(rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The rows' tokens without columns that are padding in every row: (input_ids, attention_mask, P', R')."""
-    pm, rm = rollout.prompt_mask[rows], rollout.response_mask[rows]
-    p0 = int((~pm).all(0).long().cumprod(0).sum())   # leading prompt columns that are pad in every row
-    R = int(rm.any(0).sum())
-    ids = torch.cat([rollout.prompt_ids[rows, p0:], rollout.response_ids[rows, :R]], 1)
-    mask = torch.cat([pm[:, p0:], rm[:, :R]], 1).long()
-    return ids, mask, pm.shape[1] - p0, R
-
-
-def _to_device(rollout: Rollout, device) -> Rollout:
-    for f in fields(rollout):
-        value = getattr(rollout, f.name)
-        if isinstance(value, torch.Tensor):
-            setattr(rollout, f.name, value.to(device))
-    return rollout

@@ -86,6 +86,20 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(norm)
 
 
+def take_indices(n: int, count: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
+    """The next `count` indices of an endless walk over shuffled epochs of n items (`epoch_order`), from position
+    `pos` of `epoch` -> (indices, epoch, pos after them): the prompt stream of the RL trainers, resumable exactly
+    from the (epoch, pos) a checkpoint stored."""
+    out: list[int] = []
+    while len(out) < count:
+        take = epoch_order(n, seed, epoch)[pos:pos + count - len(out)]
+        out += take
+        pos += len(take)
+        if pos >= n:
+            epoch, pos = epoch + 1, 0
+    return out, epoch, pos
+
+
 def global_batches(n: int, global_batch_size: int, seed: int, *, epoch: int = 0, batch_in_epoch: int = 0,
                    shuffle: bool = True):
     """Endless stream of (epoch, position after this batch, example indices, last batch of the epoch?).
