@@ -106,36 +106,9 @@ class HTTPConn:
             if body or method == "POST":
                 head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
             self.writer.write(head.encode("latin-1") + b"\r\n" + body)
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-            lines = raw.decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ", 2)[1])
-            length, chunked, close = 0, False, False
-            for line in lines[1:]:
-                if not line:
-                    continue
-                name, _, value = line.partition(":")
-                name, value = name.strip().lower(), value.strip()
-                if name == "content-length":
-                    length = int(value)
-                elif name == "transfer-encoding" and "chunked" in value.lower():
-                    chunked = True
-                elif name == "connection" and value.lower() == "close":
-                    close = True
-                elif name == "set-cookie":
-                    pair = value.split(";", 1)[0]
-                    cname, _, cval = pair.partition("=")
-                    if cname.strip() == "alignloop_session":
-                        self.cookie = "" if cval in ("", "null") or "max-age=0" in value.lower() else pair
+            status, length, chunked, close = await self._read_head()
             if chunked:
-                parts = []
-                while True:
-                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if size == 0:
-                        await self.reader.readuntil(b"\r\n")
-                        break
-                    parts.append(await self.reader.readexactly(size))
-                    await self.reader.readexactly(2)
-                data = b"".join(parts)
+                data = await self._read_chunked()
             else:
                 data = await self.reader.readexactly(length) if length else b""
             if close:
@@ -144,6 +117,43 @@ class HTTPConn:
         except BaseException:
             await self.close()
             raise
+
+    async def _read_head(self) -> tuple[int, int, bool, bool]:
+        """The response head: (status, content length, chunked, connection: close); keeps the session cookie."""
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, chunked, close = 0, False, False
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(":")
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+            elif name == "connection" and value.lower() == "close":
+                close = True
+            elif name == "set-cookie":
+                self._keep_cookie(value)
+        return status, length, chunked, close
+
+    def _keep_cookie(self, value: str) -> None:
+        pair = value.split(";", 1)[0]
+        cname, _, cval = pair.partition("=")
+        if cname.strip() == "alignloop_session":
+            self.cookie = "" if cval in ("", "null") or "max-age=0" in value.lower() else pair
+
+    async def _read_chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readexactly(2)
 
 
 TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError)
@@ -184,78 +194,89 @@ class State:
         self.t_sign_in_done = 0.0
 
 
-async def labeler(i: int, host: str, port: int, st: State) -> None:
-    c = HTTPConn(host, port)
+class Labeler:
+    """One simulated labeler: its connection, its CSRF header and its calls (retried through a dead or restarting
+    server)."""
 
-    async def call(method: str, url: str, body: bytes = b"", headers: dict | None = None):
+    def __init__(self, i: int, host: str, port: int, st: State):
+        self.i, self.st = i, st
+        self.c = HTTPConn(host, port)
+        self.headers: dict = {}
+
+    async def call(self, method: str, url: str, body: bytes = b"", headers: dict | None = None):
         """Retry through a dead or restarting server; returns (status, body)."""
         delay = 0.05
         while True:
             try:
                 async with asyncio.timeout(30.0):
-                    status, data = await c.request(method, url, body, headers)
+                    status, data = await self.c.request(method, url, body, headers)
                 if status < 500:
                     return status, data
             except (*TRANSPORT_ERRORS, TimeoutError):
                 pass
-            st.retries += 1
+            self.st.retries += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def fetch_next() -> dict | None:
-        status, data = await call("GET", f"/api/p/{PROJECT}/next")
+    async def fetch_next(self) -> dict | None:
+        status, data = await self.call("GET", f"/api/p/{PROJECT}/next")
         if status != 200:
-            st.errors.append(f"next {i}: {status} {data[:200]!r}")
+            self.st.errors.append(f"next {self.i}: {status} {data[:200]!r}")
             return None
         return json.loads(data)
 
+    async def sign_in(self) -> dict | None:
+        """Sign in and fetch the first item (None: failed, reported in st.errors)."""
+        status, data = await self.call("POST", "/api/login", json.dumps(
+            {"username": f"lab{self.i:03d}", "password": PASSWORD}).encode())
+        if status != 200:
+            self.st.errors.append(f"login {self.i}: {status} {data[:200]!r}")
+            return None
+        self.headers = {"x-csrf-token": json.loads(data)["csrf_token"]}
+        return await self.fetch_next()
+
+    async def submit(self, aid: int) -> dict | None:
+        """Judge assignment `aid` with a fresh key (retried with the same key until acknowledged); returns the next
+        item (None: failed or nothing left)."""
+        st = self.st
+        if st.think_s > 0:  # a human reads and decides: exponential think time
+            await asyncio.sleep(random.expovariate(1.0 / st.think_s))
+        key = uuid.uuid4().hex
+        st.attempted.add(key)
+        body = json.dumps({"choice": "left" if (self.i + aid) % 3 else "right", "strength": "better",
+                           "idempotency_key": key}).encode()
+        suffix = "?next=1" if st.combined else ""
+        t0 = time.perf_counter()
+        retries_before = st.retries
+        status, data = await self.call("POST", f"/api/assignments/{aid}/judgement{suffix}", body, self.headers)
+        dt = time.perf_counter() - t0
+        if status not in (200, 201):
+            st.errors.append(f"submit {self.i}: {status} {data[:200]!r}")
+            return None
+        reply = json.loads(data)
+        st.acked[key] = reply["judgement_id"]
+        (st.latencies if st.retries == retries_before else st.retried_latencies).append(dt)
+        st.trace.append((t0, dt, st.retries != retries_before))
+        return reply["next"] if st.combined else await self.fetch_next()
+
+
+async def labeler(i: int, host: str, port: int, st: State) -> None:
+    lab = Labeler(i, host, port, st)
     try:
         try:
-            status, data = await call("POST", "/api/login",
-                                      json.dumps({"username": f"lab{i:03d}", "password": PASSWORD}).encode())
-            if status != 200:
-                st.errors.append(f"login {i}: {status} {data[:200]!r}")
-                return
-            headers = {"x-csrf-token": json.loads(data)["csrf_token"]}
-            suffix = "?next=1" if st.combined else ""
-            nxt = await fetch_next()
-            if nxt is None:
-                return
+            nxt = await lab.sign_in()
         finally:
             st.signed_in += 1
             if st.signed_in == st.labelers:
                 st.t_sign_in_done = time.perf_counter()
                 st.all_signed_in.set()
+        if nxt is None:
+            return
         await st.all_signed_in.wait()
-        while len(st.acked) < st.target:
-            aid = nxt["assignment_id"]
-            if aid is None:
-                return
-            if st.think_s > 0:  # a human reads and decides: exponential think time
-                await asyncio.sleep(random.expovariate(1.0 / st.think_s))
-            key = uuid.uuid4().hex
-            st.attempted.add(key)
-            body = json.dumps({"choice": "left" if (i + aid) % 3 else "right", "strength": "better",
-                               "idempotency_key": key}).encode()
-            t0 = time.perf_counter()
-            retries_before = st.retries
-            status, data = await call("POST", f"/api/assignments/{aid}/judgement{suffix}", body, headers)
-            dt = time.perf_counter() - t0
-            if status not in (200, 201):
-                st.errors.append(f"submit {i}: {status} {data[:200]!r}")
-                return
-            reply = json.loads(data)
-            st.acked[key] = reply["judgement_id"]
-            (st.latencies if st.retries == retries_before else st.retried_latencies).append(dt)
-            st.trace.append((t0, dt, st.retries != retries_before))
-            if st.combined:
-                nxt = reply["next"]
-            else:
-                nxt = await fetch_next()
-                if nxt is None:
-                    return
+        while len(st.acked) < st.target and nxt is not None and nxt["assignment_id"] is not None:
+            nxt = await lab.submit(nxt["assignment_id"])
     finally:
-        await c.close()
+        await lab.c.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -271,7 +292,7 @@ def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def verify(db: str, st: State, k: int) -> dict:
@@ -407,7 +428,8 @@ async def run(args) -> dict:
         "judgements_per_s_excluding_restart": round(n / max(1e-9, wall - downtime), 1),
         "judgements_per_s_including_sign_in": round(n / (t_end - t0), 1),
         "offered_per_s": (round(args.labelers / (args.think_ms / 1000), 1) if args.think_ms > 0 else None),
-        "submit_p50_ms": round(percentile(lat, 0.50) * 1000, 2), "submit_p99_ms": round(percentile(lat, 0.99) * 1000, 2),
+        "submit_p50_ms": round(percentile(lat, 0.50) * 1000, 2),
+        "submit_p99_ms": round(percentile(lat, 0.99) * 1000, 2),
         "submit_max_ms": round(max(lat) * 1000, 2) if lat else None,
         "submit_p99_all_ms": round(percentile(every, 0.99) * 1000, 2),
         "submits_retried_across_restart": len(st.retried_latencies), "transport_retries": st.retries,

@@ -7,6 +7,7 @@ SQLite file). SQLite runs in WAL mode with a busy timeout; write transactions on
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -24,8 +25,6 @@ def normalise_url(db: str) -> str:
     if "://" not in db:
         return f"sqlite:///{Path(db).expanduser().resolve()}"
     if db.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
         if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
             return "postgresql+psycopg://" + db.split("://", 1)[1]
         if db.startswith("postgres://"):
@@ -78,7 +77,7 @@ def write_engine(engine: Engine) -> Engine:
 
 
 def alembic_config(connection=None):
-    from alembic.config import Config
+    from alembic.config import Config  # noqa: PLC0415 - heavy: Alembic stays off the server's start-up path
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -92,7 +91,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     Alembic (which took a noticeable part of a server restart)."""
     if revision == "head" and stored_revision(engine) == HEAD:
         return
-    from alembic import command
+    from alembic import command  # noqa: PLC0415 - heavy: loaded only when a migration runs
 
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), revision)
@@ -109,7 +108,7 @@ def stored_revision(engine: Engine) -> str | None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415 - heavy: Alembic only when asked
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

@@ -24,7 +24,10 @@ from itertools import combinations
 from statistics import median
 from typing import Any
 
+import krippendorff
 import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import cohen_kappa_score
 
 Annotations = Mapping[Hashable, Mapping[Hashable, Hashable]]
 
@@ -60,8 +63,8 @@ def dawid_skene(annotations: Annotations, max_iter: int = 100, tol: float = 1e-6
     """Dawid & Skene (1979) EM: each labeler has a confusion matrix P(given label | true label); the true label
     of an item is latent. Initialised from (soft) majority votes; `smoothing` is a Dirichlet pseudo-count."""
     items = [i for i in annotations if annotations[i]]
-    cats = list(labels) if labels is not None else sorted({l for i in items for l in annotations[i].values()},
-                                                             key=repr)
+    cats = list(labels) if labels is not None else sorted({lab for i in items for lab in annotations[i].values()},
+                                                          key=repr)
     workers = sorted({w for i in items for w in annotations[i]}, key=repr)
     ci = {c: n for n, c in enumerate(cats)}
     wi = {w: n for n, w in enumerate(workers)}
@@ -70,12 +73,13 @@ def dawid_skene(annotations: Annotations, max_iter: int = 100, tol: float = 1e-6
         return DawidSkeneResult({}, {}, {}, {}, 0, True)
     counts = np.zeros((n_i, n_w, n_c))
     for r, i in enumerate(items):
-        for w, l in annotations[i].items():
-            counts[r, wi[w], ci[l]] += 1
+        for w, lab in annotations[i].items():
+            counts[r, wi[w], ci[lab]] += 1
     T = counts.sum(axis=1)
     T = T / T.sum(axis=1, keepdims=True)
-    converged, it = False, 0
-    for it in range(1, max_iter + 1):
+    converged, n_iter = False, 0
+    while n_iter < max_iter:
+        n_iter += 1
         # M-step
         priors = (T.sum(axis=0) + smoothing) / (n_i + smoothing * n_c)
         conf = np.einsum("ik,iwl->wkl", T, counts) + smoothing
@@ -92,8 +96,9 @@ def dawid_skene(annotations: Annotations, max_iter: int = 100, tol: float = 1e-6
             break
     consensus = {i: cats[int(np.argmax(T[r]))] for r, i in enumerate(items)}
     posteriors = {i: {c: float(T[r, ci[c]]) for c in cats} for r, i in enumerate(items)}
-    confusion = {w: {k: {l: float(conf[wi[w], ci[k], ci[l]]) for l in cats} for k in cats} for w in workers}
-    return DawidSkeneResult(consensus, posteriors, confusion, {c: float(priors[ci[c]]) for c in cats}, it, converged)
+    confusion = {w: {k: {lab: float(conf[wi[w], ci[k], ci[lab]]) for lab in cats} for k in cats} for w in workers}
+    return DawidSkeneResult(consensus, posteriors, confusion, {c: float(priors[ci[c]]) for c in cats}, n_iter,
+                            converged)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,21 +111,19 @@ def leave_one_out_agreement(annotations: Annotations) -> dict[Hashable, float | 
     None for a labeler with no such item."""
     scores: dict[Hashable, list[float]] = defaultdict(list)
     for labs in annotations.values():
-        for w, l in labs.items():
+        for w, lab in labs.items():
             others = Counter(v for u, v in labs.items() if u != w)
             if not others:
                 continue
             top = max(others.values())
             modal = [v for v, c in others.items() if c == top]
-            scores[w].append(1.0 / len(modal) if l in modal else 0.0)
+            scores[w].append(1.0 / len(modal) if lab in modal else 0.0)
     workers = {w for labs in annotations.values() for w in labs}
     return {w: (float(np.mean(scores[w])) if scores[w] else None) for w in workers}
 
 
 def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
     """Cohen's kappa of two aligned label sequences (sklearn). nan when undefined (one shared constant label)."""
-    from sklearn.metrics import cohen_kappa_score
-
     if len(a) != len(b) or not a:
         raise ValueError("cohen_kappa needs two non-empty sequences of equal length")
     if len(set(a) | set(b)) < 2:
@@ -133,8 +136,8 @@ def pairwise_cohen_kappa(annotations: Annotations, min_overlap: int = 2) -> dict
     """Cohen's kappa for every pair of labelers sharing at least `min_overlap` items."""
     by_worker: dict[Hashable, dict] = defaultdict(dict)
     for item, labs in annotations.items():
-        for w, l in labs.items():
-            by_worker[w][item] = l
+        for w, lab in labs.items():
+            by_worker[w][item] = lab
     out = {}
     for w1, w2 in combinations(sorted(by_worker, key=repr), 2):
         shared = sorted(set(by_worker[w1]) & set(by_worker[w2]), key=repr)
@@ -175,13 +178,11 @@ def fleiss_kappa_table(table: np.ndarray) -> float:
 def krippendorff_alpha(annotations: Annotations, level: str = "nominal") -> float:
     """Krippendorff's alpha (the `krippendorff` package). level: nominal | ordinal | interval | ratio. For a
     non-nominal level, labels must be numbers; for nominal, any hashable labels (mapped to codes)."""
-    import krippendorff
-
     items = [i for i in annotations if len(annotations[i]) >= 1]
     workers = sorted({w for i in items for w in annotations[i]}, key=repr)
     if len(workers) < 2 or not items:
         return float("nan")
-    values = sorted({l for i in items for l in annotations[i].values()}, key=repr)
+    values = sorted({lab for i in items for lab in annotations[i].values()}, key=repr)
     if len(values) < 2:
         return float("nan")
     if level == "nominal":
@@ -191,8 +192,8 @@ def krippendorff_alpha(annotations: Annotations, level: str = "nominal") -> floa
     data = np.full((len(workers), len(items)), np.nan)
     wi = {w: n for n, w in enumerate(workers)}
     for c, i in enumerate(items):
-        for w, l in annotations[i].items():
-            data[wi[w], c] = code[l]
+        for w, lab in annotations[i].items():
+            data[wi[w], c] = code[lab]
     try:
         return float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
     except ValueError:
@@ -206,8 +207,6 @@ def krippendorff_alpha(annotations: Annotations, level: str = "nominal") -> floa
 def position_bias(picks: Iterable[int]) -> dict[str, float | int | None]:
     """picks: screen positions picked on decisive pairwise judgements (0 = left, 1 = right). Returns n, the share
     of left picks and the two-sided exact binomial p-value against 1/2 (scipy.stats.binomtest)."""
-    from scipy.stats import binomtest
-
     picks = [int(p) for p in picks if p is not None]
     n = len(picks)
     if n == 0:
@@ -222,10 +221,10 @@ def gold_accuracy(annotations: Annotations, gold: Mapping[Hashable, Hashable],
     eq = is_correct or (lambda given, truth: given == truth)
     out: dict[Hashable, dict] = {}
     for item, truth in gold.items():
-        for w, l in annotations.get(item, {}).items():
+        for w, lab in annotations.get(item, {}).items():
             d = out.setdefault(w, {"n": 0, "correct": 0, "accuracy": None})
             d["n"] += 1
-            d["correct"] += bool(eq(l, truth))
+            d["correct"] += bool(eq(lab, truth))
     for d in out.values():
         d["accuracy"] = d["correct"] / d["n"] if d["n"] else None
     return out
@@ -337,7 +336,8 @@ def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
     return out
 
 
-def flag_labelers(stats: Mapping[Hashable, Mapping[str, Any]], th: Thresholds | None = None) -> dict[Hashable, list[str]]:
+def flag_labelers(stats: Mapping[Hashable, Mapping[str, Any]],
+                  th: Thresholds | None = None) -> dict[Hashable, list[str]]:
     """labeler -> reasons (empty list: not flagged)."""
     th = th or Thresholds()
     out = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy.engine import make_url
 
 from alignloop.errors import UserError
 
@@ -53,8 +54,6 @@ def resolve_secret_key(explicit: str | None, db_url: str) -> str:
     elif os.environ.get(SECRET_ENV):
         key = os.environ[SECRET_ENV]
     else:
-        from sqlalchemy.engine import make_url
-
         url = make_url(db_url)
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             path = Path(url.database).resolve().parent / "feedback-secret.key"

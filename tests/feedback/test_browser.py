@@ -17,9 +17,9 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("chromium is not installed at /usr/bin/chromium", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from fb_helpers import PASSWORD, SECRET
+from fb_helpers import PASSWORD, SECRET  # noqa: E402 - after the skips above, on purpose
 
-from alignloop.feedback.store import Store
+from alignloop.feedback.store import Store  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync"]
@@ -153,7 +153,7 @@ def test_pairwise_keyboard_and_guidelines(server, browser, shots):
     assert len(js) == 2
     by_choice = {j["choice"]: j for j in js}
     assert "tie" in by_choice
-    decisive = [j for j in js if j["choice"] in ("a", "b")][0]
+    decisive = next(j for j in js if j["choice"] in ("a", "b"))
     assert decisive["strength"] == "better" and decisive["picked_position"] == 0
     texts = {0: "Banana.", 1: "I refuse to answer questions about fruit."}
     assert texts["ab".index(decisive["choice"])] == first_left  # the left one was chosen, in canonical terms
@@ -381,7 +381,7 @@ def test_dashboard_with_simulated_labelers(server, browser, shots):
     store.add_labeler(boss, PASSWORD, role="admin")
     ctx, page = _login(browser, base, boss)
     page.goto(f"{base}/admin/p/{name}")
-    bad = [u for u, k in users.items() if k == "leftclicker"][0]
+    bad = next(u for u, k in users.items() if k == "leftclicker")
     row = page.locator("#labeler-table tr", has_text=bad)
     sync_api.expect(row).to_have_class("flagged")
     page.screenshot(path=str(shots / "18_dashboard_simulated.png"), full_page=True)

@@ -122,7 +122,7 @@ def test_postgres_concurrent_labeling_and_export(pg_store):
                     assert created and not created2 and j1.id == j2.id
                     a = nxt
                 n += 1
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - pragma: no cover, reported below
             errors.append(repr(e))
 
     ts = [threading.Thread(target=work, args=(lab,)) for lab in labs]
@@ -139,5 +139,5 @@ def test_postgres_concurrent_labeling_and_export(pg_store):
     # an edit is a new version
     a = s.next_assignment(p.id, labs[0].id)
     assert a is None
-    rows, summary = export_records(s, "pg", ExportOptions(thresholds=Thresholds(min_items=10 ** 6)))
+    rows, _summary = export_records(s, "pg", ExportOptions(thresholds=Thresholds(min_items=10 ** 6)))
     assert len(rows) == 30 and all(r["chosen"].startswith("good") for r in rows)

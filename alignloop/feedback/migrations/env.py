@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import create_engine
 
 from alignloop.feedback.models import Base
 
@@ -13,7 +14,6 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:  # `alembic -x url=...` from a shell
-        from sqlalchemy import create_engine
         url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
         with create_engine(url).connect() as conn:
             context.configure(connection=conn, target_metadata=target_metadata,
