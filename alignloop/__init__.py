@@ -11,6 +11,10 @@ _LAZY = {
     "RewardConfig": "alignloop.trainers.rm", "RewardTrainer": "alignloop.trainers.rm",
     "PPOConfig": "alignloop.trainers.ppo", "PPOTrainer": "alignloop.trainers.ppo",
     "DPOConfig": "alignloop.trainers.dpo", "DPOTrainer": "alignloop.trainers.dpo",
+    "PPOExperience": "alignloop.trainers.ppo", "TrainResult": "alignloop.training.run",
+    "RSConfig": "alignloop.recipes.rejection_sampling",
+    "RejectionSamplingTrainer": "alignloop.recipes.rejection_sampling",
+    "BestOfNConfig": "alignloop.recipes.best_of_n", "best_of_n": "alignloop.recipes.best_of_n",
 }
 
 
