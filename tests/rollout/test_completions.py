@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignloop.models.tiny import tiny_causal_lm, train_tokenizer
+from alignloop.models.tiny import tiny_causal_lm
 from alignloop.rollout import SamplingParams, encode_prompts, sample_completions
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def lm(tok):
-    return tiny_causal_lm(tok, n_layer=2, n_embd=64, seed=1)
 
 
 def test_n_completions_per_prompt_in_prompt_order(lm, tok):

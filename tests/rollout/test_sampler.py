@@ -1,19 +1,9 @@
 import pytest
 import torch
 
-from alignloop.models.tiny import tiny_causal_lm, train_tokenizer
 from alignloop.models import position_ids_from_attention_mask as position_ids_from_mask
+from alignloop.models.tiny import tiny_causal_lm
 from alignloop.rollout import HFSampler, SamplingParams, filter_logits, left_pad
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def lm(tok):
-    return tiny_causal_lm(tok, n_layer=2, n_embd=64, seed=1)
 
 
 def _prompts(tok):
