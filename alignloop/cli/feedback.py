@@ -46,6 +46,15 @@ db_option = click.option("--db", default="feedback.db", show_default=True, envva
 project_option = click.option("--project", "-p", required=True, help="Project name.")
 
 
+def _check_out(out: str | None) -> None:
+    """Refuse an --out that `alignloop.data.write_rows` cannot write (by its suffix) before any work is done."""
+    from alignloop.data.readers import SUFFIXES  # noqa: PLC0415 - heavy (torch): only sample and export need it
+
+    if out and Path(out).suffix.lower() not in SUFFIXES:
+        raise UserError(f"--out {out}: name a .jsonl file (the format follows the suffix: "
+                        f"{', '.join(sorted(SUFFIXES))})")
+
+
 def _store(db: str, create: bool = False):
     from alignloop.feedback.store import Store  # noqa: PLC0415 - the web extra (SQLAlchemy, argon2) stays optional
 
@@ -132,6 +141,7 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
 
     if n < 1:
         raise UserError("-n must be at least 1")
+    _check_out(out)
     store = _store(db)
     store.get_project(project)
     rows = read_jsonl(prompts_file)
@@ -245,6 +255,7 @@ def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagg
     from alignloop.data import write_rows  # noqa: PLC0415 - heavy (torch): only this command and sample need it
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (torch, scipy, scikit-learn)
 
+    _check_out(out)
     store = _store(db)
     p = store.get_project(project)
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,

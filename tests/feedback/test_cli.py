@@ -64,6 +64,16 @@ def test_user_errors_exit_2(tmp_path, args, message):
     assert message in r.output and "Traceback" not in r.output
 
 
+def test_out_needs_a_suffix_the_data_module_writes(tmp_path):
+    db = tmp_path / "f.db"
+    run("create", "--db", db, "--project", "hh")
+    r = run("export", "--db", db, "--project", "hh", "--out", tmp_path / "o.txt")
+    assert r.exit_code == 2 and "--out" in r.output and ".jsonl" in r.output and not (tmp_path / "o.txt").exists()
+    r = run("sample", "--db", db, "--project", "hh", "--prompts", tmp_path / "p.jsonl", "--model", tmp_path / "m",
+            "--out", tmp_path / "s.txt")
+    assert r.exit_code == 2 and "--out" in r.output  # refused before loading a model
+
+
 def test_import_reports_bad_line(tmp_path):
     db = tmp_path / "f.db"
     run("create", "--db", db, "--project", "hh")
