@@ -6,24 +6,24 @@
                      response_logprobs: what every non-PPO caller samples through
 """
 from alignloop.rollout.completions import (
-                                           Completion,
-                                           decode_responses,
-                                           encode_prompts,
-                                           response_logprobs,
-                                           sample_completions,
+    Completion,
+    decode_responses,
+    encode_prompts,
+    response_logprobs,
+    sample_completions,
 )
 from alignloop.rollout.sampler import HFSampler, Rollout, Sampler, SamplingParams, filter_logits, left_pad
 
 __all__ = [
-                                           "Completion",
-                                           "HFSampler",
-                                           "Rollout",
-                                           "Sampler",
-                                           "SamplingParams",
-                                           "decode_responses",
-                                           "encode_prompts",
-                                           "filter_logits",
-                                           "left_pad",
-                                           "response_logprobs",
-                                           "sample_completions",
+    "Completion",
+    "HFSampler",
+    "Rollout",
+    "Sampler",
+    "SamplingParams",
+    "decode_responses",
+    "encode_prompts",
+    "filter_logits",
+    "left_pad",
+    "response_logprobs",
+    "sample_completions",
 ]
