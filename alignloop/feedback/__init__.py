@@ -5,6 +5,6 @@
     from alignloop.feedback import quality              # pure statistics: kappa, alpha, Dawid-Skene, bias
     from alignloop.feedback.export import export_records, ExportOptions
 
-See README.md in this folder. The web dependencies are the `web` extra (`pip install alignloop[web]`);
-`quality` needs only numpy, scipy, scikit-learn and krippendorff.
+See README.md in this folder (its "Store" and "Web app layout" sections map the modules). The web dependencies are
+the `web` extra (`pip install alignloop[web]`); `quality` needs only numpy, scipy, scikit-learn and krippendorff.
 """

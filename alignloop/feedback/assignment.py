@@ -25,12 +25,13 @@ from .errors import NotFound
 from .models import Assignment, Item, Project, utcnow
 from .projects import DEFAULT_ASSIGNMENT_TIMEOUT_S
 
-# How many items, in queue order (fewest labels first), one request reads as candidates and tries to take. On
-# SQLite writers are serialised and the candidates are read in the write transaction itself, so the first candidate
-# is always taken. On PostgreSQL concurrent requests read the same head of the queue and race for it: a conditional
-# UPDATE that lost moves on to the next candidate, and a request reports "nothing left" only when it lost all of
-# them. 20 covers the ~20-50 labelers that start or submit at once in the load test; the next-item query walks the
-# index `ix_items_queue` in ORDER BY order and stops here, so on SQLite a larger value costs only rows read.
+# How many items, in queue order (fewest labels first), one request reads as candidates and tries to take, on both
+# submit paths. On SQLite writers are serialised and the candidates are read in the write transaction itself, so the
+# first candidate is always taken. On PostgreSQL concurrent requests read the same head of the queue and race for it:
+# a conditional UPDATE that lost moves on to the next candidate, and a request reports "nothing left" only when it
+# lost all of them, so the limit is how many concurrent winners a request can lose to (20: the value the PostgreSQL
+# path has always used). The query walks the index `ix_items_queue` in ORDER BY order and stops at the limit; the
+# SQLite hot path reads only ids, which that index covers, so the limit costs it no table reads.
 CANDIDATE_LIMIT = 20
 GOLD_CANDIDATES = 50  # gold items to draw the next one from at random (least-labelled first)
 
