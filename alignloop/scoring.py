@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignloop.data import reward_input_ids
+from alignloop.data import pad_batch, reward_input_ids
 from alignloop.errors import ConfigError, UserError
 from alignloop.models import (
     ClassifierReward,
@@ -178,16 +178,11 @@ class ModelScorer:
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
         """Scores [len(seqs)] float32 of token sequences (right-padded in batches, read at the last real token)."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
         out = []
         for lo in range(0, len(seqs), self.batch_size):
-            chunk = seqs[lo:lo + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+            ids, mask = pad_batch(seqs[lo:lo + self.batch_size], pad_id)
             out.append(self.score_tokens(ids.to(device), mask.to(device)))
         return torch.cat(out).cpu() if out else torch.zeros(0)
 

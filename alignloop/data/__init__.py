@@ -103,6 +103,7 @@ from alignloop.data.collators import (
     RankingCollator,
     SFTCollator,
     pad,
+    pad_batch,
     position_ids_from_attention_mask,
 )
 from alignloop.data.conversions import (
@@ -169,6 +170,7 @@ __all__ = [
     "load_unpaired",
     "pack_sft",
     "pad",
+    "pad_batch",
     "parse_rows",
     "position_ids_from_attention_mask",
     "prompt_texts",

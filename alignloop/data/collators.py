@@ -37,13 +37,20 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_batch(seqs: list[list[int]], pad_token_id: int, padding_side: str = "right",
+              multiple: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded to the longest (rounded up to `multiple`) -> (input_ids [N,T] long, attention_mask [N,T]
+    long, 1 on real tokens)."""
+    t = _round_up(max((len(s) for s in seqs), default=0), multiple)
+    return pad(seqs, pad_token_id, padding_side, t), pad([[1] * len(s) for s in seqs], 0, padding_side, t)
+
+
 def _padded_rows(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, padding_side: str,
                  multiple: int | None) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, position_ids, labels and response_mask [N,T] of token rows and their labels."""
-    t = _round_up(max(len(s) for s in ids), multiple)
-    attention_mask = pad([[1] * len(s) for s in ids], 0, padding_side, t)
-    labels_t = pad(labels, IGNORE_INDEX, padding_side, t)
-    return {"input_ids": pad(ids, pad_token_id, padding_side, t), "attention_mask": attention_mask,
+    input_ids, attention_mask = pad_batch(ids, pad_token_id, padding_side, multiple)
+    labels_t = pad(labels, IGNORE_INDEX, padding_side, input_ids.shape[1])
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
             "position_ids": position_ids_from_attention_mask(attention_mask), "labels": labels_t,
             "response_mask": labels_t != IGNORE_INDEX}
 

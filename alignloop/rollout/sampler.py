@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from alignloop.data.collators import position_ids_from_attention_mask
+from alignloop.data.collators import pad_batch, position_ids_from_attention_mask
 from alignloop.errors import ConfigError
 from alignloop.models.fast import is_wide
 
@@ -119,17 +119,11 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None)
     """Left-pad token lists -> (ids [B, L] long, mask [B, L] bool)."""
     if len(sequences) == 0:
         raise ValueError("no prompts")
-    width = max(len(s) for s in sequences)
-    if width == 0:
-        raise ValueError("empty prompt: every prompt needs at least one token")
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        if len(s) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = True
-    return ids.to(device), mask.to(device)
+    empty = [i for i, s in enumerate(sequences) if len(s) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: every prompt needs at least one token")
+    ids, mask = pad_batch([list(s) for s in sequences], pad_token_id, "left")
+    return ids.to(device), mask.bool().to(device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop.data import load_preferences, tokenize_preferences
+from alignloop.data import load_preferences, pad_batch, tokenize_preferences
 from alignloop.errors import ConfigError
 from alignloop.losses import bradley_terry_loss, plackett_luce_loss
 from alignloop.models import RewardModel
@@ -102,17 +102,6 @@ def order_from_pairs(n: int, pairs: list[tuple[int, int, float, bool]]) -> list[
     for c, _, _, _ in pairs:
         wins[c] += 1
     return sorted(range(n), key=lambda i: -wins[i])
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence rounded up to `multiple` -> input_ids, attention_mask [S,T]."""
-    T = -(-max(len(s) for s in seqs) // multiple) * multiple
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[list, list]], weights: list[float],
@@ -197,7 +186,7 @@ class RewardTrainer:
                 offsets.append(len(seqs))
                 seqs.extend(g_seqs)
             # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
-            ids, mask = pad_right(seqs, pad_id, acc.device, multiple=8)
+            ids, mask = (t.to(acc.device) for t in pad_batch(seqs, pad_id, multiple=8))
             scores = model(ids, mask).float()
             losses, pair_stats = group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
             return losses, pair_stats, scores
