@@ -37,12 +37,23 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module of a relative `from .x import y` in `module`."""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(path: Path, top_level_only: bool = False):
-    """(imported module, imported names, line) of every `import alignloop...` / `from alignloop... import ...`."""
+    """(imported module, imported names, line) of every `import alignloop...` / `from alignloop... import ...`,
+    relative imports (`from . import x`, `from .x import y`) included."""
+    module = _name(path)
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else ast.walk(tree)
     for node in nodes:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alignloop") and not node.level:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            yield _absolute(module, path.name == "__init__.py", node), [a.name for a in node.names], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alignloop"):
             yield node.module, [a.name for a in node.names], node.lineno
         elif isinstance(node, ast.Import):
             for a in node.names:

@@ -104,15 +104,13 @@ def test_sample_with_tiny_model(tmp_path):
     assert r.exit_code == 2 and "cannot load model" in r.output
 
 
-def test_fallback_generation_without_rollout(tmp_path, monkeypatch):
-    import sys
-
+def test_generate_texts_groups_completions_of_prompts_of_different_lengths(tmp_path):
+    """(It once tested a fallback to transformers' generate; sampling has one home now, alignloop.rollout.)"""
     from alignloop.feedback.sampling import generate_texts
     from alignloop.models.tiny import default_corpus, tiny_causal_lm, train_tokenizer
 
     tok = train_tokenizer(default_corpus(200), vocab_size=300)
     lm = tiny_causal_lm(tok, n_layer=1, n_embd=32, n_head=2)
-    monkeypatch.setitem(sys.modules, "alignloop.rollout", None)  # import fails -> transformers' generate
     outs = generate_texts(lm, tok, ["the movie", "a very long prompt about the film plot"], n=2, max_new_tokens=4)
     assert len(outs) == 2 and all(len(o) == 2 and all(isinstance(t, str) for t in o) for o in outs)
 
