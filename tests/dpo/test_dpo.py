@@ -94,7 +94,9 @@ def test_reference_eval_mode_cached_equals_on_the_fly(tok, tmp_path, pairs):
     assert fly.ref_model is not None and not fly.ref_model.training
     idx = [3, 1, 7, 2]
     on_the_fly = fly.reference_logps(fly.train_examples, idx)
-    torch.testing.assert_close(on_the_fly, torch.cat([table[idx, 0], table[idx, 1]]), rtol=0, atol=1e-5)
+    # sums of log-probs of magnitude <= ~100 (float32 ulp 7.6e-6) from batches of other composition and padding: a
+    # few ulps of reduction order -> 1e-4 (13 ulps, as against float64 above); a mask error moves them by >= 1e-2
+    torch.testing.assert_close(on_the_fly, torch.cat([table[idx, 0], table[idx, 1]]), rtol=0, atol=1e-4)
     # a second run with the same model and data reuses the cached file (no recomputation)
     again = make(tok, tmp_path, pairs, model=tiny.tiny_causal_lm(tok, seed=0, dropout=0.5, **SHAPE),
                  disable_dropout=False)
@@ -126,9 +128,12 @@ def test_accumulation_equals_full_batch(tok, tmp_path, pairs):
     c, _ = _train_weights(tok, tmp_path / "c", pairs, per_device_batch_size=2, gradient_accumulation_steps=4, **kw)
     ga, gb, gc = (_grad_norms(tmp_path / x) for x in "abc")
     assert len(ga) == 4 and ga == pytest.approx(gb, rel=1e-5) and ga == pytest.approx(gc, rel=1e-5)
+    # 4 AdamW steps at lr 1e-4 move a weight <= 4e-4; Adam's normalisation turns the ~1e-7 relative reduction-order
+    # noise of the gradients into weight differences of ~1e-6 (seen up to 2.3e-6) -> atol 2e-5 = 5% of lr x steps
+    # (a 0.1% gradient error already moves weights ~2e-4; the norms above check the loss scale to 1e-5)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6)
-        torch.testing.assert_close(a[k], c[k], rtol=0, atol=2e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=2e-5)
     assert any(not torch.equal(a[k], tiny.tiny_causal_lm(tok, seed=0, **SHAPE).state_dict()[k]) for k in a)
 
 
@@ -225,10 +230,14 @@ def test_packing_gives_the_same_loss_and_gradient(tok, tmp_path, pairs, loss_typ
         results.append((terms, [p.grad.clone() for p in tr.model.parameters()]))
     (t1, g1) = results[0]
     for t2, g2 in results[1:]:
+        # log-prob sums ~100 (ulp 7.6e-6) and losses: rtol 1e-5 (~100 ulps); rewards are beta = 0.1 x differences of
+        # such sums, near 0: atol 5e-5 covers 30 ulps of |log p| ~ 100 (a mask error moves log-probs by >= 1e-2)
         for a, b in zip(t1, t2):
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=5e-5)
+        # gradients reach |g| ~ 50 (ipo); their summation-order noise scales with that, not with each element (seen
+        # <= 1.5e-5 in near-zero entries) -> atol 2e-4 = 4e-6 of the largest gradient, orders below a mask error
         for a, b in zip(g1, g2):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
 
 
 def test_shared_prompt_batch_layout():

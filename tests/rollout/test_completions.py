@@ -28,7 +28,9 @@ def test_kl_to_itself_is_zero_and_to_another_model_positive(lm, tok):
     prompts = ["the movie", "a plot"]
     params = SamplingParams(max_new_tokens=6, temperature=0.8)
     same = sample_completions(lm, tok, prompts, 2, params, seed=0, ref_model=lm)
-    assert all(c.kl == pytest.approx(0.0, abs=1e-5) for g in same for c in g)
+    # a sum of <= 6 differences of log-probs |lp| <~ 8 (ulp 9.5e-7), cached decoding vs a full forward: a few ulps
+    # each -> abs 5e-5 (seen 1.4e-6); another model, or dropout in the reference, gives a KL >= 1e-2
+    assert all(c.kl == pytest.approx(0.0, abs=5e-5) for g in same for c in g)
     other = tiny_causal_lm(tok, n_layer=2, n_embd=64, seed=2)
     far = sample_completions(lm, tok, prompts, 8, params, seed=0, ref_model=other)
     kls = [c.kl for g in far for c in g]
@@ -49,5 +51,6 @@ def test_reference_forward_runs_in_eval_mode(lm, tok):
     ref = tiny_causal_lm(tok, n_layer=2, n_embd=64, seed=1, dropout=0.5)
     ref.train()
     groups = sample_completions(lm, tok, ["the movie"], 3, SamplingParams(max_new_tokens=5), seed=0, ref_model=ref)
-    assert all(c.kl == pytest.approx(0.0, abs=1e-5) for c in groups[0])   # same weights as lm: KL 0 without dropout
+    # same weights as lm: KL 0 without dropout, up to float32 rounding (abs 5e-5: see the test above)
+    assert all(c.kl == pytest.approx(0.0, abs=5e-5) for c in groups[0])
     assert ref.training

@@ -133,10 +133,13 @@ def test_batch8_equals_batch4_x2_accumulation(tmp_path, base_model, sft_file, pr
                                               train_dataset=pref_files[0]).train()
     a = run(tmp_path / "b8", per_device_batch_size=8)
     b = run(tmp_path / "b4x2", per_device_batch_size=4, gradient_accumulation_steps=2)
-    assert_same_weights(a.output_dir, b.output_dir, atol=2e-6)
+    # 4 AdamW steps at lr 1e-3 move a weight <= 4e-3; Adam's normalisation turns the ~1e-7 relative summation-order
+    # noise of the gradients into ~1e-6 (<= 2e-5 in a simulation with 8x the noise seen) -> atol 2e-4 = 5% of
+    # lr x steps; a 0.1% gradient error moves weights ~2e-3, a different global batch ~5e-3
+    assert_same_weights(a.output_dir, b.output_dir, atol=2e-4)
     c = run(tmp_path / "b4", per_device_batch_size=4)  # a different global batch must give different weights
     with pytest.raises(AssertionError):
-        assert_same_weights(a.output_dir, c.output_dir, atol=2e-6)
+        assert_same_weights(a.output_dir, c.output_dir, atol=2e-4)
 
 
 @pytest.mark.parametrize("kind", ["sft", "rm"])
@@ -220,7 +223,9 @@ def test_two_processes_equal_one(tmp_path, base_model, sft_file, pref_files, kin
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"processes={n}" in out.stdout, out.stdout[-2000:]
-    assert_same_weights(tmp_path / "out1" / "final", tmp_path / "out2" / "final", atol=2e-6)
+    # 3 AdamW steps at lr 1e-3 (weights move <= 3e-3); the gloo all-reduce sums the gradient in another order:
+    # ~1e-7 relative, ~5e-7 in the weights here -> atol 1.5e-4 = 5% of lr x steps, as in the accumulation test
+    assert_same_weights(tmp_path / "out1" / "final", tmp_path / "out2" / "final", atol=1.5e-4)
 
 
 def test_sft_conversational_through_chat_template(tmp_path, base_model):
