@@ -1,6 +1,7 @@
 """The `dpo` peer workload (../shared/peers/README.md) with alignloop: DPO (sigmoid, beta 0.1) of WORKLOAD/policy
-against its own initial weights, the first 160 rows of pairs.jsonl, batch 8, 1 epoch, max length 128, lr 1e-4; bf16 autocast by default, as the peer (TRL 1.16's DPOConfig defaults to
-bf16=True, which on a CPU runs the step under bf16 autocast).
+against its own initial weights, the first 160 rows of pairs.jsonl, batch 8, 1 epoch, max length 128, lr 1e-4;
+bf16 autocast by default, as the peer (TRL 1.16's DPOConfig defaults to bf16=True, which on a CPU runs the step under
+bf16 autocast).
 Only `train()` is timed; the reference log-probs are computed inside it (into a fresh, empty cache folder, so
 nothing is reused from an earlier run).
 
@@ -25,12 +26,14 @@ def run_dpo(workload_dir: str, mixed_precision: str = "bf16") -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    rows = [json.loads(line) for line in open(os.path.join(workload_dir, "pairs.jsonl"))][: STEPS * BATCH]
+    with open(os.path.join(workload_dir, "pairs.jsonl")) as f:
+        rows = [json.loads(line) for line in f][: STEPS * BATCH]
     policy = os.path.join(workload_dir, "policy")
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=os.path.join(tmp, "out"), beta=0.1, per_device_batch_size=BATCH, num_epochs=1,
                          max_length=128, learning_rate=1e-4, ref_cache_dir=os.path.join(tmp, "ref_cache"),
-                         save_final=False, progress=False, tensorboard=False, logging_steps=STEPS, mixed_precision=mixed_precision)
+                         save_final=False, progress=False, tensorboard=False, logging_steps=STEPS,
+                         mixed_precision=mixed_precision)
         trainer = DPOTrainer(model=load_causal_lm(policy), tokenizer=load_tokenizer(policy), args=args,
                              train_dataset=rows)
         t = time.perf_counter()

@@ -1,7 +1,7 @@
 """The `rm` workload of ../shared/peers/README.md: Bradley-Terry reward model on the first 160 rows of pairs.jsonl,
 batch 8 pairs, 1 epoch, max length 128, lr 1e-4; bf16 autocast by default, as the peer (TRL 1.16's RewardConfig
-defaults to bf16=True, which on a CPU runs the step under bf16 autocast). Timed: `train()` only (it includes our tokenisation; the peer's
-tokenisation happens before its timer), not model loading."""
+defaults to bf16=True, which on a CPU runs the step under bf16 autocast). Timed: `train()` only (it includes our
+tokenisation; the peer's tokenisation happens before its timer), not model loading."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ def run_rm(workload_dir: str, mixed_precision: str = "bf16") -> dict:
     from alignloop.trainers.rm import RewardConfig, RewardTrainer
 
     torch.manual_seed(0)
-    rows = [json.loads(line) for line in open(os.path.join(workload_dir, "pairs.jsonl"))][: STEPS * BATCH]
+    with open(os.path.join(workload_dir, "pairs.jsonl")) as f:
+        rows = [json.loads(line) for line in f][: STEPS * BATCH]
     path = os.path.join(workload_dir, "reward")
     model, tok = RewardModel.from_pretrained(path), load_tokenizer(path)
     out = tempfile.mkdtemp(prefix="alignloop_bench_rm_")

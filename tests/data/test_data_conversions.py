@@ -5,8 +5,16 @@ import math
 import pytest
 
 from alignloop.data import (
-    Pair, PreferenceGroup, groups_to_rows, groups_to_unpaired, implicit_messages_prompt, implicit_text_prompt,
-    load_preferences, ranking_pair_weight, rankings_to_pairs, strength_to_margin,
+    Pair,
+    PreferenceGroup,
+    groups_to_rows,
+    groups_to_unpaired,
+    implicit_messages_prompt,
+    implicit_text_prompt,
+    load_preferences,
+    ranking_pair_weight,
+    rankings_to_pairs,
+    strength_to_margin,
 )
 
 

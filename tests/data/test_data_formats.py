@@ -7,8 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignloop.data import (
-    DataError, Pair, PreferenceGroup, detect_kind, load_preferences, load_prompts, load_records, load_sft,
-    load_unpaired, read_rows,
+    DataError,
+    Pair,
+    PreferenceGroup,
+    detect_kind,
+    load_preferences,
+    load_prompts,
+    load_records,
+    load_sft,
+    load_unpaired,
+    read_rows,
 )
 
 U = {"role": "user", "content": "hi there"}
@@ -81,8 +89,8 @@ def test_every_format_from_every_file_type(tmp_path, case, suffix):
         want = [(g.prompt, [tuple(p) for p in g.pairs], g.pair_weight) for g in expected]
         assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
         assert [w for *_, w in got] == [w for *_, w in want]
-        for g, e in zip(records, expected):
-            for p, q in zip(g.pairs, e.pairs):
+        for g, e in zip(records, expected, strict=True):
+            for p, q in zip(g.pairs, e.pairs, strict=True):
                 assert p.margin == pytest.approx(q.margin)
             assert g.ranking == e.ranking and g.completions == e.completions
     else:
@@ -111,7 +119,7 @@ def test_hf_dataset_dict_split(tmp_path):
 
 
 def test_in_memory_rows():
-    records, stats = load_sft([{"text": "a b"}, {"prompt": "x", "completion": "y"}], kind="sft")
+    records, _ = load_sft([{"text": "a b"}, {"prompt": "x", "completion": "y"}], kind="sft")
     assert records == [{"prompt": "", "completion": "a b"}, {"prompt": "x", "completion": "y"}]
 
 

@@ -13,7 +13,7 @@ from alignloop.data import load_preferences, rankings_to_pairs, truncate
 def test_rankings_to_pairs_invariants(ranking):
     k = len(ranking)
     comps = [f"c{i}" for i in range(k)]
-    rank_of = dict(zip(comps, ranking))
+    rank_of = dict(zip(comps, ranking, strict=True))
     ties = sum(ranking[i] == ranking[j] for i in range(k) for j in range(i + 1, k))
     pairs = rankings_to_pairs(comps, ranking)
     assert len(pairs) == math.comb(k, 2) - ties
@@ -38,7 +38,7 @@ def test_truncate_invariants(n_prompt, n_completions, max_length, policy):
     p, cs, cut = out
     assert cut == (not fits)
     assert all(len(p) + len(c) <= max_length and c for c in cs)
-    assert all(c == orig[:len(c)] for c, orig in zip(cs, comps))  # completions keep their start
+    assert all(c == orig[:len(c)] for c, orig in zip(cs, comps, strict=True))  # completions keep their start
     if policy == "keep_end":
         assert p == prompt[len(prompt) - len(p):]  # the prompt keeps its end
     else:

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from alignloop.data import (
-    Pair, PreferenceCollator, PreferenceGroup, SFTCollator, pack_sft, tokenize_preferences, tokenize_prompts,
-    tokenize_sft, truncate,
+    Pair,
+    PreferenceCollator,
+    PreferenceGroup,
+    SFTCollator,
+    pack_sft,
+    tokenize_preferences,
+    tokenize_prompts,
+    tokenize_sft,
+    truncate,
 )
 
 
@@ -141,7 +148,8 @@ def test_preference_collator_groups(side):
     single = _pair([7, 8], [7, 9], 1, margin=2.0)  # a bare pair is a group of one
     b = PreferenceCollator(pad_token_id=0, padding_side=side)([ranked, single])
     assert b["input_ids"].shape == (8, 4)
-    rows = [[t for t, m in zip(r, a) if m] for r, a in zip(b["input_ids"].tolist(), b["attention_mask"].tolist())]
+    rows = [[t for t, m in zip(r, a, strict=True) if m]
+            for r, a in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)]
     assert rows == [[1, 2, 3], [1, 2, 3], [1, 4], [7, 8], [1, 4], [1, 5, 5, 5], [1, 5, 5, 5], [7, 9]]
     assert b["margin"].tolist() == [0.0, 0.0, 0.0, 2.0]
     assert b["pair_weight"].tolist() == pytest.approx([1 / 3] * 3 + [1.0])

@@ -39,7 +39,8 @@ def test_demo_human_stops_then_resumes_on_peoples_labels(tmp_path, label_like_pe
     assert res.exit_code == 0, res.output[-3000:]
     q = json.loads((out / "round-1" / "label" / "quality.json").read_text())
     assert set(q["stats"]) == {"ann", "bob"} and q["judgements"] == judged  # their labels, not simulated ones
-    assert q["pairwise_percent_agreement"] == 1.0 and q["flagged"] == [], {k: q[k] for k in ("flagged", "stats", "pairwise_percent_agreement")}
+    assert q["pairwise_percent_agreement"] == 1.0 and q["flagged"] == [], {
+        k: q[k] for k in ("flagged", "stats", "pairwise_percent_agreement")}
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {"SFT", "PPO", "DPO", "RS"} <= set(results["summary"])
     # the reward model learned these people's taste (longer is better): PPO and DPO write longer than SFT

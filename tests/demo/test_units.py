@@ -59,14 +59,14 @@ def test_win_rate_best_of_n_and_summary():
 
 
 def test_simulated_labelers_flag_the_careless_one(tmp_path):
+    from alignloop.feedback import quality
+    from alignloop.feedback.store import Store
     from alignloop.pipeline.labelers import (
         default_labelers,
         gold_agreement,
         simulate_labeling,
     )
     from alignloop.pipeline.stages import percent_agreement as _percent_agreement
-    from alignloop.feedback import quality
-    from alignloop.feedback.store import Store
 
     rng = random.Random(0)
     rows = [{"prompt": f"Review of film {i}:", "completions": [domain.review(rng) for _ in range(3)]}

@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignloop.models import RewardModel, tiny
-from alignloop.rollout import SamplingParams
 from alignloop.data import reward_input_ids
 from alignloop.evaluation import best_of_n_kl
+from alignloop.models import RewardModel, tiny
 from alignloop.recipes.best_of_n import best_of_n
+from alignloop.rollout import SamplingParams
 from alignloop.scoring import ModelScorer
 
 from .conftest import SHAPE
@@ -66,7 +66,8 @@ def test_cli_generate_with_reward_model(tmp_path, tok):
     for r in rows:
         assert len(r["candidates"]) == 4 and all(isinstance(c["score"], float) for c in r["candidates"])
         assert r["best_score"] == max(c["score"] for c in r["candidates"])
-    res = CliRunner().invoke(cli, ["generate", "--model", str(policy), "--prompts-file", str(prompts), "--best-of", "4"])
+    res = CliRunner().invoke(cli, ["generate", "--model", str(policy), "--prompts-file", str(prompts),
+                                   "--best-of", "4"])
     assert res.exit_code != 0
 
 
@@ -91,7 +92,7 @@ class SpyRM(RewardModel):
         self.seen = []
 
     def forward(self, input_ids, attention_mask):
-        self.seen += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        self.seen += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask, strict=True)]
         return super().forward(input_ids, attention_mask)
 
 
@@ -110,18 +111,18 @@ def test_reward_fn_scores_prompt_completion_eos_like_rm_training(tok, tiny_rm):
     prompts = ["the movie", "a good film", "plot", "the actor"]
     completions = [" was fun", " great story and music", " bad" + tok.eos_token, ""]  # one already ends with EOS
     got = ModelScorer(tiny_rm, tok)(prompts, completions).tolist()
-    want = [_rm_score(tiny_rm, rm_training_ids(tok, p, c)) for p, c in zip(prompts, completions)]
+    want = [_rm_score(tiny_rm, rm_training_ids(tok, p, c)) for p, c in zip(prompts, completions, strict=True)]
     no_eos = [_rm_score(tiny_rm, rm_training_ids(tok, p, c, add_eos=False) or [eos])
-              for p, c in zip(prompts, completions)]
+              for p, c in zip(prompts, completions, strict=True)]
     print("with EOS", want, "without", no_eos, "got", got)
     assert got == pytest.approx(want, abs=1e-5)
     # the old behaviour (prompt + completion, no EOS) gives other scores on the completions without EOS
-    assert all(abs(g - n) > 1e-3 for g, n in zip(got[:2], no_eos[:2]))
+    assert all(abs(g - n) > 1e-3 for g, n in zip(got[:2], no_eos[:2], strict=True))
     assert got[2] == pytest.approx(no_eos[2], abs=1e-5)   # its EOS is the text's own: not doubled
     # every scored sequence ends with exactly one EOS, token for token what the RM trainer builds
     seqs = reward_input_ids(tok, prompts, completions)
     assert all(s[-1] == eos and s[-2] != eos for s in seqs)
-    assert seqs == [rm_training_ids(tok, p, c) for p, c in zip(prompts, completions)]
+    assert seqs == [rm_training_ids(tok, p, c) for p, c in zip(prompts, completions, strict=True)]
     # add_eos=False mirrors a reward model trained with rm's add_eos=False
     off = ModelScorer(tiny_rm, tok, add_eos=False)(prompts, completions).tolist()
     assert off[:3] == pytest.approx(no_eos[:3], abs=1e-5)
@@ -133,8 +134,8 @@ def test_best_of_n_candidates_scored_with_one_eos(tok, tiny_rm):
     prompts = ["the movie", "a good film", "plot"]
     spy = SpyRM(tiny_rm)
     torch.manual_seed(0)
-    rows, summary = best_of_n(policy, tok, prompts, 4, ModelScorer(spy, tok),
-                              SamplingParams(max_new_tokens=6, temperature=1.0), batch_size=2)
+    rows, _ = best_of_n(policy, tok, prompts, 4, ModelScorer(spy, tok),
+                        SamplingParams(max_new_tokens=6, temperature=1.0), batch_size=2)
     eos = tok.eos_token_id
     assert len(spy.seen) == 12 and all(s[-1] == eos and s[-2] != eos for s in spy.seen)
     for r in rows:

@@ -66,7 +66,8 @@ def test_two_processes_equal_one(tmp_path):
         # torchrun + ACCELERATE_USE_CPU: accelerate's MULTI_CPU (gloo). (`accelerate launch --cpu --num_processes 2`
         # starts a single process with this accelerate version.)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "ACCELERATE_USE_CPU": "true"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(script)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"world={nproc}" in proc.stdout, proc.stdout

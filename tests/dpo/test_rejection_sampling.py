@@ -90,8 +90,8 @@ def test_reward_model_scores_samples_with_eos_like_rm_training(tmp_path, tok):
                                       tokenizer=tok, reward_tokenizer=tok)
         cands = tr._sample_and_score(0)
         got = [c["score"] for cs in cands for c in cs]
-        want = [rm_score(p, c["completion"], add_eos) for p, cs in zip(prompts, cands) for c in cs]
-        other = [rm_score(p, c["completion"], not add_eos) for p, cs in zip(prompts, cands) for c in cs]
+        want = [rm_score(p, c["completion"], add_eos) for p, cs in zip(prompts, cands, strict=True) for c in cs]
+        other = [rm_score(p, c["completion"], not add_eos) for p, cs in zip(prompts, cands, strict=True) for c in cs]
         print("add_eos", add_eos, [round(x, 3) for x in got], "other", [round(x, 3) for x in other])
         assert got == pytest.approx(want, abs=1e-5)
-        assert all(abs(g - o) > 1e-4 for g, o in zip(got, other))  # the two conventions do differ here
+        assert all(abs(g - o) > 1e-4 for g, o in zip(got, other, strict=True))  # the two conventions do differ here

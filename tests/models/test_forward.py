@@ -32,7 +32,7 @@ def test_padded_batches_give_unpadded_logits(lm_dir, pad_batch):
                 ids, mask = pad_batch(SEQS, pad_id, side)
                 logits = model_forward(model, ids, mask)
                 assert logits.shape == (3, 6, model.config.vocab_size)
-                for i, s in enumerate(SEQS):
+                for i in range(len(SEQS)):
                     real = logits[i][mask[i].bool()]
                     torch.testing.assert_close(real, alone[i], atol=1e-5, rtol=1e-5)
         # the test has teeth: without mask-derived position ids, left padding changes the logits

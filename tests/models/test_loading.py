@@ -5,8 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignloop.errors import UserError
-from alignloop.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_dtype
-from alignloop.models import tiny
+from alignloop.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_dtype, tiny
 
 
 def test_load_causal_lm_from_local_folder_matches_plain_transformers(lm_dir):

@@ -66,17 +66,15 @@ def test_reference_mode_restores_adapter_after_an_exception(lm_dir, pad_batch):
     _perturb_adapter(policy)
     with torch.no_grad():
         adapted = model_forward(policy, ids, mask)
-    with pytest.raises(RuntimeError):
-        with reference_mode(policy):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), reference_mode(policy):
+        raise RuntimeError("boom")
     with torch.no_grad():
         torch.testing.assert_close(model_forward(policy, ids, mask), adapted)
 
 
 def test_reference_mode_without_adapter_refuses(lm_dir):
-    with pytest.raises(ValueError, match="adapter"):
-        with reference_mode(load_causal_lm(lm_dir)):
-            pass
+    with pytest.raises(ValueError, match="adapter"), reference_mode(load_causal_lm(lm_dir)):
+        pass
 
 
 def test_lora_gradients_reach_only_the_adapter(lm_dir, pad_batch):

@@ -158,7 +158,7 @@ def test_classifier_reward_on_texts(classifier_dir):
     rewards = cr(texts)
     assert rewards.shape == (4,) and rewards.dtype == torch.float32
     with torch.no_grad():
-        for t, r in zip(texts, rewards):
+        for t, r in zip(texts, rewards, strict=True):
             enc = cr.tokenizer([t], return_tensors="pt")
             torch.testing.assert_close(cr.score_tokens(enc["input_ids"], enc["attention_mask"])[0], r,
                                        atol=1e-5, rtol=1e-5)
@@ -219,7 +219,7 @@ def test_classifier_reward_truncates_to_the_model_context(classifier_dir):
 def test_reward_model_adapter_only_save_round_trip(reward_dir, tmp_path, pad_batch):
     rm = RewardModel.from_pretrained(reward_dir, lora=LoraOptions(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
-        for n, p in rm.named_parameters():
+        for p in rm.parameters():
             if p.requires_grad:  # LoRA A/B and the (modules_to_save) score head
                 p.add_(torch.randn_like(p) * 0.3)
     rm.eval()

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from trainer_data import preference_rows, sft_rows, write_jsonl
 
 from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
-from trainer_data import preference_rows, sft_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,8 @@ def tiny_tok():
 
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory, tiny_tok):
-    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("base"), tokenizer=tiny_tok, n_layer=2, n_embd=32, n_head=2))
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("base"), tokenizer=tiny_tok, n_layer=2, n_embd=32,
+                                     n_head=2))
 
 
 @pytest.fixture(scope="session")
@@ -44,4 +45,5 @@ def sft_heldout(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pref_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("pref")
-    return write_jsonl(d / "train.jsonl", preference_rows(240, 0)), write_jsonl(d / "eval.jsonl", preference_rows(100, 1))
+    return (write_jsonl(d / "train.jsonl", preference_rows(240, 0)),
+            write_jsonl(d / "eval.jsonl", preference_rows(100, 1)))

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_data import write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignloop.trainers.rm import RewardConfig, RewardTrainer, group_sequences, order_from_pairs
 from alignloop.trainers.sft import SFTConfig, SFTTrainer, _batch_tensors, token_nll
 from alignloop.training import read_metrics
-
-from trainer_data import write_jsonl
 
 QUIET = dict(progress=False, tensorboard=False, logging_steps=1)
 
@@ -148,10 +147,12 @@ def test_resume_gives_same_weights(tmp_path, dropout_model, sft_file, pref_files
     schedule would end elsewhere."""
     common = dict(learning_rate=1e-3, num_epochs=2, per_device_batch_size=16, max_length=64, seed=1, save_steps=5,
                   save_total_limit=None, lr_scheduler="cosine", warmup_steps=2, **QUIET)
-    Trainer, Config, data = (SFTTrainer, SFTConfig, sft_file) if kind == "sft" else (RewardTrainer, RewardConfig, pref_files[0])
+    Trainer, Config, data = ((SFTTrainer, SFTConfig, sft_file) if kind == "sft"
+                             else (RewardTrainer, RewardConfig, pref_files[0]))
     if kind == "rm":
         common["disable_dropout"] = False  # keep the random masks this test is about
-    full = Trainer(model=dropout_model, args=Config(output_dir=str(tmp_path / "full"), **common), train_dataset=data).train()
+    full = Trainer(model=dropout_model, args=Config(output_dir=str(tmp_path / "full"), **common),
+                   train_dataset=data).train()
     assert full.steps > 10
     # "interrupted" run: only the checkpoint at step 5 survives; resume into a fresh folder
     ckpt = tmp_path / "full" / "checkpoints" / "step-000005"
@@ -192,7 +193,8 @@ def test_cli_user_errors_exit_2_without_traceback(args, message):
 def test_cli_unknown_yaml_field(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model: m\nlearning_rat: 0.1\n")
-    out = subprocess.run([sys.executable, "-m", "alignloop.cli", "rm", "--config", str(cfg)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "alignloop.cli", "rm", "--config", str(cfg)], capture_output=True,
+                         text=True)
     assert out.returncode == 2 and "unknown field 'learning_rat'" in out.stderr and "learning_rate" in out.stderr
 
 
@@ -211,7 +213,8 @@ print(f"processes={{PartialState().num_processes}}", flush=True)
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_two_processes_equal_one(tmp_path, base_model, sft_file, pref_files, kind):
     """accelerate launch, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8."""
-    mod, T, C, data = ("sft", "SFTTrainer", "SFTConfig", sft_file) if kind == "sft" else ("rm", "RewardTrainer", "RewardConfig", pref_files[0])
+    mod, T, C, data = (("sft", "SFTTrainer", "SFTConfig", sft_file) if kind == "sft"
+                       else ("rm", "RewardTrainer", "RewardConfig", pref_files[0]))
     for n, b in [(1, 8), (2, 4)]:
         launcher = ["--multi_gpu"] if n > 1 else ["--cpu"]
         script = tmp_path / f"run{n}.py"
@@ -238,7 +241,7 @@ def test_sft_conversational_through_chat_template(tmp_path, base_model):
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
             for w in ["good", "bad", "fun", "plot"] * 10]
     f = write_jsonl(tmp_path / "chat.jsonl", rows)
-    from alignloop.data import load_sft, tokenize_sft
+    from alignloop.data import load_sft
 
     records, _ = load_sft(f, tokenizer=tok)
     assert records[0]["prompt"] == "<|user|>say good\n<|assistant|>" and records[0]["completion"] == "good good\n"
