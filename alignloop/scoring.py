@@ -19,12 +19,15 @@ How a model sees the text (`ModelScorer`):
   already there, rm's "keep_end" truncation to the model's context), read at the last real token (from the attention
   mask; pad == EOS tokenizers work). `eos` gives the EOS rule per row: PPO passes the rollout's `stopped` flags, so a
   response cut at `max_new_tokens` gets no EOS (its `missing_eos_penalty` handles it).
-- A **classifier with several labels** gives its positive-class logit (`positive_label`: index or label name).
-- An **encoder classifier** (BERT, RoBERTa, ...: no decoder `score` head) sees prompt + completion as one text with
-  its tokenizer's special tokens ([CLS] ... [SEP]), as it was trained; a text longer than its context keeps its end.
-- With the rollout (`score_rollout`) and a decoder reward model sharing the policy's vocabulary, the rollout's own
-  tokens are scored (no decode/re-encode): the response that stopped ends with the policy's EOS, exactly what
-  `reward_input_ids` builds from its text with `eos = stopped`.
+- Any other **classifier** (several labels, or an encoder such as BERT or RoBERTa with no decoder `score` head)
+  gives its positive-class logit (`positive_label`: index or label name) on prompt + completion as one text with its
+  tokenizer's special tokens ([CLS] ... [SEP]), as such a classifier was trained; a text longer than its context
+  (`alignloop.models.context_length`) keeps its end, the completion.
+- With the rollout (`score_rollout`) and a scalar-head reward model sharing the policy's vocabulary, the rollout's
+  own tokens are scored (no decode/re-encode): a response that stopped at EOS ends with the policy's EOS, as
+  `reward_input_ids` builds from its text with `eos = stopped` (a response ended by another stop token or a stop
+  string keeps that token instead). A rollout longer than the model's context takes the text path, which truncates
+  like rm.
 A **function** `module:function` gets the texts: `f(prompts: list[str], completions: list[str]) -> list[float]`.
 
 `RewardTransform` then turns raw scores into the reward an RL trainer optimises, in this order: normalisation (none /
@@ -49,6 +52,7 @@ from alignloop.data import pad_batch, reward_input_ids
 from alignloop.errors import ConfigError, UserError
 from alignloop.models import (
     ClassifierReward,
+    context_length,
     has_decoder_head,
     load_sequence_classifier,
     load_tokenizer,
@@ -154,20 +158,23 @@ class ModelScorer:
         # the reward model's own tokenizer; without one, the policy's (scoring the rollout's tokens needs neither)
         self.tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
         self.policy_tokenizer = policy_tokenizer
-        self.decoder = has_decoder_head(model)   # else an encoder classifier: text with its own special tokens
+        # a scalar-head reward model (a decoder with one output) sees the text as reward-model training built it;
+        # any other classifier (several labels, or an encoder) sees it as it was trained: its own special tokens
+        self.decoder = has_decoder_head(model)
+        self.reward_model_view = self.decoder and not multi
         self.batch_size, self.add_eos, self.name = batch_size, add_eos, name
         self.weights = {name: 1.0}
-        limits = [getattr(config, k, None) for k in ("n_positions", "max_position_embeddings")]
-        self.max_length = max_length or next((x for x in limits if isinstance(x, int) and x > 0), None)
-        self.retokenize = not self.decoder or (policy_tokenizer is not None and self.tokenizer is not None and (
-            self.tokenizer.get_vocab() != policy_tokenizer.get_vocab()))
+        self.max_length = max_length or context_length(model, self.tokenizer)
+        self.retokenize = not self.reward_model_view or (
+            policy_tokenizer is not None and self.tokenizer is not None
+            and self.tokenizer.get_vocab() != policy_tokenizer.get_vocab())
 
     def _text_scores(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> torch.Tensor:
         if self.tokenizer is None:
             raise ConfigError("scoring text with a reward model needs its tokenizer (tokenizer=...)")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
-        if not self.decoder:  # the classifier's own view: one text, its special tokens, the end kept when too long
+        if not self.reward_model_view:  # the classifier's own view: one text, special tokens, the end when too long
             texts = [p + c for p, c in zip(prompts, completions, strict=True)]
             classifier = ClassifierReward(self.model, self.tokenizer, self.label, self.max_length or 512,
                                           self.batch_size)
@@ -200,7 +207,8 @@ class ModelScorer:
         return {self.name: self._text_scores(prompts, completions, eos)}
 
     def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
-        if self.retokenize:
+        too_long = self.max_length is not None and int(rollout.attention_mask.sum(1).max()) > self.max_length
+        if self.retokenize or too_long:   # (the text path fits a long sequence to the context as rm truncates)
             scores = self._text_scores(prompts, completions, rollout.stopped.tolist())
         else:
             ids, mask = rollout.input_ids, rollout.attention_mask.long()
@@ -336,7 +344,7 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
         raise ConfigError("no reward given: a reward-model folder or hub id, or module:function")
     built = []
     for item in items:
-        spec, weight = split_weight(str(item)) if len(items) > 1 else (str(item), 1.0)
+        spec, weight = split_weight(str(item))
         if is_function_spec(spec):
             scorer = FunctionScorer(load_function(spec), spec_name(spec))
         else:

@@ -61,11 +61,22 @@ def cli():
     """alignloop: the whole RLHF loop, from a base model and prompts to a model aligned with human preferences."""
 
 
+# the packages of the `web` extra (pyproject.toml): a command that needs one says how to install it
+WEB_EXTRA = {"fastapi", "jinja2", "multipart", "sqlalchemy", "alembic", "uvicorn", "argon2", "itsdangerous", "sklearn",
+             "krippendorff", "markdown_it", "psycopg"}
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in WEB_EXTRA:
+            raise
+        click.echo(f"error: this command needs the web extra (the feedback store and app; missing module "
+                   f"{e.name!r}): pip install 'alignloop[web]'", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

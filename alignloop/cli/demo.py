@@ -8,6 +8,7 @@ import click
 
 from alignloop.cli.pipeline import echo, print_summary, serve_for_human
 from alignloop.demo.demo import DemoSize, run_demo
+from alignloop.pipeline import RunFolder
 
 
 @click.command(help="Run the whole loop on a built-in toy task (short movie reviews) on CPU with no downloads: "
@@ -28,7 +29,7 @@ from alignloop.demo.demo import DemoSize, run_demo
               help="Rounds of sample -> label -> reward model -> PPO, each sampling from the last PPO policy.")
 def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds):
     out = Path(output_dir)
-    if not resume and (out / "demo.json").exists():
+    if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     size = DemoSize.quick() if quick else DemoSize()
     result = run_demo(out, size, seed=seed, human=human, resume=resume, echo=echo, threads=threads,

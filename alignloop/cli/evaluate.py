@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from alignloop.data import prompt_texts, write_rows
+from alignloop.data import check_writable, prompt_texts, write_rows
 from alignloop.errors import UserError
 from alignloop.evaluation import evaluate_policy, people_win_rate
 from alignloop.scoring import load_function, load_scorer
@@ -50,6 +50,8 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
         raise UserError(f"missing {', '.join(missing)}")
     if reward_model is None and gold is None and human_db is None:
         raise UserError("give a judge: --reward-model, --gold module:function, or --human-db")
+    if out:
+        check_writable(out)   # before any work: the format follows the suffix
     prompts = prompt_texts(prompts_file, max_prompts=max_prompts or None)
     rm = load_scorer(reward_model, batch_size=64) if reward_model else None
     gold_fn = load_function(gold) if gold else None

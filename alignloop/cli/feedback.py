@@ -48,11 +48,13 @@ project_option = click.option("--project", "-p", required=True, help="Project na
 
 def _check_out(out: str | None) -> None:
     """Refuse an --out that `alignloop.data.write_rows` cannot write (by its suffix) before any work is done."""
-    from alignloop.data.readers import SUFFIXES  # noqa: PLC0415 - heavy (torch): only sample and export need it
+    from alignloop.data import check_writable  # noqa: PLC0415 - heavy (torch): only sample and export need it
 
-    if out and Path(out).suffix.lower() not in SUFFIXES:
-        raise UserError(f"--out {out}: name a .jsonl file (the format follows the suffix: "
-                        f"{', '.join(sorted(SUFFIXES))})")
+    if out:
+        try:
+            check_writable(out)
+        except UserError as e:
+            raise UserError(f"--out {e}") from None
 
 
 def _store(db: str, create: bool = False):

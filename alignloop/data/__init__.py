@@ -5,6 +5,7 @@ already in memory: a list of dicts or a datasets.Dataset, named "row i" in error
     read_rows(path_or_id, split="train", skip_bad_rows=False, stats=None) -> list[Row]   # dicts with .where
     read_raw_rows(path_or_id, split, stats) -> list[Row]   # unreadable rows kept as placeholders with .error set
     write_rows(rows, path) -> Path            # format from the suffix; written aside and renamed into place
+    check_writable(path) -> Path              # a DataError up front when write_rows could not write that suffix
     prompt_texts(source, tokenizer=None, max_prompts=None) -> list[str]   # prompts of any source, ready to sample
     detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "prompt" | None
     load_records(path, kind=None, *, split, tokenizer, include_ties, margins, skip_bad_rows) -> (records, DataStats)
@@ -119,7 +120,7 @@ from alignloop.data.conversions import (
     strength_to_margin,
 )
 from alignloop.data.errors import DataError, DataStats
-from alignloop.data.readers import Row, read_raw_rows, read_rows, write_rows
+from alignloop.data.readers import Row, check_writable, read_raw_rows, read_rows, write_rows
 from alignloop.data.records import (
     KINDS,
     detect_kind,
@@ -157,6 +158,7 @@ __all__ = [
     "RankingCollator",
     "Row",
     "SFTCollator",
+    "check_writable",
     "detect_kind",
     "groups_to_rows",
     "groups_to_unpaired",

@@ -215,11 +215,8 @@ def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows to .jsonl/.json/.parquet/.csv/.tsv (by suffix). In CSV, lists and objects are written as JSON text
     (which `read_rows` reads back). The file is written beside its destination and renamed into place, so a crash
     never leaves a half-written file where a complete one was expected."""
-    path = Path(path)
-    fmt = SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: cannot infer the output format from {path.suffix!r}; use one of "
-                        f"{', '.join(sorted(SUFFIXES))}")
+    path = check_writable(path)
+    fmt = SUFFIXES[path.suffix.lower()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -227,6 +224,16 @@ def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """`path` as a Path when `write_rows` can write it (its suffix names a format), else a DataError naming the
+    suffixes: commands check their output file before doing any work."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: cannot infer the output format from {path.suffix!r}; use one of "
+                        f"{', '.join(sorted(SUFFIXES))}")
     return path
 
 

@@ -409,9 +409,10 @@ def prompt_texts(source, *, tokenizer=None, max_prompts: int | None = None, spli
                 raise DataError(f"{w}: the prompt is a list of messages; pass the policy's tokenizer to render it "
                                 f"with its chat template")
     name = source if isinstance(source, (str, os.PathLike)) else "prompts"
-    if not texts:
-        raise DataError(f"{name}: no prompts")
     for w, t in zip(where, texts, strict=True):
         if not t:
             raise DataError(f"{name}: {w}: expected a non-empty prompt")
-    return texts[:max_prompts] if max_prompts is not None else texts
+    texts = texts[:max_prompts] if max_prompts is not None else texts
+    if not texts:
+        raise DataError(f"{name}: no prompts" + (f" (max_prompts = {max_prompts})" if max_prompts is not None else ""))
+    return texts

@@ -141,8 +141,8 @@ def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None,
         rounds = state.get("rounds", rounds)
     state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds},
                                      indent=1))
-    run.stage("data", lambda f: stage_data(f, size, seed))
-    run.stage("base", lambda f: stage_base(f, run.data_dir, size, seed))
+    run.stage(run.DATA, lambda f: stage_data(f, size, seed))
+    run.stage(run.BASE, lambda f: stage_base(f, run.data_dir, size, seed))
     cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds)
     if human and resume:
         cfg.feedback.labelers = "human"

@@ -60,13 +60,9 @@ class Samples:
 
 
 def load_policy(path: str, padding_side: str = "left"):
-    """(causal LM in eval mode, its tokenizer); a model that cannot be loaded is a UserError naming it."""
-    try:
-        tok = load_tokenizer(path, padding_side=padding_side)
-        model = load_causal_lm(path)
-    except OSError as e:
-        raise UserError(f"cannot load model {path!r}: {e}") from None
-    return model.eval(), tok
+    """(causal LM in eval mode, its tokenizer); a model that cannot be loaded is a UserError naming it (from the
+    loaders)."""
+    return load_causal_lm(path).eval(), load_tokenizer(path, padding_side=padding_side)
 
 
 def sample_policy(model, tokenizer, prompts: Sequence[str], n: int = 1, max_new_tokens: int = 48,
@@ -76,7 +72,7 @@ def sample_policy(model, tokenizer, prompts: Sequence[str], n: int = 1, max_new_
     call. With `ref_model`, also the per-sequence KL estimate Σ_t k1 to it (module docstring)."""
     groups = sample_completions(model, tokenizer, prompts, n, SamplingParams(max_new_tokens=max_new_tokens,
                                                                              temperature=temperature),
-                                batch_size=max(1, batch_size // n), max_prompt_length=max_prompt_length, seed=seed,
+                                batch_size=batch_size, max_prompt_length=max_prompt_length, seed=seed,
                                 ref_model=ref_model)
     flat = [c for g in groups for c in g]
     return Samples([p for p in prompts for _ in range(n)], [c.text for c in flat], [c.length for c in flat],

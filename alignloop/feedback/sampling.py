@@ -28,10 +28,10 @@ def prompt_text(messages: list[dict], is_chat: bool, tokenizer) -> str:
 def generate_texts(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int = 64,
                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 8,
                    seed: int = 0) -> list[list[str]]:
-    """n sampled completions for each prompt (decoded, special tokens removed). `batch_size` counts sequences per
-    generation call, as before: max(1, batch_size // n) prompts × n samples each."""
+    """n sampled completions for each prompt (decoded, special tokens removed); `batch_size` sequences per
+    generation call (the prompts' n copies in prompt order), as before."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    groups = sample_completions(model, tokenizer, prompts, n, params, batch_size=max(1, batch_size // n), seed=seed)
+    groups = sample_completions(model, tokenizer, prompts, n, params, batch_size=batch_size, seed=seed)
     return [[c.text for c in g] for g in groups]
 
 

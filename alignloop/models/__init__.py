@@ -26,6 +26,7 @@ breaks with pad == EOS and left padding).
         rm.save_pretrained(dir, tokenizer=None, merge_lora=True)
     score_sequences(model, input_ids, attention_mask, label=0) -> [B];  sequence_logits(...) -> [B, num_labels]
     has_decoder_head(model): a decoder `score` head (read at the last real token) rather than an encoder classifier
+    context_length(model, tokenizer=None): the most tokens a classifier takes (RoBERTa's reserved positions off)
     CriticModel / critic_from_reward_model(path_or_rm) -> critic(input_ids, attention_mask) -> values[B,T]
     ClassifierReward.from_pretrained(path, positive_label=1 | "LABEL_NAME") ; cr(texts) -> [B] (keep="start"|"end");
         cr.score_tokens(input_ids, attention_mask) -> [B]  (positive-class logit)
@@ -61,6 +62,7 @@ from alignloop.models.reward import (
     ClassifierReward,
     CriticModel,
     RewardModel,
+    context_length,
     critic_from_reward_model,
     has_decoder_head,
     init_reward_head,
@@ -89,6 +91,7 @@ __all__ = [
     "apply_lora",
     "backbone_hidden_states",
     "check_name_or_path",
+    "context_length",
     "critic_from_reward_model",
     "has_adapter",
     "has_decoder_head",

@@ -36,6 +36,24 @@ def has_decoder_head(model: nn.Module) -> bool:
     return _score_head(unwrap_model(_classifier(model))) is not None
 
 
+def context_length(model: nn.Module, tokenizer=None) -> int | None:
+    """The most tokens a sequence classifier takes: its config's position limit, less the positions a RoBERTa-style
+    embedding reserves (padding_idx + 1: roberta-base's 514 positions hold 512 tokens), capped by the tokenizer's
+    `model_max_length` when that is set; None when neither says."""
+    hf = unwrap_model(_classifier(model))
+    config = getattr(hf, "config", None)
+    limits = (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions"))
+    limit = next((x for x in limits if isinstance(x, int) and x > 0), None)
+    emb = getattr(getattr(hf, "base_model", hf), "embeddings", None)
+    reserved = getattr(emb, "padding_idx", None)
+    if limit is not None and isinstance(reserved, int) and hasattr(emb, "position_embeddings"):
+        limit -= reserved + 1
+    most = getattr(tokenizer, "model_max_length", None)
+    if isinstance(most, int) and 0 < most < 1_000_000:   # transformers' "no limit" is a huge number
+        limit = most if limit is None else min(limit, most)
+    return limit
+
+
 def _classifier(model: nn.Module) -> nn.Module:
     """Our wrappers (RewardModel, CriticModel, ClassifierReward; possibly DDP-wrapped) -> the classifier inside."""
     inner = unwrap_distributed(model)
@@ -247,13 +265,8 @@ class ClassifierReward(nn.Module):
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        config = unwrap_model(self.model).config
-        max_length = self.max_length
-        for name in ("max_position_embeddings", "n_positions"):
-            limit = getattr(config, name, None)
-            if isinstance(limit, int) and limit > 0:
-                max_length = min(max_length, limit)
-                break
+        limit = context_length(self.model, self.tokenizer)
+        max_length = self.max_length if limit is None else min(self.max_length, limit)
         out = []
         side = self.tokenizer.truncation_side
         try:

@@ -24,6 +24,7 @@ running the same command again resumes after the last finished stage.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,10 @@ DONE = "STAGE_DONE.json"
 
 
 class RunFolder:
-    """Paths of a run folder, its stage markers and wall times. `stage(name, fn)` runs fn(folder) unless done."""
+    """Paths of a run folder, its stage markers and wall times. `stage(name, fn)` runs fn(folder) unless done.
+    Stage names: the constants below, and `round_stage(r, step)` for a round's sample / label / rm / ppo."""
+
+    DATA, BASE, SFT, DPO, RS, EVAL = "data", "base", "sft", "dpo", "rs", "eval"
 
     def __init__(self, root: str | Path, echo: Callable[[str], None] = print, create: bool = True):
         self.root = Path(root)
@@ -65,10 +69,10 @@ class RunFolder:
         t0 = time.perf_counter()
         info = fn(folder) or {}
         info["seconds"] = time.perf_counter() - t0
-        (folder / DONE).write_text(json.dumps(info, indent=1, default=str))
+        write_json(folder / DONE, info)
         times = self.timings()
         times[name] = info["seconds"]
-        self.stages_file.write_text(json.dumps(times, indent=1))
+        write_json(self.stages_file, times)
         self.echo(f"[{name}] finished in {info['seconds']:.1f}s")
         return info
 
@@ -82,11 +86,11 @@ class RunFolder:
     # -- the demo's own stages
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.root / self.DATA
 
     @property
     def base_model(self) -> Path:
-        return self.root / "base" / "final"
+        return self.root / self.BASE / "final"
 
     @property
     def demo_state(self) -> Path:
@@ -95,7 +99,7 @@ class RunFolder:
     # -- collection rounds
     @property
     def sft_model(self) -> Path:
-        return self.root / "sft" / "final"
+        return self.root / self.SFT / "final"
 
     @property
     def feedback_db(self) -> Path:
@@ -139,15 +143,11 @@ class RunFolder:
     # -- after the rounds
     @property
     def dpo_dir(self) -> Path:
-        return self.root / "dpo"
-
-    @property
-    def rs_dir(self) -> Path:
-        return self.root / "rs"
+        return self.root / self.DPO
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self.root / self.EVAL
 
     @property
     def results_file(self) -> Path:
@@ -171,6 +171,13 @@ class RunFolder:
     @property
     def plots_dir(self) -> Path:
         return self.root / "plots"
+
+
+def write_json(path: Path, obj) -> None:
+    """Written aside and renamed into place: a marker cut off mid-write would make resume stop on bad JSON."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def read_json(path: Path):

@@ -47,7 +47,7 @@ class Pipeline:
     def run_all(self) -> dict:
         cfg, run = self.cfg, self.run
         if cfg.sft is not None:
-            run.stage("sft", lambda f: stages.stage_sft(f, cfg))
+            run.stage(run.SFT, lambda f: stages.stage_sft(f, cfg))
         sft = self.sft_model()
         policy, rm, pref_files = sft, None, []
         for r in range(1, cfg.rounds + 1):
@@ -66,10 +66,10 @@ class Pipeline:
         if cfg.ppo is not None and run.done(run.round_stage(cfg.rounds, "ppo")):
             policies["PPO"] = policy
         if cfg.dpo is not None:
-            policies["DPO"] = run.stage("dpo", lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
+            policies["DPO"] = run.stage(run.DPO, lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
         if cfg.rejection_sampling is not None:
-            policies["RS"] = run.stage("rs", lambda f: stages.stage_rs(f, cfg, sft, rm, self.train_prompts))["model"]
-        results = run.stage("eval", lambda f: stages.stage_eval(f, cfg, run, policies, sft, rm, self.eval_prompts))
+            policies["RS"] = run.stage(run.RS, lambda f: stages.stage_rs(f, cfg, sft, rm, self.train_prompts))["model"]
+        results = run.stage(run.EVAL, lambda f: stages.stage_eval(f, cfg, run, policies, sft, rm, self.eval_prompts))
         write_report(run.root, notes=self.notes)
         return {"run": str(run.root), "sft": sft, "reward_model": rm, "policies": policies,
                 "report": str(run.report_html), "results": results.get("summary", {}), "notes": self.notes}

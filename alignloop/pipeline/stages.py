@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from alignloop.data import write_rows
+from alignloop.data import read_rows, write_rows
 from alignloop.errors import ConfigError, UserError
 from alignloop.evaluation import best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize
 from alignloop.feedback import quality
@@ -25,7 +25,7 @@ from alignloop.feedback.store import Store
 from alignloop.models import load_causal_lm
 from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
 from alignloop.pipeline.labelers import default_labelers, gold_agreement, simulate_labeling
-from alignloop.pipeline.run_folder import RunFolder, read_jsonl
+from alignloop.pipeline.run_folder import RunFolder
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.scoring import load_function, load_scorer
 from alignloop.trainers.dpo import DPOConfig, DPOTrainer
@@ -167,7 +167,9 @@ def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[
 
 
 def read_preferences(pref_files: list[str]) -> list[dict]:
-    return [dict(r) for f in pref_files for r in read_jsonl(Path(f))]
+    """The preference rows of every file (the user's `preferences` and each round's export), read strictly: a
+    missing file or a bad row is a DataError naming the file and line."""
+    return [dict(r) for f in pref_files for r in read_rows(f)]
 
 
 def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:

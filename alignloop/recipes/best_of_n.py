@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignloop.data import prompt_texts, write_rows
+from alignloop.data import check_writable, prompt_texts, write_rows
 from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
@@ -77,7 +77,7 @@ def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params
     scorer = build_scorer(reward, policy_tokenizer=tokenizer)
     if n > 1 and scorer is None:
         raise ConfigError("best-of-N with N > 1 needs a reward (--reward-model) to pick the best")
-    groups = sample_completions(policy, tokenizer, prompts, n, params, batch_size=batch_size,
+    groups = sample_completions(policy, tokenizer, prompts, n, params, batch_size=batch_size * n,
                                 max_prompt_length=max_prompt_length)
     flat_p = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
     flat_c = [c.text for g in groups for c in g]
@@ -105,6 +105,7 @@ def run_generate(config: BestOfNConfig) -> dict[str, float]:
     if config.best_of > 1 and not config.reward_model:
         raise ConfigError("--best-of N > 1 needs --reward-model (a folder, hub id or module:function) to score the "
                           "candidates")
+    check_writable(config.output_file)   # before any work: the format follows the suffix
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, dtype=config.dtype).eval()

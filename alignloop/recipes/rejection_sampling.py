@@ -144,7 +144,8 @@ class RejectionSamplingTrainer:
                                 top_p=a.top_p)
         self.tokenizer.padding_side = "left"
         groups = sample_completions(self.model, self.tokenizer, self.prompts, a.samples_per_prompt, params,
-                                    batch_size=a.batch_size, max_prompt_length=a.max_prompt_length, seed=round_seed)
+                                    batch_size=a.batch_size * a.samples_per_prompt,
+                                    max_prompt_length=a.max_prompt_length, seed=round_seed)
         flat_p = [p for p, g in zip(self.prompts, groups, strict=True) for _ in g]
         scores = iter(self.scorer(flat_p, [c.text for g in groups for c in g]).tolist())
         return [[{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": next(scores)} for c in g]

@@ -6,8 +6,9 @@
 
 Prompts are tokenised without special tokens and keep their last `max_prompt_length` tokens (`encode_prompts`; an
 empty prompt becomes BOS, or EOS when the tokenizer has no BOS); generation is batched through a `Sampler` (the
-KV-cache `HFSampler` by default), `batch_size` prompts × n sequences per call, each prompt's n samples in the same
-call. Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
+KV-cache `HFSampler` by default): the prompts' n copies in prompt order (prompt 0's n samples first), `batch_size`
+sequences per call (best-of-N and rejection sampling ask for a whole number of prompts: their batch size × n).
+Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
 `stopped` tells a completion that ended at a stop token from one cut at `max_new_tokens`.
 
 With `ref_model`, each completion also carries `kl` = Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over its tokens (the k1
@@ -70,21 +71,20 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torc
 
 
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams | None = None, *,
-                       batch_size: int = 8, max_prompt_length: int | None = None, seed: int | None = None,
+                       batch_size: int = 32, max_prompt_length: int | None = None, seed: int | None = None,
                        ref_model=None, sampler: Sampler | None = None) -> list[list[Completion]]:
-    """n completions for each prompt -> one list of `Completion` per prompt, in prompt order. `seed` seeds torch's
-    RNG first (None: the RNG as it is). See the module docstring."""
+    """n completions for each prompt -> one list of `Completion` per prompt, in prompt order; `batch_size` sequences
+    per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). See the module docstring."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     params = params if params is not None else SamplingParams()
     if seed is not None:
         torch.manual_seed(seed)
     sampler = sampler if sampler is not None else HFSampler(model, tokenizer)
-    ids = encode_prompts(tokenizer, prompts, max_prompt_length)
-    out: list[list[Completion]] = []
-    for lo in range(0, len(ids), max(1, batch_size)):
-        chunk = ids[lo:lo + max(1, batch_size)]
-        rollout = sampler.generate([x for x in chunk for _ in range(n)], params)
+    flat = [ids for ids in encode_prompts(tokenizer, prompts, max_prompt_length) for _ in range(n)]
+    done: list[Completion] = []
+    for lo in range(0, len(flat), max(1, batch_size)):
+        rollout = sampler.generate(flat[lo:lo + max(1, batch_size)], params)
         texts = decode_responses(tokenizer, rollout)
         lengths = rollout.response_mask.sum(1).tolist()
         stopped = rollout.stopped.tolist()
@@ -92,6 +92,5 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params:
         if ref_model is not None:
             ref_lp = response_logprobs(ref_model, rollout, params.temperature).to(rollout.policy_logprobs.device)
             kls = masked_sum(kl_penalty(rollout.policy_logprobs, ref_lp, "k1"), rollout.response_mask, dim=1).tolist()
-        flat = [Completion(t, bool(s), int(ln), k) for t, s, ln, k in zip(texts, stopped, lengths, kls, strict=True)]
-        out += [flat[j * n:(j + 1) * n] for j in range(len(chunk))]
-    return out
+        done += [Completion(t, bool(s), int(ln), k) for t, s, ln, k in zip(texts, stopped, lengths, kls, strict=True)]
+    return [done[j * n:(j + 1) * n] for j in range(len(prompts))]

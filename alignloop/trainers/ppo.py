@@ -403,8 +403,11 @@ class PPOTrainer:
         if self.args.value_model == "reward":
             reward_model = getattr(self.scorer, "model", None)
             if reward_model is None:
-                raise ConfigError("value_model='reward' needs a reward model, not a function")
-            critic = critic_from_reward_model(RewardModel(reward_model))
+                raise ConfigError("value_model='reward' needs one reward model to start the critic from (a function "
+                                  "or a weighted sum has none)")
+            if not isinstance(reward_model, RewardModel):
+                reward_model = RewardModel(reward_model)
+            critic = critic_from_reward_model(reward_model)
             if isinstance(policy, CausalLMWithValueHead):
                 policy = policy.lm
         elif not isinstance(policy, CausalLMWithValueHead):

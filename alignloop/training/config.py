@@ -123,11 +123,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(cls, yaml_path: str | Path | None = None, **overrides):
     """Build `cls` from its defaults, then a YAML file, then keyword overrides (None means "not given")."""
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        values.update(read_yaml(yaml_path))
     source = str(yaml_path) if yaml_path is not None else "config"
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    # renamed fields are mapped in each source apart, so that a flag overrides an older file's old spelling
+    values = apply_renames(cls, read_yaml(yaml_path), source) if yaml_path is not None else {}
+    values.update(apply_renames(cls, {k: v for k, v in overrides.items() if v is not None}, "command line"))
     return _validate(cls, values, source)
 
 

@@ -15,7 +15,7 @@ from alignloop.errors import ConfigError
 from alignloop.models import LoraOptions, has_adapter, load_tokenizer
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.config import on_off_from_bools, save_config
-from alignloop.training.logging import MetricsLogger, Progress
+from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import make_accelerator, seed_everything, steps_per_epoch
 from alignloop.training.optim import build_optimizer, build_scheduler
 
@@ -85,7 +85,9 @@ class TrainResult:
     """What every trainer's `train()` returns: where the final model is (`output_dir`, a folder plain transformers
     loads), how many steps ran (optimizer steps; PPO: updates; rejection sampling: rounds), the last metrics
     (evaluation metrics where there is an eval set), the wall time, why the run stopped early (None: it used its
-    budget) and `history`, the metrics of every logged step (PPO: one dict per update; rejection sampling: per round).
+    budget) and `history`, the metrics of every logged step (`metrics.jsonl`'s rows: SFT/RM/DPO every
+    `logging_steps` and each evaluation; PPO one dict per update; rejection sampling one per round; empty on the
+    processes other than the main one).
     Indexing and iterating the result go through `history` (`result[-1]` is the last update's metrics)."""
     output_dir: str
     steps: int
@@ -93,6 +95,9 @@ class TrainResult:
     seconds: float = 0.0
     stop_reason: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return True   # a result, however short its history
 
     def __getitem__(self, i):
         return self.history[i]
@@ -216,7 +221,8 @@ def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: st
 
 def write_summary(accelerator, output_dir: str | Path, result: TrainResult, *stats) -> None:
     if accelerator.is_main_process:
-        summary = {**asdict(result), "data": [{k: v for k, v in vars(s).items() if k != "errors"} for s in stats]}
+        summary = {**{k: v for k, v in asdict(result).items() if k != "history"},   # history: metrics.jsonl
+                   "data": [{k: v for k, v in vars(s).items() if k != "errors"} for s in stats]}
         (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
@@ -244,7 +250,8 @@ def finish(args, accelerator, model, tokenizer, logger, progress, step: int, met
     progress.close()
     final = save_final(accelerator, model, tokenizer, args.output_dir) if save else Path(args.output_dir)
     logger.close()
-    result = TrainResult(output_dir=str(final), steps=step, metrics=metrics, seconds=seconds)
+    history = read_metrics(args.output_dir) if accelerator.is_main_process else []
+    result = TrainResult(output_dir=str(final), steps=step, metrics=metrics, seconds=seconds, history=history)
     write_summary(accelerator, args.output_dir, result, *stats)
     return result
 

@@ -47,3 +47,8 @@ def test_write_rows_is_all_or_nothing(tmp_path, suffix):
     assert path.read_bytes() == before                     # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == [path.name]   # and nothing half-written is left beside it
     assert [str(r["a"]) for r in read_rows(path)] == ["1", "2"]
+
+
+def test_prompt_texts_with_max_prompts_zero_is_a_clear_error():
+    with pytest.raises(DataError, match="no prompts .max_prompts = 0"):
+        prompt_texts(["a", "b"], max_prompts=0)

@@ -15,9 +15,9 @@ from alignloop.models.tiny import build_tiny_checkpoint
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     corpus = [r["text"] for r in domain.pretraining_corpus(300)]
-    tok_model = build_tiny_checkpoint(root / "policy", corpus, vocab_size=400, n_layer=1, n_embd=32, n_head=2)
-    other = build_tiny_checkpoint(root / "other", corpus, vocab_size=400, n_layer=1, n_embd=32, n_head=2, seed=1)
-    rm = build_tiny_checkpoint(root / "rm", corpus, kind="reward", vocab_size=400, n_layer=1, n_embd=32, n_head=2)
+    build_tiny_checkpoint(root / "policy", corpus, vocab_size=400, n_layer=1, n_embd=32, n_head=2)
+    build_tiny_checkpoint(root / "other", corpus, vocab_size=400, n_layer=1, n_embd=32, n_head=2, seed=1)
+    build_tiny_checkpoint(root / "rm", corpus, kind="reward", vocab_size=400, n_layer=1, n_embd=32, n_head=2)
     train, held = domain.prompt_split(n_train=40, n_eval=8)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in train))
     (root / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held))
@@ -158,7 +158,8 @@ def test_pipeline_human_labeling_stops_then_resumes(tiny, tmp_path, label_like_p
     calls the app makes); running the command again trains on their judgements."""
     from alignloop.cli.pipeline import pipeline
 
-    cfg = yaml.safe_load(open(_pipeline_yaml(tiny, tmp_path)))
+    with open(_pipeline_yaml(tiny, tmp_path)) as f:
+        cfg = yaml.safe_load(f)
     cfg.update(rounds=1, ppo=None)
     cfg["feedback"].update(labelers="human", thresholds={"min_median_seconds": 0})
     cfg["eval"]["best_of_n"] = [1]
@@ -208,3 +209,22 @@ def test_eval_for_people_imports_pairs_into_the_app(tiny, tmp_path):
     res = _invoke(eval_cmd, ["--tally", "--human-db", str(db)])
     t = _json(res.output)
     assert t["people/win_rate"] == 1.0 and t["people/judgements"] == s["human"]["items"] and t["people/labelers"] == 1
+
+
+def test_pipeline_reads_the_users_preferences_strictly(tiny, tmp_path, capsys):
+    """`preferences:` is the user's file: a missing file or a bad line stops the run naming it (nothing skipped)."""
+    from alignloop.cli import main
+
+    with open(_pipeline_yaml(tiny, tmp_path)) as f:
+        cfg = yaml.safe_load(f)
+    bad = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n'
+    for name, text, says in (("missing.jsonl", None, "missing.jsonl: no such file"),
+                             ("bad.jsonl", bad, "bad.jsonl line 2: invalid JSON")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        cfg.update(preferences=str(tmp_path / name), rounds=1, ppo=None, output_dir=str(tmp_path / f"run-{name}"))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(SystemExit) as e:
+            main(["pipeline", str(path)])
+        assert e.value.code == 2 and says in capsys.readouterr().err

@@ -149,3 +149,48 @@ def test_specs_load_models_functions_and_weighted_sums(tok, reward_dir, lm_dir):
         load_scorer("no_such_module_xyz:f")
     with pytest.raises(UserError, match="returned 1 scores for 2"):
         FunctionScorer(lambda p, c: [0.0])(["a", "b"], ["x", "y"])
+
+
+def test_roberta_style_classifier_takes_its_real_context(bert):
+    """RoBERTa reserves padding_idx + 1 positions: 20 positions hold 18 tokens. A long text is cut to fit instead of
+    running off the position table (roberta-base: 514 positions, 512 tokens)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from alignloop.models import context_length
+
+    _, tok = bert
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=20, num_labels=2, pad_token_id=1)).eval()
+    assert context_length(model) == 18 and context_length(model, tok) == 18
+    scores = ModelScorer(model, tok, positive_label=1)([" ".join(["the movie was boring"] * 10)], [" it was fun"])
+    assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+def test_decoder_classifier_with_several_labels_sees_its_own_view(tok, classifier_dir):
+    """A GPT-2 classifier with several labels was not trained on reward-model sequences (no EOS appended): it scores
+    the text as it scores it itself."""
+    from alignloop.models import ClassifierReward
+
+    cr = ClassifierReward.from_pretrained(classifier_dir, positive_label=1)
+    scorer = load_scorer(str(classifier_dir))
+    assert scorer.decoder and not scorer.reward_model_view and scorer.retokenize
+    prompts, completions = ["the movie", "a plot"], [" was fun", " was bad"]
+    torch.testing.assert_close(scorer(prompts, completions), cr([p + c for p, c in zip(prompts, completions,
+                                                                                        strict=True)]))
+
+
+def test_one_weighted_spec_and_long_rollouts(tok, reward_dir):
+    half = load_scorer(f"{reward_dir}=0.5")
+    whole = load_scorer(str(reward_dir))
+    assert isinstance(half, WeightedScorer) and half.weights == {"rm": 0.5}
+    torch.testing.assert_close(half(["p"], [" q"]), 0.5 * whole(["p"], [" q"]))
+    # a rollout longer than the reward model's context (64) is scored through the text path, fitted like rm does
+    rm = ModelScorer(RewardModel.from_pretrained(reward_dir).eval(), tok, policy_tokenizer=tok)
+    prompt = " ".join(["the movie was good"] * 30)
+    p_ids, p_mask = left_pad([tok(prompt, add_special_tokens=False)["input_ids"]], 0)
+    r_ids = torch.tensor([tok(" fun", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    r = Rollout(p_ids, p_mask, r_ids, torch.ones_like(r_ids).bool(), torch.zeros(r_ids.shape),
+                torch.zeros(r_ids.shape), torch.tensor([True]))
+    torch.testing.assert_close(rm.score_rollout(r, [prompt], [" fun"]), rm([prompt], [" fun"]))

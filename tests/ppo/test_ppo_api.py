@@ -138,3 +138,19 @@ def test_reward_model_scored_in_score_batch_size_chunks(tmp_path, tok, prompts):
     tr = PPOTrainer(model=small_lm(tok), reward=rm, args=_cfg(tmp_path, score_batch_size=3), train_dataset=prompts,
                     tokenizer=tok)
     assert tr.scorer.batch_size == 3
+
+
+def test_critic_from_a_reward_model_object_is_wrapped_once(tmp_path, tok, prompts):
+    """A RewardModel handed over as the reward starts the critic as it is (critic.model.<classifier>), not wrapped
+    a second time (critic.model.model...), so checkpoints keep their parameter names."""
+    from alignloop.models import RewardModel
+    from alignloop.models.tiny import tiny_sequence_classifier
+
+    rm = RewardModel(tiny_sequence_classifier(tok, n_layer=1, n_embd=32, seed=7)).eval()
+    tr = PPOTrainer(model=small_lm(tok), reward=rm, args=_cfg(tmp_path, value_model="reward"),
+                    train_dataset=prompts, tokenizer=tok)
+    names = [n for n, _ in tr.model.critic.named_parameters()]
+    assert names and all(not n.startswith("model.model.") for n in names), names[:3]
+    with pytest.raises(ConfigError, match="one reward model"):
+        PPOTrainer(model=small_lm(tok), reward=lambda p, c: [0.0] * len(c), args=_cfg(tmp_path, value_model="reward"),
+                   train_dataset=prompts, tokenizer=tok)

@@ -15,7 +15,7 @@ from alignloop.recipes.rejection_sampling import RSConfig
 from alignloop.trainers.dpo import DPOConfig
 from alignloop.trainers.ppo import PPOConfig
 from alignloop.trainers.rm import RewardConfig
-from alignloop.trainers.sft import SFTConfig
+from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.config import load_config, make_config_command
 
 CONFIGS = [SFTConfig, RewardConfig, DPOConfig, PPOConfig, RSConfig, BestOfNConfig]
@@ -87,3 +87,20 @@ def test_renamed_field_keeps_working_everywhere(tmp_path):
     assert "--prompts-file" not in CliRunner().invoke(command, ["--help"]).output   # hidden: old spellings
     with pytest.raises(Exception, match="not both"):
         load_config(RSConfig, None, prompts_file="a", train_file="b")
+
+
+def test_a_flag_overrides_an_old_spelling_in_the_file(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text(yaml.safe_dump({"prompts_file": "from-file.jsonl", "reward_model": "rm"}))
+    with pytest.warns(FutureWarning):
+        cfg = load_config(RSConfig, f, train_file="from-flag.jsonl")
+    assert cfg.train_file == "from-flag.jsonl"
+
+
+def test_train_result_is_a_result_with_the_logged_history(tmp_path, base_model, sft_file):
+    from alignloop.training.run import TrainResult
+
+    assert TrainResult("out", 0)                # truthy even with no history
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, progress=False, tensorboard=False)
+    res = SFTTrainer(model=base_model, args=args, train_dataset=sft_file).train()
+    assert [row["step"] for row in res.history] == [1, 2] and res[-1]["step"] == 2 and len(res) == 2
