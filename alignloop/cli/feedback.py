@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from alignloop.data import check_writable, write_rows
 from alignloop.errors import UserError
 
 
@@ -48,8 +49,6 @@ project_option = click.option("--project", "-p", required=True, help="Project na
 
 def _check_out(out: str | None) -> None:
     """Refuse an --out that `alignloop.data.write_rows` cannot write (by its suffix) before any work is done."""
-    from alignloop.data import check_writable  # noqa: PLC0415 - heavy (torch): only sample and export need it
-
     if out:
         try:
             check_writable(out)
@@ -137,7 +136,6 @@ def import_cmd(db, project, files, model):
 @_user_errors
 def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size, seed, out):
     """Sample N completions per prompt with a model and import them."""
-    from alignloop.data import write_rows  # noqa: PLC0415 - heavy (torch): only this command and export need it
     from alignloop.feedback.importing import read_jsonl  # noqa: PLC0415 - web extra (SQLAlchemy), optional
     from alignloop.feedback.sampling import sample_records  # noqa: PLC0415 - heavy (torch, transformers)
 
@@ -254,8 +252,7 @@ def stats(db, project, as_json):
 @_user_errors
 def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold):
     """Write a preference, ranking or unpaired JSONL dataset the trainers read."""
-    from alignloop.data import write_rows  # noqa: PLC0415 - heavy (torch): only this command and sample need it
-    from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (torch, scipy, scikit-learn)
+    from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
     _check_out(out)
     store = _store(db)

@@ -99,14 +99,8 @@ examples per row):
 """
 from __future__ import annotations
 
-from alignloop.data.collators import (
-    PreferenceCollator,
-    RankingCollator,
-    SFTCollator,
-    pad,
-    pad_batch,
-    position_ids_from_attention_mask,
-)
+import importlib
+
 from alignloop.data.conversions import (
     STRENGTH_MARGINS,
     Pair,
@@ -191,3 +185,16 @@ __all__ = [
     "with_bos_eos",
     "write_rows",
 ]
+
+
+# The collators need torch; everything else here is plain Python: they load on first use, so that reading and
+# writing data (the feedback server's import files, `alignloop data validate`) does not import torch.
+_COLLATORS = ("PreferenceCollator", "RankingCollator", "SFTCollator", "pad", "pad_batch",
+              "position_ids_from_attention_mask")
+_LAZY = dict.fromkeys(_COLLATORS, "alignloop.data.collators")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alignloop.data' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from alignloop.data import DataStats, read_raw_rows
 from alignloop.errors import UserError
 
 from .models import PAIRWISE_CHOICES, Completion, Item, Project, Prompt
@@ -38,24 +39,13 @@ class ImportResult:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file, each with `_where` ("file, line n") for error messages."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {n}: each line must be a JSON object")
-            row["_where"] = f"{path}, line {n}"
-            rows.append(row)
-    return rows
+    """The rows of an import file (JSONL, or any file type `alignloop.data` reads), each with `_where` ("file line n")
+    for error messages; a row that is not valid JSON or not an object stops the import, naming its line."""
+    rows = read_raw_rows(path, "train", DataStats())
+    for row in rows:
+        if row.error is not None:
+            raise UserError(f"{row.where}: not valid JSON or not a JSON object ({row.error.split(': ', 1)[-1]})")
+    return [{**row, "_where": row.where} for row in rows]
 
 
 def normalise_prompt(prompt: Any, where: str) -> tuple[list[dict], bool]:

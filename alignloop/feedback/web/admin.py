@@ -61,7 +61,7 @@ def export(request: Request, name: str, format: str = "preference", mode: str = 
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
            exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
     require_admin(request)
-    from .. import export as export_mod  # noqa: PLC0415 - heavy (torch via alignloop.data, scipy): off start-up
+    from .. import export as export_mod  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
 
     store = store_of(request)
     p = project_or_404(store, name)
