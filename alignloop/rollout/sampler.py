@@ -36,6 +36,7 @@ import torch
 from alignloop.data.collators import pad_batch, position_ids_from_attention_mask
 from alignloop.errors import ConfigError
 from alignloop.models.fast import is_wide
+from alignloop.models.forward import unwrap_model
 
 
 @dataclass
@@ -143,13 +144,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-class HFSampler:
-    """Sampling loop over a Hugging Face causal LM with `past_key_values` (KV cache), under `torch.inference_mode`
-    and with dropout off (eval mode; the previous mode is restored afterwards).
+def _parameters(model: torch.nn.Module) -> set[str]:
+    """The names `model.forward` takes (none when its signature cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
-    `model` may be any module whose forward takes (input_ids, attention_mask, position_ids, past_key_values,
-    use_cache) and returns `.logits` and `.past_key_values` (every HF causal LM). `tokenizer` is needed only for
-    `stop_strings` and for default EOS / pad ids.
+
+class HFSampler:
+    """Sampling loop over a Hugging Face causal LM with a KV cache, under `torch.inference_mode` and with dropout
+    off (eval mode; the previous mode is restored afterwards).
+
+    `model` may be any module whose forward takes (input_ids, attention_mask, position_ids, use_cache and the cache)
+    and returns `.logits` and the cache (every HF causal LM). The cache is named as the model's forward names it:
+    `cache` (transformers >= 5.2x, where `past_key_values` warns and is going away) or `past_key_values` (older
+    releases and modules written to them). `tokenizer` is needed only for `stop_strings` and for default EOS / pad ids.
 
     `cpu_threads`: torch intra-op threads while sampling on CPU (restored afterwards; None = leave as is; 0 = auto).
     Decode steps of a narrow model are tiny ops where OpenMP synchronisation costs more than a second thread gains
@@ -161,10 +171,9 @@ class HFSampler:
         self.model = model
         self.tokenizer = tokenizer
         self.cpu_threads = cpu_threads
-        try:
-            self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            self._keep = False
+        self._keep = "logits_to_keep" in _parameters(model)
+        # a peft/DDP wrapper forwards **kwargs: the name is the one the transformers model underneath takes
+        self._cache = "cache" if "cache" in _parameters(unwrap_model(model)) else "past_key_values"
 
     def _ids(self, params: SamplingParams) -> tuple[int, list[int]]:
         tok = self.tokenizer
@@ -224,7 +233,7 @@ class HFSampler:
             pos = position_ids_from_attention_mask(mask)
             extra = {"logits_to_keep": 1} if self._keep else {}
             out = self.model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
-            past = out.past_key_values
+            past = getattr(out, self._cache)
             next_pos = pos[:, -1:] + 1
             done = torch.zeros(B, dtype=torch.bool, device=device)
             stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -256,8 +265,8 @@ class HFSampler:
                     break
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
                 out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                                 past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                                 use_cache=True, **{self._cache: past})
+                past = getattr(out, self._cache)
                 next_pos = next_pos + 1
                 logits = out.logits[:, -1, :]
         finally:

@@ -1,3 +1,7 @@
+import inspect
+import types
+import warnings
+
 import pytest
 import torch
 
@@ -106,3 +110,33 @@ def test_sampling_threads_auto_by_width_and_restored(tok, monkeypatch):
     HFSampler(wide, tok, cpu_threads=None).generate(_prompts(tok), params)
     monkeypatch.setattr(torch, "set_num_threads", real_set)
     assert seen == [1, 2, 2, 2, 1, 2]  # (set, restore) per call; None touches nothing
+
+
+class _OldCacheApi(torch.nn.Module):
+    """A causal LM written to the older API: the KV cache goes in and comes out as `past_key_values`."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.new_name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=use_cache, **{self.new_name: past_key_values})
+        return types.SimpleNamespace(logits=out.logits, past_key_values=getattr(out, self.new_name))
+
+
+def test_kv_cache_named_as_the_model_names_it(lm, tok):
+    """transformers 5.2x renamed the cache `past_key_values` -> `cache` (the old name warns and goes away): the
+    sampler passes it under the name the model's forward takes, so a current model samples without the deprecation
+    warning and a module written to the old name samples the same tokens."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.9)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        new = HFSampler(lm, tok).generate(_prompts(tok), params)
+    torch.manual_seed(3)
+    old = HFSampler(_OldCacheApi(lm), tok).generate(_prompts(tok), params)
+    assert new.response_mask.sum() > 12
+    assert torch.equal(new.response_ids, old.response_ids)
+    torch.testing.assert_close(new.logprobs, old.logprobs, rtol=0, atol=0)
