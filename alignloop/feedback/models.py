@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from alignloop.data import STRENGTH_MARGINS
+
 TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
 ROLES = ("admin", "labeler")
 PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
-# How much better the chosen response is, strongest first: the names of the data contract's strength table
-# (`alignloop.data.STRENGTH_MARGINS`; export turns them into margins with `alignloop.data.strength_to_margin`, and a
-# test checks the names agree). Not imported from there: `alignloop.data` loads torch, which the server does not need.
-STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+# How much better the chosen response is, strongest first: the names of the data contract's strength table (export
+# turns them into margins with `alignloop.data.strength_to_margin`).
+STRENGTHS = tuple(STRENGTH_MARGINS["small"])
 
 
 def utcnow() -> datetime:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +54,21 @@ def test_write_rows_is_all_or_nothing(tmp_path, suffix):
 def test_prompt_texts_with_max_prompts_zero_is_a_clear_error():
     with pytest.raises(DataError, match="no prompts .max_prompts = 0"):
         prompt_texts(["a", "b"], max_prompts=0)
+
+
+def test_reading_and_writing_data_does_not_import_torch(tmp_path):
+    """The feedback server and `alignloop data` read and write through alignloop.data without loading torch (seconds
+    of start-up and hundreds of MB): only the collators need it, loaded on first use."""
+    code = (
+        "import sys\n"
+        "from alignloop.data import read_rows, write_rows\n"
+        "from alignloop.feedback.models import STRENGTHS\n"
+        f"write_rows([{{'prompt': 'p', 'chosen': 'a', 'rejected': 'b'}}], {str(tmp_path / 'p.jsonl')!r})\n"
+        f"assert read_rows({str(tmp_path / 'p.jsonl')!r})[0]['chosen'] == 'a'\n"
+        "print('torch' in sys.modules)\n"
+        "import alignloop.data as d\n"
+        "d.pad_batch\n"
+        "print('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
