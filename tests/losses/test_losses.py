@@ -185,6 +185,25 @@ def test_entropy_by_hand_and_masking():
     assert (entropy_from_logits(torch.randn(4, 7, 13)) >= 0).all()
 
 
+
+def test_logprobs_and_entropy_keep_float64_and_pass_gradcheck():
+    """float64 logits stay float64 (they were cast down to float32: a reference or a gradient check then carried
+    float32's ~1e-7 error), and bf16 logits still come up to float32. Hand value: logits [0, ln 3] in float64 give
+    log 0.75 to 1e-15, and the entropy of [1/4, 3/4] is -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623351446188083."""
+    logits = torch.tensor([[[0.0, math.log(3)]]], dtype=torch.float64)
+    tok = torch.tensor([[1]])
+    lp, h = logprobs_from_logits(logits, tok), entropy_from_logits(logits)
+    assert lp.dtype == h.dtype == torch.float64
+    assert abs(lp.item() - math.log(0.75)) < 1e-15
+    assert abs(h.item() - 0.5623351446188083) < 1e-15
+    assert logprobs_from_logits(logits.bfloat16(), tok).dtype == torch.float32
+    assert entropy_from_logits(logits.half()).dtype == torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    toks = torch.randint(0, 5, (2, 3))
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, toks, temperature=0.7), (x,))
+    assert torch.autograd.gradcheck(lambda z: entropy_from_logits(z, temperature=1.3), (x,))
+
 # ---------------------------------------------------------------- reward-model losses
 def test_bradley_terry_by_hand():
     """r_c = 2, r_r = 1: -log σ(1) = 0.313262; with margin 1: -log σ(0) = ln 2 = 0.693147;
