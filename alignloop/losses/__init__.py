@@ -16,6 +16,7 @@ from alignloop.losses.ppo import (
 from alignloop.losses.preference import (
     best_of_k_loss,
     bradley_terry_loss,
+    center_rewards_penalty,
     dpo_loss,
     implicit_reward,
     plackett_luce_loss,
@@ -26,6 +27,7 @@ __all__ = [
     "FixedKLController",
     "best_of_k_loss",
     "bradley_terry_loss",
+    "center_rewards_penalty",
     "dpo_loss",
     "entropy_from_logits",
     "gae",

@@ -17,6 +17,12 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     return -F.logsigmoid(diff)
 
 
+def center_rewards_penalty(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """(r_chosen + r_rejected)² -> [B]: Eisenstein et al. 2023's auxiliary term (TRL's center_rewards_coefficient),
+    pulling each pair's midpoint to 0. It leaves the gap r_chosen − r_rejected free; mean(r²) would shrink it too."""
+    return (chosen_scores + rejected_scores).pow(2)
+
+
 def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Listwise Plackett-Luce negative log-likelihood of the given order -> [B].
 

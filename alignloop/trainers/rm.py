@@ -26,7 +26,7 @@ import torch
 
 from alignloop.data import load_preferences, pad_batch, tokenize_preferences
 from alignloop.errors import ConfigError
-from alignloop.losses import bradley_terry_loss, plackett_luce_loss
+from alignloop.losses import bradley_terry_loss, center_rewards_penalty, plackett_luce_loss
 from alignloop.models import RewardModel
 from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
@@ -67,7 +67,8 @@ class RewardConfig(TrainingArgs):
     add_eos: bool = field(default=True, metadata={
         "help": "Append EOS to every completion, so the score is read at the same kind of token everywhere."})
     center_rewards_coefficient: float = field(default=0.0, metadata={
-        "help": "Add coef·mean(r²) to keep scores centred near 0 (Eisenstein et al. 2023); 0 disables."})
+        "help": "Add coef·mean((r_chosen + r_rejected)²) to keep scores centred near 0 without shrinking their gaps "
+                "(Eisenstein et al. 2023, as TRL); 0 disables."})
     disable_dropout: bool = field(default=True, metadata={
         "help": "Set every dropout probability of the model to 0 (as TRL's RewardTrainer does by default): the score "
                 "of a completion no longer depends on a random mask."})
@@ -107,8 +108,9 @@ def order_from_pairs(n: int, pairs: list[tuple[int, int, float, bool]]) -> list[
 def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[list, list]], weights: list[float],
                  loss_type: str, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted loss of each group [G] from the scores of all distinct sequences [S], plus per-pair statistics
-    (for accuracy and margin metrics over non-tie pairs)."""
-    losses, diffs, is_tie = [], [], []
+    (for accuracy and margin metrics over non-tie pairs) and each group's centring term `center` [G] (its pairs'
+    (r_c + r_r)², weighted as the group's pairs are: for one pair per group, their mean is TRL's term)."""
+    losses, diffs, is_tie, centers = [], [], [], []
     for (seqs, pairs), w, off in zip(groups, weights, offsets, strict=True):
         c = torch.tensor([p[0] + off for p in pairs], device=scores.device)
         r = torch.tensor([p[1] + off for p in pairs], device=scores.device)
@@ -116,6 +118,7 @@ def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[li
         tie = torch.tensor([p[3] for p in pairs], device=scores.device)
         diffs.append(scores[c] - scores[r])
         is_tie.append(tie)
+        centers.append(w * center_rewards_penalty(scores[c], scores[r]).sum())
         if loss_type == "plackett_luce" and len(seqs) > 2:
             order = torch.tensor(order_from_pairs(len(seqs), pairs), device=scores.device) + off
             losses.append(plackett_luce_loss(scores[order][None])[0])
@@ -124,7 +127,8 @@ def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[li
         # ties: symmetric loss pulls the two scores together
         sym = 0.5 * (bradley_terry_loss(scores[c], scores[r]) + bradley_terry_loss(scores[r], scores[c]))
         losses.append(w * torch.where(tie, sym, bt).sum())
-    return torch.stack(losses), {"diff": torch.cat(diffs).detach(), "tie": torch.cat(is_tie)}
+    return torch.stack(losses), {"diff": torch.cat(diffs).detach(), "tie": torch.cat(is_tie),
+                                 "center": torch.stack(centers)}
 
 
 class RewardTrainer:
@@ -179,7 +183,7 @@ class RewardTrainer:
         step, epoch, pos = opt.step, opt.epoch, opt.pos
         pad_id = tokenizer.pad_token_id
 
-        def forward(examples: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        def forward(examples: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             groups = [e[0] for e in examples]
             offsets, seqs = [], []
             for g_seqs, _ in groups:
@@ -188,8 +192,7 @@ class RewardTrainer:
             # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
             ids, mask = (t.to(acc.device) for t in pad_batch(seqs, pad_id, multiple=8))
             scores = model(ids, mask).float()
-            losses, pair_stats = group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
-            return losses, pair_stats, scores
+            return group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
 
         def evaluate() -> dict[str, float]:
             model.eval()
@@ -200,7 +203,7 @@ class RewardTrainer:
                 for mb in micro_batches(mine, a.per_device_batch_size):
                     if not mb:
                         continue
-                    losses, ps, _ = forward([eval_ex[i] for i in mb])
+                    losses, ps = forward([eval_ex[i] for i in mb])
                     real = ~ps["tie"]
                     sums += torch.stack([losses.sum(), torch.tensor(float(len(mb)), device=acc.device),
                                          (ps["diff"][real] > 0).float().sum(), ps["diff"][real].sum()])
@@ -223,10 +226,10 @@ class RewardTrainer:
             correct = torch.zeros(2, device=acc.device)
             for k, mb in enumerate(micro):
                 with sync_context(acc, model, k, len(micro)), acc.autocast():
-                    losses, ps, scores = forward([train_ex[i] for i in mb])
+                    losses, ps = forward([train_ex[i] for i in mb])
                     loss = losses.sum() / len(batch)
                     if a.center_rewards_coefficient:
-                        loss = loss + a.center_rewards_coefficient * scores.pow(2).mean() * len(mb) / len(batch)
+                        loss = loss + a.center_rewards_coefficient * ps["center"].sum() / len(batch)
                     acc.backward(loss * acc.num_processes)  # DDP averages over processes
                 loss_sum += loss.detach()
                 real = ~ps["tie"]

@@ -12,6 +12,7 @@ from alignloop.losses import (
     FixedKLController,
     best_of_k_loss,
     bradley_terry_loss,
+    center_rewards_penalty,
     dpo_loss,
     entropy_from_logits,
     gae,
@@ -211,6 +212,17 @@ def test_bradley_terry_by_hand():
     loss = bradley_terry_loss(T([2.0, 2.0, 0.5]), T([1.0, 1.0, 0.5]), margin=T([0.0, 1.0, 0.0]))
     assert torch.allclose(loss, T([-math.log(sig(1)), math.log(2), math.log(2)]), atol=1e-6)
     assert bradley_terry_loss(T([2.0]), T([1.0])).item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_center_rewards_penalty_by_hand():
+    """(r_c + r_r)²: r_c = 2, r_r = 1 -> 9; a pair centred on 0 (3, -3) -> 0 whatever its gap (mean(r²) would give 9
+    and shrink the gap). d/dr_c = d/dr_r = 2(r_c + r_r) = 6 at (2, 1)."""
+    c = T([2.0, 3.0]).requires_grad_()
+    r = T([1.0, -3.0]).requires_grad_()
+    pen = center_rewards_penalty(c, r)
+    assert pen.tolist() == [9.0, 0.0]
+    pen.sum().backward()
+    assert c.grad.tolist() == [6.0, 0.0] and r.grad.tolist() == [6.0, 0.0]
 
 
 def test_bradley_terry_gradient():

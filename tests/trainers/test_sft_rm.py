@@ -121,6 +121,45 @@ def test_rm_ranking_groups(tmp_path, base_model):
     assert res.steps == 1
 
 
+
+def test_rm_center_rewards_term_is_mean_of_pair_sums_squared(tmp_path, base_model):
+    """center_rewards_coefficient adds coef · mean over the batch's groups of Σ_pairs w (r_c + r_r)² (Eisenstein et
+    al. 2023, TRL: mean((r_c + r_r)²) for flat pairs), not coef · mean(r²), which also shrinks every gap. The first
+    step's logged loss is checked against scores computed one sequence at a time by the same model before training:
+    two rankings of 2 (one pair each, w = 1) and a ranking of 3 (three pairs, w = 1/3), one batch of 3 groups."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from alignloop.data import load_preferences, tokenize_preferences
+    from alignloop.models import RewardModel, load_tokenizer
+
+    rows = [{"prompt": "a film", "completions": [" bad", " great fun"], "ranking": [2, 1]},
+            {"prompt": "the plot", "completions": [" clever", " dull and slow"], "ranking": [1, 2]},
+            {"prompt": "p", "completions": [" great fun", " bad", " awful"], "ranking": [1, 2, 3]}]
+    f = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    tok = load_tokenizer(base_model)
+    torch.manual_seed(0)
+    model = RewardModel.from_pretrained(base_model)
+    before = copy.deepcopy(model).eval()
+    groups, _ = tokenize_preferences(load_preferences(f)[0], tok, max_length=32)
+    bt, center = 0.0, 0.0
+    with torch.no_grad():
+        for g in groups:
+            w = g["pair_weight"]
+            for p in g["pairs"]:
+                rc, rr = (before(torch.tensor([p[k]]), torch.ones(1, len(p[k]), dtype=torch.long)).item()
+                          for k in ("chosen_input_ids", "rejected_input_ids"))
+                bt += w * -F.logsigmoid(torch.tensor(rc - rr - p["margin"])).item()
+                center += w * (rc + rr) ** 2
+    coef = 0.5
+    cfg = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=1e-3, num_epochs=1, per_device_batch_size=3,
+                       max_length=32, center_rewards_coefficient=coef, **QUIET)
+    res = RewardTrainer(model=model, args=cfg, train_dataset=f, tokenizer=tok).train()
+    assert res.steps == 1
+    assert center > 0.05  # the term is not negligible: the check below can tell the two forms apart
+    assert res[0]["loss/rm"] == pytest.approx((bt + coef * center) / 3, rel=1e-4)
+
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_batch8_equals_batch4_x2_accumulation(tmp_path, base_model, sft_file, pref_files, kind):
     common = dict(learning_rate=1e-3, max_steps=4, max_length=64, seed=3, **QUIET)
