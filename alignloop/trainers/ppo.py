@@ -493,11 +493,14 @@ class PPOTrainer:
         return _Forward(rows, ids, am, p, r, logits, values[:, p - 1:p + r - 1].float(), logprobs)
 
     def _ref_logprobs(self, f: _Forward) -> torch.Tensor:
-        if self.lora:
-            with reference_mode(self.model.lm):
-                logits = model_forward(self.model.lm, f.input_ids, f.attention_mask)
-        else:
-            logits = model_forward(self.ref_model, f.input_ids, f.attention_mask)
+        # under the policy's autocast (accelerate puts it on the prepared model's forward only): a reference run in
+        # another precision makes KL != 0 before the policy has moved
+        with self.acc.autocast():
+            if self.lora:
+                with reference_mode(self.model.lm):
+                    logits = model_forward(self.model.lm, f.input_ids, f.attention_mask)
+            else:
+                logits = model_forward(self.ref_model, f.input_ids, f.attention_mask)
         return logprobs_from_logits(logits[:, f.p - 1:f.p + f.r - 1], f.input_ids[:, f.p:f.p + f.r],
                                     self.args.temperature)
 

@@ -1,6 +1,9 @@
 """PPO's public surface: the config vocabulary shared with the other trainers (old names still work, with a
 FutureWarning), callbacks with each update's `PPOExperience`, the `TrainResult`, weighted-reward parts."""
 import dataclasses
+import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -154,3 +157,37 @@ def test_critic_from_a_reward_model_object_is_wrapped_once(tmp_path, tok, prompt
     with pytest.raises(ConfigError, match="one reward model"):
         PPOTrainer(model=small_lm(tok), reward=lambda p, c: [0.0] * len(c), args=_cfg(tmp_path, value_model="reward"),
                    train_dataset=prompts, tokenizer=tok)
+
+
+
+_BF16_RUN = """
+import json, sys, torch
+from alignloop.models.tiny import default_corpus, tiny_causal_lm, train_tokenizer
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
+tok = train_tokenizer(vocab_size=300)
+prompts = [" ".join(s.split()[: 1 + i % 6]) for i, s in enumerate(default_corpus(64, seed=1))]
+seen = []
+torch.manual_seed(0)
+cfg = PPOConfig(output_dir=sys.argv[1], total_updates=1, rollout_batch_size=8, max_new_tokens=6, progress=False,
+                save_final=False, tensorboard=False, sample_every=0, mixed_precision="bf16", lora_r=int(sys.argv[2]))
+PPOTrainer(model=tiny_causal_lm(tok, n_layer=1, n_embd=32, seed=0), reward=lambda p, r: [len(x) / 10 for x in r],
+           args=cfg, train_dataset=prompts, tokenizer=tok, callbacks=[seen.append]).train()
+e = seen[0]
+m = e.response_mask
+print(json.dumps({"tokens": int(m.sum()), "max_abs_kl": e.kl[m].abs().max().item(),
+                  "max_abs_ref_minus_old": (e.ref_logprobs - e.old_logprobs)[m].abs().max().item()}))
+"""
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_reference_runs_in_the_policys_precision(tmp_path, lora_r):
+    """Under bf16 autocast the policy's forward runs in bf16 (accelerate wraps the prepared model's forward); the
+    reference must too, or the KL to the reference is not 0 at the first update, when the policy still equals it
+    (a float32 reference gave up to 9.6e-4 per token here). Both a frozen copy and LoRA's adapter-off view. (A
+    process of its own: accelerate's precision is per process.)"""
+    r = subprocess.run([sys.executable, "-c", _BF16_RUN, str(tmp_path), str(lora_r)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["tokens"] > 8
+    assert got["max_abs_kl"] == 0.0 and got["max_abs_ref_minus_old"] == 0.0, got
