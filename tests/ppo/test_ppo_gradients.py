@@ -17,7 +17,9 @@ from .conftest import make_target_reward, small_lm
 def _cfg(tmp_path, **kw):
     base = {"output_dir": str(tmp_path), "total_updates": 1, "rollout_batch_size": 8, "max_new_tokens": 10,
             "temperature": 0.7, "learning_rate": 1e-3, "progress": False, "save_final": False, "tensorboard": False,
-            "sample_every": 0, "num_ppo_epochs": 1, "num_mini_batches": 1, "max_grad_norm": 0.0}
+            "sample_every": 0, "num_ppo_epochs": 1, "num_mini_batches": 1, "max_grad_norm": 0.0,
+            # one token in 7 stops a response: lengths differ, so micro-batches hold different token counts
+            "stop_token_ids": list(range(3, 300, 7))}
     base.update(kw)
     return PPOConfig(**base)
 
@@ -82,11 +84,13 @@ def test_entropy_bonus_adds_exactly_its_gradient(tmp_path, tok, prompts):
 def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tok, prompts, accumulation):
     """One minibatch of 8 rollouts in 1, 2 or 4 micro-batches: the per-token mean over the minibatch's tokens is the
     same loss, so the gradient is the same (policy, value and entropy terms; ent_coef on)."""
-    one = _first_step_grads(_trainer(tmp_path / "one", tok, prompts, ent_coef=0.01))
+    seen = []
+    one = _first_step_grads(_trainer(tmp_path / "one", tok, prompts, [seen.append], ent_coef=0.01))
     acc = _first_step_grads(_trainer(tmp_path / "acc", tok, prompts, ent_coef=0.01,
                                      gradient_accumulation_steps=accumulation))
     worst, scale = _worst(acc, one)
     assert scale > 1e-3
+    assert len(set(seen[0].response_mask.sum(1).tolist())) > 2   # responses of several lengths
     # float32 sums in another order: a few ulps of the largest gradient (seen 1.9e-7 relative); a micro-batch scaled
     # by its own token count instead of the minibatch's is off by tens of percent
     assert worst <= 1e-5 * scale, (worst, scale)
