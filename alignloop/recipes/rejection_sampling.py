@@ -14,7 +14,8 @@ SFT produced.
 
 Layout: OUTPUT_DIR/round-R/samples.jsonl (every candidate, its score and whether it was kept), OUTPUT_DIR/round-R/
 (the SFT run: metrics.jsonl, final/), OUTPUT_DIR/metrics.jsonl (one line per round: rs/mean_score of the fresh
-samples, rs/mean_best_score, rs/kept, rs/kl_best_of_n, and sft loss), OUTPUT_DIR/final -> the last round's model.
+samples, rs/mean_best_score, rs/kept, rs/kl_best_of_n when exactly the best of each prompt is kept, and sft
+loss), OUTPUT_DIR/final -> the last round's model.
 With `eval_final`, the last model is sampled once more and `final/mean_score` reports the mean reward of fresh
 samples (comparable with round 0's rs/mean_score, which is the starting model's).
 """
@@ -175,7 +176,10 @@ class RejectionSamplingTrainer:
             summary: dict[str, Any] = {
                 "round": r, "rs/mean_score": sum(scores) / len(scores),
                 "rs/mean_best_score": sum(max(c["score"] for c in cs) for cs in candidates) / len(candidates),
-                "rs/kept": len(sft_rows), "rs/kl_best_of_n": best_of_n_kl(n), "time/sample": time.perf_counter() - t0}
+                "rs/kept": len(sft_rows), "time/sample": time.perf_counter() - t0}
+            if a.keep_top_k == 1 and a.score_threshold is None:
+                # the analytic KL of the best-of-N policy: only what is fine-tuned on when exactly the best is kept
+                summary["rs/kl_best_of_n"] = best_of_n_kl(n)
             if sft_rows:
                 sft = SFTTrainer(model=self.model, tokenizer=self.tokenizer, train_dataset=sft_rows, args=SFTConfig(
                     output_dir=str(round_dir), learning_rate=a.sft_learning_rate, num_epochs=a.sft_epochs,

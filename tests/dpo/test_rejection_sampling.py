@@ -42,6 +42,19 @@ def test_cli_rs_one_round(tmp_path, tok):
     assert (out / "round-1" / "final" / "config.json").is_file() and (out / "final" / "config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert [s["rs/kept"] for s in summary] == [4, 4] and "final/mean_score" in summary[-1]
+    # the best of 3 kept: KL(best-of-3 || policy) <= log 3 - 2/3 = 0.431946
+    assert all(s["rs/kl_best_of_n"] == pytest.approx(0.431946, abs=1e-6) for s in summary)
+
+
+@pytest.mark.parametrize("keep_top_k,threshold", [(2, None), (1, 0.0), (0, 0.0)])
+def test_best_of_n_kl_is_logged_only_when_exactly_the_best_is_kept(tmp_path, tok, keep_top_k, threshold):
+    """log N - (N-1)/N is the KL of the best-of-N policy; keeping the best two, or only what passes a threshold, is
+    another distribution, and the figure would be wrong for it."""
+    args = RSConfig(output_dir=str(tmp_path / "rs"), rounds=1, samples_per_prompt=3, keep_top_k=keep_top_k,
+                    score_threshold=threshold, max_new_tokens=4, sft_batch_size=4, progress=False, eval_final=False)
+    res = RejectionSamplingTrainer(model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE), args=args,
+                                   train_dataset=["the movie", "a plot"], reward_fn=vowel_share, tokenizer=tok).train()
+    assert "rs/kl_best_of_n" not in res.history[0] and "rs/kept" in res.history[0]
 
 
 def vowel_share(prompts, completions):
