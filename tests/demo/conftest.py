@@ -9,7 +9,9 @@ def _label_like_people(db: str, project: str, names=("ann", "bob")) -> int:
     (the longer response wins). Returns the number of judgements."""
     from alignloop.feedback.store import Store
 
-    store = Store(db)
+    # a seeded display order: with random ones an unbiased labeler is flagged for position bias about 1% of the time
+    # (the check's p < 0.01 by design), which made the tests asserting "nobody flagged" fail now and then
+    store = Store(db, seed=0)
     p = store.get_project(project)
     judged = 0
     for name in names:
