@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import click
+from accelerate import PartialState
 
 from alignloop.trainers.rm import RewardConfig, RewardTrainer
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
@@ -11,7 +12,9 @@ from alignloop.training import make_config_command
 
 
 def _report(result) -> None:
-    click.echo(json.dumps({"model": result.output_dir, "steps": result.steps, **result.metrics}))
+    # under `accelerate launch` every process trains; one result line (the trainer's accelerator set the state up)
+    if PartialState().is_main_process:
+        click.echo(json.dumps({"model": result.output_dir, "steps": result.steps, **result.metrics}))
 
 
 def _run_sft(cfg: SFTConfig) -> None:

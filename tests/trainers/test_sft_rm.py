@@ -1,5 +1,6 @@
 """SFT and reward-model trainers: learning, exact resume, accumulation invariance, CLI, HF-loadable output."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,22 @@ def test_two_processes_equal_one(tmp_path, base_model, sft_file, pref_files, kin
     # ~1e-7 relative, ~5e-7 in the weights here -> atol 1.5e-4 = 5% of lr x steps, as in the accumulation test
     assert_same_weights(tmp_path / "out1" / "final", tmp_path / "out2" / "final", atol=1.5e-4)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_cli_under_two_processes_prints_one_result_line(tmp_path, base_model, sft_file, pref_files, kind):
+    """`accelerate launch` (2 CPU processes) of `alignloop sft|rm`: every process trains, one prints the result."""
+    data = sft_file if kind == "sft" else pref_files[0]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "alignloop.cli", kind,
+           "--model", base_model, "--train-file", data, "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+           "--per-device-batch-size", "2", "--max-length", "64", "--no-progress", "--no-tensorboard"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{") and '"model"' in line]
+    assert len(results) == 1, out.stdout[-2000:]
+    assert results[0]["steps"] == 2 and results[0]["model"].endswith("final")
 
 def test_sft_conversational_through_chat_template(tmp_path, base_model):
     """`messages` rows go through the tokenizer's chat template; only the assistant turn is a target."""
