@@ -33,11 +33,23 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def ends_with_eos(completion_ids: list[int], tokenizer) -> bool:
+    """The completion already ends its turn: its last token is EOS, or EOS followed only by whitespace (a chat
+    template closes each turn with its end token and a newline: ChatML's "<|im_end|>\n")."""
+    eos = tokenizer.eos_token_id
+    tail = completion_ids[-4:]
+    if eos is None or eos not in tail:
+        return False
+    last = len(tail) - 1 - tail[::-1].index(eos)
+    return tokenizer.decode(tail[last + 1:]).strip() == ""
+
+
 def with_bos_eos(prompt_ids: list[int], completion_ids: list[int], tokenizer, add_eos: bool, add_bos: bool):
+    """BOS before the prompt (`add_bos`) unless there; EOS after the completion (`add_eos`) unless it already ends
+    its turn (`ends_with_eos`). Every trainer and the reward scoring tokenise through this one rule."""
     if add_bos and tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    if add_eos and tokenizer.eos_token_id is not None and (not completion_ids
-                                                           or completion_ids[-1] != tokenizer.eos_token_id):
+    if add_eos and tokenizer.eos_token_id is not None and not ends_with_eos(completion_ids, tokenizer):
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     return prompt_ids, completion_ids
 

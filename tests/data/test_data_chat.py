@@ -93,3 +93,34 @@ def test_template_exception_is_a_bad_row(tmp_path):
     assert records == [{"prompt": "user: is the movie good\nassistant: ", "completion": "yes it is\n"}]
     assert stats.bad_rows == 1 and "s.jsonl line 2: the chat template failed" in stats.errors[0]
     assert "no system messages" in stats.errors[0]
+
+
+# ChatML's shape: each turn closed by the end token (here the tokenizer's EOS, as Qwen's <|im_end|>) and a newline
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|endoftext|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_template_closed_turn_gets_no_second_eos(tmp_path):
+    """The template already ends the assistant turn with EOS + newline: appending EOS again trained on
+    `<|endoftext|>\\n<|endoftext|>`. The tokens are the rendered conversation's, no more, in SFT, in preference pairs
+    and in what a reward model scores; a plain completion still gets its EOS."""
+    from alignloop.data import reward_input_ids, tokenize_preferences
+    from alignloop.models.tiny import default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(200), vocab_size=300, chat_template=CHATML)
+    eos = tok.eos_token_id
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [U, A1, U2, A2]}])
+    (rec,), _ = load_sft(path, tokenizer=tok)
+    assert rec["completion"] == "the plot is boring<|endoftext|>\n"
+    (ex,), _ = tokenize_sft([rec], tok)
+    full = tok.apply_chat_template([U, A1, U2, A2], tokenize=False)
+    assert ex["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][-2:] == [eos, tok("\n", add_special_tokens=False)["input_ids"][0]]
+    pref = _jsonl(tmp_path / "p.jsonl", [{"prompt": [U], "chosen": [A1], "rejected": [A2]}])
+    (group,), _ = tokenize_preferences(load_preferences(pref, tokenizer=tok)[0], tok)
+    for key in ("chosen_input_ids", "rejected_input_ids"):
+        assert group["pairs"][0][key].count(eos) == 2, key          # the user turn's and the assistant turn's
+    closed, plain_rm = reward_input_ids(tok, ["q", "q"], ["an answer<|endoftext|>\n", "an answer"])
+    assert closed.count(eos) == 1 and plain_rm[-1] == eos             # a plain completion still gets its EOS
+    (plain,), _ = tokenize_sft([{"prompt": "q", "completion": "a b"}], tok)
+    assert plain["input_ids"][-1] == eos
