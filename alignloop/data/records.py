@@ -2,7 +2,7 @@
 
 Normalised records (before chat templating a text may also be a list of messages; after it, all are strings):
   sft:        {"prompt": str, "completion": str}  (a `text` row is {"prompt": "", "completion": text}; a
-              `messages` row is split before its last assistant message)
+              `messages` row is split before its last assistant message; "add_eos": False when the row says so)
   preference: `PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight, ...)`
   unpaired:   {"prompt": str, "completion": str, "label": bool}
   prompt:     {"prompt": str}
@@ -127,7 +127,10 @@ def _number(row: Row, field: str) -> float | None:
 
 
 def _label(row: Row) -> bool:
-    value = _missing(row, "label", "true or false")
+    return _bool(row, "label", _missing(row, "label", "true or false"))
+
+
+def _bool(row: Row, field: str, value: Any) -> bool:
     if isinstance(value, str) and row.from_text:
         low = value.strip().lower()
         if low in ("true", "1", "yes"):
@@ -138,7 +141,7 @@ def _label(row: Row) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise BadRow(f"field 'label': expected true or false, got {type_name(value)}")
+    raise BadRow(f"field '{field}': expected true or false, got {type_name(value)}")
 
 
 # ---------------------------------------------------------------- per-format parsers
@@ -151,6 +154,15 @@ def _split_messages(msgs: list[dict]) -> tuple[list, list]:
 
 
 def parse_sft(row: Row, **_) -> dict:
+    """An SFT record; an optional `add_eos: false` column keeps EOS off that row's completion (text that does not end
+    there, e.g. a sample cut at max_new_tokens)."""
+    record = _sft_texts(row)
+    if "add_eos" in row and row["add_eos"] is not None:
+        record["add_eos"] = _bool(row, "add_eos", row["add_eos"])
+    return record
+
+
+def _sft_texts(row: Row) -> dict:
     if "messages" in row:
         msgs = _maybe_json(row, row["messages"])
         if not isinstance(msgs, (list, tuple)):

@@ -91,15 +91,16 @@ def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = Non
                  max_prompt_length: int | None = None, add_eos: bool = True, add_bos: bool = False,
                  stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
     """SFT records -> examples {"input_ids": [T], "labels": [T] (-100 on prompt tokens), "prompt_length": int}.
-    EOS is appended to each completion unless it already ends with it (`add_eos`); `add_bos` prepends BOS to the
+    EOS is appended to each completion unless it already ends with it (`add_eos`; a record's own `add_eos: False`
+    keeps it off that one: a completion cut short must not teach stopping there); `add_bos` prepends BOS to the
     prompt (chat templates usually include it). Truncated/dropped counts go to the returned stats."""
     stats = stats if stats is not None else DataStats(kind="sft")
     records = _render_all(records, tokenizer)
     prompts = _encode_many(tokenizer, [r["prompt"] for r in records])
     completions = _encode_many(tokenizer, [r["completion"] for r in records])
     out = []
-    for p, c in zip(prompts, completions, strict=True):
-        p, c = with_bos_eos(p, c, tokenizer, add_eos, add_bos)
+    for r, p, c in zip(records, prompts, completions, strict=True):
+        p, c = with_bos_eos(p, c, tokenizer, add_eos and r.get("add_eos", True), add_bos)
         if not c:
             stats.dropped += 1
             continue

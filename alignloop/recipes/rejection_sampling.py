@@ -170,7 +170,9 @@ class RejectionSamplingTrainer:
                 for i, c in enumerate(cs):
                     c["kept"] = i in kept
                 rows.append({"prompt": p, "candidates": cs})
-                sft_rows += [{"prompt": p, "completion": cs[i]["completion"]} for i in kept]
+                # a sample cut at max_new_tokens is fine-tuned without EOS: it must not teach stopping mid-answer
+                sft_rows += [{"prompt": p, "completion": cs[i]["completion"], "add_eos": cs[i]["stopped"]}
+                             for i in kept]
             write_rows(rows, round_dir / "samples.jsonl")
             scores = [c["score"] for cs in candidates for c in cs]
             summary: dict[str, Any] = {

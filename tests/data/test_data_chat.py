@@ -124,3 +124,23 @@ def test_a_template_closed_turn_gets_no_second_eos(tmp_path):
     assert closed.count(eos) == 1 and plain_rm[-1] == eos             # a plain completion still gets its EOS
     (plain,), _ = tokenize_sft([{"prompt": "q", "completion": "a b"}], tok)
     assert plain["input_ids"][-1] == eos
+
+
+def test_a_row_can_keep_eos_off_its_completion(tmp_path):
+    """`add_eos: false` on an SFT row (JSONL bool, CSV text) keeps EOS off that completion only; a bad value names the
+    file, line and field."""
+    from alignloop.models.tiny import default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(200), vocab_size=300)
+    eos = tok.eos_token_id
+    path = _jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "completion": "a cut", "add_eos": False},
+                                         {"prompt": "q", "completion": "a whole answer"}])
+    cut, whole = tokenize_sft(load_sft(path)[0], tok)[0]
+    assert cut["input_ids"][-1] != eos and whole["input_ids"][-1] == eos
+    csv = tmp_path / "s.csv"
+    csv.write_text("prompt,completion,add_eos\nq,a cut,false\nq,a whole answer,true\n")
+    cut, whole = tokenize_sft(load_sft(csv)[0], tok)[0]
+    assert cut["input_ids"][-1] != eos and whole["input_ids"][-1] == eos
+    bad = _jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "completion": "x", "add_eos": "maybe"}])
+    with pytest.raises(DataError, match=r"b.jsonl line 1, field 'add_eos': expected true or false"):
+        load_sft(bad)

@@ -108,3 +108,32 @@ def test_reward_model_scores_samples_with_eos_like_rm_training(tmp_path, tok):
         print("add_eos", add_eos, [round(x, 3) for x in got], "other", [round(x, 3) for x in other])
         assert got == pytest.approx(want, abs=1e-5)
         assert all(abs(g - o) > 1e-4 for g, o in zip(got, other, strict=True))  # the two conventions do differ here
+
+
+def test_samples_cut_at_the_token_limit_are_fine_tuned_without_eos(tmp_path, tok, monkeypatch):
+    """A kept sample that ran into max_new_tokens is not an answer that ends there: SFT gets it with `add_eos: false`
+    (it appended EOS and taught the model to stop mid-answer); a sample that stopped at EOS keeps its EOS."""
+    from alignloop.data import load_sft, tokenize_sft
+    from alignloop.recipes import rejection_sampling
+
+    seen = []
+
+    class Spy(rejection_sampling.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["train_dataset"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rejection_sampling, "SFTTrainer", Spy)
+    policy = tiny.tiny_causal_lm(tok, seed=0, **SHAPE)
+    args = RSConfig(output_dir=str(tmp_path / "rs"), rounds=1, samples_per_prompt=4, keep_top_k=4, max_new_tokens=3,
+                    sft_batch_size=8, progress=False, eval_final=False)
+    RejectionSamplingTrainer(model=policy, args=args, train_dataset=["the movie", "a plot", "fun"],
+                             reward_fn=vowel_share, tokenizer=tok).train()
+    samples = [c for line in (tmp_path / "rs" / "round-0" / "samples.jsonl").read_text().splitlines()
+               for c in json.loads(line)["candidates"]]
+    assert sum(not c["stopped"] for c in samples) >= 6     # most of 12 samples of 3 tokens are cut short
+    (rows,) = seen
+    assert [r["add_eos"] for r in rows] == [c["stopped"] for c in samples]
+    examples, _ = tokenize_sft(load_sft(rows)[0], tok)
+    for ex, c in zip(examples, samples, strict=True):
+        assert (ex["input_ids"][-1] == tok.eos_token_id) == c["stopped"]
