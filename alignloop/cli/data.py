@@ -181,13 +181,18 @@ def _as_own_format(records: list, kind: str, include_ties: bool) -> list[dict]:
         if all(len(g.pairs) == 1 and g.pair_weight == 1.0 for g in records):  # plain pairs: no group columns
             rows = [{k: v for k, v in r.items() if k not in ("pair_weight", "group")} for r in rows]
         return rows
-    return [dict(r) for r in records]
+    return [_row(r) for r in records]
+
+
+def _row(record: dict) -> dict:
+    """A record as a row to write: without the annotations chat templating adds for tokenisation."""
+    return {k: v for k, v in record.items() if k != "assistant_spans"}
 
 
 def _to_sft(records: list, kind: str) -> list[dict]:
     """The preferred completion of each prompt."""
     if kind == "sft":
-        return [dict(r) for r in records]
+        return [_row(r) for r in records]
     if kind == "unpaired":
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
     if kind not in ("preference", "ranking"):

@@ -38,3 +38,20 @@ def render_completion(prompt: Messages, completion: Messages, tokenizer, rendere
         raise ValueError("the chat template renders the whole conversation so that it does not start with the "
                          "rendered prompt (add_generation_prompt=True); the completion cannot be separated")
     return full[len(p):]
+
+
+def assistant_spans(prompt: Messages, tokenizer, rendered_prompt: str) -> list[tuple[int, int]] | None:
+    """Character spans [start, end) of the earlier assistant turns inside `rendered_prompt` (the render of `prompt`
+    with the generation prompt): each turn's text as the template writes it after its generation prompt, up to the
+    next turn. None when the template does not render the conversation's prefixes as prefixes of each other (then
+    the turns cannot be located and only the last one is trained)."""
+    spans = []
+    for j, m in enumerate(prompt):
+        if m.get("role") != "assistant":
+            continue
+        before = render_prompt(prompt[:j], tokenizer) if j else None
+        through = tokenizer.apply_chat_template(list(prompt[:j + 1]), tokenize=False, add_generation_prompt=False)
+        if before is None or not through.startswith(before) or not rendered_prompt.startswith(through):
+            return None
+        spans.append((len(before), len(through)))
+    return spans

@@ -2,7 +2,8 @@
 
 Normalised records (before chat templating a text may also be a list of messages; after it, all are strings):
   sft:        {"prompt": str, "completion": str}  (a `text` row is {"prompt": "", "completion": text}; a
-              `messages` row is split before its last assistant message; "add_eos": False when the row says so)
+              `messages` row is split before its last assistant message; "add_eos": False when the row says so;
+              after chat templating, "assistant_spans": the earlier assistant turns' character spans in the prompt)
   preference: `PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight, ...)`
   unpaired:   {"prompt": str, "completion": str, "label": bool}
   prompt:     {"prompt": str}
@@ -15,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from alignloop.data.chat import check_chat_template, render_completion, render_prompt
+from alignloop.data.chat import assistant_spans, check_chat_template, render_completion, render_prompt
 from alignloop.data.conversions import (
     Pair,
     PreferenceGroup,
@@ -281,6 +282,10 @@ def render_record(record: Any, tokenizer) -> Any:
     out = dict(record, prompt=p)
     if "completion" in record:
         out["completion"] = completion(record["completion"])
+        # where the earlier assistant turns lie in the rendered prompt: SFT can train on every turn
+        spans = assistant_spans(prompt, tokenizer, p) if any(m.get("role") == "assistant" for m in prompt) else None
+        if spans:
+            out["assistant_spans"] = spans
     return out
 
 

@@ -89,18 +89,24 @@ def truncate(prompt_ids: list[int], completions: list[list[int]], max_length: in
 
 def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = None, truncation: str = "keep_end",
                  max_prompt_length: int | None = None, add_eos: bool = True, add_bos: bool = False,
-                 stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
+                 all_assistant_turns: bool = True, stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
     """SFT records -> examples {"input_ids": [T], "labels": [T] (-100 on prompt tokens), "prompt_length": int}.
     EOS is appended to each completion unless it already ends with it (`add_eos`; a record's own `add_eos: False`
     keeps it off that one: a completion cut short must not teach stopping there); `add_bos` prepends BOS to the
-    prompt (chat templates usually include it). Truncated/dropped counts go to the returned stats."""
+    prompt (chat templates usually include it). `all_assistant_turns`: in a conversation every assistant turn is a
+    target (TRL's assistant-only loss), not only the last one (the record's completion); needs a fast tokenizer and a
+    template whose renders of the conversation's prefixes are prefixes of each other, else only the last turn is
+    trained. Truncated/dropped counts go to the returned stats."""
     stats = stats if stats is not None else DataStats(kind="sft")
     records = _render_all(records, tokenizer)
-    prompts = _encode_many(tokenizer, [r["prompt"] for r in records])
+    turns = [r.get("assistant_spans") if all_assistant_turns else None for r in records]
+    prompts, targets = _encode_with_targets(tokenizer, [r["prompt"] for r in records], turns)
     completions = _encode_many(tokenizer, [r["completion"] for r in records])
     out = []
-    for r, p, c in zip(records, prompts, completions, strict=True):
+    for r, p, t, c in zip(records, prompts, targets, completions, strict=True):
+        n = len(p)
         p, c = with_bos_eos(p, c, tokenizer, add_eos and r.get("add_eos", True), add_bos)
+        t = [False] * (len(p) - n) + t
         if not c:
             stats.dropped += 1
             continue
@@ -108,10 +114,27 @@ def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = Non
         if fitted is None:
             stats.dropped += 1
             continue
-        p, (c,), was_truncated = fitted
+        kept, (c,), was_truncated = fitted
+        # truncation keeps a prefix (keep_start) or a suffix (keep_end) of the prompt: its targets follow
+        t = t[:len(kept)] if truncation == "keep_start" else t[len(p) - len(kept):]
+        p = kept
         stats.truncated += was_truncated
-        out.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c, "prompt_length": len(p)})
+        labels = [tok if is_target else IGNORE_INDEX for tok, is_target in zip(p, t, strict=True)] + c
+        out.append({"input_ids": p + c, "labels": labels, "prompt_length": len(p)})
     return out, stats
+
+
+def _encode_with_targets(tokenizer, texts: list[str], spans: list) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids of `texts` (as `_encode_many`) and, per token, whether it lies in one of its text's target spans
+    (through the fast tokenizer's character offsets)."""
+    ids = _encode_many(tokenizer, texts)
+    targets = [[False] * len(x) for x in ids]
+    for i, sp in enumerate(spans):
+        if not sp or not getattr(tokenizer, "is_fast", False):
+            continue
+        offsets = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        targets[i] = [any(s < end and e > start for start, end in sp) for s, e in offsets]
+    return ids, targets
 
 
 def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length: int | None = None,

@@ -54,6 +54,10 @@ class SFTConfig(TrainingArgs):
                 "--packing means on): concatenate examples into rows of max_length, positions restarting per "
                 "example and no token predicting across examples."})
     add_eos: bool = field(default=True, metadata={"help": "Append EOS to each completion so the model learns to stop."})
+    all_assistant_turns: bool = field(default=True, metadata={
+        "help": "Conversational data: the loss covers every assistant turn (TRL's assistant-only loss), not only the "
+                "last one. Needs a fast tokenizer and a template that renders each prefix of the conversation as a "
+                "prefix of the whole (else only the last turn is trained)."})
 
 
 def _batch_tensors(examples: list[dict[str, Any]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -113,7 +117,8 @@ class SFTTrainer:
     def _tokenize(self, source, tokenizer):
         records, stats = load_sft(source, tokenizer=tokenizer, skip_bad_rows=self.args.skip_bad_rows)
         examples, tstats = tokenize_sft(records, tokenizer, max_length=self.args.max_length,
-                                        truncation=self.args.truncation, add_eos=self.args.add_eos)
+                                        truncation=self.args.truncation, add_eos=self.args.add_eos,
+                                        all_assistant_turns=self.args.all_assistant_turns)
         if not self.args.completion_only_loss:
             for e in examples:
                 e["labels"] = list(e["input_ids"])

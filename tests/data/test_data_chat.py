@@ -24,8 +24,8 @@ def test_messages_rendered_prompt_and_completion(tmp_path, chat_tok):
     assert rec["completion"] == "the plot is boring\n"
     full = chat_tok.apply_chat_template([U, A1, U2, A2], tokenize=False)
     assert rec["prompt"] + rec["completion"] == full
-    # tokens of prompt + completion are those of the full conversation (plus the appended EOS)
-    (ex,), _ = tokenize_sft([rec], chat_tok)
+    # tokens of prompt + completion are those of the full conversation (plus the appended EOS); the last turn only
+    (ex,), _ = tokenize_sft([rec], chat_tok, all_assistant_turns=False)
     assert ex["input_ids"] == chat_tok(full, add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
     p = ex["prompt_length"]
     assert p == len(chat_tok(rec["prompt"], add_special_tokens=False)["input_ids"])
@@ -144,3 +144,35 @@ def test_a_row_can_keep_eos_off_its_completion(tmp_path):
     bad = _jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "completion": "x", "add_eos": "maybe"}])
     with pytest.raises(DataError, match=r"b.jsonl line 1, field 'add_eos': expected true or false"):
         load_sft(bad)
+
+
+
+def test_every_assistant_turn_is_a_target_by_default(tmp_path, chat_tok):
+    """A conversation trains every assistant turn (TRL's assistant-only loss), each as the template writes it after
+    its generation prompt; user turns and generation prompts stay masked. Same tokens either way."""
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [U, A1, U2, A2]}])
+    (rec,), _ = load_sft(path, tokenizer=chat_tok)
+    (every,), _ = tokenize_sft([rec], chat_tok)
+    (last,), _ = tokenize_sft([rec], chat_tok, all_assistant_turns=False)
+    assert every["input_ids"] == last["input_ids"]
+
+    def targets(ex):
+        runs, cur = [], []
+        for tok, lab in zip(ex["input_ids"], ex["labels"], strict=True):
+            if lab == -100:
+                if cur:
+                    runs.append(chat_tok.decode(cur))
+                cur = []
+            else:
+                assert lab == tok
+                cur.append(tok)
+        return runs + ([chat_tok.decode(cur)] if cur else [])
+
+    assert targets(every) == ["yes it is\n", "the plot is boring\n<|endoftext|>"]
+    assert targets(last) == ["the plot is boring\n<|endoftext|>"]
+    # rendered at tokenisation time (records with message lists) gives the same labels
+    raw, _ = load_sft(path)
+    assert tokenize_sft(raw, chat_tok)[0][0]["labels"] == every["labels"]
+    # keep_end truncation cuts the prompt from the left: the first turn's targets go with it, the rest stay aligned
+    (cut,), _ = tokenize_sft([rec], chat_tok, max_length=len(every["input_ids"]) - 3)
+    assert targets(cut)[-1] == "the plot is boring\n<|endoftext|>" and cut["labels"] == every["labels"][3:]
