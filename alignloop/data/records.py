@@ -192,12 +192,31 @@ def parse_unpaired(row: Row, **_) -> dict:
     return {"prompt": prompt, "completion": completion, "label": _label(row)}
 
 
+def _string_prompt_conversations(prompt: str, chosen: list, rejected: list) -> tuple[list, list, list]:
+    """UltraFeedback-binarized's shape: a string `prompt` beside `chosen`/`rejected` conversations that hold it as
+    their user turn. The prompt is the conversations' shared messages before the final assistant one (whose last
+    user message must be the string prompt), or the string prompt as a user message when they hold only the answer."""
+    try:
+        shared, chosen, rejected = implicit_messages_prompt(chosen, rejected)
+    except ValueError as e:
+        raise BadRow(f"field 'chosen': {e}") from None
+    if not shared:
+        return [{"role": "user", "content": prompt}], chosen, rejected
+    users = [m for m in shared if m.get("role") == "user"]
+    if not users or str(users[-1].get("content", "")).strip() != prompt.strip():
+        raise BadRow("field 'prompt': a string prompt beside conversations must be their last user message "
+                     "(UltraFeedback's shape); it is not")
+    return shared, chosen, rejected
+
+
 def parse_preference(row: Row, margins="small", include_ties: bool = False, stats: DataStats | None = None,
                      **_) -> PreferenceGroup | None:
     chosen = _text_or_messages(row, "chosen")
     rejected = _text_or_messages(row, "rejected")
     implicit = "prompt" not in row
     prompt = None if implicit else _text_or_messages(row, "prompt")
+    if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, chosen, rejected = _string_prompt_conversations(prompt, chosen, rejected)
     _same_style({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if implicit:
         try:

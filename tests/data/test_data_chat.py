@@ -176,3 +176,25 @@ def test_every_assistant_turn_is_a_target_by_default(tmp_path, chat_tok):
     # keep_end truncation cuts the prompt from the left: the first turn's targets go with it, the rest stay aligned
     (cut,), _ = tokenize_sft([rec], chat_tok, max_length=len(every["input_ids"]) - 3)
     assert targets(cut)[-1] == "the plot is boring\n<|endoftext|>" and cut["labels"] == every["labels"][3:]
+
+
+def test_ultrafeedback_shape_string_prompt_beside_conversations(tmp_path, chat_tok):
+    """UltraFeedback-binarized rows: a string `prompt` and `chosen`/`rejected` conversations that repeat it as their
+    user turn (every row was rejected for mixing styles; TRL 1.16 crashes on them). They read as the TRL
+    conversational row {prompt: [user], chosen: [assistant], rejected: [assistant]} does; answer-only
+    conversations take the string prompt as the user turn; a string prompt that is not the conversation's last user
+    message is a bad row naming the field."""
+    uf = {"prompt": U["content"], "chosen": [U, A1], "rejected": [U, A2], "score_chosen": 8.0, "score_rejected": 3.0}
+    answers_only = {"prompt": U["content"], "chosen": [A1], "rejected": [A2]}
+    trl = {"prompt": [U], "chosen": [A1], "rejected": [A2]}
+    path = _jsonl(tmp_path / "uf.jsonl", [uf, answers_only, trl])
+    groups, stats = load_preferences(path, tokenizer=chat_tok)
+    assert stats.bad_rows == 0 and len(groups) == 3
+    for g in groups:
+        assert g.prompt == "<|user|>is the movie good\n<|assistant|>"
+        assert (g.pairs[0].chosen, g.pairs[0].rejected) == ("yes it is\n", "the plot is boring\n")
+    raw, _ = load_preferences(_jsonl(tmp_path / "raw.jsonl", [uf]))
+    assert raw[0].prompt == [U] and raw[0].pairs[0].chosen == [A1]
+    bad = _jsonl(tmp_path / "bad.jsonl", [dict(uf, prompt="another question")])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1, field 'prompt': a string prompt beside conversations"):
+        load_preferences(bad, tokenizer=chat_tok)
