@@ -302,7 +302,7 @@ def render_record(record: Any, tokenizer) -> Any:
     if "completion" in record:
         out["completion"] = completion(record["completion"])
         # where the earlier assistant turns lie in the rendered prompt: SFT can train on every turn
-        spans = assistant_spans(prompt, tokenizer, p) if any(m.get("role") == "assistant" for m in prompt) else None
+        spans = assistant_spans(prompt, tokenizer, p)
         if spans:
             out["assistant_spans"] = spans
     return out

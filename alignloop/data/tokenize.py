@@ -126,14 +126,14 @@ def tokenize_sft(records: list[dict], tokenizer, *, max_length: int | None = Non
 
 def _encode_with_targets(tokenizer, texts: list[str], spans: list) -> tuple[list[list[int]], list[list[bool]]]:
     """Token ids of `texts` (as `_encode_many`) and, per token, whether it lies in one of its text's target spans
-    (through the fast tokenizer's character offsets)."""
-    ids = _encode_many(tokenizer, texts)
-    targets = [[False] * len(x) for x in ids]
-    for i, sp in enumerate(spans):
-        if not sp or not getattr(tokenizer, "is_fast", False):
-            continue
-        offsets = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        targets[i] = [any(s < end and e > start for start, end in sp) for s, e in offsets]
+    (through the fast tokenizer's character offsets, taken in the same tokenizer call)."""
+    if not texts or not any(spans) or not getattr(tokenizer, "is_fast", False):
+        ids = _encode_many(tokenizer, texts)
+        return ids, [[False] * len(x) for x in ids]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [list(x) for x in enc["input_ids"]]
+    targets = [[bool(sp) and any(s < end and e > start for start, end in sp) for s, e in offsets]
+               for sp, offsets in zip(spans, enc["offset_mapping"], strict=True)]
     return ids, targets
 
 
