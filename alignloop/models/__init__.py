@@ -16,11 +16,12 @@ LoRA (peft)
 
 Padding-aware forwards (position ids = attention_mask.cumsum(1) - 1, clamped at 0)
     model_forward(model, input_ids, attention_mask, return_hidden=False) -> logits[B,T,V] (or (logits, hidden))
-    position_ids_from_attention_mask(attention_mask) -> [B,T];  last_token_index(attention_mask) -> [B]
+    position_ids_from_attention_mask(attention_mask) -> [B,T]
+    last_token_index(attention_mask, input_ids=None, pad_token_id=None) -> [B]
 
 Reward models: a transformers AutoModelForSequenceClassification with num_labels=1 (plain transformers loads what
-we save), scored by us at the last real token from the attention mask (not transformers' pad-id search, which
-breaks with pad == EOS and left padding).
+we save and scores it the same), read at the last real token that is not the config's pad id, as transformers
+reads it (with pad == EOS: before the EOS), found from the attention mask too, so left padding works.
     RewardModel.from_pretrained(path, dtype=None, lora=None, ...)  (from a causal-LM checkpoint: new head with
         init N(0, 1/sqrt(d+1)));  rm(input_ids, attention_mask) -> scores[B];  rm.token_scores(...) -> [B,T];
         rm.save_pretrained(dir, tokenizer=None, merge_lora=True)

@@ -2,8 +2,9 @@
 
 Every trainer runs models through `model_forward` so that a left-padded batch gives the same logits for its real
 tokens as the same sequences run alone, unpadded (position ids count only real tokens). The last real token of a
-sequence is found from the attention mask (`last_token_index`), never by searching for the pad id, so tokenizers
-whose pad token is EOS work.
+sequence is found from the attention mask (`last_token_index`), so left padding and tokenizers whose pad token is
+EOS work; a sequence classifier's score is read where transformers reads it (the last real token that is not the
+config's pad id), so a saved reward model scores the same under plain transformers.
 """
 from __future__ import annotations
 
@@ -15,14 +16,22 @@ from torch import nn
 from alignloop.data.collators import position_ids_from_attention_mask
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_index(attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+                     pad_token_id: int | None = None) -> torch.Tensor:
     """Index of each row's last real token (the last position where the mask is 1). [B,T] -> [B] long.
 
-    Works with right padding, left padding and pad == EOS, because it reads only the mask. A row with no real
-    token gets 0."""
+    Works with right padding, left padding and pad == EOS, because it reads the mask. With `input_ids` and
+    `pad_token_id` it also passes over real tokens equal to the pad id, as transformers' sequence classifiers do
+    (they read the last token that is not `config.pad_token_id`): with pad == EOS a trailing EOS is not read, so a
+    score agrees with `AutoModelForSequenceClassification`'s. A row with no such token falls back to the mask's last
+    real token; a row with no real token gets 0."""
     mask = attention_mask.long()
     positions = torch.arange(mask.shape[-1], device=mask.device)
-    return (positions * mask).argmax(-1)
+    last = (positions * mask).argmax(-1)
+    if input_ids is None or pad_token_id is None:
+        return last
+    keep = mask * (input_ids != pad_token_id).long()
+    return torch.where(keep.any(-1), (positions * keep).argmax(-1), last)
 
 
 def unwrap_distributed(model: nn.Module) -> nn.Module:

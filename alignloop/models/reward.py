@@ -2,11 +2,13 @@
 
 Design: a reward model is stored as a plain transformers `AutoModelForSequenceClassification` with `num_labels=1`
 (for GPT-2, Llama, Qwen, Mistral... the head is a bias-free `score` Linear on the backbone's last hidden state), so
-`AutoModelForSequenceClassification.from_pretrained(folder)` loads what we save, with no alignloop code. We do NOT
-use the classifier's own forward to pick the scored token: transformers finds the last token by searching for the pad
-id, which is wrong when pad == EOS and with left padding. `score_sequences` runs the backbone with position ids from
-the attention mask, and applies the head at the last real token (`last_token_index`). Encoder classifiers (BERT,
-RoBERTa, ..., no `score` Linear) are called through their own forward, which pools the first token and is
+`AutoModelForSequenceClassification.from_pretrained(folder)` loads what we save, with no alignloop code, and scores
+what alignloop scores. `score_sequences` runs the backbone with position ids from the attention mask and applies the
+head at the token transformers reads: the last real token that is not `config.pad_token_id` (`last_token_index`).
+With pad == EOS (GPT-2, Llama) that is the token before the appended EOS, as in transformers and TRL, so an
+alignloop reward model scores the same under transformers and a TRL reward model the same under alignloop; unlike
+transformers' own pad-id search, left padding and EOS inside the text are read correctly too. Encoder classifiers
+(BERT, RoBERTa, ..., no `score` Linear) are called through their own forward, which pools the first token and is
 padding-safe.
 """
 from __future__ import annotations
@@ -75,16 +77,23 @@ def token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return head(hidden)
 
 
+def _pad_token_id(hf: nn.Module) -> int | None:
+    """The pad id transformers' sequence classifier skips when it picks the scored token."""
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    return getattr(config, "pad_token_id", None)
+
+
 def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits [B,num_labels] of a sequence classifier, read at each sequence's last real token (from the attention
-    mask; right padding, left padding and pad == EOS all give the same result as the unpadded sequence). Encoder
+    """Logits [B,num_labels] of a sequence classifier, read at each sequence's last real token that is not the
+    config's pad id (see `last_token_index`; right and left padding give the same result as the unpadded sequence,
+    and the result is transformers' own for any sequence it reads correctly). Encoder
     classifiers without a `score` head use their own (padding-safe) forward."""
     model = _classifier(model)
     hf = unwrap_model(model)
     if _score_head(hf) is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     hidden = backbone_hidden_states(model, input_ids, attention_mask)
-    idx = last_token_index(attention_mask).to(hidden.device)
+    idx = last_token_index(attention_mask, input_ids, _pad_token_id(hf)).to(hidden.device)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     # apply the head through the (possibly peft-wrapped) module so trained modules_to_save copies are used
     return _score_head(unwrap_model(model))(last)

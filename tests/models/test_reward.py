@@ -4,6 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from alignloop.data import pad_batch as pad_rows
+from alignloop.data import reward_input_ids
 from alignloop.errors import UserError
 from alignloop.models import (
     ClassifierReward,
@@ -15,7 +17,9 @@ from alignloop.models import (
     load_sequence_classifier,
     score_sequences,
     sequence_logits,
+    tiny,
 )
+from alignloop.scoring import load_scorer
 
 EOS, PAD = 0, 1
 # sequences that contain EOS in the middle and at the end: a pad-id search with pad == EOS finds the wrong token
@@ -45,17 +49,52 @@ def test_reward_score_at_last_real_token(reward_dir, pad_batch, side, pad_id):
     torch.testing.assert_close(score_sequences(rm.model, ids, mask), scores)
 
 
-def test_score_matches_transformers_in_its_safe_case_and_differs_with_pad_eq_eos(reward_dir, pad_batch):
+def test_score_matches_transformers_where_transformers_reads_correctly(reward_dir, pad_batch):
     rm = RewardModel.from_pretrained(reward_dir).eval()
     plain = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     ids, mask = pad_batch(SEQS, PAD, "right")  # distinct pad, right padding: transformers is right here
     with torch.no_grad():
         torch.testing.assert_close(rm(ids, mask), plain(input_ids=ids, attention_mask=mask).logits[:, 0],
                                    atol=1e-5, rtol=1e-5)
-        plain.config.pad_token_id = EOS
+        # with pad == EOS in the config both skip trailing EOS tokens: rows that end in EOS are read before it
+        rm.config.pad_token_id = plain.config.pad_token_id = EOS
         ids, mask = pad_batch(SEQS, EOS, "right")
+        torch.testing.assert_close(rm(ids, mask), plain(input_ids=ids, attention_mask=mask).logits[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+        # and unlike transformers' pad-id search, left padding reads the same tokens
+        left_ids, left_mask = pad_batch(SEQS, EOS, "left")
+        torch.testing.assert_close(rm(left_ids, left_mask), rm(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_pad_eq_eos_reward_model_scores_the_same_in_transformers_and_alignloop(tmp_path, tok_eos_pad):
+    """GPT-2-like tokenizer with pad == EOS. A reward model saved by alignloop, scored by plain transformers on the
+    tokens alignloop builds (prompt + completion + EOS, padded with EOS), gives alignloop's scores; and a TRL-style
+    reward model (TRL appends the EOS text and lets transformers pick the token) scores the same under alignloop.
+    Before the fix alignloop read the appended EOS and transformers the token before it: differences of order 1."""
+    folder = tiny.build_tiny_checkpoint(tmp_path / "rm", tokenizer=tok_eos_pad, kind="reward", seed=3,
+                                        n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    tok = tok_eos_pad
+    assert tok.pad_token_id == tok.eos_token_id
+    prompts = ["the cat sat\n", "a dog ran on the road\n", "hello\n"]
+    completions = [" on the mat", " away", " there, my friend"]
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert plain.config.pad_token_id == tok.eos_token_id
+    ours = load_scorer(str(folder))(prompts, completions)
+    rows = reward_input_ids(tok, prompts, completions)
+    assert all(r[-1] == tok.eos_token_id for r in rows)
+    ids, mask = pad_rows(rows, tok.pad_token_id)
+    with torch.no_grad():
         theirs = plain(input_ids=ids, attention_mask=mask).logits[:, 0]
-    assert not torch.allclose(theirs, rm(ids, mask).detach(), atol=1e-4)  # pad-id search reads the first EOS
+        # TRL's reward trainer: prompt + completion + eos as one text, tokenised, the classifier's own forward
+        trl_rows = [tok(p + c + tok.eos_token)["input_ids"] for p, c in zip(prompts, completions, strict=True)]
+        assert trl_rows == rows  # same tokens, so the comparison is about where the score is read
+        trl = torch.stack([plain(input_ids=torch.tensor([r])).logits[0, 0] for r in trl_rows])
+        rm = RewardModel.from_pretrained(folder).eval()
+        direct = rm(ids, mask)
+    assert ours.abs().min() > 1e-3 and (ours.max() - ours.min()) > 1e-3  # a real head, distinct scores
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, trl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(direct, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_reward_model_from_causal_lm_gets_reward_head_init(lm_dir):
