@@ -2,6 +2,7 @@
 
 Every trainer uses these; none re-derives them. Shapes are documented in each module.
 """
+from alignloop.losses.kto import kto_loss, kto_reference_point
 from alignloop.losses.logprobs import entropy_from_logits, logprobs_from_logits
 from alignloop.losses.masked import masked_max, masked_mean, masked_sum, masked_var, masked_whiten
 from alignloop.losses.ppo import (
@@ -33,6 +34,8 @@ __all__ = [
     "gae",
     "implicit_reward",
     "kl_penalty",
+    "kto_loss",
+    "kto_reference_point",
     "logprobs_from_logits",
     "masked_max",
     "masked_mean",
