@@ -11,6 +11,7 @@ _LAZY = {
     "RewardConfig": "alignloop.trainers.rm", "RewardTrainer": "alignloop.trainers.rm",
     "PPOConfig": "alignloop.trainers.ppo", "PPOTrainer": "alignloop.trainers.ppo",
     "DPOConfig": "alignloop.trainers.dpo", "DPOTrainer": "alignloop.trainers.dpo",
+    "KTOConfig": "alignloop.trainers.kto", "KTOTrainer": "alignloop.trainers.kto",
     "PPOExperience": "alignloop.trainers.ppo", "TrainResult": "alignloop.training.run",
     "RSConfig": "alignloop.recipes.rejection_sampling",
     "RejectionSamplingTrainer": "alignloop.recipes.rejection_sampling",

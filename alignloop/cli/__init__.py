@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("alignloop.cli.train", "rm", "Train a reward model on preference pairs or rankings (Bradley-Terry)."),
     "ppo": ("alignloop.cli.ppo", "ppo", "PPO against a reward model with a KL penalty to the reference."),
     "dpo": ("alignloop.cli.dpo", "dpo", "Direct preference optimisation (no reward model)."),
+    "kto": ("alignloop.cli.kto", "kto", "KTO on thumbs up / down (unpaired) data (no reward model)."),
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
     "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),

@@ -86,6 +86,26 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(norm)
 
 
+def all_reduce_gradients(model) -> None:
+    """Sum the gradients of `model`'s trainable parameters over the processes, in one flat all-reduce (a no-op in a
+    single process). For trainers that do not wrap the model in DDP (the LM head applied to completion positions
+    only, outside the wrapper's forward): each process's loss is already divided by the global batch size, so the
+    sum is the gradient of the global batch."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def take_indices(n: int, count: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
     """The next `count` indices of an endless walk over shuffled epochs of n items (`epoch_order`), from position
     `pos` of `epoch` -> (indices, epoch, pos after them): the prompt stream of the RL trainers, resumable exactly
