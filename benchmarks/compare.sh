@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Peer and alignloop on the same workloads, same machine, same run; prints both JSON lines and the ratios.
-#   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo ppo]
+#   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo kto ppo]
 # MP=no|bf16 overrides our precision (default: the peer's, see run.py).
+# kto's peer script is ours (benchmarks/trl_kto.py: TRL 1.16's KTOTrainer on the dpo workload's pairs, unpaired).
 # Needs ../shared/peers (beside the checkout, or PEERS=path). Run on an otherwise idle machine: with more runnable
 # processes than cores, multi-threaded PyTorch slows down by an order of magnitude and the figures mean nothing.
 set -euo pipefail
@@ -9,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 peers=${PEERS:-$repo/../shared/peers}
 out=${1:-/tmp/peer-workloads}; size=${2:-tiny}; shift $(( $# > 2 ? 2 : $# ))
-workloads=${*:-rm dpo ppo}
+workloads=${*:-rm dpo kto ppo}
 cache=${PEERS_CACHE:-$HOME/.cache/peers}
 py=${PYTHON:-$repo/.venv/bin/python}
 # the peer venvs (installed once by the peers' run.sh) and the workload folder (make_models.py, deterministic)
@@ -18,6 +19,8 @@ py=${PYTHON:-$repo/.venv/bin/python}
 for w in $workloads; do
   if [ "$w" = ppo ]; then
     peer=$("$cache/trl-0.29/bin/python" "$peers/trl_ppo.py" "$out/$size" 2>/dev/null | tail -n 1)
+  elif [ "$w" = kto ]; then
+    peer=$("$cache/trl-1.16/bin/python" "$here/trl_kto.py" "$out/$size" 2>/dev/null | tail -n 1)
   else
     peer=$("$cache/trl-1.16/bin/python" "$peers/trl_offline.py" "$out/$size" "$w" 2>/dev/null | tail -n 1)
   fi
