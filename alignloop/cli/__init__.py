@@ -2,6 +2,8 @@
 
 Sub-commands live in their own modules and are imported only when used (so `alignloop --help` is fast).
 User mistakes (`alignloop.errors.UserError`) are printed as `error: ...` without a traceback, exit status 2.
+Third-party noise (load reports, weight-loading bars, deprecation warnings) is shown only with `--verbose`
+(`alignloop.cli.console`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 
 import click
 
+from alignloop.cli.console import VERBOSE_HELP, configure_console, wants_verbose
 from alignloop.errors import UserError
 
 # name -> (module, attribute, one-line help)
@@ -46,7 +49,7 @@ class LazyGroup(click.Group):
             if e.name == mod:
                 return None
             raise
-        return getattr(module, attr, None)
+        return with_verbose_option(getattr(module, attr, None))
 
     def format_commands(self, ctx, formatter):
         rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
@@ -56,8 +59,25 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def _verbose_option() -> click.Option:
+    # read before the command runs (`wants_verbose` in `main`); the option makes it valid and documented
+    return click.Option(["--verbose"], is_flag=True, expose_value=False, help=VERBOSE_HELP)
+
+
+def with_verbose_option(command: click.Command | None) -> click.Command | None:
+    """Every command (and a group's sub-commands) accepts `--verbose`."""
+    if command is None:
+        return None
+    if not any(p.name == "verbose" for p in command.params):
+        command.params.append(_verbose_option())
+    for sub in getattr(command, "commands", {}).values():
+        with_verbose_option(sub)
+    return command
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="alignloop")
+@click.option("--verbose", is_flag=True, expose_value=False, help=VERBOSE_HELP)
 def cli():
     """alignloop: the whole RLHF loop, from a base model and prompts to a model aligned with human preferences."""
 
@@ -68,6 +88,7 @@ WEB_EXTRA = {"fastapi", "jinja2", "multipart", "sqlalchemy", "alembic", "uvicorn
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_console(wants_verbose(sys.argv[1:] if argv is None else list(argv)))
     try:
         cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
     except UserError as e:

@@ -133,7 +133,9 @@ def prepare_run(args, name: str) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         save_config(args, out / "config.yaml")
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING, format="%(message)s")
+        # alignloop's own INFO lines on the main process; other libraries stay at WARNING (their INFO is noise)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
     return Run(acc, _Prefixed(log, {"name": name}), asdict(args))
 
 
