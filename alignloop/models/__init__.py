@@ -11,8 +11,10 @@ Loading
 LoRA (peft)
     LoraOptions(r=8, alpha=16, dropout=0.05, target_modules="all-linear", bias="none", modules_to_save=None,
                 use_rslora=False);  apply_lora(model, options, task_type="CAUSAL_LM")
-    has_adapter(model);  `with reference_mode(model): ...` -> adapter off (the base model is the reference, no
-    second copy), eval mode, no grad; restored on exit. Raises ValueError on a model without an adapter.
+    has_adapter(model);  `with reference_mode(model): ...` -> the reference, eval mode, no grad; restored on exit:
+    adapter off (the base model; no second copy), or, after `keep_reference(model)`, the adapter's starting
+    values swapped in (a policy that starts from a trained adapter; a copy the adapter's size). Both raise
+    ValueError on a model without an adapter.
 
 Padding-aware forwards (position ids = attention_mask.cumsum(1) - 1, clamped at 0)
     model_forward(model, input_ids, attention_mask, return_hidden=False) -> logits[B,T,V] (or (logits, hidden))
@@ -53,6 +55,7 @@ from alignloop.models.loading import (
     apply_lora,
     check_name_or_path,
     has_adapter,
+    keep_reference,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
@@ -97,6 +100,7 @@ __all__ = [
     "has_adapter",
     "has_decoder_head",
     "init_reward_head",
+    "keep_reference",
     "last_token_index",
     "load_causal_lm",
     "load_sequence_classifier",

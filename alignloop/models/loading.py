@@ -145,11 +145,49 @@ def has_adapter(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
+_REFERENCE_ATTR = "_alignloop_reference_values"
+
+
+def keep_reference(model: nn.Module) -> nn.Module:
+    """Make `reference_mode(model)` give the policy as it is now (the starting policy, adapter on), not its base.
+
+    Disabling the adapter gives the starting policy only while the adapter is the identity (a fresh LoRA: B = 0); a
+    policy that starts from a trained adapter (an adapter folder as `model`, a model with an adapter loaded) would
+    be compared with its base. So a copy of the values of its trainable parameters (the adapter, and any
+    `modules_to_save`) is kept: memory the adapter's size, no second model. Inside `reference_mode` those values
+    are swapped in (the parameters' storage is exchanged, nothing copied) and swapped back on exit. The copy is not
+    part of the state dict (checkpoints and saved adapters are unchanged). Call once before the first optimizer
+    step, after the model is on its device. Raises `ValueError` without an adapter (then keep a frozen copy of the
+    model instead)."""
+    inner = _unwrap_wrapper(model)
+    if not has_adapter(inner):
+        raise ValueError("keep_reference needs a model with a peft adapter; without LoRA keep a frozen copy of the "
+                         "model (copy.deepcopy) as the reference")
+    kept = [(p, p.detach().clone()) for p in inner.parameters() if p.requires_grad]
+    setattr(inner, _REFERENCE_ATTR, kept)  # a plain attribute: not in the state dict
+    return model
+
+
+@contextlib.contextmanager
+def _swapped_in(pairs: list[tuple[nn.Parameter, torch.Tensor]]):
+    live = [p.data for p, _ in pairs]
+    try:
+        for p, start in pairs:
+            p.data = start
+        yield
+    finally:
+        for (p, _), data in zip(pairs, live, strict=True):
+            p.data = data
+
+
 @contextlib.contextmanager
 def reference_mode(model: nn.Module):
-    """Use a LoRA policy as its own reference model: inside the block the adapter is disabled (so outputs are the
-    base model's; no second copy in memory), the model is in eval mode (dropout off) and gradients are off. The
-    adapter and the previous train/eval mode are restored on exit.
+    """Use a LoRA policy as its own reference model: inside the block the model computes the reference, in eval
+    mode (dropout off) and without gradients; on exit the adapter and the previous train/eval mode are restored.
+
+    The reference is the policy's starting adapter when `keep_reference(model)` was called (needed when training
+    starts from a trained adapter), else the base model with the adapter disabled (exact for a fresh adapter,
+    which is the identity; no copy of anything).
 
     Raises `ValueError` for a model without an adapter: then the reference must be a separate model (a silent
     no-op here would make the "reference" equal the policy being trained)."""
@@ -161,7 +199,11 @@ def reference_mode(model: nn.Module):
     model.eval()
     try:
         with torch.no_grad():
-            if hasattr(inner, "disable_adapter") and not getattr(inner, "_hf_peft_config_loaded", False):
+            kept = getattr(inner, _REFERENCE_ATTR, None)
+            if kept is not None:
+                with _swapped_in(kept):
+                    yield model
+            elif hasattr(inner, "disable_adapter") and not getattr(inner, "_hf_peft_config_loaded", False):
                 with inner.disable_adapter():
                     yield model
             else:  # an adapter loaded through transformers' own peft integration

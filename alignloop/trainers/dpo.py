@@ -11,11 +11,14 @@ Choices (see the DPO section of the implementation-details reference):
 - Log-probabilities are **sums over completion tokens** (the prompt is masked out). For IPO, `ipo_average_logps`
   (default True) averages them over the completion's tokens instead, as the IPO authors asked; set it False to use
   sums for IPO too. Sigmoid / cDPO / reference-free always use sums.
-- The reference is, in this order: the base model with the LoRA adapter disabled (`reference_mode`, no second model in
-  memory) when the policy has an adapter; else `ref_model` when given; else the policy's own initial weights. Its
+- The reference is `ref_model` when given (with or without LoRA; `reference_free` with a `ref_model` is refused);
+  else the starting policy: for a LoRA policy, its adapter's starting values kept frozen (`keep_reference`: a copy
+  the adapter's size, swapped in for the reference pass by `reference_mode`; a policy that starts from a trained
+  adapter folder is thus compared with itself, not with its base), else the policy's own initial weights. Its
   log-probs are computed in eval mode (dropout off) and under `torch.inference_mode`.
 - `precompute_ref_logps=True` (default) computes them once before training, for the train and eval sets, and caches
-  them on disk under `ref_cache_dir`, keyed by a hash of the reference weights, the tokenised data and the settings
+  them on disk under `ref_cache_dir`, keyed by a hash of the reference's weights (adapter included), the tokenised
+  data and the settings
   that change them; a later run with the same key reuses the file. With no `ref_model` and no adapter this needs no
   copy of the model (the policy's weights before the first step *are* the reference). `False` computes them on the
   fly each step (a frozen copy of the initial policy is kept when there is no adapter and no `ref_model`).
@@ -56,7 +59,15 @@ from torch import nn
 from alignloop.data import PreferenceCollator, load_preferences, tokenize_preferences
 from alignloop.errors import ConfigError
 from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
-from alignloop.models import apply_lora, has_adapter, load_causal_lm, model_forward, reference_mode, unwrap_model
+from alignloop.models import (
+    apply_lora,
+    has_adapter,
+    keep_reference,
+    load_causal_lm,
+    model_forward,
+    reference_mode,
+    unwrap_model,
+)
 from alignloop.models.fast import CPU_SDPA, disable_dropout, is_wide, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard
 from alignloop.training.run import (
@@ -73,6 +84,8 @@ from alignloop.training.run import (
 )
 
 CACHE_VERSION = 1
+_REF_AND_FREE = ("ref_model: reference_free uses no reference model (its log-probs are 0); give ref_model or "
+                 "reference_free, not both")
 
 
 @dataclass
@@ -83,8 +96,8 @@ class DPOConfig(TrainingArgs):
 
     model: str = field(default="", metadata={"help": "Policy to train: hub id or local folder (the Python API also "
                                                      "takes a model object)."})
-    ref_model: str | None = field(default=None, metadata={"help": "Reference model; default: the policy's initial "
-                                                                  "weights (the base model when training LoRA)."})
+    ref_model: str | None = field(default=None, metadata={"help": "Reference model; default: the starting policy "
+                                  "(with LoRA: the adapter's starting values, kept frozen)."})
     train_file: str | None = field(default=None, metadata={"help": "Preference pairs {prompt, chosen, rejected} or "
                                    "rankings (JSONL/JSON/Parquet/CSV, a datasets folder or a hub id)."})
     eval_file: str | None = field(default=None, metadata={"help": "Held-out pairs for evaluation (optional)."})
@@ -120,7 +133,8 @@ class DPOConfig(TrainingArgs):
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the policy to 0 "
                                                                   "(the implicit reward is then 0 at step 0)."})
     save_final: bool = field(default=True, metadata={"help": "save_pretrained the trained model into "
-                                                             "OUTPUT_DIR/final."})
+                                                             "OUTPUT_DIR/final (LoRA: merged, and the adapter into "
+                                                             "OUTPUT_DIR/adapter)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,6 +146,8 @@ class DPOConfig(TrainingArgs):
             raise ConfigError("label_smoothing applies to the sigmoid loss only (cDPO), not to ipo")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.reference_free and self.ref_model:
+            raise ConfigError(_REF_AND_FREE)
 
     @property
     def average_logps(self) -> bool:
@@ -302,11 +318,10 @@ def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n
 
 
 def _weights_hash(model: nn.Module) -> str:
-    """sha256 of the model's weights (LoRA adapter tensors excluded: the reference is the base)."""
+    """sha256 of the model's weights, adapter included (called on the reference: inside `reference_mode` a LoRA
+    policy's state dict holds the reference's adapter values)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
         h.update(name.replace("base_model.model.", "").encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -328,7 +343,7 @@ _METRICS = ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 class DPOTrainer:
     """`DPOTrainer(model, args, train_dataset, eval_dataset=None, ref_model=None, tokenizer=None).train()`.
 
-    model: a path / hub id or a causal LM (a peft model: its adapter is trained and its base is the reference);
+    model: a path / hub id or a causal LM (a peft model: its adapter is trained, its start is the reference);
     default `args.model`. train_dataset / eval_dataset: a path, a list of rows or a `datasets.Dataset` in TRL's
     preference formats (default `args.train_file` / `args.eval_file`; without an eval set, `eval_fraction` holds
     out a share of the training pairs). ref_model: a path or a model (default `args.ref_model`; see the module
@@ -357,13 +372,15 @@ class DPOTrainer:
             speed_up(self.model)
         self.use_adapter = has_adapter(self.model)
 
-        # The reference: base with the adapter off (LoRA) > ref_model > the policy's initial weights.
+        # The reference: ref_model > the starting policy (LoRA: the adapter's start, kept; else its initial weights).
         ref_model = ref_model if ref_model is not None else a.ref_model
-        if a.reference_free or self.use_adapter:
-            ref_model = None
+        if a.reference_free and ref_model is not None:
+            raise ConfigError(_REF_AND_FREE)
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_causal_lm(ref_model, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-        if ref_model is None and not (a.reference_free or self.use_adapter or a.precompute_ref_logps):
+        if ref_model is None and self.use_adapter and not a.reference_free:
+            keep_reference(self.model)  # the start may be a trained adapter: its base is not the starting policy
+        elif ref_model is None and not (a.reference_free or a.precompute_ref_logps):
             ref_model = copy.deepcopy(self.model)  # on the fly, no adapter: a frozen copy of the start
         if ref_model is not None:
             ref_model = ref_model.to(acc.device).eval().requires_grad_(False)
@@ -385,10 +402,10 @@ class DPOTrainer:
 
     def _ref_context(self):
         """A context whose value is the reference model, in eval mode, without gradients."""
-        if self.use_adapter:
-            return reference_mode(self.model)
         if self.ref_model is not None:
             return contextlib.nullcontext(self.ref_model)
+        if self.use_adapter:
+            return reference_mode(self.model)
 
         @contextlib.contextmanager
         def policy_as_reference():  # only valid before the first optimizer step (precomputation)
@@ -427,11 +444,12 @@ class DPOTrainer:
             return None
         if d is None:
             d = Path(os.environ.get("ALIGNLOOP_CACHE", Path.home() / ".cache" / "alignloop")) / "ref_logps"
-        ref = self.ref_model if self.ref_model is not None else self.model
+        with self._ref_context() as ref:  # the reference's weights as its pass sees them
+            weights, dtype = _weights_hash(ref), str(next(ref.parameters()).dtype)
         key = hashlib.sha256(json.dumps({
-            "v": CACHE_VERSION, "weights": _weights_hash(ref), "data": _data_hash(examples),
+            "v": CACHE_VERSION, "weights": weights, "data": _data_hash(examples),
             "average": self.args.average_logps, "mixed_precision": self.args.mixed_precision,
-            "dtype": str(next(ref.parameters()).dtype)}).encode()).hexdigest()[:32]
+            "dtype": dtype}).encode()).hexdigest()[:32]
         return Path(d) / f"{key}.pt"
 
     def precompute_ref_logps(self, examples: list[dict]) -> torch.Tensor:

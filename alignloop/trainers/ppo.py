@@ -8,8 +8,8 @@ One update (`PPOTrainer._update`), each step one call:
  1. generate: sample responses for `rollout_batch_size` prompts with the `Sampler` (KV cache, eval mode);
  2. score: the reward (`alignloop.scoring`: reward model, classifier, function or a weighted sum of them) of each
     response -> normalise, clip, no-EOS penalty (`RewardTransform`);
- 3. old log-probs, values and entropy (policy, epoch 0's micro-batches), reference log-probs (frozen copy, or the
-    LoRA base with the adapter disabled);
+ 3. old log-probs, values and entropy (policy, epoch 0's micro-batches), reference log-probs (`ref_model` when
+    given; else the starting policy: a frozen copy, or with LoRA the adapter's starting values, `keep_reference`);
  4. per-token rewards r_t = −β·KL_t plus the score on the last real response token (`losses.ppo_rewards`),
     GAE(γ, λ) -> advantages (whitened over the valid tokens of the global batch) and returns;
  5. `num_ppo_epochs` × `num_mini_batches` optimizer steps (each minibatch split into `gradient_accumulation_steps`
@@ -82,6 +82,7 @@ from alignloop.models import (
     apply_lora,
     critic_from_reward_model,
     has_adapter,
+    keep_reference,
     load_tokenizer,
     model_forward,
     reference_mode,
@@ -96,7 +97,7 @@ from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_thr
 from alignloop.training.logging import MetricsLogger, Progress
 from alignloop.training.loop import make_accelerator, seed_everything, shard, sync_context, take_indices
 from alignloop.training.optim import build_optimizer, build_scheduler
-from alignloop.training.run import TrainResult, build_lora
+from alignloop.training.run import TrainResult, build_lora, save_adapter
 
 
 @renamed_fields({"model_name_or_path": "model", "reward_model_name_or_path": "reward_model",
@@ -192,7 +193,7 @@ class PPOConfig:
     sample_rows: int = field(default=8, metadata={"help": "Rows in that table."})
     # --- LoRA ---
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). With LoRA the reference is "
-                                                     "the base model with the adapter disabled (no second copy)."})
+                                                     "the adapter's starting values (no second model)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (no effect in PPO, which runs with "
                                                                 "dropout off; kept for one vocabulary)."})
@@ -208,7 +209,8 @@ class PPOConfig:
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (None = all)."})
     resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     save_final: bool = field(default=True, metadata={"help": "Save OUTPUT_DIR/final in HF format "
-                                                             "(+ value_head.safetensors)."})
+                                                             "(+ value_head.safetensors; LoRA: merged, and the "
+                                                             "adapter into OUTPUT_DIR/adapter)."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "torch threads for training on CPU (None = leave torch's setting, normally every core)."})
     generation_threads: int | None = field(default=0, metadata={
@@ -332,7 +334,7 @@ class PPOTrainer:
         self.scorer, self.gold_scorer = self._build_scorers(reward, gold_reward, reward_tokenizer)
         self.model = self._actor_critic(policy)
         self.lora = has_adapter(self.model.lm)
-        self.ref_model = None if self.lora else self._frozen_reference(ref_model)
+        self.ref_model = self._frozen_reference(ref_model)
         if cfg.fast_gelu:
             for m in (self.model, self.ref_model, getattr(self.scorer, "model", None),
                       getattr(self.gold_scorer, "model", None)):
@@ -416,7 +418,12 @@ class PPOTrainer:
         model.eval()  # dropout off for the whole run (see module doc)
         return model
 
-    def _frozen_reference(self, ref_model: nn.Module | None) -> nn.Module:
+    def _frozen_reference(self, ref_model: nn.Module | None) -> nn.Module | None:
+        """The reference: `ref_model` when given; else the starting policy: with LoRA its adapter's starting values
+        (`keep_reference`, swapped in by `reference_mode`; None returned), else a frozen copy of it."""
+        if ref_model is None and self.lora:
+            keep_reference(self.model.lm)  # the start may be a trained adapter: its base is not the starting policy
+            return None
         ref = ref_model if ref_model is not None else copy.deepcopy(unwrap_model(self.model.lm))
         return ref.to(self.acc.device).eval().requires_grad_(False)
 
@@ -496,7 +503,7 @@ class PPOTrainer:
         # under the policy's autocast (accelerate puts it on the prepared model's forward only): a reference run in
         # another precision makes KL != 0 before the policy has moved
         with self.acc.autocast():
-            if self.lora:
+            if self.ref_model is None:
                 with reference_mode(self.model.lm):
                     logits = model_forward(self.model.lm, f.input_ids, f.attention_mask)
             else:
@@ -708,6 +715,8 @@ class PPOTrainer:
         if not cfg.save_final:
             return Path(cfg.output_dir)
         self.save_model(Path(cfg.output_dir) / "final")
+        if self.acc.is_main_process:  # LoRA: the adapter too (+ value head), as every trainer saves it
+            save_adapter(self.model.policy, self.tokenizer, Path(cfg.output_dir) / "adapter")
         return Path(cfg.output_dir) / "final"
 
     def _fit_reward_normalization(self) -> None:

@@ -201,9 +201,27 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: str = "final") -> Path:
+def save_adapter(model, tokenizer, folder: str | Path) -> Path | None:
+    """A LoRA model's peft adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer into `folder`,
+    loadable with `PeftModel.from_pretrained(base, folder)` (or as `--model folder`: base + adapter). Our wrappers
+    save their own extras beside it (a reward model's score head is in the adapter's modules_to_save; a value head
+    as value_head.safetensors). None, and nothing written, for a model without an adapter. Main process only."""
+    if not has_adapter(model):
+        return None
+    folder = Path(folder)
+    if getattr(model, "_alignloop_wrapper", False) and hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, tokenizer=tokenizer, merge_lora=False)
+    else:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: str = "final",
+               adapter_subdir: str | None = "adapter") -> Path:
     """`save_pretrained` (safetensors) into OUTPUT_DIR/final, loadable by plain transformers. A LoRA model is saved
-    merged into its base so that no peft is needed to load it."""
+    merged into its base there, so that no peft is needed to load it, and, unless `adapter_subdir` is None, as its
+    peft adapter (with the tokenizer) into OUTPUT_DIR/adapter (`save_adapter`)."""
 
     final = Path(output_dir) / subdir
     accelerator.wait_for_everyone()
@@ -212,11 +230,11 @@ def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: st
         if hasattr(m, "save_pretrained") and getattr(m, "_alignloop_wrapper", False):
             m.save_pretrained(final)
         else:
-            if has_adapter(m):
-
-                m = copy.deepcopy(m).merge_and_unload()
-            m.save_pretrained(final, safe_serialization=True)
+            merged = copy.deepcopy(m).merge_and_unload() if has_adapter(m) else m
+            merged.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
+        if adapter_subdir is not None:
+            save_adapter(m, tokenizer, Path(output_dir) / adapter_subdir)
     accelerator.wait_for_everyone()
     return final
 
@@ -248,7 +266,8 @@ def checkpoint_if_due(args, accelerator, step: int, epoch: int, pos: int, epoch_
 
 def finish(args, accelerator, model, tokenizer, logger, progress, step: int, metrics: dict, seconds: float,
            *stats, save: bool = True) -> TrainResult:
-    """Close the progress bar and logs, save OUTPUT_DIR/final, write summary.json; the TrainResult of the run."""
+    """Close the progress bar and logs, save OUTPUT_DIR/final (and a LoRA model's OUTPUT_DIR/adapter), write
+    summary.json; the TrainResult of the run."""
     progress.close()
     final = save_final(accelerator, model, tokenizer, args.output_dir) if save else Path(args.output_dir)
     logger.close()

@@ -38,3 +38,24 @@ def lm_dir(tmp_path_factory, tok):
 @pytest.fixture(scope="session")
 def pairs():
     return synthetic_pairs(16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, tok, lm_dir):
+    """A trained-looking LoRA adapter folder on `lm_dir` (peft format, tokenizer beside it): LoRA B drawn at random,
+    so the adapter changes the model (the policy that starts from it is not its base)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignloop.models import LoraOptions, apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(lm_dir), LoraOptions(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -47,7 +47,9 @@ def test_loss_matches_hand_computed(tok, tmp_path, pairs, variant):
           "ipo_sum": {"loss_type": "ipo", "ipo_average_logps": False},
           "reference_free": {"reference_free": True}}[variant]
     beta = 0.5
-    tr = make(tok, tmp_path, rows, model=policy, ref_model=ref, beta=beta, **kw)
+    # reference-free takes no reference model (refused with one)
+    tr = make(tok, tmp_path, rows, model=policy, ref_model=None if variant == "reference_free" else ref, beta=beta,
+              **kw)
     average = variant == "ipo"
     losses, ch_r, rj_r, ch_lp, rj_lp = tr.pair_terms(tr.train_examples, [0, 1, 2, 3],
                                                       tr.precompute_ref_logps(tr.train_examples))
@@ -289,3 +291,53 @@ def test_packed_rows_have_few_shapes_and_score_each_completion_token_once():
     real[packed["src"]] = True  # every scored position holds a real token, never the filler
     assert (packed["input_ids"].reshape(-1)[real] != 0).all()
     assert packed["input_ids"].numel() >= sum(len(ids) for ids, _ in rows)
+
+
+STEP0 = ("rewards/chosen", "rewards/rejected", "rewards/margins")
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_dpo_from_an_adapter_starts_at_zero_implicit_reward(tok, tmp_path, pairs, adapter_dir, precompute):
+    """Starting from a trained adapter (a peft folder as `model`), the reference is that starting policy, adapter
+    on: the implicit rewards before the first optimizer step are 0 (they were ~0.4: the reference was the base with
+    the adapter off). Measured twice: an evaluation before training, and step 1's metrics (computed before its
+    update). On the fly the reference pass reuses the policy's batch: exactly 0; precomputed, the reference ran in
+    other batches (other padding): float32 noise of log-prob sums ~100 (ulp 7.6e-6) x beta 0.1 -> 1e-5."""
+    tr = make(tok, tmp_path, pairs, eval_rows=pairs[:8], model=str(adapter_dir), precompute_ref_logps=precompute,
+              max_steps=1, per_device_batch_size=8, learning_rate=1e-2)
+    assert tr.use_adapter
+    tol = 1e-5 if precompute else 0.0
+    before = tr.evaluate()
+    step1 = next(m for m in tr.train().history if "loss/dpo" in m)
+    assert step1["step"] == 1
+    for name in STEP0:
+        assert abs(before[f"eval/{name}"]) <= tol, (name, before)
+        assert abs(step1[name]) <= tol, (name, step1)
+    assert step1["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    # the adapter moved: the reference stayed the starting policy, not the trained one
+    after = tr.evaluate()
+    assert abs(after["eval/rewards/margins"]) > 1e-3
+
+
+def test_dpo_ref_model_is_used_with_an_adapter(tok, tmp_path, pairs, adapter_dir):
+    """A given ref_model is the reference even when the policy has an adapter (it was silently ignored)."""
+    ref = tiny.tiny_causal_lm(tok, seed=1, **SHAPE)
+    tr = make(tok, tmp_path, pairs[:2], model=str(adapter_dir), ref_model=ref, precompute_ref_logps=False)
+    assert tr.use_adapter and tr.ref_model is ref
+    got = tr.reference_logps(tr.train_examples, [0])
+    assert got[0].item() == pytest.approx(hand_logps(ref, tok, pairs[0]["prompt"], pairs[0]["chosen"]), abs=1e-4)
+
+
+def test_dpo_ref_model_with_reference_free_is_refused(lm_dir, tmp_path, capsys):
+    """Both a reference model and reference-free: a user error naming the field, before any work (the CLI: one
+    line, exit 2)."""
+    from alignloop.cli import main
+    from alignloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ref_model"):
+        DPOConfig(ref_model=str(lm_dir), reference_free=True)
+    with pytest.raises(SystemExit) as e:
+        main(["dpo", "--model", str(lm_dir), "--ref-model", str(lm_dir), "--reference-free", "--train-file",
+              str(tmp_path / "no.jsonl"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ref_model:") and "Traceback" not in err, err

@@ -9,6 +9,7 @@ from alignloop.models import (
     CausalLMWithValueHead,
     LoraOptions,
     has_adapter,
+    keep_reference,
     load_causal_lm,
     model_forward,
     reference_mode,
@@ -75,6 +76,31 @@ def test_reference_mode_restores_adapter_after_an_exception(lm_dir, pad_batch):
 def test_reference_mode_without_adapter_refuses(lm_dir):
     with pytest.raises(ValueError, match="adapter"), reference_mode(load_causal_lm(lm_dir)):
         pass
+
+
+def test_keep_reference_makes_the_starting_adapter_the_reference(lm_dir, pad_batch):
+    """A policy that starts from a trained adapter: after `keep_reference`, reference_mode computes that starting
+    policy (adapter on), bit for bit, however the adapter moves later; the live values come back on exit; the
+    state dict (checkpoints, saved adapters) is unchanged."""
+    ids, mask = _batch(pad_batch)
+    policy = load_causal_lm(lm_dir, lora=LORA)
+    _perturb_adapter(policy)  # a trained adapter: its base is not the starting policy
+    policy.eval()
+    with torch.no_grad():
+        start = model_forward(policy, ids, mask)
+    keys = set(policy.state_dict())
+    keep_reference(policy)
+    assert set(policy.state_dict()) == keys
+    _perturb_adapter(policy)  # training moves the adapter
+    with torch.no_grad():
+        moved = model_forward(policy, ids, mask)
+    assert (moved - start).abs().max() > 1e-3
+    with reference_mode(policy):
+        torch.testing.assert_close(model_forward(policy, ids, mask), start, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model_forward(policy, ids, mask), moved, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adapter"):
+        keep_reference(load_causal_lm(lm_dir))
 
 
 def test_lora_gradients_reach_only_the_adapter(lm_dir, pad_batch):

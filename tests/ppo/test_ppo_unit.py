@@ -250,3 +250,63 @@ def test_config_errors(tmp_path, tok, prompts):
                    train_dataset=prompts, tokenizer=tok)
     with pytest.raises(ConfigError):
         PPOConfig(temperature=0.0)
+
+
+def _trained_adapter_policy(tok):
+    """A LoRA policy whose adapter is not the identity (LoRA B drawn at random), as one loaded from a folder."""
+    from alignloop.models import LoraOptions, apply_lora
+
+    model = apply_lora(small_lm(tok), LoraOptions(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_ppo_from_an_adapter_has_zero_kl_at_the_first_update(tmp_path, tok, prompts):
+    """Starting from a trained adapter, the reference is the starting policy (adapter on, frozen), so the KL to it
+    is 0 at the first update (it was the KL to the base with the adapter off); later the adapter moves away."""
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=_trained_adapter_policy(tok), reward=make_target_reward(tok),
+                    args=_cfg(tmp_path, total_updates=2, learning_rate=1e-2), train_dataset=prompts, tokenizer=tok)
+    assert tr.lora and tr.ref_model is None
+    h = tr.train()
+    assert h[0]["objective/kl"] == 0.0 and h[0]["policy/max_abs_ratio_minus_1_first"] == 0.0
+    assert h[1]["objective/kl"] != 0.0
+
+
+def test_ppo_ref_model_is_used_with_lora(tmp_path, tok, prompts):
+    """A reference model handed over is the reference, LoRA or not (with LoRA it was silently ignored)."""
+    ref = small_lm(tok, seed=1)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok), args=_cfg(tmp_path, lora_r=4),
+                    train_dataset=prompts, tokenizer=tok, ref_model=ref)
+    assert tr.lora and tr.ref_model is ref
+    assert tr.train()[0]["objective/kl"] != 0.0   # the policy starts from another model than the reference
+
+
+def test_ppo_lora_saves_final_and_adapter(tmp_path, tok, prompts):
+    """final/ is the merged policy (plain transformers, + value head), adapter/ the peft adapter with the tokenizer:
+    on the base (PeftModel.from_pretrained) it computes the trained policy's logits, as final/ does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tr = PPOTrainer(model=small_lm(tok), reward=make_target_reward(tok),
+                    args=_cfg(tmp_path, total_updates=1, lora_r=4, learning_rate=1e-1, save_final=True),
+                    train_dataset=prompts, tokenizer=tok)
+    tr.train()
+    for name in ("adapter/adapter_config.json", "adapter/tokenizer.json", "final/value_head.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    ids = torch.tensor([[5, 9, 12, 7, 30]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model_forward(tr.model.lm.eval(), ids, mask)
+        merged = model_forward(AutoModelForCausalLM.from_pretrained(tmp_path / "final"), ids, mask)
+        adapter = model_forward(PeftModel.from_pretrained(small_lm(tok), tmp_path / "adapter").eval(), ids, mask)
+        base = model_forward(small_lm(tok).eval(), ids, mask)
+    # float32 merge of W + s·BA, O(1) logits: a few ulps (see tests/trainers/test_lora_save.py)
+    torch.testing.assert_close(merged, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(adapter, want, rtol=0, atol=1e-5)
+    assert (base - want).abs().max() > 1e-3  # the adapter was trained
