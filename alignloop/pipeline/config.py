@@ -2,8 +2,13 @@
 
     cfg = PipelineConfig.from_yaml("pipeline.yaml")      # or PipelineConfig(policy=..., prompts=..., ...)
 
-The sections `sft`, `rm`, `ppo`, `dpo` and `rejection_sampling` hold the fields of the trainers' own configs
-(SFTConfig, RewardConfig, PPOConfig, DPOConfig, RSConfig: one vocabulary), checked when their stage builds them.
+The sections `sft`, `rm`, `ppo`, `dpo`, `kto` and `rejection_sampling` hold the fields of the trainers' own configs
+(SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig, RSConfig: one vocabulary), checked when their stage builds
+them.
+
+Feedback comes as pairs (`feedback.task_type: pairwise`, the default: reward model, PPO, DPO, rejection sampling) or
+as thumbs up / down on single completions (`thumbs`: exported as unpaired rows, which train KTO; the stages that
+need pairs are skipped).
 """
 from __future__ import annotations
 
@@ -27,7 +32,10 @@ def _f(default, help: str):
 class FeedbackSettings:
     """How completions are collected and labeled each round (the `feedback:` section)."""
     num_prompts: int = _f(64, "Prompts sampled for labeling per round.")
-    completions_per_prompt: int = _f(4, "K completions per prompt; each prompt gives K(K-1)/2 pairwise items.")
+    task_type: str = _f("pairwise", "pairwise (which of two completions is better: reward model, PPO, DPO, RS) or "
+                                    "thumbs (one completion, up or down: KTO).")
+    completions_per_prompt: int = _f(4, "K completions per prompt; each prompt gives K(K-1)/2 pairwise items (thumbs: "
+                                        "K items, one per completion).")
     max_new_tokens: int = _f(48, "Maximum tokens per sampled completion.")
     temperature: float = _f(1.0, "Sampling temperature.")
     labelers: str = _f("simulated", "simulated (judges of `gold`) or human (people label in the app; the run "
@@ -43,6 +51,9 @@ class FeedbackSettings:
                                  "per item (consensus).")
     consensus: str = _f("majority", "Consensus method: majority or dawid_skene.")
     seed: int = _f(0, "Seed of prompt choice, sampling and simulated labelers.")
+    thumbs_threshold: float | None = _f(None, "Simulated thumbs: a careful judge says up with probability "
+                                              "σ((gold − threshold)/τ); default: the median gold score of the "
+                                              "round's completions.")
 
 
 @dataclass
@@ -66,12 +77,14 @@ class PipelineConfig:
     sft: dict | None = _f(None, "SFTConfig fields (train_file required); leave out when `policy` is already SFT.")
     prompts: str | list | None = _f(None, "Prompt file ({prompt} rows) or a list of strings.")
     eval_prompts: str | list | None = _f(None, "Held-out prompts; default: the last eval.num_prompts of `prompts`.")
-    preferences: str | None = _f(None, "Existing preference data ({prompt, chosen, rejected}); round 1 uses it "
-                                       "instead of collecting.")
+    preferences: str | None = _f(None, "Existing preference data ({prompt, chosen, rejected}; thumbs projects: "
+                                       "unpaired {prompt, completion, label}); round 1 uses it instead of collecting.")
     feedback: FeedbackSettings = _f(FeedbackSettings, "Collection and labeling.")
     rm: dict = _f({}, "RewardConfig fields (alignloop rm --help).")
     ppo: dict | None = _f({}, "PPOConfig fields (alignloop ppo --help); null skips PPO.")
     dpo: dict | None = _f({}, "DPOConfig fields (alignloop dpo --help); null skips DPO.")
+    kto: dict | None = _f(None, "KTOConfig fields (alignloop kto --help): KTO on the thumbs (feedback.task_type "
+                                "thumbs: runs even when null) or, when given, on the preferences unpaired.")
     rejection_sampling: dict | None = _f({}, "RSConfig fields (alignloop rs --help); null skips it.")
     eval: EvalSettings = _f(EvalSettings, "Evaluation.")
     rounds: int = _f(1, "Rounds of collect -> reward model -> PPO, each sampling from the last PPO policy.")
@@ -97,6 +110,8 @@ class PipelineConfig:
             raise ConfigError(f"{where}: 'policy' (the starting model, hub id or local folder) is required")
         if cfg.prompts is None:
             raise ConfigError(f"{where}: 'prompts' (a JSONL/JSON file of prompts or a list) is required")
+        if cfg.feedback.task_type not in ("pairwise", "thumbs"):
+            raise ConfigError(f"{where}: feedback.task_type must be pairwise or thumbs, got {cfg.feedback.task_type!r}")
         if cfg.rounds < 1:
             raise ConfigError(f"{where}: rounds must be >= 1")
         if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows"):

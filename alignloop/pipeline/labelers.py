@@ -2,9 +2,11 @@
 
 A careful labeler shown completions L (left) and R (right) picks L with probability σ((g(L) − g(R)) / τ), g the gold
 score and τ its noise temperature; the strength of the preference grows with |g(L) − g(R)|. The careless labeler
-ignores the text and picks the left one with probability `left_bias` (position bias). They label through the same
-store API the web app uses (`Store.next_assignment` / `Store.submit`), so overlap, shuffling of the shown order and
-the labeler-quality statistics are exactly those of human labeling.
+ignores the text and picks the left one with probability `left_bias` (position bias). In a thumbs project a careful
+labeler gives a thumbs up with probability σ((g − threshold) / τ) (threshold: the project's bar, by default the median
+gold score of its completions); the careless one says up with probability `left_bias` whatever the text. They label
+through the same store API the web app uses (`Store.next_assignment` / `Store.submit`), so overlap, shuffling of the
+shown order and the labeler-quality statistics are exactly those of human labeling.
 """
 from __future__ import annotations
 
@@ -46,10 +48,20 @@ def judge(lab: SimulatedLabeler, gold_left: float, gold_right: float, rng: rando
     return {"choice": "left" if rng.random() < p_left else "right", "strength": _strength(gold_left - gold_right)}
 
 
+def judge_thumbs(lab: SimulatedLabeler, gold: float, threshold: float, rng: random.Random) -> dict:
+    """The form fields a labeler submits for one completion of a thumbs project."""
+    if lab.careless:
+        return {"thumbs": "up" if rng.random() < lab.left_bias else "down"}
+    d = (gold - threshold) / lab.temperature
+    p_up = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, d))))
+    return {"thumbs": "up" if rng.random() < p_up else "down"}
+
+
 def simulate_labeling(store, project: str, labelers: list[SimulatedLabeler], gold: Callable, seed: int = 0,
-                      password: str = "simulated-labeler-password") -> dict:
+                      password: str = "simulated-labeler-password", threshold: float = 0.0) -> dict:
     """Every labeler takes assignments in turn until none is left for anyone. Returns counts per labeler.
-    `gold`: f(prompts, responses) -> list[float] (the hidden scorer; only the simulated labelers call it)."""
+    `gold`: f(prompts, responses) -> list[float] (the hidden scorer; only the simulated labelers call it).
+    `threshold`: a thumbs project's bar (`judge_thumbs`); pairwise projects ignore it."""
     rng = random.Random(seed)
     p = store.get_project(project)
     existing = {lab.username: lab for lab in store.list_labelers()}
@@ -74,19 +86,27 @@ def simulate_labeling(store, project: str, labelers: list[SimulatedLabeler], gol
                 if (prompt, t) not in cache:
                     cache[(prompt, t)] = float(gold([prompt], [t])[0])
                 g.append(cache[(prompt, t)])
-            store.submit(a.id, ids[lab.name], judge(lab, g[0], g[1], rng), idempotency_key=uuid.uuid4().hex)
+            fields = judge_thumbs(lab, g[0], threshold, rng) if p.task_type == "thumbs" else judge(lab, g[0], g[1], rng)
+            store.submit(a.id, ids[lab.name], fields, idempotency_key=uuid.uuid4().hex)
             counts[lab.name] += 1
             still.append(lab)
         active = still
     return counts
 
 
-def gold_agreement(records: list[dict], store, project_id: int, gold: Callable) -> dict[str, float]:
+def gold_agreement(records: list[dict], store, project_id: int, gold: Callable,
+                   threshold: float | None = None) -> dict[str, float]:
     """Per labeler: the share of their decisive pairwise judgements that agree with the gold scorer's preference
-    (pairs where the gold scores differ). Only the demo can compute this: it knows the hidden scorer."""
+    (pairs where the gold scores differ); for thumbs (`threshold` given), the share of thumbs that agree with gold >=
+    threshold. Only the demo and the pipeline's simulation can compute this: they know the hidden scorer."""
     prompts, comps = store.prompts_and_completions(project_id)
     agree: dict[str, list[int]] = {}
     for r in records:
+        if threshold is not None:
+            if r.get("thumbs") in (1, -1) and not r.get("is_gold"):
+                g = gold([prompts[r["prompt_id"]].messages[-1]["content"]], [comps[r["completion_ids"][0]].text])[0]
+                agree.setdefault(r["labeler"], []).append(int((r["thumbs"] == 1) == (g >= threshold)))
+            continue
         if r.get("choice") not in ("a", "b") or r.get("is_gold"):
             continue
         pr = prompts[r["prompt_id"]].messages[-1]["content"]

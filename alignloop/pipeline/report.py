@@ -131,7 +131,7 @@ def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
         ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
         ax.plot(xs, ys, "-", color="tab:blue", alpha=0.45,
                 label=f"PPO during training (train batches, {w}-update moving average)")
-    colors = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "RS": "tab:purple"}
+    colors = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "KTO": "tab:orange", "RS": "tab:purple"}
     for name, s in summ.items():
         if name.startswith("best-of") or "kl" not in s or f"{key}/mean" not in s:
             continue
@@ -381,7 +381,7 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
     """The headline: what the loop is expected to show, and whether this run shows it."""
     lines = []
     sft = summ.get("SFT", {}).get("gold/mean")
-    for m in ("PPO", "DPO", "RS"):
+    for m in ("PPO", "DPO", "KTO", "RS"):
         if sft is not None and m in summ and "gold/mean" in summ[m]:
             g = summ[m]["gold/mean"]
             lines.append(f"- {m} {'raises' if g > sft else 'does NOT raise'} the gold reward over SFT: {sft:.2f} → "

@@ -12,10 +12,11 @@ Layout:
     sft/final                           the SFT model (when the run fine-tunes one)
     feedback.db                         the feedback store: one project per round (round-1, round-2, ...)
     round-N/sample/samples.jsonl        completions imported into the store
-    round-N/label/quality.json          labeler statistics, flags, agreement; preferences.jsonl (the export)
+    round-N/label/quality.json          labeler statistics, flags, agreement; preferences.jsonl (the export: pairs,
+                                        or unpaired {prompt, completion, label} rows of a thumbs project)
     round-N/rm/final                    the reward model (heldout_preferences.jsonl: its held-out pairs)
     round-N/ppo/final                   the PPO policy (metrics.jsonl: its training curve)
-    dpo/final, rs/final                 DPO and rejection-sampling policies
+    dpo/final, kto/final, rs/final      DPO, KTO and rejection-sampling policies
     eval/results.json                   the evaluation; eval/samples_<name>.jsonl, samples_reference.jsonl
     report.md, report.html, plots/      the report
 Each stage folder ends with STAGE_DONE.json (its outputs and wall time): a stage whose marker exists is skipped, so
@@ -38,7 +39,7 @@ class RunFolder:
     """Paths of a run folder, its stage markers and wall times. `stage(name, fn)` runs fn(folder) unless done.
     Stage names: the constants below, and `round_stage(r, step)` for a round's sample / label / rm / ppo."""
 
-    DATA, BASE, SFT, DPO, RS, EVAL = "data", "base", "sft", "dpo", "rs", "eval"
+    DATA, BASE, SFT, DPO, KTO, RS, EVAL = "data", "base", "sft", "dpo", "kto", "rs", "eval"
 
     def __init__(self, root: str | Path, echo: Callable[[str], None] = print, create: bool = True):
         self.root = Path(root)

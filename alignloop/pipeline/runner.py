@@ -6,7 +6,10 @@ DPO, best-of-N, rejection sampling, evaluation and the report.
 Several `rounds` repeat collect -> label -> reward model -> PPO, each round sampling from the previous round's PPO
 policy and training the reward model on the preferences of all rounds so far (InstructGPT's loop). With people as
 labelers the run stops after sampling (the project is ready in the app) and the same command continues once they
-have judged. The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
+have judged. With thumbs feedback (`feedback.task_type: thumbs`) the rounds only collect and label (every round samples
+from the SFT model), and KTO trains on the thumbs of all rounds: the reward model, PPO, DPO and rejection sampling
+need pairs and are skipped. A `kto` section in a pairwise run trains KTO on the preferences, unpaired.
+The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ class Pipeline:
             run.stage(run.SFT, lambda f: stages.stage_sft(f, cfg))
         sft = self.sft_model()
         policy, rm, pref_files = sft, None, []
+        thumbs = cfg.feedback.task_type == "thumbs"
+        if thumbs:
+            self.notes.append("thumbs feedback: KTO trains on it; the reward model, PPO, DPO and rejection sampling "
+                              "need preference pairs and were skipped")
         for r in range(1, cfg.rounds + 1):
             if r == 1 and cfg.preferences:
                 pref_files.append(cfg.preferences)
@@ -57,6 +64,8 @@ class Pipeline:
                 stopped = self._collect(r, policy, pref_files)
                 if stopped:
                     return stopped
+            if thumbs:
+                continue
             rm = run.stage(run.round_stage(r, "rm"),
                            lambda f, files=list(pref_files): stages.stage_rm(f, cfg, sft, files))["model"]
             if cfg.ppo is not None:
@@ -65,9 +74,11 @@ class Pipeline:
         policies = {"SFT": sft}
         if cfg.ppo is not None and run.done(run.round_stage(cfg.rounds, "ppo")):
             policies["PPO"] = policy
-        if cfg.dpo is not None:
+        if cfg.dpo is not None and not thumbs:
             policies["DPO"] = run.stage(run.DPO, lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
-        if cfg.rejection_sampling is not None:
+        if cfg.kto is not None or thumbs:
+            policies["KTO"] = run.stage(run.KTO, lambda f: stages.stage_kto(f, cfg, sft, pref_files))["model"]
+        if cfg.rejection_sampling is not None and not thumbs:
             policies["RS"] = run.stage(run.RS, lambda f: stages.stage_rs(f, cfg, sft, rm, self.train_prompts))["model"]
         results = run.stage(run.EVAL, lambda f: stages.stage_eval(f, cfg, run, policies, sft, rm, self.eval_prompts))
         write_report(run.root, notes=self.notes)

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from alignloop.data import read_rows, write_rows
+from alignloop.data import groups_to_unpaired, load_records, read_rows, write_rows
 from alignloop.errors import ConfigError, UserError
 from alignloop.evaluation import best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize
 from alignloop.feedback import quality
@@ -29,6 +29,7 @@ from alignloop.pipeline.run_folder import RunFolder
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.scoring import load_function, load_scorer
 from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+from alignloop.trainers.kto import KTOConfig, KTOTrainer
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.trainers.rm import RewardConfig, RewardTrainer
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
@@ -68,8 +69,9 @@ def threshold_settings(fb: FeedbackSettings) -> dict:
 
 def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int, policy: str,
                  train_prompts: list[str]) -> dict:
-    """K completions for `feedback.num_prompts` prompts from `policy`, imported into the store as a pairwise
-    project (identical completions are kept once: they make an uninformative pair)."""
+    """K completions for `feedback.num_prompts` prompts from `policy`, imported into the store as a project of
+    `feedback.task_type` (pairwise or thumbs; identical completions are kept once: they make an uninformative pair,
+    or the same item twice)."""
     fb = cfg.feedback
     prompts = list(train_prompts)
     random.Random(fb.seed + round_).shuffle(prompts)
@@ -85,13 +87,30 @@ def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int,
     project = run.project(round_)
     store = Store(str(run.feedback_db))
     try:
-        store.create_project(project, "pairwise", overlap_k=fb.overlap_k, guidelines_md=fb.guidelines,
+        guidelines = fb.guidelines if fb.task_type == "pairwise" or fb.guidelines != FeedbackSettings.guidelines \
+            else THUMBS_GUIDELINES
+        store.create_project(project, fb.task_type, overlap_k=fb.overlap_k, guidelines_md=guidelines,
                              settings={"thresholds": threshold_settings(fb)})
         res = store.import_records(project, rows)
     finally:
         store.dispose()
     return {"project": project, "prompts": res.prompts, "completions": res.completions, "items": res.items,
             "policy": policy}
+
+
+THUMBS_GUIDELINES = "# Is this completion good?\nThumbs up if it answers the prompt well, thumbs down if not."
+
+
+def thumbs_threshold(cfg: PipelineConfig, run: RunFolder, round_: int, gold_fn) -> float:
+    """A thumbs project's bar for the simulated labelers: `feedback.thumbs_threshold`, else the median gold score of
+    the round's completions (about half of them deserve a thumbs up)."""
+    if cfg.feedback.thumbs_threshold is not None:
+        return float(cfg.feedback.thumbs_threshold)
+    rows = read_rows(run.samples(round_))
+    prompts = [r["prompt"] for r in rows for _ in r["completions"]]
+    scores = sorted(float(x) for x in gold_fn(prompts, [c["text"] for r in rows for c in r["completions"]]))
+    n = len(scores)
+    return (scores[(n - 1) // 2] + scores[n // 2]) / 2 if n else 0.0
 
 
 def has_judgements(run: RunFolder, round_: int) -> bool:
@@ -104,7 +123,7 @@ def has_judgements(run: RunFolder, round_: int) -> bool:
 
 def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) -> dict:
     """Simulated labelers label the round's project (or people did, in the app); labeler quality; the export of
-    unflagged labelers' judgements as preference pairs."""
+    unflagged labelers' judgements as preference pairs (a thumbs project: as unpaired rows, KTO's data)."""
     fb = cfg.feedback
     project = run.project(round_)
     simulated = fb.labelers == "simulated"
@@ -114,26 +133,30 @@ def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) 
     store = Store(str(run.feedback_db), seed=fb.seed + round_ if simulated else None)
     try:
         p = store.get_project(project)
-        counts = simulate_labeling(store, project, default_labelers(fb.n_careful), gold_fn,
-                                   seed=fb.seed + round_) if simulated else None
+        task = p.task_type
+        bar = thumbs_threshold(cfg, run, round_, gold_fn) if simulated and task == "thumbs" else None
+        counts = simulate_labeling(store, project, default_labelers(fb.n_careful), gold_fn, seed=fb.seed + round_,
+                                   threshold=bar or 0.0) if simulated else None
         records = store.current_judgements(p.id)
         if not records:
             raise UserError(f"project {project}: no judgements yet. Label in the app "
                             f"(alignloop feedback serve --db {run.feedback_db}) and resume.")
         th = quality.thresholds_from_dict((p.settings or {}).get("thresholds"))
-        stats = quality.labeler_stats(records, "pairwise")
+        stats = quality.labeler_stats(records, task)
         flags = quality.flag_labelers(stats, th)
         flagged = {w for w, r in flags.items() if r}
-        ann = quality.annotations_from_records("pairwise", records, gold=False)
+        ann = quality.annotations_from_records(task, records, gold=False)
         rows, summary = export_records(store, project, ExportOptions(
-            format="preference", mode=fb.export_mode, consensus=fb.consensus, thresholds=th, exclude_flagged=True))
-        gold_acc = gold_agreement(records, store, p.id, gold_fn) if gold_fn is not None else None
-        agreement = quality.project_agreement(records, "pairwise")
+            format="unpaired" if task == "thumbs" else "preference", mode=fb.export_mode, consensus=fb.consensus,
+            thresholds=th, exclude_flagged=True))
+        gold_acc = gold_agreement(records, store, p.id, gold_fn, bar) if gold_fn is not None else None
+        agreement = quality.project_agreement(records, task)
     finally:
         store.dispose()
     write_rows(rows, run.preferences(round_))
     loo = [stats[w]["agreement"] for w in stats if w not in flagged and stats[w]["agreement"] is not None]
-    info = {"judgements": len(records), "per_labeler": counts, "stats": stats, "flags": flags,
+    info = {"task_type": task, "thumbs_threshold": bar, "judgements": len(records), "per_labeler": counts,
+            "stats": stats, "flags": flags,
             "flagged": sorted(flagged), "project_agreement": agreement,
             "pairwise_percent_agreement": percent_agreement(ann, exclude=flagged),
             "mean_loo_agreement_unflagged": mean(loo) if loo else None,
@@ -215,6 +238,31 @@ def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: lis
     return {"model": str(res.output_dir), "steps": res.steps, "pairs": len(rows), **numbers(res.metrics)}
 
 
+def unpaired_rows(files: list[str]) -> list[dict]:
+    """The rows of every file as unpaired {prompt, completion, label} rows: thumbs exports as they are, preference
+    pairs (the pairwise rounds' exports, the user's preferences) unpaired as TRL does (`groups_to_unpaired`). Read
+    strictly: a missing file or a bad row is a DataError naming the file and line."""
+    rows: list[dict] = []
+    for f in files:
+        records, stats = load_records(f)
+        rows += groups_to_unpaired(records) if stats.kind in ("preference", "ranking") else \
+            [{k: r[k] for k in ("prompt", "completion", "label")} for r in records]
+    return rows
+
+
+def stage_kto(folder: Path, cfg: PipelineConfig, sft_model: str, files: list[str]) -> dict:
+    """KTO of the SFT model on the thumbs of every round (or the preferences, unpaired)."""
+    rows = unpaired_rows(files)
+    if len(rows) < 2:
+        raise UserError(f"only {len(rows)} labelled completions: too few to train KTO")
+    section = dict(cfg.kto or {})
+    section.setdefault("seed", cfg.seed)
+    args = trainer_config(KTOConfig, section, output_dir=str(folder))
+    res = KTOTrainer(model=sft_model, args=args, train_dataset=rows).train()
+    return {"model": str(res.output_dir), "steps": res.steps, "desirable": sum(bool(r["label"]) for r in rows),
+            "undesirable": sum(not r["label"] for r in rows), **numbers(res.metrics)}
+
+
 def stage_rs(folder: Path, cfg: PipelineConfig, sft_model: str, rm: str, train_prompts: list[str]) -> dict:
     section = dict(cfg.rejection_sampling or {})
     section.setdefault("seed", cfg.seed)
@@ -245,7 +293,7 @@ def stage_eval(folder: Path, cfg: PipelineConfig, run: RunFolder, policies: dict
     sft_s = first_of_each(cand, big_n)
     summary["SFT"] = summarize(sft_s, reference)
     samples["SFT"] = sft_s.to_rows()
-    if scorer is not None:
+    if scorer is not None and ev.best_of_n:   # eval.best_of_n empty: no best-of-N
         for N in ev.best_of_n:
             s = best_of_n(cand, big_n, N, key="rm")
             bon[str(N)] = summarize(s, reference)
