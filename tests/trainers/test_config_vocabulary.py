@@ -13,12 +13,13 @@ import yaml
 from alignloop.recipes.best_of_n import BestOfNConfig
 from alignloop.recipes.rejection_sampling import RSConfig
 from alignloop.trainers.dpo import DPOConfig
+from alignloop.trainers.kto import KTOConfig
 from alignloop.trainers.ppo import PPOConfig
 from alignloop.trainers.rm import RewardConfig
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.config import load_config, make_config_command
 
-CONFIGS = [SFTConfig, RewardConfig, DPOConfig, PPOConfig, RSConfig, BestOfNConfig]
+CONFIGS = [SFTConfig, RewardConfig, DPOConfig, KTOConfig, PPOConfig, RSConfig, BestOfNConfig]
 # the spellings this release retired: none may be a field any more (only a deprecated alias)
 RETIRED = {"model_name_or_path", "reward_model_name_or_path", "gold_model_name_or_path", "dataset", "adam_eps",
            "progress_bar", "save_every", "keep_last", "fused_gelu"}
@@ -57,11 +58,11 @@ def test_the_shared_knobs_are_spelled_alike():
     for cls in CONFIGS:
         fields = set(_types(cls))
         assert "model" in fields and "seed" in fields and "dtype" in fields, cls.__name__
-    for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig, RSConfig):
+    for cls in (SFTConfig, RewardConfig, DPOConfig, KTOConfig, PPOConfig, RSConfig):
         assert "train_file" in _types(cls) and "output_dir" in _types(cls), cls.__name__
     for cls in (PPOConfig, RSConfig, BestOfNConfig):
         assert {"reward_model", "positive_label", "score_batch_size"} <= set(_types(cls)), cls.__name__
-    for cls in (SFTConfig, RewardConfig, DPOConfig, PPOConfig):
+    for cls in (SFTConfig, RewardConfig, DPOConfig, KTOConfig, PPOConfig):
         assert {"learning_rate", "adam_epsilon", "save_steps", "save_total_limit", "progress", "lora_r",
                 "mixed_precision", "resume_from", "tensorboard"} <= set(_types(cls)), cls.__name__
 
