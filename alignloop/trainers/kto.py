@@ -26,8 +26,10 @@ Choices (TRL 1.16's KTOTrainer unless said otherwise):
   (undesirable), each micro-batch's sum divided by the global batch size. Global batch >= 2 (with 1 the mismatched
   pair is the matched one, TRL refuses it too). A warning when λ_D·n_D / (λ_U·n_U) lies outside [1, 4/3], the
   paper's advice (TRL's check).
-- The reference: the base with the LoRA adapter off (`reference_mode`) when the policy has one; else `ref_model`;
-  else the policy's initial weights. Eval mode, no gradients. `precompute_ref_logps=True` (default) computes the
+- The reference: `ref_model` when given (with or without LoRA); else the starting policy: for a LoRA policy its
+  adapter's starting values kept frozen (`keep_reference`, swapped in by `reference_mode`: a policy that starts
+  from a trained adapter is compared with itself, not with its base), else its initial weights. Eval mode, no
+  gradients. `precompute_ref_logps=True` (default) computes the
   reference log-probs of every example and of its mismatched pair once, at the start of `train()` (in memory, not
   cached on disk; TRL's default computes them each step); False computes them each step (a frozen copy of the
   initial policy is kept when there is no adapter and no `ref_model`).
@@ -64,7 +66,7 @@ from alignloop.data import (
 from alignloop.data.errors import DataStats
 from alignloop.errors import ConfigError
 from alignloop.losses import kto_loss, kto_reference_point, masked_mean
-from alignloop.models import apply_lora, has_adapter, load_causal_lm, reference_mode
+from alignloop.models import apply_lora, has_adapter, keep_reference, load_causal_lm, reference_mode
 from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.models.logps import completion_logps
 from alignloop.training import (
@@ -97,8 +99,8 @@ class KTOConfig(TrainingArgs):
 
     model: str = field(default="", metadata={"help": "Policy to train: hub id or local folder (the Python API also "
                                                      "takes a model object)."})
-    ref_model: str | None = field(default=None, metadata={"help": "Reference model; default: the policy's initial "
-                                                                  "weights (the base model when training LoRA)."})
+    ref_model: str | None = field(default=None, metadata={"help": "Reference model; default: the starting policy "
+                                  "(with LoRA: the adapter's starting values, kept frozen)."})
     train_file: str | None = field(default=None, metadata={"help": "Unpaired rows {prompt, completion, label: bool} "
                                    "(thumbs up = true), plain or conversational; preference pairs are unpaired "
                                    "(JSONL/JSON/Parquet/CSV, a datasets folder or a hub id)."})
@@ -201,7 +203,7 @@ _SUMS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected
 class KTOTrainer:
     """`KTOTrainer(model, args, train_dataset, eval_dataset=None, ref_model=None, tokenizer=None).train()`.
 
-    model: a path / hub id or a causal LM (a peft model: its adapter is trained and its base is the reference);
+    model: a path / hub id or a causal LM (a peft model: its adapter is trained, its start is the reference);
     default `args.model`. train_dataset / eval_dataset: a path, a list of rows or a `datasets.Dataset` of unpaired
     rows (or preference pairs; default `args.train_file` / `args.eval_file`; without an eval set, `eval_fraction`
     holds out a share of the training rows). ref_model: a path or a model (default `args.ref_model`; see the module
@@ -234,11 +236,13 @@ class KTOTrainer:
             speed_up(self.model)
         self.use_adapter = has_adapter(self.model)
 
-        # The reference: base with the adapter off (LoRA) > ref_model > the policy's initial weights.
-        ref_model = None if self.use_adapter else (ref_model if ref_model is not None else a.ref_model)
+        # The reference: ref_model > the starting policy (LoRA: the adapter's start, kept; else its initial weights).
+        ref_model = ref_model if ref_model is not None else a.ref_model
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_causal_lm(ref_model, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-        if ref_model is None and not (self.use_adapter or a.precompute_ref_logps):
+        if ref_model is None and self.use_adapter:
+            keep_reference(self.model)  # the start may be a trained adapter: its base is not the starting policy
+        elif ref_model is None and not a.precompute_ref_logps:
             ref_model = copy.deepcopy(self.model)  # on the fly, no adapter: a frozen copy of the start
         if ref_model is not None:
             ref_model = ref_model.to(acc.device).eval().requires_grad_(False)
@@ -292,10 +296,10 @@ class KTOTrainer:
 
     def _ref_context(self):
         """A context whose value is the reference model, in eval mode, without gradients."""
-        if self.use_adapter:
-            return reference_mode(self.model)
         if self.ref_model is not None:
             return contextlib.nullcontext(self.ref_model)
+        if self.use_adapter:
+            return reference_mode(self.model)
 
         @contextlib.contextmanager
         def policy_as_reference():  # only valid before the first optimizer step (precomputation)
