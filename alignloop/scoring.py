@@ -16,8 +16,9 @@ How a model sees the text (`ModelScorer`):
 - A **scalar-head reward model** (a decoder `...ForSequenceClassification` with one output, as `alignloop rm` saves,
   or alignloop's `RewardModel`) scores prompt + completion tokenised **exactly as reward-model training tokenised**
   (`alignloop.data.reward_input_ids`: the two parts without special tokens, EOS appended to the completion unless
-  already there, rm's "keep_end" truncation to the model's context), read where transformers reads it (the last real token
-  that is not the config's pad id: with pad == EOS, the token before the EOS, as TRL's reward models are trained). `eos` gives the EOS rule per row: PPO passes the rollout's `stopped` flags, so a
+  already there, rm's "keep_end" truncation to the model's context), read where transformers reads it (the last
+  real token that is not the config's pad id: with pad == EOS, the token before the EOS, as TRL's reward models are
+  trained). `eos` gives the EOS rule per row: PPO passes the rollout's `stopped` flags, so a
   response cut at `max_new_tokens` gets no EOS (its `missing_eos_penalty` handles it).
 - Any other **classifier** (several labels, or an encoder such as BERT or RoBERTa with no decoder `score` head)
   gives its positive-class logit (`positive_label`: index or label name) on prompt + completion as one text with its

@@ -50,11 +50,13 @@ def test_score_at_last_real_token_left_padding_and_pad_eq_eos(tok_pad_eos):
     scores = ModelScorer(rm).score_rollout(r, None, None)
     for b in range(len(r)):
         seq = torch.cat([r.prompt_ids[b][r.prompt_mask[b]], r.response_ids[b][r.response_mask[b]]])
-        with torch.no_grad():  # the unpadded sequence alone, read at its last token
+        with torch.no_grad():  # the unpadded sequence alone, as transformers scores it (the last token != pad)
+            expected = rm(input_ids=seq[None]).logits[0, 0]
             h = rm.transformer(input_ids=seq[None]).last_hidden_state
-            expected = rm.score(h[0, -1])[0]
+            last_non_eos = max(i for i, t in enumerate(seq.tolist()) if t != tok.eos_token_id)
+            assert torch.allclose(expected, rm.score(h[0, last_non_eos])[0], atol=1e-6)
         assert abs(scores[b].item() - expected.item()) < 1e-5
-    # responses ending with EOS (== pad) were scored at the EOS token itself, and some rows are padded after it
+    # responses ending with EOS (== pad) were scored before it, as transformers does, and some rows are padded
     eos_rows = [b for b in range(len(r)) if r.response_ids[b][r.response_mask[b]][-1] == tok.eos_token_id]
     assert eos_rows and (~r.response_mask).any() and r.prompt_mask[:, 0].logical_not().any()
 

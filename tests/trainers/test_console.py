@@ -35,8 +35,9 @@ def test_third_party_noise_only_with_verbose(tmp_path, base_model, pref_files):
 
 
 def test_verbose_is_an_option_of_every_command():
-    from alignloop.cli import COMMANDS, cli  # noqa: PLC0415 - the CLI imports trainers lazily
-    from click import Context  # noqa: PLC0415
+    from click import Context
+
+    from alignloop.cli import COMMANDS, cli
 
     ctx = Context(cli)
     for name in COMMANDS:
