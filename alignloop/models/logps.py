@@ -1,9 +1,9 @@
 """Completion log-probabilities of padded rows, with the LM head applied only where a completion token is predicted.
 
-    completion_logps(model, batch, average=False) -> [R] float32 (sums, or means with `average`)
+    completion_logps(model, batch, average=False) -> [R] (sums, or means with `average`; float32, float64 kept)
     lm_head_parts(model) -> (backbone, lm_head) | None
 
-The offline preference trainers score completions this way (KTO; DPO has had its own copy, which can move here). On
+The offline preference trainers (DPO, KTO) score completions this way. On
 a small vocabulary model the LM head over every position is a large share of the step; applying it at the
 completion positions only gives the same log-probs (tested against the full forward).
 """
@@ -32,7 +32,8 @@ def lm_head_parts(model: nn.Module):
 
 
 def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
-    """Sum (or, with `average`, mean) of the log-probs of each row's completion tokens -> [R] float32.
+    """Sum (or, with `average`, mean) of the log-probs of each row's completion tokens -> [R] (float32 under
+    autocast or for half-precision models; float64 models keep float64, as `logprobs_from_logits` does).
 
     batch: input_ids, attention_mask, position_ids, response_mask [R,T] (a collator's output: `SFTCollator` with
     response_mask = labels != -100, `PreferenceCollator`). Logits at position t predict token t+1, so the tokens
@@ -50,4 +51,4 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: 
         token_logps = logprobs_from_logits(picked[None], labels[rmask][None])[0]
         logps = torch.zeros(rmask.shape, dtype=token_logps.dtype, device=token_logps.device)
         logps = logps.masked_scatter(rmask, token_logps)
-    return (masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)).float()
+    return masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)

@@ -58,18 +58,18 @@ from torch import nn
 
 from alignloop.data import PreferenceCollator, load_preferences, tokenize_preferences
 from alignloop.errors import ConfigError
-from alignloop.losses import dpo_loss, logprobs_from_logits, masked_mean, masked_sum
+from alignloop.losses import dpo_loss, logprobs_from_logits
 from alignloop.models import (
     apply_lora,
     has_adapter,
     keep_reference,
     load_causal_lm,
-    model_forward,
     reference_mode,
     unwrap_model,
 )
 from alignloop.models.fast import CPU_SDPA, disable_dropout, is_wide, speed_up
-from alignloop.training import global_batches, micro_batches, optimizer_step, shard
+from alignloop.models.logps import completion_logps, lm_head_parts
+from alignloop.training import all_reduce_gradients, global_batches, micro_batches, optimizer_step, shard
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -171,43 +171,6 @@ def load_pairs(source, tokenizer, args: DPOConfig) -> tuple[list[dict], Any, Any
 # ----------------------------------------------------------------------------------------------- log-probs
 
 
-def _lm_parts(model: nn.Module):
-    """(backbone, lm_head) when the LM head can be applied to selected positions only (decoder LMs whose logits are
-    lm_head(last hidden state)); None otherwise (then the full forward is used)."""
-    hf = unwrap_model(model)
-    cfg = getattr(hf, "config", None)
-    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
-            None, 1, 1.0):
-        return None
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    backbone = getattr(hf, "base_model", None)
-    if head is None or backbone is None or backbone is hf:
-        return None
-    return backbone, head
-
-
-def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
-    """Sum (or, with `average`, mean) of the log-probs of the completion tokens of every row -> [rows] float32.
-
-    batch: `PreferenceCollator` output (input_ids, attention_mask, position_ids, response_mask [R,T]). Logits at
-    position t predict token t+1, so the completion tokens scored are input_ids[:, 1:] where response_mask[:, 1:].
-    The LM head runs only at those positions when the architecture allows it (`_lm_parts`)."""
-    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    labels, rmask = ids[:, 1:], batch["response_mask"][:, 1:]
-    parts = _lm_parts(model)
-    if parts is None:
-        logps = logprobs_from_logits(model_forward(model, ids, mask, position_ids=pos)[:, :-1], labels)
-    else:
-        backbone, head = parts
-        out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
-        picked = head(hidden[rmask])                                     # [N, V]: completion positions only
-        token_logps = logprobs_from_logits(picked[None], labels[rmask][None])[0]
-        logps = torch.zeros(rmask.shape, dtype=token_logps.dtype, device=token_logps.device)
-        logps = logps.masked_scatter(rmask, token_logps)
-    return masked_mean(logps, rmask, dim=1) if average else masked_sum(logps, rmask, dim=1)
-
-
 def _bins(sizes: list[int], bin_tokens: int, multiple: int) -> tuple[list[list[int]], int]:
     """Split items of `sizes` tokens into ceil(total / bin_tokens) bins of near-equal load (largest first, each to
     the least-loaded bin) -> (the items of each bin, the bin length: the largest load rounded up to `multiple`).
@@ -297,7 +260,7 @@ def _packed_pairs(exs: list[dict], device, share_prompt: bool, pad_token_id: int
 def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
                             average: bool = False) -> torch.Tensor:
     """`completion_logps` on a `_packed_pairs` batch -> [n_rows] (sum, or mean with `average`, per input row)."""
-    backbone, head = _lm_parts(model)
+    backbone, head = lm_head_parts(model)
     mask = packed.get("attention_mask")
     if mask is not None and getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation",
                                     None) == "eager":
@@ -497,7 +460,7 @@ class DPOTrainer:
     def _use_packing(self, model: nn.Module | None = None) -> bool:
         model = model if model is not None else self.model
         on = self.args.packing == "on" or (self.args.packing == "auto" and is_wide(model))
-        return on and _lm_parts(model) is not None
+        return on and lm_head_parts(model) is not None
 
     def _share_prompt(self, model: nn.Module | None = None) -> bool:
         """Prompt computed once per pair (`share_prompt`): needs a custom 4D attention mask, which transformers'
@@ -545,26 +508,6 @@ class DPOTrainer:
             sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
         return {name: float(v) / max(n, 1) for name, v in zip(_METRICS, sums, strict=True)}
 
-    def _all_reduce_grads(self) -> None:
-        """Sum gradients over processes in one flat buffer. The model is not wrapped in DDP (the LM head is applied
-        to completion positions only, outside the wrapper's forward); each process's loss is already divided by the
-        global batch size, so the sum is the gradient of the global batch."""
-        if self.world == 1:
-            return
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-    # -- evaluation ---------------------------------------------------------------------------------------
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss, implicit rewards, accuracy and margin (policy in eval mode) -> {"eval/<metric>": value}."""
         if not self.eval_examples:
@@ -623,7 +566,7 @@ class DPOTrainer:
                 (terms[0].sum() / len(batch)).backward()
                 window += self._metric_sums(*terms)
             window_pairs += len(batch)
-            self._all_reduce_grads()
+            all_reduce_gradients(self.model)
             grad_norm = optimizer_step(acc, self.model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             progress.update(1)
