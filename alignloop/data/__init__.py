@@ -18,7 +18,8 @@ Formats (detected from the first row's columns, or forced with kind=; extra colu
     sft         text | messages | prompt + completion            (texts: strings or lists of {role, content})
     preference  prompt + chosen + rejected [+ margin | strength]; or chosen + rejected (implicit prompt: the shared
                 start, cut before a whitespace; conversational: all but the last assistant message)
-    ranking     prompt + completions (K) + ranking (K ints, 1 = best, equal = tie)
+    ranking     prompt + completions (K) + ranking (K ints, 1 = best, equal = tie); or prompt + completions + best
+                (best of K: the 0-based index of the one picked, read as the ranking [2, .., 1, .., 2])
     unpaired    prompt + completion + label (bool, KTO-style thumbs up/down; stays unpaired)
     prompt      prompt
   In CSV, list fields (messages, completions, ranking, conversational texts) are JSON text.
@@ -94,7 +95,7 @@ examples per row):
                             P: rejected); margin, pair_weight [P] float; group_index [P] long; tie [P] bool
     RankingCollator         input_ids, attention_mask, position_ids, labels, response_mask [N,T] (N = distinct
                             completions); group_index [N]; chosen_index, rejected_index, pair_group_index [P] long
-                            (rows of N); margin, pair_weight [P]; tie [P]; order, valid [G,K] (best first)
+                            (rows of N); margin, pair_weight [P]; tie [P]; order, ranks, valid [G,K] (best first)
     DataStats               kind, rows, bad_rows, errors, records, pairs, ties_skipped, truncated, dropped
 """
 from __future__ import annotations

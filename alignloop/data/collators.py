@@ -141,10 +141,11 @@ class RankingCollator:
     input_ids, attention_mask, position_ids, labels, response_mask: [N, T] (the completions, group by group);
     group_index [N] long; for the P pairs: chosen_index, rejected_index [P] long (rows of the above), margin [P],
     pair_weight [P], tie [P] bool, pair_group_index [P] long; listwise: order [G, K] long (each group's rows,
-    best first by rank; 0 where invalid) and valid [G, K] bool (False for padding and for groups without a ranking).
+    best first by rank; 0 where invalid), ranks [G, K] long (their ranks, equal = tied; 0 where invalid) and valid
+    [G, K] bool (False for padding and for groups without a ranking).
     Reward model, pairwise: s = scores(rows) [N]; loss = sum(pair_weight * bradley_terry_loss(s[chosen_index],
     s[rejected_index], margin)) / G — the same as with PreferenceCollator, with each completion scored once.
-    Listwise: plackett_luce_loss(s[order], valid)."""
+    Listwise: plackett_luce_loss(s[order], valid, ranks) (ties as its tie model says)."""
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
@@ -154,6 +155,7 @@ class RankingCollator:
         chosen, rejected, margin, weight, tie, pair_group = [], [], [], [], [], []
         k_max = max(len(g["input_ids"]) for g in groups)
         order = torch.zeros(len(groups), k_max, dtype=torch.long)
+        ranks = torch.zeros(len(groups), k_max, dtype=torch.long)
         valid = torch.zeros(len(groups), k_max, dtype=torch.bool)
         for g_i, g in enumerate(groups):
             start = len(ids)
@@ -170,6 +172,7 @@ class RankingCollator:
             if g.get("ranking") is not None:
                 best_first = sorted(range(len(g["ranking"])), key=lambda k: g["ranking"][k])
                 order[g_i, :len(best_first)] = torch.tensor(best_first) + start
+                ranks[g_i, :len(best_first)] = torch.tensor([g["ranking"][k] for k in best_first])
                 valid[g_i, :len(best_first)] = True
         return {
             **_padded_rows(ids, labels, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
@@ -181,5 +184,6 @@ class RankingCollator:
             "tie": torch.tensor(tie, dtype=torch.bool),
             "pair_group_index": torch.tensor(pair_group, dtype=torch.long),
             "order": order,
+            "ranks": ranks,
             "valid": valid,
         }

@@ -22,8 +22,8 @@ class DataStats:
     rows: rows read from the source (bad ones included); bad_rows: rows skipped as bad (only with skip_bad_rows);
     errors: the messages of the bad rows (first 100); kind: the detected/asked format; records: records produced
     (groups for preference data); pairs: preference pairs produced; ties_skipped: tied ranking pairs left out;
-    truncated: examples (SFT) or pairs (preference) shortened to max_length; dropped: examples/pairs removed by the
-    truncation policy (too long with "drop", or nothing left to train on)."""
+    truncated: examples (SFT), pairs (tokenize_preferences) or groups (tokenize_rankings) shortened to max_length;
+    dropped: those removed by the truncation policy (too long with "drop", or nothing left to train on)."""
     kind: str | None = None
     rows: int = 0
     bad_rows: int = 0

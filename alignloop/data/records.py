@@ -34,6 +34,7 @@ KINDS = ("sft", "preference", "ranking", "unpaired", "prompt")
 FORMATS: list[tuple[str, tuple[str, ...]]] = [
     ("preference", ("chosen", "rejected")),
     ("ranking", ("prompt", "completions", "ranking")),
+    ("ranking", ("prompt", "completions", "best")),
     ("unpaired", ("prompt", "completion", "label")),
     ("sft", ("messages",)),
     ("sft", ("text",)),
@@ -41,7 +42,8 @@ FORMATS: list[tuple[str, tuple[str, ...]]] = [
     ("prompt", ("prompt",)),
 ]
 FORMAT_HELP = ("text | messages | prompt+completion (sft); prompt+chosen+rejected [+margin|strength] or "
-               "chosen+rejected (preference); prompt+completions+ranking (ranking); prompt+completion+label "
+               "chosen+rejected (preference); prompt+completions+ranking or prompt+completions+best (ranking); "
+               "prompt+completion+label "
                "(unpaired); prompt (prompt)")
 
 
@@ -250,8 +252,11 @@ def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None 
                      f"messages), got {type_name(completions)}")
     completions = [_text_or_messages(row, f"completions[{i}]", c) for i, c in enumerate(completions)]
     _same_style({"prompt": prompt, **{f"completions[{i}]": c for i, c in enumerate(completions)}})
-    ranking = _maybe_json(row, _missing(row, "ranking", "a list of integer ranks"))
     k = len(completions)
+    if "ranking" not in row and "best" in row:
+        ranking = _best_as_ranking(row, k)
+    else:
+        ranking = _maybe_json(row, _missing(row, "ranking", "a list of integer ranks"))
     if (not isinstance(ranking, (list, tuple)) or len(ranking) != k
             or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking)):
         raise BadRow(f"field 'ranking': expected a list of {k} integer ranks >= 1 (one per completion, 1 = best, "
@@ -263,6 +268,18 @@ def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None 
         n_ties = sum(ranking[i] == ranking[j] for i in range(k) for j in range(i + 1, k))
         stats.ties_skipped += 0 if include_ties else n_ties
     return PreferenceGroup(prompt, pairs, ranking_pair_weight(k), completions, ranking, where=row.where)
+
+
+def _best_as_ranking(row: Row, k: int) -> list[int]:
+    """A best-of-K row (Ziegler et al. 2019: the labeler picked one of K): `best`, the 0-based index of the picked
+    completion, is the ranking [2, ..., 1, ..., 2]: the pick first, the others tied below it (no order among them)."""
+    best = row["best"]
+    if row.from_text and isinstance(best, str) and best.strip().isdigit():
+        best = int(best)
+    if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < k:
+        raise BadRow(f"field 'best': expected the index of the best completion, an integer 0..{k - 1}, got "
+                     f"{json.dumps(best) if isinstance(best, (int, str)) else type_name(best)}")
+    return [1 if i == best else 2 for i in range(k)]
 
 
 PARSERS: dict[str, Callable[..., Any]] = {"sft": parse_sft, "prompt": parse_prompt, "unpaired": parse_unpaired,

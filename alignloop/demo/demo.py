@@ -47,7 +47,7 @@ class DemoSize:
     label_prompts: int = 160
     completions_per_prompt: int = 4
     n_careful: int = 4
-    rm_epochs: int = 3
+    rm_epochs: int = 10
     ppo_updates: int = 60
     ppo_batch: int = 32
     dpo_epochs: int = 2
@@ -80,7 +80,8 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, r
                                   n_careful=size.n_careful, overlap_k=3, gold=GOLD, seed=seed,
                                   guidelines="# Which review is better?\nPick the review you would rather read: "
                                              "well-formed, and as positive about the film as it honestly can be."),
-        rm={"num_epochs": size.rm_epochs, "learning_rate": 5e-4, "per_device_batch_size": 16, "max_length": 96,
+        # a batch element is a prompt (its ~6 pairs x 3 labelers exported as one group): small batches, more epochs
+        rm={"num_epochs": size.rm_epochs, "learning_rate": 5e-4, "per_device_batch_size": 4, "max_length": 96,
             "eval_fraction": 0.2, "warmup_steps": 5, "progress": False, "tensorboard": False, "logging_steps": 5,
             "use_margin": False},
         ppo={"total_updates": size.ppo_updates, "rollout_batch_size": size.ppo_batch, "num_ppo_epochs": 4,

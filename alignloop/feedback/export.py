@@ -1,9 +1,12 @@
 """Turn judgements into the datasets the trainers read (TRL formats).
 
-* preference: `{"prompt", "chosen", "rejected", "margin"}` from pairwise judgements (margin from strength through
-  the data contract, `alignloop.data.strength_to_margin`: Llama 2's small-margin table, significantly_better 1.0,
-  better 2/3, slightly_better 1/3, negligibly_better 0.0) or from rankings (every pair with different ranks; margin
-  0.0).
+* preference: `{"prompt", "chosen", "rejected", "margin", "pair_weight", "group"}` from pairwise judgements (margin
+  from strength through the data contract, `alignloop.data.strength_to_margin`: Llama 2's small-margin table,
+  significantly_better 1.0, better 2/3, slightly_better 1/3, negligibly_better 0.0) or from rankings (every pair with
+  different ranks; margin 0.0). `group` and `pair_weight` are the data contract's (`groups_to_rows`): rows of one
+  group are adjacent and read back as one batch element (kept on one side of a held-out split). Pairwise: a group per
+  prompt, each row weighted 1/(the prompt's rows), so a prompt counts once however many of its pairs were labeled
+  (like a ranking's 1/C(K,2)); rank: a group per ranking, each pair 1/C(K,2), as the ranking row reads.
 * ranking: `{"prompt", "completions", "ranking"}` (rank 1 = best, ties share a rank).
 * unpaired: `{"prompt", "completion", "label"}` (bool): thumbs; Likert >= `likert_threshold`; pairwise chosen True /
   rejected False; rank first True / last False.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from statistics import mean, median
 from typing import Any
 
-from alignloop.data import strength_to_margin
+from alignloop.data import ranking_pair_weight, strength_to_margin
 from alignloop.errors import UserError
 
 from . import quality
@@ -107,12 +110,33 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
         votes = _consensus_votes(p.task_type, by_item, opts, summary)
     texts = _Texts(*store.prompts_and_completions(p.id))
     rows_of = _ROWS[p.task_type]
-    rows: list[dict] = []
-    for item, v in votes:
-        rows += rows_of(texts, item, v, opts, summary["dropped"])
+    voted = [(item, rows_of(texts, item, v, opts, summary["dropped"])) for item, v in votes]
+    if opts.format == "preference":
+        rows = _grouped_pairs(p.task_type, voted)
+    else:
+        rows = [r for _, item_rows in voted for r in item_rows]
     summary["rows"] = len(rows)
     summary["dropped"] = dict(summary["dropped"])
     return rows, summary
+
+
+def _grouped_pairs(task_type: str, voted: list[tuple[dict, list[dict]]]) -> list[dict]:
+    """Preference rows with the data contract's `group` (numbered from 0, rows of a group adjacent) and
+    `pair_weight`: pairwise, one group per prompt, 1/(its rows) each; rank, one group per ranking, 1/C(K,2) each."""
+    groups: dict[Any, list[dict]] = {}
+    weights: dict[Any, float] = {}
+    for n, (item, item_rows) in enumerate(voted):
+        if not item_rows:
+            continue
+        key = item["prompt_id"] if task_type == "pairwise" else n
+        groups.setdefault(key, []).extend(item_rows)
+        if task_type != "pairwise":
+            weights[key] = ranking_pair_weight(len(item["completion_ids"]))
+    out = []
+    for g, (key, group_rows) in enumerate(groups.items()):
+        w = weights.get(key, 1.0 / len(group_rows))
+        out += [{**r, "pair_weight": w, "group": g} for r in group_rows]
+    return out
 
 
 # Rows of one vote per task type: (texts, item record, vote, options, dropped counter) -> rows

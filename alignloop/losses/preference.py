@@ -23,18 +23,29 @@ def center_rewards_penalty(chosen_scores: torch.Tensor, rejected_scores: torch.T
     return (chosen_scores + rejected_scores).pow(2)
 
 
-def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Listwise Plackett-Luce negative log-likelihood of the given order -> [B].
+def plackett_luce_loss(scores: torch.Tensor, valid: torch.Tensor | None = None,
+                       ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise Plackett-Luce negative log-likelihood of a ranking -> [B].
 
-    scores [B, K] are ordered best first; valid [B, K] marks real completions (a prompt may have fewer than K).
-    NLL = Σ_i [logsumexp(s_i..s_K) - s_i] over valid positions i, the last one contributing 0."""
+    scores [B, K]; valid [B, K] marks real completions (a prompt may have fewer than K); ranks [B, K] the labeler's
+    ranks (1 = best, equal = tied), None = the positions' order (scores best first, a strict order).
+    NLL = Σ_i [log(exp(s_i) + Σ_{j ranked below i} exp(s_j)) - s_i] over valid i: in a strict order the usual
+    Σ_i [logsumexp(s_i..s_K) - s_i], the last one contributing 0. Tie model: tied completions are left out of each
+    other's denominators, so a tie asserts no order between them (the same term whichever of them came first; a
+    ranking where all are tied costs 0) and everything ranked below them is still below each of them. Rankings of
+    the form [1, 2, ..., 2] (one best, the rest unordered) give Ziegler et al.'s best-of-K loss."""
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
-    neg_inf = torch.finfo(scores.dtype).min
-    s = scores.masked_fill(~valid, neg_inf)
-    # logcumsumexp from the right: log Σ_{j>=i} exp(s_j)
-    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
-    return ((tail - s) * valid.to(scores.dtype)).sum(-1)
+    k = scores.shape[-1]
+    if ranks is None:
+        ranks = torch.arange(k, device=scores.device).expand(scores.shape)
+    s = scores.masked_fill(~valid, 0.0)  # padding never reaches a denominator; this keeps it finite
+    # competes[b, i, j]: j is in the denominator of i's place: i itself, or a real completion ranked below i
+    below = ranks[..., None, :] > ranks[..., :, None]
+    competes = (below & valid[..., None, :]) | torch.eye(k, dtype=torch.bool, device=scores.device)
+    expanded = s[..., None, :].expand(*s.shape, k)
+    denom = torch.logsumexp(expanded.masked_fill(~competes, torch.finfo(s.dtype).min), dim=-1)
+    return ((denom - s) * valid.to(s.dtype)).sum(-1)
 
 
 def best_of_k_loss(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

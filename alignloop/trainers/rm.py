@@ -3,18 +3,26 @@
     RewardTrainer(model="path", args=RewardConfig(output_dir="runs/rm"), train_dataset="pairs.jsonl").train()
     alignloop rm --model path --train-file pairs.jsonl --output-dir runs/rm
 
-One batch element is one prompt's *group* of comparisons: a plain pair, or all K(K-1)/2 pairs of a ranking of K,
-each pair weighted 1/C(K,2) (InstructGPT), so a prompt with many completions does not dominate. Each distinct
-completion of a group is scored once (K forward sequences for a ranking, not K(K-1)).
+One batch element is one prompt's *group* of comparisons: a plain pair, all K(K-1)/2 pairs of a ranking of K, each
+pair weighted 1/C(K,2) (InstructGPT), so a prompt with many completions does not dominate, or flat pairs that share a
+`group` (each with its `pair_weight`). Each distinct completion of a group is tokenised and scored once
+(`tokenize_rankings`: one truncation per group, the prompt cut to fit the longest completion, so a completion has one
+score whichever pair it is in), K forward sequences for a ranking, not K(K-1).
 
 Losses (pure functions in alignloop.losses):
   bradley_terry: -log σ(r_chosen - r_rejected - margin); a tie pair (include_ties) gets the symmetric
                  ½[-log σ(d) - log σ(-d)], which pulls the two scores together.
-  plackett_luce: listwise NLL of the group's full order (groups of one pair reduce to Bradley-Terry).
-The loss of a global batch is Σ_groups Σ_pairs weight·loss / (number of groups in the global batch), identical
-whatever the split into processes and accumulation steps. The score is read at each sequence's last real token.
+  plackett_luce: listwise NLL of the ranking the labeler gave (its ranks, not an order rebuilt from the pairs); tied
+                 completions are left out of each other's denominators (no order asserted between them).
+  best_of_k:     Ziegler et al. 2019: -log softmax over the group's K completions at the one ranked first (best-of-K
+                 rows `best`, or a ranking's first place; the order below it is not used). Tied firsts: one term each,
+                 the other tied firsts left out of its softmax (the tie model of plackett_luce).
+  The listwise losses apply to groups with a ranking of 3 or more completions, one term per group (weight 1);
+  a single pair (where both reduce to Bradley-Terry) and flat pairs without a ranking train pairwise, as above.
+The loss of a global batch is Σ_groups loss / (number of groups in the global batch), identical whatever the split
+into processes and accumulation steps. The score is read at each sequence's last real token.
 
-Shapes: G = groups in a micro-batch, S = distinct sequences in it, T = padded length, P = pairs.
+Shapes: G = groups in a micro-batch, N = distinct sequences in it, T = padded length, P = pairs, K = completions.
 """
 from __future__ import annotations
 
@@ -24,9 +32,9 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop.data import load_preferences, pad_batch, tokenize_preferences
+from alignloop.data import RankingCollator, load_preferences, tokenize_rankings
 from alignloop.errors import ConfigError
-from alignloop.losses import bradley_terry_loss, center_rewards_penalty, plackett_luce_loss
+from alignloop.losses import best_of_k_loss, bradley_terry_loss, center_rewards_penalty, plackett_luce_loss
 from alignloop.models import RewardModel
 from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
@@ -51,16 +59,20 @@ class RewardConfig(TrainingArgs):
         "help": "Starting point: a causal LM (e.g. the SFT model; a scalar head is added) or a sequence classifier "
                 "with one output, as a hub id or a local folder."})
     train_file: str | None = field(default=None, metadata={
-        "help": "Preferences: prompt/chosen/rejected [+margin or strength] (TRL format, conversational too), or "
-                "rankings prompt/completions/ranking."})
+        "help": "Preferences: prompt/chosen/rejected [+margin or strength] (TRL format, conversational too; rows "
+                "sharing a `group` train together, each weighted by its `pair_weight`), rankings "
+                "prompt/completions/ranking, or best-of-K prompt/completions/best."})
     eval_file: str | None = field(default=None, metadata={"help": "Held-out preferences (same formats)."})
     output_dir: str = field(default="runs/rm", metadata={"help": "Where checkpoints, metrics and the final model go."})
-    loss: Literal["bradley_terry", "plackett_luce"] = field(default="bradley_terry", metadata={
-        "help": "bradley_terry (pairwise, with margins) or plackett_luce (listwise over a ranking's full order)."})
+    loss: Literal["bradley_terry", "plackett_luce", "best_of_k"] = field(default="bradley_terry", metadata={
+        "help": "bradley_terry (pairwise, with margins), plackett_luce (listwise over a ranking's order; tied "
+                "completions unordered) or best_of_k (Ziegler et al.: softmax over the K completions for the one "
+                "ranked first). The listwise losses apply to rankings of 3 or more; other groups train pairwise."})
     use_margin: bool = field(default=True, metadata={
         "help": "Subtract each pair's margin (from the data's margin or strength) inside the Bradley-Terry loss."})
     include_ties: bool = field(default=False, metadata={
-        "help": "Keep tied pairs of rankings and train their scores towards equality (default: skip them)."})
+        "help": "Keep tied pairs and train their scores towards equality in the pairwise loss (default: skip them); "
+                "the listwise losses take ties from the ranking itself."})
     strength_margins: Literal["small", "large"] = field(default="small", metadata={
         "help": "Llama 2's table turning a strength label into a margin: small (1, 2/3, 1/3, 0) or large "
                 "(3, 2, 1, 0)."})
@@ -74,61 +86,48 @@ class RewardConfig(TrainingArgs):
                 "of a completion no longer depends on a random mask."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss == "plackett_luce" and self.include_ties:
-            raise ConfigError("loss 'plackett_luce' needs a strict order: include_ties must be false")
-
 
 # ---------------------------------------------------------------- pieces
-def group_sequences(group: dict[str, Any]) -> tuple[list[list[int]], list[tuple[int, int, float, bool]]]:
-    """Distinct token sequences of a tokenised group and its pairs as (chosen index, rejected index, margin, tie)."""
-    seqs: list[list[int]] = []
-    index: dict[tuple[int, ...], int] = {}
-
-    def idx(ids: list[int]) -> int:
-        key = tuple(ids)
-        if key not in index:
-            index[key] = len(seqs)
-            seqs.append(ids)
-        return index[key]
-
-    pairs = [(idx(p["chosen_input_ids"]), idx(p["rejected_input_ids"]), p["margin"], p["tie"]) for p in group["pairs"]]
-    return seqs, pairs
+LISTWISE = ("plackett_luce", "best_of_k")
+# what the loss reads of a RankingCollator batch (labels and position ids stay on the host)
+BATCH_KEYS = ("input_ids", "attention_mask", "chosen_index", "rejected_index", "margin", "pair_weight", "tie",
+              "pair_group_index", "order", "ranks", "valid")
 
 
-def order_from_pairs(n: int, pairs: list[tuple[int, int, float, bool]]) -> list[int]:
-    """Best-first order of a group's sequences by number of wins (the ranking's order for complete rankings)."""
-    wins = [0] * n
-    for c, _, _, _ in pairs:
-        wins[c] += 1
-    return sorted(range(n), key=lambda i: -wins[i])
+def best_of_k_terms(scores: torch.Tensor, valid: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """`best_of_k_loss` of each group [G] from its scores best first [G, K] (`valid`, `ranks` as a RankingCollator
+    gives them): the pick is the completion ranked first; tied firsts each give a term with the other tied firsts
+    left out of the softmax."""
+    first = valid & (ranks == ranks[:, :1])
+    group, pick = first.nonzero(as_tuple=True)
+    others = first[group] & (torch.arange(scores.shape[1], device=scores.device) != pick[:, None])
+    terms = best_of_k_loss(scores[group], pick, valid[group] & ~others)
+    return scores.new_zeros(scores.shape[0]).index_add(0, group, terms)
 
 
-def group_losses(scores: torch.Tensor, offsets: list[int], groups: list[tuple[list, list]], weights: list[float],
-                 loss_type: str, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted loss of each group [G] from the scores of all distinct sequences [S], plus per-pair statistics
-    (for accuracy and margin metrics over non-tie pairs) and each group's centring term `center` [G] (its pairs'
-    (r_c + r_r)², weighted as the group's pairs are: for one pair per group, their mean is TRL's term)."""
-    losses, diffs, is_tie, centers = [], [], [], []
-    for (seqs, pairs), w, off in zip(groups, weights, offsets, strict=True):
-        c = torch.tensor([p[0] + off for p in pairs], device=scores.device)
-        r = torch.tensor([p[1] + off for p in pairs], device=scores.device)
-        margin = torch.tensor([p[2] for p in pairs], device=scores.device, dtype=scores.dtype)
-        tie = torch.tensor([p[3] for p in pairs], device=scores.device)
-        diffs.append(scores[c] - scores[r])
-        is_tie.append(tie)
-        centers.append(w * center_rewards_penalty(scores[c], scores[r]).sum())
-        if loss_type == "plackett_luce" and len(seqs) > 2:
-            order = torch.tensor(order_from_pairs(len(seqs), pairs), device=scores.device) + off
-            losses.append(plackett_luce_loss(scores[order][None])[0])
-            continue
-        bt = bradley_terry_loss(scores[c], scores[r], margin if use_margin else None)
-        # ties: symmetric loss pulls the two scores together
-        sym = 0.5 * (bradley_terry_loss(scores[c], scores[r]) + bradley_terry_loss(scores[r], scores[c]))
-        losses.append(w * torch.where(tie, sym, bt).sum())
-    return torch.stack(losses), {"diff": torch.cat(diffs).detach(), "tie": torch.cat(is_tie),
-                                 "center": torch.stack(centers)}
+def group_losses(scores: torch.Tensor, batch: dict[str, torch.Tensor], loss_type: str,
+                 use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of each group [G] from the scores [N] of the distinct completions of a `RankingCollator` batch, plus
+    per-pair statistics (for accuracy and margin metrics over non-tie pairs) and each group's centring term `center`
+    [G] (its pairs' (r_c + r_r)², weighted as the group's pairs are: for one pair per group, their mean is TRL's term).
+    Pairwise: Σ_pairs pair_weight · loss. Listwise (`LISTWISE`): a group with a ranking of 3 or more completions takes
+    the listwise term instead; the others stay pairwise."""
+    c, r = scores[batch["chosen_index"]], scores[batch["rejected_index"]]
+    w, tie, group = batch["pair_weight"], batch["tie"], batch["pair_group_index"]
+    n_groups = batch["valid"].shape[0]
+    bt = bradley_terry_loss(c, r, batch["margin"] if use_margin else None)
+    # ties: symmetric loss pulls the two scores together
+    sym = 0.5 * (bradley_terry_loss(c, r) + bradley_terry_loss(r, c))
+    losses = scores.new_zeros(n_groups).index_add(0, group, w * torch.where(tie, sym, bt))
+    center = scores.new_zeros(n_groups).index_add(0, group, w * center_rewards_penalty(c, r))
+    if loss_type in LISTWISE:
+        rows = (batch["valid"].sum(-1) >= 3).nonzero(as_tuple=True)[0]
+        if len(rows):
+            s, valid, ranks = scores[batch["order"][rows]], batch["valid"][rows], batch["ranks"][rows]
+            term = (plackett_luce_loss(s, valid, ranks) if loss_type == "plackett_luce"
+                    else best_of_k_terms(s, valid, ranks))
+            losses = losses.index_copy(0, rows, term)
+    return losses, {"diff": (c - r).detach(), "tie": tie, "center": center}
 
 
 class RewardTrainer:
@@ -154,20 +153,20 @@ class RewardTrainer:
         a = self.args
         groups, stats = load_preferences(source, tokenizer=tokenizer, include_ties=a.include_ties,
                                          margins=a.strength_margins, skip_bad_rows=a.skip_bad_rows)
-        tokenized, tstats = tokenize_preferences(groups, tokenizer, max_length=a.max_length, truncation=a.truncation,
-                                                 add_eos=a.add_eos)
-        return [(group_sequences(g), g["pair_weight"]) for g in tokenized], stats, tstats
+        tokenized, tstats = tokenize_rankings(groups, tokenizer, max_length=a.max_length, truncation=a.truncation,
+                                              add_eos=a.add_eos)
+        return [g for g in tokenized if g["pairs"]], stats, tstats  # all tied (ties skipped): nothing to learn
 
     def train(self) -> TrainResult:
         a = self.args
         run = prepare_run(a, "rm")
         acc = run.accelerator
         tokenizer = resolve_tokenizer(self.model_arg, self.tokenizer, padding_side="right")
-        # each example: (distinct sequences, pairs), pair weight
+        # each example: one group, each distinct completion once (tokenize_rankings)
         train_ex, eval_ex, stats, tstats = train_and_eval_examples(
             lambda source: self._tokenize(source, tokenizer), self.train_source, self.eval_source, a, "pairs")
         run.log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
-                     sum(len(e[0][1]) for e in train_ex))
+                     sum(len(e["pairs"]) for e in train_ex))
 
         # ---- model, optimizer, schedule
         model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
@@ -181,18 +180,14 @@ class RewardTrainer:
         logger, progress = opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
         step, epoch, pos = opt.step, opt.epoch, opt.pos
-        pad_id = tokenizer.pad_token_id
+        # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
+        collate = RankingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
 
         def forward(examples: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            groups = [e[0] for e in examples]
-            offsets, seqs = [], []
-            for g_seqs, _ in groups:
-                offsets.append(len(seqs))
-                seqs.extend(g_seqs)
-            # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
-            ids, mask = (t.to(acc.device) for t in pad_batch(seqs, pad_id, multiple=8))
-            scores = model(ids, mask).float()
-            return group_losses(scores, offsets, groups, [e[1] for e in examples], a.loss, a.use_margin)
+            batch = collate(examples)
+            b = {k: batch[k].to(acc.device) for k in BATCH_KEYS}
+            scores = model(b["input_ids"], b["attention_mask"]).float()
+            return group_losses(scores, b, a.loss, a.use_margin)
 
         def evaluate() -> dict[str, float]:
             model.eval()

@@ -75,6 +75,22 @@ def test_ranking_bad_rows(tmp_path):
     assert "index 4, field 'ranking'" in stats.errors[3]
 
 
+def test_best_of_k_bad_rows(tmp_path):
+    path = tmp_path / "best.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "p", "completions": ["a", "b", "c"], "best": 2},
+        {"prompt": "p", "completions": ["a", "b", "c"], "best": 3},
+        {"prompt": "p", "completions": ["a", "b"], "best": "a"},
+        {"prompt": "p", "completions": ["a", "b"], "best": True},
+    ]))
+    groups, stats = load_preferences(path, skip_bad_rows=True)
+    assert stats.bad_rows == 3 and groups[0].ranking == [2, 2, 1]
+    assert stats.errors[0].endswith("best.jsonl line 2, field 'best': expected the index of the best completion, an "
+                                    "integer 0..2, got 3")
+    assert "line 3, field 'best'" in stats.errors[1] and "got \"a\"" in stats.errors[1]
+    assert "line 4, field 'best'" in stats.errors[2]
+
+
 def test_csv_bad_rows_name_the_line(tmp_path):
     path = tmp_path / "u.csv"
     path.write_text('prompt,completion,label\nP,a,true\nP,b,maybe\n"multi\nline",c,false\nP,d\n')

@@ -43,6 +43,9 @@ CASES = {
     "ranking": ([{"prompt": "P", "completions": ["a", "b", "c"], "ranking": [2, 1, 3]}], "ranking",
                 [PreferenceGroup("P", [Pair("b", "a"), Pair("a", "c"), Pair("b", "c")], 1 / 3, ["a", "b", "c"],
                                  [2, 1, 3])]),
+    # best of K (Ziegler et al.): the pick first, the others tied below it
+    "ranking_best": ([{"prompt": "P", "completions": ["a", "b", "c"], "best": 1}], "ranking",
+                     [PreferenceGroup("P", [Pair("b", "a"), Pair("b", "c")], 1 / 3, ["a", "b", "c"], [2, 1, 2])]),
     "ranking_conv": ([{"prompt": [U], "completions": [[A1], [A2]], "ranking": [2, 1]}], "ranking",
                      [PreferenceGroup([U], [Pair([A2], [A1])], 1.0, [[A1], [A2]], [2, 1])]),
     "unpaired": ([{"prompt": "P", "completion": " a", "label": True}, {"prompt": "P", "completion": " b",
@@ -127,6 +130,7 @@ def test_detect_kind():
     assert detect_kind(["prompt", "chosen", "rejected"]) == "preference"
     assert detect_kind(["chosen", "rejected"]) == "preference"
     assert detect_kind(["prompt", "completions", "ranking"]) == "ranking"
+    assert detect_kind(["prompt", "completions", "best"]) == "ranking"
     assert detect_kind(["prompt", "completion", "label"]) == "unpaired"
     assert detect_kind(["messages"]) == "sft"
     assert detect_kind(["text", "id"]) == "sft"

@@ -244,6 +244,7 @@ def test_ranking_collator_scores_each_completion_once(plain_tok):
     assert b["chosen_index"].tolist() == [1, 0, 1, 3] and b["rejected_index"].tolist() == [0, 2, 2, 4]
     assert b["pair_weight"].tolist() == pytest.approx([1 / 3] * 3 + [1.0]) and b["margin"].tolist()[-1] == 1.0
     assert b["order"].tolist() == [[1, 0, 2], [3, 4, 0]] and b["valid"].tolist() == [[True] * 3, [True, True, False]]
+    assert b["ranks"].tolist() == [[1, 2, 3], [1, 2, 0]]  # in `order`'s order: the ranking's ranks, ties kept
 
     # the same pairwise comparisons as the PreferenceCollator batch, with any per-sequence score
     def score(batch):

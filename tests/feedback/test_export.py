@@ -231,3 +231,142 @@ def test_export_then_alignloop_rm_trains(store, tmp_path):
                                  "--no-tensorboard"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rm" / "final").is_dir()
+
+
+# ---------------------------------------------------------------- pairwise groups and weights (issue 11, item 13)
+QUALITY = {"good": 3, "fine": 2, "poor": 1}
+
+
+def _by_quality(view, a):
+    """Pick the completion whose text's first word ranks higher in QUALITY."""
+    left, right = (QUALITY[c["text"].split()[0]] for c in view["completions"])
+    return {"choice": "left" if left > right else "right", "strength": "better"}
+
+
+def _pairwise_k(store, name, prompts, labelers=("a",)):
+    """A pairwise project with 3 completions per prompt (3 items each) and one with 2 (1 item), all labeled."""
+    store.create_project(name, "pairwise", overlap_k=len(labelers))
+    store.import_records(name, [{"prompt": p, "completions": [f"good {p}", f"fine {p}", f"poor {p}"]} for p in prompts]
+                         + [{"prompt": "two", "completions": ["good two", "poor two"]}])
+    for who in labelers:
+        _judge(store, name, store.add_labeler(f"{name}-{who}", PW), _by_quality)
+    return store
+
+
+@pytest.mark.parametrize("mode", ["consensus", "all"])
+def test_pairwise_export_groups_pairs_per_prompt(store, mode):
+    """Each prompt's pairs share a `group` (rows adjacent) and weights summing to 1 (1/3 for three pairs, 1/6 for
+    three pairs labeled twice in mode all); read back, each prompt is one group with that pair_weight. Before: flat
+    rows (no group, no pair_weight): 4 groups of weight 1 (8 in mode all)."""
+    from alignloop import data
+
+    _pairwise_k(store, "pk", ["p1"], labelers=("a", "b"))
+    rows, _ = export_records(store, "pk", ExportOptions(format="preference", mode=mode, include_gold=True,
+                                                        exclude_flagged=False))
+    per_prompt = 3 if mode == "consensus" else 6
+    assert len(rows) == per_prompt + per_prompt // 3
+    groups = [r["group"] for r in rows]
+    assert groups == sorted(groups)  # rows of a group are adjacent
+    by_group = {g: [r for r in rows if r["group"] == g] for g in groups}
+    assert [{json.dumps(r["prompt"]) for r in rs} for rs in by_group.values()] == [{'"p1"'}, {'"two"'}]
+    assert [sum(r["pair_weight"] for r in rs) for rs in by_group.values()] == pytest.approx([1.0, 1.0])
+    assert [r["pair_weight"] for r in by_group[groups[0]]] == pytest.approx([1 / per_prompt] * per_prompt)
+    read, _ = data.load_preferences(rows)
+    assert [(g.prompt, len(g.pairs), g.pair_weight) for g in read] == [
+        ("p1", per_prompt, pytest.approx(1 / per_prompt)), ("two", per_prompt // 3, pytest.approx(3 / per_prompt))]
+
+
+def test_rank_project_preference_export_keeps_the_ranking_group(store):
+    """A rank project's pairs, exported as preference rows, are one group per ranking weighted 1/C(K,2), as the
+    ranking row reads."""
+    from alignloop import data
+
+    store.create_project("rk", "rank", overlap_k=1)
+    store.import_records("rk", [{"prompt": "p", "completions": ["best", "mid", "worst"]},
+                                {"prompt": "q", "completions": ["best", "worst"]}])
+    order = {"best": 1, "mid": 2, "worst": 3}
+
+    def rank(view, a):
+        texts = sorted((c["text"] for c in view["completions"]), key=order.get)
+        return {f"rank_{i}": str(1 + texts.index(c["text"])) for i, c in enumerate(view["completions"])}
+
+    _judge(store, "rk", store.add_labeler("a", PW), rank)
+    rows, _ = export_records(store, "rk", ExportOptions(format="preference", exclude_flagged=False))
+    assert [(r["prompt"], r["group"]) for r in rows] == [("p", 0)] * 3 + [("q", 1)]
+    assert [r["pair_weight"] for r in rows] == pytest.approx([1 / 3] * 3 + [1.0])
+    ranked, _ = data.load_preferences(export_records(store, "rk", ExportOptions(format="ranking"))[0])
+    read, _ = data.load_preferences(rows)
+    assert [(g.prompt, g.pair_weight, set(g.pairs)) for g in read] == [
+        (g.prompt, g.pair_weight, set(g.pairs)) for g in ranked]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(300), vocab_size=300)
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("rm_base"), tokenizer=tok, n_layer=1, n_embd=32,
+                                     n_head=2))
+
+
+def test_exported_pair_weights_are_the_rm_loss_weights(store, tmp_path, tiny_rm):
+    """`alignloop rm` on the export: the first step's loss (one batch, both prompts) is the weighted mean
+    [Σ_p1 (1/3)·BT + BT_two] / 2, BT = -log σ(r_chosen - r_rejected - 2/3) from the scores before training.
+    Before (flat rows): the plain mean over the 4 pairs (1.5036 against 1.7824 here)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from alignloop import data
+    from alignloop.models import RewardModel, load_tokenizer
+    from alignloop.trainers.rm import RewardConfig, RewardTrainer
+
+    _pairwise_k(store, "pk", ["p1"])
+    rows, _ = export_records(store, "pk", ExportOptions(format="preference", exclude_flagged=False))
+    path = data.write_rows(rows, tmp_path / "prefs.jsonl")
+    tok = load_tokenizer(tiny_rm)
+    torch.manual_seed(0)
+    model = RewardModel.from_pretrained(tiny_rm)
+    before = copy.deepcopy(model).eval()
+
+    def score(prompt, completion):
+        (ids,) = data.reward_input_ids(tok, [prompt], [completion])
+        with torch.no_grad():
+            return before(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+
+    bt = {r["chosen"] + r["rejected"]: -F.logsigmoid(torch.tensor(score(r["prompt"], r["chosen"])
+                                                                  - score(r["prompt"], r["rejected"]) - 2 / 3)).item()
+          for r in rows}
+    assert [r["margin"] for r in rows] == pytest.approx([2 / 3] * 4)
+    weighted = (sum(v for k, v in bt.items() if "p1" in k) / 3 + bt["good twopoor two"]) / 2
+    cfg = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=1e-3, num_epochs=1, per_device_batch_size=2,
+                       max_length=64, progress=False, tensorboard=False, logging_steps=1)
+    res = RewardTrainer(model=model, args=cfg, train_dataset=str(path), tokenizer=tok).train()
+    assert res.steps == 1
+    assert res[0]["loss/rm"] == pytest.approx(weighted, rel=1e-4)
+    assert abs(weighted - sum(bt.values()) / 4) > 1e-3  # the flat mean is another number
+
+
+def test_held_out_split_keeps_a_prompts_pairs_together(store, tmp_path, tiny_rm):
+    """`alignloop rm --eval-fraction 0.5` on a pairwise export of 6 prompts x 3 pairs (+ one of 1 pair): every
+    prompt's pairs fall on one side. Before: 19 one-pair groups split at random, prompts on both sides."""
+    from alignloop import data
+    from alignloop.models import load_tokenizer
+    from alignloop.trainers.rm import RewardConfig, RewardTrainer
+    from alignloop.training.run import train_and_eval_examples
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    _pairwise_k(store, "pk", prompts)
+    rows, _ = export_records(store, "pk", ExportOptions(format="preference", exclude_flagged=False))
+    path = str(data.write_rows(rows, tmp_path / "prefs.jsonl"))
+    tok = load_tokenizer(tiny_rm)
+    cfg = RewardConfig(model=tiny_rm, output_dir=str(tmp_path / "rm"), eval_fraction=0.5, max_length=64)
+    trainer = RewardTrainer(args=cfg, train_dataset=path, tokenizer=tok)
+    train, held, _, _ = train_and_eval_examples(lambda s: trainer._tokenize(s, tok), path, None, cfg, "pairs")
+
+    def prompts_of(examples):
+        return [tok.decode(g["input_ids"][0][:g["prompt_length"]]) for g in examples]
+
+    assert sorted(prompts_of(train) + prompts_of(held)) == sorted(prompts + ["two"])  # one example per prompt
+    assert not set(prompts_of(train)) & set(prompts_of(held)) and held

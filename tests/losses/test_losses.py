@@ -255,6 +255,56 @@ def test_plackett_luce_prefers_correct_order():
     torch.autograd.gradcheck(plackett_luce_loss, (torch.randn(3, 4, dtype=torch.float64, requires_grad=True),))
 
 
+def test_plackett_luce_ties_by_hand():
+    """Tie model: tied completions are left out of each other's denominators. Ranks [1, 1, 2], scores [1, 1, 0]:
+    each tied first competes only with the third: 2·[lse(1, 0) - 1] = 2·log(1 + e⁻¹) = 2·0.313262 = 0.626523 (the
+    strict order 1 > 2 > 3, which the pairs' win counts gave: [lse(1,1,0) - 1] + [lse(1,0) - 1] = 0.861995 +
+    0.313262 = 1.175257). Ranks [1, 2, 2] on [0, ln 3, 0] ordered [2, 1, 2]: only the first has a term,
+    lse(0, ln 3, 0) - ln 3 = -ln(3/5) = 0.510826, Ziegler's best-of-K loss."""
+    tie = plackett_luce_loss(T([[1.0, 1.0, 0.0]]), ranks=T([[1, 1, 2]]))
+    assert tie.item() == pytest.approx(2 * math.log(1 + math.exp(-1)), abs=1e-6)
+    assert plackett_luce_loss(T([[1.0, 1.0, 0.0]])).item() == pytest.approx(1.175257, abs=1e-5)
+    best = plackett_luce_loss(T([[0.0, math.log(3), 0.0]]), ranks=T([[2, 1, 2]]))
+    assert best.item() == pytest.approx(-math.log(0.6), abs=1e-6)
+    assert best.item() == pytest.approx(best_of_k_loss(T([[0.0, math.log(3), 0.0]]), T([1])).item(), abs=1e-6)
+    # all tied: no order asserted, loss 0; a padded slot with a large score is ignored
+    assert plackett_luce_loss(T([[3.0, -1.0, 0.5]]), ranks=T([[1, 1, 1]])).item() == 0.0
+    padded = plackett_luce_loss(T([[1.0, 1.0, 0.0, 50.0]]), T([[True, True, True, False]]), T([[1, 1, 2, 0]]))
+    assert padded.item() == pytest.approx(tie.item(), abs=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=2, max_size=5), st.randoms(use_true_random=False))
+def test_plackett_luce_ranks_properties(ranks, rnd):
+    """With ranks the positions' order does not matter; strict ranks equal the best-first form; lowering the
+    score of a completion ranked last (below some other) never raises the loss."""
+    g = torch.Generator().manual_seed(rnd.randint(0, 2**31))
+    s = torch.randn(1, len(ranks), generator=g, dtype=torch.float64)
+    r = T([ranks])
+    perm = torch.randperm(len(ranks), generator=g)
+    loss = plackett_luce_loss(s, ranks=r)
+    assert plackett_luce_loss(s[:, perm], ranks=r[:, perm]).item() == pytest.approx(loss.item(), abs=1e-9)
+    order = torch.argsort(s[0], descending=True)
+    assert plackett_luce_loss(s[:, order]).item() == pytest.approx(
+        plackett_luce_loss(s[:, order], ranks=torch.arange(1, len(ranks) + 1)[None]).item(), abs=1e-9)
+    worst = int(torch.argmax(r[0]))
+    if (r[0] < r[0, worst]).any():
+        lower = s.clone()
+        lower[0, worst] -= 1.0
+        assert plackett_luce_loss(lower, ranks=r).item() <= loss.item() + 1e-12
+
+
+def test_plackett_luce_ties_gradient():
+    """Tied completions get no gradient from each other: with ranks [1, 1, 2] the two firsts' gradients are each
+    -(1 - σ(s_i - s_3)), independent of the other tied score."""
+    s = T([[0.5, -0.25, 0.0]], requires_grad=True)
+    plackett_luce_loss(s, ranks=T([[1, 1, 2]])).sum().backward()
+    assert s.grad[0, 0].item() == pytest.approx(-(1 - sig(0.5)), abs=1e-6)
+    assert s.grad[0, 1].item() == pytest.approx(-(1 - sig(-0.25)), abs=1e-6)
+    torch.autograd.gradcheck(lambda x: plackett_luce_loss(x, ranks=T([[1, 1, 2, 3], [2, 1, 2, 2]])),
+                             (torch.randn(2, 4, dtype=torch.float64, requires_grad=True),))
+
+
 def test_best_of_k_by_hand():
     """Scores [0, ln 3, 0], best = 1: softmax p1 = 3/5; loss -ln 0.6 = 0.510826. Invalid slot excluded:
     scores [0, ln 3, 9] with slot 2 invalid -> p1 = 3/4 -> -ln 0.75 = 0.287682."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from trainer_data import write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignloop.trainers.rm import RewardConfig, RewardTrainer, group_sequences, order_from_pairs
+from alignloop.trainers.rm import RewardConfig, RewardTrainer, group_losses
 from alignloop.trainers.sft import SFTConfig, SFTTrainer, _batch_tensors, token_nll
 from alignloop.training import read_metrics
 
@@ -105,22 +105,141 @@ def test_rm_reaches_95_percent(tmp_path, base_model, pref_files):
 
 def test_rm_ranking_groups(tmp_path, base_model):
     """A ranking of K=3 is one batch element with 3 pairs weighted 1/3, scoring 3 distinct sequences."""
-    from alignloop.data import load_preferences, tokenize_preferences
+    from alignloop.data import RankingCollator, load_preferences, tokenize_rankings
     from alignloop.models import load_tokenizer
 
     f = write_jsonl(tmp_path / "rank.jsonl", [{"prompt": "p", "completions": [" great fun", " bad", " awful"],
                                                "ranking": [1, 2, 3]}])
     tok = load_tokenizer(base_model)
-    groups, _ = tokenize_preferences(load_preferences(f)[0], tok, max_length=32)
+    groups, _ = tokenize_rankings(load_preferences(f)[0], tok, max_length=32)
     assert len(groups) == 1 and groups[0]["pair_weight"] == pytest.approx(1 / 3)
-    seqs, pairs = group_sequences(groups[0])
-    assert len(seqs) == 3 and len(pairs) == 3
-    assert order_from_pairs(3, pairs) == [0, 1, 2]
+    assert len(groups[0]["input_ids"]) == 3 and len(groups[0]["pairs"]) == 3
+    b = RankingCollator(tok.pad_token_id)(groups)
+    assert b["order"].tolist() == [[0, 1, 2]] and b["ranks"].tolist() == [[1, 2, 3]]
     res = RewardTrainer(model=base_model, args=RewardConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-3,
                                                             num_epochs=1, loss="plackett_luce", **QUIET),
                         train_dataset=f).train()
     assert res.steps == 1
 
+
+def rm_batch(tok, rows, max_length=64):
+    """The collated batch `alignloop rm` builds from `rows` (load, tokenise each completion once, collate)."""
+    from alignloop.data import RankingCollator, load_preferences, tokenize_rankings
+
+    groups, _ = tokenize_rankings(load_preferences(rows)[0], tok, max_length=max_length)
+    return groups, RankingCollator(tok.pad_token_id)(groups)
+
+
+def rm_first_step(tmp_path, base_model, rows, max_length=64, **cfg):
+    """(the first step's logged loss/rm, the trainer's tokenised groups, each group's scores by the starting model)
+    for one batch holding every group of `rows`. Scores are computed one sequence at a time before training."""
+    import copy
+
+    from alignloop.models import RewardModel, load_tokenizer
+
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    tok = load_tokenizer(base_model)
+    torch.manual_seed(0)
+    model = RewardModel.from_pretrained(base_model)
+    before = copy.deepcopy(model).eval()
+    groups, _ = rm_batch(tok, rows, max_length)
+    with torch.no_grad():
+        scores = [[before(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+                   for ids in g["input_ids"]] for g in groups]
+    args = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=1e-3, num_epochs=1,
+                        per_device_batch_size=len(groups), max_length=max_length, **QUIET, **cfg)
+    res = RewardTrainer(model=model, args=args, train_dataset=f, tokenizer=tok).train()
+    assert res.steps == 1
+    return res[0]["loss/rm"], groups, scores
+
+
+def lse(*xs):
+    return torch.logsumexp(torch.tensor(xs, dtype=torch.float64), 0).item()
+
+
+# a long prompt (49 tokens) and completions of 5, 10 and 17 tokens with EOS: at max_length 40, cutting per pair gave
+# the prompt 30 tokens beside the two short ones and 23 beside the long one, so "great fun" and "bad and boring"
+# came twice each (5 sequences, ordered by the pairs' win counts)
+LONG_PROMPT = "the plot of this film was slow and the acting was dull but the music"
+TRUNCATED_RANKING = {"prompt": LONG_PROMPT, "ranking": [1, 2, 3],
+                     "completions": [" great fun", " bad and boring", " awful and dull and slow"]}
+
+
+def test_rm_plackett_luce_scores_each_completion_once_under_truncation(base_model):
+    """A K=3 ranking cut to max_length is 3 sequences on one prompt cut (the prompt's last 40 - 17 = 23 tokens),
+    and the listwise loss is Plackett-Luce over the ranking: scores [2, 1, 0] -> 0.720868 (by hand in
+    test_plackett_luce_by_hand). The old per-pair cut made 5 sequences; each scored as its text, their win-count
+    order [a, a, b, b, c] gave 2.856."""
+    from alignloop.models import load_tokenizer
+
+    tok = load_tokenizer(base_model)
+    (group,), b = rm_batch(tok, [TRUNCATED_RANKING], max_length=40)
+    prompt_ids = tok(LONG_PROMPT, add_special_tokens=False)["input_ids"]
+    assert len(group["input_ids"]) == 3 and group["prompt_length"] == 23
+    assert all(ids[:23] == prompt_ids[-23:] for ids in group["input_ids"])
+    losses, _ = group_losses(torch.tensor([2.0, 1.0, 0.0]), b, "plackett_luce", use_margin=True)
+    assert losses.tolist() == pytest.approx([0.720868], abs=1e-5)
+
+
+def test_rm_plackett_luce_loss_is_the_rankings(tmp_path, base_model):
+    """The first step's loss is Plackett-Luce of the ranking's three completions, from their scores before
+    training: [lse(a, b, c) - a] + [lse(b, c) - b]. (The old path, 5 sequences ordered by win counts, logged 5.42
+    here for 1.43.)"""
+    loss, groups, ((a, b, c),) = rm_first_step(tmp_path, base_model, [TRUNCATED_RANKING], max_length=40,
+                                               loss="plackett_luce")
+    assert len(groups[0]["input_ids"]) == 3
+    assert loss == pytest.approx(lse(a, b, c) - a + lse(b, c) - b, rel=1e-4)
+
+
+def test_rm_plackett_luce_ties_are_not_ordered(tmp_path, base_model):
+    """Ranking [1, 1, 2]: the tied firsts are left out of each other's denominators, so the first step's loss is
+    [lse(a, c) - a] + [lse(b, c) - b] (1.20 here); the old path trained the strict order a > b > c (win counts 1, 1,
+    0: 1.45)."""
+    rows = [{"prompt": "the film", "completions": [" great fun", " good fun", " awful"], "ranking": [1, 1, 2]}]
+    loss, _, ((a, b, c),) = rm_first_step(tmp_path, base_model, rows, loss="plackett_luce")
+    assert loss == pytest.approx(lse(a, c) - a + lse(b, c) - b, rel=1e-4)
+    assert abs(loss - (lse(a, b, c) - a + lse(b, c) - b)) > 0.1  # the strict order's loss is far off
+
+
+def test_rm_best_of_k_by_hand_through_the_trainer_path(base_model):
+    """`best` rows through the trainer's batch and loss: scores [0, ln 3, 0], best 1 -> -ln(3/5) = 0.510826
+    (Ziegler et al.'s softmax over K); a ranking's first place is the pick and the order below it is not used
+    (ranking [1, 2, 3] on [ln 3, 0, 0]: the same 0.510826); tied firsts [1, 1, 2] on [1, 1, 0]: one term each with
+    the other left out, 2·log(1 + e⁻¹) = 0.626523; a single pair stays Bradley-Terry with its margin:
+    -log σ(1 - 0 - 0.5) = 0.474077."""
+    import math
+
+    from alignloop.models import load_tokenizer
+
+    tok = load_tokenizer(base_model)
+    rows = [{"prompt": "p", "completions": [" bad", " great fun", " awful"], "best": 1},
+            {"prompt": "q", "completions": [" great", " bad", " awful"], "ranking": [1, 2, 3]},
+            {"prompt": "r", "completions": [" great", " fun", " awful"], "ranking": [1, 1, 2]},
+            {"prompt": "s", "chosen": " fun", "rejected": " dull", "margin": 0.5}]
+    batches = [rm_batch(tok, rows[:3])[1], rm_batch(tok, rows[3:])[1]]
+    scores = [torch.tensor([0.0, math.log(3), 0.0, math.log(3), 0.0, 0.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 0.0])]
+    losses = [group_losses(s, b, "best_of_k", use_margin=True)[0] for s, b in zip(scores, batches, strict=True)]
+    assert torch.cat(losses).tolist() == pytest.approx([0.510826, 0.510826, 0.626523, 0.474077], abs=1e-5)
+
+
+def test_rm_best_of_k_trains_on_best_rows(tmp_path, base_model):
+    """`loss="best_of_k"` on a best-of-4 row: the first step's loss is -log softmax(scores before training)[best]."""
+    rows = [{"prompt": "the film", "completions": [" bad", " dull", " great fun", " awful"], "best": 2}]
+    loss, _, (s,) = rm_first_step(tmp_path, base_model, rows, loss="best_of_k")
+    assert loss == pytest.approx(lse(*s) - s[2], rel=1e-4)
+
+
+def test_rm_cli_parses_best_of_k():
+    from click.testing import CliRunner
+
+    from alignloop.training.config import make_config_command
+
+    seen = {}
+    command = make_config_command("rm", RewardConfig, lambda c: seen.update(cfg=c), "test")
+    res = CliRunner().invoke(command, ["--model", "m", "--train-file", "best.jsonl", "--loss", "best_of_k"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].loss == "best_of_k"
+    assert CliRunner().invoke(command, ["--loss", "best_of_n"]).exit_code == 2
 
 
 def test_rm_center_rewards_term_is_mean_of_pair_sums_squared(tmp_path, base_model):
