@@ -51,6 +51,8 @@ tr.train()
 print(f"world={{tr.world}}")
 if tr.accelerator.is_main_process:
     torch.save(tr.model.state_dict(), {out!r} + "/weights.pt")
+if torch.distributed.is_initialized():  # an orderly gloo shutdown (a rank once aborted at exit without it)
+    torch.distributed.destroy_process_group()
 '''
 
 
