@@ -59,6 +59,7 @@ from alignloop.models.loading import (
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
+    reference_context,
     reference_mode,
     resolve_dtype,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "load_tokenizer",
     "model_forward",
     "position_ids_from_attention_mask",
+    "reference_context",
     "reference_mode",
     "resolve_dtype",
     "score_sequences",

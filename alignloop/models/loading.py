@@ -180,6 +180,27 @@ def _swapped_in(pairs: list[tuple[nn.Parameter, torch.Tensor]]):
             p.data = data
 
 
+def reference_context(model: nn.Module, ref_model: nn.Module | None, use_adapter: bool):
+    """A context whose value is the reference model of an offline trainer, in eval mode: `ref_model` when given;
+    else the LoRA policy's own reference (`reference_mode`); else the policy itself in eval mode, which is the
+    reference only before its first optimizer step (precomputed reference log-probs)."""
+    if ref_model is not None:
+        return contextlib.nullcontext(ref_model)
+    if use_adapter:
+        return reference_mode(model)
+    return _policy_as_reference(model)
+
+
+@contextlib.contextmanager
+def _policy_as_reference(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 @contextlib.contextmanager
 def reference_mode(model: nn.Module):
     """Use a LoRA policy as its own reference model: inside the block the model computes the reference, in eval

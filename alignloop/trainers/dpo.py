@@ -43,7 +43,6 @@ Choices (see the DPO section of the implementation-details reference):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -64,12 +63,19 @@ from alignloop.models import (
     has_adapter,
     keep_reference,
     load_causal_lm,
-    reference_mode,
+    reference_context,
     unwrap_model,
 )
 from alignloop.models.fast import CPU_SDPA, disable_dropout, is_wide, speed_up
 from alignloop.models.logps import completion_logps, lm_head_parts
-from alignloop.training import all_reduce_gradients, global_batches, micro_batches, optimizer_step, shard
+from alignloop.training import (
+    all_reduce_gradients,
+    computed_in_shards,
+    global_batches,
+    micro_batches,
+    optimizer_step,
+    shard,
+)
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -364,22 +370,8 @@ class DPOTrainer:
     # -- reference log-probs ------------------------------------------------------------------------------
 
     def _ref_context(self):
-        """A context whose value is the reference model, in eval mode, without gradients."""
-        if self.ref_model is not None:
-            return contextlib.nullcontext(self.ref_model)
-        if self.use_adapter:
-            return reference_mode(self.model)
-
-        @contextlib.contextmanager
-        def policy_as_reference():  # only valid before the first optimizer step (precomputation)
-            was = self.model.training
-            self.model.eval()
-            try:
-                yield self.model
-            finally:
-                self.model.train(was)
-
-        return policy_as_reference()
+        """A context whose value is the reference model, in eval mode (`models.reference_context`)."""
+        return reference_context(self.model, self.ref_model, self.use_adapter)
 
     def _batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         # a multiple of 8: fewer distinct shapes (oneDNN builds a kernel per new matmul shape, ~1 ms each)
@@ -424,16 +416,8 @@ class DPOTrainer:
         path = self._cache_path(examples)
         if path is not None and path.is_file():
             return torch.load(path)["ref_logps"]
-        mine = shard(list(range(len(examples))), self.rank, self.world)
-        part = self._ref_logps_for(examples, mine)
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            torch.distributed.all_gather_object(gathered, (mine, part))
-            full = torch.zeros(len(examples), 2)
-            for idx, vals in gathered:
-                full[idx] = vals
-        else:
-            full = part
+        full = computed_in_shards(len(examples), self.rank, self.world,
+                                  lambda mine: self._ref_logps_for(examples, mine))
         if path is not None and self.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

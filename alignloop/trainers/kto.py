@@ -44,7 +44,6 @@ Choices (TRL 1.16's KTOTrainer unless said otherwise):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -66,11 +65,12 @@ from alignloop.data import (
 from alignloop.data.errors import DataStats
 from alignloop.errors import ConfigError
 from alignloop.losses import kto_loss, kto_reference_point, masked_mean
-from alignloop.models import apply_lora, has_adapter, keep_reference, load_causal_lm, reference_mode
+from alignloop.models import apply_lora, has_adapter, keep_reference, load_causal_lm, reference_context
 from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.models.logps import completion_logps
 from alignloop.training import (
     all_reduce_gradients,
+    computed_in_shards,
     global_batches,
     micro_batches,
     optimizer_step,
@@ -295,22 +295,8 @@ class KTOTrainer:
                                                                "response_mask")}
 
     def _ref_context(self):
-        """A context whose value is the reference model, in eval mode, without gradients."""
-        if self.ref_model is not None:
-            return contextlib.nullcontext(self.ref_model)
-        if self.use_adapter:
-            return reference_mode(self.model)
-
-        @contextlib.contextmanager
-        def policy_as_reference():  # only valid before the first optimizer step (precomputation)
-            was = self.model.training
-            self.model.eval()
-            try:
-                yield self.model
-            finally:
-                self.model.train(was)
-
-        return policy_as_reference()
+        """A context whose value is the reference model, in eval mode (`models.reference_context`)."""
+        return reference_context(self.model, self.ref_model, self.use_adapter)
 
     @torch.inference_mode()
     def _ref_logps_for(self, examples: list[dict], indices: list[int]) -> torch.Tensor:
@@ -331,16 +317,8 @@ class KTOTrainer:
         does)."""
         if not examples:
             return torch.zeros(0, 2)
-        mine = shard(list(range(len(examples))), self.rank, self.world)
-        part = self._ref_logps_for(examples, mine)
-        if self.world == 1:
-            return part
-        gathered: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(gathered, (mine, part))
-        full = torch.zeros(len(examples), 2)
-        for idx, vals in gathered:
-            full[idx] = vals
-        return full
+        return computed_in_shards(len(examples), self.rank, self.world,
+                                  lambda mine: self._ref_logps_for(examples, mine))
 
     def reference_logps(self, examples: list[dict], indices: list[int],
                         ref_table: torch.Tensor | None = None) -> torch.Tensor:

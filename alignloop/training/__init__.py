@@ -15,6 +15,7 @@ from alignloop.training.config import (
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import (
     all_reduce_gradients,
+    computed_in_shards,
     epoch_order,
     global_batches,
     make_accelerator,
@@ -30,8 +31,34 @@ from alignloop.training.loop import (
 )
 from alignloop.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["MetricsLogger", "Progress", "all_reduce_gradients", "build_optimizer", "build_scheduler",
-    "click_options_from_dataclass", "config_from_cli", "epoch_order", "global_batches", "latest_checkpoint",
-    "load_checkpoint", "load_config", "make_accelerator", "make_config_command", "micro_batches", "optimizer_step",
-    "plan_epoch", "read_metrics", "renamed_fields", "resolve_resume", "save_checkpoint", "save_config",
-    "seed_everything", "set_threads", "shard", "steps_per_epoch", "sync_context", "take_indices"]
+__all__ = [
+    "MetricsLogger",
+    "Progress",
+    "all_reduce_gradients",
+    "build_optimizer",
+    "build_scheduler",
+    "click_options_from_dataclass",
+    "computed_in_shards",
+    "config_from_cli",
+    "epoch_order",
+    "global_batches",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "make_accelerator",
+    "make_config_command",
+    "micro_batches",
+    "optimizer_step",
+    "plan_epoch",
+    "read_metrics",
+    "renamed_fields",
+    "resolve_resume",
+    "save_checkpoint",
+    "save_config",
+    "seed_everything",
+    "set_threads",
+    "shard",
+    "steps_per_epoch",
+    "sync_context",
+    "take_indices",
+]

@@ -65,6 +65,21 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[start:start + per + (1 if rank < extra else 0)]
 
 
+def computed_in_shards(n: int, rank: int, world: int, compute) -> torch.Tensor:
+    """`compute(indices) -> [len(indices), ...]` run on this process's `shard` of range(n), the shares gathered:
+    the full [n, ...] on every process (e.g. reference log-probs precomputed once for the whole dataset)."""
+    mine = shard(list(range(n)), rank, world)
+    part = compute(mine)
+    if world == 1:
+        return part
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, (mine, part))
+    full = part.new_zeros((n, *part.shape[1:]))
+    for idx, vals in gathered:
+        full[idx] = vals
+    return full
+
+
 def micro_batches(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i:i + size] for i in range(0, len(indices), size)] or [[]]
 
