@@ -15,7 +15,7 @@ LAYERS = [
     ("losses", "data"),
     ("models",),
     ("rollout", "training"),
-    ("scoring", "evaluation"),
+    ("scoring", "evaluation", "rl"),
     ("trainers", "feedback"),
     ("recipes",),
     ("pipeline",),

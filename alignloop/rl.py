@@ -1,0 +1,395 @@
+"""What the online RL trainers share: PPO (`trainers/ppo.py`), the critic-free trainer (`trainers/grpo.py`:
+REINFORCE, RLOO, GRPO, Dr. GRPO) and online DPO (`trainers/online_dpo.py`). Functions and one config dataclass, no
+base trainer: each trainer still reads top to bottom and calls these.
+
+    args: OnlineRLArgs                     # the fields every online trainer has (rollouts, reward, KL, stop rules,
+                                           # guard, LoRA, logging, checkpoints); each trainer's config extends it
+    policy, tok = load_policy(model, tokenizer, args, "GRPO")
+    scorer, gold = build_scorers(reward, gold_reward, reward_tokenizer, args, tok, device, "GRPO")
+    ref = frozen_reference(policy, ref_model)           # None for LoRA: `reference_mode` swaps the start back in
+    coll = Collective(accelerator)                       # sums / gathers across processes (no-ops on one)
+    scored = score_rollout(scorer, gold, tok, prompts, rollout)       # texts, reward parts, raw and gold scores
+    ref_logprobs = reference_logprobs(acc, policy, ref, ids, mask, p, r, temperature)
+    metrics = {**reward_metrics(coll, scores, scored), **perf_metrics(coll, rollout, times, episodes)}
+    run_updates(loop, args, acc, state, history, ...)   # log, samples, callbacks, stop rules, guard, checkpoints
+
+Shapes: B = this process's responses, R = response length, P = prompt length.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from alignloop.errors import ConfigError, UserError
+from alignloop.losses import logprobs_from_logits
+from alignloop.models import (
+    CausalLMWithValueHead,
+    apply_lora,
+    has_adapter,
+    keep_reference,
+    load_causal_lm,
+    load_tokenizer,
+    model_forward,
+    reference_mode,
+    unwrap_model,
+)
+from alignloop.rollout import Rollout, SamplingParams, decode_responses
+from alignloop.scoring import RewardTransform, build_scorer, total
+from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
+from alignloop.training.logging import MetricsLogger, Progress
+from alignloop.training.run import build_lora
+
+
+@dataclass
+class OnlineRLArgs:
+    """Fields every online RL trainer shares (PPO, the critic-free trainer, online DPO). Every field is also a flag
+    (`kl_coef` -> `--kl-coef`) and a YAML key. Their unit of progress is the update: sample, score, train."""
+    # --- models and data (used by the CLI; from Python, objects can be passed to the trainer instead) ---
+    model: str | None = field(default=None, metadata={"help": "Policy: hub id or local folder."})
+    reward_model: str | list[str] | None = field(default=None, metadata={
+        "help": "The reward: a reward model or classifier (folder or hub id), a Python function module:function "
+                "(e.g. a verifiable exact-match reward), or several SPEC=WEIGHT (a weighted sum; each part is logged "
+                "as reward/<name>)."})
+    gold_model: str | list[str] | None = field(default=None, metadata={
+        "help": "Optional held-out/gold reward (same forms as reward_model), never trained on; logged as "
+                "reward/gold_mean and watched by the reward-hacking guard."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Prompts ({prompt} rows; JSONL/JSON/Parquet/CSV, a datasets folder or a hub id) for the CLI."})
+    output_dir: str = field(default="rl-output", metadata={"help": "Metrics, samples, checkpoints, final model."})
+    seed: int = field(default=0, metadata={"help": "Seed (data order, sampling; each process adds an offset)."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype when loading by name (default float32)."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
+        "help": "Accelerate autocast: no, bf16, fp16 (GPU)."})
+    # --- rollouts ---
+    rollout_batch_size: int = field(default=16, metadata={"help": "Prompts per update, over all processes."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are truncated from the left to this."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Maximum response length in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used in training "
+                                                               "log-probs)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off; keep 0 for on-policy training)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off; keep 1.0 for on-policy "
+                                                        "training)."})
+    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "Token ids ending a response "
+                                                                                "(EOS always does)."})
+    stop_strings: list[str] = field(default_factory=list, metadata={"help": "Strings ending a response."})
+    # --- optimisation ---
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate."})
+    adam_epsilon: float = field(default=1e-5, metadata={"help": "Adam epsilon (1e-5 as in the original code)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(default="linear", metadata={"help": "Schedule over updates: linear, cosine, constant."})
+    warmup_updates: int = field(default=0, metadata={"help": "Warmup updates of the learning rate."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient-norm clipping (None = off)."})
+    # --- KL to the reference ---
+    kl_coef: float = field(default=0.05, metadata={"help": "β: KL coefficient to the reference."})
+    kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={
+        "help": "Per-token KL estimator where KL enters the reward, and in the metrics: k1 (unbiased), k2, "
+                "k3 (unbiased, >= 0)."})
+    # --- reward ---
+    reward_normalization: Literal["none", "running", "fit"] = field(default="none", metadata={
+        "help": "none; running mean/std; fit: gain and bias fitted on samples from the starting policy."})
+    normalization_samples: int = field(default=256, metadata={"help": "Samples used by reward_normalization=fit."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to ±this after normalisation."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "Penalty for responses that end without a stop token (see missing_eos_penalty_mode)."})
+    missing_eos_penalty_mode: Literal["replace", "subtract"] = field(default="replace", metadata={
+        "help": "replace: the score becomes missing_eos_penalty (OpenAI); subtract: score - missing_eos_penalty."})
+    positive_label: str | int = field(default="1", metadata={
+        "help": "Positive class (index or label name) of a classifier with several labels used as the reward."})
+    score_batch_size: int = field(default=64, metadata={"help": "Sequences per reward-model forward."})
+    # --- when to stop ---
+    total_updates: int = field(default=100, metadata={"help": "Step budget: number of updates."})
+    reward_threshold: float | None = field(default=None, metadata={
+        "help": "Stop when the moving average of the raw mean score reaches this."})
+    reward_threshold_window: int = field(default=10, metadata={"help": "Updates in that moving average."})
+    # --- reward-hacking guard ---
+    kl_budget: float | None = field(default=None, metadata={"help": "Alarm when objective/kl passes this."})
+    guard_window: int = field(default=5, metadata={"help": "Updates over which proxy and gold trends are compared."})
+    guard_min_t: float | None = field(default=None, metadata={
+        "help": "t-statistic both trends must pass (None = one-sided 95% critical value for guard_window - 2 "
+                "degrees of freedom; 0 = any opposite slopes)."})
+    guard_action: Literal["warn", "stop"] = field(default="warn", metadata={"help": "On alarm: warn, or stop."})
+    sample_every: int = field(default=10, metadata={"help": "Log a table of samples every N updates (0 = never)."})
+    sample_rows: int = field(default=8, metadata={"help": "Rows in that table."})
+    # --- LoRA ---
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). With LoRA the reference is "
+                                                     "the adapter's starting values (no second model)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (no effect: online RL runs with dropout "
+                                                                "off; kept for one vocabulary)."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "LoRA target modules: 'all-linear' or comma-separated module names."})
+    # --- logging and checkpoints ---
+    tensorboard: bool = field(default=True, metadata={"help": "Write TensorBoard logs too."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar with ETA."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N updates (0 = only at the end)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (None = all)."})
+    resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    save_final: bool = field(default=True, metadata={"help": "Save OUTPUT_DIR/final in HF format (LoRA: merged, and "
+                                                             "the adapter into OUTPUT_DIR/adapter)."})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "torch threads for training on CPU (None = leave torch's setting, normally every core)."})
+    generation_threads: int | None = field(default=0, metadata={
+        "help": "torch threads while sampling on CPU: 0 = auto (1 for models narrower than 256, whose decode ops are "
+                "too small to gain from more; every thread otherwise); N = N; None = leave as is."})
+    fast_gelu: bool = field(default=True, metadata={
+        "help": "Speed-ups that keep the function (alignloop.models.fast): GPT-2's gelu_new as one fused kernel; "
+                "attention in fp32 under CPU bf16 autocast."})
+
+    def __post_init__(self):
+        if self.rollout_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.total_updates < 1:
+            raise ConfigError("rollout_batch_size, gradient_accumulation_steps and total_updates must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    def sampling_params(self, tokenizer) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, eos_token_id=tokenizer.eos_token_id if tokenizer else None,
+                              stop_token_ids=list(self.stop_token_ids), stop_strings=list(self.stop_strings),
+                              pad_token_id=tokenizer.pad_token_id if tokenizer else None)
+
+    def reward_transform(self) -> RewardTransform:
+        return RewardTransform(self.reward_normalization, self.reward_clip, self.missing_eos_penalty,
+                               self.missing_eos_penalty_mode)
+
+    def guard(self) -> RewardHackingGuard:
+        return RewardHackingGuard(self.kl_budget, self.guard_window, self.guard_action, self.guard_min_t)
+
+
+def new_state() -> dict[str, Any]:
+    """An online trainer's resumable progress: updates done, the prompt stream's position, the raw mean scores the
+    reward threshold averages, and why it stopped."""
+    return {"update": 0, "data_epoch": 0, "data_pos": 0, "raw_reward_history": [], "stop_reason": None}
+
+
+# ------------------------------------------------------------------------------------------------ processes
+class Collective:
+    """Sums and gathers over the processes of an accelerator; plain identities with one process."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.world = accelerator.num_processes
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, reduction="sum") if self.world > 1 else x
+
+    @property
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The `reduce` of `alignloop.losses`' masked reductions: a sum over processes (None with one)."""
+        return self.sum if self.world > 1 else None
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.gather(x) if self.world > 1 else x
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def load_policy(model, tokenizer, args: OnlineRLArgs, trainer: str, value_head: bool = False) -> tuple[nn.Module, Any]:
+    """The policy (LoRA applied when lora_r > 0; with a value head on its trunk when `value_head`) and its tokenizer
+    (left padding when loaded here)."""
+    lora = build_lora(args)
+    if model is None or model == "":
+        raise ConfigError(f"{trainer} needs a policy: model=... (or --model)")
+    if isinstance(model, (str, os.PathLike)):
+        tokenizer = tokenizer or load_tokenizer(str(model), padding_side="left")
+        loader = CausalLMWithValueHead.from_pretrained if value_head else load_causal_lm
+        model = loader(str(model), dtype=args.dtype, lora=lora)
+    elif lora is not None and not has_adapter(model):
+        if isinstance(model, CausalLMWithValueHead):
+            model.lm = apply_lora(model.lm, lora)
+        else:
+            model = apply_lora(model, lora)
+    if tokenizer is None:
+        raise UserError(f"{trainer} needs the policy's tokenizer (tokenizer=...)")
+    return model, tokenizer
+
+
+def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, policy_tokenizer, device, trainer: str):
+    """(the reward's scorer, the gold scorer or None) from objects or `args.reward_model` / `args.gold_model`."""
+    reward = reward if reward is not None else args.reward_model
+    if reward is None or reward == []:
+        raise ConfigError(f"{trainer} needs a reward: reward=... (or --reward-model: a reward model, "
+                          f"module:function or several SPEC=WEIGHT)")
+    common = {"policy_tokenizer": policy_tokenizer, "positive_label": args.positive_label,
+              "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device}
+    gold = gold_reward if gold_reward is not None else args.gold_model
+    return build_scorer(reward, reward_tokenizer, **common), build_scorer(gold, **common)
+
+
+def frozen_reference(lm: nn.Module, ref_model: nn.Module | None, device) -> nn.Module | None:
+    """The reference: `ref_model` when given; else the starting policy: with LoRA its adapter's starting values
+    (`keep_reference`, swapped in by `reference_mode`; None returned), else a frozen copy of it."""
+    if ref_model is None and has_adapter(lm):
+        keep_reference(lm)  # the start may be a trained adapter: its base is not the starting policy
+        return None
+    ref = ref_model if ref_model is not None else copy.deepcopy(unwrap_model(lm))
+    return ref.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ per update
+@dataclass
+class ScoredRollout:
+    """A rollout's texts and scores on this process."""
+    prompts: list[str]                    # [B]
+    responses: list[str]                  # [B] (no special tokens)
+    parts: dict[str, torch.Tensor]        # {name: [B]} each reward of a weighted sum, before weighting
+    raw: torch.Tensor                     # [B] Σ weight · part (float32)
+    gold: torch.Tensor | None             # [B] the held-out scorer's, or None
+
+
+def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: Rollout) -> ScoredRollout:
+    """Decode the responses and score them with the reward (each part) and the gold scorer."""
+    responses = decode_responses(tokenizer, rollout)
+    parts = scorer.rollout_parts(rollout, prompts, responses)
+    raw = total(parts, scorer.weights).float()
+    gold = gold_scorer.score_rollout(rollout, prompts, responses).float() if gold_scorer else None
+    return ScoredRollout(prompts, responses, parts, raw, gold)
+
+
+def response_logprobs_from(logits: torch.Tensor, input_ids: torch.Tensor, p: int, r: int,
+                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward's logits [b, P+R, V] of prompt + response -> (the logits predicting each response token [b, R, V],
+    their log-probs [b, R] at the sampling temperature)."""
+    logits = logits[:, p - 1:p + r - 1]
+    return logits, logprobs_from_logits(logits, input_ids[:, p:p + r], temperature)
+
+
+def reference_logprobs(acc, policy_lm: nn.Module, ref_model: nn.Module | None, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, p: int, r: int, temperature: float) -> torch.Tensor:
+    """The reference's log-probs [b, R] of the response tokens: `ref_model`, or the LoRA policy in `reference_mode`.
+    Run under the policy's autocast (accelerate puts it on the prepared model's forward only): a reference run in
+    another precision makes KL != 0 before the policy has moved."""
+    with torch.no_grad(), acc.autocast():
+        if ref_model is None:
+            with reference_mode(policy_lm):
+                logits = model_forward(policy_lm, input_ids, attention_mask)
+        else:
+            logits = model_forward(ref_model, input_ids, attention_mask)
+    return response_logprobs_from(logits, input_ids, p, r, temperature)[1]
+
+
+def reward_metrics(coll: Collective, scores: torch.Tensor, scored: ScoredRollout) -> dict[str, float]:
+    """reward/mean and reward/std (of what is optimised), reward/raw_mean, reward/gold_mean, reward/<name> per part."""
+    all_scores = coll.gather(scores)
+    metrics = {"reward/mean": all_scores.mean().item(), "reward/std": all_scores.std(unbiased=False).item(),
+               "reward/raw_mean": coll.gather(scored.raw).mean().item()}
+    if scored.gold is not None:
+        metrics["reward/gold_mean"] = coll.gather(scored.gold).mean().item()
+    if len(scored.parts) > 1:
+        for name, part in scored.parts.items():
+            key = f"reward/{name}" if f"reward/{name}" not in metrics else f"reward/{name}_part"
+            metrics[key] = coll.gather(part.float()).mean().item()
+    return metrics
+
+
+def perf_metrics(coll: Collective, rollout: Rollout, times: dict[str, float], episodes: int) -> dict[str, float]:
+    """Response length and EOS share, the time split (time/generate, time/score, time/train, time/update) and
+    throughput; `episodes` = responses per update over all processes."""
+    resp_len = coll.gather(rollout.response_mask.sum(1).float())
+    n_gen = resp_len.sum().item()
+    n_prompt = coll.gather(rollout.prompt_mask.sum(1).float()).sum().item()
+    return {
+        "response/length_mean": resp_len.mean().item(),
+        "response/eos_share": coll.gather(rollout.stopped.float()).mean().item(),
+        **{f"time/{k}": v for k, v in times.items()},
+        "perf/generated_tokens_per_sec": n_gen / max(times["generate"], 1e-9),
+        "perf/tokens_per_sec": (n_gen + n_prompt) / max(times["update"], 1e-9),
+        "perf/episodes_per_sec": episodes / max(times["update"], 1e-9),
+    }
+
+
+def fit_reward_normalization(transform: RewardTransform, sample_raw: Callable[[], torch.Tensor], n: int) -> None:
+    """Ziegler et al.: gain and bias so that samples from the starting policy score mean 0, std 1. `sample_raw()`
+    samples one batch and returns its raw scores over all processes."""
+    raws, seen = [], 0
+    while seen < n:
+        raw = sample_raw()
+        raws.append(raw)
+        seen += len(raw)
+    transform.fit(torch.cat(raws)[:n])
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class UpdateLoop:
+    """What `run_updates` needs from a trainer: `update()` returns that update's experience (with `.step`,
+    `.metrics`, `.prompts`, `.responses`, `.scores`, `.raw_scores`, `.gold_scores`), `save_checkpoint()`."""
+    name: str
+    update: Callable[[], Any]
+    save_checkpoint: Callable[[], Any]
+    guard: RewardHackingGuard
+    samples: SampleTable
+    callbacks: Sequence[Callable[[Any], Any]] = ()
+
+
+def run_updates(loop: UpdateLoop, args: OnlineRLArgs, acc, state: dict, history: list[dict],
+                resumed: bool) -> None:
+    """Updates until `total_updates`, the reward threshold or the guard stops: log each update's metrics, a sample
+    table every `sample_every`, the callbacks, the stop rules, a checkpoint every `save_steps`."""
+    logger = MetricsLogger(args.output_dir, enabled=acc.is_main_process, tensorboard=args.tensorboard,
+                           config=asdict(args), resume_step=state["update"] if resumed else None)
+    progress = Progress(args.total_updates, loop.name, enabled=acc.is_main_process and args.progress,
+                        start=state["update"])
+    try:
+        while state["update"] < args.total_updates and state["stop_reason"] is None:
+            exp = loop.update()
+            state["update"] = step = exp.step
+            history.append(exp.metrics)
+            logger.log(exp.metrics, step)
+            if args.sample_every and (step % args.sample_every == 0 or step == 1) and acc.is_main_process:
+                gold = exp.gold_scores.tolist() if exp.gold_scores is not None else None
+                logger.log_text("samples", loop.samples.write(step, exp.prompts, exp.responses, exp.scores.tolist(),
+                                                              exp.raw_scores.tolist(), gold), step)
+            for fn in loop.callbacks:
+                fn(exp)
+            check_stop(state, loop.guard, args, exp.metrics, logger, step, acc.is_main_process)
+            progress.update(1, f"reward {exp.metrics['reward/mean']:+.3f} kl {exp.metrics['objective/kl']:.3f}")
+            if args.save_steps and step % args.save_steps == 0:
+                loop.save_checkpoint()
+    finally:
+        progress.close()
+        logger.close()
+
+
+def check_stop(state: dict, guard: RewardHackingGuard, args: OnlineRLArgs, metrics: dict, logger, step: int,
+               is_main: bool) -> None:
+    """Reward threshold (moving average of the raw mean score), then the reward-hacking guard's alarms."""
+    history = state["raw_reward_history"]
+    history.append(metrics["reward/raw_mean"])
+    reason = reward_threshold_stop(history, args.reward_threshold, args.reward_threshold_window)
+    if reason is not None:
+        state["stop_reason"] = reason
+    for msg in guard.observe(step, metrics):
+        logger.log_text("guard", msg, step)
+    if guard.should_stop and state["stop_reason"] is None:
+        state["stop_reason"] = "reward-hacking guard: " + guard.alerts[-1][1]
+    if state["stop_reason"] and is_main:
+        logger.log_text("stop", state["stop_reason"], step)
+
+
+def restore_state(state: dict, saved: dict) -> None:
+    """Put a checkpoint's trainer state back into `state` (a resumed run has not stopped)."""
+    for k in ("update", "data_epoch", "data_pos", "raw_reward_history"):
+        state[k] = saved[k]
+    state["stop_reason"] = None
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def final_dir(args: OnlineRLArgs) -> Path:
+    return Path(args.output_dir) / "final" if args.save_final else Path(args.output_dir)
