@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("alignloop.cli.train", "sft", "Supervised fine-tuning on demonstrations (loss on completions only)."),
     "rm": ("alignloop.cli.train", "rm", "Train a reward model on preference pairs or rankings (Bradley-Terry)."),
     "ppo": ("alignloop.cli.ppo", "ppo", "PPO against a reward model with a KL penalty to the reference."),
+    "grpo": ("alignloop.cli.grpo", "grpo", "Critic-free RL: GRPO, Dr. GRPO, RLOO or REINFORCE (--estimator)."),
+    "rloo": ("alignloop.cli.grpo", "rloo", "RLOO: each completion's baseline is its prompt's other completions."),
     "dpo": ("alignloop.cli.dpo", "dpo", "Direct preference optimisation (no reward model)."),
     "kto": ("alignloop.cli.kto", "kto", "KTO on thumbs up / down (unpaired) data (no reward model)."),
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
