@@ -2,6 +2,15 @@
 
 Every trainer uses these; none re-derives them. Shapes are documented in each module.
 """
+from alignloop.losses.critic_free import (
+    AGGREGATIONS,
+    MovingAverageBaseline,
+    grpo_advantages,
+    reinforce_advantages,
+    rloo_advantages,
+    sequence_kl_reward,
+    token_loss_weights,
+)
 from alignloop.losses.kto import kto_loss, kto_reference_point
 from alignloop.losses.logprobs import entropy_from_logits, logprobs_from_logits
 from alignloop.losses.masked import masked_max, masked_mean, masked_sum, masked_var, masked_whiten
@@ -24,14 +33,17 @@ from alignloop.losses.preference import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
     "AdaptiveKLController",
     "FixedKLController",
+    "MovingAverageBaseline",
     "best_of_k_loss",
     "bradley_terry_loss",
     "center_rewards_penalty",
     "dpo_loss",
     "entropy_from_logits",
     "gae",
+    "grpo_advantages",
     "implicit_reward",
     "kl_penalty",
     "kto_loss",
@@ -46,4 +58,8 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_rewards",
     "ppo_value_loss",
+    "reinforce_advantages",
+    "rloo_advantages",
+    "sequence_kl_reward",
+    "token_loss_weights",
 ]

@@ -10,16 +10,20 @@ import torch
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    clip_range: float, clip_range_high: float | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate -> (loss [B,T], clipped [B,T] as 0/1 floats, approx_kl [B,T]).
 
-    ρ = exp(log π − log π_old); loss = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) (the negation of L_clip, to minimise).
+    ρ = exp(log π − log π_old); loss = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)) (the negation of L_clip, to minimise).
+    ε = clip_range; ε_high = clip_range_high, None = ε (symmetric, PPO's). A larger ε_high is DAPO's "clip-higher"
+    (Yu et al. 2025, ε = 0.2, ε_high = 0.28): a low-probability token can gain more before its ratio is clipped.
     `clipped` marks tokens where the clipped term is the active one (clip fraction = its masked mean).
     approx_kl = ½(log ρ)², the estimator OpenAI's and TRL's PPO log (k2 of π_old vs π)."""
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped_obj = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped_obj = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     loss = torch.maximum(unclipped, clipped_obj)
     clipped = (clipped_obj > unclipped).to(logprobs.dtype).detach()
     approx_kl = (0.5 * log_ratio.pow(2)).detach()
