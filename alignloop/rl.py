@@ -54,6 +54,9 @@ class OnlineRLArgs:
     (`kl_coef` -> `--kl-coef`) and a YAML key. Their unit of progress is the update: sample, score, train."""
     # --- models and data (used by the CLI; from Python, objects can be passed to the trainer instead) ---
     model: str | None = field(default=None, metadata={"help": "Policy: hub id or local folder."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "The reference the KL is measured to (hub id or local folder; e.g. the SFT model when the policy "
+                "starts elsewhere). Default: the starting policy."})
     reward_model: str | list[str] | None = field(default=None, metadata={
         "help": "The reward: a reward model or classifier (folder or hub id), a Python function module:function "
                 "(e.g. a verifiable exact-match reward), or several SPEC=WEIGHT (a weighted sum; each part is logged "
@@ -227,9 +230,14 @@ def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, pol
     return build_scorer(reward, reward_tokenizer, **common), build_scorer(gold, **common)
 
 
-def frozen_reference(lm: nn.Module, ref_model: nn.Module | None, device) -> nn.Module | None:
-    """The reference: `ref_model` when given; else the starting policy: with LoRA its adapter's starting values
-    (`keep_reference`, swapped in by `reference_mode`; None returned), else a frozen copy of it."""
+def frozen_reference(lm: nn.Module, ref_model: nn.Module | str | None, device, dtype=None) -> nn.Module | None:
+    """The reference: `ref_model` when given (a model, or a folder / hub id loaded here); else the starting policy:
+    with LoRA its adapter's starting values (`keep_reference`, swapped in by `reference_mode`; None returned), else
+    a frozen copy of it."""
+    if isinstance(ref_model, (str, os.PathLike)) and str(ref_model):
+        ref_model = load_causal_lm(str(ref_model), dtype=dtype)
+    elif ref_model == "":
+        ref_model = None
     if ref_model is None and has_adapter(lm):
         keep_reference(lm)  # the start may be a trained adapter: its base is not the starting policy
         return None

@@ -237,7 +237,8 @@ class GRPOTrainer:
             self.model = policy.lm if isinstance(policy, CausalLMWithValueHead) else policy
         self.model.to(self.acc.device).eval()  # dropout off for the whole run
         self.lm = self.model.lm if cfg.learned_baseline else self.model
-        self.ref_model = frozen_reference(self.lm, ref_model, self.acc.device)
+        self.ref_model = frozen_reference(self.lm, ref_model if ref_model is not None else cfg.ref_model,
+                                          self.acc.device, cfg.dtype)
         if cfg.fast_gelu:
             for m in (self.model, self.ref_model, getattr(self.scorer, "model", None),
                       getattr(self.gold_scorer, "model", None)):

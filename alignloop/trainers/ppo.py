@@ -249,7 +249,8 @@ class PPOTrainer:
                                                       self.acc.device, "PPO")
         self.model = self._actor_critic(policy)
         self.lora = has_adapter(self.model.lm)
-        self.ref_model = frozen_reference(self.model.lm, ref_model, self.acc.device)
+        self.ref_model = frozen_reference(self.model.lm, ref_model if ref_model is not None else cfg.ref_model,
+                                          self.acc.device, cfg.dtype)
         if cfg.fast_gelu:
             for m in (self.model, self.ref_model, getattr(self.scorer, "model", None),
                       getattr(self.gold_scorer, "model", None)):
