@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": ("alignloop.cli.grpo", "grpo", "Critic-free RL: GRPO, Dr. GRPO, RLOO or REINFORCE (--estimator)."),
     "rloo": ("alignloop.cli.grpo", "rloo", "RLOO: each completion's baseline is its prompt's other completions."),
     "dpo": ("alignloop.cli.dpo", "dpo", "Direct preference optimisation (no reward model)."),
+    "online-dpo": ("alignloop.cli.online_dpo", "online_dpo",
+                   "Online DPO: two fresh completions per prompt, judged by the reward, a DPO step."),
     "kto": ("alignloop.cli.kto", "kto", "KTO on thumbs up / down (unpaired) data (no reward model)."),
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
