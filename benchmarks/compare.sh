@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Peer and alignloop on the same workloads, same machine, same run; prints both JSON lines and the ratios.
-#   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo kto ppo]
+#   bash benchmarks/compare.sh [OUTDIR] [tiny|small] [rm dpo kto ppo grpo]   (default: rm dpo kto ppo)
 # MP=no|bf16 overrides our precision (default: the peer's, see run.py).
 # kto's peer script is ours (benchmarks/trl_kto.py: TRL 1.16's KTOTrainer on the dpo workload's pairs, unpaired).
+# grpo's is the peers' trl_grpo.py (TRL 1.16's GRPOTrainer), ours alignloop's GRPOTrainer (benchmarks/grpo_bench.py).
 # Needs ../shared/peers (beside the checkout, or PEERS=path). Run on an otherwise idle machine: with more runnable
 # processes than cores, multi-threaded PyTorch slows down by an order of magnitude and the figures mean nothing.
 set -euo pipefail
@@ -14,11 +15,17 @@ workloads=${*:-rm dpo kto ppo}
 cache=${PEERS_CACHE:-$HOME/.cache/peers}
 py=${PYTHON:-$repo/.venv/bin/python}
 # the peer venvs (installed once by the peers' run.sh) and the workload folder (make_models.py, deterministic)
-[ -x "$cache/trl-0.29/bin/python" ] && [ -x "$cache/trl-1.16/bin/python" ] || bash "$peers/run.sh" "$out" "$size" >/dev/null
+# (trl-0.29 only when ppo is asked for: grpo, rm, dpo and kto run with trl-1.16)
+need="trl-1.16"; case " $workloads " in *" ppo "*) need="$need trl-0.29" ;; esac
+for v in $need; do
+  [ -x "$cache/$v/bin/python" ] || { bash "$peers/run.sh" "$out" "$size" >/dev/null; break; }
+done
 [ -f "$out/$size/pairs.jsonl" ] || "$cache/trl-1.16/bin/python" "$peers/make_models.py" "$out/$size" --size "$size" >/dev/null
 for w in $workloads; do
   if [ "$w" = ppo ]; then
     peer=$("$cache/trl-0.29/bin/python" "$peers/trl_ppo.py" "$out/$size" 2>/dev/null | tail -n 1)
+  elif [ "$w" = grpo ]; then
+    peer=$("$cache/trl-1.16/bin/python" "$peers/trl_grpo.py" "$out/$size" 2>/dev/null | tail -n 1)
   elif [ "$w" = kto ]; then
     peer=$("$cache/trl-1.16/bin/python" "$here/trl_kto.py" "$out/$size" 2>/dev/null | tail -n 1)
   else
