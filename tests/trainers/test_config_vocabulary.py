@@ -13,13 +13,16 @@ import yaml
 from alignloop.recipes.best_of_n import BestOfNConfig
 from alignloop.recipes.rejection_sampling import RSConfig
 from alignloop.trainers.dpo import DPOConfig
+from alignloop.trainers.grpo import GRPOConfig
 from alignloop.trainers.kto import KTOConfig
+from alignloop.trainers.online_dpo import OnlineDPOConfig
 from alignloop.trainers.ppo import PPOConfig
 from alignloop.trainers.rm import RewardConfig
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.config import load_config, make_config_command
 
-CONFIGS = [SFTConfig, RewardConfig, DPOConfig, KTOConfig, PPOConfig, RSConfig, BestOfNConfig]
+CONFIGS = [SFTConfig, RewardConfig, DPOConfig, KTOConfig, PPOConfig, GRPOConfig, OnlineDPOConfig, RSConfig,
+           BestOfNConfig]
 # the spellings this release retired: none may be a field any more (only a deprecated alias)
 RETIRED = {"model_name_or_path", "reward_model_name_or_path", "gold_model_name_or_path", "dataset", "adam_eps",
            "progress_bar", "save_every", "keep_last", "fused_gelu"}
