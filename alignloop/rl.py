@@ -11,7 +11,8 @@ base trainer: each trainer still reads top to bottom and calls these.
     scored = score_rollout(scorer, gold, tok, prompts, rollout)       # texts, reward parts, raw and gold scores
     ref_logprobs = reference_logprobs(acc, policy, ref, ids, mask, p, r, temperature)
     metrics = {**reward_metrics(coll, scores, scored), **perf_metrics(coll, rollout, times, episodes)}
-    run_updates(loop, args, acc, state, history, ...)   # log, samples, callbacks, stop rules, guard, checkpoints
+    return train_online(loop, args, acc, state, history)  # resume or reward fit; log, samples, callbacks, stop
+                                                          # rules, guard, checkpoints; final/ -> TrainResult
 
 Shapes: B = this process's responses, R = response length, P = prompt length.
 """
@@ -43,9 +44,11 @@ from alignloop.models import (
 )
 from alignloop.rollout import Rollout, SamplingParams, decode_responses
 from alignloop.scoring import RewardTransform, build_scorer, total
+from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
 from alignloop.training.logging import MetricsLogger, Progress
-from alignloop.training.run import build_lora
+from alignloop.training.loop import shard, take_indices
+from alignloop.training.run import TrainResult, build_lora
 
 
 @dataclass
@@ -329,22 +332,73 @@ def fit_reward_normalization(transform: RewardTransform, sample_raw: Callable[[]
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def check_batch_sizes(args: OnlineRLArgs, world: int, per_prompt: int, micro_per_update: int) -> None:
+    """The prompts of an update split evenly over the processes, and each process has a sequence for every
+    micro-batch (`per_prompt` sequences per prompt; `micro_per_update` micro-batches per update)."""
+    if args.rollout_batch_size % world:
+        raise ConfigError(f"rollout_batch_size ({args.rollout_batch_size}) must be divisible by the number of "
+                          f"processes ({world})")
+    per_process = args.rollout_batch_size // world * per_prompt
+    if per_process < micro_per_update:
+        raise ConfigError(f"each process has {per_process} sequences per update, fewer than its micro-batches per "
+                          f"update ({micro_per_update}: minibatches × gradient_accumulation_steps)")
+
+
+def local_prompts(state: dict, args: OnlineRLArgs, n_prompts: int, acc) -> list[int]:
+    """The next global batch of prompt indices (the same on every process; a resumable walk over shuffled epochs of
+    the data, its position kept in `state`), this process's contiguous share of it."""
+    idx, state["data_epoch"], state["data_pos"] = take_indices(n_prompts, args.rollout_batch_size, args.seed,
+                                                               state["data_epoch"], state["data_pos"])
+    return shard(idx, acc.process_index, acc.num_processes)
+
+
 @dataclass
 class UpdateLoop:
-    """What `run_updates` needs from a trainer: `update()` returns that update's experience (with `.step`,
-    `.metrics`, `.prompts`, `.responses`, `.scores`, `.raw_scores`, `.gold_scores`), `save_checkpoint()`."""
+    """What `train_online` needs from a trainer: `update()` returns that update's experience (with `.step`,
+    `.metrics`, `.prompts`, `.responses`, `.scores`, `.raw_scores`, `.gold_scores`); `save_checkpoint()`,
+    `load(path)` (a checkpoint folder), `sample_raw()` (one batch from the policy: its raw scores over every
+    process, for reward fitting), `save_model()` (the final model; returns its folder)."""
     name: str
     update: Callable[[], Any]
     save_checkpoint: Callable[[], Any]
+    load: Callable[[Path], None]
+    sample_raw: Callable[[], torch.Tensor]
+    save_model: Callable[[], Path]
+    transform: RewardTransform
     guard: RewardHackingGuard
     samples: SampleTable
     callbacks: Sequence[Callable[[Any], Any]] = ()
 
 
+def train_online(loop: UpdateLoop, args: OnlineRLArgs, acc, state: dict, history: list[dict]) -> TrainResult:
+    """An online trainer's `train()`: resume (or fit the reward normalisation), run the updates, checkpoint, save
+    `final/` -> TrainResult (steps = updates). Training runs with `cpu_threads` torch threads when set."""
+    threads = torch.get_num_threads()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    t0 = time.perf_counter()
+    try:
+        resume = resolve_resume(args.resume_from, args.output_dir)
+        if resume is not None:
+            loop.load(resume)
+        elif args.reward_normalization == "fit" and not loop.transform.fitted:
+            fit_reward_normalization(loop.transform, loop.sample_raw, args.normalization_samples)
+            state["data_epoch"], state["data_pos"] = 0, 0  # training sees the data from the start
+        run_updates(loop, args, acc, state, history, resumed=resume is not None)
+        if args.save_steps or args.save_final:
+            loop.save_checkpoint()
+        final = loop.save_model() if args.save_final else Path(args.output_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return TrainResult(output_dir=str(final), steps=state["update"], metrics=history[-1] if history else {},
+                       seconds=time.perf_counter() - t0, stop_reason=state["stop_reason"], history=list(history))
+
+
 def run_updates(loop: UpdateLoop, args: OnlineRLArgs, acc, state: dict, history: list[dict],
                 resumed: bool) -> None:
     """Updates until `total_updates`, the reward threshold or the guard stops: log each update's metrics, a sample
-    table every `sample_every`, the callbacks, the stop rules, a checkpoint every `save_steps`."""
+    table every `sample_every` (this process's rows), the callbacks, the stop rules, a checkpoint every
+    `save_steps`."""
     logger = MetricsLogger(args.output_dir, enabled=acc.is_main_process, tensorboard=args.tensorboard,
                            config=asdict(args), resume_step=state["update"] if resumed else None)
     progress = Progress(args.total_updates, loop.name, enabled=acc.is_main_process and args.progress,
@@ -386,18 +440,26 @@ def check_stop(state: dict, guard: RewardHackingGuard, args: OnlineRLArgs, metri
         logger.log_text("stop", state["stop_reason"], step)
 
 
-def restore_state(state: dict, saved: dict) -> None:
-    """Put a checkpoint's trainer state back into `state` (a resumed run has not stopped)."""
+def save_online_checkpoint(args: OnlineRLArgs, acc, state: dict, model: nn.Module, optimizer, scheduler,
+                           transform: RewardTransform, guard: RewardHackingGuard, **extra) -> Path:
+    """Everything exact resume needs: the model, optimizer, RNG (`save_checkpoint`), and the trainer state: progress
+    and prompt position, the schedule, the reward transform, the guard, `extra` (e.g. PPO's KL coefficient)."""
+    trainer_state = {**state, "transform": transform.state_dict(), "guard": guard.state_dict(),
+                     "scheduler": scheduler.state_dict(), "config": asdict(args), **extra}
+    return save_checkpoint(args.output_dir, state["update"], accelerator=acc, modules={"model": model},
+                           optimizer=optimizer, scheduler=None, trainer_state=trainer_state,
+                           keep_last=args.save_total_limit)
+
+
+def load_online_checkpoint(path: Path, acc, state: dict, model: nn.Module, optimizer, scheduler,
+                           transform: RewardTransform, guard: RewardHackingGuard) -> dict:
+    """Restore what `save_online_checkpoint` wrote into the trainer's objects; returns the saved trainer state (for
+    the trainer's own extras). A resumed run has not stopped."""
+    saved = load_checkpoint(path, accelerator=acc, modules={"model": model}, optimizer=optimizer)
     for k in ("update", "data_epoch", "data_pos", "raw_reward_history"):
         state[k] = saved[k]
     state["stop_reason"] = None
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
-def final_dir(args: OnlineRLArgs) -> Path:
-    return Path(args.output_dir) / "final" if args.save_final else Path(args.output_dir)
+    transform.load_state_dict(saved["transform"])
+    guard.load_state_dict(saved["guard"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved

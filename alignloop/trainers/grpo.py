@@ -44,7 +44,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,22 +73,23 @@ from alignloop.rl import (
     ScoredRollout,
     UpdateLoop,
     build_scorers,
-    fit_reward_normalization,
+    check_batch_sizes,
     frozen_reference,
+    load_online_checkpoint,
     load_policy,
+    local_prompts,
     new_state,
     perf_metrics,
     reference_logprobs,
     response_logprobs_from,
-    restore_state,
     reward_metrics,
-    run_updates,
+    save_online_checkpoint,
     score_rollout,
+    train_online,
 )
 from alignloop.rollout import HFSampler, Rollout, Sampler, encode_prompts
-from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import SampleTable
-from alignloop.training.loop import make_accelerator, seed_everything, shard, sync_context, take_indices
+from alignloop.training.loop import make_accelerator, seed_everything, sync_context
 from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, save_final
 
@@ -223,7 +224,8 @@ class GRPOTrainer:
         self.args = cfg = args if args is not None else GRPOConfig()
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
         self.coll = Collective(self.acc)
-        self._check_batch_sizes()
+        check_batch_sizes(cfg, self.acc.num_processes, cfg.num_generations,
+                          cfg.num_mini_batches * cfg.gradient_accumulation_steps)
         seed_everything(cfg.seed, self.acc.process_index)
         name = cfg.estimator.upper()
         policy, self.tokenizer = load_policy(model if model is not None else cfg.model, tokenizer, cfg, name,
@@ -261,24 +263,11 @@ class GRPOTrainer:
         self.state: dict[str, Any] = new_state()
         self.history: list[dict] = []
 
-    def _check_batch_sizes(self) -> None:
-        cfg, world = self.args, self.acc.num_processes
-        if cfg.rollout_batch_size % world:
-            raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by the number of "
-                              f"processes ({world})")
-        per_process = cfg.rollout_batch_size // world * cfg.num_generations
-        if per_process < cfg.num_mini_batches * cfg.gradient_accumulation_steps:
-            raise ConfigError(f"each process has {per_process} completions per update, fewer than num_mini_batches "
-                              f"× gradient_accumulation_steps = "
-                              f"{cfg.num_mini_batches * cfg.gradient_accumulation_steps}")
-
     # ------------------------------------------------------------------ one update, step by step
     def _update(self) -> GRPOExperience:
         cfg, K = self.args, self.args.num_generations
         t_start = time.perf_counter()
-        idx, self.state["data_epoch"], self.state["data_pos"] = take_indices(
-            len(self.prompts), cfg.rollout_batch_size, cfg.seed, self.state["data_epoch"], self.state["data_pos"])
-        local = [i for i in shard(idx, self.acc.process_index, self.coll.world) for _ in range(K)]
+        local = [i for i in local_prompts(self.state, cfg, len(self.prompts), self.acc) for _ in range(K)]
         rollout = self.sampler.generate([self.prompt_ids[i] for i in local], self.sampling)   # 1. generate
         rollout.to(self.acc.device)
         t_gen = time.perf_counter()
@@ -443,63 +432,28 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the run
     def train(self) -> TrainResult:
         """Run updates until `total_updates`, the reward threshold or the guard stops; checkpoint and save."""
-        threads = torch.get_num_threads()
-        if self.args.cpu_threads:
-            torch.set_num_threads(self.args.cpu_threads)
-        t0 = time.perf_counter()
-        try:
-            final = self._train()
-        finally:
-            torch.set_num_threads(threads)
-        return TrainResult(output_dir=str(final), steps=self.state["update"],
-                           metrics=self.history[-1] if self.history else {}, seconds=time.perf_counter() - t0,
-                           stop_reason=self.state["stop_reason"], history=list(self.history))
-
-    def _train(self) -> Path:
-        cfg = self.args
-        resume = resolve_resume(cfg.resume_from, cfg.output_dir)
-        if resume is not None:
-            self._load(resume)
-        elif cfg.reward_normalization == "fit" and not self.transform.fitted:
-            fit_reward_normalization(self.transform, self._sample_raw_scores, cfg.normalization_samples)
-            self.state["data_epoch"], self.state["data_pos"] = 0, 0  # training sees the data from the start
-        loop = UpdateLoop(cfg.estimator, self._update, self.save_checkpoint, self.guard, self.samples,
-                          self.callbacks)
-        run_updates(loop, cfg, self.acc, self.state, self.history, resumed=resume is not None)
-        if cfg.save_steps or cfg.save_final:
-            self.save_checkpoint()
-        if not cfg.save_final:
-            return Path(cfg.output_dir)
-        return save_final(self.acc, self.lm, self.tokenizer, cfg.output_dir)
+        loop = UpdateLoop(self.args.estimator, self._update, self.save_checkpoint, self._load, self._sample_raw_scores,
+                          lambda: save_final(self.acc, self.lm, self.tokenizer, self.args.output_dir), self.transform,
+                          self.guard, self.samples, self.callbacks)
+        return train_online(loop, self.args, self.acc, self.state, self.history)
 
     def _sample_raw_scores(self) -> torch.Tensor:
         """One batch of prompts from the starting policy, scored: raw scores over every process (reward fitting)."""
-        idx, self.state["data_epoch"], self.state["data_pos"] = take_indices(
-            len(self.prompts), self.args.rollout_batch_size, self.args.seed, self.state["data_epoch"],
-            self.state["data_pos"])
-        local = shard(idx, self.acc.process_index, self.coll.world)
+        local = local_prompts(self.state, self.args, len(self.prompts), self.acc)
         rollout = self.sampler.generate([self.prompt_ids[i] for i in local], self.sampling)
         return self.coll.gather(score_rollout(self.scorer, self.gold_scorer, self.tokenizer,
                                               [self.prompts[i] for i in local], rollout).raw)
 
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self) -> dict:
-        return {**self.state, "transform": self.transform.state_dict(), "guard": self.guard.state_dict(),
-                "baseline": self.baseline.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "config": asdict(self.args)}
-
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.args.output_dir, self.state["update"], accelerator=self.acc,
-                               modules={"model": self.model}, optimizer=self.optimizer, scheduler=None,
-                               trainer_state=self._trainer_state(), keep_last=self.args.save_total_limit)
+        return save_online_checkpoint(self.args, self.acc, self.state, self.model, self.optimizer, self.scheduler,
+                                      self.transform, self.guard,
+                                      baseline=self.baseline.state_dict())
 
     def _load(self, path: Path) -> None:
-        st = load_checkpoint(path, accelerator=self.acc, modules={"model": self.model}, optimizer=self.optimizer)
-        restore_state(self.state, st)
-        self.transform.load_state_dict(st["transform"])
-        self.guard.load_state_dict(st["guard"])
-        self.baseline.load_state_dict(st["baseline"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        saved = load_online_checkpoint(path, self.acc, self.state, self.model, self.optimizer, self.scheduler,
+                                       self.transform, self.guard)
+        self.baseline.load_state_dict(saved["baseline"])
 
 
 @dataclass

@@ -49,7 +49,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,23 +87,24 @@ from alignloop.rl import (
     ScoredRollout,
     UpdateLoop,
     build_scorers,
-    fit_reward_normalization,
+    check_batch_sizes,
     frozen_reference,
+    load_online_checkpoint,
     load_policy,
+    local_prompts,
     new_state,
     perf_metrics,
     reference_logprobs,
     response_logprobs_from,
-    restore_state,
     reward_metrics,
-    run_updates,
+    save_online_checkpoint,
     score_rollout,
+    train_online,
 )
 from alignloop.rollout import HFSampler, Rollout, Sampler, encode_prompts
-from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.config import renamed_fields
 from alignloop.training.guard import SampleTable
-from alignloop.training.loop import make_accelerator, seed_everything, shard, sync_context, take_indices
+from alignloop.training.loop import make_accelerator, seed_everything, sync_context
 from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, save_adapter
 
@@ -241,7 +242,7 @@ class PPOTrainer:
         self.args = cfg = args if args is not None else PPOConfig()
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
         self.coll = Collective(self.acc)
-        self._check_batch_sizes()
+        check_batch_sizes(cfg, self.acc.num_processes, 1, cfg.num_mini_batches * cfg.gradient_accumulation_steps)
         seed_everything(cfg.seed, self.acc.process_index)
         policy, self.tokenizer = load_policy(model if model is not None else cfg.model, tokenizer, cfg, "PPO",
                                              value_head=cfg.value_model == "head")
@@ -275,16 +276,6 @@ class PPOTrainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
-    def _check_batch_sizes(self) -> None:
-        cfg, world = self.args, self.acc.num_processes
-        if cfg.rollout_batch_size % world:
-            raise ConfigError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by the number of "
-                              f"processes ({world})")
-        if cfg.rollout_batch_size // world < cfg.num_mini_batches * cfg.gradient_accumulation_steps:
-            raise ConfigError(f"each process has {cfg.rollout_batch_size // world} rollouts per update, fewer than "
-                              f"num_mini_batches × gradient_accumulation_steps = "
-                              f"{cfg.num_mini_batches * cfg.gradient_accumulation_steps}")
-
     def _actor_critic(self, policy: nn.Module) -> ActorCritic:
         """The policy with its value function: a value head on its trunk, or a critic from the reward model."""
         critic = None
@@ -305,13 +296,6 @@ class PPOTrainer:
         return model
 
     # ------------------------------------------------------------------ data
-    def _next_prompt_indices(self) -> list[int]:
-        """The global batch of prompt indices (identical on every process), walking shuffled epochs of the data."""
-        idx, self.state["data_epoch"], self.state["data_pos"] = take_indices(
-            len(self.prompts), self.args.rollout_batch_size, self.args.seed, self.state["data_epoch"],
-            self.state["data_pos"])
-        return idx
-
     def _micro_batches(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
         """order [B] -> minibatches, each a list of micro-batch row-index tensors."""
         mbs = order.chunk(self.args.num_mini_batches)
@@ -321,7 +305,7 @@ class PPOTrainer:
     def _update(self) -> PPOExperience:
         cfg = self.args
         t_start = time.perf_counter()
-        idx = shard(self._next_prompt_indices(), self.acc.process_index, self.coll.world)
+        idx = local_prompts(self.state, self.args, len(self.prompts), self.acc)
         rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], self.sampling)      # 1. generate
         rollout.to(self.acc.device)
         t_gen = time.perf_counter()
@@ -491,61 +475,34 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the run
     def train(self) -> TrainResult:
         """Run updates until `total_updates`, the reward threshold or the guard stops; checkpoint and save."""
-        threads = torch.get_num_threads()
-        if self.args.cpu_threads:
-            torch.set_num_threads(self.args.cpu_threads)
-        t0 = time.perf_counter()
-        try:
-            final = self._train()
-        finally:
-            torch.set_num_threads(threads)
-        return TrainResult(output_dir=str(final), steps=self.state["update"],
-                           metrics=self.history[-1] if self.history else {}, seconds=time.perf_counter() - t0,
-                           stop_reason=self.state["stop_reason"], history=list(self.history))
-
-    def _train(self) -> Path:
-        cfg = self.args
-        resume = resolve_resume(cfg.resume_from, cfg.output_dir)
-        if resume is not None:
-            self._load(resume)
-        elif cfg.reward_normalization == "fit" and not self.transform.fitted:
-            fit_reward_normalization(self.transform, self._sample_raw_scores, cfg.normalization_samples)
-            self.state["data_epoch"], self.state["data_pos"] = 0, 0  # training sees the data from the start
-        loop = UpdateLoop("ppo", self._update, self.save_checkpoint, self.guard, self.samples, self.callbacks)
-        run_updates(loop, cfg, self.acc, self.state, self.history, resumed=resume is not None)
-        if cfg.save_steps or cfg.save_final:
-            self.save_checkpoint()
-        if not cfg.save_final:
-            return Path(cfg.output_dir)
-        self.save_model(Path(cfg.output_dir) / "final")
-        if self.acc.is_main_process:  # LoRA: the adapter too (+ value head), as every trainer saves it
-            save_adapter(self.model.policy, self.tokenizer, Path(cfg.output_dir) / "adapter")
-        return Path(cfg.output_dir) / "final"
+        loop = UpdateLoop("ppo", self._update, self.save_checkpoint, self._load, self._sample_raw_scores,
+                          self._save_final, self.transform, self.guard, self.samples, self.callbacks)
+        return train_online(loop, self.args, self.acc, self.state, self.history)
 
     def _sample_raw_scores(self) -> torch.Tensor:
         """One batch from the current policy, scored: its raw scores over every process (for reward fitting)."""
-        local = shard(self._next_prompt_indices(), self.acc.process_index, self.coll.world)
+        local = local_prompts(self.state, self.args, len(self.prompts), self.acc)
         rollout = self.sampler.generate([self.prompt_ids[i] for i in local], self.sampling)
         return self.coll.gather(score_rollout(self.scorer, self.gold_scorer, self.tokenizer,
                                               [self.prompts[i] for i in local], rollout).raw)
 
     # ------------------------------------------------------------------ checkpoints and saving
-    def _trainer_state(self) -> dict:
-        return {**self.state, "kl_coef": self.kl_ctl.value, "transform": self.transform.state_dict(),
-                "guard": self.guard.state_dict(), "scheduler": self.scheduler.state_dict(), "config": asdict(self.args)}
-
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.args.output_dir, self.state["update"], accelerator=self.acc,
-                               modules={"model": self.model}, optimizer=self.optimizer, scheduler=None,
-                               trainer_state=self._trainer_state(), keep_last=self.args.save_total_limit)
+        return save_online_checkpoint(self.args, self.acc, self.state, self.model, self.optimizer, self.scheduler,
+                                      self.transform, self.guard, kl_coef=self.kl_ctl.value)
 
     def _load(self, path: Path) -> None:
-        st = load_checkpoint(path, accelerator=self.acc, modules={"model": self.model}, optimizer=self.optimizer)
-        restore_state(self.state, st)
-        self.kl_ctl.value = st["kl_coef"]
-        self.transform.load_state_dict(st["transform"])
-        self.guard.load_state_dict(st["guard"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        saved = load_online_checkpoint(path, self.acc, self.state, self.model, self.optimizer, self.scheduler,
+                                       self.transform, self.guard)
+        self.kl_ctl.value = saved["kl_coef"]
+
+    def _save_final(self) -> Path:
+        """OUTPUT_DIR/final (`save_model`) and, for LoRA, the adapter (+ value head) in OUTPUT_DIR/adapter."""
+        final = Path(self.args.output_dir) / "final"
+        self.save_model(final)
+        if self.acc.is_main_process:
+            save_adapter(self.model.policy, self.tokenizer, Path(self.args.output_dir) / "adapter")
+        return final
 
     def save_model(self, path: str | Path) -> None:
         """HF format: the policy LM (LoRA merged) + value_head.safetensors (or critic/ for a separate critic)."""
