@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from alignloop.data import prompt_texts
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import logprobs_from_logits
 from alignloop.models import (
@@ -42,12 +43,14 @@ from alignloop.models import (
     reference_mode,
     unwrap_model,
 )
-from alignloop.rollout import Rollout, SamplingParams, decode_responses
+from alignloop.models.fast import speed_up
+from alignloop.rollout import Rollout, SamplingParams, decode_responses, encode_prompts
 from alignloop.scoring import RewardTransform, build_scorer, total
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
 from alignloop.training.logging import MetricsLogger, Progress
 from alignloop.training.loop import shard, take_indices
+from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, build_lora
 
 
@@ -246,6 +249,32 @@ def frozen_reference(lm: nn.Module, ref_model: nn.Module | str | None, device, d
         return None
     ref = ref_model if ref_model is not None else copy.deepcopy(unwrap_model(lm))
     return ref.to(device).eval().requires_grad_(False)
+
+
+def speed_up_models(args: OnlineRLArgs, *models) -> None:
+    """`alignloop.models.fast.speed_up` (same function, faster) on each model that is there, when `fast_gelu`; a
+    scorer stands for its model (a function scorer has none)."""
+    if args.fast_gelu:
+        for m in models:
+            speed_up(m if m is None or isinstance(m, nn.Module) else getattr(m, "model", None))
+
+
+def encoded_prompts(source, args: OnlineRLArgs, tokenizer, trainer: str) -> tuple[list[str], list[list[int]]]:
+    """The training prompts (`train_dataset`, else `args.train_file`; any source of `alignloop.data.prompt_texts`)
+    and their token ids, truncated from the left to `max_prompt_length`."""
+    source = source if source is not None else args.train_file
+    if source is None:
+        raise ConfigError(f"{trainer} needs prompts: train_dataset=... (or --train-file)")
+    prompts = prompt_texts(source, tokenizer=tokenizer)
+    return prompts, encode_prompts(tokenizer, prompts, args.max_prompt_length)
+
+
+def prepared_optimization(model: nn.Module, args: OnlineRLArgs, acc):
+    """AdamW and its schedule over updates, prepared by accelerate -> (the prepared model, optimizer, scheduler)."""
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, eps=args.adam_epsilon)
+    scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_updates, args.total_updates)
+    ddp_model, optimizer = acc.prepare(model, optimizer)
+    return ddp_model, optimizer, scheduler
 
 
 # ------------------------------------------------------------------------------------------------ per update

@@ -51,7 +51,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignloop.data import prompt_texts
 from alignloop.errors import ConfigError
 from alignloop.losses import (
     AGGREGATIONS,
@@ -66,7 +65,6 @@ from alignloop.losses import (
     token_loss_weights,
 )
 from alignloop.models import ActorCritic, CausalLMWithValueHead, model_forward
-from alignloop.models.fast import speed_up
 from alignloop.rl import (
     Collective,
     OnlineRLArgs,
@@ -74,23 +72,25 @@ from alignloop.rl import (
     UpdateLoop,
     build_scorers,
     check_batch_sizes,
+    encoded_prompts,
     frozen_reference,
     load_online_checkpoint,
     load_policy,
     local_prompts,
     new_state,
     perf_metrics,
+    prepared_optimization,
     reference_logprobs,
     response_logprobs_from,
     reward_metrics,
     save_online_checkpoint,
     score_rollout,
+    speed_up_models,
     train_online,
 )
-from alignloop.rollout import HFSampler, Rollout, Sampler, encode_prompts
+from alignloop.rollout import HFSampler, Rollout, Sampler
 from alignloop.training.guard import SampleTable
 from alignloop.training.loop import make_accelerator, seed_everything, sync_context
-from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, save_final
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce")
@@ -241,22 +241,13 @@ class GRPOTrainer:
         self.lm = self.model.lm if cfg.learned_baseline else self.model
         self.ref_model = frozen_reference(self.lm, ref_model if ref_model is not None else cfg.ref_model,
                                           self.acc.device, cfg.dtype)
-        if cfg.fast_gelu:
-            for m in (self.model, self.ref_model, getattr(self.scorer, "model", None),
-                      getattr(self.gold_scorer, "model", None)):
-                speed_up(m)
+        speed_up_models(cfg, self.model, self.ref_model, self.scorer, self.gold_scorer)
         self.transform = cfg.reward_transform()
         self.baseline = MovingAverageBaseline(cfg.baseline_decay)
         self.sampler = sampler or HFSampler(self.lm, self.tokenizer, cpu_threads=cfg.generation_threads)
         self.sampling = cfg.sampling_params(self.tokenizer)
-        source = train_dataset if train_dataset is not None else cfg.train_file
-        if source is None:
-            raise ConfigError(f"{name} needs prompts: train_dataset=... (or --train-file)")
-        self.prompts = prompt_texts(source, tokenizer=self.tokenizer)
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
-        self.optimizer = build_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, eps=cfg.adam_epsilon)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_updates, cfg.total_updates)
-        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.prompts, self.prompt_ids = encoded_prompts(train_dataset, cfg, self.tokenizer, name)
+        self.ddp_model, self.optimizer, self.scheduler = prepared_optimization(self.model, cfg, self.acc)
         self.guard = cfg.guard()
         self.samples = SampleTable(cfg.output_dir, cfg.sample_rows)
         self.callbacks = list(callbacks)

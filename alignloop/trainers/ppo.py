@@ -56,7 +56,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignloop.data import prompt_texts
 from alignloop.errors import ConfigError
 from alignloop.losses import (
     AdaptiveKLController,
@@ -80,7 +79,6 @@ from alignloop.models import (
     critic_from_reward_model,
     has_adapter,
 )
-from alignloop.models.fast import speed_up
 from alignloop.rl import (
     Collective,
     OnlineRLArgs,
@@ -88,24 +86,26 @@ from alignloop.rl import (
     UpdateLoop,
     build_scorers,
     check_batch_sizes,
+    encoded_prompts,
     frozen_reference,
     load_online_checkpoint,
     load_policy,
     local_prompts,
     new_state,
     perf_metrics,
+    prepared_optimization,
     reference_logprobs,
     response_logprobs_from,
     reward_metrics,
     save_online_checkpoint,
     score_rollout,
+    speed_up_models,
     train_online,
 )
-from alignloop.rollout import HFSampler, Rollout, Sampler, encode_prompts
+from alignloop.rollout import HFSampler, Rollout, Sampler
 from alignloop.training.config import renamed_fields
 from alignloop.training.guard import SampleTable
 from alignloop.training.loop import make_accelerator, seed_everything, sync_context
-from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, save_adapter
 
 
@@ -252,21 +252,12 @@ class PPOTrainer:
         self.lora = has_adapter(self.model.lm)
         self.ref_model = frozen_reference(self.model.lm, ref_model if ref_model is not None else cfg.ref_model,
                                           self.acc.device, cfg.dtype)
-        if cfg.fast_gelu:
-            for m in (self.model, self.ref_model, getattr(self.scorer, "model", None),
-                      getattr(self.gold_scorer, "model", None)):
-                speed_up(m)
+        speed_up_models(cfg, self.model, self.ref_model, self.scorer, self.gold_scorer)
         self.transform = cfg.reward_transform()
         self.sampler = sampler or HFSampler(self.model.lm, self.tokenizer, cpu_threads=cfg.generation_threads)
         self.sampling = cfg.sampling_params(self.tokenizer)
-        source = train_dataset if train_dataset is not None else cfg.train_file
-        if source is None:
-            raise ConfigError("PPO needs prompts: train_dataset=... (or --train-file)")
-        self.prompts = prompt_texts(source, tokenizer=self.tokenizer)
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
-        self.optimizer = build_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, eps=cfg.adam_epsilon)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_updates, cfg.total_updates)
-        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.prompts, self.prompt_ids = encoded_prompts(train_dataset, cfg, self.tokenizer, "PPO")
+        self.ddp_model, self.optimizer, self.scheduler = prepared_optimization(self.model, cfg, self.acc)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.guard = cfg.guard()

@@ -4,11 +4,10 @@ import zlib
 
 import pytest
 import torch
+from ppo.conftest import make_target_reward, small_lm  # noqa: F401 - the tiny task of the PPO tests, shared
 
-from alignloop.models.tiny import default_corpus, tiny_causal_lm, train_tokenizer
+from alignloop.models.tiny import default_corpus, train_tokenizer
 from alignloop.rollout import HFSampler, Rollout
-
-TARGET_TOKENS = ["Ġg", "ood", "Ġth", "e", "Ġa", "Ġm", "ov", "i"]
 
 
 @pytest.fixture(scope="session")
@@ -21,24 +20,6 @@ def tok():
 @pytest.fixture(scope="session")
 def prompts():
     return [" ".join(s.split()[: 1 + i % 6]) for i, s in enumerate(default_corpus(64, seed=1))]
-
-
-def make_target_reward(tok):
-    """The share of response tokens that are target tokens (a known function of the text)."""
-    target = set(tok.convert_tokens_to_ids(TARGET_TOKENS))
-
-    def reward(prompts, responses):
-        out = []
-        for r in responses:
-            ids = tok(r)["input_ids"]
-            out.append(sum(i in target for i in ids) / max(len(ids), 1))
-        return out
-
-    return reward
-
-
-def small_lm(tok, seed=0):
-    return tiny_causal_lm(tok, n_layer=1, n_embd=32, seed=seed)
 
 
 class GroupSeededSampler:
