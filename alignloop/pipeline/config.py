@@ -2,9 +2,11 @@
 
     cfg = PipelineConfig.from_yaml("pipeline.yaml")      # or PipelineConfig(policy=..., prompts=..., ...)
 
-The sections `sft`, `rm`, `ppo`, `dpo`, `kto` and `rejection_sampling` hold the fields of the trainers' own configs
-(SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig, RSConfig: one vocabulary), checked when their stage builds
-them.
+The sections `sft`, `rm`, `ppo`, `rloo`, `grpo`, `online_dpo`, `dpo`, `kto` and `rejection_sampling` hold the fields
+of the trainers' own configs (SFTConfig, RewardConfig, PPOConfig, RLOOConfig, GRPOConfig, OnlineDPOConfig, DPOConfig,
+KTOConfig, RSConfig: one vocabulary), checked when their stage builds them. `rloo`, `grpo` (the critic-free trainer of
+`alignloop.trainers.grpo`) and `online_dpo` are off unless given: like PPO they train the SFT model against the last
+round's reward model, with the KL to the SFT model.
 
 Feedback comes as pairs (`feedback.task_type: pairwise`, the default: reward model, PPO, DPO, rejection sampling) or
 as thumbs up / down on single completions (`thumbs`: exported as unpaired rows, which train KTO; the stages that
@@ -82,6 +84,13 @@ class PipelineConfig:
     feedback: FeedbackSettings = _f(FeedbackSettings, "Collection and labeling.")
     rm: dict = _f({}, "RewardConfig fields (alignloop rm --help).")
     ppo: dict | None = _f({}, "PPOConfig fields (alignloop ppo --help); null skips PPO.")
+    rloo: dict | None = _f(None, "RLOOConfig fields (alignloop rloo --help): RLOO of the SFT model against the last "
+                                 "round's reward model; null (the default) skips it.")
+    grpo: dict | None = _f(None, "GRPOConfig fields (alignloop grpo --help): GRPO of the SFT model against the last "
+                                 "round's reward model; null (the default) skips it.")
+    online_dpo: dict | None = _f(None, "OnlineDPOConfig fields (alignloop online-dpo --help): online DPO of the SFT "
+                                       "model, pairs judged by the last round's reward model; null (the default) "
+                                       "skips it.")
     dpo: dict | None = _f({}, "DPOConfig fields (alignloop dpo --help); null skips DPO.")
     kto: dict | None = _f(None, "KTOConfig fields (alignloop kto --help): KTO on the thumbs (feedback.task_type "
                                 "thumbs: runs even when null) or, when given, on the preferences unpaired.")
@@ -112,6 +121,10 @@ class PipelineConfig:
             raise ConfigError(f"{where}: 'prompts' (a JSONL/JSON file of prompts or a list) is required")
         if cfg.feedback.task_type not in ("pairwise", "thumbs"):
             raise ConfigError(f"{where}: feedback.task_type must be pairwise or thumbs, got {cfg.feedback.task_type!r}")
+        for name in ("rloo", "grpo", "online_dpo"):
+            if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), dict):
+                raise ConfigError(f"{where}: {name} must be a mapping of the trainer's config fields or null, got "
+                                  f"{getattr(cfg, name)!r}")
         if cfg.rounds < 1:
             raise ConfigError(f"{where}: rounds must be >= 1")
         if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows"):

@@ -71,6 +71,41 @@ def plot_ppo(run: RunFolder, out: Path) -> Path | None:
     return _save(plt, fig, out / "ppo_training.png")
 
 
+COLORS = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "KTO": "tab:orange", "RS": "tab:purple",
+          "RLOO": "tab:cyan", "GRPO": "tab:olive", "Online DPO": "tab:pink"}
+
+
+def plot_critic_free(run: RunFolder, out: Path) -> Path | None:
+    """RLOO / GRPO / online DPO (no critic) over training, as `plot_ppo`: reward-model and gold score of each
+    update's samples, KL to the reference (objective/kl, nats per sequence)."""
+    rows = [(name, read_jsonl(run.path(stage) / "metrics.jsonl")) for name, stage in run.ONLINE]
+    rows = [(name, m) for name, m in rows if m]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, m in rows:
+        for key, label, ls in (("reward/raw_mean", "reward model score", "--"),
+                               ("reward/gold_mean", "gold score", "-")):
+            xs, ys = _series(m, key)
+            if xs:
+                a1.plot(xs, ys, ls, color=COLORS[name], label=f"{name}: {label}")
+        xs, ys = _series(m, "objective/kl")
+        if xs:
+            a2.plot(xs, ys, color=COLORS[name], label=f"{name}: KL(policy ‖ SFT)")
+    names = " / ".join(name for name, _ in rows)
+    a1.set(title=f"{names}: reward over training", xlabel="update", ylabel="mean score of the batch's samples")
+    a2.set(title=f"{names}: KL to the reference over training", xlabel="update", ylabel="KL (nats / sequence)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8, loc="best")
+    return _save(plt, fig, out / "critic_free_training.png")
+
+
+def _moving_average(v: list[float], w: int) -> list[float]:
+    return [sum(v[max(0, i - w + 1):i + 1]) / len(v[max(0, i - w + 1):i + 1]) for i in range(len(v))]
+
+
 def plot_dpo(run: RunFolder, out: Path) -> Path | None:
     m = read_jsonl(run.dpo_dir / "metrics.jsonl")
     if not m:
@@ -121,22 +156,21 @@ def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
         for n in ns:
             ax.annotate(f"N={n}", (bon[n]["kl"], bon[n][f"{key}/mean"]), textcoords="offset points",
                         xytext=(-30, 4), fontsize=8, color="tab:green")
-    m = read_jsonl(run.ppo_dir(max(1, run.rounds())) / "metrics.jsonl")
     mkey = "reward/gold_mean" if key == "gold" else "reward/raw_mean"
-    xs = [r["objective/kl"] for r in m if "objective/kl" in r and mkey in r]
-    ys = [r[mkey] for r in m if "objective/kl" in r and mkey in r]
-    if xs:
-        w = min(5, len(xs))
-        xs = [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
-        ys = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.45,
-                label=f"PPO during training (train batches, {w}-update moving average)")
-    colors = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "KTO": "tab:orange", "RS": "tab:purple"}
+    curves = [("PPO", run.ppo_dir(max(1, run.rounds())))] + [(name, run.path(stage)) for name, stage in run.ONLINE]
+    for name, folder in curves:   # the RL runs' training batches: where they went on the way
+        m = read_jsonl(folder / "metrics.jsonl")
+        xs = [r["objective/kl"] for r in m if "objective/kl" in r and mkey in r]
+        ys = [r[mkey] for r in m if "objective/kl" in r and mkey in r]
+        if xs:
+            w = min(5, len(xs))
+            ax.plot(_moving_average(xs, w), _moving_average(ys, w), "-", color=COLORS[name], alpha=0.45,
+                    label=f"{name} during training (train batches, {w}-update moving average)")
     for name, s in summ.items():
         if name.startswith("best-of") or "kl" not in s or f"{key}/mean" not in s:
             continue
         ax.errorbar([s["kl"]], [s[f"{key}/mean"]], yerr=[s.get(f"{key}/sem", 0) or 0], fmt="s", ms=9, capsize=3,
-                    color=colors.get(name, "gray"), label=f"{name} (held-out prompts)")
+                    color=COLORS.get(name, "gray"), label=f"{name} (held-out prompts)")
     ax.set(title=f"{what.split(' (')[0].capitalize()} against KL to the SFT model (reward–KL frontier)",
            xlabel="KL(policy ‖ SFT) on the policy's samples (nats / sequence)", ylabel=f"mean {what}")
     ax.grid(alpha=0.3)
@@ -278,7 +312,9 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     rm_info = run.info(run.round_stage(rnd, "rm"))
     rm_rows = read_jsonl(run.rm_dir(rnd) / "metrics.jsonl")
     plots = {}
-    for name, fn in (("ppo", lambda: plot_ppo(run, run.plots_dir)), ("dpo", lambda: plot_dpo(run, run.plots_dir)),
+    for name, fn in (("ppo", lambda: plot_ppo(run, run.plots_dir)),
+                     ("critic_free", lambda: plot_critic_free(run, run.plots_dir)),
+                     ("dpo", lambda: plot_dpo(run, run.plots_dir)),
                      ("frontier", lambda: plot_frontier(run, res, run.plots_dir)),
                      ("best_of_n", lambda: plot_best_of_n(res, run.plots_dir)),
                      ("reward_model", lambda: plot_rm(quality, rm_info, rm_rows, run.plots_dir)),
@@ -332,8 +368,9 @@ def _results_section(res: dict) -> list[str]:
 def _plot_sections(plots: dict, quality: dict | None, rm_info: dict | None) -> list[str]:
     md = []
     for key, title in (("frontier", "Reward against KL (the reward–KL frontier)"), ("best_of_n", "Best-of-N"),
-                       ("ppo", "PPO training"), ("dpo", "DPO training"), ("reward_model", "Reward model"),
-                       ("labelers", "Labelers"), ("times", "Wall time per stage")):
+                       ("ppo", "PPO training"), ("critic_free", "RLOO / GRPO / online DPO training"),
+                       ("dpo", "DPO training"), ("reward_model", "Reward model"), ("labelers", "Labelers"),
+                       ("times", "Wall time per stage")):
         if key in plots:
             md += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
         if key == "reward_model" and rm_info:
@@ -381,12 +418,20 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
     """The headline: what the loop is expected to show, and whether this run shows it."""
     lines = []
     sft = summ.get("SFT", {}).get("gold/mean")
-    for m in ("PPO", "DPO", "KTO", "RS"):
+    for m in ("PPO", "RLOO", "GRPO", "Online DPO", "DPO", "KTO", "RS"):
         if sft is not None and m in summ and "gold/mean" in summ[m]:
             g = summ[m]["gold/mean"]
             lines.append(f"- {m} {'raises' if g > sft else 'does NOT raise'} the gold reward over SFT: {sft:.2f} → "
                          f"{g:.2f} (win rate {summ[m].get('gold/win_rate', float('nan')):.2f}, KL "
                          f"{summ[m].get('kl', float('nan')):.2f} nats)")
+    ppo = summ.get("PPO", {})
+    for m in ("RLOO", "GRPO", "Online DPO"):   # against PPO on the frontier: as much gold for no more KL?
+        s = summ.get(m, {})
+        if "gold/mean" in s and "gold/mean" in ppo and "kl" in s and "kl" in ppo:
+            better = s["gold/mean"] >= ppo["gold/mean"] and s["kl"] <= ppo["kl"]
+            lines.append(f"- {m} {'matches or beats' if better else 'does NOT match'} PPO at no more KL: gold "
+                         f"{s['gold/mean']:.2f} at KL {s['kl']:.2f} nats vs PPO's {ppo['gold/mean']:.2f} at "
+                         f"{ppo['kl']:.2f}")
     if bon and "gold/mean" in next(iter(bon.values())):
         ns = sorted(bon, key=int)
         golds = [bon[n]["gold/mean"] for n in ns]

@@ -16,6 +16,7 @@ Layout:
                                         or unpaired {prompt, completion, label} rows of a thumbs project)
     round-N/rm/final                    the reward model (heldout_preferences.jsonl: its held-out pairs)
     round-N/ppo/final                   the PPO policy (metrics.jsonl: its training curve)
+    rloo/final, grpo/final, online_dpo/final   RLOO, GRPO and online DPO (metrics.jsonl: their training curves)
     dpo/final, kto/final, rs/final      DPO, KTO and rejection-sampling policies
     eval/results.json                   the evaluation; eval/samples_<name>.jsonl, samples_reference.jsonl
     report.md, report.html, plots/      the report
@@ -40,6 +41,8 @@ class RunFolder:
     Stage names: the constants below, and `round_stage(r, step)` for a round's sample / label / rm / ppo."""
 
     DATA, BASE, SFT, DPO, KTO, RS, EVAL = "data", "base", "sft", "dpo", "kto", "rs", "eval"
+    RLOO, GRPO, ONLINE_DPO = "rloo", "grpo", "online_dpo"
+    ONLINE = (("RLOO", RLOO), ("GRPO", GRPO), ("Online DPO", ONLINE_DPO))   # evaluated name, stage: SFT vs the RM
 
     def __init__(self, root: str | Path, echo: Callable[[str], None] = print, create: bool = True):
         self.root = Path(root)

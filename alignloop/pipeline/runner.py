@@ -1,5 +1,6 @@
 """The whole loop as resumable stages in one run folder: SFT -> sample -> label -> reward model -> PPO (rounds), then
-DPO, best-of-N, rejection sampling, evaluation and the report.
+RLOO, GRPO and online DPO (when their sections are given), DPO, best-of-N, rejection sampling, evaluation and the
+report.
 
     run_pipeline(PipelineConfig.from_yaml("pipeline.yaml"))     # `alignloop pipeline pipeline.yaml`
 
@@ -8,7 +9,9 @@ policy and training the reward model on the preferences of all rounds so far (In
 labelers the run stops after sampling (the project is ready in the app) and the same command continues once they
 have judged. With thumbs feedback (`feedback.task_type: thumbs`) the rounds only collect and label (every round samples
 from the SFT model), and KTO trains on the thumbs of all rounds: the reward model, PPO, DPO and rejection sampling
-need pairs and are skipped. A `kto` section in a pairwise run trains KTO on the preferences, unpaired.
+need pairs and are skipped. A `kto` section in a pairwise run trains KTO on the preferences, unpaired. RLOO, GRPO
+and online DPO (`rloo:` / `grpo:` / `online_dpo:` sections) train the SFT model against the last round's reward
+model, the KL to the SFT model, as PPO does (the gold scorer only watched).
 The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
 """
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Pipeline:
         thumbs = cfg.feedback.task_type == "thumbs"
         if thumbs:
             self.notes.append("thumbs feedback: KTO trains on it; the reward model, PPO, DPO and rejection sampling "
-                              "need preference pairs and were skipped")
+                              "need preference pairs and were skipped (RLOO, GRPO and online DPO too: they train "
+                              "against the reward model)")
         for r in range(1, cfg.rounds + 1):
             if r == 1 and cfg.preferences:
                 pref_files.append(cfg.preferences)
@@ -74,6 +78,10 @@ class Pipeline:
         policies = {"SFT": sft}
         if cfg.ppo is not None and run.done(run.round_stage(cfg.rounds, "ppo")):
             policies["PPO"] = policy
+        for name, stage in run.ONLINE:   # RLOO, GRPO, online DPO: as PPO, the SFT model against the reward model
+            if getattr(cfg, stage) is not None and not thumbs:
+                policies[name] = run.stage(stage, lambda f, s=stage: stages.stage_online(
+                    f, cfg, s, sft, rm, self.train_prompts))["model"]
         if cfg.dpo is not None and not thumbs:
             policies["DPO"] = run.stage(run.DPO, lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
         if cfg.kto is not None or thumbs:

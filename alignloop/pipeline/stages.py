@@ -29,7 +29,9 @@ from alignloop.pipeline.run_folder import RunFolder
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.scoring import load_function, load_scorer
 from alignloop.trainers.dpo import DPOConfig, DPOTrainer
+from alignloop.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig
 from alignloop.trainers.kto import KTOConfig, KTOTrainer
+from alignloop.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.trainers.rm import RewardConfig, RewardTrainer
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
@@ -226,6 +228,26 @@ def stage_ppo(folder: Path, cfg: PipelineConfig, policy: str, rm: str, ref: str,
                      ref_model=ref_model).train()
     return {"model": str(folder / "final"), "updates": res.steps, "stop_reason": res.stop_reason,
             **numbers(res.metrics)}
+
+
+# the online trainers that, like PPO, train the SFT model against the reward model: section -> (config, trainer)
+ONLINE = {"rloo": (RLOOConfig, GRPOTrainer), "grpo": (GRPOConfig, GRPOTrainer),
+          "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer)}
+
+
+def stage_online(folder: Path, cfg: PipelineConfig, section_name: str, sft_model: str, rm: str,
+                 train_prompts: list[str]) -> dict:
+    """RLOO, GRPO or online DPO (`section_name` "rloo" / "grpo" / "online_dpo": its YAML section, config and trainer
+    in `ONLINE`) of the SFT model against the reward model, with the KL to the SFT model (the trainer's frozen copy
+    of its starting policy). As in PPO the gold scorer, when given, is only watched (`reward/gold_mean`)."""
+    config_cls, trainer_cls = ONLINE[section_name]
+    section = dict(getattr(cfg, section_name) or {})
+    section.setdefault("seed", cfg.seed)
+    args = trainer_config(config_cls, section, output_dir=str(folder))
+    gold = load_function(cfg.eval.gold) if cfg.eval.gold else None
+    res = trainer_cls(model=sft_model, reward=rm, args=args, train_dataset=train_prompts, gold_reward=gold).train()
+    return {"model": str(folder / "final"), "updates": res.steps, "stop_reason": res.stop_reason,
+            "estimator": getattr(args, "estimator", section_name), **numbers(res.metrics)}
 
 
 def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:

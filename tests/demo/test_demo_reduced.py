@@ -1,6 +1,7 @@
 """The reduced demo end to end (`alignloop demo --quick`), asserting the directions the issue asks for:
-PPO and DPO raise the gold reward over SFT, best-of-N rises with N, the careless labeler is flagged, the reward
-model's held-out accuracy is near the simulated labelers' agreement. Then `--resume` skips every finished stage."""
+PPO, RLOO, GRPO and DPO raise the gold reward over SFT, best-of-N rises with N, the careless labeler is flagged, the
+reward model's held-out accuracy is near the simulated labelers' agreement. Then `--resume` skips every finished
+stage."""
 from __future__ import annotations
 
 import json
@@ -32,6 +33,11 @@ def test_reduced_demo_directions(tmp_path):
     golds = [bon[n]["gold/mean"] for n in ns]
     assert golds == sorted(golds) and golds[-1] > golds[0] + 0.5, golds
     assert [bon[n]["rm/mean"] for n in ns] == sorted(bon[n]["rm/mean"] for n in ns)
+    # the critic-free trainers (against the same reward model, from the same SFT model) raise it too
+    print({m: (round(s[m]["gold/mean"], 3), round(s[m]["kl"], 3)) for m in ("SFT", "PPO", "RLOO", "GRPO", "Online DPO",
+                                                                            "DPO")})
+    assert s["RLOO"]["gold/mean"] > sft + 0.5 and s["GRPO"]["gold/mean"] > sft + 0.5, s
+    assert s["RLOO"]["gold/win_rate"] > 0.6 and s["GRPO"]["gold/win_rate"] > 0.6
     # rejection sampling ran and did not make things worse by much
     assert "RS" in s and s["RS"]["gold/mean"] > sft - 0.5
 
@@ -47,13 +53,16 @@ def test_reduced_demo_directions(tmp_path):
 
     # report: both formats, every plot, wall time per stage
     md = (out / "report.md").read_text()
-    for name in ("frontier", "best_of_n", "ppo_training", "dpo_training", "reward_model", "labelers", "stage_times"):
+    for name in ("frontier", "best_of_n", "ppo_training", "critic_free_training", "dpo_training", "reward_model",
+                 "labelers", "stage_times"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000, name
         assert f"plots/{name}.png" in md
     assert "| PPO |" in md and "| DPO |" in md and "| careless |" in md and "| total |" in md
-    assert (out / "report.html").read_text().count("<img") == 7
+    assert "| RLOO |" in md and "| GRPO |" in md and "| rloo |" in md and "| grpo |" in md
+    assert (out / "report.html").read_text().count("<img") == 8
     times = json.loads((out / "stages.json").read_text())
-    assert {"base", "sft", "round-1/label", "round-1/rm", "round-1/ppo", "dpo", "rs", "eval"} <= set(times)
+    assert {"base", "sft", "round-1/label", "round-1/rm", "round-1/ppo", "rloo", "grpo", "dpo", "rs", "eval"} <= set(
+        times)
 
     # resume: nothing is recomputed
     res = CliRunner().invoke(demo, ["--resume", "--output-dir", str(out)], catch_exceptions=False)
