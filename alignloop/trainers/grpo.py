@@ -120,7 +120,9 @@ class GRPOConfig(OnlineRLArgs):
         "help": "Upper clip ε_high (DAPO's clip-higher; None = cliprange)."})
     kl_in: Literal["reward", "loss"] | None = field(default=None, metadata={
         "help": "Where the KL to the reference goes: reward (R − β·Σ KL_t, kl_estimator) or loss (β·k3 per token); "
-                "None = the estimator's paper: loss for grpo/dr_grpo, reward for rloo/reinforce."})
+                "None = the estimator's paper: loss for grpo/dr_grpo, reward for rloo/reinforce. Note: grpo's std "
+                "scaling with the KL in the reward makes a group of equal scores differ by ±1 on its KL alone, "
+                "whatever β (β cancels in (R − mean)/std)."})
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                               "seq-mean-token-sum-norm"] | None = field(default=None, metadata={
         "help": "How token losses become the loss: token-mean (DAPO), seq-mean-token-mean (GRPO), "
@@ -149,6 +151,13 @@ class GRPOConfig(OnlineRLArgs):
             raise ConfigError(f"kl_in: expected reward or loss, got {self.kl_in!r}")
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if self.cliprange <= 0 or (self.cliprange_high is not None and self.cliprange_high <= 0) or self.vf_coef < 0:
+            raise ConfigError("cliprange and cliprange_high must be > 0 and vf_coef >= 0")
+        if self.baseline == "learned" and self.estimator != "reinforce":
+            raise ConfigError(f"baseline='learned' is reinforce's baseline; {self.estimator} takes its baseline from "
+                              f"the group (use estimator='reinforce')")
+        if self.scale_rewards is not None and self.estimator not in ("grpo", "dr_grpo"):
+            raise ConfigError(f"scale_rewards applies to grpo and dr_grpo, not {self.estimator}")
 
     @property
     def kl_placement(self) -> str:
@@ -274,8 +283,8 @@ class GRPOTrainer:
         exp = self._experience(rollout, scored, scores, old)                                  # 4. advantages
         stats = defaultdict(list)
         for order in orders:                                                                  # 5. optimizer steps
-            for mb in order.chunk(cfg.num_mini_batches):
-                self._train_minibatch(exp, list(mb.chunk(cfg.gradient_accumulation_steps)), cached, stats)
+            for mb in order.tensor_split(cfg.num_mini_batches):
+                self._train_minibatch(exp, list(mb.tensor_split(cfg.gradient_accumulation_steps)), cached, stats)
                 cached = None
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -307,8 +316,8 @@ class GRPOTrainer:
         out = {k: torch.zeros(B, R, device=self.acc.device) for k in ("old_logprobs", "ref_logprobs")}
         values = torch.zeros(B, device=self.acc.device) if self.args.learned_baseline else None
         cached = None
-        micro = [order] if single else [rows for mb in order.chunk(self.args.num_mini_batches)
-                                        for rows in mb.chunk(self.args.gradient_accumulation_steps)]
+        micro = [order] if single else [rows for mb in order.tensor_split(self.args.num_mini_batches)
+                                        for rows in mb.tensor_split(self.args.gradient_accumulation_steps)]
         for rows in micro:
             if single:
                 f = cached = self._forward(self.ddp_model, rollout, rows)
@@ -352,8 +361,9 @@ class GRPOTrainer:
         """Accumulate the micro-batches' gradients (weights from the global minibatch's token and sequence counts),
         clip, step."""
         cfg, acc, mask = self.args, self.acc, exp.response_mask
-        counts = self.coll.sum(torch.stack([torch.stack([mask[rows].sum(), torch.tensor(len(rows))]) for rows in
-                                            micro]).sum(0).float().to(acc.device))
+        # [valid tokens, sequences] of the minibatch over every process (on the rollout's device: a GPU run too)
+        per_micro = [torch.stack([mask[rows].sum(), mask.new_tensor(len(rows), dtype=torch.long)]) for rows in micro]
+        counts = self.coll.sum(torch.stack(per_micro).sum(0).float())
         n_tok, n_seq = counts[0].clamp(min=1), counts[1].clamp(min=1)
         for i, rows in enumerate(micro):
             with sync_context(acc, self.ddp_model, i, len(micro)):

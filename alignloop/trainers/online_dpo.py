@@ -252,8 +252,8 @@ class OnlineDPOTrainer:
         stats: dict[str, Any] = defaultdict(list)
         per_pair = {k: torch.zeros(len(chosen), device=self.acc.device)
                     for k in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")}
-        for mb in order.chunk(cfg.num_mini_batches):                                          # 5. DPO steps
-            self._train_minibatch(exp, list(mb.chunk(cfg.gradient_accumulation_steps)), cached, per_pair, stats)
+        for mb in order.tensor_split(cfg.num_mini_batches):                                          # 5. DPO steps
+            self._train_minibatch(exp, list(mb.tensor_split(cfg.gradient_accumulation_steps)), cached, per_pair, stats)
             cached = None
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():   # the schedule counts updates, also one whose pairs all tied (no step)
@@ -286,8 +286,8 @@ class OnlineDPOTrainer:
         B, R = rollout.response_ids.shape
         out = {k: torch.zeros(B, R, device=self.acc.device) for k in ("logprobs", "ref_logprobs")}
         cached = None
-        micro = [order] if single else [m for mb in order.chunk(cfg.num_mini_batches)
-                                        for m in mb.chunk(cfg.gradient_accumulation_steps)]
+        micro = [order] if single else [m for mb in order.tensor_split(cfg.num_mini_batches)
+                                        for m in mb.tensor_split(cfg.gradient_accumulation_steps)]
         for pair_idx in micro:
             if single:
                 f = cached = self._forward(self.ddp_model, rollout, chosen, rejected, pair_idx)

@@ -289,8 +289,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ data
     def _micro_batches(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
         """order [B] -> minibatches, each a list of micro-batch row-index tensors."""
-        mbs = order.chunk(self.args.num_mini_batches)
-        return [list(mb.chunk(self.args.gradient_accumulation_steps)) for mb in mbs]
+        mbs = order.tensor_split(self.args.num_mini_batches)
+        return [list(mb.tensor_split(self.args.gradient_accumulation_steps)) for mb in mbs]
 
     # ------------------------------------------------------------------ one update, step by step
     def _update(self) -> PPOExperience:

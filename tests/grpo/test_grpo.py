@@ -263,3 +263,25 @@ def test_cli_grpo_and_rloo(tmp_path):
     assert p.returncode == 2 and "error: alignloop grpo needs --model" in p.stderr and "Traceback" not in p.stderr
     assert CliRunner().invoke(cli, ["grpo", "--estimator", "ppo"]).exit_code == 2
     assert "--num-generations" in CliRunner().invoke(cli, ["rloo", "--help"]).output
+
+
+def test_every_minibatch_steps_when_rows_do_not_divide(tmp_path, tok, prompts):
+    """6 completions per update in 4 minibatches: 4 optimizer steps (sizes 2, 2, 1, 1), not the 3 that
+    `Tensor.chunk` would give."""
+    model = small_lm(tok)
+    torch.manual_seed(0)
+    tr = GRPOTrainer(model=model, reward=make_target_reward(tok),
+                     args=_cfg(tmp_path, rollout_batch_size=3, num_generations=2, num_mini_batches=4),
+                     train_dataset=prompts, tokenizer=tok)
+    steps = []
+    step = tr.optimizer.step
+    tr.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    tr.train()
+    assert len(steps) == 4
+
+
+def test_settings_that_would_be_ignored_are_config_errors():
+    for bad in ({"estimator": "rloo", "baseline": "learned"}, {"estimator": "rloo", "scale_rewards": True},
+                {"cliprange": 0.0}, {"cliprange_high": -0.1}, {"vf_coef": -1.0}):
+        with pytest.raises(ConfigError):
+            GRPOConfig(**bad)
