@@ -22,7 +22,7 @@ import copy
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,6 +278,30 @@ def prepared_optimization(model: nn.Module, args: OnlineRLArgs, acc):
 
 
 # ------------------------------------------------------------------------------------------------ per update
+class ExperienceAccess:
+    """What an update's experience dataclass (PPO's, GRPO's, online DPO's) gives its callbacks besides its fields:
+    `response_mask` (the rollout's) and dict-style reading, `experience["scores"]`, `experience.keys()`."""
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+
+def minibatch_layout(order: torch.Tensor, num_mini_batches: int, gradient_accumulation_steps: int):
+    """Row indices `order` [B] -> minibatches (optimizer steps), each a list of micro-batch row-index tensors (sizes
+    differ by at most one). The pass before training uses the same layout, so its forward of the first
+    micro-batch is exactly the first training forward (ratio 1)."""
+    return [list(mb.tensor_split(gradient_accumulation_steps)) for mb in order.tensor_split(num_mini_batches)]
+
+
 @dataclass
 class ScoredRollout:
     """A rollout's texts and scores on this process."""

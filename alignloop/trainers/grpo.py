@@ -44,7 +44,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ from alignloop.losses import (
 from alignloop.models import ActorCritic, CausalLMWithValueHead, model_forward
 from alignloop.rl import (
     Collective,
+    ExperienceAccess,
     OnlineRLArgs,
     ScoredRollout,
     UpdateLoop,
@@ -77,6 +78,7 @@ from alignloop.rl import (
     load_online_checkpoint,
     load_policy,
     local_prompts,
+    minibatch_layout,
     new_state,
     perf_metrics,
     prepared_optimization,
@@ -177,7 +179,7 @@ class GRPOConfig(OnlineRLArgs):
 
 
 @dataclass
-class GRPOExperience:
+class GRPOExperience(ExperienceAccess):
     """One update's batch on this process, as `GRPOTrainer(callbacks=[fn])` hands it to `fn` after the update.
     B = this process's completions (prompts × K, a prompt's K adjacent), R = the longest response."""
     step: int
@@ -195,18 +197,6 @@ class GRPOExperience:
     baselines: torch.Tensor | None            # [B] reinforce's b(x)
     advantages: torch.Tensor                  # [B] one per completion
     metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
-
-    def __getitem__(self, key: str):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
 
 
 @dataclass
@@ -283,8 +273,8 @@ class GRPOTrainer:
         exp = self._experience(rollout, scored, scores, old)                                  # 4. advantages
         stats = defaultdict(list)
         for order in orders:                                                                  # 5. optimizer steps
-            for mb in order.tensor_split(cfg.num_mini_batches):
-                self._train_minibatch(exp, list(mb.tensor_split(cfg.gradient_accumulation_steps)), cached, stats)
+            for micro in minibatch_layout(order, cfg.num_mini_batches, cfg.gradient_accumulation_steps):
+                self._train_minibatch(exp, micro, cached, stats)
                 cached = None
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -316,8 +306,8 @@ class GRPOTrainer:
         out = {k: torch.zeros(B, R, device=self.acc.device) for k in ("old_logprobs", "ref_logprobs")}
         values = torch.zeros(B, device=self.acc.device) if self.args.learned_baseline else None
         cached = None
-        micro = [order] if single else [rows for mb in order.tensor_split(self.args.num_mini_batches)
-                                        for rows in mb.tensor_split(self.args.gradient_accumulation_steps)]
+        layout = minibatch_layout(order, self.args.num_mini_batches, self.args.gradient_accumulation_steps)
+        micro = [order] if single else [rows for mb in layout for rows in mb]
         for rows in micro:
             if single:
                 f = cached = self._forward(self.ddp_model, rollout, rows)

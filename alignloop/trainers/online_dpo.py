@@ -52,7 +52,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +64,7 @@ from alignloop.losses import dpo_loss, kl_penalty, masked_sum
 from alignloop.models import model_forward
 from alignloop.rl import (
     Collective,
+    ExperienceAccess,
     OnlineRLArgs,
     ScoredRollout,
     UpdateLoop,
@@ -74,6 +75,7 @@ from alignloop.rl import (
     load_online_checkpoint,
     load_policy,
     local_prompts,
+    minibatch_layout,
     new_state,
     perf_metrics,
     prepared_optimization,
@@ -152,7 +154,7 @@ def preference_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @dataclass
-class OnlineDPOExperience:
+class OnlineDPOExperience(ExperienceAccess):
     """One update's batch on this process, as `OnlineDPOTrainer(callbacks=[fn])` hands it to `fn` after the update.
     B = this process's completions (2 per prompt, adjacent), N = B/2 pairs, R = the longest response."""
     step: int
@@ -171,18 +173,6 @@ class OnlineDPOExperience:
     ref_logprobs: torch.Tensor                # [B,R] the reference's (temperature 1), 0 on padding
     kl: torch.Tensor                          # [B,R] per-token `kl_estimator` (policy before the update vs reference)
     metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
-
-    def __getitem__(self, key: str):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
 
 
 @dataclass
@@ -252,8 +242,8 @@ class OnlineDPOTrainer:
         stats: dict[str, Any] = defaultdict(list)
         per_pair = {k: torch.zeros(len(chosen), device=self.acc.device)
                     for k in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")}
-        for mb in order.tensor_split(cfg.num_mini_batches):                                          # 5. DPO steps
-            self._train_minibatch(exp, list(mb.tensor_split(cfg.gradient_accumulation_steps)), cached, per_pair, stats)
+        for micro in minibatch_layout(order, cfg.num_mini_batches, cfg.gradient_accumulation_steps):   # 5. steps
+            self._train_minibatch(exp, micro, cached, per_pair, stats)
             cached = None
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():   # the schedule counts updates, also one whose pairs all tied (no step)
@@ -286,8 +276,8 @@ class OnlineDPOTrainer:
         B, R = rollout.response_ids.shape
         out = {k: torch.zeros(B, R, device=self.acc.device) for k in ("logprobs", "ref_logprobs")}
         cached = None
-        micro = [order] if single else [m for mb in order.tensor_split(cfg.num_mini_batches)
-                                        for m in mb.tensor_split(cfg.gradient_accumulation_steps)]
+        layout = minibatch_layout(order, cfg.num_mini_batches, cfg.gradient_accumulation_steps)
+        micro = [order] if single else [m for mb in layout for m in mb]
         for pair_idx in micro:
             if single:
                 f = cached = self._forward(self.ddp_model, rollout, chosen, rejected, pair_idx)

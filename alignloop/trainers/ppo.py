@@ -49,7 +49,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +81,7 @@ from alignloop.models import (
 )
 from alignloop.rl import (
     Collective,
+    ExperienceAccess,
     OnlineRLArgs,
     ScoredRollout,
     UpdateLoop,
@@ -91,6 +92,7 @@ from alignloop.rl import (
     load_online_checkpoint,
     load_policy,
     local_prompts,
+    minibatch_layout,
     new_state,
     perf_metrics,
     prepared_optimization,
@@ -158,7 +160,7 @@ class PPOConfig(OnlineRLArgs):
 
 
 @dataclass
-class PPOExperience:
+class PPOExperience(ExperienceAccess):
     """One update's batch on this process, as `PPOTrainer(callbacks=[fn])` hands it to `fn` after the update.
 
     B = this process's rollouts, R = response length (the rollout's longest); every [B, R] tensor is 0 where
@@ -182,18 +184,6 @@ class PPOExperience:
     advantages: torch.Tensor                  # [B,R] GAE, whitened when `whiten_advantages`
     returns: torch.Tensor                     # [B,R] advantages (before whitening) + old values
     metrics: dict[str, float] = field(default_factory=dict)   # the update's logged metrics (global)
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
-
-    def __getitem__(self, key: str):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
 
 
 @dataclass
@@ -289,8 +279,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ data
     def _micro_batches(self, order: torch.Tensor) -> list[list[torch.Tensor]]:
         """order [B] -> minibatches, each a list of micro-batch row-index tensors."""
-        mbs = order.tensor_split(self.args.num_mini_batches)
-        return [list(mb.tensor_split(self.args.gradient_accumulation_steps)) for mb in mbs]
+        return minibatch_layout(order, self.args.num_mini_batches, self.args.gradient_accumulation_steps)
 
     # ------------------------------------------------------------------ one update, step by step
     def _update(self) -> PPOExperience:
