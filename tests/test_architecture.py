@@ -17,7 +17,7 @@ LAYERS = [
     ("rollout", "training"),
     ("scoring", "evaluation", "rl"),
     ("trainers", "feedback"),
-    ("recipes",),
+    ("recipes", "ai_feedback"),
     ("pipeline",),
     ("demo",),
     ("cli",),
