@@ -12,7 +12,7 @@ The file (YAML):
     answers: [" (A)", " (B)"]                             # the continuations whose log-probabilities are compared
     templates:                                            # optional; plain-text models only (chat models: below)
       critique: "{prompt}{response}\\n\\nCritique request: {request}\\n\\nCritique:"
-      revision: "...{critique}...Revision request: {request}\\n\\nRevision:"
+      revision: "...Critique:{critique}...Revision request: {request}\\n\\nRevision:"
       comparison: "...{prompt}...{question}...(A) {first}...(B) {second}"
       answer_prefix: "The answer is:"
       cot_prefix: "Let's think step by step:"
@@ -50,9 +50,11 @@ PLACEHOLDERS = {  # template -> the placeholders it must contain (and may contai
 @dataclass(frozen=True)
 class Templates:
     """Prompt templates (str.format placeholders in braces) for models without a chat template; `comparison` is
-    also the user message a chat model is shown."""
+    also the user message a chat model is shown. Generated text goes in verbatim right after the prompt it
+    continued ("Critique:{critique}": a generated critique keeps its leading space), so a revision prompt reads
+    exactly as the model's own critique did."""
     critique: str = "{prompt}{response}\n\nCritique request: {request}\n\nCritique:"
-    revision: str = ("{prompt}{response}\n\nCritique request: {critique_request}\n\nCritique: {critique}\n\n"
+    revision: str = ("{prompt}{response}\n\nCritique request: {critique_request}\n\nCritique:{critique}\n\n"
                      "Revision request: {request}\n\nRevision:")
     comparison: str = ("Consider the following conversation between a human and an assistant:\n\n"
                        "Human: {prompt}\n\n{question}\n\nOptions:\n(A) {first}\n(B) {second}")
@@ -101,17 +103,21 @@ class Constitution:
 
     def comparison_prompt(self, prompt: str, first: str, second: str, principle: Principle, tokenizer=None,
                           reasoning: str | None = None) -> str:
-        """The text after which the judge's answer options are scored. `reasoning`: "" asks for chain-of-thought
-        (the prompt ends with the CoT prefix, for the model to continue); a string is the model's reasoning, which
-        is followed by the answer prefix."""
-        t = self.templates
-        body = t.comparison.format(prompt=prompt, question=principle.comparison, first=first, second=second)
-        head = _render(tokenizer, [("user", body)]) if _chat(tokenizer) else body + "\n"
+        """The text after which the judge's answer options are scored; with `reasoning` (the judge's chain of
+        thought, continuing `reasoning_prompt`), the answer prefix follows it."""
         if reasoning is None:
-            return head + t.answer_prefix
-        if reasoning == "":
-            return head + t.cot_prefix
-        return f"{head}{t.cot_prefix}{reasoning}\n{t.answer_prefix}"
+            return self._comparison_head(prompt, first, second, principle, tokenizer) + self.templates.answer_prefix
+        return f"{self.reasoning_prompt(prompt, first, second, principle, tokenizer)}{reasoning}\n" \
+               f"{self.templates.answer_prefix}"
+
+    def reasoning_prompt(self, prompt: str, first: str, second: str, principle: Principle, tokenizer=None) -> str:
+        """The comparison followed by the chain-of-thought prefix, for the judge to continue."""
+        return self._comparison_head(prompt, first, second, principle, tokenizer) + self.templates.cot_prefix
+
+    def _comparison_head(self, prompt: str, first: str, second: str, principle: Principle, tokenizer) -> str:
+        body = self.templates.comparison.format(prompt=prompt, question=principle.comparison, first=first,
+                                                second=second)
+        return _render(tokenizer, [("user", body)]) if _chat(tokenizer) else body + "\n"
 
 
 def _chat(tokenizer) -> bool:
