@@ -41,7 +41,8 @@ def test_plain_text_prompts_render_the_templates():
     p = c.principle("positive")
     assert c.comparison_prompt("Review of X:", "good .", "bad .", p) == \
         "Review of X: | Which review is kinder? | A: good . | B: bad .\nAnswer:"
-    assert c.reasoning_prompt("Q", "1", "2", p) == "Q | Which review is kinder? | A: 1 | B: 2\nLet's think step by step:"
+    assert c.reasoning_prompt("Q", "1", "2", p) == \
+        "Q | Which review is kinder? | A: 1 | B: 2\nLet's think step by step:"
     assert c.comparison_prompt("Q", "1", "2", p, reasoning=" 1 is kinder .") == \
         "Q | Which review is kinder? | A: 1 | B: 2\nLet's think step by step: 1 is kinder .\nAnswer:"
     assert c.critique_prompt("Q:", " r", p) == "Q: r\n\nCritique request: Point out the negative remarks.\n\nCritique:"
