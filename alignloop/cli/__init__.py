@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "kto": ("alignloop.cli.kto", "kto", "KTO on thumbs up / down (unpaired) data (no reward model)."),
     "generate": ("alignloop.cli.dpo", "generate", "Sample completions; --best-of N keeps the reward model's best."),
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
+    "cai": ("alignloop.cli.cai", "cai",
+            "Constitutional AI, supervised stage: critique and revise responses against principles; SFT data."),
     "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
     "pipeline": ("alignloop.cli.pipeline", "pipeline",
                  "Run the whole loop on your own models and data from a YAML file."),
