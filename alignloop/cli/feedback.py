@@ -6,7 +6,7 @@
     alignloop feedback add-labeler --db fb.db ann --role labeler        (password prompted, or --password-env)
     alignloop feedback serve --db fb.db --host 127.0.0.1 --port 8000
     alignloop feedback stats --db fb.db --project hh [--json]
-    alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl
+    alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl [--labelers human]
 
 Only `serve` loads the web app (FastAPI); the other commands need the store (the `web` extra: SQLAlchemy, argon2),
 `stats` and `export` the statistics (numpy, scipy, scikit-learn), `export` and `sample` torch (`alignloop.data`,
@@ -201,6 +201,30 @@ def _fmt(v, pct=False):
     return f"{v:.0%}" if pct else f"{v:.2f}"
 
 
+def _clean(x):
+    """NaN (an undefined statistic) as None, in nested dicts and lists too: JSON has no NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _echo_ai_agreement(ai: dict) -> None:
+    """The AI labelers against the people (`quality.ai_human_agreement`), one line each."""
+    h = ai["humans"]
+    click.echo(f"AI labelers vs people (non-gold items); people among themselves: {_fmt(h['agreement'], True)} "
+               f"pairwise agreement over {h['pairs']} pairs")
+    click.echo(f"{'AI labeler':<16}{'items':>6}{'majority':>10}{'kappa':>7}{'people':>8}{'first pos.':>14}  model")
+    for w, d in ai["ai"].items():
+        pos = d["position"]
+        shift = f"{_fmt(pos['before'], True)}->{_fmt(pos['after'], True)}" if pos else "-"
+        click.echo(f"{w!s:<16}{d['n']:>6}{_fmt(d['majority_agreement'], True):>10}{_fmt(d['majority_kappa']):>7}"
+                   f"{_fmt(d['human_agreement'], True):>8}{shift:>14}  {d['model']}")
+
+
 @feedback.command()
 @db_option
 @project_option
@@ -214,24 +238,26 @@ def stats(db, project, as_json):
     p = store.get_project(project)
     d = dashboard_data(store, p)
     if as_json:
-        def clean(x):
-            return None if isinstance(x, float) and math.isnan(x) else x
-        click.echo(json.dumps({"project": p.name, "summary": d["summary"],
-                               "agreement": {k: clean(v) for k, v in d["agreement"].items()},
-                               "labelers": {w: {**{k: clean(v) for k, v in s.items()}, "flags": d["flags"][w]}
-                                            for w, s in d["stats"].items()},
-                               "cohen_kappa": [{"a": a, "b": b, "kappa": clean(v)}
-                                               for (a, b), v in d["kappas"].items()]}, indent=2))
+        click.echo(json.dumps(_clean({"project": p.name, "summary": d["summary"], "agreement": d["agreement"],
+                                      "labelers": {w: {**s, "flags": d["flags"][w]} for w, s in d["stats"].items()},
+                                      "cohen_kappa": [{"a": a, "b": b, "kappa": v}
+                                                      for (a, b), v in d["kappas"].items()],
+                                      "ai_human_agreement": d["ai_agreement"]}), indent=2))
         return
     s, a = d["summary"], d["agreement"]
     click.echo(f"{p.name} ({p.task_type}, k={p.overlap_k}): {s['items']} items, {s['complete_items']} complete, "
-               f"{s['judgement_rows']} judgement rows")
+               f"{s['judgement_rows']} judgement rows" + (f" ({s['ai_judgement_rows']} by AI labelers)"
+                                                         if s.get("ai_judgement_rows") else ""))
     click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
-    click.echo(f"{'labeler':<16}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}  flags")
+    click.echo(f"{'labeler':<16}{'kind':<7}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}"
+               "  (model) flags")
     for w, st in d["stats"].items():
-        click.echo(f"{w!s:<16}{st['n']:>5}{_fmt(st['agreement']):>7}{_fmt(st['gold_accuracy']):>7}"
+        model = f"({st['model']})" if st["kind"] == "ai" else ""
+        click.echo(f"{w!s:<16}{st['kind']:<7}{st['n']:>5}{_fmt(st['agreement']):>7}{_fmt(st['gold_accuracy']):>7}"
                    f"{_fmt(st['left_share'], True):>6}{_fmt(st['tie_rate'], True):>6}{_fmt(st['median_seconds']):>7}"
-                   f"  {'; '.join(d['flags'][w])}")
+                   f"  {'; '.join([model, *d['flags'][w]] if model else d['flags'][w])}")
+    if d["ai_agreement"]:
+        _echo_ai_agreement(d["ai_agreement"])
 
 
 @feedback.command()
@@ -249,8 +275,11 @@ def stats(db, project, as_json):
 @click.option("--include-flagged", is_flag=True, help="Keep judgements of labelers flagged by the thresholds.")
 @click.option("--include-gold", is_flag=True, help="Keep gold items.")
 @click.option("--likert-threshold", type=int, default=5, show_default=True, help="Likert >= this is a good label.")
+@click.option("--labelers", type=click.Choice(["all", "human", "ai"]), default="all", show_default=True,
+              help="Whose judgements to export: everyone, people only, or AI labelers only.")
 @_user_errors
-def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold):
+def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold,
+           labelers):
     """Write a preference, ranking or unpaired JSONL dataset the trainers read."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
@@ -259,10 +288,12 @@ def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagg
     p = store.get_project(project)
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,
-                              likert_threshold=likert_threshold)
+                              likert_threshold=likert_threshold, labelers=labelers)
     rows, summary = ex.export_records(store, p.id, opts)
     write_rows(rows, out)
+    who = "" if labelers == "all" else f" ({'people' if labelers == 'human' else 'AI labelers'} only)"
     click.echo(f"wrote {len(rows)} {fmt} rows to {out} from {summary['used']} of {summary['judgements']} judgements"
+               + who
                + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
                + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"
                   if summary["flagged_labelers"] and not include_flagged else ""))

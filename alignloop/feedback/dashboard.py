@@ -1,5 +1,6 @@
 """The numbers of a project's quality dashboard (the admin page and `alignloop feedback stats`): per-labeler
-statistics and flags, project agreement, pairwise Cohen's kappa, and the geometry of its server-rendered SVG bar
+statistics and flags (each labeler's kind: person or AI), project agreement, pairwise Cohen's kappa, the AI labelers'
+agreement with the people (when the project has AI judgements), and the geometry of its server-rendered SVG bar
 charts. No web framework here: the CLI prints the same numbers without loading the app."""
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from . import quality
 
 
 def dashboard_data(store, p) -> dict:
-    """Everything the dashboard shows for project `p` (stats, flags, agreement, kappas, summary, charts)."""
+    """Everything the dashboard shows for project `p` (stats, flags, agreement, kappas, summary, charts, and
+    `ai_agreement`: `quality.ai_human_agreement` when the project has AI judgements, else None)."""
     records = store.current_judgements(p.id)
     th = quality.thresholds_from_dict(p.settings.get("thresholds"))
     stats = quality.labeler_stats(records, p.task_type)
     flags = quality.flag_labelers(stats, th)
     agreement = quality.project_agreement(records, p.task_type)
     kappas = quality.pairwise_cohen_kappa(quality.annotations_from_records(p.task_type, records))
+    has_ai = any(quality.kind_of(r) == "ai" for r in records)
     return {"stats": stats, "flags": flags, "agreement": agreement, "kappas": kappas,
+            "ai_agreement": quality.ai_human_agreement(records, p.task_type) if has_ai else None,
             "summary": store.project_summary(p.id), "thresholds": th,
             "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
                                               "Leave-one-out agreement", ref=th.min_agreement),

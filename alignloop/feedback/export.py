@@ -19,7 +19,9 @@ record per current judgement); `consensus` majority | dawid_skene; `ties` drop |
 margin 0, which is a 1/2 target for Bradley-Terry in expectation; a rank project's ranking rows keep partial ties as
 equal ranks whatever this option, and drop rankings where everything is tied; a pairwise tie in ranking format is
 `[1, 1]` with ties=both); `both_bad` drop | tie (treat as a tie); `exclude_flagged` (labelers flagged by the quality
-thresholds); `include_gold` (gold items are for quality control and left out by default).
+thresholds); `include_gold` (gold items are for quality control and left out by default); `labelers` all | human |
+ai: whose judgements are exported (people and AI labelers mixed by default; the consensus, the flagging and the
+summary's counts then see only those labelers' judgements).
 
 The rows are exactly what `alignloop.data.load_preferences` / `load_records` read back (tested); write them with
 `alignloop.data.write_rows` (format from the suffix, written aside and renamed into place).
@@ -37,6 +39,7 @@ from alignloop.errors import UserError
 from . import quality
 
 FORMATS = ("preference", "ranking", "unpaired")
+LABELER_CHOICES = ("all", "human", "ai")  # ExportOptions.labelers: everyone, people only, AI labelers only
 
 
 @dataclass
@@ -49,12 +52,13 @@ class ExportOptions:
     exclude_flagged: bool = True
     include_gold: bool = False
     likert_threshold: int = 5
+    labelers: str = "all"              # all | human | ai: whose judgements are exported
     thresholds: quality.Thresholds = field(default_factory=quality.Thresholds)
 
     def check(self) -> None:
         for name, allowed in (("format", FORMATS), ("mode", ("consensus", "all")),
                               ("consensus", ("majority", "dawid_skene")), ("ties", ("drop", "both")),
-                              ("both_bad", ("drop", "tie"))):
+                              ("both_bad", ("drop", "tie")), ("labelers", LABELER_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"export {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not 1 <= self.likert_threshold <= 7:
@@ -94,12 +98,14 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     p = store.get_project(project)
     if p.task_type in ("thumbs", "likert") and opts.format != "unpaired":
         raise UserError(f"a {p.task_type} project exports only the unpaired format (got {opts.format!r})")
-    records = store.current_judgements(p.id)
+    every = store.current_judgements(p.id)
+    records = [r for r in every if opts.labelers in ("all", quality.kind_of(r))]
     stats = quality.labeler_stats(records, p.task_type)
     flagged = {w for w, r in quality.flag_labelers(stats, opts.thresholds).items() if r}
     kept = [r for r in records if (opts.include_gold or not r["is_gold"])
             and not (opts.exclude_flagged and r["labeler"] in flagged)]
     summary: dict[str, Any] = {"judgements": len(records), "used": len(kept), "flagged_labelers": sorted(flagged),
+                               "labelers": opts.labelers, "other_labelers_judgements": len(every) - len(records),
                                "dropped": Counter()}
     if opts.mode == "all":  # per item: the labels to turn into rows ("votes"); consensus collapses them to one
         votes = [(r, r) for r in kept]

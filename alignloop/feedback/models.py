@@ -8,6 +8,9 @@ Tables: projects, prompts, completions, items, labelers, assignments, judgements
   the order the completions were shown in (`shown_order`: a permutation of canonical positions, left to right).
 * A **judgement** is append-only: an edit inserts a new row with `version + 1`; the current judgement of an
   assignment is its highest version. `idempotency_key` is unique so a retried submission is stored once.
+* A **labeler** is a person (kind "human", signs in with a password) or an AI labeler (kind "ai", its `model`
+  named; it never signs in and its assignments never take a person's slot: see `Store.record_ai_judgements`).
+  An AI judgement keeps its evidence in `Judgement.details` (per-order probabilities, principle, rationale).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from alignloop.data import STRENGTH_MARGINS
 
 TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
 ROLES = ("admin", "labeler")
+LABELER_KINDS = ("human", "ai")
 PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
 # How much better the chosen response is, strongest first: the names of the data contract's strength table (export
 # turns them into margins with `alignloop.data.strength_to_margin`).
@@ -91,6 +95,8 @@ class Labeler(Base):
     role: Mapped[str] = mapped_column(String(20), nullable=False, default="labeler")
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False, default="human", server_default="human")
+    model: Mapped[str | None] = mapped_column(String(300))  # an AI labeler's model name / spec
 
 
 class Assignment(Base):
@@ -130,4 +136,6 @@ class Judgement(Base):
     time_spent_ms: Mapped[int | None] = mapped_column(Integer)
     idempotency_key: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # an AI judgement's evidence (per-order probabilities, raw picks, principle, rationale); NULL for people
+    details: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     __table_args__ = (UniqueConstraint("assignment_id", "version", name="uq_judgement_assignment_version"),)

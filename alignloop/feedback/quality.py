@@ -12,7 +12,11 @@ tuple). Nothing here touches the database, so simulated labelers (the end-to-end
     position_bias([0, 0, 1, 0])          # share of left picks and a two-sided binomial test against 1/2
 
 `labeler_stats(records, task_type)` computes every per-labeler figure from judgement records (dicts as returned by
-`Store.current_judgements`), and `flag_labelers(stats, Thresholds())` says who is flagged and why.
+`Store.current_judgements`), and `flag_labelers(stats, Thresholds())` says who is flagged and why. AI labelers
+(records of `labeler_kind` "ai") are labelers like anyone there, except that the people-only check (minimum median
+seconds per item) does not flag them; `ai_human_agreement(records, task_type)` compares each AI labeler with the
+people (agreement with their majority, Cohen's kappa, agreement with each person, position bias before and after
+the order debiasing) next to the people's agreement among themselves.
 """
 from __future__ import annotations
 
@@ -271,6 +275,11 @@ def gold_is_correct(task_type: str, likert_tolerance: int = 1) -> Callable[[Hash
     return lambda given, truth: given == truth
 
 
+def kind_of(record: Mapping[str, Any]) -> str:
+    """The labeler kind of a judgement record: "human" (also when the record does not say) or "ai"."""
+    return record.get("labeler_kind") or "human"
+
+
 def annotations_from_records(task_type: str, records: Iterable[Mapping[str, Any]], gold: bool | None = False,
                              labelers: Iterable[Hashable] | None = None) -> dict[Hashable, dict[Hashable, Hashable]]:
     """item_id -> {labeler: label}. gold=False: non-gold items only; True: gold only; None: all."""
@@ -302,8 +311,9 @@ class Thresholds:
 
 def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
                   likert_tolerance: int = 1) -> dict[Hashable, dict]:
-    """Per labeler: n, agreement (leave-one-out, non-gold items), gold n/accuracy, left share + p-value
-    (pairwise), tie rate (pairwise: tie or both_bad share), median seconds per item."""
+    """Per labeler: kind ("human" | "ai") and model (AI), n, agreement (leave-one-out, non-gold items), gold
+    n/accuracy, left share + p-value (pairwise), tie rate (pairwise: tie or both_bad share), median seconds per
+    item. AI labelers are labelers like anyone here (their labels count in everyone's leave-one-out majority)."""
     ann = annotations_from_records(task_type, records, gold=False)
     loo = leave_one_out_agreement(ann)
     gold_ann = annotations_from_records(task_type, records, gold=True)
@@ -319,7 +329,8 @@ def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
         by[r["labeler"]].append(r)
     out = {}
     for w, rs in sorted(by.items(), key=lambda kv: repr(kv[0])):
-        d: dict[str, Any] = {"n": len(rs), "agreement": loo.get(w),
+        d: dict[str, Any] = {"kind": kind_of(rs[0]), "model": rs[0].get("labeler_model"),
+                             "n": len(rs), "agreement": loo.get(w),
                              "gold_n": gacc.get(w, {}).get("n", 0), "gold_accuracy": gacc.get(w, {}).get("accuracy"),
                              "median_seconds": median_seconds(r.get("time_spent_ms") for r in rs)}
         if task_type == "pairwise":
@@ -338,7 +349,8 @@ def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
 
 def flag_labelers(stats: Mapping[Hashable, Mapping[str, Any]],
                   th: Thresholds | None = None) -> dict[Hashable, list[str]]:
-    """labeler -> reasons (empty list: not flagged)."""
+    """labeler -> reasons (empty list: not flagged). The people-only check (median seconds per item: reading
+    takes time) does not apply to AI labelers (`kind` "ai")."""
     th = th or Thresholds()
     out = {}
     for w, d in stats.items():
@@ -351,7 +363,8 @@ def flag_labelers(stats: Mapping[Hashable, Mapping[str, Any]],
             if (d.get("position_p") is not None and d["position_p"] < th.max_position_p
                     and abs(d["left_share"] - 0.5) >= th.min_position_deviation):
                 reasons.append(f"position bias: left {d['left_share']:.0%} (p={d['position_p']:.2g})")
-            if d.get("median_seconds") is not None and d["median_seconds"] < th.min_median_seconds:
+            if d.get("kind", "human") == "human" and d.get("median_seconds") is not None \
+                    and d["median_seconds"] < th.min_median_seconds:
                 reasons.append(f"median {d['median_seconds']:.1f}s per item < {th.min_median_seconds}s")
         if d.get("gold_n", 0) >= th.min_gold_items and d.get("gold_accuracy") is not None \
                 and d["gold_accuracy"] < th.min_gold_accuracy:
@@ -377,3 +390,88 @@ def thresholds_from_dict(d: Mapping[str, Any] | None) -> Thresholds:
         if k in base:
             base[k] = type(base[k])(v)
     return Thresholds(**base)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AI labelers against people
+# ----------------------------------------------------------------------------------------------------------------
+
+def _share(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+def human_pairwise_agreement(ann: Annotations) -> dict[str, float | int | None]:
+    """The people's agreement among themselves (the baseline an AI labeler is compared with): over every item and
+    every pair of people who both labeled it, the share of pairs giving the same label (pooled). Returns
+    {"agreement", "pairs", "items"} (items: with at least one pair)."""
+    pairs = same = items = 0
+    for labs in ann.values():
+        vals = list(labs.values())
+        if len(vals) < 2:
+            continue
+        items += 1
+        for x, y in combinations(vals, 2):
+            pairs += 1
+            same += x == y
+    return {"agreement": _share(same, pairs), "pairs": pairs, "items": items}
+
+
+def _position_before_after(rs: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
+    """Share of first-shown-position picks: `before` over the single-order raw picks in `details["raw_picks"]`,
+    `after` over the final judgements' `picked_position`."""
+    raw = [p for r in rs for p in ((r.get("details") or {}).get("raw_picks") or []) if p is not None]
+    final = [r["picked_position"] for r in rs if r.get("picked_position") is not None]
+    return {"before": _share(sum(1 for p in raw if p == 0), len(raw)), "n_before": len(raw),
+            "after": _share(sum(1 for p in final if p == 0), len(final)), "n_after": len(final)}
+
+
+def _against_people(ai: Mapping[Hashable, Hashable], people: Annotations) -> dict[str, Any]:
+    """One AI labeler's labels (item -> label) against the people's labels of the same items."""
+    shared = [i for i in ai if people.get(i)]
+    majority = majority_vote({i: people[i] for i in shared})
+    decided = [i for i in shared if majority[i] is not None]
+    a, m = [ai[i] for i in decided], [majority[i] for i in decided]
+    kappa = cohen_kappa(a, m) if decided else float("nan")
+    per_human: dict[Hashable, list[int]] = defaultdict(lambda: [0, 0])  # person -> [same, items]
+    for i in shared:
+        for w, lab in people[i].items():
+            per_human[w][0] += lab == ai[i]
+            per_human[w][1] += 1
+    same, n = sum(v[0] for v in per_human.values()), sum(v[1] for v in per_human.values())
+    return {"n": len(shared), "n_majority": len(decided),
+            "majority_agreement": _share(sum(x == y for x, y in zip(a, m, strict=True)), len(decided)),
+            "majority_kappa": None if math.isnan(kappa) else kappa,
+            "human_agreement": _share(same, n), "human_comparisons": n,
+            "per_human": {w: {"n": v[1], "agreement": v[0] / v[1]}
+                          for w, v in sorted(per_human.items(), key=lambda kv: repr(kv[0]))}}
+
+
+def ai_human_agreement(records: Sequence[Mapping[str, Any]], task_type: str) -> dict[str, Any]:
+    """How each AI labeler agrees with the people, on non-gold items (records as `Store.current_judgements` gives).
+
+    Returns `{"humans": {"agreement", "pairs", "items"}, "ai": {name: {...}}}`. `humans` is the baseline: the
+    people's pooled pairwise agreement (`human_pairwise_agreement`). Per AI labeler: `model`; `n` items judged by
+    it and at least one person; `n_majority` of them with a people's majority label (`majority_vote` over the
+    people only; a tie at the top: the item is skipped); `majority_agreement` (share of those where the AI gave
+    the majority label) and `majority_kappa` (Cohen's kappa of the AI against the majority; None when undefined);
+    `human_agreement`: agreement with each individual person, pooled over every (item, person) pair
+    (`human_comparisons` of them; comparable with the baseline), and `per_human` {person: {"n", "agreement"}};
+    `position` (pairwise; else None): `before`, the share of the AI's single-order raw picks at the first shown
+    position (`details["raw_picks"]`, a list of 0/1 per order judged; judgements without it are skipped) and
+    `after`, the share of its final judgements with `picked_position` 0 (over every judgement of the AI, gold
+    included, like `labeler_stats`' left share), with `n_before` / `n_after`. A labeler's agreement is None when
+    there is nothing to compare.
+    """
+    people = annotations_from_records(task_type, [r for r in records if kind_of(r) == "human"], gold=False)
+    ai_records: dict[Hashable, list] = defaultdict(list)
+    for r in records:
+        if kind_of(r) == "ai":
+            ai_records[r["labeler"]].append(r)
+    out: dict[str, Any] = {"humans": human_pairwise_agreement(people), "ai": {}}
+    for name, rs in sorted(ai_records.items(), key=lambda kv: repr(kv[0])):
+        labels = annotations_from_records(task_type, rs, gold=False)
+        d = {"model": rs[0].get("labeler_model"),
+             **_against_people({i: labs[name] for i, labs in labels.items()}, people),
+             "position": _position_before_after(rs) if task_type == "pairwise" else None}
+        out["ai"][name] = d
+    return out

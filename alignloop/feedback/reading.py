@@ -102,17 +102,22 @@ def project_summary(s: Session, project_id: int) -> dict:
     def count_items(*cond) -> int:
         return s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project_id, *cond))
 
-    n_judgements = s.scalar(select(func.count()).select_from(Judgement).join(
-        Assignment, Assignment.id == Judgement.assignment_id).where(Assignment.project_id == project_id))
+    by_kind = dict(s.execute(select(Labeler.kind, func.count()).select_from(Judgement).join(
+        Assignment, Assignment.id == Judgement.assignment_id).join(Labeler, Labeler.id == Judgement.labeler_id)
+        .where(Assignment.project_id == project_id).group_by(Labeler.kind)).all())
     return {"items": count_items(Item.is_gold.is_(False)), "gold_items": count_items(Item.is_gold.is_(True)),
             "complete_items": count_items(Item.is_gold.is_(False), Item.n_done >= p.overlap_k),
-            "judgement_rows": n_judgements}
+            "judgement_rows": sum(by_kind.values()), "ai_judgement_rows": by_kind.get("ai", 0)}
 
 
 def current_judgements(s: Session, project_id: int) -> list[dict]:
-    """The current (latest-version) judgement of every done assignment in the project, as plain dicts."""
+    """The current (latest-version) judgement of every done assignment in the project, as plain dicts: the item
+    (`item_id`, `prompt_id`, `completion_ids`, `is_gold`, `gold_answer`), the labeler (`labeler`, `labeler_id`,
+    `labeler_kind` "human" | "ai", `labeler_model`: an AI labeler's model, else None) and the judgement in canonical
+    terms (`version`, `shown_order`, `choice`, `strength`, `picked_position`, `ranking`, `thumbs`, `likert`,
+    `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None)."""
     latest = _latest_versions()
-    rows = s.execute(select(Judgement, Labeler.username, Item).join(
+    rows = s.execute(select(Judgement, Labeler.username, Labeler.kind, Labeler.model, Item).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
         .join(Assignment, Assignment.id == Judgement.assignment_id)
         .join(Labeler, Labeler.id == Judgement.labeler_id)
@@ -120,11 +125,11 @@ def current_judgements(s: Session, project_id: int) -> list[dict]:
         .where(Assignment.project_id == project_id).order_by(Judgement.id)).all()
     return [{"item_id": item.id, "prompt_id": item.prompt_id, "completion_ids": item.completion_ids,
              "is_gold": item.is_gold, "gold_answer": item.gold_answer, "labeler": username,
-             "labeler_id": j.labeler_id, "version": j.version, "shown_order": j.shown_order,
-             "choice": j.choice, "strength": j.strength, "picked_position": j.picked_position,
-             "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert, "flags": j.flags,
-             "comment": j.comment, "time_spent_ms": j.time_spent_ms}
-            for j, username, item in rows]
+             "labeler_id": j.labeler_id, "labeler_kind": kind, "labeler_model": model, "version": j.version,
+             "shown_order": j.shown_order, "choice": j.choice, "strength": j.strength,
+             "picked_position": j.picked_position, "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert,
+             "flags": j.flags, "comment": j.comment, "time_spent_ms": j.time_spent_ms, "details": j.details}
+            for j, username, kind, model, item in rows]
 
 
 def prompts_and_completions(s: Session, project_id: int) -> tuple[dict[int, Prompt], dict[int, Completion]]:

@@ -6,6 +6,9 @@
     lab = store.add_labeler("ann", "a long password")
     a = store.next_assignment(p.id, lab.id)               # None when nothing is left for this labeler
     store.submit(a.id, lab.id, {"choice": "left", "strength": "better"}, idempotency_key="...")
+    judge = store.add_ai_labeler("judge-1", "Qwen/Qwen2.5-7B-Instruct")  # an AI labeler: never signs in
+    store.record_ai_judgements(p.name, judge.id, [{"item_id": 1, "shown_order": [1, 0], "choice": "a",
+                                                   "strength": None, "picked_position": 1, "details": {...}}])
 
 `Store` owns the engine, the sessions, the write lock and the in-process caches, and opens one transaction per
 call; the work itself lives in modules that read top to bottom:
@@ -14,7 +17,8 @@ call; the work itself lives in modules that read top to bottom:
     importing.py    JSONL rows -> prompts, completions, items
     assignment.py   the next item for a labeler (rules: k distinct labelers, fewest labels first, gold mixing,
                     expiry), skipping
-    judgements.py   storing a judgement (append-only versions, idempotency keys), the portable ORM path
+    judgements.py   storing a judgement (append-only versions, idempotency keys), the portable ORM path; AI
+                    labelers and their judgements, in bulk and outside the items' slots
     sqlite_hot.py   submit-and-next in plain SQL on SQLite (the labeling hot path), behind one function
     reading.py      item views, histories, progress, summaries, the judgements for quality and export
     validation.py   checking a submission (both submit paths)
@@ -45,7 +49,7 @@ from . import db as dbmod
 from . import reading, sqlite_hot
 from .assignment import ExpiryClock, next_in, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
-from .judgements import judgement_by_key, submit_in
+from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Judgement, Labeler, Project, Prompt
 from .projects import ProjectInfoCache, check_password, find_project, new_labeler, new_project, project_info
 from .validation import check_idempotency_key, valid_idempotency_key
@@ -197,9 +201,24 @@ class Store:
             raise UserError(f"a labeler named {username!r} already exists") from None
         return lab
 
+    def add_ai_labeler(self, name: str, model: str) -> Labeler:
+        """The AI labeler `name` (kind "ai") that judges with `model`, created if new (get-or-create). It has no
+        usable password and `authenticate` refuses it. ValidationError if `name` is a person's, or an AI labeler's
+        with another model."""
+        for _attempt in range(_RETRIES):
+            try:
+                with self.write() as s:
+                    return get_or_add_ai_labeler(s, name, model)
+            except IntegrityError:  # created concurrently under the same name: read it back
+                continue
+        raise RuntimeError(f"could not add the AI labeler {name!r} after {_RETRIES} attempts")
+
     def authenticate(self, username: str, password: str) -> Labeler | None:
+        """The active person with this username and password, else None (an AI labeler never signs in)."""
         with self.read() as s:
             lab = s.scalar(select(Labeler).where(Labeler.username == username))
+        if lab is not None and lab.kind != "human":
+            lab = None  # still one password check: refused as slowly as a wrong password
         return check_password(lab, password)
 
     def get_labeler(self, labeler_id: int) -> Labeler | None:
@@ -301,6 +320,24 @@ class Store:
             except Exception as e:  # noqa: BLE001 - handed to that request's caller
                 results[i] = e
         return results
+
+    def record_ai_judgements(self, project: str | int, labeler_id: int, judgements: list[dict]) -> int:
+        """Store an AI labeler's judgements in one write transaction (bulk). Returns the rows written.
+
+        Each dict, in canonical terms ("a" = the item's completion_ids[0]): `item_id`, `shown_order` (how the first
+        judging order showed the canonical completions), then pairwise `choice` a|b|tie|both_bad, `strength` (one of
+        models.STRENGTHS or None), `picked_position` (0|1|None; None for a|b: taken from shown_order); rank
+        `ranking` (a rank per canonical completion, 1 = best); thumbs `thumbs` +1|-1; likert `likert` 1..7 (and
+        `flags`); optional `details` (dict: per-order probabilities, `raw_picks`, principle, rationale), `comment`,
+        `time_spent_ms`. All are checked first (`validation.validate_ai_judgement`; every mistake raised together
+        in one ValidationError naming the item) and nothing is written unless all are valid.
+
+        One assignment per (item, AI labeler), status "done", outside the item's slots: `Item.n_active` / `n_done`
+        do not change, so AI labels never take a person's place among the k, never complete an item and never
+        enter a person's queue. Judging an item again appends a new version (the current judgement is the newest).
+        """
+        with self.write() as s:
+            return record_ai_in(s, project, labeler_id, judgements)
 
     def _submit_and_next_orm(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                              idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:

@@ -7,18 +7,31 @@ fields of a `Judgement` out (choice "a" = the item's first completion, ranks per
 Both submit paths (the portable ORM one and the SQLite hot path) call `validate_submission`, so a judgement is
 checked the same way whichever path stores it. Errors are collected per field and raised together as one
 `ValidationError` (the form shows each message next to its field).
+
+An AI labeler's judgement comes in *canonical* terms already (`Store.record_ai_judgements`):
+`validate_ai_judgement` checks it with the same rules (strengths, competition ranks, flags, comment) and returns
+the same canonical fields plus its `shown_order`, `details` and `time_spent_ms`.
 """
 from __future__ import annotations
 
+import json
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .errors import ValidationError
-from .models import STRENGTHS
+from .models import PAIRWISE_CHOICES, STRENGTHS
 
 MAX_COMMENT_CHARS = 5000
+MAX_MODEL_CHARS = 300  # Labeler.model
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
+_AI_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # the rule of usernames (projects.py): an AI labeler is one
+# The keys of an AI judgement (`validate_ai_judgement`): these for every task, plus the task's own (AI_TASK_KEYS). A
+# key of another task is accepted only as None; any other key is refused (a misspelt field is not ignored).
+AI_JUDGEMENT_KEYS = frozenset({"item_id", "shown_order", "details", "comment", "time_spent_ms"})
+AI_TASK_KEYS = {"pairwise": frozenset({"choice", "strength", "picked_position"}), "rank": frozenset({"ranking"}),
+                "thumbs": frozenset({"thumbs"}), "likert": frozenset({"likert", "flags"})}
 
 
 def valid_idempotency_key(key: Any) -> bool:
@@ -163,3 +176,135 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     if errors:
         raise ValidationError(errors)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AI labelers: judgements given in canonical terms
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_ai_labeler(name: Any, model: Any) -> None:
+    """An AI labeler's name follows the rule of usernames; its model is a non-empty string (at most 300)."""
+    errors = {}
+    if not isinstance(name, str) or not _AI_NAME_RE.match(name):
+        errors["name"] = f"AI labeler name {name!r}: use letters, digits, '_', '-', '.' (at most 100)"
+    if not isinstance(model, str) or not model.strip() or len(model) > MAX_MODEL_CHARS:
+        errors["model"] = (f"AI labeler model {model!r}: a non-empty name or spec of at most {MAX_MODEL_CHARS} "
+                           "characters")
+    if errors:
+        raise ValidationError(errors)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _shown_order(value: Any, n_completions: int, errors: dict) -> list[int] | None:
+    """A permutation of 0..K-1 (the order the first judging order showed the canonical completions)."""
+    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value) \
+            and sorted(value) == list(range(n_completions)):
+        return [int(v) for v in value]
+    errors["shown_order"] = (f"{value!r}: the order the canonical completions were shown in, a permutation of "
+                             f"{list(range(n_completions))}")
+    return None
+
+
+def _canonical_pairwise(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict,
+                        errors: dict) -> None:
+    """`choice` a|b|tie|both_bad ("a" = the item's first completion); `strength` one of STRENGTHS or None for a|b,
+    None otherwise; `picked_position` the screen position of the choice in `shown_order` (0|1; None: derived from
+    `shown_order`), None for tie|both_bad."""
+    choice, strength, pos = fields.get("choice"), fields.get("strength"), fields.get("picked_position")
+    if choice not in PAIRWISE_CHOICES:
+        errors["choice"] = (f"{choice!r}: choose one of {', '.join(PAIRWISE_CHOICES)} (canonical: a = the item's "
+                            "first completion)")
+        return
+    if choice in ("tie", "both_bad"):
+        if strength is not None:
+            errors["strength"] = f"{strength!r}: only a choice of a or b has a strength (got {choice!r})"
+        if pos is not None:
+            errors["picked_position"] = f"{pos!r}: only a choice of a or b has a picked position (got {choice!r})"
+        out.update(choice=choice, strength=None, picked_position=None)
+        return
+    if strength is not None and strength not in STRENGTHS:
+        errors["strength"] = f"unknown strength {strength!r}: choose one of {', '.join(STRENGTHS)} or null"
+    shown_at = shown_order.index("ab".index(choice))
+    if pos is None:
+        pos = shown_at
+    elif not _is_int(pos) or pos not in (0, 1):
+        errors["picked_position"] = f"{pos!r}: 0 (shown first), 1 or null"
+    elif pos != shown_at:
+        errors["picked_position"] = (f"{pos}: shown_order {shown_order} showed choice {choice!r} at position "
+                                     f"{shown_at}")
+    out.update(choice=choice, strength=strength, picked_position=int(pos) if _is_int(pos) else None)
+
+
+def _canonical_rank(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
+    """`ranking`: a rank per canonical completion, integers 1..K (1 = best, ties allowed, rank 1 used)."""
+    k, ranking = len(shown_order), fields.get("ranking")
+    if not isinstance(ranking, (list, tuple)) or len(ranking) != k or not all(_is_int(r) and 1 <= r <= k
+                                                                             for r in ranking):
+        errors["ranking"] = f"{ranking!r}: a rank from 1 to {k} per canonical completion ({k} of them)"
+    elif 1 not in ranking:
+        errors["ranking"] = f"{ranking!r}: some completion must be ranked 1 (best)"
+    else:
+        out["ranking"] = competition_ranks(list(ranking))
+
+
+_CANONICAL_CHECKS: dict[str, _Check] = {"pairwise": _canonical_pairwise, "rank": _canonical_rank,
+                                        "thumbs": _thumbs, "likert": _likert}
+
+
+def _details(details: Any, out: dict, errors: dict) -> None:
+    """None or a JSON object (no NaN: PostgreSQL's JSON has none); `raw_picks`, if there, a list of 0 / 1 / None."""
+    if details is None:
+        out["details"] = None
+        return
+    if not isinstance(details, dict):
+        errors["details"] = f"a JSON object (dict) or null, not {type(details).__name__}"
+        return
+    try:
+        json.dumps(details, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        errors["details"] = f"not storable as JSON ({e})"
+        return
+    picks = details.get("raw_picks")
+    if picks is not None and (not isinstance(picks, list) or any(p not in (0, 1, None) or isinstance(p, bool)
+                                                                 for p in picks)):
+        errors["details"] = f"raw_picks {picks!r}: a list of 0 (first shown position), 1 or null, one per order judged"
+        return
+    out["details"] = details
+
+
+def validate_ai_judgement(task_type: str, n_completions: int, fields: Mapping[str, Any],
+                          flag_names: Iterable[str] = ()) -> dict:
+    """Check an AI judgement given in canonical terms and return the fields of a `Judgement`: `shown_order`, the
+    task's canonical fields (as `validate_submission` returns them), `flags`, `comment`, `details`, `time_spent_ms`.
+
+    All: `shown_order` (a permutation of 0..K-1: how the first judging order showed the canonical completions),
+    optional `details` (dict), `comment`, `time_spent_ms`. pairwise: `choice` a|b|tie|both_bad, `strength` (one of
+    STRENGTHS or None), `picked_position` (0|1|None, consistent with `shown_order`). rank: `ranking` (a rank per
+    canonical completion, 1 = best). thumbs: `thumbs` +1|-1. likert: `likert` 1..7, `flags`. Another task's keys
+    are accepted as None only, other keys never. (`item_id` is checked by the caller, against the database.)
+    """
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {"flags": [], "comment": ""}
+    own = AI_JUDGEMENT_KEYS | AI_TASK_KEYS.get(task_type, frozenset())
+    other_tasks = frozenset().union(*AI_TASK_KEYS.values())
+    unknown = sorted(str(k) for k, v in fields.items() if k not in own and not (k in other_tasks and v is None))
+    if unknown:
+        errors["fields"] = f"field(s) {', '.join(unknown)}: not fields of a {task_type} judgement"
+    _comment(fields, out, errors)
+    shown = _shown_order(fields.get("shown_order"), n_completions, errors)
+    check = _CANONICAL_CHECKS.get(task_type)
+    if check is None:
+        errors["task_type"] = f"unknown task type {task_type!r}"
+    elif shown is not None:
+        check(shown, fields, flag_names, out, errors)
+    _details(fields.get("details"), out, errors)
+    spent = fields.get("time_spent_ms")
+    if spent is not None and not (_is_int(spent) and spent >= 0):
+        errors["time_spent_ms"] = f"{spent!r}: milliseconds (an integer >= 0) or null"
+    if errors:
+        raise ValidationError(errors)
+    return {**out, "shown_order": shown, "time_spent_ms": spent}

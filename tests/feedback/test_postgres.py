@@ -83,7 +83,7 @@ def test_postgres_schema_matches_models(pg_store):
     from alignloop.feedback.models import Base
 
     assert pg_store.engine.dialect.name == "postgresql"
-    assert dbmod.current_revision(pg_store.engine) == "0002"
+    assert dbmod.current_revision(pg_store.engine) == dbmod.HEAD
     with pg_store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
@@ -141,3 +141,36 @@ def test_postgres_concurrent_labeling_and_export(pg_store):
     assert a is None
     rows, _summary = export_records(s, "pg", ExportOptions(thresholds=Thresholds(min_items=10 ** 6)))
     assert len(rows) == 30 and all(r["chosen"].startswith("good") for r in rows)
+
+
+def test_postgres_ai_labeler_judgements(pg_store):
+    """AI judgements on PostgreSQL: bulk insert, a second version, NULL details/ranking, export by labeler kind."""
+    from sqlalchemy import select
+
+    from alignloop.feedback.export import ExportOptions, export_records
+    from alignloop.feedback.models import Item
+    from alignloop.feedback.quality import Thresholds
+
+    s = pg_store
+    p = s.create_project("pgai", "pairwise", overlap_k=1)
+    s.import_records("pgai", [{"prompt": f"p{i}", "completions": [f"good {i}", f"bad {i}"]} for i in range(20)])
+    with s.read() as ss:
+        items = list(ss.scalars(select(Item.id).where(Item.project_id == p.id).order_by(Item.id)))
+    judge = s.add_ai_labeler("pg-judge", "some/model")
+    assert s.add_ai_labeler("pg-judge", "some/model").id == judge.id and s.authenticate("pg-judge", "x") is None
+    batch = [{"item_id": i, "shown_order": [1, 0], "choice": "a", "strength": None, "picked_position": None,
+              "details": {"raw_picks": [1, 1]} if n % 2 else None} for n, i in enumerate(items)]
+    assert s.record_ai_judgements(p.id, judge.id, batch) == 20
+    assert s.record_ai_judgements("pgai", judge.id, batch[:5]) == 5
+    recs = s.current_judgements(p.id)
+    assert len(recs) == 20 and {r["labeler_kind"] for r in recs} == {"ai"}
+    assert sorted(r["version"] for r in recs) == [1] * 15 + [2] * 5 and {r["picked_position"] for r in recs} == {1}
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM judgements j JOIN items i ON i.id = j.item_id "
+                                    f"WHERE i.project_id = {p.id} AND j.details IS NULL AND j.ranking IS NULL"
+                                    ).scalar() == 13  # 10 first versions + 3 second versions without details
+    with s.read() as ss:
+        assert {(it.n_active, it.n_done) for it in ss.scalars(select(Item).where(Item.project_id == p.id))} == {(0, 0)}
+    th = Thresholds(min_items=10 ** 6)
+    assert len(export_records(s, "pgai", ExportOptions(labelers="ai", thresholds=th))[0]) == 20
+    assert export_records(s, "pgai", ExportOptions(labelers="human", thresholds=th))[0] == []
