@@ -88,8 +88,8 @@ class CAIConfig:
     max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N tokens of each prompt "
                                                                           "the policy answers."})
     max_context_length: int | None = field(default=None, metadata={
-        "help": "Keep the last N tokens of each critique / revision prompt (None = all; the model's context must "
-                "hold it plus the new tokens)."})
+        "help": "Keep the last N tokens of each critique / revision prompt (None = all that fits: a prompt longer "
+                "than the model's positions minus the new tokens keeps its last tokens)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per generation call."})
     seed: int = field(default=0, metadata={"help": "Seed of the principle draws, the sampling and SFT."})
     dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
@@ -158,6 +158,12 @@ class CAIResult:
     sft_model: str | None         # OUTPUT_DIR/sft/final with `sft`, else None
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def model_positions(model) -> int | None:
+    """How many positions the model has (GPT-2's n_positions, others' max_position_embeddings), if it says."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
 def cut_at_blank_line(text: str) -> str:
@@ -236,6 +242,10 @@ class ConstitutionalAI:
                   max_prompt_length: int | None) -> list[tuple[str, bool]]:
         """(text, stopped) of one completion per prompt, batched; a plain-text model's text cut at a blank line."""
         tokenizer.padding_side = "left"
+        room = model_positions(model)
+        if room is not None:   # the prompt and its new tokens must fit the model: keep the prompt's last tokens
+            room = max(1, room - params.max_new_tokens)
+            max_prompt_length = room if max_prompt_length is None else min(max_prompt_length, room)
         groups = sample_completions(model, tokenizer, prompts, 1, params, batch_size=self.args.batch_size,
                                     max_prompt_length=max_prompt_length, seed=seed)
         plain = not is_chat(tokenizer)

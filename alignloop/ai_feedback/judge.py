@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -264,7 +265,7 @@ def project_items(store, project_id: int) -> list:
 def judge_project(store, project: str | int, judge, *, labeler: str | None = None, both_orders: bool = True,
                   principles: str = "sample", seed: int = 0, limit: int | None = None) -> dict:
     """Judge every item of a pairwise or rank project (rank: through its pairs) and store the judgements as the AI
-    labeler `labeler` (default "ai:<judge name>"; kind "ai", its model the judge's name). AI judgements never take
+    labeler `labeler` (default `default_labeler_name`; kind "ai", its model the judge's name). AI judgements never take
     a person's place in the queue. Returns counts, position bias before (single-order picks of the first shown)
     and after debiasing (final picks of the first shown), and the labeler's name."""
     p = store.get_project(project)
@@ -272,7 +273,7 @@ def judge_project(store, project: str | int, judge, *, labeler: str | None = Non
         raise UserError(f"project {p.name}: an AI labeler judges pairwise or rank items, not {p.task_type}")
     items = project_items(store, p.id)[:limit] if limit else project_items(store, p.id)
     prompts, comps = store.prompts_and_completions(p.id)
-    name = labeler or f"ai:{judge.name.rstrip('/').split('/')[-1]}"[:100]
+    name = labeler or default_labeler_name(judge.name)
     lab = store.add_ai_labeler(name, judge.name)
     jobs = [(item, i, j) for item in items for i in range(len(item.completion_ids))
             for j in range(i + 1, len(item.completion_ids))]
@@ -293,6 +294,13 @@ def judge_project(store, project: str | int, judge, *, labeler: str | None = Non
             "position_bias_before": sum(x == 0 for x in raw) / len(raw) if raw else None,
             "position_bias_after": sum(x == 0 for x in final) / len(final) if final else None,
             "order_consistency": _consistency(verdicts) if both_orders else None}
+
+
+def default_labeler_name(spec: str) -> str:
+    """"ai-" and the judge's folder (its last two path parts: "base/final" -> "ai-base-final") or module:function,
+    in the store's name characters."""
+    tail = "-".join(spec.replace("\\", "/").rstrip("/").split("/")[-2:])
+    return ("ai-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", tail).strip("-"))[:100]
 
 
 def _judgement(item, judged: list[tuple[int, int, PairVerdict]]) -> dict:

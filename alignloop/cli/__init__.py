@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rs": ("alignloop.cli.dpo", "rs", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT, repeat."),
     "cai": ("alignloop.cli.cai", "cai",
             "Constitutional AI, supervised stage: critique and revise responses against principles; SFT data."),
+    "judge": ("alignloop.cli.judge", "judge",
+              "AI labeler: judge a feedback project's pairs against a constitution (a labeler of kind ai)."),
     "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
     "pipeline": ("alignloop.cli.pipeline", "pipeline",
                  "Run the whole loop on your own models and data from a YAML file."),

@@ -1,4 +1,5 @@
-"""`alignloop eval`: a policy against a reference, judged by a reward model, a gold function and/or people."""
+"""`alignloop eval`: a policy against a reference, judged by a reward model, a gold function, an AI judge (`--judge`)
+and/or people."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from alignloop.ai_feedback.judge import ai_win_rate, load_judge
 from alignloop.data import check_writable, prompt_texts, write_rows
 from alignloop.errors import UserError
 from alignloop.evaluation import evaluate_policy, people_win_rate
@@ -13,7 +15,8 @@ from alignloop.scoring import load_function, load_scorer
 
 
 @click.command(name="eval", help="Evaluate a policy against a reference on prompts: win rate judged by a reward "
-                                 "model and/or a Python gold function, KL to the reference, reward, length. "
+                                 "model, a Python gold function and/or an AI judge (--judge), KL to the reference, "
+                                 "reward, length. "
                                  "--human-db also imports (policy, reference) pairs for people to judge in the app; "
                                  "--tally then reports the people's win rate.")
 @click.option("--policy", default=None, help="Policy model (hub id or local folder).")
@@ -21,6 +24,10 @@ from alignloop.scoring import load_function, load_scorer
 @click.option("--prompts", "prompts_file", default=None, help="Prompt file (rows with a 'prompt' field).")
 @click.option("--reward-model", default=None, help="Reward model judging the win rate (local folder or hub id).")
 @click.option("--gold", default=None, help="Gold scorer module:function, f(prompts, responses) -> list[float].")
+@click.option("--judge", "judge_spec", default=None,
+              help="AI judge (a causal LM folder / hub id, or module:function): the AI-judged win rate of the policy "
+                   "against the reference, each pair judged in both orders against the constitution.")
+@click.option("--constitution", default=None, help="With --judge: the constitution YAML (default: the built-in one).")
 @click.option("-n", "--samples-per-prompt", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -32,8 +39,8 @@ from alignloop.scoring import load_function, load_scorer
 @click.option("--human-project", default="eval", show_default=True, help="The feedback project of those pairs.")
 @click.option("--tally", is_flag=True, help="With --human-db: report the people's win rate from their judgements "
                                             "(no sampling).")
-def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_prompt, max_new_tokens, temperature,
-             max_prompts, seed, out, human_db, human_project, tally):
+def eval_cmd(policy, reference, prompts_file, reward_model, gold, judge_spec, constitution, samples_per_prompt,
+             max_new_tokens, temperature, max_prompts, seed, out, human_db, human_project, tally):
     if tally:
         if not human_db:
             raise UserError("--tally needs --human-db (and --human-project)")
@@ -48,16 +55,19 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, samples_per_pr
     missing = [f"--{n}" for n, v in (("policy", policy), ("reference", reference), ("prompts", prompts_file)) if not v]
     if missing:
         raise UserError(f"missing {', '.join(missing)}")
-    if reward_model is None and gold is None and human_db is None:
-        raise UserError("give a judge: --reward-model, --gold module:function, or --human-db")
+    if reward_model is None and gold is None and human_db is None and judge_spec is None:
+        raise UserError("give a judge: --reward-model, --gold module:function, --judge, or --human-db")
     if out:
         check_writable(out)   # before any work: the format follows the suffix
     prompts = prompt_texts(prompts_file, max_prompts=max_prompts or None)
     rm = load_scorer(reward_model, batch_size=64) if reward_model else None
+    judge = load_judge(judge_spec, constitution) if judge_spec else None   # before sampling: a bad spec fails fast
     gold_fn = load_function(gold) if gold else None
     summary, s, ref = evaluate_policy(policy, reference, prompts, rm=rm, gold=gold_fn, n=samples_per_prompt,
                                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     summary = {"policy": policy, "reference": reference, **summary}
+    if judge is not None:
+        summary.update(ai_win_rate(judge, s.prompts, s.responses, ref.responses, seed=seed))
     for k in ("gold", "rm"):
         if k in ref.scores:
             summary[f"reference/{k}/mean"] = sum(ref.scores[k]) / len(ref.scores[k])

@@ -27,7 +27,8 @@ from alignloop.ai_feedback.judge import judge_project, load_judge
                    "module:function, f(prompts, firsts, seconds, questions) -> P(first is better) per pair.")
 @click.option("--constitution", default=None, help="Constitution YAML (principles and their comparison questions); "
                                                    "default: the built-in helpful-honest-harmless one.")
-@click.option("--labeler", default=None, help="The AI labeler's name in the store (default ai:<model name>).")
+@click.option("--labeler", default=None, help="The AI labeler's name in the store (default ai-<model folder>, e.g. "
+                                              "ai-base-final).")
 @click.option("--single-order", is_flag=True, help="Judge each pair in one (random) order only: faster, but the "
                                                    "judge's position bias stays in its labels.")
 @click.option("--principles", type=click.Choice(["sample", "all"]), default="sample", show_default=True,

@@ -10,7 +10,9 @@ round's reward model, with the KL to the SFT model.
 
 Feedback comes as pairs (`feedback.task_type: pairwise`, the default: reward model, PPO, DPO, rejection sampling) or
 as thumbs up / down on single completions (`thumbs`: exported as unpaired rows, which train KTO; the stages that
-need pairs are skipped).
+need pairs are skipped). `feedback.labelers: ai` (or `ai+human`, `ai+simulated`) has an AI labeler judge the pairs
+against a constitution (the `ai_feedback:` section); `ai_feedback.cai` and `ai_feedback.rl` add Constitutional AI's
+SL-CAI and RL-CAI policies.
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ class FeedbackSettings:
                                         "K items, one per completion).")
     max_new_tokens: int = _f(48, "Maximum tokens per sampled completion.")
     temperature: float = _f(1.0, "Sampling temperature.")
-    labelers: str = _f("simulated", "simulated (judges of `gold`) or human (people label in the app; the run "
-                                    "stops after sampling until they have).")
+    labelers: str = _f("simulated", "simulated (judges of `gold`), human (people label in the app; the run stops "
+                                    "after sampling until they have), ai (an AI labeler judges against the "
+                                    "constitution: the `ai_feedback` section), or ai+human / ai+simulated (both, "
+                                    "their labels mixed in the export).")
     n_careful: int = _f(4, "Simulated: careful Bradley-Terry judges (plus one careless, position-biased one).")
     overlap_k: int = _f(3, "Distinct labelers per item.")
     gold: str | None = _f(None, "Simulated: the hidden scorer module:function, f(prompts, responses) -> scores.")
@@ -56,6 +60,29 @@ class FeedbackSettings:
     thumbs_threshold: float | None = _f(None, "Simulated thumbs: a careful judge says up with probability "
                                               "σ((gold − threshold)/τ); default: the median gold score of the "
                                               "round's completions.")
+
+
+LABELERS = ("simulated", "human", "ai", "ai+human", "ai+simulated")
+
+
+@dataclass
+class AIFeedbackSettings:
+    """AI feedback (the `ai_feedback:` section): the AI labeler, Constitutional AI's supervised stage (SL-CAI) and an
+    RL-CAI arm (RLAIF) trained on the AI labels alone, next to the policies trained on people's labels."""
+    judge: str | None = _f(None, "The AI labeler: a causal LM (folder or hub id) or module:function; default: the "
+                                 "SFT model (the model's own judgements).")
+    constitution: str | None = _f(None, "Constitution YAML (principles, their critique/revision requests and "
+                                        "comparison questions); default: the built-in one.")
+    both_orders: bool = _f(True, "Judge each pair in both orders and average (removes position bias).")
+    principles: str = _f("sample", "sample (one principle drawn per pair) or all (every principle, averaged).")
+    cot: bool = _f(False, "The judge reasons first (chain-of-thought), then its answer is scored.")
+    batch_size: int = _f(16, "Pairs per judge forward.")
+    judge_all_rounds: bool = _f(True, "Judge every round's project (else round 1 only).")
+    cai: dict | None = _f(None, "CAIConfig fields (alignloop cai --help): SL-CAI, the SFT model critiques and revises "
+                                "its own samples and is fine-tuned on the revisions; null skips it.")
+    rl: str | None = _f(None, "RL-CAI: ppo, rloo or grpo (that trainer's section settings) against a reward model "
+                              "trained on the AI labels only; null skips it.")
+    rl_from: str = _f("sft", "The RL-CAI policy's start (and KL reference): sft, or sl_cai (Bai et al.'s order).")
 
 
 @dataclass
@@ -95,6 +122,9 @@ class PipelineConfig:
     kto: dict | None = _f(None, "KTOConfig fields (alignloop kto --help): KTO on the thumbs (feedback.task_type "
                                 "thumbs: runs even when null) or, when given, on the preferences unpaired.")
     rejection_sampling: dict | None = _f({}, "RSConfig fields (alignloop rs --help); null skips it.")
+    ai_feedback: AIFeedbackSettings | None = _f(None, "AI feedback: an AI labeler judges every round beside the "
+                                                      "people (trained on when feedback.labelers includes ai), "
+                                                      "SL-CAI and RL-CAI; null: none.")
     eval: EvalSettings = _f(EvalSettings, "Evaluation.")
     rounds: int = _f(1, "Rounds of collect -> reward model -> PPO, each sampling from the last PPO policy.")
     seed: int = _f(0, "Seed of every stage.")
@@ -107,7 +137,7 @@ class PipelineConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(bad)}; expected {', '.join(sorted(known))}")
-        for name, sub in (("feedback", FeedbackSettings), ("eval", EvalSettings)):
+        for name, sub in (("feedback", FeedbackSettings), ("eval", EvalSettings), ("ai_feedback", AIFeedbackSettings)):
             v = d.get(name)
             if isinstance(v, dict):
                 bad = sorted(set(v) - set(sub.__dataclass_fields__))
@@ -119,6 +149,12 @@ class PipelineConfig:
             raise ConfigError(f"{where}: 'policy' (the starting model, hub id or local folder) is required")
         if cfg.prompts is None:
             raise ConfigError(f"{where}: 'prompts' (a JSONL/JSON file of prompts or a list) is required")
+        if cfg.feedback.labelers not in LABELERS:
+            raise ConfigError(f"{where}: feedback.labelers must be one of {', '.join(LABELERS)}, got "
+                              f"{cfg.feedback.labelers!r}")
+        if "ai" in cfg.feedback.labelers.split("+") and cfg.ai_feedback is None:
+            cfg.ai_feedback = AIFeedbackSettings()
+        _check_ai(cfg, where)
         if cfg.feedback.task_type not in ("pairwise", "thumbs"):
             raise ConfigError(f"{where}: feedback.task_type must be pairwise or thumbs, got {cfg.feedback.task_type!r}")
         for name in ("rloo", "grpo", "online_dpo"):
@@ -130,6 +166,11 @@ class PipelineConfig:
         if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows"):
             raise ConfigError(f"{where}: sft.train_file is required when an sft section is given")
         return cfg
+
+    def ai_labels(self) -> bool:
+        """Whether an AI labeler judges each round: when the `ai_feedback` section is given (its labels stored
+        beside people's and measured against them; trained on when feedback.labelers includes ai, and by RL-CAI)."""
+        return self.ai_feedback is not None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
@@ -146,3 +187,21 @@ class PipelineConfig:
             if (base / tf).exists() and not Path(tf).is_absolute():
                 d["sft"]["train_file"] = str(base / tf)
         return cls.from_dict(d, str(path))
+
+
+def _check_ai(cfg: PipelineConfig, where: str) -> None:
+    ai = cfg.ai_feedback
+    if ai is None:
+        return
+    if ai.principles not in ("sample", "all"):
+        raise ConfigError(f"{where}: ai_feedback.principles must be sample or all, got {ai.principles!r}")
+    if ai.rl not in (None, "ppo", "rloo", "grpo"):
+        raise ConfigError(f"{where}: ai_feedback.rl must be ppo, rloo, grpo or null, got {ai.rl!r}")
+    if ai.rl_from not in ("sft", "sl_cai"):
+        raise ConfigError(f"{where}: ai_feedback.rl_from must be sft or sl_cai, got {ai.rl_from!r}")
+    if ai.rl_from == "sl_cai" and ai.rl is not None and ai.cai is None:
+        raise ConfigError(f"{where}: ai_feedback.rl_from sl_cai needs an ai_feedback.cai section (the SL-CAI stage)")
+    if ai.cai is not None and not isinstance(ai.cai, dict):
+        raise ConfigError(f"{where}: ai_feedback.cai must be a mapping of CAIConfig fields or null")
+    if cfg.feedback.task_type == "thumbs":
+        raise ConfigError(f"{where}: the AI labeler judges pairs; feedback.task_type thumbs cannot use it")

@@ -116,3 +116,33 @@ def gold_agreement(records: list[dict], store, project_id: int, gold: Callable,
             continue
         agree.setdefault(r["labeler"], []).append(int((r["choice"] == "a") == (ga > gb)))
     return {w: sum(v) / len(v) for w, v in agree.items() if v}
+
+
+def ai_gold_agreement(records: list[dict], store, project_id: int, gold: Callable) -> dict[str, dict]:
+    """Per AI labeler: the share of pairs (gold scores differing) where its choice agrees with the gold scorer, from
+    its first judging order alone (as one pass of a position-biased judge would label) and from both orders averaged
+    (its stored choice); ties count as disagreement, and how many there were is kept."""
+    prompts, comps = store.prompts_and_completions(project_id)
+    found: dict[str, dict[str, list[int]]] = {}
+    for r in records:
+        d = r.get("details") or {}
+        if r.get("labeler_kind") != "ai" or len(r["completion_ids"]) != 2 or not d.get("p_orders"):
+            continue
+        pr = prompts[r["prompt_id"]].messages[-1]["content"]
+        a, b = (comps[c].text for c in r["completion_ids"])
+        ga, gb = gold([pr, pr], [a, b])
+        if ga == gb:
+            continue
+        truth = "a" if ga > gb else "b"
+        p1 = d["p_orders"][0]
+        first = "a" if p1 > 0.5 else "b" if p1 < 0.5 else "tie"
+        acc = found.setdefault(r["labeler"], {"single_order": [], "both_orders": [], "ties_single": [],
+                                              "ties_both": []})
+        acc["single_order"].append(int(first == truth))
+        acc["both_orders"].append(int(r["choice"] == truth))
+        acc["ties_single"].append(int(first == "tie"))
+        acc["ties_both"].append(int(r["choice"] == "tie"))
+    return {w: {"single_order": sum(v["single_order"]) / len(v["single_order"]),
+                "both_orders": sum(v["both_orders"]) / len(v["both_orders"]),
+                "ties_single": sum(v["ties_single"]), "ties_both": sum(v["ties_both"]), "pairs": len(v["both_orders"])}
+            for w, v in found.items() if v["both_orders"]}

@@ -72,7 +72,8 @@ def plot_ppo(run: RunFolder, out: Path) -> Path | None:
 
 
 COLORS = {"SFT": "black", "PPO": "tab:blue", "DPO": "tab:red", "KTO": "tab:orange", "RS": "tab:purple",
-          "RLOO": "tab:cyan", "GRPO": "tab:olive", "Online DPO": "tab:pink"}
+          "RLOO": "tab:cyan", "GRPO": "tab:olive", "Online DPO": "tab:pink", "SL-CAI": "tab:brown",
+          "RL-CAI": "darkgoldenrod"}
 
 
 def plot_critic_free(run: RunFolder, out: Path) -> Path | None:
@@ -157,7 +158,8 @@ def plot_frontier(run: RunFolder, res: dict, out: Path) -> Path | None:
             ax.annotate(f"N={n}", (bon[n]["kl"], bon[n][f"{key}/mean"]), textcoords="offset points",
                         xytext=(-30, 4), fontsize=8, color="tab:green")
     mkey = "reward/gold_mean" if key == "gold" else "reward/raw_mean"
-    curves = [("PPO", run.ppo_dir(max(1, run.rounds())))] + [(name, run.path(stage)) for name, stage in run.ONLINE]
+    curves = [("PPO", run.ppo_dir(max(1, run.rounds())))] + [(name, run.path(stage)) for name, stage in run.ONLINE] \
+        + [("RL-CAI", run.path(run.RL_CAI))]
     for name, folder in curves:   # the RL runs' training batches: where they went on the way
         m = read_jsonl(folder / "metrics.jsonl")
         xs = [r["objective/kl"] for r in m if "objective/kl" in r and mkey in r]
@@ -331,6 +333,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     per_round = [q for q in (read_json(run.quality(r)) for r in range(1, run.rounds() + 1)) if q]
     md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times, per_round)
     md += _results_section(res)
+    md += _ai_section(run, quality, summ)
     md += _plot_sections(plots, quality, rm_info)
     if times:
         md += [_table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
@@ -362,6 +365,53 @@ def _results_section(res: dict) -> list[str]:
                _table(["N", "gold reward", "RM reward", "KL bound"],
                       [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
                        for n in sorted(bon, key=int)]), ""]
+    return md
+
+
+def _ai_section(run: RunFolder, quality: dict | None, summ: dict) -> list[str]:
+    """AI feedback: the AI labeler against the gold scorer and the people (one order vs both), the RL-CAI reward
+    model, SL-CAI / RL-CAI against SFT and the policies trained on people's labels, critique -> revision examples."""
+    ai = (quality or {}).get("ai")
+    if not ai:
+        return []
+    judged = run.info(run.round_stage(1, "judge")) or {}
+    people = ai.get("people") or {}
+    md = ["## AI feedback (round 1)", "",
+          f"The AI labeler `{judged.get('labeler')}` ({judged.get('model')}) judged {judged.get('pairs')} pairs "
+          f"against the constitution, scored by the log-probabilities of the answers "
+          f"({'both orders averaged' if judged.get('both_orders') else 'one order'}; principles: "
+          f"{judged.get('principles')}). The two orders agree on {_fmt(judged.get('order_consistency'), 2)} of the "
+          f"pairs. People agree with each other on {_fmt((people.get('humans') or {}).get('agreement'), 2)} of "
+          f"the pairs they both judged.", ""]
+    rows = []
+    for name, d in (people.get("ai") or {}).items():
+        g = (ai.get("gold") or {}).get(name, {})
+        pos = d.get("position") or {}
+        rows.append([name, g.get("pairs"), _fmt(g.get("single_order"), 2), _fmt(g.get("both_orders"), 2),
+                     _fmt(d.get("majority_agreement"), 2), _fmt(d.get("majority_kappa"), 2),
+                     _fmt(d.get("human_agreement"), 2), _fmt(pos.get("before"), 2), _fmt(pos.get("after"), 2)])
+    md += [_table(["AI labeler", "pairs (gold differs)", "gold agreement, one order", "gold agreement, both orders",
+                   "agreement with people's majority", "κ with the majority", "agreement with each person",
+                   "picks first shown: one order", "picks first shown: after debiasing"], rows), ""]
+    rm_ai = run.info(run.RL_CAI_RM)
+    if rm_ai:
+        md += [f"RL-CAI reward model: {rm_ai.get('pairs')} AI-labelled pairs, held-out accuracy (against AI labels) "
+               f"{_fmt(rm_ai.get('eval/accuracy'))}.", ""]
+    names = [n for n in ("SFT", "PPO", "RLOO", "DPO", "SL-CAI", "RL-CAI") if n in summ]
+    if any(n in summ for n in ("SL-CAI", "RL-CAI")):
+        md += [_table(["policy", "feedback", "gold reward", "gold win rate vs SFT", "AI win rate vs SFT", "KL to SFT"],
+                      [[n, "AI" if "CAI" in n else "–" if n == "SFT" else "people", _fmt(summ[n].get("gold/mean")),
+                        _fmt(summ[n].get("gold/win_rate"), 2), _fmt(summ[n].get("ai/win_rate"), 2),
+                        _fmt(summ[n].get("kl"), 2)] for n in names]), ""]
+    chains = read_jsonl(run.path(run.SL_CAI) / "chains.jsonl")[:3]
+    if chains:
+        md += ["### Critique → revision (SL-CAI, the model's own)", ""]
+        for c in chains:
+            rows = [["response", c.get("initial", "").strip()]]
+            for step in c.get("chain", []):
+                rows += [[f"critique ({step.get('principle')})", str(step.get("critique", "")).strip()],
+                         ["revision", str(step.get("revision", "")).strip() or "(empty: kept the response)"]]
+            md += [f"**{c.get('prompt', '')}**", "", _table(["step", "text"], rows), ""]
     return md
 
 

@@ -12,12 +12,16 @@ Layout:
     sft/final                           the SFT model (when the run fine-tunes one)
     feedback.db                         the feedback store: one project per round (round-1, round-2, ...)
     round-N/sample/samples.jsonl        completions imported into the store
+    round-N/judge/                      the AI labeler's judging of the round's project (ai_feedback; its summary)
     round-N/label/quality.json          labeler statistics, flags, agreement; preferences.jsonl (the export: pairs,
-                                        or unpaired {prompt, completion, label} rows of a thumbs project)
+                                        or unpaired {prompt, completion, label} rows of a thumbs project);
+                                        preferences_ai.jsonl (the AI labeler's pairs alone, for RL-CAI)
     round-N/rm/final                    the reward model (heldout_preferences.jsonl: its held-out pairs)
     round-N/ppo/final                   the PPO policy (metrics.jsonl: its training curve)
     rloo/final, grpo/final, online_dpo/final   RLOO, GRPO and online DPO (metrics.jsonl: their training curves)
     dpo/final, kto/final, rs/final      DPO, KTO and rejection-sampling policies
+    sl_cai/                             SL-CAI: revisions.jsonl, chains.jsonl (critique -> revision), sft/final
+    rl_cai/rm/final, rl_cai/policy/final   RL-CAI: the reward model on AI labels and the policy trained against it
     eval/results.json                   the evaluation; eval/samples_<name>.jsonl, samples_reference.jsonl
     report.md, report.html, plots/      the report
 Each stage folder ends with STAGE_DONE.json (its outputs and wall time): a stage whose marker exists is skipped, so
@@ -42,6 +46,7 @@ class RunFolder:
 
     DATA, BASE, SFT, DPO, KTO, RS, EVAL = "data", "base", "sft", "dpo", "kto", "rs", "eval"
     RLOO, GRPO, ONLINE_DPO = "rloo", "grpo", "online_dpo"
+    SL_CAI, RL_CAI_RM, RL_CAI = "sl_cai", "rl_cai/rm", "rl_cai/policy"   # Constitutional AI (the ai_feedback section)
     ONLINE = (("RLOO", RLOO), ("GRPO", GRPO), ("Online DPO", ONLINE_DPO))   # evaluated name, stage: SFT vs the RM
 
     def __init__(self, root: str | Path, echo: Callable[[str], None] = print, create: bool = True):
@@ -111,7 +116,7 @@ class RunFolder:
 
     @staticmethod
     def round_stage(round_: int, step: str) -> str:
-        """The stage name of a round's step: sample, label, rm or ppo."""
+        """The stage name of a round's step: sample, judge, label, rm or ppo."""
         return f"round-{round_}/{step}"
 
     @staticmethod
@@ -134,6 +139,9 @@ class RunFolder:
 
     def preferences(self, round_: int) -> Path:
         return self.path(self.round_stage(round_, "label")) / "preferences.jsonl"
+
+    def preferences_ai(self, round_: int) -> Path:
+        return self.path(self.round_stage(round_, "label")) / "preferences_ai.jsonl"
 
     def rm_dir(self, round_: int) -> Path:
         return self.path(self.round_stage(round_, "rm"))

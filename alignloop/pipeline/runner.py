@@ -12,6 +12,12 @@ from the SFT model), and KTO trains on the thumbs of all rounds: the reward mode
 need pairs and are skipped. A `kto` section in a pairwise run trains KTO on the preferences, unpaired. RLOO, GRPO
 and online DPO (`rloo:` / `grpo:` / `online_dpo:` sections) train the SFT model against the last round's reward
 model, the KL to the SFT model, as PPO does (the gold scorer only watched).
+
+AI feedback (the `ai_feedback:` section): an AI labeler judges each round's project beside the people (stage
+round-N/judge; its labels are trained on when `feedback.labelers` is ai, ai+human or ai+simulated); SL-CAI fine-tunes
+the SFT model on its own critiqued-and-revised samples (`ai_feedback.cai`), and RL-CAI trains `ai_feedback.rl` (PPO,
+RLOO or GRPO) against a reward model of the AI labels alone, so both arms are evaluated next to the policies trained
+on people's labels.
 The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
 """
 from __future__ import annotations
@@ -55,7 +61,7 @@ class Pipeline:
         if cfg.sft is not None:
             run.stage(run.SFT, lambda f: stages.stage_sft(f, cfg))
         sft = self.sft_model()
-        policy, rm, pref_files = sft, None, []
+        policy, rm, pref_files, ai_files = sft, None, [], []
         thumbs = cfg.feedback.task_type == "thumbs"
         if thumbs:
             self.notes.append("thumbs feedback: KTO trains on it; the reward model, PPO, DPO and rejection sampling "
@@ -65,7 +71,7 @@ class Pipeline:
             if r == 1 and cfg.preferences:
                 pref_files.append(cfg.preferences)
             else:
-                stopped = self._collect(r, policy, pref_files)
+                stopped = self._collect(r, policy, pref_files, ai_files)
                 if stopped:
                     return stopped
             if thumbs:
@@ -82,6 +88,7 @@ class Pipeline:
             if getattr(cfg, stage) is not None and not thumbs:
                 policies[name] = run.stage(stage, lambda f, s=stage: stages.stage_online(
                     f, cfg, s, sft, rm, self.train_prompts))["model"]
+        policies.update(self._constitutional(sft, ai_files))
         if cfg.dpo is not None and not thumbs:
             policies["DPO"] = run.stage(run.DPO, lambda f: stages.stage_dpo(f, cfg, sft, pref_files))["model"]
         if cfg.kto is not None or thumbs:
@@ -93,19 +100,41 @@ class Pipeline:
         return {"run": str(run.root), "sft": sft, "reward_model": rm, "policies": policies,
                 "report": str(run.report_html), "results": results.get("summary", {}), "notes": self.notes}
 
-    def _collect(self, r: int, policy: str, pref_files: list[str]) -> dict | None:
-        """Sample and label round r (its preferences appended to `pref_files`); a dict when the run must stop for
-        people to label."""
+    def _collect(self, r: int, policy: str, pref_files: list[str], ai_files: list[str]) -> dict | None:
+        """Sample and label round r (its preferences appended to `pref_files`, the AI labeler's alone to `ai_files`);
+        a dict when the run must stop for people to label."""
         cfg, run = self.cfg, self.run
         run.stage(run.round_stage(r, "sample"),
                   lambda f: stages.stage_sample(f, cfg, run, r, policy, self.train_prompts))
-        people = cfg.human_stop or cfg.feedback.labelers == "human"
+        if cfg.ai_labels() and (r == 1 or cfg.ai_feedback.judge_all_rounds):
+            run.stage(run.round_stage(r, "judge"), lambda f: stages.stage_judge(f, cfg, run, r, self.sft_model()))
+        people = cfg.human_stop or "human" in cfg.feedback.labelers.split("+")
         if people and not run.done(run.round_stage(r, "label")) and not stages.has_judgements(run, r):
             # people label in the app; running the same command again continues from here
             return {"stopped": "human", "db": str(run.feedback_db), "project": run.project(r)}
         info = run.stage(run.round_stage(r, "label"), lambda f: stages.stage_label(f, cfg, run, r))
         pref_files.append(info["preferences"])
+        if info.get("preferences_ai") and run.done(run.round_stage(r, "judge")):
+            ai_files.append(info["preferences_ai"])
         return None
+
+    def _constitutional(self, sft: str, ai_files: list[str]) -> dict[str, str]:
+        """SL-CAI (the SFT model fine-tuned on its own revisions) and RL-CAI (a policy trained against a reward
+        model of the AI labels alone), when the ai_feedback section asks for them."""
+        cfg, run, ai = self.cfg, self.run, self.cfg.ai_feedback
+        out: dict[str, str] = {}
+        if ai is None:
+            return out
+        if ai.cai is not None:
+            out["SL-CAI"] = run.stage(run.SL_CAI, lambda f: stages.stage_cai(f, cfg, sft, self.train_prompts))["model"]
+        if ai.rl is not None:
+            if not ai_files:
+                raise UserError("ai_feedback.rl: no AI-labelled preferences (the AI labeler judged no round)")
+            rm_ai = run.stage(run.RL_CAI_RM, lambda f: stages.stage_rm(f, cfg, sft, ai_files))["model"]
+            start = out["SL-CAI"] if ai.rl_from == "sl_cai" else sft
+            out["RL-CAI"] = run.stage(run.RL_CAI, lambda f: stages.stage_rl_cai(f, cfg, start, rm_ai,
+                                                                                self.train_prompts))["model"]
+        return out
 
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:

@@ -4,7 +4,8 @@ Each reads its inputs from its arguments and writes into its own folder (`folder
 the run's feedback store; `alignloop.pipeline.runner` chains them. Trainers are configured from the YAML sections
 (`trainer_config`: their own dataclasses, one vocabulary) plus the fields the pipeline fixes (model, output_dir).
 
-The evaluation stage: every policy against the SFT model, by the gold scorer and the reward model. For each policy:
+The evaluation stage: every policy against the SFT model, by the gold scorer and the reward model (and the AI
+labeler, with an `ai_feedback` section). For each policy:
 samples on the held-out prompts, mean gold and reward-model score, win rate against independent SFT samples on the
 same prompts, KL to the SFT model (Σ_t k1 on the policy's samples), length. Best-of-N for each N of
 `eval.best_of_n`: max(N) SFT candidates per prompt scored by the reward model once, the best of the first N kept;
@@ -16,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from alignloop.ai_feedback.cai import CAIConfig, ConstitutionalAI
+from alignloop.ai_feedback.judge import ai_win_rate, judge_project, load_judge
 from alignloop.data import groups_to_unpaired, load_records, read_rows, write_rows
 from alignloop.errors import ConfigError, UserError
 from alignloop.evaluation import best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize
@@ -24,7 +27,7 @@ from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.store import Store
 from alignloop.models import load_causal_lm
 from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
-from alignloop.pipeline.labelers import default_labelers, gold_agreement, simulate_labeling
+from alignloop.pipeline.labelers import ai_gold_agreement, default_labelers, gold_agreement, simulate_labeling
 from alignloop.pipeline.run_folder import RunFolder
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.scoring import load_function, load_scorer
@@ -116,22 +119,41 @@ def thumbs_threshold(cfg: PipelineConfig, run: RunFolder, round_: int, gold_fn) 
 
 
 def has_judgements(run: RunFolder, round_: int) -> bool:
+    """Whether people have judged anything in the round's project (an AI labeler's judgements do not count)."""
     store = Store(str(run.feedback_db))
     try:
-        return bool(store.current_judgements(store.get_project(run.project(round_)).id))
+        records = store.current_judgements(store.get_project(run.project(round_)).id)
+        return any(r.get("labeler_kind", "human") != "ai" for r in records)
+    finally:
+        store.dispose()
+
+
+def stage_judge(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int, sft_model: str) -> dict:
+    """The AI labeler (the `ai_feedback` section; default the SFT model judging) judges the round's project against
+    the constitution, both orders by default; stored as a labeler of kind "ai"."""
+    ai = cfg.ai_feedback
+    judge = load_judge(ai.judge or sft_model, ai.constitution, cot=ai.cot, batch_size=ai.batch_size)
+    store = Store(str(run.feedback_db))
+    try:
+        return judge_project(store, run.project(round_), judge, both_orders=ai.both_orders, principles=ai.principles,
+                             seed=cfg.seed + round_)
     finally:
         store.dispose()
 
 
 def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) -> dict:
-    """Simulated labelers label the round's project (or people did, in the app); labeler quality; the export of
-    unflagged labelers' judgements as preference pairs (a thumbs project: as unpaired rows, KTO's data)."""
+    """Simulated labelers label the round's project (or people did, in the app; or only the AI labeler judged it);
+    labeler quality; the export of unflagged labelers' judgements as preference pairs (a thumbs project: as unpaired
+    rows, KTO's data): people's, the AI labeler's (feedback.labelers ai) or both. With an AI labeler, its pairs
+    alone are exported too (RL-CAI) and its agreement with the gold scorer and with people is measured."""
     fb = cfg.feedback
     project = run.project(round_)
-    simulated = fb.labelers == "simulated"
+    kinds = fb.labelers.split("+")
+    simulated = "simulated" in kinds
     if simulated and not fb.gold:
         raise ConfigError("feedback.gold (module:function) is required for simulated labelers")
-    gold_fn = load_function(fb.gold) if simulated else None
+    gold_fn = load_function(fb.gold) if fb.gold else None
+    trained_on = "all" if "ai" in kinds and len(kinds) > 1 else "ai" if "ai" in kinds else "human"
     store = Store(str(run.feedback_db), seed=fb.seed + round_ if simulated else None)
     try:
         p = store.get_project(project)
@@ -139,7 +161,8 @@ def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) 
         bar = thumbs_threshold(cfg, run, round_, gold_fn) if simulated and task == "thumbs" else None
         counts = simulate_labeling(store, project, default_labelers(fb.n_careful), gold_fn, seed=fb.seed + round_,
                                    threshold=bar or 0.0) if simulated else None
-        records = store.current_judgements(p.id)
+        every = store.current_judgements(p.id)
+        records = [r for r in every if trained_on == "all" or r.get("labeler_kind", "human") == trained_on]
         if not records:
             raise UserError(f"project {project}: no judgements yet. Label in the app "
                             f"(alignloop feedback serve --db {run.feedback_db}) and resume.")
@@ -150,21 +173,36 @@ def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) 
         ann = quality.annotations_from_records(task, records, gold=False)
         rows, summary = export_records(store, project, ExportOptions(
             format="unpaired" if task == "thumbs" else "preference", mode=fb.export_mode, consensus=fb.consensus,
-            thresholds=th, exclude_flagged=True))
-        gold_acc = gold_agreement(records, store, p.id, gold_fn, bar) if gold_fn is not None else None
+            thresholds=th, exclude_flagged=True, labelers=trained_on))
+        ai = ai_label_stats(store, p.id, every, task, gold_fn) if cfg.ai_labels() else None
+        if cfg.ai_labels():
+            ai_rows, _ = export_records(store, project, ExportOptions(format="preference", mode="all",
+                                                                      exclude_flagged=False, labelers="ai"))
+            write_rows(ai_rows, run.preferences_ai(round_))
+        gold_acc = gold_agreement(every, store, p.id, gold_fn, bar) if gold_fn is not None else None
         agreement = quality.project_agreement(records, task)
     finally:
         store.dispose()
     write_rows(rows, run.preferences(round_))
     loo = [stats[w]["agreement"] for w in stats if w not in flagged and stats[w]["agreement"] is not None]
     info = {"task_type": task, "thumbs_threshold": bar, "judgements": len(records), "per_labeler": counts,
-            "stats": stats, "flags": flags,
+            "stats": stats, "flags": flags, "labelers_trained_on": trained_on,
             "flagged": sorted(flagged), "project_agreement": agreement,
             "pairwise_percent_agreement": percent_agreement(ann, exclude=flagged),
             "mean_loo_agreement_unflagged": mean(loo) if loo else None,
-            "gold_agreement": gold_acc, "export": summary, "preferences": str(run.preferences(round_))}
+            "gold_agreement": gold_acc, "ai": ai, "export": summary, "preferences": str(run.preferences(round_)),
+            "preferences_ai": str(run.preferences_ai(round_)) if cfg.ai_labels() else None}
     run.quality(round_).write_text(json.dumps(info, indent=1, default=str))
     return info
+
+
+def ai_label_stats(store, project_id: int, records: list[dict], task: str, gold_fn) -> dict:
+    """The AI labeler against people (agreement with their majority, κ, position bias: `quality.ai_human_agreement`)
+    and, when the gold scorer is known, against it: first order alone vs both orders (`ai_gold_agreement`)."""
+    out = {"people": quality.ai_human_agreement(records, task)}
+    if gold_fn is not None:
+        out["gold"] = ai_gold_agreement(records, store, project_id, gold_fn)
+    return out
 
 
 def percent_agreement(ann: dict, exclude: set) -> float | None:
@@ -250,6 +288,30 @@ def stage_online(folder: Path, cfg: PipelineConfig, section_name: str, sft_model
             "estimator": getattr(args, "estimator", section_name), **numbers(res.metrics)}
 
 
+def stage_cai(folder: Path, cfg: PipelineConfig, sft_model: str, train_prompts: list[str]) -> dict:
+    """SL-CAI: the SFT model answers the training prompts, critiques and revises its answers against the constitution
+    (`ai_feedback.cai`: CAIConfig fields; the critic is the policy itself unless `critic_model` is given), and is
+    fine-tuned on the revisions (`sft` on unless the section turns it off)."""
+    ai = cfg.ai_feedback
+    section = {"seed": cfg.seed, "sft": True, **(ai.cai or {})}
+    if ai.constitution and "constitution" not in section:
+        section["constitution"] = ai.constitution
+    args = trainer_config(CAIConfig, section, model=sft_model, output_dir=str(folder))
+    res = ConstitutionalAI(model=sft_model, args=args, train_dataset=train_prompts).run()
+    return {"model": res.sft_model or sft_model, "examples": res.examples, "written": res.written,
+            "empty_revisions": res.empty_revisions, "chains": res.chains_file, "revisions": res.revisions_file,
+            **numbers(res.summary)}
+
+
+def stage_rl_cai(folder: Path, cfg: PipelineConfig, start: str, rm_ai: str, train_prompts: list[str]) -> dict:
+    """RL-CAI: `ai_feedback.rl` (ppo / rloo / grpo, with that trainer's pipeline section) of `start` (the SFT or
+    SL-CAI model, also the KL reference) against the reward model trained on the AI labels."""
+    name = cfg.ai_feedback.rl
+    if name == "ppo":
+        return stage_ppo(folder, cfg, start, rm_ai, start, train_prompts)
+    return stage_online(folder, cfg, name, start, rm_ai, train_prompts)
+
+
 def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:
     rows = read_preferences(pref_files)
     section = dict(cfg.dpo or {})
@@ -330,6 +392,14 @@ def stage_eval(folder: Path, cfg: PipelineConfig, run: RunFolder, policies: dict
         summary[name] = summarize(s, reference)
         samples[name] = s.to_rows()
         del model
+    if cfg.ai_feedback is not None:   # the AI labeler's win rates too (`alignloop eval --judge`)
+        ai = cfg.ai_feedback
+        judge = load_judge(ai.judge or sft, ai.constitution, cot=ai.cot, batch_size=ai.batch_size)
+        for name in summary:
+            rows = samples[name]
+            wins = ai_win_rate(judge, [r["prompt"] for r in rows], [r["response"] for r in rows], reference.responses,
+                               both_orders=ai.both_orders, principles=ai.principles, seed=ev.seed)
+            summary[name].update({k: v for k, v in wins.items() if k != "ai/judge"})
     for name, rows in samples.items():
         write_rows(rows, run.eval_samples(name))
     results = {"summary": summary, "best_of_n": bon, "policies": policies, "reference": sft, "reward_model": rm,
