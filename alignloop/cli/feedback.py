@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from alignloop.cli.judge import judge as judge_command
 from alignloop.data import check_writable, write_rows
 from alignloop.errors import UserError
 
@@ -64,7 +65,8 @@ def _store(db: str, create: bool = False):
 
 @click.group("feedback", context_settings={"help_option_names": ["-h", "--help"]})
 def feedback():
-    """The human-feedback labeling app: create, import, sample, add-labeler, serve, stats, export."""
+    """The human-feedback labeling app: create, import, sample, add-labeler, serve, stats, export, judge (an AI
+    labeler)."""
 
 
 @feedback.command()
@@ -297,3 +299,7 @@ def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagg
                + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
                + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"
                   if summary["flagged_labelers"] and not include_flagged else ""))
+
+
+# `alignloop feedback judge` is `alignloop judge`: an AI labeler is a labeler of this store
+feedback.add_command(judge_command, "judge")

@@ -14,8 +14,6 @@ import time
 
 import click
 
-from alignloop.ai_feedback.judge import judge_project, load_judge
-
 
 @click.command(name="judge", help="AI labeler: judge a feedback project's items against a constitution, scored by "
                                   "the log-probabilities of the answers, in both orders; stored as a labeler of "
@@ -41,6 +39,7 @@ from alignloop.ai_feedback.judge import judge_project, load_judge
 @click.option("--seed", type=int, default=0, show_default=True)
 def judge(db, project, judge_spec, constitution, labeler, single_order, principles, cot, cot_max_new_tokens,
           batch_size, dtype, limit, seed):
+    from alignloop.ai_feedback.judge import judge_project, load_judge  # noqa: PLC0415 - torch/transformers: keeps `feedback --help` fast
     from alignloop.feedback.store import Store  # noqa: PLC0415 - the web extra, needed by this command only
 
     start = time.perf_counter()
