@@ -106,3 +106,38 @@ def test_report_from_a_minimal_run_folder(tmp_path):
     assert set(out["plots"]) == {"frontier", "best_of_n", "times"}
     assert all((tmp_path / p).stat().st_size > 5000 for p in out["plots"].values())
     assert "<table>" in (tmp_path / "report.html").read_text()
+
+
+def test_ai_gold_agreement_first_order_against_both_by_hand(tmp_path):
+    """Three pairs, gold prefers the positive review each time. The AI labeler's stored p_orders (P(a is better)
+    from each order) and choices, written by hand:
+      pair 1: a better; orders (0.9, 0.7) -> first order says a (right), both orders a (right)
+      pair 2: b better; orders (0.6, 0.2) -> first order says a (wrong: a shown first, position bias), both: mean 0.4
+              -> b (right)
+      pair 3: b better; orders (0.5, 0.5) -> a tie in both views (wrong, counted as a tie)
+    single_order = 1/3, both_orders = 2/3, ties 1 and 1. A pair whose gold scores are equal is left out."""
+    from alignloop.ai_feedback.judge import project_items
+    from alignloop.feedback.store import Store
+    from alignloop.pipeline.labelers import ai_gold_agreement
+
+    good, bad = "the plot was great . i loved the music .", "the plot was boring . i hated the music ."
+    rows = [{"prompt": "Review of A:", "completions": [good, bad]},
+            {"prompt": "Review of B:", "completions": [bad, good]},
+            {"prompt": "Review of C:", "completions": [bad + " ", good]},
+            {"prompt": "Review of D:", "completions": [good, good + " "]}]   # equal gold: not counted
+    store = Store(str(tmp_path / "fb.db"))
+    store.create_project("p", "pairwise")
+    store.import_records("p", rows)
+    p = store.get_project("p")
+    lab = store.add_ai_labeler("ai-x", "x")
+    its = project_items(store, p.id)
+    verdicts = [(0.9, 0.7, "a"), (0.6, 0.2, "b"), (0.5, 0.5, "tie"), (0.6, 0.6, "a")]
+    store.record_ai_judgements(p.id, lab.id, [
+        {"item_id": it.id, "shown_order": [0, 1], "choice": c, "strength": None if c == "tie" else "better",
+         "picked_position": None if c == "tie" else "ab".index(c),
+         "details": {"p_orders": [p1, p2], "raw_picks": [0, 1]}}
+        for it, (p1, p2, c) in zip(its, verdicts, strict=True)])
+    res = ai_gold_agreement(store.current_judgements(p.id), store, p.id, domain.gold_scores)
+    assert res == {"ai-x": {"single_order": pytest.approx(1 / 3), "both_orders": pytest.approx(2 / 3),
+                            "ties_single": 1, "ties_both": 1, "pairs": 3}}
+    store.dispose()
