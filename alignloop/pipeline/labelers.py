@@ -118,31 +118,42 @@ def gold_agreement(records: list[dict], store, project_id: int, gold: Callable,
     return {w: sum(v) / len(v) for w, v in agree.items() if v}
 
 
-def ai_gold_agreement(records: list[dict], store, project_id: int, gold: Callable) -> dict[str, dict]:
-    """Per AI labeler: the share of pairs (gold scores differing) where its choice agrees with the gold scorer, from
-    its first judging order alone (as one pass of a position-biased judge would label) and from both orders averaged
-    (its stored choice); ties count as disagreement, and how many there were is kept."""
+def ai_agreement_by_order(records: list[dict], store, project_id: int, gold: Callable | None) -> dict[str, dict]:
+    """Per AI labeler, from its first judging order alone (as one pass of a position-biased judge would label) and
+    from both orders averaged (its stored choice): the share of pairs where its choice agrees with the gold scorer
+    (pairs whose gold scores differ; `gold` None: not computed) and with the people's majority (items where the
+    people's a/b votes have a strict majority). A tie counts as disagreement; how many there were is kept."""
     prompts, comps = store.prompts_and_completions(project_id)
+    votes: dict[int, list[str]] = {}
+    for r in records:
+        if r.get("labeler_kind", "human") == "human" and r.get("choice") in ("a", "b"):
+            votes.setdefault(r["item_id"], []).append(r["choice"])
+    majority = {i: "a" if v.count("a") > v.count("b") else "b" for i, v in votes.items()
+                if v.count("a") != v.count("b")}
     found: dict[str, dict[str, list[int]]] = {}
     for r in records:
         d = r.get("details") or {}
         if r.get("labeler_kind") != "ai" or len(r["completion_ids"]) != 2 or not d.get("p_orders"):
             continue
-        pr = prompts[r["prompt_id"]].messages[-1]["content"]
-        a, b = (comps[c].text for c in r["completion_ids"])
-        ga, gb = gold([pr, pr], [a, b])
-        if ga == gb:
-            continue
-        truth = "a" if ga > gb else "b"
         p1 = d["p_orders"][0]
-        first = "a" if p1 > 0.5 else "b" if p1 < 0.5 else "tie"
-        acc = found.setdefault(r["labeler"], {"single_order": [], "both_orders": [], "ties_single": [],
-                                              "ties_both": []})
-        acc["single_order"].append(int(first == truth))
-        acc["both_orders"].append(int(r["choice"] == truth))
-        acc["ties_single"].append(int(first == "tie"))
-        acc["ties_both"].append(int(r["choice"] == "tie"))
-    return {w: {"single_order": sum(v["single_order"]) / len(v["single_order"]),
-                "both_orders": sum(v["both_orders"]) / len(v["both_orders"]),
-                "ties_single": sum(v["ties_single"]), "ties_both": sum(v["ties_both"]), "pairs": len(v["both_orders"])}
-            for w, v in found.items() if v["both_orders"]}
+        views = {"single_order": "a" if p1 > 0.5 else "b" if p1 < 0.5 else "tie", "both_orders": r["choice"]}
+        acc = found.setdefault(r["labeler"], {})
+        for against, truth in (("gold", _gold_choice(r, prompts, comps, gold)), ("people", majority.get(r["item_id"]))):
+            if truth is None:
+                continue
+            for view, choice in views.items():
+                acc.setdefault(f"{against}/{view}", []).append(int(choice == truth))
+                acc.setdefault(f"{against}/ties_{view.split('_')[0]}", []).append(int(choice == "tie"))
+    return {w: {**{k: sum(v) / len(v) for k, v in acc.items() if "ties" not in k},
+                **{k: sum(v) for k, v in acc.items() if "ties" in k},
+                **{f"{a}/pairs": len(acc[f"{a}/both_orders"]) for a in ("gold", "people") if f"{a}/both_orders" in acc}}
+            for w, acc in found.items() if acc}
+
+
+def _gold_choice(r: dict, prompts: dict, comps: dict, gold: Callable | None) -> str | None:
+    """"a" / "b": the completion the gold scorer prefers; None when it ties or there is no gold scorer."""
+    if gold is None:
+        return None
+    pr = prompts[r["prompt_id"]].messages[-1]["content"]
+    ga, gb = gold([pr, pr], [comps[c].text for c in r["completion_ids"]])
+    return None if ga == gb else "a" if ga > gb else "b"

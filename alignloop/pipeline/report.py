@@ -385,14 +385,16 @@ def _ai_section(run: RunFolder, quality: dict | None, summ: dict) -> list[str]:
           f"the pairs they both judged.", ""]
     rows = []
     for name, d in (people.get("ai") or {}).items():
-        g = (ai.get("gold") or {}).get(name, {})
+        g = (ai.get("by_order") or {}).get(name, {})
         pos = d.get("position") or {}
-        rows.append([name, g.get("pairs"), _fmt(g.get("single_order"), 2), _fmt(g.get("both_orders"), 2),
-                     _fmt(d.get("majority_agreement"), 2), _fmt(d.get("majority_kappa"), 2),
-                     _fmt(d.get("human_agreement"), 2), _fmt(pos.get("before"), 2), _fmt(pos.get("after"), 2)])
-    md += [_table(["AI labeler", "pairs (gold differs)", "gold agreement, one order", "gold agreement, both orders",
-                   "agreement with people's majority", "κ with the majority", "agreement with each person",
-                   "picks first shown: one order", "picks first shown: after debiasing"], rows), ""]
+        rows.append([name, g.get("gold/pairs"), _fmt(g.get("gold/single_order"), 2), _fmt(g.get("gold/both_orders"), 2),
+                     _fmt(g.get("people/single_order"), 2), _fmt(g.get("people/both_orders"), 2),
+                     _fmt(d.get("majority_kappa"), 2), _fmt(d.get("human_agreement"), 2), _fmt(pos.get("before"), 2),
+                     _fmt(pos.get("after"), 2)])
+    md += [_table(["AI labeler", "pairs (gold differs)", "agrees with gold: one order", "with gold: both orders",
+                   "with people's majority: one order", "with people's majority: both orders",
+                   "κ with people's majority", "with each person (both orders)", "picks first shown: one order",
+                   "picks first shown: both orders"], rows), ""]
     rm_ai = run.info(run.RL_CAI_RM)
     if rm_ai:
         md += [f"RL-CAI reward model: {rm_ai.get('pairs')} AI-labelled pairs, held-out accuracy (against AI labels) "

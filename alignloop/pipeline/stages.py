@@ -27,7 +27,7 @@ from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.store import Store
 from alignloop.models import load_causal_lm
 from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
-from alignloop.pipeline.labelers import ai_gold_agreement, default_labelers, gold_agreement, simulate_labeling
+from alignloop.pipeline.labelers import ai_agreement_by_order, default_labelers, gold_agreement, simulate_labeling
 from alignloop.pipeline.run_folder import RunFolder
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.scoring import load_function, load_scorer
@@ -198,11 +198,10 @@ def stage_label(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int) 
 
 def ai_label_stats(store, project_id: int, records: list[dict], task: str, gold_fn) -> dict:
     """The AI labeler against people (agreement with their majority, κ, position bias: `quality.ai_human_agreement`)
-    and, when the gold scorer is known, against it: first order alone vs both orders (`ai_gold_agreement`)."""
-    out = {"people": quality.ai_human_agreement(records, task)}
-    if gold_fn is not None:
-        out["gold"] = ai_gold_agreement(records, store, project_id, gold_fn)
-    return out
+    and, from its first judging order alone vs both orders, against the gold scorer (when known) and the people's
+    majority (`ai_agreement_by_order`)."""
+    return {"people": quality.ai_human_agreement(records, task),
+            "by_order": ai_agreement_by_order(records, store, project_id, gold_fn)}
 
 
 def percent_agreement(ann: dict, exclude: set) -> float | None:

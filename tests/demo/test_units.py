@@ -108,7 +108,7 @@ def test_report_from_a_minimal_run_folder(tmp_path):
     assert "<table>" in (tmp_path / "report.html").read_text()
 
 
-def test_ai_gold_agreement_first_order_against_both_by_hand(tmp_path):
+def test_ai_agreement_by_order_first_order_against_both_by_hand(tmp_path):
     """Three pairs, gold prefers the positive review each time. The AI labeler's stored p_orders (P(a is better)
     from each order) and choices, written by hand:
       pair 1: a better; orders (0.9, 0.7) -> first order says a (right), both orders a (right)
@@ -118,7 +118,7 @@ def test_ai_gold_agreement_first_order_against_both_by_hand(tmp_path):
     single_order = 1/3, both_orders = 2/3, ties 1 and 1. A pair whose gold scores are equal is left out."""
     from alignloop.ai_feedback.judge import project_items
     from alignloop.feedback.store import Store
-    from alignloop.pipeline.labelers import ai_gold_agreement
+    from alignloop.pipeline.labelers import ai_agreement_by_order
 
     good, bad = "the plot was great . i loved the music .", "the plot was boring . i hated the music ."
     rows = [{"prompt": "Review of A:", "completions": [good, bad]},
@@ -137,7 +137,16 @@ def test_ai_gold_agreement_first_order_against_both_by_hand(tmp_path):
          "picked_position": None if c == "tie" else "ab".index(c),
          "details": {"p_orders": [p1, p2], "raw_picks": [0, 1]}}
         for it, (p1, p2, c) in zip(its, verdicts, strict=True)])
-    res = ai_gold_agreement(store.current_judgements(p.id), store, p.id, domain.gold_scores)
-    assert res == {"ai-x": {"single_order": pytest.approx(1 / 3), "both_orders": pytest.approx(2 / 3),
-                            "ties_single": 1, "ties_both": 1, "pairs": 3}}
+    res = ai_agreement_by_order(store.current_judgements(p.id), store, p.id, domain.gold_scores)
+    assert res == {"ai-x": {"gold/single_order": pytest.approx(1 / 3), "gold/both_orders": pytest.approx(2 / 3),
+                            "gold/ties_single": 1, "gold/ties_both": 1, "gold/pairs": 3}}    # no people yet
+    # a person who picks a every time: the majority is a on all 4 items. First order: a, a, tie, a -> 3/4; both
+    # orders: a, b, tie, a -> 2/4
+    alice = store.add_labeler("alice", "correct-horse-battery")
+    while (a := store.next_assignment(p.id, alice.id)) is not None:
+        store.submit(a.id, alice.id, {"choice": "left" if a.shown_order[0] == 0 else "right", "strength": "better"},
+                     idempotency_key=f"alice-{a.id}-key")
+    res = ai_agreement_by_order(store.current_judgements(p.id), store, p.id, None)["ai-x"]
+    assert res == {"people/single_order": 0.75, "people/both_orders": 0.5, "people/ties_single": 1,
+                   "people/ties_both": 1, "people/pairs": 4}
     store.dispose()
