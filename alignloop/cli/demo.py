@@ -27,13 +27,17 @@ from alignloop.pipeline import RunFolder
               help="Torch CPU threads (default: all cores on an idle machine, 1 on a busy one).")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Rounds of sample -> label -> reward model -> PPO, each sampling from the last PPO policy.")
-def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds):
+@click.option("--ai-feedback", is_flag=True,
+              help="Also Constitutional AI and RLAIF: the base model learns to critique, revise and compare, labels "
+                   "round 1 as an AI labeler beside the simulated people, and SL-CAI and RL-CAI policies are trained "
+                   "and compared with the human-feedback ones.")
+def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds, ai_feedback):
     out = Path(output_dir)
     if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     size = DemoSize.quick() if quick else DemoSize()
     result = run_demo(out, size, seed=seed, human=human, resume=resume, echo=echo, threads=threads,
-                      rounds=rounds)
+                      rounds=rounds, ai_feedback=ai_feedback)
     if result.get("stopped") == "human":
         click.echo(json.dumps({"stopped": "human", "db": result["db"], "project": result["project"]}))
         serve_for_human(result["db"], result["project"], host, port, not no_serve,

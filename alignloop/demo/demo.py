@@ -14,19 +14,30 @@ data and base model and the demo's sizes):
   eval      gold scorer and reward model: mean reward, win rate against SFT, KL to SFT, best-of-N for several N
   report    report.md / report.html with plots in plots/
 
+`--ai-feedback` adds Constitutional AI and RLAIF: the corpus also shows critique -> revision and "which review
+follows the principle better? (A) or (B)" documents generated from the hidden rules with noise (`demo.critiques`),
+so the base model can critique, revise and judge; it then labels round 1 as an AI labeler (both orders) beside the
+simulated people (round-1/judge), SL-CAI fine-tunes the SFT model on the base model's revisions of its samples
+(sl_cai), RL-CAI runs PPO against a reward model of the AI labels alone (rl_cai/), and the report compares them
+with the policies trained on the people's labels.
+
 `--human` stops after sampling and serves the labeling app; `--resume` continues from the last finished stage.
 """
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from alignloop.data import read_rows, write_rows
-from alignloop.demo import domain
+from alignloop.demo import critiques, domain
+from alignloop.errors import UserError
 from alignloop.models.tiny import build_tiny_checkpoint
-from alignloop.pipeline import EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder
+from alignloop.pipeline import AIFeedbackSettings, EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.loop import set_threads
 
@@ -60,18 +71,28 @@ class DemoSize:
     eval_prompts: int = 128
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     max_new_tokens: int = 40
+    # --ai-feedback: documents that teach the base model to critique, revise and compare (`demo.critiques`), the
+    # longer context they need, and the SL-CAI stage's size (RL-CAI uses PPO's sizes)
+    critique_docs: int = 1000
+    comparison_docs: int = 1500
+    ai_pretrain_steps: int = 700
+    ai_n_positions: int = 192
+    ai_max_length: int = 160
+    cai_prompts: int = 192
 
     @classmethod
     def quick(cls) -> DemoSize:
         return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=128,
                    ppo_updates=30, ppo_batch=32, rl_updates=30, dpo_epochs=2, rs_rounds=1, rs_prompts=128,
-                   eval_prompts=48, best_of_n=[1, 4, 16])
+                   eval_prompts=48, best_of_n=[1, 4, 16], critique_docs=600, comparison_docs=900,
+                   ai_pretrain_steps=400, cai_prompts=96)
 
 
-def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, rounds: int = 1) -> PipelineConfig:
+def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, rounds: int = 1,
+                ai_feedback: bool = False) -> PipelineConfig:
     run = RunFolder(out, create=False)
     data = run.data_dir
-    return PipelineConfig(
+    cfg = PipelineConfig(
         output_dir=str(out),
         policy=str(run.base_model),
         sft={"train_file": str(data / "demos.jsonl"), "max_steps": size.sft_steps, "learning_rate": 1e-3,
@@ -106,6 +127,25 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, r
         eval=EvalSettings(num_prompts=size.eval_prompts, max_new_tokens=size.max_new_tokens, gold=GOLD,
                           best_of_n=list(size.best_of_n)),
         rounds=rounds, seed=seed, human_stop=human)
+    if ai_feedback:
+        cfg.ai_feedback = ai_feedback_section(run, size)
+    return cfg
+
+
+def ai_feedback_section(run: RunFolder, size: DemoSize) -> AIFeedbackSettings:
+    """The demo's AI feedback: the base model (which saw critiques, revisions and comparisons in pretraining, as
+    real models do) is the AI labeler and the critic, with the demo's constitution. SL-CAI: the SFT model's samples
+    critiqued and revised once by it, then SFT on the revisions (rejection sampling's SFT settings); RL-CAI: PPO
+    (PPO's settings) of the SFT model against a reward model of the AI labels alone."""
+    base = str(run.base_model)
+    return AIFeedbackSettings(
+        judge=base, constitution=str(run.data_dir / "constitution.yaml"), both_orders=True, principles="sample",
+        batch_size=32, rl="ppo", rl_from="sft",
+        cai={"critic_model": base, "rounds": 1, "max_prompts": size.cai_prompts, "max_new_tokens": size.max_new_tokens,
+             "critique_max_new_tokens": 24, "revision_max_new_tokens": size.max_new_tokens, "batch_size": 32,
+             "critique_temperature": 1.0, "progress": False,
+             "sft_args": {"learning_rate": 3e-4, "num_epochs": 3, "per_device_batch_size": 16, "max_length": 96,
+                          "lr_scheduler": "constant", "progress": False, "tensorboard": False, "logging_steps": 5}})
 
 
 def critic_free_section(size: DemoSize, estimator: str) -> dict:
@@ -132,26 +172,39 @@ def online_dpo_section(size: DemoSize) -> dict:
             "lr_scheduler": "constant"}
 
 
-def stage_data(folder: Path, size: DemoSize, seed: int) -> dict:
+def stage_data(folder: Path, size: DemoSize, seed: int, ai_feedback: bool = False) -> dict:
+    """The corpus, demonstrations and prompts; with AI feedback, the corpus also holds critique -> revision and
+    comparison documents (never on an evaluation prompt) and the demo's constitution is written beside."""
     corpus = domain.pretraining_corpus(size.corpus, seed=seed)
     demos = domain.demonstrations(size.demos, seed=seed + 1)
     train, held = domain.prompt_split(seed=seed, n_eval=size.eval_prompts)
+    if ai_feedback:
+        skill = critiques.critique_documents(size.critique_docs, seed=seed + 2, exclude_prompts=held) + \
+            critiques.comparison_documents(size.comparison_docs, seed=seed + 3, exclude_prompts=held)
+        corpus += skill
+        random.Random(seed).shuffle(corpus)
+        (folder / "constitution.yaml").write_text(yaml.safe_dump(critiques.DEMO_CONSTITUTION, sort_keys=False))
     write_rows(corpus, folder / "corpus.jsonl")
     write_rows(demos, folder / "demos.jsonl")
     write_rows([{"prompt": p} for p in train], folder / "prompts.jsonl")
     write_rows([{"prompt": p} for p in held], folder / "eval_prompts.jsonl")
-    return {"corpus": len(corpus), "demos": len(demos), "prompts": len(train), "eval_prompts": len(held)}
+    return {"corpus": len(corpus), "demos": len(demos), "prompts": len(train), "eval_prompts": len(held),
+            "critique_docs": size.critique_docs if ai_feedback else 0,
+            "comparison_docs": size.comparison_docs if ai_feedback else 0}
 
 
-def stage_base(folder: Path, data: Path, size: DemoSize, seed: int) -> dict:
+def stage_base(folder: Path, data: Path, size: DemoSize, seed: int, ai_feedback: bool = False) -> dict:
     """Tokenizer trained locally + a GPT-2-shaped model pretrained from scratch on the corpus (loss on every
-    token), with the SFT trainer on `text` rows."""
+    token), with the SFT trainer on `text` rows. With AI feedback: more steps and a longer context (a comparison
+    holds two reviews)."""
     rows = [dict(r) for r in read_rows(data / "corpus.jsonl")]
     init = build_tiny_checkpoint(folder / "init", [r["text"] for r in rows], vocab_size=size.vocab_size, seed=seed,
-                                 n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head, n_positions=128)
-    args = SFTConfig(output_dir=str(folder), max_steps=size.pretrain_steps, learning_rate=2e-3,
-                     per_device_batch_size=size.pretrain_batch, warmup_steps=20, lr_scheduler="cosine",
-                     max_length=96, completion_only_loss=False, seed=seed, progress=False, tensorboard=False,
+                                 n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head,
+                                 n_positions=size.ai_n_positions if ai_feedback else 128)
+    args = SFTConfig(output_dir=str(folder), max_steps=size.ai_pretrain_steps if ai_feedback else size.pretrain_steps,
+                     learning_rate=2e-3, per_device_batch_size=size.pretrain_batch, warmup_steps=20,
+                     lr_scheduler="cosine", max_length=size.ai_max_length if ai_feedback else 96,
+                     completion_only_loss=False, seed=seed, progress=False, tensorboard=False,
                      logging_steps=25, eval_fraction=0.05)
     res = SFTTrainer(model=str(init), args=args, train_dataset=rows).train()
     return {"model": res.output_dir, "steps": res.steps, **res.metrics}
@@ -159,8 +212,10 @@ def stage_base(folder: Path, data: Path, size: DemoSize, seed: int) -> dict:
 
 def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None, seed: int = 0, human: bool = False,
              resume: bool = False, echo: Callable[[str], None] = print, threads: int | None = None,
-             rounds: int = 1) -> dict:
-    """Run (or resume) the demo. Returns the summary the CLI prints as JSON."""
+             rounds: int = 1, ai_feedback: bool = False) -> dict:
+    """Run (or resume) the demo. Returns the summary the CLI prints as JSON. `ai_feedback`: Constitutional AI and
+    RLAIF too (the base model learns to critique and compare; SL-CAI and RL-CAI policies; the AI labeler measured
+    against the simulated people and the gold scorer)."""
     size = size or DemoSize()
     set_threads(threads)
     out = Path(output_dir)
@@ -172,11 +227,16 @@ def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None,
         seed = state["seed"]
         human = state.get("human", False)
         rounds = state.get("rounds", rounds)
-    state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds},
-                                     indent=1))
-    run.stage(run.DATA, lambda f: stage_data(f, size, seed))
-    run.stage(run.BASE, lambda f: stage_base(f, run.data_dir, size, seed))
-    cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds)
+        ai_feedback = state.get("ai_feedback", False)
+    elif state_file.exists() and json.loads(state_file.read_text()).get("ai_feedback", False) != ai_feedback:
+        raise UserError(f"{out} holds a demo run {'with' if not ai_feedback else 'without'} --ai-feedback (its base "
+                        f"model saw {'other' if not ai_feedback else 'no'} critique and comparison documents); use "
+                        f"another --output-dir")
+    state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds,
+                                      "ai_feedback": ai_feedback}, indent=1))
+    run.stage(run.DATA, lambda f: stage_data(f, size, seed, ai_feedback))
+    run.stage(run.BASE, lambda f: stage_base(f, run.data_dir, size, seed, ai_feedback))
+    cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds, ai_feedback=ai_feedback)
     if human and resume:
         cfg.feedback.labelers = "human"
     return Pipeline(cfg, echo, run=run).run_all()
