@@ -206,14 +206,8 @@ def ai_label_stats(store, project_id: int, records: list[dict], task: str, gold_
 
 def percent_agreement(ann: dict, exclude: set) -> float | None:
     """Share of agreeing label pairs over all pairs of labelers on the same item (flagged labelers left out)."""
-    agree = total = 0
-    for labels in ann.values():
-        vals = [v for w, v in labels.items() if w not in exclude]
-        for i in range(len(vals)):
-            for j in range(i + 1, len(vals)):
-                total += 1
-                agree += vals[i] == vals[j]
-    return agree / total if total else None
+    kept = {i: {w: v for w, v in labels.items() if w not in exclude} for i, labels in ann.items()}
+    return quality.human_pairwise_agreement(kept)["agreement"]
 
 
 # ------------------------------------------------------------------------------------------------ training
