@@ -24,7 +24,10 @@ def test_reduced_demo_with_ai_feedback(tmp_path):
     by_order = q["ai"]["by_order"][name]
     print(judged, by_order)
     # the model learned to judge from its pretraining documents: better than chance against the hidden gold scorer
-    assert by_order["gold/both_orders"] > 0.6, by_order
+    # (measured at this size: 0.65 with both orders, 0.56 from the first order alone, which picks the first shown
+    # 20% of the time); both orders beat one
+    assert by_order["gold/both_orders"] > 0.58, by_order
+    assert by_order["gold/both_orders"] > by_order["gold/single_order"], by_order
     # debiasing: the final picks are not tied to the position shown first
     assert abs(judged["position_bias_after"] - 0.5) < 0.1
     # the people's loop trained on people only; RL-CAI on the AI labels alone
