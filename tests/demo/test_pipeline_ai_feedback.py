@@ -141,3 +141,16 @@ def test_config_errors(change, message):
     d.update(change)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         PipelineConfig.from_dict(d)
+
+
+def test_eval_judge_gives_an_ai_win_rate(tiny):
+    from alignloop.cli.evaluate import eval_cmd
+
+    res = CliRunner().invoke(eval_cmd, ["--policy", str(tiny / "policy"), "--reference", str(tiny / "policy"),
+                                        "--prompts", str(tiny / "eval_prompts.jsonl"), "--judge", str(tiny / "policy"),
+                                        "--max-new-tokens", "8", "--max-prompts", "4"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output[-2000:]
+    line = [x for x in res.output.splitlines() if '{"' in x][-1]
+    s = json.loads(line[line.index('{"'):])
+    assert s["ai/pairs"] == 4 and 0.0 <= s["ai/win_rate"] <= 1.0 and s["ai/judge"] == str(tiny / "policy")
+    assert "gold/mean" not in s                                     # the AI judge alone is enough
