@@ -271,7 +271,8 @@ def judge_project(store, project: str | int, judge, *, labeler: str | None = Non
     p = store.get_project(project)
     if p.task_type not in ("pairwise", "rank"):
         raise UserError(f"project {p.name}: an AI labeler judges pairwise or rank items, not {p.task_type}")
-    items = project_items(store, p.id)[:limit] if limit else project_items(store, p.id)
+    items = project_items(store, p.id)
+    items = items[:limit] if limit else items
     prompts, comps = store.prompts_and_completions(p.id)
     name = labeler or default_labeler_name(judge.name)
     lab = store.add_ai_labeler(name, judge.name)
