@@ -128,11 +128,17 @@ def has_judgements(run: RunFolder, round_: int) -> bool:
         store.dispose()
 
 
+def ai_judge(cfg: PipelineConfig, sft_model: str):
+    """The `ai_feedback` section's AI labeler (default: the SFT model), as the judge stage and the evaluation use it."""
+    ai = cfg.ai_feedback
+    return load_judge(ai.judge or sft_model, ai.constitution, cot=ai.cot, batch_size=ai.batch_size)
+
+
 def stage_judge(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int, sft_model: str) -> dict:
     """The AI labeler (the `ai_feedback` section; default the SFT model judging) judges the round's project against
     the constitution, both orders by default; stored as a labeler of kind "ai"."""
     ai = cfg.ai_feedback
-    judge = load_judge(ai.judge or sft_model, ai.constitution, cot=ai.cot, batch_size=ai.batch_size)
+    judge = ai_judge(cfg, sft_model)
     store = Store(str(run.feedback_db))
     try:
         return judge_project(store, run.project(round_), judge, both_orders=ai.both_orders, principles=ai.principles,
@@ -387,7 +393,7 @@ def stage_eval(folder: Path, cfg: PipelineConfig, run: RunFolder, policies: dict
         del model
     if cfg.ai_feedback is not None:   # the AI labeler's win rates too (`alignloop eval --judge`)
         ai = cfg.ai_feedback
-        judge = load_judge(ai.judge or sft, ai.constitution, cot=ai.cot, batch_size=ai.batch_size)
+        judge = ai_judge(cfg, sft)
         for name in summary:
             rows = samples[name]
             wins = ai_win_rate(judge, [r["prompt"] for r in rows], [r["response"] for r in rows], reference.responses,
