@@ -71,7 +71,7 @@ def test_simulated_labelers_flag_the_careless_one(tmp_path):
     rng = random.Random(0)
     rows = [{"prompt": f"Review of film {i}:", "completions": [domain.review(rng) for _ in range(3)]}
             for i in range(40)]
-    store = Store(str(tmp_path / "fb.db"))
+    store = Store(str(tmp_path / "fb.db"), seed=0)  # seeded display order: reproducible
     store.create_project("p", "pairwise", overlap_k=3)
     store.import_records("p", rows)
     counts = simulate_labeling(store, "p", default_labelers(4), domain.gold_scores, seed=0)
