@@ -13,12 +13,22 @@ Shapes:
 scores [B]: one scalar reward per sequence. response_mask [B,T]: True = a real response token.
 
 All functions are pure (tensors in, unreduced tensors out); the only state is `MovingAverageBaseline`'s value.
+
+Process supervision (step rewards; DeepSeekMath, Shao et al. 2024, §4.1.3): a completion's reward is one number per
+reasoning step instead of one per completion. Steps are given as padded [B,S] tensors (S = the most steps of a row):
+step_rewards, step_mask (True = a real step; the real steps of a row come first) and step_ends (long: the index of
+the response token that ends each step, `alignloop.rollout.step_end_positions`). Each estimator turns step rewards
+into step advantages [B,S] (`grpo_step_advantages`, `rloo_step_advantages`, `reinforce_step_advantages`), and
+`step_advantages_to_tokens` gives each token the sum of the advantages of the steps ending at or after it
+(DeepSeekMath: "the advantage of each token as the sum of the normalized rewards from the following steps"). With one
+step per completion ending at its last real token every process form equals its outcome form.
 """
 from __future__ import annotations
 
 import torch
 
 from alignloop.losses.masked import masked_sum
+from alignloop.losses.ppo import place_step_rewards
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 """How a per-token loss is aggregated over a batch (verl's names); see `token_loss_weights`."""
@@ -167,3 +177,126 @@ def token_loss_weights(response_mask: torch.Tensor, aggregation: str, n_tokens: 
         raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs norm_length >= 1 (e.g. max_new_tokens), "
                          f"got {norm_length!r}")
     return m / (n_seq * float(norm_length))
+
+
+# ------------------------------------------------------------------------------------------------ process supervision
+def _step_groups(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int,
+                 name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,S] -> ([G, K, S] rewards with padded steps 0, [G, K, S] float mask), after the group checks."""
+    if step_rewards.dim() != 2 or step_rewards.shape != step_mask.shape:
+        raise ValueError(f"{name}: step_rewards and step_mask must both be [B,S], got {tuple(step_rewards.shape)} "
+                         f"and {tuple(step_mask.shape)}")
+    _groups(step_rewards.new_zeros(step_rewards.shape[0]), group_size, name)   # the group checks of the outcome forms
+    m = step_mask.bool()
+    r = step_rewards.masked_fill(~m, 0.0)
+    B, S = r.shape
+    return r.view(B // group_size, group_size, S), m.view(B // group_size, group_size, S).to(r.dtype)
+
+
+def grpo_step_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: str = "std",
+                         eps: float = 1e-4) -> torch.Tensor:
+    """Process-supervised GRPO (Shao et al. 2024, §4.1.3) -> step advantages [B,S] (0 on padded steps).
+
+    Every real step reward of a group (all K completions' steps together) is normalised by the group's mean and,
+    with scale="std" (GRPO), its unbiased std (divisor n − 1 over the group's n steps, + eps, as `grpo_advantages`):
+    r̃_ij = (r_ij − mean(R)) / (std(R) + eps), R = the group's step rewards. scale="none" (Dr. GRPO, Liu et al.
+    2025): r̃_ij = r_ij − mean(R). A group whose step rewards are all equal (or that has fewer than two steps) gives
+    exactly 0. With one step per completion this is `grpo_advantages` of the scores.
+
+    By hand (K = 2, eps = 0): completion 0's steps [1, 0], completion 1's [1] -> R = {1, 0, 1}: mean 2/3,
+    std = √((1/9 + 4/9 + 1/9)/2) = √(1/3) = 0.57735; r̃ = [[1/3, −2/3]/0.57735, [1/3]/0.57735]
+    = [[0.57735, −1.15470], [0.57735, 0]]; scale="none": [[1/3, −2/3], [1/3, 0]]."""
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"grpo_step_advantages: scale must be one of {GRPO_SCALES}, got {scale!r}")
+    r, m = _step_groups(step_rewards, step_mask, group_size, "grpo_step_advantages")
+    G = r.shape[0]
+    r, m = r.reshape(G, -1), m.reshape(G, -1)
+    n = m.sum(dim=1, keepdim=True)
+    mean = r.sum(dim=1, keepdim=True) / n.clamp(min=1.0)
+    inf = torch.finfo(r.dtype).max
+    hi = torch.where(m > 0, r, torch.full_like(r, -inf)).amax(dim=1, keepdim=True)
+    lo = torch.where(m > 0, r, torch.full_like(r, inf)).amin(dim=1, keepdim=True)
+    constant = (hi <= lo) | (n < 2)                      # all real steps equal (an empty group too)
+    centred = torch.where(constant, torch.zeros_like(r), (r - mean) * m)
+    if scale == "std":
+        var = ((r - mean).pow(2) * m).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1.0)
+        centred = centred / torch.where(constant, torch.ones_like(var), var.sqrt() + eps)
+    return centred.view_as(step_rewards)
+
+
+def rloo_step_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Process-supervised RLOO -> step advantages [B,S] (0 on padded steps): each step reward minus the mean of
+    the step rewards of the OTHER K − 1 completions of its group, pooled over all their real steps:
+    A_ij = r_ij − b_i, b_i = Σ_{k ≠ i} Σ_j r_kj / Σ_{k ≠ i} n_k.
+
+    Why this baseline: it leaves the whole completion i out, not only step j (i's other steps depend on the same
+    sample, so they must not be in its baseline), and it is the GRPO process form's pooled group mean with i left
+    out, so with one step per completion it is exactly `rloo_advantages` of the scores. Pooling (rather than the
+    mean of each completion's mean) weighs every step alike, as that mean does. The baseline never depends on
+    sample i; the sum of step advantages from a token on is still only an approximately unbiased signal (how many
+    steps follow depends on the sample), the price of per-step credit without a value model. When no other
+    completion of the group has a step there is no baseline: those steps get 0 (no signal, as an all-equal group).
+
+    By hand (K = 2): completion 0's steps [1, 0], completion 1's [1] -> b_0 = 1, b_1 = (1 + 0)/2 = 0.5:
+    A = [[0, −1], [0.5, 0]]. K = 3, steps [[2], [4, 0], [1]]: b = [(4+0+1)/3, (2+1)/2, (2+4+0)/3] = [5/3, 1.5, 2]
+    -> A = [[1/3, 0], [2.5, −1.5], [−1, 0]]."""
+    r, m = _step_groups(step_rewards, step_mask, group_size, "rloo_step_advantages")
+    sums, counts = r.sum(dim=2), m.sum(dim=2)                                     # [G, K]
+    other_sum = sums.sum(dim=1, keepdim=True) - sums
+    other_n = counts.sum(dim=1, keepdim=True) - counts
+    baseline = other_sum / other_n.clamp(min=1.0)
+    adv = (r - baseline[:, :, None]) * m * (other_n > 0).to(r.dtype)[:, :, None]
+    return adv.view_as(step_rewards)
+
+
+def reinforce_step_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor,
+                              baseline: torch.Tensor | float) -> torch.Tensor:
+    """Process-supervised REINFORCE -> step advantages [B,S] = (r_ij − b)·step_mask: every step reward minus a
+    baseline that does not depend on the sample (a float such as `MovingAverageBaseline.value` of past batches'
+    mean STEP reward, or a tensor broadcasting to [B,S] or [B,1]; detached).
+
+    By hand: steps [[1, 0], [2, pad]], b = 0.5 -> [[0.5, −0.5], [1.5, 0]]."""
+    m = step_mask.bool()
+    if isinstance(baseline, torch.Tensor):
+        baseline = baseline.detach().to(device=step_rewards.device, dtype=step_rewards.dtype)
+    return (step_rewards - baseline).masked_fill(~m, 0.0)
+
+
+def reward_to_go(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Σ_{t' ≥ t} rewards_t' over the real tokens of each row -> [B,T] (0 on padding; undiscounted).
+
+    By hand: rewards [[1, 0, 2, 5]], mask [[1, 1, 1, 0]] -> [[3, 2, 2, 0]]."""
+    m = response_mask.bool()
+    x = rewards.masked_fill(~m, 0.0)
+    return x.flip(1).cumsum(1).flip(1).masked_fill(~m, 0.0)
+
+
+def step_advantages_to_tokens(step_advantages: torch.Tensor, step_mask: torch.Tensor, step_ends: torch.Tensor,
+                              response_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's advantage [B,T] = the sum of the advantages of the steps that end at or after it (DeepSeekMath's
+    process supervision: Â_t = Σ_{index(j) ≥ t} r̃_j). Tokens after a row's last step end get 0 (they belong to no
+    step; the trainers end the last step on the last real token, so none are left). ValueError when a real step
+    ends outside the response (see `place_step_rewards`).
+
+    By hand: advantages [[0.5, −1.0]] ending at [[1, 3]], 5 real tokens -> [[−0.5, −0.5, −1, −1, 0]]."""
+    placed = place_step_rewards(step_advantages, step_mask, step_ends, response_mask.shape[1])
+    return reward_to_go(placed, response_mask)
+
+
+def step_kl_rewards(step_rewards: torch.Tensor, step_mask: torch.Tensor, step_ends: torch.Tensor,
+                    kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The "KL in the reward" of process supervision -> [B,S]: each step's reward minus β times the KL of its own
+    tokens, r_j − β·Σ_{e_{j−1} < t ≤ e_j} KL_t (e_{−1} = −1: the first step starts at the first token). Summed over a
+    row's steps it is Σ_j r_j − β·Σ_t KL_t up to the last step end (`sequence_kl_reward` of one step ending at the
+    last real token). Step ends must not decrease along a row; padding tokens never count.
+
+    By hand (β = 0.5): kl [[0.2, 0.2, 0.4, 1.0]], mask [[1, 1, 1, 0]], steps [[1, −1]] ending at [[0, 2]]
+    -> [[1 − 0.1, −1 − 0.5·0.6]] = [[0.9, −1.3]]."""
+    m = step_mask.bool()
+    ends = step_ends.long().masked_fill(~m, 0)
+    if bool(m.any()) and (int(ends[m].min()) < 0 or int(ends[m].max()) >= kl.shape[1]):
+        raise ValueError("step_kl_rewards: a step ends outside the response")
+    cum = (kl * response_mask.to(kl.dtype)).cumsum(dim=1)                         # [B,T]
+    at_end = cum.gather(1, ends) * m.to(kl.dtype)                                  # [B,S]
+    before = torch.cat([at_end.new_zeros(at_end.shape[0], 1), at_end[:, :-1]], dim=1)
+    return (step_rewards - kl_coef * (at_end - before)).masked_fill(~m, 0.0)

@@ -1,4 +1,5 @@
-"""PPO components: per-token rewards, clipped surrogate, clipped value loss, KL estimators, GAE and KL-coefficient
+"""PPO components: per-token rewards (outcome: the score on the last token; process: each step's reward on its
+step-end token), clipped surrogate, clipped value loss, KL estimators, GAE and KL-coefficient
 controllers.
 
 Shapes: B = rollouts in the (mini)batch, T = response length. Every per-token tensor is [B, T] and is reduced
@@ -73,6 +74,50 @@ def ppo_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Ten
     at_last = (positions[None, :] == last[:, None]) & m                  # [B,T]: one-hot (none for an empty row)
     rewards = non_score + at_last.to(non_score.dtype) * scores[:, None].to(non_score.dtype)
     return rewards, non_score
+
+
+def place_step_rewards(step_rewards: torch.Tensor, step_mask: torch.Tensor, step_ends: torch.Tensor,
+                       length: int) -> torch.Tensor:
+    """Each step's reward put on the token where the step ends -> [B,T] (T = `length`), 0 on every other token.
+
+    step_rewards [B,S] (S = the most steps of a row; padded), step_mask [B,S] (True = a real step), step_ends [B,S]
+    long: the index in the response of the token that ends each step (`alignloop.rollout.step_end_positions`).
+    Padded steps add nothing (their end may be anything); two steps ending at the same token add up. ValueError
+    when a real step ends outside [0, length). Differentiable in step_rewards.
+
+    By hand: rewards [[0.5, −1]], ends [[1, 3]], length 5 -> [[0, 0.5, 0, −1, 0]]."""
+    m = step_mask.bool()
+    ends = step_ends.long()
+    if bool(m.any()) and (int(ends[m].min()) < 0 or int(ends[m].max()) >= length):
+        raise ValueError(f"place_step_rewards: a step ends outside the {length} response tokens "
+                         f"(ends {ends[m].tolist()})")
+    values = step_rewards.masked_fill(~m, 0.0)
+    out = torch.zeros(step_rewards.shape[0], length, dtype=step_rewards.dtype, device=step_rewards.device)
+    return out.scatter_add(1, ends.masked_fill(~m, 0), values)
+
+
+def ppo_process_rewards(step_rewards: torch.Tensor, step_mask: torch.Tensor, step_ends: torch.Tensor,
+                        kl: torch.Tensor, response_mask: torch.Tensor,
+                        kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards of PPO with process supervision (step rewards, Lightman et al. 2023; Wang et al. 2024,
+    Math-Shepherd) -> (rewards [B,T], non_score_rewards [B,T]).
+
+    As `ppo_rewards` (−β·KL_t on every real response token), but instead of one score on the last real token, each
+    step's reward sits on the token that ends the step (`place_step_rewards`; step_rewards/step_mask/step_ends
+    [B,S]). So Σ_t rewards_t = Σ_steps r_j − β·Σ_t KL_t per row, and GAE credits each step's tokens with the
+    rewards of that step and of the steps after it. With one step per row ending at its last real token this is
+    exactly `ppo_rewards` (the outcome form). ValueError when a real step ends on a padding token.
+
+    By hand (β = 0.5): kl [[0.2, 0.2, 0.4, 0.0]], mask [[1, 1, 1, 0]], steps [[1.0, −1.0]] ending at [[0, 2]] ->
+    non_score [[−0.1, −0.1, −0.2, 0]], rewards [[0.9, −0.1, −1.2, 0]]."""
+    m = response_mask.bool()
+    sm = step_mask.bool()
+    if bool(sm.any()) and not bool(m.gather(1, step_ends.long().clamp(0, m.shape[1] - 1))[sm].all()):
+        raise ValueError("ppo_process_rewards: a step ends on a padding token (step_ends must index real response "
+                         "tokens)")
+    non_score = (-kl_coef * kl).masked_fill(~m, 0.0)
+    placed = place_step_rewards(step_rewards.to(non_score.dtype), sm, step_ends, m.shape[1])
+    return non_score + placed, non_score
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,

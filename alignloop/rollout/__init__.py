@@ -4,6 +4,8 @@
                      protocol a backend implements, HFSampler (KV cache), left_pad, filter_logits
     completions.py   N completions per prompt as text (sample_completions), encode_prompts, decode_responses,
                      response_logprobs: what every non-PPO caller samples through
+    steps.py         step_end_positions (the token where each reasoning step of a response ends), rollout_step_ends:
+                     where process supervision puts step rewards
 """
 from alignloop.rollout.completions import (
     Completion,
@@ -13,6 +15,7 @@ from alignloop.rollout.completions import (
     sample_completions,
 )
 from alignloop.rollout.sampler import HFSampler, Rollout, Sampler, SamplingParams, filter_logits, left_pad
+from alignloop.rollout.steps import rollout_step_ends, step_end_positions
 
 __all__ = [
     "Completion",
@@ -25,5 +28,7 @@ __all__ = [
     "filter_logits",
     "left_pad",
     "response_logprobs",
+    "rollout_step_ends",
     "sample_completions",
+    "step_end_positions",
 ]
