@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("alignloop.cli.evaluate", "eval_cmd", "Win rate, reward, KL and length of a policy against a reference."),
     "pipeline": ("alignloop.cli.pipeline", "pipeline",
                  "Run the whole loop on your own models and data from a YAML file."),
+    "label-steps": ("alignloop.cli.label_steps", "label_steps", "Math-Shepherd step labels by rollouts."),
     "data": ("alignloop.cli.data", "data", "Validate and convert datasets (rankings -> pairs, formats)."),
     "feedback": ("alignloop.cli.feedback", "feedback",
                  "The human-feedback labeling app: serve, import, stats, export."),
