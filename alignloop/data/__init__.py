@@ -7,7 +7,7 @@ already in memory: a list of dicts or a datasets.Dataset, named "row i" in error
     write_rows(rows, path) -> Path            # format from the suffix; written aside and renamed into place
     check_writable(path) -> Path              # a DataError up front when write_rows could not write that suffix
     prompt_texts(source, tokenizer=None, max_prompts=None) -> list[str]   # prompts of any source, ready to sample
-    detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "prompt" | None
+    detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "steps" | "prompt" | None
     load_records(path, kind=None, *, split, tokenizer, include_ties, margins, skip_bad_rows) -> (records, DataStats)
     load_sft(path, *, kind=None, split="train", tokenizer=None, skip_bad_rows=False) -> (list[dict], DataStats)
     load_preferences(path, *, kind=None, split, tokenizer, include_ties=False, margins="small", skip_bad_rows)
@@ -21,8 +21,18 @@ Formats (detected from the first row's columns, or forced with kind=; extra colu
     ranking     prompt + completions (K) + ranking (K ints, 1 = best, equal = tie); or prompt + completions + best
                 (best of K: the 0-based index of the one picked, read as the ranking [2, .., 1, .., 2])
     unpaired    prompt + completion + label (bool, KTO-style thumbs up/down; stays unpaired)
+    steps       prompt + completions (the steps) + labels (+1/0/-1 or booleans per step) [+ soft_labels]
     prompt      prompt
   In CSV, list fields (messages, completions, ranking, conversational texts) are JSON text.
+
+Step-level data (process reward models; `alignloop.data.steps`):
+    STEP_SEPARATOR = "\n"; split_steps(text, separator) -> list[str]; join_steps(steps, separator) -> str
+    read_steps(path_or_rows, *, require_labels=True, separator, tokenizer=None, skip_bad_rows=False) -> list[dict]
+        {"prompt", "completions", "labels" (+1/0/-1 or None per step), ["soft_labels"], ["outcome"]}
+    tokenize_steps(tokenizer, prompt_text, steps, separator, max_length=None, *, truncation="keep_start")
+        -> (input_ids, step_end_positions): the step's score is read at the last token of its separator
+    tokenize_step_records(records, tokenizer, ...) -> ([{input_ids, step_ends, labels, soft_labels}], DataStats)
+    outcome_rows(rows): the outcome (ORM) view, only the last step labelled (with the solution's outcome)
 
 Normalised records (all texts strings once chat-templated with a tokenizer; lists of messages before):
     sft {"prompt", "completion"} (text -> prompt ""; messages split before the last assistant message: earlier
@@ -129,6 +139,17 @@ from alignloop.data.records import (
     prompt_texts,
     render_record,
 )
+from alignloop.data.steps import (
+    STEP_SEPARATOR,
+    join_steps,
+    outcome_label,
+    outcome_rows,
+    prompt_string,
+    read_steps,
+    split_steps,
+    tokenize_step_records,
+    tokenize_steps,
+)
 from alignloop.data.tokenize import (
     IGNORE_INDEX,
     pack_sft,
@@ -144,6 +165,7 @@ from alignloop.data.tokenize import (
 __all__ = [
     "IGNORE_INDEX",
     "KINDS",
+    "STEP_SEPARATOR",
     "STRENGTH_MARGINS",
     "DataError",
     "DataStats",
@@ -160,28 +182,36 @@ __all__ = [
     "implicit_messages_prompt",
     "implicit_text_prompt",
     "is_conversational",
+    "join_steps",
     "load_preferences",
     "load_prompts",
     "load_records",
     "load_sft",
     "load_unpaired",
+    "outcome_label",
+    "outcome_rows",
     "pack_sft",
     "pad",
     "pad_batch",
     "parse_rows",
     "position_ids_from_attention_mask",
+    "prompt_string",
     "prompt_texts",
     "ranking_pair_weight",
     "rankings_to_pairs",
     "read_raw_rows",
     "read_rows",
+    "read_steps",
     "render_record",
     "reward_input_ids",
+    "split_steps",
     "strength_to_margin",
     "tokenize_preferences",
     "tokenize_prompts",
     "tokenize_rankings",
     "tokenize_sft",
+    "tokenize_step_records",
+    "tokenize_steps",
     "truncate",
     "with_bos_eos",
     "write_rows",

@@ -28,14 +28,17 @@ from alignloop.data.conversions import (
 )
 from alignloop.data.errors import DataError, DataStats, raise_or_skip
 from alignloop.data.readers import Row, read_raw_rows, type_name
+from alignloop.data.steps import STEPS_HELP, StepRowError, parse_step_row
 
-KINDS = ("sft", "preference", "ranking", "unpaired", "prompt")
+KINDS = ("sft", "preference", "ranking", "unpaired", "steps", "prompt")
 # Required columns of each format, for detection (first match wins) and for error messages.
 FORMATS: list[tuple[str, tuple[str, ...]]] = [
     ("preference", ("chosen", "rejected")),
     ("ranking", ("prompt", "completions", "ranking")),
     ("ranking", ("prompt", "completions", "best")),
     ("unpaired", ("prompt", "completion", "label")),
+    ("steps", ("prompt", "completions", "labels")),
+    ("steps", ("prompt", "completions", "soft_labels")),
     ("sft", ("messages",)),
     ("sft", ("text",)),
     ("sft", ("prompt", "completion")),
@@ -44,7 +47,7 @@ FORMATS: list[tuple[str, tuple[str, ...]]] = [
 FORMAT_HELP = ("text | messages | prompt+completion (sft); prompt+chosen+rejected [+margin|strength] or "
                "chosen+rejected (preference); prompt+completions+ranking or prompt+completions+best (ranking); "
                "prompt+completion+label "
-               "(unpaired); prompt (prompt)")
+               "(unpaired); prompt+completions+labels (steps: one label per step); prompt (prompt)")
 
 
 class BadRow(Exception):
@@ -53,7 +56,8 @@ class BadRow(Exception):
 
 def detect_kind(columns) -> str | None:
     """The format whose required columns are all in `columns` (None if none fits). Order: preference, ranking,
-    unpaired, sft (messages, text, prompt+completion), prompt."""
+    unpaired, steps (prompt+completions+labels or soft_labels: step-level labels, not a ranking), sft (messages,
+    text, prompt+completion), prompt."""
     cols = set(columns)
     for kind, required in FORMATS:
         if set(required) <= cols:
@@ -282,8 +286,17 @@ def _best_as_ranking(row: Row, k: int) -> list[int]:
     return [1 if i == best else 2 for i in range(k)]
 
 
+def parse_steps(row: Row, **_) -> dict:
+    """A step record (see `alignloop.data.steps`): prompt, completions (the steps), labels per step."""
+    try:
+        return parse_step_row(row)
+    except StepRowError as e:
+        raise BadRow(str(e)) from None
+
+
 PARSERS: dict[str, Callable[..., Any]] = {"sft": parse_sft, "prompt": parse_prompt, "unpaired": parse_unpaired,
-                                          "preference": parse_preference, "ranking": parse_ranking}
+                                          "preference": parse_preference, "ranking": parse_ranking,
+                                          "steps": parse_steps}
 
 
 def prompt_of(record: Any) -> Any:
@@ -403,6 +416,9 @@ def load_records(path_or_id: str | os.PathLike, kind: str | None = None, *, spli
 
 
 def _check_kind(stats: DataStats, allowed: tuple[str, ...], what: str, source) -> None:
+    if stats.kind == "steps" and "steps" not in allowed:
+        raise DataError(f"{source}: expected {what} data, but these are step-level labels ({STEPS_HELP}): train a "
+                        f"process reward model on them with `alignloop prm`")
     if stats.kind is not None and stats.kind not in allowed:
         raise DataError(f"{source}: expected {what} data, but the columns are those of {stats.kind} data "
                         f"(formats: {FORMAT_HELP})")
