@@ -31,6 +31,13 @@ How a model sees the text (`ModelScorer`):
   like rm.
 A **function** `module:function` gets the texts: `f(prompts: list[str], completions: list[str]) -> list[float]`.
 
+A **process reward model** (a folder `alignloop prm` saved: its config carries `alignloop_prm`) or a **step
+function** `fn(prompts, step_lists) -> list[list[float]]` scores each step (`ProcessScorer`): a completion is split
+into steps with `alignloop.data.split_steps` (the PRM's own separator), `.step_scores(prompts, completions)` gives
+each step's probability of being good, and the scorer protocol (`__call__`, `.parts`) gives their aggregate
+(`aggregate_step_scores`: min, prod, last or mean), so best-of-N, rejection sampling and the RL trainers use a PRM
+as an outcome reward too.
+
 `RewardTransform` then turns raw scores into the reward an RL trainer optimises, in this order: normalisation (none /
 running mean-std / gain and bias fitted on samples from the starting policy, Ziegler et al. 2019), clipping to
 ±`clip`, and the no-EOS penalty:
@@ -49,15 +56,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignloop.data import pad_batch, reward_input_ids
+from alignloop.data import STEP_SEPARATOR, pad_batch, reward_input_ids, split_steps
 from alignloop.errors import ConfigError, UserError
 from alignloop.models import (
     ClassifierReward,
     context_length,
     has_decoder_head,
+    is_prm_folder,
+    load_prm,
     load_sequence_classifier,
     load_tokenizer,
+    prm_info,
     score_sequences,
+    score_steps,
     unwrap_model,
 )
 from alignloop.rollout import Rollout
@@ -258,7 +269,100 @@ class WeightedScorer:
         return total(self.rollout_parts(rollout, prompts, completions), self.weights)
 
 
-Scorer = FunctionScorer | ModelScorer | WeightedScorer
+STEP_AGGREGATIONS = ("min", "prod", "last", "mean")
+
+
+def aggregate_step_scores(scores: Sequence[Sequence[float]], how: str = "min") -> list[float]:
+    """One score per solution from its steps' scores (probabilities that each step is good): "min" (the weakest
+    step, Math-Shepherd), "prod" (the probability that every step is good, Lightman et al. 2023), "last" (the final
+    step's: the outcome view's score) or "mean". A solution with no step scores 0.0 whatever `how`: nothing in it is
+    shown correct, so an empty answer never wins a best-of-N nor earns an RL reward.
+    [[0.9, 0.5, 0.8], [], [0.6]] -> min [0.5, 0.0, 0.6]; prod [0.36, 0.0, 0.6]; last [0.8, 0.0, 0.6];
+    mean [0.7333, 0.0, 0.6]."""
+    if how not in STEP_AGGREGATIONS:
+        raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {how!r}")
+    out = []
+    for row in scores:
+        row = [float(v) for v in row]
+        if not row:
+            out.append(0.0)
+        elif how == "min":
+            out.append(min(row))
+        elif how == "prod":
+            out.append(math.prod(row))
+        elif how == "last":
+            out.append(row[-1])
+        else:
+            out.append(sum(row) / len(row))
+    return out
+
+
+class ProcessScorer:
+    """Scores each step of a solution: a process reward model (a token classifier `alignloop prm` trained, with its
+    tokenizer) or a step function `fn(prompts, step_lists) -> list[list[float]]` (a rule-based step verifier; a
+    `module:function` spec is loaded). Completions are split into steps with `split_steps` (the PRM's separator).
+
+    `.step_scores(prompts, completions) -> list[list[float]]`: each step's probability of being good (a PRM scores
+    the steps that fit its context, whole steps from the start: a longer solution gets fewer scores than steps).
+    The scorer protocol (`__call__`, `.parts`, `.score_rollout`) gives `aggregate_step_scores(..., aggregate)`, with
+    steps the PRM could not see counted as 0.0; `eos` is ignored (a PRM reads steps, not the end of the text)."""
+
+    def __init__(self, model_or_fn, tokenizer=None, *, aggregate: str = "min", separator: str | None = None,
+                 batch_size: int = 32, max_length: int | None = None, name: str | None = None):
+        if aggregate not in STEP_AGGREGATIONS:
+            raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {aggregate!r}")
+        if isinstance(model_or_fn, str):
+            name = name or spec_name(model_or_fn)
+            model_or_fn = load_function(model_or_fn)
+        self.model = model_or_fn if isinstance(model_or_fn, nn.Module) else None
+        self.fn = None if self.model is not None else model_or_fn
+        if self.fn is not None and not callable(self.fn):
+            raise ConfigError(f"a process scorer needs a PRM or a step function, got {type(model_or_fn).__name__}")
+        if self.model is not None and tokenizer is None:
+            raise ConfigError("scoring steps with a process reward model needs its tokenizer (tokenizer=...)")
+        info = prm_info(self.model) if self.model is not None else None
+        self.separator = separator or (info or {}).get("separator", STEP_SEPARATOR)
+        self.tokenizer, self.aggregate, self.batch_size = tokenizer, aggregate, batch_size
+        self.max_length = max_length or (context_length(self.model, tokenizer) if self.model is not None else None)
+        self.name = name or ("prm" if self.model is not None else getattr(self.fn, "__name__", "step_function"))
+        self.weights = {self.name: 1.0}
+
+    def score_steps(self, prompts: Sequence[str], step_lists: Sequence[Sequence[str]]) -> list[list[float | None]]:
+        """Each step's score (None for a step past the PRM's context)."""
+        if len(prompts) != len(step_lists):
+            raise ValueError(f"got {len(prompts)} prompts for {len(step_lists)} solutions")
+        if self.model is not None:
+            return score_steps(self.model, self.tokenizer, prompts, step_lists, separator=self.separator,
+                               max_length=self.max_length, batch_size=self.batch_size)
+        got = self.fn(list(prompts), [list(s) for s in step_lists])
+        if not isinstance(got, (list, tuple)) or len(got) != len(step_lists) or any(
+                not isinstance(row, (list, tuple, torch.Tensor)) or len(row) != len(steps)
+                for row, steps in zip(got, step_lists, strict=False)):
+            raise UserError(f"step function {self.name}: expected one list of scores per solution, one score per "
+                            f"step ({[len(s) for s in step_lists][:8]} steps), got {str(got)[:120]}")
+        return [[float(v) for v in row] for row in got]
+
+    def step_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+        steps = [split_steps(c, self.separator) for c in completions]
+        return [[v for v in row if v is not None] for row in self.score_steps(prompts, steps)]
+
+    def parts(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> dict[str, torch.Tensor]:
+        steps = [split_steps(c, self.separator) for c in completions]
+        scores = [[0.0 if v is None else v for v in row] for row in self.score_steps(prompts, steps)]
+        return {self.name: torch.tensor(aggregate_step_scores(scores, self.aggregate), dtype=torch.float32)}
+
+    def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
+        return {k: v.to(rollout.response_ids.device) for k, v in self.parts(prompts, completions).items()}
+
+    def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
+        return total(self.parts(prompts, completions, eos), self.weights)
+
+    def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
+        return total(self.rollout_parts(rollout, prompts, completions), self.weights)
+
+
+Scorer = FunctionScorer | ModelScorer | WeightedScorer | ProcessScorer
+SCORERS = (FunctionScorer, ModelScorer, WeightedScorer, ProcessScorer)
 
 
 # ------------------------------------------------------------------------------------------------ transform
@@ -337,9 +441,10 @@ def load_reward_model(name_or_path: str | os.PathLike, dtype=None) -> tuple[nn.M
 
 
 def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int | str = 1, batch_size: int = 32,
-                add_eos: bool = True, policy_tokenizer=None, device=None) -> Scorer:
+                add_eos: bool = True, policy_tokenizer=None, device=None, step_aggregation: str = "min") -> Scorer:
     """A scorer from one spec or several `SPEC=WEIGHT` (see the module docstring). SPEC: a reward-model /
-    classifier folder or hub id, or `module:function`."""
+    classifier folder or hub id, a process reward model folder (a `ProcessScorer` aggregating its step scores with
+    `step_aggregation`), or `module:function`."""
     items = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     if not items:
         raise ConfigError("no reward given: a reward-model folder or hub id, or module:function")
@@ -348,6 +453,10 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
         spec, weight = split_weight(str(item))
         if is_function_spec(spec):
             scorer = FunctionScorer(load_function(spec), spec_name(spec))
+        elif is_prm_folder(spec):
+            model, tok = load_prm(spec, dtype, device)
+            scorer = ProcessScorer(model, tok, aggregate=step_aggregation, batch_size=batch_size,
+                                   name=spec_name(spec))
         else:
             model, tok = load_reward_model(spec, dtype)
             if device is not None:
@@ -359,19 +468,23 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
 
 
 def build_scorer(reward, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
-                 batch_size: int = 32, add_eos: bool = True, dtype=None, device=None) -> Scorer | None:
+                 batch_size: int = 32, add_eos: bool = True, dtype=None, device=None,
+                 step_aggregation: str = "min") -> Scorer | None:
     """A scorer from whatever the user handed over: a scorer (as is), a spec string or list (`load_scorer`), a model
-    (`RewardModel`, `ClassifierReward`, any transformers sequence classifier; with its `tokenizer`) or a function
-    `f(prompts, completions) -> floats`. None stays None."""
-    if reward is None or isinstance(reward, (FunctionScorer, ModelScorer, WeightedScorer)):
+    (`RewardModel`, `ClassifierReward`, any transformers sequence classifier, a process reward model; with its
+    `tokenizer`) or a function `f(prompts, completions) -> floats`. None stays None."""
+    if reward is None or isinstance(reward, SCORERS):
         return reward
     if isinstance(reward, (str, os.PathLike)) or (isinstance(reward, (list, tuple)) and reward
                                                   and all(isinstance(r, (str, os.PathLike)) for r in reward)):
         return load_scorer(reward, dtype=dtype, positive_label=positive_label, batch_size=batch_size,
-                           add_eos=add_eos, policy_tokenizer=policy_tokenizer, device=device)
+                           add_eos=add_eos, policy_tokenizer=policy_tokenizer, device=device,
+                           step_aggregation=step_aggregation)
     if isinstance(reward, nn.Module):
         if device is not None:
             reward.to(device)
+        if prm_info(reward) is not None:
+            return ProcessScorer(reward, tokenizer, aggregate=step_aggregation, batch_size=batch_size)
         return ModelScorer(reward, tokenizer, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
                            batch_size=batch_size, add_eos=add_eos)
     if callable(reward):

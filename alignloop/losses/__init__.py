@@ -31,9 +31,18 @@ from alignloop.losses.preference import (
     implicit_reward,
     plackett_luce_loss,
 )
+from alignloop.losses.prm import (
+    PRM_CLASSES,
+    good_probability,
+    label_classes,
+    step_bce_loss,
+    step_ce_loss,
+    step_targets,
+)
 
 __all__ = [
     "AGGREGATIONS",
+    "PRM_CLASSES",
     "AdaptiveKLController",
     "FixedKLController",
     "MovingAverageBaseline",
@@ -43,11 +52,13 @@ __all__ = [
     "dpo_loss",
     "entropy_from_logits",
     "gae",
+    "good_probability",
     "grpo_advantages",
     "implicit_reward",
     "kl_penalty",
     "kto_loss",
     "kto_reference_point",
+    "label_classes",
     "logprobs_from_logits",
     "masked_max",
     "masked_mean",
@@ -61,5 +72,8 @@ __all__ = [
     "reinforce_advantages",
     "rloo_advantages",
     "sequence_kl_reward",
+    "step_bce_loss",
+    "step_ce_loss",
+    "step_targets",
     "token_loss_weights",
 ]

@@ -34,6 +34,13 @@ reads it (with pad == EOS: before the EOS), found from the attention mask too, s
     ClassifierReward.from_pretrained(path, positive_label=1 | "LABEL_NAME") ; cr(texts) -> [B] (keep="start"|"end");
         cr.score_tokens(input_ids, attention_mask) -> [B]  (positive-class logit)
 
+Process reward models (`alignloop.models.prm`): a transformers AutoModelForTokenClassification (num_labels 1 for
+BCE, 3 for bad/neutral/good), its config marked `alignloop_prm` = {"loss", "separator"}, read at step ends
+    build_prm(path, loss="bce"|"ce", dtype=None, lora=None, ...) (a causal LM's backbone + a new head, or a PRM)
+    load_prm(path, dtype=None, device=None) -> (model, tokenizer);  is_prm_folder(path);  prm_info(path_or_model)
+    prm_logits(model, input_ids, attention_mask) -> [B,T,C];  step_probabilities(..., step_mask) -> [B,T]
+    batch_steps(examples, pad_token_id) -> tensors;  score_steps(model, tok, prompts, step_lists) -> [[p]]
+
 Policy + value head (PPO)
     CausalLMWithValueHead.from_pretrained(path, dtype=None, lora=None, ...) / CausalLMWithValueHead(lm)
         model(input_ids, attention_mask) -> LogitsAndValues(logits[B,T,V], values[B,T] float32), one pass;
@@ -62,6 +69,16 @@ from alignloop.models.loading import (
     reference_context,
     reference_mode,
     resolve_dtype,
+)
+from alignloop.models.prm import (
+    batch_steps,
+    build_prm,
+    is_prm_folder,
+    load_prm,
+    prm_info,
+    prm_logits,
+    score_steps,
+    step_probabilities,
 )
 from alignloop.models.reward import (
     ClassifierReward,
@@ -95,24 +112,32 @@ __all__ = [
     "ValueHead",
     "apply_lora",
     "backbone_hidden_states",
+    "batch_steps",
+    "build_prm",
     "check_name_or_path",
     "context_length",
     "critic_from_reward_model",
     "has_adapter",
     "has_decoder_head",
     "init_reward_head",
+    "is_prm_folder",
     "keep_reference",
     "last_token_index",
     "load_causal_lm",
+    "load_prm",
     "load_sequence_classifier",
     "load_tokenizer",
     "model_forward",
     "position_ids_from_attention_mask",
+    "prm_info",
+    "prm_logits",
     "reference_context",
     "reference_mode",
     "resolve_dtype",
     "score_sequences",
+    "score_steps",
     "sequence_logits",
+    "step_probabilities",
     "token_logits",
     "unwrap_model",
 ]
