@@ -72,8 +72,8 @@ def feedback():
 @feedback.command()
 @db_option
 @click.option("--project", "-p", default=None, help="Also create this project (else just create/migrate the db).")
-@click.option("--task-type", type=click.Choice(["pairwise", "rank", "thumbs", "likert"]), default="pairwise",
-              show_default=True)
+@click.option("--task-type", type=click.Choice(["pairwise", "rank", "thumbs", "likert", "steps"]), default="pairwise",
+              show_default=True, help="steps: rate each step of a solution good / neutral / bad (process supervision).")
 @click.option("--overlap-k", type=int, default=3, show_default=True, help="Distinct labelers per item.")
 @click.option("--gold-rate", type=float, default=0.0, show_default=True,
               help="Share of assignments that are gold items (known answers).")
@@ -111,7 +111,8 @@ def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_js
 @click.option("--model", default=None, help="Model name for completions that do not name one.")
 @_user_errors
 def import_cmd(db, project, files, model):
-    """Import completions from JSONL files: {"prompt", "completions": [...]} or {"prompt", "completion"}."""
+    """Import completions from JSONL files: {"prompt", "completions": [...]} or {"prompt", "completion"}. A steps
+    project: one solution per row, {"prompt", "completions": [steps], "labels"?, "gold"?}."""
     store = _store(db)
     for f in files:
         r = store.import_jsonl(project, f, model=model)
@@ -145,10 +146,12 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
         raise UserError("-n must be at least 1")
     _check_out(out)
     store = _store(db)
-    store.get_project(project)
+    p = store.get_project(project)
     rows = read_jsonl(prompts_file)
     recs = sample_records(rows, model, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, batch_size=batch_size, seed=seed)
+    if p.task_type == "steps":  # one solution per row, its text split into steps ("\n") on import
+        recs = [{"prompt": r["prompt"], "completion": c} for r in recs for c in r["completions"]]
     if out:
         write_rows(recs, out)
     r = store.import_records(project, recs)
@@ -227,6 +230,15 @@ def _echo_ai_agreement(ai: dict) -> None:
                    f"{_fmt(d['human_agreement'], True):>8}{shift:>14}  {d['model']}")
 
 
+def _echo_step_agreement(st: dict) -> None:
+    """A steps project's agreement per step (`quality.step_agreement`): pooled, first error, per step position."""
+    click.echo(f"per step: {_fmt(st['percent_agreement'], True)} pairwise agreement over {st['pairs']} pairs on "
+               f"{st['units']} steps; first error at the same step: {_fmt(st['first_error_agreement'], True)} of "
+               f"{st['first_error_pairs']} pairs")
+    click.echo("  ".join(f"step {r['step']}: {_fmt(r['percent_agreement'], True)} (kappa {_fmt(r['fleiss_kappa'])}, "
+                         f"{r['units']})" for r in st["by_position"]))
+
+
 @feedback.command()
 @db_option
 @project_option
@@ -244,13 +256,16 @@ def stats(db, project, as_json):
                                       "labelers": {w: {**s, "flags": d["flags"][w]} for w, s in d["stats"].items()},
                                       "cohen_kappa": [{"a": a, "b": b, "kappa": v}
                                                       for (a, b), v in d["kappas"].items()],
-                                      "ai_human_agreement": d["ai_agreement"]}), indent=2))
+                                      "ai_human_agreement": d["ai_agreement"],
+                                      **({"step_agreement": d["steps"]} if d.get("steps") else {})}), indent=2))
         return
     s, a = d["summary"], d["agreement"]
     click.echo(f"{p.name} ({p.task_type}, k={p.overlap_k}): {s['items']} items, {s['complete_items']} complete, "
                f"{s['judgement_rows']} judgement rows" + (f" ({s['ai_judgement_rows']} by AI labelers)"
                                                          if s.get("ai_judgement_rows") else ""))
     click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
+    if d.get("steps"):
+        _echo_step_agreement(d["steps"])
     click.echo(f"{'labeler':<16}{'kind':<7}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}"
                "  (model) flags")
     for w, st in d["stats"].items():
@@ -265,8 +280,9 @@ def stats(db, project, as_json):
 @feedback.command()
 @db_option
 @project_option
-@click.option("--format", "fmt", type=click.Choice(["preference", "ranking", "unpaired"]), default="preference",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["preference", "ranking", "unpaired", "steps"]), default=None,
+              help="preference, ranking or unpaired; steps for a steps project (its only format; the default there). "
+                   "[default: preference]")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(["consensus", "all"]), default="consensus", show_default=True,
               help="One row per item from the consensus, or one per current judgement.")
@@ -282,12 +298,13 @@ def stats(db, project, as_json):
 @_user_errors
 def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold,
            labelers):
-    """Write a preference, ranking or unpaired JSONL dataset the trainers read."""
+    """Write a preference, ranking, unpaired or steps dataset the trainers read."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
     _check_out(out)
     store = _store(db)
     p = store.get_project(project)
+    fmt = fmt or ("steps" if p.task_type == "steps" else "preference")
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,
                               likert_threshold=likert_threshold, labelers=labelers)

@@ -6,7 +6,8 @@ else the open non-gold item with the fewest live and done labels that this label
 overlap_k`; never twice to the same labeler: unique constraint), taken with a conditional UPDATE
 `n_active = n_active + 1 WHERE n_active < k` checked for one affected row, so k holds under concurrent requests.
 Assignments left open longer than the project's `assignment_timeout_s` are expired first (checked at most every
-`ExpiryClock.interval_s` per project). Completions are shown in an order drawn per labeler and item.
+`ExpiryClock.interval_s` per project). Completions are shown in an order drawn per labeler and item (a steps
+item's steps in the solution's order: `display_order`).
 
 The SQLite hot path (`sqlite_hot.py`) implements the common case of these rules in plain SQL and hands every other
 case back to this module.
@@ -97,7 +98,7 @@ def _take_gold(s: Session, p: Project, labeler_id: int, rng: random.Random) -> A
         return None
     item = rng.choice(gold)
     s.execute(update(Item).where(Item.id == item.id).values(n_active=Item.n_active + 1))
-    return new_assignment(s, item, labeler_id, p.id, rng)
+    return new_assignment(s, item, labeler_id, p.id, rng, p.task_type)
 
 
 def _take_candidate(s: Session, p: Project, labeler_id: int, rng: random.Random) -> Assignment | None:
@@ -109,14 +110,24 @@ def _take_candidate(s: Session, p: Project, labeler_id: int, rng: random.Random)
         r = s.execute(update(Item).where(Item.id == item.id, Item.n_active < p.overlap_k)
                       .values(n_active=Item.n_active + 1), execution_options={"synchronize_session": False})
         if r.rowcount == 1:
-            return new_assignment(s, item, labeler_id, p.id, rng)
+            return new_assignment(s, item, labeler_id, p.id, rng, p.task_type)
     return None
 
 
-def new_assignment(s: Session, item: Item, labeler_id: int, project_id: int, rng: random.Random) -> Assignment:
-    """Give `item` (its slot already taken) to the labeler, completions in a random order."""
-    order = list(range(len(item.completion_ids)))
-    rng.shuffle(order)
+def display_order(task_type: str, n: int, rng: random.Random) -> list[int]:
+    """The order a new assignment shows an item's n completions in (canonical positions, first shown first): drawn
+    at random per labeler and item, so that position bias is spread and measurable; a steps item's steps are shown
+    in the solution's order (0..n-1; no draw)."""
+    order = list(range(n))
+    if task_type != "steps":
+        rng.shuffle(order)
+    return order
+
+
+def new_assignment(s: Session, item: Item, labeler_id: int, project_id: int, rng: random.Random,
+                   task_type: str) -> Assignment:
+    """Give `item` (its slot already taken) to the labeler, completions in the `display_order` of its task."""
+    order = display_order(task_type, len(item.completion_ids), rng)
     a = Assignment(item_id=item.id, labeler_id=labeler_id, project_id=project_id, status="assigned",
                    is_gold=item.is_gold, shown_order=order)
     s.add(a)

@@ -1,7 +1,8 @@
 """The numbers of a project's quality dashboard (the admin page and `alignloop feedback stats`): per-labeler
 statistics and flags (each labeler's kind: person or AI), project agreement, pairwise Cohen's kappa, the AI labelers'
-agreement with the people (when the project has AI judgements), and the geometry of its server-rendered SVG bar
-charts. No web framework here: the CLI prints the same numbers without loading the app."""
+agreement with the people (when the project has AI judgements), a steps project's agreement per step
+(`quality.step_agreement`), and the geometry of its server-rendered SVG bar charts. No web framework here: the CLI
+prints the same numbers without loading the app."""
 from __future__ import annotations
 
 from . import quality
@@ -9,7 +10,8 @@ from . import quality
 
 def dashboard_data(store, p) -> dict:
     """Everything the dashboard shows for project `p` (stats, flags, agreement, kappas, summary, charts, and
-    `ai_agreement`: `quality.ai_human_agreement` when the project has AI judgements, else None)."""
+    `ai_agreement`: `quality.ai_human_agreement` when the project has AI judgements, else None; `steps`:
+    `quality.step_agreement` for a steps project, else None)."""
     records = store.current_judgements(p.id)
     th = quality.thresholds_from_dict(p.settings.get("thresholds"))
     stats = quality.labeler_stats(records, p.task_type)
@@ -19,6 +21,7 @@ def dashboard_data(store, p) -> dict:
     has_ai = any(quality.kind_of(r) == "ai" for r in records)
     return {"stats": stats, "flags": flags, "agreement": agreement, "kappas": kappas,
             "ai_agreement": quality.ai_human_agreement(records, p.task_type) if has_ai else None,
+            "steps": quality.step_agreement(records) if p.task_type == "steps" else None,
             "summary": store.project_summary(p.id), "thresholds": th,
             "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
                                               "Leave-one-out agreement", ref=th.min_agreement),

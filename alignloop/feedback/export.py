@@ -10,6 +10,10 @@
 * ranking: `{"prompt", "completions", "ranking"}` (rank 1 = best, ties share a rank).
 * unpaired: `{"prompt", "completion", "label"}` (bool): thumbs; Likert >= `likert_threshold`; pairwise chosen True /
   rejected False; rank first True / last False.
+* steps (a steps project's only format, and only a steps project's): `{"prompt", "completions": [steps], "labels":
+  [+1 | 0 | -1 per step]}`, the step format `alignloop.data.read_steps` reads (one row per solution). Consensus: per
+  step, the majority label of the kept labelers, a tie at the top -> 0 (neutral: the labelers disagree whether
+  the step is right); or Dawid-Skene over steps. `mode` all: one row per current judgement (per labeler).
 
 A plain-string prompt is written as a string and completions as strings; a multi-turn (messages) prompt is written in
 TRL's conversational form: `prompt` a list of messages, each completion `[{"role": "assistant", "content": ...}]`.
@@ -24,7 +28,8 @@ ai: whose judgements are exported (people and AI labelers mixed by default; the 
 summary's counts then see only those labelers' judgements).
 
 The rows are exactly what `alignloop.data.load_preferences` / `load_records` read back (tested); write them with
-`alignloop.data.write_rows` (format from the suffix, written aside and renamed into place).
+`alignloop.data.write_rows` (format from the suffix, written aside and renamed into place). A steps row's prompt is
+a string or the list of messages, and its steps are strings in either case (the step format).
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from alignloop.errors import UserError
 
 from . import quality
 
-FORMATS = ("preference", "ranking", "unpaired")
+FORMATS = ("preference", "ranking", "unpaired", "steps")
 LABELER_CHOICES = ("all", "human", "ai")  # ExportOptions.labelers: everyone, people only, AI labelers only
 
 
@@ -98,6 +103,9 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     p = store.get_project(project)
     if p.task_type in ("thumbs", "likert") and opts.format != "unpaired":
         raise UserError(f"a {p.task_type} project exports only the unpaired format (got {opts.format!r})")
+    if (p.task_type == "steps") != (opts.format == "steps"):
+        raise UserError(f"the steps format is a steps project's only format: project {p.name!r} is {p.task_type}, "
+                        f"the format {opts.format!r}")
     every = store.current_judgements(p.id)
     records = [r for r in every if opts.labelers in ("all", quality.kind_of(r))]
     stats = quality.labeler_stats(records, p.task_type)
@@ -235,12 +243,42 @@ def _likert_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: C
              "label": bool(v["likert"] >= opts.likert_threshold)}]
 
 
-_ROWS = {"pairwise": _pairwise_rows, "rank": _rank_rows, "thumbs": _thumbs_rows, "likert": _likert_rows}
+def _steps_rows(t: _Texts, item: dict, v: dict, opts: ExportOptions, dropped: Counter) -> list[dict]:
+    """A solution and its label per step (the step format; steps are strings whatever the prompt's form)."""
+    return [{"prompt": t.prompt(item["prompt_id"]), "completions": [t.comps[c].text for c in item["completion_ids"]],
+             "labels": [int(x) for x in v["step_labels"]]}]
+
+
+_ROWS = {"pairwise": _pairwise_rows, "rank": _rank_rows, "thumbs": _thumbs_rows, "likert": _likert_rows,
+         "steps": _steps_rows}
+
+
+def majority_step_labels(labels_per_labeler: list[list[int]]) -> list[int]:
+    """Per step, the most common label; a tie at the top gives 0 (neutral).
+    [[1, 1, -1], [1, -1, -1], [1, 0, 1]] -> [1, 0, -1]: step 2 ties 1 / -1 / 0, step 3 has two -1 of three."""
+    out = []
+    for votes in zip(*labels_per_labeler, strict=True):
+        top = Counter(votes).most_common()
+        out.append(top[0][0] if len(top) == 1 or top[0][1] > top[1][1] else 0)
+    return out
+
+
+def _steps_consensus(by_item: dict[int, list[dict]], opts: ExportOptions) -> list[tuple[dict, dict]]:
+    """One vote per item: majority per step (ties -> 0) or Dawid-Skene over steps."""
+    if opts.consensus == "dawid_skene":
+        ann = quality.annotations_from_records("steps", [r for rs in by_item.values() for r in rs], gold=None)
+        cons = quality.dawid_skene(ann).consensus
+        return [(rs[0], {"step_labels": [cons[(item_id, i)] for i in range(len(rs[0]["completion_ids"]))]})
+                for item_id, rs in sorted(by_item.items())]
+    return [(rs[0], {"step_labels": majority_step_labels([r["step_labels"] for r in rs])})
+            for _item_id, rs in sorted(by_item.items())]
 
 
 def _consensus_votes(task_type: str, by_item: dict[int, list[dict]], opts: ExportOptions,
                      summary: dict) -> list[tuple[dict, dict]]:
     out = []
+    if task_type == "steps":
+        return _steps_consensus(by_item, opts)
     if task_type == "rank":
         for _item_id, rs in sorted(by_item.items()):
             k = len(rs[0]["ranking"])

@@ -9,6 +9,16 @@ Rows are either one prompt with its completions or one completion per row (rows 
 `parse_rows` checks and groups them (errors name the file and line, or the record), `insert_groups` writes the
 groups in the caller's transaction. Items per prompt: pairwise every pair of its completions, rank one item of all
 K (at most the project's `max_rank_k`, default 9), thumbs and Likert one item per completion.
+
+A steps project takes rows of the step format (`alignloop.data`'s, one solution per row), each row one item:
+
+    {"prompt": "2 + 3 * 4 = ?", "completions": ["3 * 4 = 12", "2 + 12 = 14"], "labels": [1, 1], "gold": true}
+    {"prompt": "...", "completion": "3 * 4 = 12\n2 + 12 = 14\n"}      # a solution's text, split into steps
+
+The steps are stored as the item's completions, in order (a step: a non-empty string without the step separator
+"\n"; at most the project's `max_steps`, default 100). `labels` (+1 / 0 / -1 or true / false per step) are the gold
+answer of a gold row (`"gold": true`, or `"gold": {"labels": [...]}`); a non-gold row's labels are not imported
+(counted in a warning). Rows with the same prompt share one prompt row.
 """
 from __future__ import annotations
 
@@ -20,13 +30,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from alignloop.data import DataStats, read_raw_rows
+from alignloop.data import STEP_SEPARATOR, DataStats, read_raw_rows, split_steps
 from alignloop.errors import UserError
 
 from .models import PAIRWISE_CHOICES, Completion, Item, Project, Prompt
-from .validation import competition_ranks
+from .validation import competition_ranks, step_label
 
 DEFAULT_MAX_RANK_K = 9
+DEFAULT_MAX_STEPS = 100  # steps of one solution a steps item shows (project setting `max_steps`)
 
 
 @dataclass
@@ -107,9 +118,69 @@ def check_gold(task_type: str, gold: Any, where: str) -> dict:
     raise UserError(f"{where}: 'gold' for a {task_type} project must be {expected}")
 
 
+def _step_texts(row: dict, where: str, model: str | None) -> list[dict]:
+    """A steps row's steps as completions: `completions` (a list of steps) or `completion` (a solution's text,
+    split into steps with `alignloop.data.split_steps`; or {"text", "model", "params"})."""
+    if "completions" in row:
+        steps = _row_completions(row, where, model)
+        for i, c in enumerate(steps):
+            if not c["text"].strip() or STEP_SEPARATOR in c["text"]:
+                raise UserError(f"{where}: step {i} ('completions[{i}]') must be a non-empty string without the step "
+                                f"separator {STEP_SEPARATOR!r} (split it into several steps)")
+        return steps
+    (c,) = _row_completions(row, where, model)
+    steps = split_steps(c["text"])
+    if not steps:
+        raise UserError(f"{where}: 'completion' has no steps (its text is empty or only separators)")
+    return [{**c, "text": step} for step in steps]
+
+
+def _step_gold(row: dict, n: int, where: str) -> list[int] | None:
+    """A steps row's gold answer (a label per step) or None for a non-gold row."""
+    gold = row.get("gold")
+    if gold is None or gold is False:
+        return None
+    if isinstance(gold, dict) and "labels" in gold:
+        labels = gold["labels"]
+    elif gold is True:
+        labels = row.get("labels")
+    else:
+        raise UserError(f"{where}: 'gold' for a steps project must be true (with 'labels') or {{\"labels\": [...]}}")
+    checked = [step_label(v) for v in labels] if isinstance(labels, list) else []
+    if len(checked) != n or None in checked or any(isinstance(v, str) for v in labels):
+        raise UserError(f"{where}: a gold steps row needs 'labels': a label per step ({n} of them): +1 good, 0 "
+                        "neutral, -1 bad (or true / false)")
+    return checked
+
+
+def parse_step_rows(rows: Iterable[dict], model: str | None = None) -> list[dict]:
+    """Check step-format rows (one solution each) and group them by prompt: one group `{"messages", "is_chat",
+    "solutions": [{"completions", "gold", "where"}], "meta", "where", "unused_labels"}` per distinct prompt."""
+    groups: dict[str, dict] = {}
+    for i, row in enumerate(rows):
+        where = row.get("_where", f"record {i + 1}")
+        if "prompt" not in row:
+            raise UserError(f"{where}: missing field 'prompt'")
+        msgs, is_chat = normalise_prompt(row["prompt"], where)
+        g = groups.setdefault(json.dumps(msgs, sort_keys=True), {
+            "messages": msgs, "is_chat": is_chat, "solutions": [], "meta": {}, "where": where, "unused_labels": 0})
+        steps = _step_texts(row, where, model)
+        gold = _step_gold(row, len(steps), where)
+        if gold is None and row.get("labels") is not None:
+            g["unused_labels"] += 1
+        g["solutions"].append({"completions": steps, "gold": None if gold is None else {"step_labels": gold},
+                               "where": where})
+        if isinstance(row.get("meta"), dict):
+            g["meta"].update(row["meta"])
+    return list(groups.values())
+
+
 def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None) -> list[dict]:
     """Check the rows and group them by prompt: one group `{"messages", "is_chat", "completions", "gold", "meta",
-    "where"}` per distinct prompt, in order of first appearance. `model` names completions that name none."""
+    "where"}` per distinct prompt, in order of first appearance. `model` names completions that name none. A steps
+    project's rows: `parse_step_rows`."""
+    if task_type == "steps":
+        return parse_step_rows(rows, model)
     groups: dict[str, dict] = {}
     for i, row in enumerate(rows):
         where = row.get("_where", f"record {i + 1}")
@@ -154,8 +225,41 @@ def item_completions(p: Project, ids: list[int], where: str) -> list[list[int]]:
     return [[i] for i in ids]
 
 
+def _insert_step_groups(s: Session, p: Project, groups: list[dict]) -> ImportResult:
+    """Steps: one item per solution, its steps the item's completions in order."""
+    res = ImportResult()
+    max_steps = int(p.settings.get("max_steps", DEFAULT_MAX_STEPS))
+    for g in groups:
+        for sol in g["solutions"]:
+            if len(sol["completions"]) > max_steps:
+                raise UserError(f"{sol['where']}: {len(sol['completions'])} steps; a steps item shows at most "
+                                f"{max_steps} (project setting max_steps)")
+        pr = Prompt(project_id=p.id, messages=g["messages"], is_chat=g["is_chat"], meta=g["meta"])
+        s.add(pr)
+        s.flush()
+        res.prompts += 1
+        for sol in g["solutions"]:
+            comps = [Completion(prompt_id=pr.id, text=c["text"], model=c["model"], params=c["params"])
+                     for c in sol["completions"]]
+            s.add_all(comps)
+            s.flush()
+            res.completions += len(comps)
+            is_gold = sol["gold"] is not None
+            s.add(Item(project_id=p.id, prompt_id=pr.id, completion_ids=[c.id for c in comps], is_gold=is_gold,
+                       gold_answer=sol["gold"]))
+            res.items += 1
+            res.gold_items += is_gold
+    unused = sum(g["unused_labels"] for g in groups)
+    if unused:
+        res.warnings.append(f"{unused} non-gold row(s) carry labels: not imported (labelers label them; mark a row "
+                            '"gold": true to use its labels as the known answer)')
+    return res
+
+
 def insert_groups(s: Session, p: Project, groups: list[dict]) -> ImportResult:
     """Write parsed groups (see `parse_rows`) into project `p` in the caller's transaction."""
+    if p.task_type == "steps":
+        return _insert_step_groups(s, p, groups)
     res = ImportResult()
     for g in groups:
         warning = _check_group(g, p.task_type)

@@ -208,8 +208,9 @@ def record_ai_in(s: Session, project: str | int, labeler_id: int, judgements: It
         version[aid] = version.get(aid, 0) + 1
         row = {"assignment_id": aid, "item_id": item_id, "labeler_id": labeler_id, "version": version[aid],
                "idempotency_key": f"ai:{labeler_id}:{uuid.uuid4().hex}", "created_at": now, **fields}
-        if row.get("ranking") is None:
-            row.pop("ranking", None)  # SQL NULL as the other paths store it (a JSON None would be 'null')
+        for col in ("ranking", "step_labels"):
+            if row.get(col) is None:
+                row.pop(col, None)  # SQL NULL as the other paths store it (a JSON None would be 'null')
         rows.append(row)
     s.execute(insert(Judgement), rows)
     return len(rows)

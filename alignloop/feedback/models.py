@@ -3,7 +3,9 @@
 Tables: projects, prompts, completions, items, labelers, assignments, judgements.
 
 * An **item** is what one labeler judges once: a prompt plus the completions shown (2 for pairwise, K for rank,
-  1 for thumbs / Likert), in a canonical order `completion_ids` (position 0 is "A").
+  1 for thumbs / Likert), in a canonical order `completion_ids` (position 0 is "A"). A steps item is one solution:
+  each of its steps is a completion row and `completion_ids` lists them in the solution's order (always shown in
+  that order).
 * An **assignment** gives one item to one labeler (unique per pair: never twice to the same labeler) and records
   the order the completions were shown in (`shown_order`: a permutation of canonical positions, left to right).
 * A **judgement** is append-only: an edit inserts a new row with `version + 1`; the current judgement of an
@@ -21,13 +23,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from alignloop.data import STRENGTH_MARGINS
 
-TASK_TYPES = ("pairwise", "rank", "thumbs", "likert")
+TASK_TYPES = ("pairwise", "rank", "thumbs", "likert", "steps")
 ROLES = ("admin", "labeler")
 LABELER_KINDS = ("human", "ai")
 PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
 # How much better the chosen response is, strongest first: the names of the data contract's strength table (export
 # turns them into margins with `alignloop.data.strength_to_margin`).
 STRENGTHS = tuple(STRENGTH_MARGINS["small"])
+# A steps judgement rates every step of a solution: +1 good, 0 neutral, -1 bad (PRM800K's labels). The form's names.
+STEP_LABEL_NAMES = {"good": 1, "neutral": 0, "bad": -1}
 
 
 def utcnow() -> datetime:
@@ -131,6 +135,8 @@ class Judgement(Base):
     ranking: Mapped[list | None] = mapped_column(JSON)
     thumbs: Mapped[int | None] = mapped_column(Integer)  # +1 / -1
     likert: Mapped[int | None] = mapped_column(Integer)  # 1..7
+    # steps: a label per step of the solution, in its order: +1 good / 0 neutral / -1 bad (migration 0004)
+    step_labels: Mapped[list | None] = mapped_column(JSON)
     flags: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
     comment: Mapped[str] = mapped_column(Text, nullable=False, default="")
     time_spent_ms: Mapped[int | None] = mapped_column(Integer)

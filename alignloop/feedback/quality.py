@@ -12,7 +12,13 @@ tuple). Nothing here touches the database, so simulated labelers (the end-to-end
     position_bias([0, 0, 1, 0])          # share of left picks and a two-sided binomial test against 1/2
 
 `labeler_stats(records, task_type)` computes every per-labeler figure from judgement records (dicts as returned by
-`Store.current_judgements`), and `flag_labelers(stats, Thresholds())` says who is flagged and why. AI labelers
+`Store.current_judgements`), and `flag_labelers(stats, Thresholds())` says who is flagged and why.
+
+Steps (process supervision: a label +1 / 0 / -1 per step of a solution): the unit of agreement is the **step**, not
+the solution. `annotations_from_records("steps", ...)` gives one unit per (item id, step index), so leave-one-out
+agreement, Cohen's / Fleiss' kappa, Krippendorff's alpha (nominal and ordinal: -1 < 0 < +1), gold accuracy,
+Dawid-Skene and the flags all work per step; `step_agreement(records)` adds pooled percent agreement, agreement on
+the first error, and both per step position (step 1, step 2, ...). AI labelers
 (records of `labeler_kind` "ai") are labelers like anyone there, except that the people-only check (minimum median
 seconds per item) does not flag them; `ai_human_agreement(records, task_type)` compares each AI labeler with the
 people (agreement with their majority, Cohen's kappa, agreement with each person, position bias before and after
@@ -250,7 +256,8 @@ def median_seconds(times_ms: Iterable[int | None]) -> float | None:
 
 def label_of(task_type: str, record: Mapping[str, Any]) -> Hashable | None:
     """The categorical label used for agreement. pairwise: the choice a|b|tie|both_bad (strength ignored);
-    rank: the tuple of canonical positions ranked first (ties give several); thumbs: +1/-1; likert: 1..7."""
+    rank: the tuple of canonical positions ranked first (ties give several); thumbs: +1/-1; likert: 1..7; steps:
+    the tuple of step labels (+1/0/-1 each; `annotations_from_records` splits it into one unit per step)."""
     if task_type == "pairwise":
         return record.get("choice")
     if task_type == "rank":
@@ -260,6 +267,9 @@ def label_of(task_type: str, record: Mapping[str, Any]) -> Hashable | None:
         return record.get("thumbs")
     if task_type == "likert":
         return record.get("likert")
+    if task_type == "steps":
+        r = record.get("step_labels")
+        return tuple(r) if r else None
     raise ValueError(f"unknown task type {task_type!r}")
 
 
@@ -282,7 +292,8 @@ def kind_of(record: Mapping[str, Any]) -> str:
 
 def annotations_from_records(task_type: str, records: Iterable[Mapping[str, Any]], gold: bool | None = False,
                              labelers: Iterable[Hashable] | None = None) -> dict[Hashable, dict[Hashable, Hashable]]:
-    """item_id -> {labeler: label}. gold=False: non-gold items only; True: gold only; None: all."""
+    """item_id -> {labeler: label}. gold=False: non-gold items only; True: gold only; None: all. Steps: one unit
+    per step, (item_id, step index) -> {labeler: +1 | 0 | -1}."""
     keep = set(labelers) if labelers is not None else None
     out: dict[Hashable, dict] = defaultdict(dict)
     for r in records:
@@ -291,9 +302,31 @@ def annotations_from_records(task_type: str, records: Iterable[Mapping[str, Any]
         if keep is not None and r["labeler"] not in keep:
             continue
         lab = label_of(task_type, r)
-        if lab is not None:
+        if lab is None:
+            continue
+        if task_type == "steps":
+            for i, v in enumerate(lab):
+                out[(r["item_id"], i)][r["labeler"]] = v
+        else:
             out[r["item_id"]][r["labeler"]] = lab
     return dict(out)
+
+
+def gold_truth(task_type: str, records: Iterable[Mapping[str, Any]]) -> dict[Hashable, Hashable]:
+    """The known answers of the gold items among `records`, keyed like `annotations_from_records` (steps: per
+    (item_id, step index))."""
+    truth: dict[Hashable, Hashable] = {}
+    for r in records:
+        if not r.get("is_gold"):
+            continue
+        g = gold_label(task_type, r.get("gold_answer"))
+        if g is None:
+            continue
+        if task_type == "steps":
+            truth.update({(r["item_id"], i): v for i, v in enumerate(g)})
+        else:
+            truth[r["item_id"]] = g
+    return truth
 
 
 @dataclass
@@ -313,16 +346,13 @@ def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
                   likert_tolerance: int = 1) -> dict[Hashable, dict]:
     """Per labeler: kind ("human" | "ai") and model (AI), n, agreement (leave-one-out, non-gold items), gold
     n/accuracy, left share + p-value (pairwise), tie rate (pairwise: tie or both_bad share), median seconds per
-    item. AI labelers are labelers like anyone here (their labels count in everyone's leave-one-out majority)."""
+    item. AI labelers are labelers like anyone here (their labels count in everyone's leave-one-out majority).
+    Steps: agreement and gold accuracy are over steps (gold_n still counts gold solutions), tie rate is the share
+    of steps rated neutral, and `steps_n` counts the steps labeled."""
     ann = annotations_from_records(task_type, records, gold=False)
     loo = leave_one_out_agreement(ann)
     gold_ann = annotations_from_records(task_type, records, gold=True)
-    truth = {}
-    for r in records:
-        if r.get("is_gold"):
-            g = gold_label(task_type, r.get("gold_answer"))
-            if g is not None:
-                truth[r["item_id"]] = g
+    truth = gold_truth(task_type, records)
     gacc = gold_accuracy(gold_ann, truth, gold_is_correct(task_type, likert_tolerance))
     by: dict[Hashable, list] = defaultdict(list)
     for r in records:
@@ -343,6 +373,11 @@ def labeler_stats(records: Sequence[Mapping[str, Any]], task_type: str,
         if task_type == "rank":
             d["tie_rate"] = tie_rate((len(set(r["ranking"])) < len(r["ranking"]) for r in rs if r.get("ranking")),
                                      (True,))
+        if task_type == "steps":
+            labels = [v for r in rs for v in (r.get("step_labels") or [])]
+            d["tie_rate"] = tie_rate(labels, (0,))
+            d["steps_n"] = len(labels)
+            d["gold_n"] = len({r["item_id"] for r in rs if (r["item_id"], 0) in truth})
         out[w] = d
     return out
 
@@ -379,9 +414,54 @@ def project_agreement(records: Sequence[Mapping[str, Any]], task_type: str) -> d
     ann = annotations_from_records(task_type, records, gold=False)
     out = {"fleiss_kappa": fleiss_kappa(ann), "krippendorff_alpha": krippendorff_alpha(ann, "nominal"),
            "mean_cohen_kappa": mean_pairwise_kappa(ann)}
-    if task_type == "likert":
+    if task_type in ("likert", "steps"):
         out["krippendorff_alpha_ordinal"] = krippendorff_alpha(ann, "ordinal")
     return out
+
+
+def first_error(step_labels: Sequence[int]) -> int | None:
+    """The index of the first step labeled bad (-1), None when no step is."""
+    return next((i for i, v in enumerate(step_labels) if v == -1), None)
+
+
+def percent_agreement(ann: Annotations) -> dict[str, float | int | None]:
+    """Pooled pairwise percent agreement: over every unit and every pair of labelers who both labeled it, the
+    share of pairs giving the same label. {"agreement", "pairs", "units"} (units: with at least one pair)."""
+    d = human_pairwise_agreement(ann)
+    return {"agreement": d["agreement"], "pairs": d["pairs"], "units": d["items"]}
+
+
+def step_agreement(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Agreement of a steps project, over non-gold items (records as `Store.current_judgements` gives):
+
+    * `percent_agreement`, `pairs`, `units`: pooled pairwise agreement over steps (`percent_agreement`);
+    * `first_error_agreement`, `first_error_pairs`: over solutions, the share of labeler pairs that put the first
+      error (the first step labeled -1; or none) at the same step;
+    * `by_position`: per step position (1-based `step`): `units` (steps at that position with >= 2 labels),
+      `percent_agreement`, `fleiss_kappa` (nan when undefined, e.g. one label used throughout).
+
+    Project-wide kappas and alphas over steps are in `project_agreement(records, "steps")`."""
+    ann = annotations_from_records("steps", records, gold=False)
+    pooled = percent_agreement(ann)
+    by_pos: dict[int, dict] = defaultdict(dict)
+    for (item, i), labs in ann.items():
+        by_pos[i][item] = labs
+    positions = []
+    for i in sorted(by_pos):
+        pa = percent_agreement(by_pos[i])
+        positions.append({"step": i + 1, "units": pa["units"], "percent_agreement": pa["agreement"],
+                          "fleiss_kappa": fleiss_kappa(by_pos[i])})
+    firsts: dict[Hashable, list] = defaultdict(list)
+    for r in records:
+        if not r.get("is_gold") and r.get("step_labels"):
+            firsts[r["item_id"]].append(first_error(r["step_labels"]))
+    pairs = same = 0
+    for fs in firsts.values():
+        for x, y in combinations(fs, 2):
+            pairs += 1
+            same += x == y
+    return {"percent_agreement": pooled["agreement"], "pairs": pooled["pairs"], "units": pooled["units"],
+            "first_error_agreement": _share(same, pairs), "first_error_pairs": pairs, "by_position": positions}
 
 
 def thresholds_from_dict(d: Mapping[str, Any] | None) -> Thresholds:

@@ -115,7 +115,7 @@ def current_judgements(s: Session, project_id: int) -> list[dict]:
     (`item_id`, `prompt_id`, `completion_ids`, `is_gold`, `gold_answer`), the labeler (`labeler`, `labeler_id`,
     `labeler_kind` "human" | "ai", `labeler_model`: an AI labeler's model, else None) and the judgement in canonical
     terms (`version`, `shown_order`, `choice`, `strength`, `picked_position`, `ranking`, `thumbs`, `likert`,
-    `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None)."""
+    `step_labels`, `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None)."""
     latest = _latest_versions()
     rows = s.execute(select(Judgement, Labeler.username, Labeler.kind, Labeler.model, Item).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
@@ -128,7 +128,8 @@ def current_judgements(s: Session, project_id: int) -> list[dict]:
              "labeler_id": j.labeler_id, "labeler_kind": kind, "labeler_model": model, "version": j.version,
              "shown_order": j.shown_order, "choice": j.choice, "strength": j.strength,
              "picked_position": j.picked_position, "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert,
-             "flags": j.flags, "comment": j.comment, "time_spent_ms": j.time_spent_ms, "details": j.details}
+             "step_labels": j.step_labels, "flags": j.flags, "comment": j.comment, "time_spent_ms": j.time_spent_ms,
+             "details": j.details}
             for j, username, kind, model, item in rows]
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .assignment import CANDIDATE_LIMIT, ExpiryClock
+from .assignment import CANDIDATE_LIMIT, ExpiryClock, display_order
 from .errors import NotFound
 from .models import utcnow
 from .projects import ProjectInfo, ProjectInfoCache
@@ -41,8 +41,9 @@ SQL_ASSIGNMENT = ("SELECT item_id, labeler_id, project_id, status, shown_order, 
                   "WHERE id = ?")
 SQL_PROJECT = "SELECT task_type, overlap_k, gold_rate, settings FROM projects WHERE id = ?"
 SQL_INS_JUDGEMENT = ("INSERT INTO judgements (assignment_id, item_id, labeler_id, version, shown_order, choice, "
-                     "strength, picked_position, ranking, thumbs, likert, flags, comment, time_spent_ms, "
-                     "idempotency_key, created_at) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                     "strength, picked_position, ranking, thumbs, likert, step_labels, flags, comment, "
+                     "time_spent_ms, idempotency_key, created_at) "
+                     "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_ASSIGNMENT_DONE = "UPDATE assignments SET status = 'done', completed_at = ? WHERE id = ?"
 SQL_ITEM_DONE = "UPDATE items SET n_done = n_done + 1 WHERE id = ?"
 SQL_OPEN = ("SELECT a.id, a.item_id, a.is_gold, a.shown_order, a.created_at, i.prompt_id, i.completion_ids "
@@ -76,6 +77,7 @@ class StoredJudgement:
     ranking: list | None
     thumbs: int | None
     likert: int | None
+    step_labels: list | None
     flags: list
     comment: str
     time_spent_ms: int | None
@@ -198,7 +200,7 @@ def _submit_and_next(conn: sqlite3.Connection, assignment_id: int, labeler_id: i
         return None
     conn.execute(SQL_ASSIGNMENT_DONE, (now_s, assignment_id))
     conn.execute(SQL_ITEM_DONE, (item_id,))
-    return j, True, _next_assignment(conn, project_id, labeler_id, info.overlap_k, now, now_s, caches)
+    return j, True, _next_assignment(conn, project_id, labeler_id, info, now, now_s, caches)
 
 
 def _insert_judgement(conn: sqlite3.Connection, assignment_id: int, item_id: int, labeler_id: int,
@@ -209,23 +211,24 @@ def _insert_judgement(conn: sqlite3.Connection, assignment_id: int, item_id: int
     spent = int(max(0.0, (now - assigned_at).total_seconds()) * 1000)
     j = StoredJudgement(0, assignment_id, item_id, labeler_id, 1, shown_order, canon.get("choice"),
                         canon.get("strength"), canon.get("picked_position"), canon.get("ranking"),
-                        canon.get("thumbs"), canon.get("likert"), canon["flags"], canon["comment"], spent,
-                        idempotency_key, now)
+                        canon.get("thumbs"), canon.get("likert"), canon.get("step_labels"), canon["flags"],
+                        canon["comment"], spent, idempotency_key, now)
     try:
         cur = conn.execute(SQL_INS_JUDGEMENT, (
             assignment_id, item_id, labeler_id, shown_order_json, j.choice, j.strength, j.picked_position,
-            _json_or_null(j.ranking), j.thumbs, j.likert, json.dumps(j.flags), j.comment, spent, idempotency_key,
-            now_s))
+            _json_or_null(j.ranking), j.thumbs, j.likert, _json_or_null(j.step_labels), json.dumps(j.flags),
+            j.comment, spent, idempotency_key, now_s))
     except sqlite3.IntegrityError:
         return None
     j.id = cur.lastrowid
     return j
 
 
-def _next_assignment(conn: sqlite3.Connection, project_id: int, labeler_id: int, k: int, now: datetime, now_s: str,
-                     caches: HotPathCaches) -> AssignmentRef | None:
+def _next_assignment(conn: sqlite3.Connection, project_id: int, labeler_id: int, info: ProjectInfo, now: datetime,
+                     now_s: str, caches: HotPathCaches) -> AssignmentRef | None:
     """The labeler's other open assignment (two tabs: resumed, as `assignment.next_in` does), else the first
-    candidate in queue order whose slot this takes, else None."""
+    candidate in queue order whose slot this takes (shown in `assignment.display_order`), else None."""
+    k = info.overlap_k
     open_row = conn.execute(SQL_OPEN, (labeler_id, project_id)).fetchone()
     if open_row is not None:
         aid, item_id, is_gold, order_json, a_created, prompt_id, completion_ids_json = open_row
@@ -238,8 +241,7 @@ def _next_assignment(conn: sqlite3.Connection, project_id: int, labeler_id: int,
             continue
         prompt_id, completion_ids_json = conn.execute(SQL_ITEM, (item_id,)).fetchone()
         completion_ids = json.loads(completion_ids_json)
-        order = list(range(len(completion_ids)))
-        caches.rng.shuffle(order)
+        order = display_order(info.task_type, len(completion_ids), caches.rng)
         aid = conn.execute(SQL_INS_ASSIGNMENT, (item_id, labeler_id, project_id, json.dumps(order), now_s)).lastrowid
         if item_id not in caches.views:
             _cache_view(conn, item_id, prompt_id, completion_ids, caches.views)

@@ -235,8 +235,10 @@ class Store:
 
     def import_records(self, project: str | int, rows: Iterable[dict], model: str | None = None) -> ImportResult:
         """Rows: `{"prompt", "completions": [str | {"text","model","params"}], "gold"?, "meta"?}` or one completion
-        per row `{"prompt", "completion", "model"?, "params"?}` (rows with the same prompt are grouped). All rows
-        are checked before anything is written; the import is one transaction."""
+        per row `{"prompt", "completion", "model"?, "params"?}` (rows with the same prompt are grouped); a steps
+        project: step-format rows `{"prompt", "completions": [steps], "labels"?, "gold"?}`, one item each
+        (`importing.parse_step_rows`). All rows are checked before anything is written; the import is one
+        transaction."""
         p = self.get_project(project)
         groups = parse_rows(rows, p.task_type, model)
         with self.write() as s:

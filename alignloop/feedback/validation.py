@@ -4,6 +4,9 @@ fields of a `Judgement` out (choice "a" = the item's first completion, ranks per
     validate_submission("pairwise", shown_order=[1, 0], fields={"choice": "left", "strength": "better"})
     -> {"choice": "b", "strength": "better", "picked_position": 0, "flags": [], "comment": ""}
 
+    validate_submission("steps", shown_order=[0, 1, 2], fields={"step_0": "good", "first_error": "1"})
+    -> {"step_labels": [1, -1, -1], "flags": [], "comment": ""}
+
 Both submit paths (the portable ORM one and the SQLite hot path) call `validate_submission`, so a judgement is
 checked the same way whichever path stores it. Errors are collected per field and raised together as one
 `ValidationError` (the form shows each message next to its field).
@@ -21,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .errors import ValidationError
-from .models import PAIRWISE_CHOICES, STRENGTHS
+from .models import PAIRWISE_CHOICES, STEP_LABEL_NAMES, STRENGTHS
 
 MAX_COMMENT_CHARS = 5000
 MAX_MODEL_CHARS = 300  # Labeler.model
@@ -31,7 +34,9 @@ _AI_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # the rule of usernames (p
 # key of another task is accepted only as None; any other key is refused (a misspelt field is not ignored).
 AI_JUDGEMENT_KEYS = frozenset({"item_id", "shown_order", "details", "comment", "time_spent_ms"})
 AI_TASK_KEYS = {"pairwise": frozenset({"choice", "strength", "picked_position"}), "rank": frozenset({"ranking"}),
-                "thumbs": frozenset({"thumbs"}), "likert": frozenset({"likert", "flags"})}
+                "thumbs": frozenset({"thumbs"}), "likert": frozenset({"likert", "flags"}),
+                "steps": frozenset({"step_labels"})}
+_STEP_FIELD_RE = re.compile(r"^step_(\d+)$")
 
 
 def valid_idempotency_key(key: Any) -> bool:
@@ -144,7 +149,75 @@ def _likert(_shown_order, fields: Mapping[str, Any], flag_names: Iterable[str], 
         out["flags"] = sorted(set(flags))
 
 
-_CHECKS: dict[str, _Check] = {"pairwise": _pairwise, "rank": _rank, "thumbs": _thumbs, "likert": _likert}
+def step_label(value: Any) -> int | None:
+    """A step's rating as its label: good | neutral | bad (the form), +1 | 0 | -1 (numbers or their text), or a
+    boolean (the step format's true = +1, false = -1). None when it is none of these."""
+    if isinstance(value, bool):
+        return 1 if value else -1
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in STEP_LABEL_NAMES:
+            return STEP_LABEL_NAMES[v]
+        value = {"+1": 1, "1": 1, "0": 0, "-1": -1, "\u22121": -1}.get(v)
+    if isinstance(value, numbers.Integral) and value in (1, 0, -1):
+        return int(value)
+    return None
+
+
+def _given_step_labels(n: int, fields: Mapping[str, Any], errors: dict) -> list[int | None]:
+    """The labels given per shown step (None: not rated): `step_labels` (a list, the JSON API) or `step_<i>`."""
+    extra = sorted(int(m.group(1)) for k in fields if (m := _STEP_FIELD_RE.match(str(k))) and int(m.group(1)) >= n)
+    if extra:
+        errors["steps"] = f"the solution has {n} steps (step_0 .. step_{n - 1}); no step_{extra[0]}"
+    given = fields.get("step_labels")
+    if given is None:
+        labels = []
+        for i in range(n):
+            v = _get(fields, f"step_{i}")
+            lab = step_label(v)
+            if v is not None and lab is None:
+                errors[f"step_{i}"] = f"step {i + 1}: unknown rating {v!r} (good, neutral or bad: +1, 0 or -1)"
+            labels.append(lab)
+        return labels
+    if any(_STEP_FIELD_RE.match(str(k)) for k in fields):
+        errors["step_labels"] = "give either step_labels (a list) or step_<i> fields, not both"
+    if not isinstance(given, (list, tuple)) or len(given) != n:
+        errors["step_labels"] = f"a list of {n} labels, one per step in order: +1 good, 0 neutral, -1 bad"
+        return [None] * n
+    labels = []
+    for i, v in enumerate(given):
+        lab = step_label(v)
+        if v is not None and lab is None:
+            errors[f"step_{i}"] = f"step {i + 1}: unknown rating {v!r} (+1 good, 0 neutral, -1 bad)"
+        labels.append(lab)
+    return labels
+
+
+def _steps(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
+    """A rating per step (`step_<i>` good|neutral|bad or +1|0|-1 for shown step i, or `step_labels` a list), and
+    the optional `first_error` shortcut: the index of the first wrong step; that step and every later one are bad
+    (-1), earlier steps keep their rating and unrated earlier ones are good (+1)."""
+    n = len(shown_order)
+    labels = _given_step_labels(n, fields, errors)
+    first = _get(fields, "first_error")
+    if first is not None:
+        idx = None if isinstance(first, bool) else _int_in(first, 0, n - 1)
+        if idx is None:
+            errors["first_error"] = f"{first!r}: the index of the first wrong step, from 0 to {n - 1}"
+        else:
+            labels = [(1 if lab is None else lab) if i < idx else -1 for i, lab in enumerate(labels)]
+    for i, lab in enumerate(labels):
+        if lab is None and f"step_{i}" not in errors and "step_labels" not in errors:
+            errors[f"step_{i}"] = f"rate step {i + 1}: good, neutral or bad"
+    if not errors:
+        canonical = [0] * n
+        for pos, lab in enumerate(labels):
+            canonical[shown_order[pos]] = lab
+        out["step_labels"] = canonical
+
+
+_CHECKS: dict[str, _Check] = {"pairwise": _pairwise, "rank": _rank, "thumbs": _thumbs, "likert": _likert,
+                              "steps": _steps}
 
 
 def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
@@ -163,7 +236,9 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
 
     pairwise: `choice` in left|right|tie|both_bad, `strength` (one of STRENGTHS) required for left/right.
     rank: `rank_<i>` for each shown position i (integers 1..K, ties allowed, rank 1 must be used).
-    thumbs: `thumbs` up|down. likert: `likert` 1..7 and `flags` (list of names). All: optional `comment`.
+    thumbs: `thumbs` up|down. likert: `likert` 1..7 and `flags` (list of names). steps: `step_<i>` for each shown
+    step i (good|neutral|bad or +1|0|-1) or `step_labels` (a list), optional `first_error` (the index of the first
+    wrong step: it and every later step bad, unrated earlier ones good). All: optional `comment`.
     """
     errors: dict[str, str] = {}
     out: dict[str, Any] = {"flags": [], "comment": ""}
@@ -251,8 +326,22 @@ def _canonical_rank(shown_order: list[int], fields: Mapping[str, Any], _flag_nam
         out["ranking"] = competition_ranks(list(ranking))
 
 
+def _canonical_steps(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict,
+                     errors: dict) -> None:
+    """`step_labels`: a label per step in the solution's order, +1 | 0 | -1 (or true / false); steps are shown in
+    their order, so `shown_order` must be 0..n-1."""
+    n, given = len(shown_order), fields.get("step_labels")
+    if shown_order != list(range(n)):
+        errors["shown_order"] = f"{shown_order!r}: steps are shown in their order, {list(range(n))}"
+    labels = [step_label(v) for v in given] if isinstance(given, (list, tuple)) else []
+    if len(labels) != n or None in labels or any(isinstance(v, str) for v in given):
+        errors["step_labels"] = f"{given!r}: a label per step ({n} of them): +1 good, 0 neutral, -1 bad"
+    else:
+        out["step_labels"] = labels
+
+
 _CANONICAL_CHECKS: dict[str, _Check] = {"pairwise": _canonical_pairwise, "rank": _canonical_rank,
-                                        "thumbs": _thumbs, "likert": _likert}
+                                        "thumbs": _thumbs, "likert": _likert, "steps": _canonical_steps}
 
 
 def _details(details: Any, out: dict, errors: dict) -> None:
@@ -284,7 +373,8 @@ def validate_ai_judgement(task_type: str, n_completions: int, fields: Mapping[st
     All: `shown_order` (a permutation of 0..K-1: how the first judging order showed the canonical completions),
     optional `details` (dict), `comment`, `time_spent_ms`. pairwise: `choice` a|b|tie|both_bad, `strength` (one of
     STRENGTHS or None), `picked_position` (0|1|None, consistent with `shown_order`). rank: `ranking` (a rank per
-    canonical completion, 1 = best). thumbs: `thumbs` +1|-1. likert: `likert` 1..7, `flags`. Another task's keys
+    canonical completion, 1 = best). thumbs: `thumbs` +1|-1. likert: `likert` 1..7, `flags`. steps: `step_labels`
+    (+1|0|-1 per step; `shown_order` 0..n-1). Another task's keys
     are accepted as None only, other keys never. (`item_id` is checked by the caller, against the database.)
     """
     errors: dict[str, str] = {}
