@@ -57,7 +57,7 @@ def dashboard(request: Request, name: str):
 
 
 @router.get("/admin/p/{name}/export")
-def export(request: Request, name: str, format: str = "preference", mode: str = "consensus",
+def export(request: Request, name: str, format: str | None = None, mode: str = "consensus",
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
            exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5):
     require_admin(request)
@@ -65,6 +65,7 @@ def export(request: Request, name: str, format: str = "preference", mode: str = 
 
     store = store_of(request)
     p = project_or_404(store, name)
+    format = format or ("steps" if p.task_type == "steps" else "preference")  # by the task type when not given
     opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                                       exclude_flagged=exclude_flagged, include_gold=include_gold,
                                       likert_threshold=likert_threshold)

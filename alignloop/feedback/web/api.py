@@ -3,7 +3,9 @@
     POST /api/login {"username", "password"}          -> {"csrf_token", "labeler", "role"} (sets the session cookie)
     GET  /api/p/<project>/next                         -> the labeler's next item ({"assignment_id": null}: none left)
     POST /api/assignments/<id>/judgement [?next=1]     the form fields as JSON plus `idempotency_key`; with next=1
-                                                       the reply carries the next item (one round trip)
+                                                       the reply carries the next item (one round trip). A steps
+                                                       item: {"step_labels": [1, 0, -1, ...]} (or step_<i> fields),
+                                                       optional "first_error" (0-based index)
     POST /api/assignments/<id>/skip
 
 Calls after sign-in send the session's CSRF token as `X-CSRF-Token`. The submit route is a plain Starlette route
@@ -63,12 +65,16 @@ class GroupCommit:
 
 
 def assignment_payload(store: Store, a) -> dict:
-    """An assignment as the API shows it: id, task type, shown order and the item's view in that order."""
+    """An assignment as the API shows it: id, task type, shown order and the item's view in that order (a steps
+    item: its steps as `completions` in the solution's order, and their texts as `steps`)."""
     if a is None:
         return {"assignment_id": None}
     task_type, _flags = store.project_rules(a.project_id)
     view = store.item_view(a.item, a.shown_order)
-    return {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
+    out = {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
+    if task_type == "steps":
+        out["steps"] = [c["text"] for c in view["completions"]]
+    return out
 
 
 def _judgement_reply(store: Store, j, created: bool, nxt: Any = None, with_next: bool = False) -> JSONResponse:

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import NotFound, ValidationError
+from ..models import STEP_LABEL_NAMES
 from ..projects import DEFAULT_FLAGS
 from .common import check_csrf, project_or_404, read_form, render, require_user, store_of
 
@@ -47,6 +48,10 @@ def values_from_judgement(j, shown_order: list[int]) -> dict:
         v["thumbs"] = "up" if j.thumbs == 1 else "down"
     if j.likert is not None:
         v["likert"] = str(j.likert)
+    if j.step_labels:
+        names = {label: name for name, label in STEP_LABEL_NAMES.items()}
+        for pos, canon in enumerate(shown_order):
+            v[f"step_{pos}"] = names[j.step_labels[canon]]
     return v
 
 
