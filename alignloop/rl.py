@@ -14,11 +14,20 @@ base trainer: each trainer still reads top to bottom and calls these.
     return train_online(loop, args, acc, state, history)  # resume or reward fit; log, samples, callbacks, stop
                                                           # rules, guard, checkpoints; final/ -> TrainResult
 
+Process supervision (`reward_granularity="process"`, PPO and the critic-free trainer): the reward scores each
+reasoning step (`.step_scores(prompts, completions) -> list[list[float]]`: a process reward model, or a step
+function `module:function` fn(prompts, step_lists) -> list[list[float]]):
+    scorer, gold = build_scorers(..., steps=True)              # UserError for a reward that cannot score steps
+    scored = score_rollout(scorer, gold, tok, prompts, rollout, steps=True)   # + each response's step scores
+    steps = step_rewards(scored, scores, rollout, tok, args)   # [B,S] rewards, mask, step-end token of each
+    metrics.update(step_metrics(coll, steps))                  # reward/steps_mean, reward/steps_per_response
+
 Shapes: B = this process's responses, R = response length, P = prompt length.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,8 +53,19 @@ from alignloop.models import (
     unwrap_model,
 )
 from alignloop.models.fast import speed_up
-from alignloop.rollout import Rollout, SamplingParams, decode_responses, encode_prompts
-from alignloop.scoring import RewardTransform, build_scorer, total
+from alignloop.rollout import Rollout, SamplingParams, decode_responses, encode_prompts, rollout_step_ends
+from alignloop.rollout.steps import STEP_SEPARATOR, split_steps
+from alignloop.scoring import (
+    FunctionScorer,
+    ModelScorer,
+    RewardTransform,
+    WeightedScorer,
+    build_scorer,
+    is_function_spec,
+    load_function,
+    spec_name,
+    total,
+)
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
 from alignloop.training.logging import MetricsLogger, Progress
@@ -224,8 +244,11 @@ def load_policy(model, tokenizer, args: OnlineRLArgs, trainer: str, value_head: 
     return model, tokenizer
 
 
-def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, policy_tokenizer, device, trainer: str):
-    """(the reward's scorer, the gold scorer or None) from objects or `args.reward_model` / `args.gold_model`."""
+def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, policy_tokenizer, device, trainer: str,
+                  steps: bool = False):
+    """(the reward's scorer, the gold scorer or None) from objects or `args.reward_model` / `args.gold_model`.
+    `steps` (process supervision): the reward must score steps (`step_scorer`); the gold scorer stays a sequence
+    scorer."""
     reward = reward if reward is not None else args.reward_model
     if reward is None or reward == []:
         raise ConfigError(f"{trainer} needs a reward: reward=... (or --reward-model: a reward model, "
@@ -233,7 +256,9 @@ def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, pol
     common = {"policy_tokenizer": policy_tokenizer, "positive_label": args.positive_label,
               "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device}
     gold = gold_reward if gold_reward is not None else args.gold_model
-    return build_scorer(reward, reward_tokenizer, **common), build_scorer(gold, **common)
+    scorer = step_scorer(reward, reward_tokenizer, trainer, **common) if steps else build_scorer(
+        reward, reward_tokenizer, **common)
+    return scorer, build_scorer(gold, **common)
 
 
 def frozen_reference(lm: nn.Module, ref_model: nn.Module | str | None, device, dtype=None) -> nn.Module | None:
@@ -310,15 +335,28 @@ class ScoredRollout:
     parts: dict[str, torch.Tensor]        # {name: [B]} each reward of a weighted sum, before weighting
     raw: torch.Tensor                     # [B] Σ weight · part (float32)
     gold: torch.Tensor | None             # [B] the held-out scorer's, or None
+    step_scores: list[list[float]] | None = None   # [B][steps] the reward's score of each step (process supervision)
+    step_separator: str = STEP_SEPARATOR           # what the reward split the responses' steps on
 
 
-def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: Rollout) -> ScoredRollout:
-    """Decode the responses and score them with the reward (each part) and the gold scorer."""
+def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: Rollout,
+                  steps: bool = False) -> ScoredRollout:
+    """Decode the responses and score them with the reward (each part) and the gold scorer. `steps`: the reward's
+    step scores too (`checked_step_scores`); `raw` is then the reward's own score of the whole response when it has
+    one (a process reward model's aggregate of its step scores), else the mean of the response's step scores (0
+    without a step)."""
     responses = decode_responses(tokenizer, rollout)
-    parts = scorer.rollout_parts(rollout, prompts, responses)
-    raw = total(parts, scorer.weights).float()
+    step_scores = checked_step_scores(scorer, prompts, responses) if steps else None
+    if steps and not hasattr(scorer, "rollout_parts"):
+        raw = torch.tensor([sum(s) / len(s) if s else 0.0 for s in step_scores], dtype=torch.float32,
+                           device=rollout.response_ids.device)
+        parts = {getattr(scorer, "name", "step_reward"): raw}
+    else:
+        parts = scorer.rollout_parts(rollout, prompts, responses)
+        raw = total(parts, scorer.weights).float()
     gold = gold_scorer.score_rollout(rollout, prompts, responses).float() if gold_scorer else None
-    return ScoredRollout(prompts, responses, parts, raw, gold)
+    return ScoredRollout(prompts, responses, parts, raw, gold, step_scores,
+                         getattr(scorer, "separator", STEP_SEPARATOR))
 
 
 def response_logprobs_from(logits: torch.Tensor, input_ids: torch.Tensor, p: int, r: int,
@@ -382,6 +420,167 @@ def fit_reward_normalization(transform: RewardTransform, sample_raw: Callable[[]
         raws.append(raw)
         seen += len(raw)
     transform.fit(torch.cat(raws)[:n])
+
+
+# ------------------------------------------------------------------------------------------------ process supervision
+REWARD_GRANULARITIES = ("outcome", "process")
+REWARD_GRANULARITY_HELP = (
+    "outcome: one reward per response, on its last token; process (process supervision, Lightman et al. 2023): one "
+    "reward per reasoning step, each on the token that ends the step (steps: the response split on newlines, "
+    "alignloop.data.split_steps). Process needs a reward that scores steps: a process reward model (alignloop prm) "
+    "or a step function module:function fn(prompts, step_lists) -> list[list[float]]; reward_normalization none.")
+
+
+def check_reward_granularity(args: OnlineRLArgs) -> None:
+    """A config's `reward_granularity` is known, and process supervision has no sequence-score normalisation (its
+    gain and bias would be fitted on whole-response scores; an added bias would pay per step)."""
+    granularity = getattr(args, "reward_granularity", "outcome")
+    if granularity not in REWARD_GRANULARITIES:
+        raise ConfigError(f"reward_granularity: expected outcome or process, got {granularity!r}")
+    if granularity == "process" and args.reward_normalization != "none":
+        raise ConfigError(f"reward_granularity='process' takes reward_normalization='none' (got "
+                          f"{args.reward_normalization!r}): step rewards are not normalised as sequence scores are "
+                          f"(the critic-free estimators normalise them per group, PPO whitens its advantages)")
+
+
+class StepFunctionScorer:
+    """A step function fn(prompts, step_lists) -> list[list[float]] as a step scorer (`.step_scores(prompts,
+    completions)`: each completion split with `split_steps`). It gives no whole-response score of its own."""
+
+    def __init__(self, fn: Callable, name: str | None = None, separator: str = STEP_SEPARATOR):
+        self.fn, self.separator = fn, separator
+        self.name = name or getattr(fn, "__name__", "step_function")
+
+    def step_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+        return self.fn(list(prompts), [split_steps(c, self.separator) for c in completions])
+
+
+def step_scorer(reward, reward_tokenizer=None, trainer: str = "RL", **common):
+    """The reward of process supervision: an object with `.step_scores` as it is; a `module:function` spec or a
+    plain function: a step function fn(prompts, step_lists) -> list[list[float]]; anything else (a model folder,
+    e.g. a process reward model) through `build_scorer`, which must give an object that scores steps. UserError
+    otherwise (a sequence reward model, an outcome function object, a weighted sum)."""
+    if hasattr(reward, "step_scores"):
+        return reward
+    if isinstance(reward, str) and is_function_spec(reward):
+        return StepFunctionScorer(load_function(reward), spec_name(reward))
+    if callable(reward) and not isinstance(reward, (nn.Module, FunctionScorer, ModelScorer, WeightedScorer)):
+        return StepFunctionScorer(reward)
+    scorer = build_scorer(reward, reward_tokenizer, **common)
+    if not hasattr(scorer, "step_scores"):
+        what = type(scorer).__name__ + (f" of {reward!r}" if isinstance(reward, (str, list, tuple)) else "")
+        raise UserError(f"{trainer}: reward_granularity='process' needs a reward that scores each step "
+                        f"(.step_scores(prompts, completions)): a process reward model (a folder `alignloop prm` "
+                        f"saved) or a step function module:function fn(prompts, step_lists) -> list[list[float]]; "
+                        f"got a {what}, which gives one score per response (use reward_granularity='outcome')")
+    return scorer
+
+
+def checked_step_scores(scorer, prompts: list[str], responses: list[str]) -> list[list[float]]:
+    """`scorer.step_scores(prompts, responses)`, checked: one list of finite numbers per response, no more than the
+    response has steps (`split_steps`; fewer: the scorer truncated the response, the later steps get no reward)."""
+    name = getattr(scorer, "name", type(scorer).__name__)
+    got = scorer.step_scores(prompts, responses)
+    if not isinstance(got, (list, tuple)) or len(got) != len(responses):
+        raise UserError(f"step reward {name}: expected one list of step scores per response ({len(responses)}), "
+                        f"got {type(got).__name__}" + (f" of {len(got)}" if isinstance(got, (list, tuple)) else ""))
+    separator = getattr(scorer, "separator", STEP_SEPARATOR)
+    out = []
+    for i, (row, response) in enumerate(zip(got, responses, strict=True)):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise UserError(f"step reward {name}: response {i}: expected a list of step scores, got "
+                            f"{type(row).__name__} (an outcome reward gives one number per response: use "
+                            f"reward_granularity='outcome', or a step function fn(prompts, step_lists) -> "
+                            f"list[list[float]])")
+        n = len(split_steps(response, separator))
+        if len(row) > n:
+            raise UserError(f"step reward {name}: response {i} has {n} steps but got {len(row)} step scores")
+        values = [float(v) for v in row]
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"step reward {name}: response {i}: a step score is not a finite number: {values}")
+        out.append(values)
+    return out
+
+
+@dataclass
+class StepRewards:
+    """A rollout's step rewards on this process, padded to S = the most steps of a row (the real steps first).
+    Shapes: B responses, S steps."""
+    rewards: torch.Tensor      # [B,S] float32: what is optimised per step (0 on padding)
+    mask: torch.Tensor         # [B,S] bool: True = a real step
+    ends: torch.Tensor         # [B,S] long: the response token where each step ends (0 on padding)
+    counts: torch.Tensor       # [B] long: the reward's scored steps per response (0: none; its outcome stands in)
+    scores: list[list[float]]  # [B][counts] the reward's step scores (before clipping and the no-EOS penalty)
+
+    def totals(self) -> torch.Tensor:
+        """[B] each response's summed step rewards: its return before the KL (PPO, γ = 1)."""
+        return (self.rewards * self.mask).sum(1)
+
+
+def step_rewards(scored: ScoredRollout, scores: torch.Tensor, rollout: Rollout, tokenizer,
+                 args: OnlineRLArgs) -> StepRewards:
+    """The step rewards of process supervision and the token each goes on.
+
+    Each step of a response (`split_steps` of its text) ends at the token `step_end_positions` gives; the LAST
+    scored step of a response that kept all its steps ends on the response's last real token instead (the stop
+    token, or the tokens after the final separator, belong to the final step: they get its credit, and with one step
+    per response process supervision is exactly outcome supervision). Steps past what the reward scored (a process
+    reward model truncating a long response) are dropped. A response without any step (empty or whitespace-only
+    text, e.g. one that stopped at once) gets one reward on its last token: its outcome score `scores` (the reward's
+    score of the whole response, through the reward transform). Then, as the reward transform does for sequence
+    scores: each step reward is clipped to ±reward_clip, and a response without a stop token gets the no-EOS
+    penalty: "replace" makes its rewards one reward = the penalty on its last token, "subtract" takes the penalty off
+    its last step's reward."""
+    device = rollout.response_ids.device
+    lengths = rollout.response_mask.sum(1).tolist()
+    ends_per_row = rollout_step_ends(tokenizer, rollout, scored.step_separator)
+    stopped = rollout.stopped.tolist()
+    rows_r, rows_e, counts = [], [], []
+    for i, (step_scores, ends) in enumerate(zip(scored.step_scores, ends_per_row, strict=True)):
+        last = max(int(lengths[i]) - 1, 0)
+        n = len(step_scores)
+        counts.append(n)
+        if n == 0:
+            rows_r.append([float(scores[i])])
+            rows_e.append([last])
+            continue
+        rewards = list(step_scores)
+        ends = ends[:n]
+        if n == len(ends_per_row[i]):
+            ends[-1] = last
+        if args.reward_clip is not None:
+            rewards = [min(max(r, -args.reward_clip), args.reward_clip) for r in rewards]
+        if args.missing_eos_penalty is not None and not stopped[i]:
+            if args.missing_eos_penalty_mode == "replace":
+                rewards, ends = [float(args.missing_eos_penalty)], [last]
+            else:
+                rewards[-1] -= args.missing_eos_penalty
+        rows_r.append(rewards)
+        rows_e.append(ends)
+    S = max(len(r) for r in rows_r)
+    rewards = torch.zeros(len(rows_r), S, dtype=torch.float32)
+    ends = torch.zeros(len(rows_r), S, dtype=torch.long)
+    mask = torch.zeros(len(rows_r), S, dtype=torch.bool)
+    for i, (r, e) in enumerate(zip(rows_r, rows_e, strict=True)):
+        rewards[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+        ends[i, :len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return StepRewards(rewards.to(device), mask.to(device), ends.to(device),
+                       torch.tensor(counts, dtype=torch.long, device=device), scored.step_scores)
+
+
+def step_metrics(coll: Collective, steps: StepRewards) -> dict[str, float]:
+    """reward/steps_mean (the reward's mean step score over every scored step of the batch), reward/steps_per_response
+    (scored steps per response) and reward/no_steps_share (responses without a step), over every process."""
+    device = steps.counts.device
+    sums = torch.tensor([sum(sum(s) for s in steps.scores), float(steps.counts.sum()),
+                         float((steps.counts == 0).sum()), float(len(steps.scores))], dtype=torch.float64,
+                        device=device)
+    total_score, n_steps, n_empty, n = coll.sum(sums).tolist()
+    return {"reward/steps_mean": total_score / max(n_steps, 1.0), "reward/steps_per_response": n_steps / max(n, 1.0),
+            "reward/no_steps_share": n_empty / max(n, 1.0)}
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -35,6 +35,19 @@ the completion is one action) or "loss" (GRPO's: β·k3 per token added to the l
 an unbiased non-negative estimate whose gradient pulls towards the reference). `objective/kl` is in both cases the
 per-sequence sum of `kl_estimator` (k1 by default) between the policy before the update and the reference.
 
+Process supervision (`reward_granularity="process"`; DeepSeekMath, Shao et al. 2024, §4.1.3): the reward scores
+each reasoning step (a process reward model, or a step function `module:function` fn(prompts, step_lists) ->
+list[list[float]]; `alignloop.rl.step_rewards`: steps split on newlines, each reward on the token that ends its
+step, the last step on the response's last token, a response without a step gets its outcome score). Step 4 then
+works per step (`alignloop.losses.critic_free`): with the KL in the reward each step pays β·Σ KL of its own tokens
+(`step_kl_rewards`); the step rewards of a group are normalised together (grpo: (r − mean)/std over all the group's
+steps; dr_grpo: r − mean), or get the leave-one-out mean of the other completions' step rewards (rloo) or a moving
+average of past batches' mean step reward (reinforce) as their baseline; and each token's advantage is the sum of
+the advantages of the steps ending at or after it (`step_advantages_to_tokens`), so a step is credited with its own
+reward and the later ones. `scores` and `reward/mean` are then each response's summed step rewards;
+`reward/raw_mean` the reward's own whole-response score; `reward/steps_mean` and `reward/steps_per_response` the mean
+step score and steps per response. With one step per completion this is exactly the outcome form.
+
 Choices: dropout is off in every model (as in PPO); log-probs use the sampling temperature; a group whose rewards are
 all equal has advantage exactly 0 (no NaN; counted in `group/zero_std_share`); the learning rate is scheduled per
 update.
@@ -58,21 +71,32 @@ from alignloop.losses import (
     grpo_advantages,
     kl_penalty,
     masked_mean,
+    masked_var,
     ppo_policy_loss,
     reinforce_advantages,
     rloo_advantages,
     sequence_kl_reward,
     token_loss_weights,
 )
+from alignloop.losses.critic_free import (
+    grpo_step_advantages,
+    reinforce_step_advantages,
+    rloo_step_advantages,
+    step_advantages_to_tokens,
+    step_kl_rewards,
+)
 from alignloop.models import ActorCritic, CausalLMWithValueHead, model_forward
 from alignloop.rl import (
+    REWARD_GRANULARITY_HELP,
     Collective,
     ExperienceAccess,
     OnlineRLArgs,
     ScoredRollout,
+    StepRewards,
     UpdateLoop,
     build_scorers,
     check_batch_sizes,
+    check_reward_granularity,
     encoded_prompts,
     frozen_reference,
     load_online_checkpoint,
@@ -88,6 +112,8 @@ from alignloop.rl import (
     save_online_checkpoint,
     score_rollout,
     speed_up_models,
+    step_metrics,
+    step_rewards,
     train_online,
 )
 from alignloop.rollout import HFSampler, Rollout, Sampler
@@ -137,9 +163,15 @@ class GRPOConfig(OnlineRLArgs):
                 "update), or learned (a value head at the last prompt token, regressed on the reward)."})
     baseline_decay: float = field(default=0.9, metadata={"help": "Decay of the moving-average baseline."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the learned baseline's squared error."})
+    reward_granularity: Literal["outcome", "process"] = field(default="outcome", metadata={
+        "help": REWARD_GRANULARITY_HELP})
 
     def __post_init__(self):
         super().__post_init__()
+        check_reward_granularity(self)
+        if self.reward_granularity == "process" and self.learned_baseline:
+            raise ConfigError("reward_granularity='process' with reinforce takes baseline='moving_average' (a learned "
+                              "baseline is one value per prompt, regressed on whole-response rewards)")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"estimator: expected one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.num_generations < (1 if self.estimator == "reinforce" else 2):
@@ -194,9 +226,12 @@ class GRPOExperience(ExperienceAccess):
     ref_logprobs: torch.Tensor                # [B,R]
     kl: torch.Tensor                          # [B,R] per-token `kl_estimator` (old vs reference)
     sequence_rewards: torch.Tensor            # [B] R: the score, minus β·Σ KL when the KL is in the reward
+                                              # (process: Σ of the step rewards, each minus its tokens' β·KL)
     baselines: torch.Tensor | None            # [B] reinforce's b(x)
-    advantages: torch.Tensor                  # [B] one per completion
+    advantages: torch.Tensor                  # [B] one per completion (process: [B,R] one per token)
     metrics: dict[str, float] = field(default_factory=dict)
+    steps: StepRewards | None = None          # process supervision: the step rewards and their step-end tokens
+    step_advantages: torch.Tensor | None = None   # [B,S] process supervision: each step's advantage
 
 
 @dataclass
@@ -230,7 +265,8 @@ class GRPOTrainer:
         policy, self.tokenizer = load_policy(model if model is not None else cfg.model, tokenizer, cfg, name,
                                              value_head=cfg.learned_baseline)
         self.scorer, self.gold_scorer = build_scorers(reward, gold_reward, reward_tokenizer, cfg, self.tokenizer,
-                                                      self.acc.device, name)
+                                                      self.acc.device, name,
+                                                      steps=cfg.reward_granularity == "process")
         if cfg.learned_baseline:
             self.model = ActorCritic(policy if isinstance(policy, CausalLMWithValueHead)
                                      else CausalLMWithValueHead(policy))
@@ -261,16 +297,20 @@ class GRPOTrainer:
         rollout = self.sampler.generate([self.prompt_ids[i] for i in local], self.sampling)   # 1. generate
         rollout.to(self.acc.device)
         t_gen = time.perf_counter()
+        process = cfg.reward_granularity == "process"
         scored = score_rollout(self.scorer, self.gold_scorer, self.tokenizer, [self.prompts[i] for i in local],
-                               rollout)                                                       # 2. score
+                               rollout, steps=process)                                        # 2. score
         scores = self.transform(scored.raw, rollout.stopped,
                                 self.coll.gather(scored.raw) if self.coll.world > 1 else None)
+        steps = step_rewards(scored, scores, rollout, self.tokenizer, cfg) if process else None
+        if steps is not None:
+            scores = steps.totals()
         t_score = time.perf_counter()
         B = len(local)
         orders = [torch.randperm(B, device=self.acc.device) for _ in range(cfg.num_iterations)]
         single = cfg.num_iterations == 1 and cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1
         old, cached = self._old_and_reference(rollout, orders[0], single)                     # 3. log-probs
-        exp = self._experience(rollout, scored, scores, old)                                  # 4. advantages
+        exp = self._experience(rollout, scored, scores, old, steps)                           # 4. advantages
         stats = defaultdict(list)
         for order in orders:                                                                  # 5. optimizer steps
             for micro in minibatch_layout(order, cfg.num_mini_batches, cfg.gradient_accumulation_steps):
@@ -283,6 +323,8 @@ class GRPOTrainer:
                  "update": t_train - t_start}
         exp.metrics = {**reward_metrics(self.coll, scores, scored), **self._metrics(exp, stats, lr),   # 6. metrics
                        **perf_metrics(self.coll, rollout, times, cfg.rollout_batch_size * K)}
+        if steps is not None:
+            exp.metrics.update(step_metrics(self.coll, steps))
         return exp
 
     def _forward(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor) -> _Forward:
@@ -322,10 +364,13 @@ class GRPOTrainer:
         maskf = rollout.response_mask.float()
         return {**{k: v * maskf for k, v in out.items()}, "old_values": values}, cached
 
-    def _experience(self, rollout: Rollout, scored: ScoredRollout, scores: torch.Tensor, old) -> GRPOExperience:
-        """Step 4: the sequence reward and each completion's advantage."""
+    def _experience(self, rollout: Rollout, scored: ScoredRollout, scores: torch.Tensor, old,
+                    steps: StepRewards | None = None) -> GRPOExperience:
+        """Step 4: the sequence reward and each completion's advantage (process supervision: `_step_experience`)."""
         cfg, mask = self.args, rollout.response_mask
         kl = kl_penalty(old["old_logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask.float()
+        if steps is not None:
+            return self._step_experience(rollout, scored, scores, old, steps, kl)
         rewards = sequence_kl_reward(scores, kl, mask, cfg.kl_coef) if cfg.kl_placement == "reward" else scores
         baselines = None
         if cfg.estimator == "rloo":
@@ -345,6 +390,34 @@ class GRPOTrainer:
                               reward_parts=scored.parts, gold_scores=scored.gold, old_logprobs=old["old_logprobs"],
                               ref_logprobs=old["ref_logprobs"], kl=kl, sequence_rewards=rewards, baselines=baselines,
                               advantages=advantages)
+
+    def _step_experience(self, rollout: Rollout, scored: ScoredRollout, scores: torch.Tensor, old,
+                         steps: StepRewards, kl: torch.Tensor) -> GRPOExperience:
+        """Step 4 with step rewards: each step's reward (minus β·KL of its tokens when the KL is in the reward), its
+        advantage by the estimator's process form, and each token's advantage = the sum of the advantages of the
+        steps ending at or after it."""
+        cfg, mask, K = self.args, rollout.response_mask, self.args.num_generations
+        if cfg.kl_placement == "reward":
+            rewards = step_kl_rewards(steps.rewards, steps.mask, steps.ends, kl, mask, cfg.kl_coef)
+        else:
+            rewards = steps.rewards
+        baselines = None
+        if cfg.estimator == "rloo":
+            step_adv = rloo_step_advantages(rewards, steps.mask, K)
+        elif cfg.estimator in ("grpo", "dr_grpo"):
+            step_adv = grpo_step_advantages(rewards, steps.mask, K, "std" if cfg.std_scaling else "none")
+        else:   # a moving average of past batches' mean STEP reward (0 before the first)
+            value = self.baseline.value
+            baselines = torch.full((len(rewards),), 0.0 if value is None else value, device=rewards.device)
+            step_adv = reinforce_step_advantages(rewards, steps.mask, baselines[:, None])
+            total_n = self.coll.sum(torch.stack([(rewards * steps.mask).sum(), steps.mask.sum().float()]))
+            self.baseline.update((total_n[0] / total_n[1].clamp(min=1.0)).item())
+        advantages = step_advantages_to_tokens(step_adv, steps.mask, steps.ends, mask)
+        return GRPOExperience(step=self.state["update"] + 1, rollout=rollout, prompts=scored.prompts,
+                              responses=scored.responses, raw_scores=scored.raw, scores=scores,
+                              reward_parts=scored.parts, gold_scores=scored.gold, old_logprobs=old["old_logprobs"],
+                              ref_logprobs=old["ref_logprobs"], kl=kl, sequence_rewards=(rewards * steps.mask).sum(1),
+                              baselines=baselines, advantages=advantages, steps=steps, step_advantages=step_adv)
 
     def _train_minibatch(self, exp: GRPOExperience, micro: list[torch.Tensor], cached: _Forward | None,
                          stats: dict[str, list[float]]) -> None:
@@ -379,7 +452,10 @@ class GRPOTrainer:
         """Per-token loss [b,R'] of a micro-batch: the clipped surrogate with the completion's advantage on each
         token, + β·k3 when the KL is a loss term."""
         cfg, rows, r = self.args, f.rows, f.r
-        adv = exp.advantages[rows, None].expand(-1, r)
+        if exp.advantages.dim() == 2:   # process supervision: one advantage per token
+            adv = exp.advantages[rows, :r]
+        else:
+            adv = exp.advantages[rows, None].expand(-1, r)
         pg, clipped, approx = ppo_policy_loss(f.logprobs, exp.old_logprobs[rows, :r], adv, cfg.cliprange,
                                               clip_range_high=cfg.cliprange_high)
         terms = {"pg_loss": pg, "clipfrac": clipped, "approxkl": approx,
@@ -396,12 +472,19 @@ class GRPOTrainer:
         mean = lambda key: sum(stats[key]) / max(len(stats[key]), 1)   # noqa: E731 - a local shorthand
         rewards = self.coll.gather(exp.sequence_rewards)
         groups = rewards.view(-1, K) if K > 1 else None
+        if exp.advantages.dim() == 2:   # process supervision: over every real token of the batch
+            mask, reduce = exp.response_mask, self.coll.reduce
+            adv_mean = masked_mean(exp.advantages, mask, reduce=reduce).item()
+            adv_std = masked_var(exp.advantages, mask, reduce=reduce).clamp(min=0).sqrt().item()
+        else:
+            adv_mean = self.coll.gather(exp.advantages).mean().item()
+            adv_std = self.coll.gather(exp.advantages).std(unbiased=False).item()
         metrics = {
             "objective/kl": self.coll.gather(exp.kl.sum(1)).mean().item(),
             "objective/kl_coef": cfg.kl_coef,
             "objective/sequence_reward": rewards.mean().item(),
-            "advantage/mean": self.coll.gather(exp.advantages).mean().item(),
-            "advantage/std": self.coll.gather(exp.advantages).std(unbiased=False).item(),
+            "advantage/mean": adv_mean,
+            "advantage/std": adv_std,
             "loss/policy": mean("pg_loss"),
             "policy/clipfrac": mean("clipfrac"),
             "policy/approxkl": mean("approxkl"),
@@ -409,7 +492,11 @@ class GRPOTrainer:
             "optim/lr": lr,
             "optim/grad_norm": mean("grad_norm"),
         }
-        if groups is not None:
+        if groups is not None and exp.step_advantages is not None:   # groups whose step advantages are all 0
+            zero = (exp.step_advantages.view(-1, K * exp.step_advantages.shape[1]) == 0).all(1).float()
+            metrics["group/zero_std_share"] = self.coll.gather(zero).mean().item()
+            metrics["group/reward_std"] = groups.std(1).mean().item()
+        elif groups is not None:
             metrics["group/zero_std_share"] = (groups.max(1).values == groups.min(1).values).float().mean().item()
             metrics["group/reward_std"] = groups.std(1).mean().item()
         if stats.get("kl_loss"):

@@ -19,6 +19,15 @@ One update (`PPOTrainer._update`), each step one call:
  6. metrics, KL coefficient update (fixed or adaptive).
 Then (`_train`): log, sample table, `callbacks`, reward threshold and reward-hacking guard, checkpoint.
 
+Process supervision (`reward_granularity="process"`; Lightman et al. 2023, Wang et al. 2024): the reward scores each
+reasoning step (a process reward model, or a step function `module:function` fn(prompts, step_lists) ->
+list[list[float]]); step 4's per-token rewards are then −β·KL_t plus each step's reward on the token that ends the
+step (`losses.ppo_process_rewards`; where steps end and what a response without a step gets:
+`alignloop.rl.step_rewards`), so GAE credits each step with its own reward and the later ones. `scores` and
+`reward/mean` are each response's summed step rewards; `reward/raw_mean` the reward's own whole-response score;
+`reward/steps_mean` and `reward/steps_per_response` the mean step score and steps per response. With one step per
+response ending on its last token this is exactly the outcome form.
+
 Callbacks: `PPOTrainer(..., callbacks=[fn])` calls `fn(experience)` once per update, on every process, with that
 process's `PPOExperience` (rollout, scores, KL, rewards, advantages, returns, old values and log-probs, the update's
 metrics, ...; see the class). For custom logging and analysis; what it holds is that update's, not a copy.
@@ -72,6 +81,7 @@ from alignloop.losses import (
     ppo_rewards,
     ppo_value_loss,
 )
+from alignloop.losses.ppo import ppo_process_rewards
 from alignloop.models import (
     ActorCritic,
     CausalLMWithValueHead,
@@ -80,13 +90,16 @@ from alignloop.models import (
     has_adapter,
 )
 from alignloop.rl import (
+    REWARD_GRANULARITY_HELP,
     Collective,
     ExperienceAccess,
     OnlineRLArgs,
     ScoredRollout,
+    StepRewards,
     UpdateLoop,
     build_scorers,
     check_batch_sizes,
+    check_reward_granularity,
     encoded_prompts,
     frozen_reference,
     load_online_checkpoint,
@@ -102,6 +115,8 @@ from alignloop.rl import (
     save_online_checkpoint,
     score_rollout,
     speed_up_models,
+    step_metrics,
+    step_rewards,
     train_online,
 )
 from alignloop.rollout import HFSampler, Rollout, Sampler
@@ -142,6 +157,8 @@ class PPOConfig(OnlineRLArgs):
     value_model: Literal["head", "reward"] = field(default="head", metadata={
         "help": "head: zero-initialised value head on the policy trunk (one forward for logits and values); "
                 "reward: a separate critic initialised from the reward model."})
+    reward_granularity: Literal["outcome", "process"] = field(default="outcome", metadata={
+        "help": REWARD_GRANULARITY_HELP})
     use_lora: bool | None = field(default=None, metadata={
         "help": "Deprecated (removed in 0.3): use lora_r > 0. True with lora_r 0 means lora_r 8 (the old default); "
                 "False turns LoRA off whatever lora_r says."})
@@ -150,6 +167,7 @@ class PPOConfig(OnlineRLArgs):
         super().__post_init__()
         if self.num_mini_batches < 1 or self.num_ppo_epochs < 1:
             raise ConfigError("num_mini_batches and num_ppo_epochs must be >= 1")
+        check_reward_granularity(self)
         if self.use_lora is not None:
             warnings.warn("PPOConfig: 'use_lora' (--use-lora) is deprecated and will be removed in alignloop 0.3: "
                           "LoRA is on when lora_r > 0 (--lora-r)", FutureWarning, stacklevel=4)
@@ -171,6 +189,7 @@ class PPOExperience(ExperienceAccess):
     responses: list[str]                      # [B] response texts (no special tokens)
     raw_scores: torch.Tensor                  # [B] the reward's output (Σ weight · part)
     scores: torch.Tensor                      # [B] after normalisation, clipping, no-EOS penalty: what PPO optimises
+                                              # (process supervision: the response's summed step rewards)
     reward_parts: dict[str, torch.Tensor]     # {name: [B]} each reward of a weighted sum, before weighting
     gold_scores: torch.Tensor | None          # [B] the held-out scorer's, when there is one
     old_logprobs: torch.Tensor                # [B,R] the policy's before the update (temperature-scaled)
@@ -181,9 +200,11 @@ class PPOExperience(ExperienceAccess):
     kl_coef: float                            # β used in this update's rewards
     non_score_rewards: torch.Tensor           # [B,R] −β·KL
     rewards: torch.Tensor                     # [B,R] non-score rewards + the score on the last real token
+                                              # (process supervision: each step's reward on its step-end token)
     advantages: torch.Tensor                  # [B,R] GAE, whitened when `whiten_advantages`
     returns: torch.Tensor                     # [B,R] advantages (before whitening) + old values
     metrics: dict[str, float] = field(default_factory=dict)   # the update's logged metrics (global)
+    steps: StepRewards | None = None          # process supervision: the step rewards and their step-end tokens
 
 
 @dataclass
@@ -237,7 +258,8 @@ class PPOTrainer:
         policy, self.tokenizer = load_policy(model if model is not None else cfg.model, tokenizer, cfg, "PPO",
                                              value_head=cfg.value_model == "head")
         self.scorer, self.gold_scorer = build_scorers(reward, gold_reward, reward_tokenizer, cfg, self.tokenizer,
-                                                      self.acc.device, "PPO")
+                                                      self.acc.device, "PPO",
+                                                      steps=cfg.reward_granularity == "process")
         self.model = self._actor_critic(policy)
         self.lora = has_adapter(self.model.lm)
         self.ref_model = frozen_reference(self.model.lm, ref_model if ref_model is not None else cfg.ref_model,
@@ -289,14 +311,18 @@ class PPOTrainer:
         rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], self.sampling)      # 1. generate
         rollout.to(self.acc.device)
         t_gen = time.perf_counter()
+        process = cfg.reward_granularity == "process"
         scored = score_rollout(self.scorer, self.gold_scorer, self.tokenizer, [self.prompts[i] for i in idx],
-                               rollout)                                                         # 2. score
+                               rollout, steps=process)                                          # 2. score
         raw = scored.raw
         scores = self.transform(raw, rollout.stopped, self.coll.gather(raw) if self.coll.world > 1 else None)
+        steps = step_rewards(scored, scores, rollout, self.tokenizer, cfg) if process else None
+        if steps is not None:
+            scores = steps.totals()
         t_score = time.perf_counter()
         orders = [torch.randperm(len(idx), device=self.acc.device) for _ in range(cfg.num_ppo_epochs)]
         old, cached = self._old_logprobs_and_values(rollout, orders[0])                        # 3. old pass
-        exp = self._experience(rollout, scored, scores, old)                                    # 4. rewards, GAE
+        exp = self._experience(rollout, scored, scores, old, steps)                             # 4. rewards, GAE
         stats = self._ppo_epochs(exp, orders, cached)                                           # 5. PPO epochs
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
         self.scheduler.step()
@@ -306,6 +332,8 @@ class PPOTrainer:
         exp.metrics = {**reward_metrics(self.coll, scores, scored), **self._ppo_metrics(exp),   # 6. metrics
                        **self._optim_metrics(stats, lr), **perf_metrics(self.coll, rollout, times,
                                                                           cfg.rollout_batch_size)}
+        if steps is not None:
+            exp.metrics.update(step_metrics(self.coll, steps))
         self.kl_ctl.update(exp.metrics["objective/kl"], cfg.rollout_batch_size)
         return exp
 
@@ -343,13 +371,17 @@ class PPOTrainer:
         maskf = rollout.response_mask.float()
         return {k: v * maskf for k, v in out.items()}, cached
 
-    def _experience(self, rollout: Rollout, scored: ScoredRollout, scores: torch.Tensor, old) -> PPOExperience:
-        """Step 4: per-token KL and rewards (`ppo_rewards`), GAE advantages (whitened over the global batch) and
-        returns."""
+    def _experience(self, rollout: Rollout, scored: ScoredRollout, scores: torch.Tensor, old,
+                    steps: StepRewards | None = None) -> PPOExperience:
+        """Step 4: per-token KL and rewards (`ppo_rewards`; with step rewards `ppo_process_rewards`), GAE advantages
+        (whitened over the global batch) and returns."""
         cfg, mask = self.args, rollout.response_mask
         kl = kl_penalty(old["old_logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask.float()
         beta = self.kl_ctl.value
-        rewards, non_score = ppo_rewards(scores, kl, mask, beta)
+        if steps is None:
+            rewards, non_score = ppo_rewards(scores, kl, mask, beta)
+        else:
+            rewards, non_score = ppo_process_rewards(steps.rewards, steps.mask, steps.ends, kl, mask, beta)
         advantages, returns = gae(rewards, old["old_values"], mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, reduce=self.coll.reduce)
@@ -357,7 +389,7 @@ class PPOTrainer:
                              responses=scored.responses, raw_scores=scored.raw, scores=scores,
                              reward_parts=scored.parts, gold_scores=scored.gold, kl=kl,
                              kl_coef=beta, non_score_rewards=non_score, rewards=rewards, advantages=advantages,
-                             returns=returns, **old)
+                             returns=returns, steps=steps, **old)
 
     def _ppo_epochs(self, exp: PPOExperience, orders: list[torch.Tensor], cached: _Forward | None) -> _EpochStats:
         """Step 5: an optimizer step per minibatch, epoch after epoch; stops the update early past `target_kl`."""
