@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignloop.data import prompt_texts
+from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import logprobs_from_logits
 from alignloop.models import (
@@ -54,16 +54,13 @@ from alignloop.models import (
 )
 from alignloop.models.fast import speed_up
 from alignloop.rollout import Rollout, SamplingParams, decode_responses, encode_prompts, rollout_step_ends
-from alignloop.rollout.steps import STEP_SEPARATOR, split_steps
 from alignloop.scoring import (
-    FunctionScorer,
-    ModelScorer,
+    SCORERS,
+    ProcessScorer,
     RewardTransform,
-    WeightedScorer,
+    aggregate_step_scores,
     build_scorer,
     is_function_spec,
-    load_function,
-    spec_name,
     total,
 )
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -342,18 +339,30 @@ class ScoredRollout:
 def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: Rollout,
                   steps: bool = False) -> ScoredRollout:
     """Decode the responses and score them with the reward (each part) and the gold scorer. `steps`: the reward's
-    step scores too (`checked_step_scores`); `raw` is then the reward's own score of the whole response when it has
-    one (a process reward model's aggregate of its step scores), else the mean of the response's step scores (0
-    without a step)."""
+    step scores too (`checked_step_scores`), and `raw` the reward's score of the whole response: a `ProcessScorer`'s
+    aggregate of the same step scores (one pass of the process reward model: what its `.parts` gives, steps past
+    its context 0), another step scorer's own `rollout_parts` when it has them, else the weakest step's score
+    (`aggregate_step_scores`' "min"; 0 without a step)."""
     responses = decode_responses(tokenizer, rollout)
-    step_scores = checked_step_scores(scorer, prompts, responses) if steps else None
-    if steps and not hasattr(scorer, "rollout_parts"):
-        raw = torch.tensor([sum(s) / len(s) if s else 0.0 for s in step_scores], dtype=torch.float32,
-                           device=rollout.response_ids.device)
-        parts = {getattr(scorer, "name", "step_reward"): raw}
+    device = rollout.response_ids.device
+    if steps and isinstance(scorer, ProcessScorer):
+        rows = scorer.score_steps(prompts, [split_steps(c, scorer.separator) for c in responses])
+        step_scores = check_step_scores(scorer.name, [[v for v in row if v is not None] for row in rows], responses,
+                                        scorer.separator)
+        seen = [[0.0 if v is None else v for v in row] for row in rows]
+        parts = {scorer.name: torch.tensor(aggregate_step_scores(seen, scorer.aggregate), dtype=torch.float32,
+                                           device=device)}
+        weights = scorer.weights
+    elif steps and not hasattr(scorer, "rollout_parts"):
+        step_scores = checked_step_scores(scorer, prompts, responses)
+        name = getattr(scorer, "name", "step_reward")
+        parts = {name: torch.tensor(aggregate_step_scores(step_scores, "min"), dtype=torch.float32, device=device)}
+        weights = {name: 1.0}
     else:
+        step_scores = checked_step_scores(scorer, prompts, responses) if steps else None
         parts = scorer.rollout_parts(rollout, prompts, responses)
-        raw = total(parts, scorer.weights).float()
+        weights = scorer.weights
+    raw = total(parts, weights).float()
     gold = gold_scorer.score_rollout(rollout, prompts, responses).float() if gold_scorer else None
     return ScoredRollout(prompts, responses, parts, raw, gold, step_scores,
                          getattr(scorer, "separator", STEP_SEPARATOR))
@@ -443,29 +452,17 @@ def check_reward_granularity(args: OnlineRLArgs) -> None:
                           f"(the critic-free estimators normalise them per group, PPO whitens its advantages)")
 
 
-class StepFunctionScorer:
-    """A step function fn(prompts, step_lists) -> list[list[float]] as a step scorer (`.step_scores(prompts,
-    completions)`: each completion split with `split_steps`). It gives no whole-response score of its own."""
-
-    def __init__(self, fn: Callable, name: str | None = None, separator: str = STEP_SEPARATOR):
-        self.fn, self.separator = fn, separator
-        self.name = name or getattr(fn, "__name__", "step_function")
-
-    def step_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
-        return self.fn(list(prompts), [split_steps(c, self.separator) for c in completions])
-
-
 def step_scorer(reward, reward_tokenizer=None, trainer: str = "RL", **common):
-    """The reward of process supervision: an object with `.step_scores` as it is; a `module:function` spec or a
-    plain function: a step function fn(prompts, step_lists) -> list[list[float]]; anything else (a model folder,
-    e.g. a process reward model) through `build_scorer`, which must give an object that scores steps. UserError
-    otherwise (a sequence reward model, an outcome function object, a weighted sum)."""
+    """The reward of process supervision: an object with `.step_scores` as it is (a `ProcessScorer`); a
+    `module:function` spec or a plain function: a step function fn(prompts, step_lists) -> list[list[float]]
+    (`ProcessScorer(fn)`); anything else (a folder: a process reward model) through `build_scorer`, which must give
+    a scorer of steps. UserError otherwise (a reward model or classifier, an outcome function already wrapped as a
+    scorer, a weighted sum: one score per response)."""
     if hasattr(reward, "step_scores"):
         return reward
-    if isinstance(reward, str) and is_function_spec(reward):
-        return StepFunctionScorer(load_function(reward), spec_name(reward))
-    if callable(reward) and not isinstance(reward, (nn.Module, FunctionScorer, ModelScorer, WeightedScorer)):
-        return StepFunctionScorer(reward)
+    if (isinstance(reward, str) and is_function_spec(reward)) or (
+            callable(reward) and not isinstance(reward, (nn.Module, *SCORERS))):
+        return ProcessScorer(reward)
     scorer = build_scorer(reward, reward_tokenizer, **common)
     if not hasattr(scorer, "step_scores"):
         what = type(scorer).__name__ + (f" of {reward!r}" if isinstance(reward, (str, list, tuple)) else "")
@@ -477,14 +474,17 @@ def step_scorer(reward, reward_tokenizer=None, trainer: str = "RL", **common):
 
 
 def checked_step_scores(scorer, prompts: list[str], responses: list[str]) -> list[list[float]]:
-    """`scorer.step_scores(prompts, responses)`, checked: one list of finite numbers per response, no more than the
-    response has steps (`split_steps`; fewer: the scorer truncated the response, the later steps get no reward)."""
-    name = getattr(scorer, "name", type(scorer).__name__)
-    got = scorer.step_scores(prompts, responses)
+    """`scorer.step_scores(prompts, responses)`, checked (`check_step_scores`)."""
+    return check_step_scores(getattr(scorer, "name", type(scorer).__name__), scorer.step_scores(prompts, responses),
+                             responses, getattr(scorer, "separator", STEP_SEPARATOR))
+
+
+def check_step_scores(name: str, got, responses: list[str], separator: str = STEP_SEPARATOR) -> list[list[float]]:
+    """A step scorer's output checked: one list of finite numbers per response, no more than the response has steps
+    (`split_steps`; fewer: the scorer truncated the response, its later steps get no reward)."""
     if not isinstance(got, (list, tuple)) or len(got) != len(responses):
         raise UserError(f"step reward {name}: expected one list of step scores per response ({len(responses)}), "
                         f"got {type(got).__name__}" + (f" of {len(got)}" if isinstance(got, (list, tuple)) else ""))
-    separator = getattr(scorer, "separator", STEP_SEPARATOR)
     out = []
     for i, (row, response) in enumerate(zip(got, responses, strict=True)):
         if isinstance(row, torch.Tensor):

@@ -18,14 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from alignloop.data import STEP_SEPARATOR, split_steps
 from alignloop.rollout.sampler import Rollout
-
-# TEMPORARY until alignloop.data.steps is committed (issue 14, CORE): the contract's separator and split_steps.
-STEP_SEPARATOR = "\n"
-
-
-def split_steps(text: str, separator: str = STEP_SEPARATOR) -> list[str]:
-    return [piece for piece in text.split(separator) if piece.strip()]
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:

@@ -31,9 +31,11 @@ from alignloop.losses.critic_free import (
     step_kl_rewards,
 )
 from alignloop.losses.ppo import place_step_rewards, ppo_process_rewards
+from alignloop.models import load_tokenizer
+from alignloop.models.prm import build_prm
 from alignloop.models.tiny import build_tiny_checkpoint, tiny_causal_lm, tiny_reward_model, train_tokenizer
 from alignloop.rollout.steps import split_steps, step_end_positions
-from alignloop.scoring import FunctionScorer
+from alignloop.scoring import FunctionScorer, ProcessScorer
 from alignloop.trainers.grpo import GRPOConfig, GRPOTrainer
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -320,6 +322,8 @@ def step_policy(step_tok):
     opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
     corpus = _corpus()
     tok.padding_side = "right"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny ops: a second thread only waits (9 s instead of 1 s on 2 busy cores)
     try:
         for step in range(80):
             enc = tok([corpus[(step * 16 + i) % len(corpus)] + tok.eos_token for i in range(16)], return_tensors="pt",
@@ -329,6 +333,7 @@ def step_policy(step_tok):
             opt.zero_grad()
     finally:
         tok.padding_side = "left"
+        torch.set_num_threads(threads)
     return lm.eval()
 
 
@@ -336,7 +341,7 @@ def _common(tmp_path, **kw):
     return {"output_dir": str(tmp_path), "total_updates": 1, "rollout_batch_size": 16, "max_new_tokens": 12,
             "learning_rate": 3e-3, "lr_scheduler": "constant", "progress": False, "save_final": False,
             "tensorboard": False, "sample_every": 0, "seed": 0, "reward_granularity": "process", "kl_coef": 0.01,
-            **kw}
+            "cpu_threads": 1, **kw}
 
 
 def _ppo(tmp_path, tok, policy, reward=good_steps, **kw):
@@ -469,8 +474,8 @@ def test_one_step_per_response_gives_the_outcome_run(tmp_path, step_tok, estimat
 def test_process_supervision_raises_the_step_reward(tmp_path, step_tok, step_policy, trainer):
     """15 updates on the toy task (steps good when they contain "good"): the mean step reward rises from the
     policy's chance level (~0.3) to above 0.8 (seen: PPO 0.42 -> 0.92 averaged over the first and last 3 updates,
-    RLOO 0.34 -> 0.95; 4-7 s each). RLOO's process form subtracts the mean step reward from every step, so its
-    responses also get shorter (fewer steps); PPO's undiscounted sum of 0/1 rewards does not."""
+    RLOO 0.34 -> 0.95; about 1 s each on one thread). RLOO's process form subtracts the mean step reward from every
+    step, so its responses also get shorter (fewer steps); PPO's undiscounted sum of 0/1 rewards does not."""
     run = _ppo if trainer == "ppo" else _grpo
     kw = {"num_ppo_epochs": 2} if trainer == "ppo" else {}
     _, h, _ = run(tmp_path, step_tok, step_policy, total_updates=15, **kw)
@@ -478,10 +483,6 @@ def test_process_supervision_raises_the_step_reward(tmp_path, step_tok, step_pol
     end = sum(m["reward/steps_mean"] for m in h[-3:]) / 3
     print(trainer, [round(m["reward/steps_mean"], 2) for m in h], [round(m["reward/steps_per_response"], 1) for m in h])
     assert start < 0.5 and end > 0.8 and end > start + 0.3
-
-
-class _OutcomeOnly:
-    """A scorer object that gives one score per response and no step scores."""
 
 
 def test_process_mode_rejects_a_reward_that_cannot_score_steps(tmp_path, step_tok, step_policy):
@@ -494,10 +495,21 @@ def test_process_mode_rejects_a_reward_that_cannot_score_steps(tmp_path, step_to
             _ppo(tmp_path, tok, step_policy, reward=reward)
         with pytest.raises(UserError, match="scores each step"):
             _grpo(tmp_path, tok, step_policy, reward=reward)
-    with pytest.raises(UserError, match="expected a list of step scores, got float"):
+    with pytest.raises(UserError, match="expected one list of scores per solution, one score per step"):
         _grpo(tmp_path, tok, step_policy, reward=lambda prompts, responses: [0.0] * len(responses))
+
+    class Floats:      # an object with step_scores that gives one number per response
+        def step_scores(self, prompts, completions):
+            return [0.0] * len(completions)
+
+    class TooMany:     # more scores than the response has steps
+        def step_scores(self, prompts, completions):
+            return [[0.0] * (len(split_steps(c)) + 1) for c in completions]
+
+    with pytest.raises(UserError, match="expected a list of step scores, got float"):
+        _grpo(tmp_path, tok, step_policy, reward=Floats())
     with pytest.raises(UserError, match=r"has (\d+) steps but got \d+ step scores"):
-        _grpo(tmp_path, tok, step_policy, reward=lambda prompts, steps: [[0.0] * (len(s) + 1) for s in steps])
+        _grpo(tmp_path, tok, step_policy, reward=TooMany())
     with pytest.raises(ConfigError, match="reward_normalization"):
         PPOConfig(reward_granularity="process", reward_normalization="running")
     with pytest.raises(ConfigError, match="reward_granularity"):
@@ -526,3 +538,27 @@ def test_cli_flag_runs_process_mode_with_a_step_function(tmp_path, step_tok):
     bad = CliRunner().invoke(cli, ["grpo", "--config", str(cfg), "--reward-granularity", "process",
                                    "--reward-model", str(rm)])
     assert isinstance(bad.exception, UserError) and "scores each step" in str(bad.exception)
+
+
+def test_a_process_reward_model_folder_scores_the_steps_in_one_pass(tmp_path, step_tok):
+    """`reward_model` = a PRM folder (a random-head tiny PRM): the step rewards are its step probabilities, and the
+    raw score its `ProcessScorer`'s whole-response score (min of the steps), both from one pass of the PRM: equal to
+    what the scorer gives when asked separately."""
+    base = build_tiny_checkpoint(tmp_path / "base", _corpus(), n_layer=1, n_embd=32)
+    prm = build_prm(base)
+    prm.save_pretrained(tmp_path / "prm")
+    load_tokenizer(str(base)).save_pretrained(tmp_path / "prm")
+    policy = tiny_causal_lm(load_tokenizer(str(base)), n_layer=1, n_embd=32, seed=0)
+    tok = load_tokenizer(str(base), padding_side="left")
+    calls = []
+    tr = GRPOTrainer(model=policy, args=GRPOConfig(**_common(tmp_path / "run", reward_model=str(tmp_path / "prm"),
+                                                             rollout_batch_size=2, num_generations=2,
+                                                             estimator="rloo", stop_strings=[])),
+                     train_dataset=[PROMPT] * 2, tokenizer=tok, callbacks=[calls.append])
+    scorer = tr.scorer
+    assert isinstance(scorer, ProcessScorer)
+    tr.train()
+    exp = calls[0]
+    assert exp.steps.scores == [[pytest.approx(v, abs=1e-6) for v in row]
+                                for row in scorer.step_scores(exp.prompts, exp.responses)]
+    assert torch.allclose(exp.raw_scores, scorer(exp.prompts, exp.responses), atol=1e-6)
