@@ -305,12 +305,12 @@ class ProcessScorer:
     `.step_scores(prompts, completions) -> list[list[float]]`: each step's probability of being good (a PRM scores
     the steps that fit its context, whole steps from the start: a longer solution gets fewer scores than steps).
     The scorer protocol (`__call__`, `.parts`, `.score_rollout`) gives `aggregate_step_scores(..., aggregate)`, with
-    steps the PRM could not see counted as 0.0; `eos` is ignored (a PRM reads steps, not the end of the text)."""
+    steps the PRM could not see counted as 0.0; `eos` is ignored (a PRM reads steps, not the end of the text).
+    `aggregate` None: the model's own (`alignloop prm --outcome` saves "last": an ORM scores the final step end),
+    else "min"."""
 
-    def __init__(self, model_or_fn, tokenizer=None, *, aggregate: str = "min", separator: str | None = None,
+    def __init__(self, model_or_fn, tokenizer=None, *, aggregate: str | None = None, separator: str | None = None,
                  batch_size: int = 32, max_length: int | None = None, name: str | None = None):
-        if aggregate not in STEP_AGGREGATIONS:
-            raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {aggregate!r}")
         if isinstance(model_or_fn, str):
             name = name or spec_name(model_or_fn)
             model_or_fn = load_function(model_or_fn)
@@ -320,9 +320,14 @@ class ProcessScorer:
             raise ConfigError(f"a process scorer needs a PRM or a step function, got {type(model_or_fn).__name__}")
         if self.model is not None and tokenizer is None:
             raise ConfigError("scoring steps with a process reward model needs its tokenizer (tokenizer=...)")
-        info = prm_info(self.model) if self.model is not None else None
-        self.separator = separator or (info or {}).get("separator", STEP_SEPARATOR)
-        self.tokenizer, self.aggregate, self.batch_size = tokenizer, aggregate, batch_size
+        info = (prm_info(self.model) if self.model is not None else None) or {}
+        self.separator = separator or info.get("separator", STEP_SEPARATOR)
+        # an outcome-trained model (the ORM view) is read at its final step end; others by their weakest step
+        self.aggregate = aggregate or info.get("aggregate", "min")
+        if self.aggregate not in STEP_AGGREGATIONS:
+            raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got "
+                              f"{self.aggregate!r}")
+        self.tokenizer, self.batch_size = tokenizer, batch_size
         self.max_length = max_length or (context_length(self.model, tokenizer) if self.model is not None else None)
         self.name = name or ("prm" if self.model is not None else getattr(self.fn, "__name__", "step_function"))
         self.weights = {self.name: 1.0}
@@ -441,10 +446,11 @@ def load_reward_model(name_or_path: str | os.PathLike, dtype=None) -> tuple[nn.M
 
 
 def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int | str = 1, batch_size: int = 32,
-                add_eos: bool = True, policy_tokenizer=None, device=None, step_aggregation: str = "min") -> Scorer:
+                add_eos: bool = True, policy_tokenizer=None, device=None,
+                step_aggregation: str | None = None) -> Scorer:
     """A scorer from one spec or several `SPEC=WEIGHT` (see the module docstring). SPEC: a reward-model /
     classifier folder or hub id, a process reward model folder (a `ProcessScorer` aggregating its step scores with
-    `step_aggregation`), or `module:function`."""
+    `step_aggregation`; None: the model's own, see `ProcessScorer`), or `module:function`."""
     items = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     if not items:
         raise ConfigError("no reward given: a reward-model folder or hub id, or module:function")
@@ -469,7 +475,7 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
 
 def build_scorer(reward, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
                  batch_size: int = 32, add_eos: bool = True, dtype=None, device=None,
-                 step_aggregation: str = "min") -> Scorer | None:
+                 step_aggregation: str | None = None) -> Scorer | None:
     """A scorer from whatever the user handed over: a scorer (as is), a spec string or list (`load_scorer`), a model
     (`RewardModel`, `ClassifierReward`, any transformers sequence classifier, a process reward model; with its
     `tokenizer`) or a function `f(prompts, completions) -> floats`. None stays None."""
