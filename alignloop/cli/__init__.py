@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("alignloop.cli.demo", "demo", "Run the whole loop on the built-in example task (no downloads)."),
     "sft": ("alignloop.cli.train", "sft", "Supervised fine-tuning on demonstrations (loss on completions only)."),
     "rm": ("alignloop.cli.train", "rm", "Train a reward model on preference pairs or rankings (Bradley-Terry)."),
+    "prm": ("alignloop.cli.prm", "prm", "Train a process reward model on step-level labels (or an ORM: --outcome)."),
     "ppo": ("alignloop.cli.ppo", "ppo", "PPO against a reward model with a KL penalty to the reference."),
     "grpo": ("alignloop.cli.grpo", "grpo", "Critic-free RL: GRPO, Dr. GRPO, RLOO or REINFORCE (--estimator)."),
     "rloo": ("alignloop.cli.grpo", "rloo", "RLOO: each completion's baseline is its prompt's other completions."),
