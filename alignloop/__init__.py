@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SFTConfig": "alignloop.trainers.sft", "SFTTrainer": "alignloop.trainers.sft",
     "RewardConfig": "alignloop.trainers.rm", "RewardTrainer": "alignloop.trainers.rm",
+    "PRMConfig": "alignloop.trainers.prm", "PRMTrainer": "alignloop.trainers.prm",
     "PPOConfig": "alignloop.trainers.ppo", "PPOTrainer": "alignloop.trainers.ppo",
     "DPOConfig": "alignloop.trainers.dpo", "DPOTrainer": "alignloop.trainers.dpo",
     "KTOConfig": "alignloop.trainers.kto", "KTOTrainer": "alignloop.trainers.kto",
