@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForTokenClassification
 
 from alignloop.cli import main
 from alignloop.errors import ConfigError
@@ -175,3 +177,22 @@ def test_cli_bad_option_exits_2(tmp_path, capsys):
         main(["prm", "--model", "m", "--train-file", "x.jsonl", "--neutral", "sometimes"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "neutral: expected good, bad, ignore" in err and "Traceback" not in err
+
+
+def test_resume_gives_same_weights(tmp_path, lm_dir):
+    """A run resumed from its step-3 checkpoint ends on the same weights as the run that was not interrupted (the
+    optimizer moments, the schedule and the data position restored)."""
+    common = dict(learning_rate=1e-3, max_steps=6, per_device_batch_size=8, save_steps=3, save_total_limit=None,
+                  lr_scheduler="cosine", warmup_steps=1, max_length=128, progress=False, tensorboard=False, seed=1,
+                  logging_steps=1)
+    data = solutions(40, 5)
+    full = PRMTrainer(lm_dir, PRMConfig(output_dir=str(tmp_path / "full"), **common), data).train()
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000003",
+                    tmp_path / "resumed" / "checkpoints" / "step-000003")
+    resumed = PRMTrainer(lm_dir, PRMConfig(output_dir=str(tmp_path / "resumed"), resume_from="latest", **common),
+                         data).train()
+    assert resumed.steps == full.steps == 6
+    assert [h["step"] for h in resumed.history if "loss/prm" in h] == [4, 5, 6]   # it did start at step 3
+    a = AutoModelForTokenClassification.from_pretrained(full.output_dir).state_dict()
+    b = AutoModelForTokenClassification.from_pretrained(resumed.output_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
