@@ -124,7 +124,7 @@ def first_error_hits(probs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
     return hits, n
 
 
-def trained_mask(batch: dict[str, torch.Tensor], loss: str, neutral: float | None, soft: bool) -> torch.Tensor:
+def trained_mask(batch: dict[str, torch.Tensor], neutral: float | None, soft: bool) -> torch.Tensor:
     """[B,T] bool: the step ends that give a loss term."""
     mask = batch["label_mask"]
     if neutral is None:
@@ -135,7 +135,7 @@ def trained_mask(batch: dict[str, torch.Tensor], loss: str, neutral: float | Non
 def step_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], loss: str, neutral: float | None,
                 soft: bool) -> torch.Tensor:
     """Per-token losses [B,T] (0 off the trained step ends) from the head's logits [B,T,C]."""
-    mask = trained_mask(batch, loss, neutral, soft)
+    mask = trained_mask(batch, neutral, soft)
     if loss == "ce":
         return step_ce_loss(logits, batch["step_labels"], mask)
     targets, _ = step_targets(batch["step_labels"], batch["label_mask"], 0.5 if neutral is None else neutral)
@@ -241,7 +241,7 @@ class PRMTrainer:
                         continue
                     losses, probs, b = forward([eval_ex[i] for i in mb])
                     hits, n = first_error_hits(probs, b)
-                    trained = trained_mask(b, a.loss, neutral, soft).sum()
+                    trained = trained_mask(b, neutral, soft).sum()
                     sums += torch.cat([torch.stack([losses.sum(), trained.float()]), accuracy(probs, b),
                                        torch.tensor([hits, n], dtype=sums.dtype, device=acc.device)])
             model.train()

@@ -100,8 +100,8 @@ def test_which_steps_are_trained():
     logits = torch.zeros(1, 6, 1)
     log2 = torch.log(torch.tensor(2.0)).item()
     assert step_losses(logits, b, "bce", 1.0, False)[0].tolist() == pytest.approx([0, log2, log2, log2, 0, 0])
-    assert trained_mask(b, "bce", None, False)[0].tolist() == [False, True, False, True, False, False]
-    assert trained_mask(b, "bce", None, True)[0].tolist() == [False, True, False, True, True, False]
+    assert trained_mask(b, None, False)[0].tolist() == [False, True, False, True, False, False]
+    assert trained_mask(b, None, True)[0].tolist() == [False, True, False, True, True, False]
     log3 = torch.log(torch.tensor(3.0)).item()
     assert step_losses(torch.zeros(1, 6, 3), b, "ce", 1.0, False)[0].tolist() == pytest.approx(
         [0, log3, log3, log3, 0, 0])
@@ -196,3 +196,12 @@ def test_resume_gives_same_weights(tmp_path, lm_dir):
     a = AutoModelForTokenClassification.from_pretrained(full.output_dir).state_dict()
     b = AutoModelForTokenClassification.from_pretrained(resumed.output_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_soft_targets_train(tmp_path, lm_dir):
+    """Math-Shepherd rows (soft labels only: hard labels from them) train with target soft."""
+    rows = [{"prompt": r["prompt"], "completions": r["completions"],
+             "soft_labels": [None if v is None else (0.75 if v > 0 else 0.0) for v in r["labels"]]}
+            for r in solutions(24, 6)]
+    result = PRMTrainer(lm_dir, quick(tmp_path, target="soft", max_steps=2, eval_fraction=0.25), rows).train()
+    assert result.steps == 2 and result.metrics["eval/steps"] > 0
