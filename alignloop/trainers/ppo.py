@@ -120,6 +120,7 @@ from alignloop.rl import (
     train_online,
 )
 from alignloop.rollout import HFSampler, Rollout, Sampler
+from alignloop.scoring import ProcessScorer
 from alignloop.training.config import renamed_fields
 from alignloop.training.guard import SampleTable
 from alignloop.training.loop import make_accelerator, seed_everything, sync_context
@@ -283,6 +284,9 @@ class PPOTrainer:
         """The policy with its value function: a value head on its trunk, or a critic from the reward model."""
         critic = None
         if self.args.value_model == "reward":
+            if isinstance(self.scorer, ProcessScorer):
+                raise ConfigError("value_model='reward' starts the critic from a reward model (a sequence "
+                                  "classifier); a process reward model is a token classifier: use value_model='head'")
             reward_model = getattr(self.scorer, "model", None)
             if reward_model is None:
                 raise ConfigError("value_model='reward' needs one reward model to start the critic from (a function "

@@ -543,7 +543,7 @@ def test_cli_flag_runs_process_mode_with_a_step_function(tmp_path, step_tok):
 def test_a_process_reward_model_folder_scores_the_steps_in_one_pass(tmp_path, step_tok):
     """`reward_model` = a PRM folder (a random-head tiny PRM): the step rewards are its step probabilities, and the
     raw score its `ProcessScorer`'s whole-response score (min of the steps), both from one pass of the PRM: equal to
-    what the scorer gives when asked separately."""
+    what the scorer gives when asked separately. PPO's value_model='reward' cannot start a critic from a PRM."""
     base = build_tiny_checkpoint(tmp_path / "base", _corpus(), n_layer=1, n_embd=32)
     prm = build_prm(base)
     prm.save_pretrained(tmp_path / "prm")
@@ -562,3 +562,7 @@ def test_a_process_reward_model_folder_scores_the_steps_in_one_pass(tmp_path, st
     assert exp.steps.scores == [[pytest.approx(v, abs=1e-6) for v in row]
                                 for row in scorer.step_scores(exp.prompts, exp.responses)]
     assert torch.allclose(exp.raw_scores, scorer(exp.prompts, exp.responses), atol=1e-6)
+    with pytest.raises(ConfigError, match="use value_model='head'"):   # PPO's critic cannot start from a PRM
+        PPOTrainer(model=policy, args=PPOConfig(**_common(tmp_path / "ppo", reward_model=str(tmp_path / "prm"),
+                                                          value_model="reward")),
+                   train_dataset=[PROMPT], tokenizer=tok)
