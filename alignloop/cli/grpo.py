@@ -6,6 +6,7 @@ policy against a reward (model, classifier, `module:function` such as a verifiab
     alignloop rloo --config rloo.yaml                                # estimator rloo unless the YAML says otherwise
     alignloop grpo ... --estimator dr_grpo
     alignloop grpo ... --reward-model mypkg.rewards:exact_match=1.0 --reward-model ./rm=0.5     # a weighted sum
+    alignloop rloo ... --reward-granularity process --reward-model mypkg.steps:verify_steps     # step rewards
 
 Every field of `alignloop.trainers.grpo.GRPOConfig` is a flag (`--field-name`) and a YAML key; flags override YAML.
 Prints one JSON line: updates run, stop reason, the last update's reward/mean and objective/kl.

@@ -5,6 +5,8 @@ reference.
     alignloop ppo --model ./sft --reward-model ./rm --train-file prompts.jsonl \\
                   --total-updates 200 --kl-coef 0.05 --output-dir runs/ppo
     alignloop ppo ... --reward-model ./rm=0.7 --reward-model mypkg.rewards:length_penalty=0.3   # a weighted sum
+    alignloop ppo ... --reward-granularity process --reward-model runs/prm/final   # step rewards (a PRM, or a
+                                                   # step function module:function fn(prompts, step_lists))
 
 Every field of `alignloop.trainers.ppo.PPOConfig` is a flag (`--field-name`) and a YAML key; flags override YAML.
 The old names (`--model-name-or-path`, `--reward-model-name-or-path`, `--dataset`, ...) still work for one release,
