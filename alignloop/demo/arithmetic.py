@@ -12,9 +12,11 @@ Everything is generated locally and deterministically from a seed (no downloads)
 Format (one step per line; the step separator is the contract's "\\n", so a solution's text is
 `alignloop.data.join_steps(steps)`): the prompt is "Q: <expression>\\n", the expression's operations applied left to
 right (7+5*3 is (7+5)*3); one step per operation, "<left><op><operand>=<result>", then a last step "Answer: <n>".
-Numbers stay small: a problem starts at 2..20 and adds 2..20, subtracts 1..20 or multiplies by 2..5, every true
-running value in 0..99 (a wrong step can leave that range; nothing breaks). Digits are what a small character-level
-model reads one at a time.
+Numbers stay small: a problem starts at 2..20 and adds or subtracts 1..9 or multiplies by 2 or 3, every true running
+value in 0..99 (a wrong step can leave that range; nothing breaks), so a step is a one-digit carry or borrow, or a
+doubling or tripling: what a 2-layer model trained for a few minutes learns to do most of the time (measured: with
+operands up to 20 and factors up to 5 the same model solved 11% of the problems and its PRM learned nothing; here
+~40%). Digits are read one at a time (the demo's tokenizer splits numbers into digits).
 
 Step errors (`write_solution`, per operation step with probability `error_rate`), the kinds a model trained on such
 solutions learns to make:
@@ -52,6 +54,7 @@ from alignloop.errors import UserError
 
 OPS = ("+", "-", "*")
 MAX_VALUE = 99
+START, ADD, SUB, MUL = (2, 20), (1, 9), (1, 9), (2, 3)     # the start's and the operands' ranges (inclusive)
 PROMPT_PREFIX = "Q: "
 ANSWER_PREFIX = "Answer: "
 ERROR_KINDS = ("carry", "off", "random", "recovered")
@@ -113,12 +116,12 @@ def parse_problem(problem: Problem | str) -> Problem:
 
 def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 4) -> Problem:
     """2..4 operations (uniform), each drawn among those that keep the running value in 0..99."""
-    v = rng.randint(2, 20)
+    v = rng.randint(*START)
     start, ops = v, []
     for _ in range(rng.randint(min_ops, max_ops)):
-        choices = [("+", b) for b in range(2, 21) if v + b <= MAX_VALUE]
-        choices += [("-", b) for b in range(1, 21) if v - b >= 0]
-        choices += [("*", b) for b in range(2, 6) if v * b <= MAX_VALUE]
+        choices = [("+", b) for b in range(ADD[0], ADD[1] + 1) if v + b <= MAX_VALUE]
+        choices += [("-", b) for b in range(SUB[0], SUB[1] + 1) if v - b >= 0]
+        choices += [("*", b) for b in range(MUL[0], MUL[1] + 1) if v * b <= MAX_VALUE]
         # each operation equally likely, then its operand
         by_op = {o: [c for c in choices if c[0] == o] for o in OPS}
         op = rng.choice([o for o in OPS if by_op[o]])
