@@ -1,4 +1,5 @@
-"""`alignloop demo`: the whole loop on the built-in toy task (`alignloop.demo`)."""
+"""`alignloop demo`: the whole loop on the built-in toy task (`alignloop.demo`); `--task arithmetic`: process reward
+models against outcome reward models and majority voting (`alignloop.demo.arith_demo`)."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,25 @@ from pathlib import Path
 import click
 
 from alignloop.cli.pipeline import echo, print_summary, serve_for_human
+from alignloop.demo.arith_demo import MAIN_METHODS, ArithSize, best_of_n_table, run_arith_demo
 from alignloop.demo.demo import DemoSize, run_demo
+from alignloop.errors import UserError
 from alignloop.pipeline import RunFolder
+
+TASKS = ("reviews", "arithmetic")
+DEFAULT_DIRS = {"reviews": "runs/demo", "arithmetic": "runs/demo-arithmetic"}
 
 
 @click.command(help="Run the whole loop on a built-in toy task (short movie reviews) on CPU with no downloads: "
                     "pretrain a small LM, SFT, sample into the feedback store, simulated labelers, reward model, "
                     "PPO, DPO, best-of-N, rejection sampling, evaluation and an HTML/Markdown report.")
-@click.option("--output-dir", default="runs/demo", show_default=True, help="The run folder.")
+@click.option("--task", type=click.Choice(TASKS), default="reviews", show_default=True,
+              help="reviews: the RLHF loop on short movie reviews. arithmetic: process reward models (Math-Shepherd "
+                   "labels and simulated step labelers) against an outcome reward model and majority voting on "
+                   "multi-step arithmetic: best-of-N solve rate for N = 1..64, its plot, and RLOO with outcome vs "
+                   "process rewards.")
+@click.option("--output-dir", default=None, help="The run folder (default runs/demo; runs/demo-arithmetic with "
+                                                 "--task arithmetic).")
 @click.option("--quick", is_flag=True, help="Reduced sizes (a few minutes; what the tests run).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--human", is_flag=True, help="Stop after sampling and serve the labeling app for people to judge; "
@@ -31,8 +43,16 @@ from alignloop.pipeline import RunFolder
               help="Also Constitutional AI and RLAIF: the base model learns to critique, revise and compare, labels "
                    "round 1 as an AI labeler beside the simulated people, and SL-CAI and RL-CAI policies are trained "
                    "and compared with the human-feedback ones.")
-def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds, ai_feedback):
+def demo(task, output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds, ai_feedback):
+    output_dir = output_dir or DEFAULT_DIRS[task]
     out = Path(output_dir)
+    state = RunFolder(out, create=False).demo_state
+    ran = json.loads(state.read_text()).get("task", "reviews") if state.exists() else task
+    if ran != task:
+        raise UserError(f"{out} holds a run of the {ran} demo (--task {ran}); use another --output-dir")
+    if task == "arithmetic":
+        arithmetic_demo(out, quick, seed, resume, threads, human or ai_feedback or rounds != 1)
+        return
     if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     size = DemoSize.quick() if quick else DemoSize()
@@ -45,3 +65,21 @@ def demo(output_dir, quick, seed, human, resume, host, port, no_serve, threads, 
         return
     click.echo(json.dumps({k: result[k] for k in ("run", "sft", "reward_model", "policies", "report")}))
     print_summary(result)
+
+
+def arithmetic_demo(out: Path, quick: bool, seed: int, resume: bool, threads: int | None, other_options: bool) -> None:
+    """`--task arithmetic`: run it, print the summary line, the best-of-N table and where the report is."""
+    if other_options:
+        raise UserError("--human, --rounds and --ai-feedback belong to the movie-review demo, not --task arithmetic")
+    if not resume and RunFolder(out, create=False).demo_state.exists():
+        echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
+    result = run_arith_demo(out, ArithSize.quick() if quick else None, seed=seed, resume=resume, echo=echo,
+                            threads=threads)
+    res = result["results"]
+    click.echo(json.dumps({"run": result["run"], "report": result["report"], "plot": result["plot"],
+                           "verdict": res["verdict"]}))
+    echo("")
+    echo(best_of_n_table(res["best_of_n"], MAIN_METHODS))
+    echo("")
+    echo(res["verdict"])
+    echo(f"report: {result['report']}  plot: {result['plot']}")
