@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(code: str):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -30,3 +32,21 @@ def test_an_output_file_whose_format_is_unknown_is_refused_first(tmp_path):
         p = _run(f"from alignloop.cli import main\nmain({args!r})")
         assert p.returncode == 2 and "cannot infer the output format from '.txt'" in p.stderr, (args, p.stderr)
         assert "Traceback" not in p.stderr
+
+
+def test_a_launched_command_leaves_the_process_group(tmp_path):
+    """Under torchrun / accelerate launch the CLI destroys the process group before exiting (a rank exiting with
+    gloo's threads alive aborted a finished run), also when the command fails."""
+    import torch.distributed as dist
+
+    from alignloop.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["prm", "--config", str(tmp_path / "missing.yaml")])
+        assert e.value.code == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -97,10 +97,22 @@ WEB_EXTRA = {"fastapi", "jinja2", "multipart", "sqlalchemy", "alembic", "uvicorn
              "krippendorff", "markdown_it", "psycopg"}
 
 
+def _end_distributed() -> None:
+    """Under `accelerate launch` / torchrun: leave the process group before the interpreter exits. A process that
+    exits with gloo's threads still running can abort ("terminate called without an active exception") and fail
+    the whole launch after a run that finished."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     configure_console(wants_verbose(sys.argv[1:] if argv is None else list(argv)))
     try:
-        cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="alignloop", standalone_mode=False)
+        finally:
+            _end_distributed()
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from alignloop.errors import UserError
@@ -55,6 +56,26 @@ from .projects import ProjectInfoCache, check_password, find_project, new_labele
 from .validation import check_idempotency_key, valid_idempotency_key
 
 _RETRIES = 5  # attempts when a concurrent request of the same labeler wins a unique constraint first
+_TRANSIENT_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
+
+
+def _transient(e: OperationalError) -> bool:
+    """A deadlock or serialization failure: the database rolled the whole transaction back, so running it again is
+    safe (two labelers submitting and taking items in crossed order can deadlock on PostgreSQL's row locks)."""
+    code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    return code in _TRANSIENT_SQLSTATES
+
+
+def _retrying(fn):
+    """fn(), run again (after a short random wait) when the database aborted it as a deadlock victim."""
+    for attempt in range(_RETRIES):
+        try:
+            return fn()
+        except OperationalError as e:
+            if not _transient(e) or attempt == _RETRIES - 1:
+                raise
+            time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class Store:
@@ -249,11 +270,14 @@ class Store:
         """The labeler's open assignment in this project (resume), else a new one, else None (nothing left)."""
         for _attempt in range(_RETRIES):
             try:
-                with self.write() as s:
-                    return next_in(s, project_id, labeler_id, self._rng, self._expiry)
+                return _retrying(lambda: self._next_once(project_id, labeler_id))
             except IntegrityError:  # the same labeler racing itself (two tabs): retry, it then finds the open one
                 continue
         raise RuntimeError(f"could not assign an item after {_RETRIES} attempts")
+
+    def _next_once(self, project_id: int, labeler_id: int) -> Assignment | None:
+        with self.write() as s:
+            return next_in(s, project_id, labeler_id, self._rng, self._expiry)
 
     def get_assignment(self, assignment_id: int, labeler_id: int | None = None) -> Assignment:
         """The assignment; with `labeler_id`, raise NotFound unless it belongs to that labeler."""
@@ -261,8 +285,10 @@ class Store:
             return own_assignment(s, assignment_id, labeler_id)
 
     def skip(self, assignment_id: int, labeler_id: int) -> None:
-        with self.write() as s:
-            skip_in(s, assignment_id, labeler_id)
+        def once() -> None:
+            with self.write() as s:
+                skip_in(s, assignment_id, labeler_id)
+        _retrying(once)
 
     # -- judgements -----------------------------------------------------------------------------------------------
     def submit(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any], idempotency_key: str,
@@ -272,10 +298,8 @@ class Store:
         check_idempotency_key(idempotency_key)
         for _attempt in range(_RETRIES):
             try:
-                with self.write() as s:
-                    j, created, _project_id = submit_in(s, assignment_id, labeler_id, fields, idempotency_key,
-                                                        started_at, self._info)
-                    return j, created
+                return _retrying(lambda: self._submit_once(assignment_id, labeler_id, fields, idempotency_key,
+                                                           started_at))
             except IntegrityError:
                 with self.read() as s:
                     j = judgement_by_key(s, idempotency_key, labeler_id)
@@ -283,6 +307,13 @@ class Store:
                     return j, False
                 continue  # version race between two edits: retry with the next version
         raise RuntimeError(f"could not store the judgement after {_RETRIES} attempts")
+
+    def _submit_once(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any], idempotency_key: str,
+                     started_at: datetime | None) -> tuple[Judgement, bool]:
+        with self.write() as s:
+            j, created, _project_id = submit_in(s, assignment_id, labeler_id, fields, idempotency_key, started_at,
+                                                self._info)
+            return j, created
 
     def submit_and_next(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                         idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:
@@ -344,11 +375,13 @@ class Store:
     def _submit_and_next_orm(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                              idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:
         check_idempotency_key(idempotency_key)
-        try:
+        def once() -> tuple[Judgement, bool, Assignment | None]:
             with self.write() as s:
                 j, created, project_id = submit_in(s, assignment_id, labeler_id, fields, idempotency_key, None,
                                                    self._info)
                 return j, created, next_in(s, project_id, labeler_id, self._rng, self._expiry)
+        try:
+            return _retrying(once)
         except IntegrityError:  # a concurrent duplicate or version race: fall back to the two-step path
             j, created = self.submit(assignment_id, labeler_id, fields, idempotency_key)
             return j, created, self.next_assignment(self.get_assignment(assignment_id).project_id, labeler_id)

@@ -110,6 +110,8 @@ SCRIPT = textwrap.dedent('''
     if tr.acc.is_main_process:
         json.dump({{"world": tr.acc.num_processes, "same": bool((gathered - gathered[0]).abs().max() == 0),
                    "first": h[0]["policy/max_abs_ratio_minus_1_first"], "n": len(h)}}, open({res!r}, "w"))
+    tr.acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # exiting with gloo's threads alive can abort a rank
 ''')
 
 

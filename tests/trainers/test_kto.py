@@ -307,6 +307,9 @@ tr.train()
 print(f"world={{tr.world}}")
 if tr.accelerator.is_main_process:
     torch.save(tr.model.state_dict(), {out!r} + "/weights.pt")
+if torch.distributed.is_initialized():  # exiting with gloo's threads alive can abort a rank
+    tr.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 """
 
 

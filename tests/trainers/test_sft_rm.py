@@ -365,6 +365,9 @@ from alignloop.trainers.{mod} import {T}, {C}
     max_length=64, seed=3, progress=False, tensorboard=False), train_dataset=sys.argv[3]).train()
 from accelerate import PartialState
 print(f"processes={{PartialState().num_processes}}", flush=True)
+if torch.distributed.is_initialized():  # exiting with gloo's threads alive can abort a rank
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
