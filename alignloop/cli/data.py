@@ -13,6 +13,8 @@ from alignloop.data import (
     PreferenceGroup,
     groups_to_rows,
     groups_to_unpaired,
+    join_steps,
+    outcome_label,
     parse_rows,
     tokenize_preferences,
     tokenize_prompts,
@@ -161,6 +163,9 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
     if to == "unpaired":
         if kind == "unpaired":
             return [dict(r) for r in records]
+        if kind == "steps":
+            return [{"prompt": r["prompt"], "completion": join_steps(r["completions"]), "label": outcome_label(r) > 0}
+                    for r in _labelled_steps(records)]
         if not groups:
             raise DataCommandError(f"cannot convert {kind} data to unpaired rows; give preference, ranking or "
                                    f"unpaired data")
@@ -171,6 +176,16 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
             raise DataCommandError("SFT text rows have no prompt to extract")
         return prompts
     return _to_sft(records, kind)
+
+
+def _labelled_steps(records: list[dict]) -> list[dict]:
+    """Step records that say whether the solution is right (an `outcome` or a label on some step)."""
+    unlabelled = [r for r in records if r.get("outcome") is None and not any(v is not None for v in r["labels"] or ())]
+    if unlabelled:
+        raise DataCommandError(f"{len(unlabelled)} step rows have no labels and no outcome (the first: prompt "
+                               f"{str(unlabelled[0]['prompt'])[:60]!r}): label them first (`alignloop label-steps` "
+                               f"or the feedback app)")
+    return records
 
 
 def _as_own_format(records: list, kind: str, include_ties: bool) -> list[dict]:
@@ -195,9 +210,12 @@ def _to_sft(records: list, kind: str) -> list[dict]:
         return [_row(r) for r in records]
     if kind == "unpaired":
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
+    if kind == "steps":  # rejection-sampling fine-tuning data: the solutions with no bad step
+        return [{"prompt": r["prompt"], "completion": join_steps(r["completions"])}
+                for r in _labelled_steps(records) if outcome_label(r) > 0]
     if kind not in ("preference", "ranking"):
-        raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking or unpaired "
-                               f"data")
+        raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking, unpaired or "
+                               f"steps data")
     rows = []
     for g in records:
         if g.ranking is not None:
@@ -218,7 +236,8 @@ def _to_sft(records: list, kind: str) -> list[dict]:
               help="Output records. auto: the input's normalised records (ranking stays ranking); pairs/preference: "
                    "flat TRL preference rows (prompt, chosen, rejected, margin, pair_weight, group), a ranking "
                    "becomes its K(K-1)/2 pairs; unpaired: KTO rows (chosen/best true, rejected/worst false); "
-                   "prompt: the prompts; sft: prompt + the preferred completion.")
+                   "prompt: the prompts; sft: prompt + the preferred completion (steps: each solution with no bad "
+                   "step, its steps joined); steps to unpaired: label = no bad step.")
 @read_options
 def convert(in_path: str, out_path: str, to: str, kind: str | None, split: str, skip_bad_rows: bool,
             include_ties: bool, margins: str, tokenizer: str | None) -> None:

@@ -248,7 +248,9 @@ def _write(rows, path: Path, fmt: str) -> None:
         import pyarrow as pa  # noqa: PLC0415 - slow import: only for this source type
         import pyarrow.parquet as pq  # noqa: PLC0415 - slow import: only for this source type
 
-        pq.write_table(pa.Table.from_pylist(list(rows)), path)
+        rows = list(rows)
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys: from_pylist reads the first's
+        pq.write_table(pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in columns}), path)
     else:
         columns: list[str] = []
         for r in rows:

@@ -157,3 +157,27 @@ def test_validate_and_convert_with_a_tokenizer(tmp_path, chat_tok, plain_tok):
     assert run("convert", src, out, "--tokenizer", tmp_path / "chat_tok").exit_code == 0
     first = json.loads(out.read_text().splitlines()[0])
     assert first["prompt"] == "<|user|>is the movie good\n<|assistant|>" and first["chosen"] == "yes\n"
+
+
+STEP_ROWS = [{"prompt": "Q: 2+3*4", "completions": ["3*4=12", "2+12=14", "Answer: 14"], "labels": [1, 1, 1]},
+             {"prompt": "Q: 2+3", "completions": ["2+3=6", "Answer: 6"], "labels": [1, -1]},
+             {"prompt": "Q: 1+1", "completions": ["1+1=2", "Answer: 2"], "labels": [0, 1]},
+             {"prompt": "Q: 4-1", "completions": ["4-1=3", "Answer: 3"], "labels": [True, True]}]
+
+
+def test_convert_steps_to_sft_and_unpaired(tmp_path):
+    """Step rows become rejection-sampling SFT data (solutions with no bad step; a neutral step is not bad, as in
+    PRM800K) and KTO rows (label = no bad step); the steps are joined with the separator, each step ending in it."""
+    src = _jsonl(tmp_path / "steps.jsonl", STEP_ROWS)
+    res = run("convert", src, tmp_path / "sft.jsonl", "--to", "sft")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()] == [
+        {"prompt": "Q: 2+3*4", "completion": "3*4=12\n2+12=14\nAnswer: 14\n"},
+        {"prompt": "Q: 1+1", "completion": "1+1=2\nAnswer: 2\n"},
+        {"prompt": "Q: 4-1", "completion": "4-1=3\nAnswer: 3\n"}]
+    res = run("convert", src, tmp_path / "kto.jsonl", "--to", "unpaired")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["label"] for x in (tmp_path / "kto.jsonl").read_text().splitlines()] == [
+        True, False, True, True]
+    res = run("convert", src, tmp_path / "pairs.jsonl", "--to", "pairs")
+    assert res.exit_code == 2 and "cannot convert steps data to preference pairs" in res.output

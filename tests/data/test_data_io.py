@@ -72,3 +72,14 @@ def test_reading_and_writing_data_does_not_import_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
+
+
+def test_parquet_keeps_the_columns_of_every_row(tmp_path):
+    """Rows with different keys (an optional `soft_labels` only on some) keep every column: pyarrow's from_pylist
+    would take the schema from the first row and drop `b` and `c` silently."""
+    from alignloop.data import read_rows, write_rows
+
+    rows = [{"a": 1}, {"a": 2, "b": [1, 2]}, {"c": "x"}]
+    back = read_rows(write_rows(rows, tmp_path / "r.parquet"))
+    assert back == [{"a": 1, "b": None, "c": None}, {"a": 2, "b": [1, 2], "c": None},
+                    {"a": None, "b": None, "c": "x"}]
