@@ -56,10 +56,12 @@ from alignloop.models.fast import speed_up
 from alignloop.rollout import Rollout, SamplingParams, decode_responses, encode_prompts, rollout_step_ends
 from alignloop.scoring import (
     SCORERS,
+    STEP_AGGREGATION_HELP,
     ProcessScorer,
     RewardTransform,
     aggregate_step_scores,
     build_scorer,
+    check_step_aggregation,
     is_function_spec,
     total,
 )
@@ -131,6 +133,7 @@ class OnlineRLArgs:
     positive_label: str | int = field(default="1", metadata={
         "help": "Positive class (index or label name) of a classifier with several labels used as the reward."})
     score_batch_size: int = field(default=64, metadata={"help": "Sequences per reward-model forward."})
+    step_aggregation: str | None = field(default=None, metadata={"help": STEP_AGGREGATION_HELP})
     # --- when to stop ---
     total_updates: int = field(default=100, metadata={"help": "Step budget: number of updates."})
     reward_threshold: float | None = field(default=None, metadata={
@@ -179,6 +182,7 @@ class OnlineRLArgs:
             raise ConfigError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        check_step_aggregation(self.step_aggregation)
 
     def sampling_params(self, tokenizer) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -251,7 +255,8 @@ def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, pol
         raise ConfigError(f"{trainer} needs a reward: reward=... (or --reward-model: a reward model, "
                           f"module:function or several SPEC=WEIGHT)")
     common = {"policy_tokenizer": policy_tokenizer, "positive_label": args.positive_label,
-              "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device}
+              "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device,
+              "step_aggregation": args.step_aggregation}
     gold = gold_reward if gold_reward is not None else args.gold_model
     scorer = step_scorer(reward, reward_tokenizer, trainer, **common) if steps else build_scorer(
         reward, reward_tokenizer, **common)

@@ -270,6 +270,16 @@ class WeightedScorer:
 
 
 STEP_AGGREGATIONS = ("min", "prod", "last", "mean")
+STEP_AGGREGATION_HELP = ("A process reward model's solution score from its step scores: min (the weakest step; "
+                         "Math-Shepherd's), prod (all steps right; Lightman et al.), last, mean. Default: the model's "
+                         "own (min for a PRM, last for an ORM trained with `alignloop prm --outcome`). Ignored for "
+                         "other rewards.")
+
+
+def check_step_aggregation(how: str | None) -> None:
+    """ConfigError unless `how` is None or one of STEP_AGGREGATIONS (configs check it before loading anything)."""
+    if how is not None and how not in STEP_AGGREGATIONS:
+        raise ConfigError(f"step_aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {how!r}")
 
 
 def aggregate_step_scores(scores: Sequence[Sequence[float]], how: str = "min") -> list[float]:

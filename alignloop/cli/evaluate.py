@@ -11,7 +11,7 @@ from alignloop.ai_feedback.judge import ai_win_rate, load_judge
 from alignloop.data import check_writable, prompt_texts, write_rows
 from alignloop.errors import UserError
 from alignloop.evaluation import evaluate_policy, people_win_rate
-from alignloop.scoring import load_function, load_scorer
+from alignloop.scoring import STEP_AGGREGATION_HELP, STEP_AGGREGATIONS, load_function, load_scorer
 
 
 @click.command(name="eval", help="Evaluate a policy against a reference on prompts: win rate judged by a reward "
@@ -23,6 +23,8 @@ from alignloop.scoring import load_function, load_scorer
 @click.option("--reference", default=None, help="Reference model, e.g. the SFT model (same tokenizer).")
 @click.option("--prompts", "prompts_file", default=None, help="Prompt file (rows with a 'prompt' field).")
 @click.option("--reward-model", default=None, help="Reward model judging the win rate (local folder or hub id).")
+@click.option("--step-aggregation", type=click.Choice(STEP_AGGREGATIONS), default=None,
+              help="With a process reward model as --reward-model: " + STEP_AGGREGATION_HELP)
 @click.option("--gold", default=None, help="Gold scorer module:function, f(prompts, responses) -> list[float].")
 @click.option("--judge", "judge_spec", default=None,
               help="AI judge (a causal LM folder / hub id, or module:function): the AI-judged win rate of the policy "
@@ -39,8 +41,8 @@ from alignloop.scoring import load_function, load_scorer
 @click.option("--human-project", default="eval", show_default=True, help="The feedback project of those pairs.")
 @click.option("--tally", is_flag=True, help="With --human-db: report the people's win rate from their judgements "
                                             "(no sampling).")
-def eval_cmd(policy, reference, prompts_file, reward_model, gold, judge_spec, constitution, samples_per_prompt,
-             max_new_tokens, temperature, max_prompts, seed, out, human_db, human_project, tally):
+def eval_cmd(policy, reference, prompts_file, reward_model, step_aggregation, gold, judge_spec, constitution,
+             samples_per_prompt, max_new_tokens, temperature, max_prompts, seed, out, human_db, human_project, tally):
     if tally:
         if not human_db:
             raise UserError("--tally needs --human-db (and --human-project)")
@@ -60,7 +62,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, gold, judge_spec, co
     if out:
         check_writable(out)   # before any work: the format follows the suffix
     prompts = prompt_texts(prompts_file, max_prompts=max_prompts or None)
-    rm = load_scorer(reward_model, batch_size=64) if reward_model else None
+    rm = load_scorer(reward_model, batch_size=64, step_aggregation=step_aggregation) if reward_model else None
     judge = load_judge(judge_spec, constitution) if judge_spec else None   # before sampling: a bad spec fails fast
     gold_fn = load_function(gold) if gold else None
     summary, s, ref = evaluate_policy(policy, reference, prompts, rm=rm, gold=gold_fn, n=samples_per_prompt,

@@ -30,7 +30,7 @@ from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.rollout import SamplingParams, sample_completions
-from alignloop.scoring import build_scorer, load_scorer
+from alignloop.scoring import STEP_AGGREGATION_HELP, build_scorer, check_step_aggregation, load_scorer
 
 
 @dataclass
@@ -55,6 +55,7 @@ class BestOfNConfig:
     max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N prompt tokens."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (x best_of sequences)."})
     score_batch_size: int = field(default=32, metadata={"help": "Sequences per reward-model forward."})
+    step_aggregation: str | None = field(default=None, metadata={"help": STEP_AGGREGATION_HELP})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
@@ -67,6 +68,7 @@ class BestOfNConfig:
             raise ConfigError(f"best_of must be >= 1, got {self.best_of}")
         if self.batch_size < 1 or self.score_batch_size < 1:
             raise ConfigError("batch_size and score_batch_size must be >= 1")
+        check_step_aggregation(self.step_aggregation)
 
 
 def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params: SamplingParams | None = None,
@@ -110,7 +112,8 @@ def run_generate(config: BestOfNConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, dtype=config.dtype).eval()
     scorer = load_scorer(config.reward_model, dtype=config.dtype, positive_label=config.positive_label,
-                         batch_size=config.score_batch_size, add_eos=config.add_eos) if config.reward_model else None
+                         batch_size=config.score_batch_size, add_eos=config.add_eos,
+                         step_aggregation=config.step_aggregation) if config.reward_model else None
     prompts = prompt_texts(config.prompts_file, tokenizer=tokenizer, max_prompts=config.max_prompts)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                             top_k=config.top_k, top_p=config.top_p)

@@ -35,7 +35,7 @@ from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.rollout import SamplingParams, sample_completions
-from alignloop.scoring import build_scorer
+from alignloop.scoring import STEP_AGGREGATION_HELP, build_scorer, check_step_aggregation
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training import MetricsLogger, renamed_fields
 from alignloop.training.run import TrainResult
@@ -69,6 +69,7 @@ class RSConfig:
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (x samples_per_prompt)."})
     score_batch_size: int = field(default=32, metadata={"help": "Sequences per reward-model forward."})
+    step_aggregation: str | None = field(default=None, metadata={"help": STEP_AGGREGATION_HELP})
     sft_learning_rate: float = field(default=1e-5, metadata={"help": "SFT learning rate each round."})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs over the kept samples each round."})
     sft_batch_size: int = field(default=8, metadata={"help": "SFT examples per optimizer step."})
@@ -90,6 +91,7 @@ class RSConfig:
             raise ConfigError(f"keep_top_k must be >= 0, got {self.keep_top_k}")
         if self.keep_top_k == 0 and self.score_threshold is None:
             raise ConfigError("give keep_top_k >= 1 or a score_threshold (or both) to say which samples to keep")
+        check_step_aggregation(self.step_aggregation)
 
 
 def select(candidates: list[dict], keep_top_k: int, score_threshold: float | None) -> list[int]:
@@ -133,7 +135,8 @@ class RejectionSamplingTrainer:
         if isinstance(reward, nn.Module) and reward_tokenizer is None and not hasattr(reward, "tokenizer"):
             raise ConfigError("pass reward_tokenizer=... together with a reward model object")
         self.scorer = build_scorer(reward, reward_tokenizer, positive_label=a.positive_label,
-                                   batch_size=a.score_batch_size, add_eos=a.add_eos, dtype=a.dtype)
+                                   batch_size=a.score_batch_size, add_eos=a.add_eos, dtype=a.dtype,
+                                   step_aggregation=a.step_aggregation)
         source = train_dataset if train_dataset is not None else a.train_file
         if not source:
             raise ConfigError("train_file: give the prompts to sample for (--train-file)")

@@ -97,3 +97,47 @@ def test_load_scorer_recognises_a_prm_folder(tmp_path, tok):
     mixed = load_scorer([f"{tmp_path / 'prm' / 'final'}=2", str(rm)])
     assert isinstance(mixed, WeightedScorer) and mixed.weights["prm"] == 2.0
     assert mixed(["1 + 1 ="], ["1 + 1 = 2"]).shape == torch.Size([1])
+
+
+def test_generate_best_of_n_with_a_prm_and_its_step_aggregation(tmp_path, tok, monkeypatch):
+    """`alignloop generate --best-of N --reward-model PRM --step-aggregation HOW`: every candidate's score is the
+    PRM's step scores aggregated HOW (min and last differ on a solution of several steps); a bad HOW is a clear
+    error before any work."""
+    import json
+
+    from alignloop.cli import main
+
+    lm = build_tiny_checkpoint(tmp_path / "lm", tokenizer=tok, n_layer=1, n_embd=16, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    prm = build_prm(lm, "bce")
+    prm.save_pretrained(tmp_path / "prm")
+    tok.save_pretrained(tmp_path / "prm")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1 + 1 ="}) + "\n")
+    scorer = load_scorer(str(tmp_path / "prm"))
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(load_scorer(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr("alignloop.recipes.best_of_n.load_scorer", recording)
+    got = {}
+    for how in ("min", "last"):
+        out = tmp_path / f"{how}.jsonl"
+        main(["generate", "--model", str(lm), "--prompts-file", str(tmp_path / "p.jsonl"), "--best-of", "3",
+              "--reward-model", str(tmp_path / "prm"), "--step-aggregation", how, "--max-new-tokens", "12",
+              "--output-file", str(out)])
+        (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+        got[how] = row
+        for cand in row["candidates"]:
+            steps = scorer.step_scores(["1 + 1 ="], [cand["completion"]])[0]
+            want = aggregate_step_scores([steps], how)[0]
+            assert cand["score"] == pytest.approx(want, abs=1e-5)
+    # the same samples (same seed), scored two ways; the scorer generate built aggregates as asked
+    pairs = [(a["score"], b["score"]) for a, b in zip(got["min"]["candidates"], got["last"]["candidates"],
+                                                       strict=True)]
+    assert all(m <= last + 1e-6 for m, last in pairs)
+    assert [s.aggregate for s in built] == ["min", "last"]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(lm), "--prompts-file", str(tmp_path / "p.jsonl"), "--best-of", "3",
+              "--reward-model", str(tmp_path / "prm"), "--step-aggregation", "maximum"])
+    assert e.value.code == 2
