@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from alignloop.cli.judge import judge as judge_command
-from alignloop.data import check_writable, write_rows
+from alignloop.data import check_writable, split_steps, write_rows
 from alignloop.errors import UserError
 
 
@@ -150,12 +150,18 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
     rows = read_jsonl(prompts_file)
     recs = sample_records(rows, model, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, batch_size=batch_size, seed=seed)
+    empty = 0
     if p.task_type == "steps":  # one solution per row, its text split into steps ("\n") on import
-        recs = [{"prompt": r["prompt"], "completion": c} for r in recs for c in r["completions"]]
+        texts = [(r["prompt"], c) for r in recs for c in r["completions"]]
+        recs = [{"prompt": q, "completion": c} for q, c in texts if split_steps(c)]
+        empty = len(texts) - len(recs)  # a sample with no step (empty, only separators) has nothing to rate
+        if not recs:
+            raise UserError(f"every one of the {empty} samples is empty (no step to rate); nothing imported")
     if out:
         write_rows(recs, out)
     r = store.import_records(project, recs)
-    click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items")
+    click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items"
+               + (f" ({empty} empty samples left out)" if empty else ""))
 
 
 @feedback.command("add-labeler")

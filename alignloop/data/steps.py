@@ -184,8 +184,9 @@ def parse_step_row(row: Row, separator: str = STEP_SEPARATOR, require_labels: bo
     steps = _steps(row, separator)
     labels = _labels(row, len(steps))
     soft = _soft_labels(row, len(steps))
-    if labels is None and soft is not None:   # Math-Shepherd's hard estimation from the soft labels
-        labels = [None if s is None else (1 if s > 0 else -1) for s in soft]
+    if soft is not None:   # Math-Shepherd's hard estimation from the soft labels, where no hard label is given
+        hard = [None if s is None else (1 if s > 0 else -1) for s in soft]
+        labels = hard if labels is None else [h if v is None else v for v, h in zip(labels, hard, strict=True)]
     if require_labels and (labels is None or all(v is None for v in labels)):
         raise StepRowError("field 'labels': missing (expected one label per step: +1/0/-1 or true/false)")
     record = Row({**row, "prompt": prompt, "completions": steps, "labels": labels}, row.where,
@@ -300,18 +301,21 @@ def tokenize_steps(tokenizer, prompt_text: str, steps: Sequence[str], separator:
     prompt, sep, step_ids = encoded[0], encoded[1], encoded[2:]
     if not sep:
         raise DataError(f"the tokenizer gives no token for the step separator {separator!r}")
-    if add_bos and tokenizer.bos_token_id is not None and (not prompt or prompt[0] != tokenizer.bos_token_id):
-        prompt = [tokenizer.bos_token_id] + prompt
+    bos = []
+    if add_bos and tokenizer.bos_token_id is not None:
+        bos = [tokenizer.bos_token_id]
+        if prompt[:1] == bos:
+            prompt = prompt[1:]
     pieces = [s + sep for s in step_ids]
-    if max_length is not None:
-        prompt, n = _fit(prompt, pieces, max_length, truncation, max_prompt_length)
+    if max_length is not None:   # BOS stays first whatever is cut: the rest fits in one token less
+        prompt, n = _fit(prompt, pieces, max_length - len(bos), truncation, max_prompt_length)
         if stats is not None and n < len(pieces):
             stats.truncated += 1
             stats.dropped += n == 0
         if n == 0:
             return [], []
         pieces = pieces[:n]
-    ids, ends = list(prompt), []
+    ids, ends = bos + list(prompt), []
     for piece in pieces:
         ids += piece
         ends.append(len(ids) - 1)

@@ -158,9 +158,10 @@ class LabelStepsConfig:
 
 
 def is_step_file(path: str) -> bool:
-    """Whether a data file holds step rows (a `completions` list in its first row) rather than prompts."""
+    """Whether a data file holds step rows (a `completions` column, a list or, in CSV, its JSON text) rather than
+    prompts."""
     rows = read_rows(path)
-    return bool(rows) and isinstance(dict(rows[0]).get("completions"), list)
+    return bool(rows) and dict(rows[0]).get("completions") is not None
 
 
 def run_label_steps(config: LabelStepsConfig, continuer: Continuer | None = None) -> dict:
@@ -180,7 +181,7 @@ def run_label_steps(config: LabelStepsConfig, continuer: Continuer | None = None
         continuer = policy_continuer(model, tok, params, batch_size=config.batch_size,
                                      max_prompt_length=config.max_prompt_length)
     if is_step_file(config.input):
-        rows = [dict(r) for r in read_steps(config.input)][:config.max_prompts]
+        rows = [dict(r) for r in read_steps(config.input, require_labels=False)][:config.max_prompts]
         for i, r in enumerate(rows):
             if not isinstance(r["prompt"], str):
                 raise UserError(f"{config.input}: row {i}: the prompt is a list of messages; label-steps needs "

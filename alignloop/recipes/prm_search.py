@@ -159,9 +159,14 @@ def solve_rate_curve(pools: Sequence[dict], ns: Sequence[int] = POWERS_OF_TWO, m
 # ------------------------------------------------------------------------------------------------ beam search
 def first_step(continuation: str, separator: str = STEP_SEPARATOR) -> tuple[str, bool]:
     """(the next step, whether the solution ends with it): the text before the first separator, not final; with no
-    separator, the whole (stripped) text, final (the policy stopped there)."""
-    head, sep, _ = continuation.partition(separator)
-    return (head, False) if sep else (continuation, True)
+    separator, the whole text, final (the policy stopped there). Blank pieces before the step are skipped, as
+    `split_steps` skips them (a policy that leaves a blank line between steps continues with the separator)."""
+    rest = continuation
+    while True:
+        head, sep, tail = rest.partition(separator)
+        if not sep or head.strip() or not tail.strip():
+            return (head, False) if sep else (rest, True)
+        rest = tail
 
 
 def step_scores_of(scorer, prompts: list[str], step_lists: list[list[str]]) -> list[list[float]]:

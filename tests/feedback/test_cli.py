@@ -177,3 +177,22 @@ def test_serve_starts_a_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sample_into_a_steps_project_leaves_out_empty_samples(tmp_path, monkeypatch):
+    """A small model often samples an empty answer: into a steps project it is left out and counted, the others
+    are imported (one item each); all empty is a clear error with nothing imported."""
+    import alignloop.feedback.sampling as sampling
+
+    scripted = [{"prompt": "Q: 2+3", "completions": ["2+3=5\nAnswer: 5\n", "   \n", "2+3=6\nAnswer: 6"]}]
+    monkeypatch.setattr(sampling, "sample_records", lambda rows, *a, **k: scripted)
+    db = tmp_path / "f.db"
+    run("create", "--db", db, "--project", "st", "--task-type", "steps")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Q: 2+3"}) + "\n")
+    r = run("sample", "--db", db, "--project", "st", "--prompts", prompts, "--model", tmp_path / "m", "-n", 3)
+    assert r.exit_code == 0, r.output
+    assert "2 items" in r.output and "(1 empty samples left out)" in r.output
+    scripted[0]["completions"] = ["", "\n\n"]
+    r = run("sample", "--db", db, "--project", "st", "--prompts", prompts, "--model", tmp_path / "m", "-n", 2)
+    assert r.exit_code == 2 and "every one of the 2 samples is empty" in r.output

@@ -90,6 +90,11 @@ def test_soft_labels_alone_give_hard_labels_and_null_labels_are_unlabelled(tmp_p
     assert r["labels"] == [1, 1, -1]               # Math-Shepherd's hard estimation: > 0 is good
     (r,) = read_steps([{"prompt": "p", "completions": ["a", "b", "c"], "labels": [1, -1, None]}])
     assert r["labels"] == [1, -1, None]            # the step after the first error left unlabelled
+    # null hard labels beside soft ones (a Parquet round trip writes nulls): the soft ones fill them in
+    (r,) = read_steps([{"prompt": "p", "completions": ["a", "b"], "labels": [None, None], "soft_labels": [0.5, 0.0]}])
+    assert r["labels"] == [1, -1]
+    (r,) = read_steps([{"prompt": "p", "completions": ["a", "b"], "labels": [-1, None], "soft_labels": [0.5, 0.0]}])
+    assert r["labels"] == [-1, -1]                 # a given hard label wins
 
 
 def test_unlabelled_rows_only_when_allowed(tmp_path):
@@ -203,6 +208,11 @@ def test_tokenize_steps_truncation_keeps_whole_steps(tok):
     ids, kept = tokenize_steps(tok, prompt, steps, max_length=len(body) + 1, truncation="keep_end",
                                max_prompt_length=1)
     assert ids == p[-1:] + body and len(kept) == 3
+    # with BOS: it stays first whatever is cut, in one token of the budget
+    bos = tok.bos_token_id
+    ids, kept = tokenize_steps(tok, prompt, steps, max_length=len(body) + 2, truncation="keep_end",
+                               max_prompt_length=1, add_bos=True)
+    assert ids == [bos] + p[-1:] + body and kept == [k - len(p) + 2 for k in ends]
 
 
 def test_tokenize_step_records_and_chat_prompts(tok):

@@ -103,6 +103,17 @@ def test_label_steps_from_prompts_with_a_stub(tmp_path):
     run_label_steps(cfg2, continuer=Stub(script))
     assert [json.loads(r["soft_labels"]) for r in read_rows(tmp_path / "again.csv")] == \
         [[0.5, 0.0, 0.0, 0.0], [0.5, 0.5, 1.0, 1.0]]
+    # unlabelled step rows, the usual input, from JSONL and from CSV (lists as JSON text): their own steps are
+    # labelled, never replaced by new samples
+    for name in ("unlabelled.jsonl", "unlabelled.csv"):
+        write_rows([{"prompt": PROMPT, "completions": WRONG}, {"prompt": PROMPT, "completions": RIGHT}],
+                   tmp_path / name)
+        out = tmp_path / f"{name}.out.jsonl"
+        summary = run_label_steps(LabelStepsConfig(input=str(tmp_path / name), verifier=VERIFIER, rollouts=2,
+                                                   output=str(out)), continuer=Stub(script))
+        got = read_rows(out)
+        assert summary["sampled"] == 0 and [r["completions"] for r in got] == [WRONG, RIGHT], name
+        assert [r["labels"] for r in got] == [[1, -1, -1, -1], [1, 1, 1, 1]], name
 
 
 def test_cli_with_a_tiny_model(tmp_path):

@@ -87,6 +87,10 @@ def test_first_step():
     assert ps.first_step("12*3=36\n36+2=38\n") == ("12*3=36", False)
     assert ps.first_step("Answer: 38") == ("Answer: 38", True)
     assert ps.first_step("") == ("", True)
+    # a blank line between steps (the prefix already ends with the separator): skipped, as split_steps skips it
+    assert ps.first_step("\n36+2=38\nAnswer: 38") == ("36+2=38", False)
+    assert ps.first_step("\n \nAnswer: 38") == ("Answer: 38", True)
+    assert ps.first_step("\n") == ("", False)          # only blank: the policy stopped
 
 
 PROMPT = "Q: 7+5*3+2\n"
