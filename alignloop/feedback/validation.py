@@ -159,7 +159,7 @@ def step_label(value: Any) -> int | None:
         if v in STEP_LABEL_NAMES:
             return STEP_LABEL_NAMES[v]
         value = {"+1": 1, "1": 1, "0": 0, "-1": -1, "\u22121": -1}.get(v)
-    if isinstance(value, numbers.Integral) and value in (1, 0, -1):
+    if isinstance(value, numbers.Real) and value in (1, 0, -1):   # 1.0 too: some JSON clients send floats
         return int(value)
     return None
 

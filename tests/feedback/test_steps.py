@@ -103,6 +103,10 @@ def test_validate_steps_submission_and_first_error():
     assert v["step_labels"] == [1, 0, -1, 1]
     assert validate_submission("steps", order, {"step_labels": [1, 0, -1, -1]})["step_labels"] == [1, 0, -1, -1]
     assert validate_submission("steps", order, {"step_labels": [True, "+1", "-1", "0"]})["step_labels"] == [1, 1, -1, 0]
+    # JSON clients that send every number as a float: 1.0 is +1 (0.5 is no rating)
+    assert validate_submission("steps", order, {"step_labels": [1.0, 0.0, -1.0, 1]})["step_labels"] == [1, 0, -1, 1]
+    with pytest.raises(ValidationError):
+        validate_submission("steps", order, {"step_labels": [1, 0.5, -1, 1]})
     # first error at step index 2: earlier rated steps keep their rating (step 0 neutral), unrated earlier ones
     # become good (step 1), it and every later step bad, overriding a later rating (step 3 "good")
     v = validate_submission("steps", order, {"step_0": "neutral", "step_3": "good", "first_error": "2"})
