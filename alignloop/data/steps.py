@@ -10,8 +10,8 @@ The step format (one row per solution; any file type `read_rows` reads; in CSV t
   evaluated: e.g. the steps after PRM800K's first error, or every step but the last in the outcome view).
   Integers and booleans are not mixed within a row. A whole-number float (1.0, from pandas) reads as that integer.
 - `soft_labels` (optional): floats in 0..1, one per step (or null): Math-Shepherd's share of the rollouts from the
-  step that reach a correct answer. A row with `soft_labels` but no `labels` gets hard labels from them
-  (Math-Shepherd's "hard estimation": > 0 -> +1, 0 -> -1).
+  step that reach a correct answer. A step with a soft label and no hard one (no `labels`, or a null label) gets
+  its hard label from it (Math-Shepherd's "hard estimation": > 0 -> +1, 0 -> -1).
 - `outcome` (optional): whether the final answer is right (true/false or +1/-1), for the outcome (ORM) view.
 - Rows with no `labels` (and no `soft_labels`) are allowed with `require_labels=False` (to import into the labeling
   app); their `labels` is None. Extra columns are kept.

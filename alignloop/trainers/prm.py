@@ -85,6 +85,10 @@ class PRMConfig(TrainingArgs):
     disable_dropout: bool = field(default=True, metadata={
         "help": "Set every dropout probability to 0 (as for reward models): a step's score depends on no mask."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
+    truncation: Literal["keep_end", "keep_start", "drop"] = field(default="keep_start", metadata={
+        "help": "Too-long solutions: keep_start (as the scorer reads them) keeps the prompt whole and the steps that "
+                "fit from the start; keep_end cuts the prompt from the left first (down to half of max_length); drop "
+                "removes them. The numbers are logged."})
 
     def __post_init__(self):
         super().__post_init__()
