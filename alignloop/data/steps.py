@@ -260,6 +260,34 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def _pieces_of_text(tokenizer, prompt_text: str, steps: Sequence[str],
+                    separator: str) -> tuple[list[int], list[list[int]]] | None:
+    """(prompt tokens, each step's tokens up to and with the token that ends its separator) from the whole text
+    tokenised once, as the model reads it (a SentencePiece tokenizer encoding each piece alone would put a prefix
+    space before every step and separator). Step ends found through the fast tokenizer's character offsets, as
+    `rollout.step_end_positions` finds them in a sampled response. None when offsets are not available or a token
+    ends two steps."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    text = prompt_text + join_steps(steps, separator)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ends_char, pos = [], len(prompt_text)
+    for st in steps:
+        pos += len(st) + len(separator)
+        ends_char.append(pos - 1)           # the separator's last character
+    # cuts[0]: the prompt's tokens (a token reaching into the first step goes with the step); cuts[k + 1]: the
+    # tokens up to the one that holds step k's last separator character
+    cuts = [next((t for t, (a, b) in enumerate(offsets) if b > len(prompt_text) and b > a), len(ids))]
+    for c in ends_char:
+        t = next((t for t, (a, b) in enumerate(offsets) if a <= c < b), None)
+        if t is None or t + 1 <= cuts[-1]:
+            return None
+        cuts.append(t + 1)
+    pieces = [ids[cuts[k]:cuts[k + 1]] for k in range(len(steps))]
+    return ids[:cuts[0]], pieces
+
+
 def _fit(prompt: list[int], steps: list[list[int]], max_length: int, truncation: str,
          max_prompt_length: int | None) -> tuple[list[int], int]:
     """(the prompt kept, how many leading steps fit) under max_length."""
@@ -286,8 +314,10 @@ def tokenize_steps(tokenizer, prompt_text: str, steps: Sequence[str], separator:
                    max_length: int | None = None, *, truncation: str = "keep_start",
                    max_prompt_length: int | None = None, add_bos: bool = False,
                    stats: DataStats | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, step_end_positions) of one solution: the prompt's tokens, then tokens(step) + tokens(separator)
-    for each step (no special tokens; BOS first with add_bos); a step ends at the last token of its separator.
+    """(input_ids, step_end_positions) of one solution, without special tokens (BOS first with add_bos): the text
+    `prompt_text + join_steps(steps)` tokenised once, as the model reads it, each step ending at the token that holds
+    its separator's last character (a fast tokenizer's offsets; a token reaching from the prompt into the first step
+    counts with the step); without offsets, the prompt's tokens then tokens(step) + tokens(separator) per step.
 
     Longer than max_length: whole steps are kept from the start while they fit, so a solution may come back with
     fewer step ends than steps: `len(steps) - len(step_end_positions)` steps were dropped (counted in
@@ -297,16 +327,20 @@ def tokenize_steps(tokenizer, prompt_text: str, steps: Sequence[str], separator:
     (a DataError)."""
     if truncation not in STEP_TRUNCATIONS:
         raise DataError(f"truncation must be one of {', '.join(STEP_TRUNCATIONS)}, got {truncation!r}")
-    encoded = _encode(tokenizer, [prompt_text, separator, *steps])
-    prompt, sep, step_ids = encoded[0], encoded[1], encoded[2:]
-    if not sep:
-        raise DataError(f"the tokenizer gives no token for the step separator {separator!r}")
+    whole = _pieces_of_text(tokenizer, prompt_text, steps, separator)
+    if whole is not None:
+        prompt, pieces = whole
+    else:
+        encoded = _encode(tokenizer, [prompt_text, separator, *steps])
+        prompt, sep, step_ids = encoded[0], encoded[1], encoded[2:]
+        if not sep:
+            raise DataError(f"the tokenizer gives no token for the step separator {separator!r}")
+        pieces = [s + sep for s in step_ids]
     bos = []
     if add_bos and tokenizer.bos_token_id is not None:
         bos = [tokenizer.bos_token_id]
         if prompt[:1] == bos:
             prompt = prompt[1:]
-    pieces = [s + sep for s in step_ids]
     if max_length is not None:   # BOS stays first whatever is cut: the rest fits in one token less
         prompt, n = _fit(prompt, pieces, max_length - len(bos), truncation, max_prompt_length)
         if stats is not None and n < len(pieces):

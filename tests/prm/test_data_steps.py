@@ -240,3 +240,40 @@ def test_outcome_rows_label_only_the_final_step():
     assert rows[0]["labels"] == [1, -1]                                          # the input is left alone
     with pytest.raises(DataError, match="no labels and no outcome"):
         outcome_rows(read_steps([{"prompt": "p", "completions": ["a"]}], require_labels=False))
+
+
+def _llama_style_tokenizer():
+    """A SentencePiece-style BPE as Llama 2's: a normalizer that prefixes "▁" and turns spaces into "▁", byte
+    fallback; trained here on a few lines (no download)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    alphabet = [f"<0x{i:02X}>" for i in range(256)]
+    t.train_from_iterator(["First step is here\nSecond step is here\n"] * 100, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", *alphabet], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+def test_tokenize_steps_reads_the_text_as_the_model_does_with_a_prefix_space_tokenizer():
+    """Encoded piece by piece, a Llama-style tokenizer puts "▁" before every step and every separator (the PRM would
+    read "Q: First step is here \\n Second ..."): the whole text is tokenised once and each step ends at the token
+    holding its separator's last character, here a token that also starts the next step ("...here\\nSe"), where the
+    rollout finds the step end too."""
+    from alignloop.rollout import step_end_positions
+
+    tok = _llama_style_tokenizer()
+    steps = ["First step is here", "Second step is here"]
+    ids, ends = tokenize_steps(tok, "Q:", steps)
+    natural = tok("Q:" + join_steps(steps), add_special_tokens=False)["input_ids"]
+    assert ids == natural and tok.decode(ids) == "Q:First step is here\nSecond step is here\n"
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert [tokens[e] for e in ends] == ["rst▁step▁is▁here\nSe", "cond▁step▁is▁here\n"]
+    n_prompt = len(tok("Q:", add_special_tokens=False)["input_ids"])
+    assert step_end_positions(ids[n_prompt:], tok) == [e - n_prompt for e in ends]
+    # truncation still keeps whole steps: the first one alone
+    assert tokenize_steps(tok, "Q:", steps, max_length=ends[0] + 1) == (ids[:ends[0] + 1], ends[:1])
