@@ -39,3 +39,22 @@ class Labeling:
         aid = assignment_of(page.text)
         data = {"csrf_token": csrf_of(page.text), "idempotency_key": field_of(page.text, "idempotency_key"), **fields}
         return aid, self.c.post(f"/p/{self.project}/label/{aid}", data=data)
+
+
+def uniq(prefix):
+    """A fresh name: prefix + 6 hex digits."""
+    import uuid
+
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def login(browser, base, username, js=True):
+    """A new browser context signed in as `username` (PASSWORD): (context, page) on the home page."""
+    ctx = browser.new_context(java_script_enabled=js, viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.goto(base + "/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")
+    return ctx, page

@@ -2,10 +2,6 @@
 
 Screenshots of every page go to $FEEDBACK_SCREENSHOTS (default: a temporary folder)."""
 import os
-import socket
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,70 +13,9 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("chromium is not installed at /usr/bin/chromium", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from fb_helpers import PASSWORD, SECRET  # noqa: E402 - after the skips above, on purpose
-
-from alignloop.feedback.store import Store  # noqa: E402
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import uvicorn
-
-    from alignloop.feedback.app import create_app
-
-    store = Store(str(tmp_path_factory.mktemp("web") / "fb.db"))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, secret_key=SECRET), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield store, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(10)
-    store.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def shots(tmp_path):
-    d = Path(os.environ.get("FEEDBACK_SCREENSHOTS", tmp_path))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _uniq(prefix):
-    return f"{prefix}{uuid.uuid4().hex[:6]}"
-
-
-def _login(browser, base, username, js=True):
-    ctx = browser.new_context(java_script_enabled=js, viewport={"width": 1280, "height": 900})
-    page = ctx.new_page()
-    page.goto(base + "/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(base + "/")
-    return ctx, page
+from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
+from fb_helpers import login as _login  # noqa: E402
+from fb_helpers import uniq as _uniq  # noqa: E402
 
 
 def _setup(store, task, rows, k=1, labelers=1, **kw):
