@@ -23,8 +23,8 @@ DEFAULT_DIRS = {"reviews": "runs/demo", "arithmetic": "runs/demo-arithmetic"}
 @click.option("--task", type=click.Choice(TASKS), default="reviews", show_default=True,
               help="reviews: the RLHF loop on short movie reviews. arithmetic: process reward models (Math-Shepherd "
                    "labels and simulated step labelers) against an outcome reward model and majority voting on "
-                   "multi-step arithmetic: best-of-N solve rate for N = 1..64, its plot, and RLOO with outcome vs "
-                   "process rewards.")
+                   "multi-step arithmetic: best-of-N solve rate for N = 1..64, its plot, and PPO and RLOO with outcome "
+                   "vs process rewards.")
 @click.option("--output-dir", default=None, help="The run folder (default runs/demo; runs/demo-arithmetic with "
                                                  "--task arithmetic).")
 @click.option("--quick", is_flag=True, help="Reduced sizes (a few minutes; what the tests run).")

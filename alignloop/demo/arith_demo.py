@@ -14,23 +14,28 @@ Stages (each resumable through `alignloop.pipeline.RunFolder`; the folder names 
   prm_auto, prm_human, orm   `alignloop prm`'s trainer (PRMTrainer) from the base model: a PRM on the automatic
             labels, a PRM on the simulated labelers' labels, and an ORM: the outcome view of the automatic rows
             (the same solutions, only the final step labelled with whether the final answer is right)
-  eval      every test candidate scored by the three models; per-step accuracy of the PRMs and outcome accuracy of
-            the ORM against the gold verifiers; solve rate of best-of-N for N = 1, 2, 4, ..., 64 by PRM (min, prod
-            and last step), ORM, majority voting, PRM-weighted voting and the oracle (pass@N), from the pool of 64
-            without bias (`alignloop.recipes.prm_search`); PRM-guided step-level beam search
-  rl        RLOO from the base model against the ORM (outcome rewards) and against the PRM (process rewards: each
-            step's score on its step-end token, `reward_granularity="process"`); solve rate before and after
+  eval      every test candidate scored by the three models and, as a diagnostic trained on no label, by the base
+            model's own probability of each step (`likelihood_step_scores`); their step AUC, the PRMs' per-step and
+            first-error accuracy and the outcome accuracy against the gold verifiers; solve rate of best-of-N for
+            N = 1, 2, 4, ..., 64 by PRM (min, prod and last step), ORM, majority voting, PRM-weighted voting, the
+            base model's likelihood and the oracle (pass@N), from the pool of 64 without bias
+            (`alignloop.recipes.prm_search`); PRM-guided step-level beam search
+  rl        PPO and RLOO from the base model against the ORM (outcome rewards) and against the PRM (process rewards:
+            each step's score on its step-end token, `reward_granularity="process"`); solve rate before and after
   report    report.md, results.json (the figures), best_of_n.json / best_of_n.md, plots/solve_rate_vs_n.png
 
 Nothing is tuned on the test problems: sizes and settings are fixed here, the aggregation reported first ("min",
 Math-Shepherd's) is chosen before any run, and the others are shown beside it.
 
-Why a PRM can beat an ORM here (Lightman et al. 2023): the ORM learns from one noisy bit per solution (a final
-answer can be right after a wrong step: the `recovered` errors, so outcome labels reward some bad processes, and a
-wrong answer does not say which step failed), while the PRM is told which step went wrong; verifying one step
-("17+4=21") is a local check the small model can learn, verifying a whole solution at its end is not. Majority
-voting suffers from systematic errors (a forgotten carry gives the same wrong answer every time). Whether it does
-on a given run is measured, not assumed: the report shows the curves as they come out.
+Why a PRM can beat an ORM (Lightman et al. 2023): the ORM learns from one noisy bit per solution (a final answer
+can be right after a wrong step: the `recovered` errors and, mod 10, lucky wraps, so outcome labels reward some bad
+processes, and a wrong answer does not say which step failed), while the PRM is told which step went wrong.
+Majority voting suffers from systematic errors (the wrong operation gives the same wrong answer every time).
+Whether it does on a given run is measured, not assumed: the report shows the curves as they come out. Measured
+(see the README): the base model's own likelihood separates its right and wrong steps almost perfectly, but a PRM
+or ORM fine-tuned from this 4-layer model on a few thousand labelled solutions learns only a weak verifier (the
+comparison of a written digit with the one the model computes must be learnt from the labels), which best-of-N
+over-optimises at large N.
 """
 from __future__ import annotations
 
@@ -41,13 +46,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from alignloop.data import join_steps, read_rows, split_steps, write_rows
+from alignloop.data import join_steps, read_rows, split_steps, tokenize_steps, write_rows
 from alignloop.demo import arithmetic as ar
 from alignloop.errors import UserError
 from alignloop.evaluation import load_policy
+from alignloop.models import batch_steps, model_forward
 from alignloop.models.tiny import EOS, PAD, UNK, build_tiny_checkpoint
 from alignloop.pipeline import RunFolder
 from alignloop.recipes import prm_search as ps
@@ -55,6 +63,7 @@ from alignloop.recipes.math_shepherd import math_shepherd_labels, policy_continu
 from alignloop.rollout import SamplingParams, sample_completions
 from alignloop.scoring import aggregate_step_scores, load_scorer
 from alignloop.trainers.grpo import GRPOTrainer, RLOOConfig
+from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 from alignloop.trainers.prm import PRMConfig, PRMTrainer
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.loop import set_threads
@@ -69,6 +78,7 @@ AGGREGATIONS = ("min", "prod", "last")
 @dataclass
 class ArithSize:
     """Sizes of every stage (the default is the full demo; `quick()` the reduced one the tests run)."""
+    modulus: int | None = 10           # digit arithmetic mod 10 (None: integers 0..99, see demo.arithmetic)
     pretrain_problems: int = 40000
     error_rate: float = 0.3            # per step, in the half of the pretraining solutions that have errors
     n_layer: int = 4
@@ -126,13 +136,14 @@ def arith_tokenizer(corpus: list[str], vocab_size: int = 300) -> PreTrainedToken
 # ------------------------------------------------------------------------------------------------ stages
 def stage_data(folder: Path, size: ArithSize, seed: int) -> dict:
     """Disjoint problem sets and the pretraining solutions (half correct, half with step errors)."""
-    test = ar.problems(size.test_problems, seed=seed + 11)
+    test = ar.problems(size.test_problems, seed=seed + 11, modulus=size.modulus)
     seen = {p.expression for p in test}
-    label = ar.problems(size.label_problems, seed=seed + 12, exclude=seen)
+    label = ar.problems(size.label_problems, seed=seed + 12, exclude=seen, modulus=size.modulus)
     seen |= {p.expression for p in label}
-    rl = ar.problems(max(size.rl_updates * size.rl_prompts, 1), seed=seed + 13, exclude=seen)
+    rl = ar.problems(max(size.rl_updates * size.rl_prompts, 1), seed=seed + 13, exclude=seen,
+                     modulus=size.modulus)
     seen |= {p.expression for p in rl}
-    pretrain = ar.problems(size.pretrain_problems, seed=seed + 14, exclude=seen)
+    pretrain = ar.problems(size.pretrain_problems, seed=seed + 14, exclude=seen, modulus=size.modulus)
     rng = random.Random(seed)
     rows = []
     for p in pretrain:
@@ -234,6 +245,45 @@ def stage_verifier(folder: Path, run: RunFolder, size: ArithSize, seed: int, row
 
 
 VERIFIERS = {"prm_auto": PRM_AUTO, "prm_human": PRM_HUMAN, "orm": ORM}
+LIKELIHOOD = "base_likelihood"   # the diagnostic step scores: the base model's own probability of each step's tokens
+BASE_LIKELIHOOD = "base model's likelihood (min; no labels)"
+
+
+@torch.no_grad()
+def likelihood_step_scores(model, tokenizer, prompts: list[str], step_lists: list[list[str]],
+                           batch_size: int = 128) -> list[list[float]]:
+    """Each step's lowest token probability under `model` (the generator itself): a verifier trained on no label,
+    shown beside the PRMs as a diagnostic of what the generator "knows" about its own steps (a sampled wrong digit
+    is one the model gave a low probability)."""
+    model.eval()
+    out: list[list[float]] = []
+    for lo in range(0, len(prompts), batch_size):
+        examples = []
+        for prompt, steps in zip(prompts[lo:lo + batch_size], step_lists[lo:lo + batch_size], strict=True):
+            ids, ends = tokenize_steps(tokenizer, prompt, steps) if steps else ([], [])
+            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the prompt ends with a lone "\n"
+            examples.append({"input_ids": ids or [tokenizer.eos_token_id], "step_ends": ends, "start": start})
+        batch = batch_steps(examples, tokenizer.pad_token_id)
+        logits = model_forward(model, batch["input_ids"], batch["attention_mask"])
+        probs = logits[:, :-1].float().softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        for i, e in enumerate(examples):
+            row, prev = [], e["start"] - 1
+            for end in e["step_ends"]:
+                row.append(float(probs[i, prev:end].min()))   # tokens prev+1 .. end, predicted at prev .. end-1
+                prev = end
+            out.append(row)
+    return out
+
+
+def step_auc(scores: list[list[float]], gold: list[list[int]]) -> float:
+    """P(a good step scores above a bad one) over all steps (ties count half): threshold-free, so verifiers on
+    different scales compare."""
+    pos = np.sort([v for s, g in zip(scores, gold, strict=True) for v, lab in zip(s, g, strict=False) if lab > 0])
+    neg = np.sort([v for s, g in zip(scores, gold, strict=True) for v, lab in zip(s, g, strict=False) if lab <= 0])
+    if not len(pos) or not len(neg):
+        return float("nan")
+    below, upto = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+    return float(np.mean(below + 0.5 * (upto - below)) / len(neg))
 
 
 def stage_eval(folder: Path, run: RunFolder, size: ArithSize, seed: int) -> dict:
@@ -246,6 +296,8 @@ def stage_eval(folder: Path, run: RunFolder, size: ArithSize, seed: int) -> dict
     for name, stage in VERIFIERS.items():
         scorer = load_scorer(str(run.path(stage) / "final"), batch_size=128)
         scores[name] = [[0.0 if v is None else float(v) for v in row] for row in scorer.score_steps(prompts, steps)]
+    model, tok = load_policy(str(run.base_model))
+    scores[LIKELIHOOD] = likelihood_step_scores(model, tok, prompts, steps)
     flat = [c for p in pools for c in p["candidates"]]
     for j, c in enumerate(flat):
         c["scores"] = {name: s[j] for name, s in scores.items()}
@@ -258,21 +310,27 @@ def stage_eval(folder: Path, run: RunFolder, size: ArithSize, seed: int) -> dict
 
 
 def verifier_accuracy(flat: list[dict]) -> dict:
-    """Step accuracy (P(good) >= 0.5 against the gold first-error labels) and first-error accuracy of each PRM;
-    the ORM's outcome accuracy (its last step's score >= 0.5 against the final answer); each one's outcome
-    accuracy read by min over steps."""
+    """Per verifier: `step_auc` of its running minimum ("no error so far", what min aggregation uses) against the
+    gold first-error labels, and its outcome accuracy (min over steps, the ORM's last step, >= 0.5 against the final
+    answer); the PRMs' step accuracy (P(good) >= 0.5) and first-error accuracy. The base model's likelihood (a
+    probability of tokens, not of a right step) gets its AUC only."""
     out = {}
-    for name in VERIFIERS:
-        hits, first, outcome = [], [], []
+    for name in (*VERIFIERS, LIKELIHOOD):
+        if not all(name in c["scores"] for c in flat):
+            continue
+        hits, first, outcome, running = [], [], [], []
         for c in flat:
             s, g = c["scores"][name], c["gold_steps"]
-            if name != "orm":
+            running.append([min(s[:i + 1]) for i in range(len(s))])
+            if name.startswith("prm"):
                 hits += [(v >= 0.5) == (lab > 0) for v, lab in zip(s, g, strict=False)]
                 pred = next((i for i, v in enumerate(s) if v < 0.5), None)
                 first.append(pred == next((i for i, lab in enumerate(g) if lab < 0), None))
             agg = aggregate_step_scores([s], "last" if name == "orm" else "min")[0]
             outcome.append((agg >= 0.5) == bool(c["correct"]))
-        out[name] = {"outcome_accuracy": mean(outcome)}
+        out[name] = {"step_auc": step_auc(running, [c["gold_steps"] for c in flat])}
+        if name != LIKELIHOOD:
+            out[name]["outcome_accuracy"] = mean(outcome)
         if hits:
             out[name].update(step_accuracy=mean(hits), first_error_accuracy=mean(first))
     return out
@@ -289,6 +347,8 @@ def method_pools(pools: list[dict]) -> dict[str, list[dict]]:
     out.update({f"PRM labelers ({how})": view(lambda c, h=how: aggregate_step_scores([c["scores"]["prm_human"]],
                                                                                     h)[0]) for how in AGGREGATIONS})
     out["ORM"] = view(lambda c: aggregate_step_scores([c["scores"]["orm"]], "last")[0])
+    if all(LIKELIHOOD in c["scores"] for p in pools for c in p["candidates"]):
+        out[BASE_LIKELIHOOD] = view(lambda c: aggregate_step_scores([c["scores"][LIKELIHOOD]], "min")[0])
     out["oracle (pass@N)"] = view(lambda c: float(c["correct"]))
     return out
 
@@ -326,23 +386,33 @@ def beam_search_eval(run: RunFolder, pools: list[dict], size: ArithSize, seed: i
 
 
 def stage_rl(folder: Path, run: RunFolder, size: ArithSize, seed: int) -> dict:
-    """RLOO from the base model with outcome rewards (the ORM) and with process rewards (the PRM's step scores on
-    the step-end tokens); the solve rate of each policy (and of the base model) on the test problems."""
+    """PPO and RLOO from the base model with outcome rewards (the ORM's score at the end of the response) and with
+    process rewards (the PRM's score of each step on its step-end token); the solve rate of each policy (and of the
+    base model) on the test problems. Both algorithms see `rl_prompts` x `rl_generations` samples per update."""
     prompts = [r["prompt"] for r in read_rows(run.data_dir / "rl_prompts.jsonl")]
     test = [dict(r) for r in read_rows(run.data_dir / "test_prompts.jsonl")]
     out = {"base": solve_rate(str(run.base_model), test, size, seed)}
-    for name, reward, granularity in (("outcome (ORM)", ORM, "outcome"), ("process (PRM)", PRM_AUTO, "process")):
-        sub = folder / granularity
-        args = RLOOConfig(output_dir=str(sub), total_updates=size.rl_updates, rollout_batch_size=size.rl_prompts,
-                          num_generations=size.rl_generations, learning_rate=size.rl_learning_rate,
-                          max_new_tokens=size.max_new_tokens, kl_coef=size.rl_kl_coef, reward_granularity=granularity,
-                          reward_normalization="none", seed=seed, progress=False, tensorboard=False,
-                          lr_scheduler="constant", sample_every=0)
-        res = GRPOTrainer(model=str(run.base_model), reward=str(run.path(reward) / "final"), args=args,
-                          train_dataset=prompts, gold_reward=ar.gold_scores).train()
-        out[name] = {**solve_rate(str(sub / "final"), test, size, seed), "updates": res.steps,
-                     "reward_mean": res.metrics.get("reward/mean"), "gold_mean": res.metrics.get("reward/gold_mean"),
-                     "kl": res.metrics.get("objective/kl")}
+    common = {"total_updates": size.rl_updates, "learning_rate": size.rl_learning_rate,
+              "max_new_tokens": size.max_new_tokens, "kl_coef": size.rl_kl_coef, "reward_normalization": "none",
+              "seed": seed, "progress": False, "tensorboard": False, "lr_scheduler": "constant", "sample_every": 0}
+    for algo in ("PPO", "RLOO"):
+        for name, reward, granularity in (("outcome (ORM)", ORM, "outcome"), ("process (PRM)", PRM_AUTO, "process")):
+            sub = folder / f"{algo.lower()}_{granularity}"
+            if algo == "RLOO":
+                args = RLOOConfig(output_dir=str(sub), rollout_batch_size=size.rl_prompts,
+                                  num_generations=size.rl_generations, reward_granularity=granularity, **common)
+                trainer = GRPOTrainer(model=str(run.base_model), reward=str(run.path(reward) / "final"), args=args,
+                                      train_dataset=prompts, gold_reward=ar.gold_scores)
+            else:
+                args = PPOConfig(output_dir=str(sub), rollout_batch_size=size.rl_prompts * size.rl_generations,
+                                 reward_granularity=granularity, **common)
+                trainer = PPOTrainer(model=str(run.base_model), reward=str(run.path(reward) / "final"), args=args,
+                                     train_dataset=prompts, gold_reward=ar.gold_scores)
+            res = trainer.train()
+            out[f"{algo} {name}"] = {**solve_rate(str(sub / "final"), test, size, seed), "updates": res.steps,
+                                     "reward_mean": res.metrics.get("reward/mean"),
+                                     "gold_mean": res.metrics.get("reward/gold_mean"),
+                                     "kl": res.metrics.get("objective/kl")}
     return out
 
 
@@ -366,7 +436,7 @@ def write_json(path: Path, obj) -> None:
 
 
 MAIN_METHODS = ("PRM auto (min)", "PRM labelers (min)", "ORM", "majority voting", "PRM-weighted voting",
-                "oracle (pass@N)")
+                BASE_LIKELIHOOD, "oracle (pass@N)")
 
 
 def fmt(v) -> str:
@@ -395,7 +465,8 @@ def plot_curves(curves: dict[str, dict[str, float]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     styles = {"oracle (pass@N)": dict(color="grey", linestyle=":"), "majority voting": dict(marker="s"),
               "ORM": dict(marker="^"), "PRM auto (min)": dict(marker="o", linewidth=2),
-              "PRM labelers (min)": dict(marker="D"), "PRM-weighted voting": dict(marker="x", linestyle="--")}
+              "PRM labelers (min)": dict(marker="D"), "PRM-weighted voting": dict(marker="x", linestyle="--"),
+              BASE_LIKELIHOOD: dict(color="black", linestyle="-.", linewidth=1)}
     for m in MAIN_METHODS:
         if m in curves:
             ns = [int(n) for n in curves[m]]
@@ -424,8 +495,12 @@ def stage_report(folder: Path, run: RunFolder, size: ArithSize) -> dict:
     ns = list(curves["ORM"])
     big = ns[-1]
     prm, orm, maj = (curves[m][big] for m in ("PRM auto (min)", "ORM", "majority voting"))
+    one = curves["ORM"][ns[0]]
     verdict = (f"At N={big} the PRM (automatic labels) solves {prm:.3f}, the ORM {orm:.3f}, majority voting "
-               f"{maj:.3f}: the PRM {'beats' if prm > orm else 'does not beat'} the ORM.")
+               f"{maj:.3f} (N=1: {one:.3f}): the PRM {'beats' if prm > orm else 'does not beat'} the ORM"
+               + ("" if min(prm, orm) >= one else f", and {'both fall' if max(prm, orm) < one else 'one falls'} "
+                  f"below a single sample (over-optimised: the highest-scored of many samples is more often a "
+                  f"wrong one the verifier misjudges)") + ".")
     md = ["# Process reward models on toy arithmetic", "",
           "`alignloop demo --task arithmetic`: a small GPT-2 trained from scratch on step-by-step solutions (half with "
           "injected step errors) solves chains of 2-4 operations; its samples are verified by a PRM trained on "
@@ -435,9 +510,13 @@ def stage_report(folder: Path, run: RunFolder, size: ArithSize) -> dict:
           f"**{verdict}**", "", "## Best-of-N solve rate", "", best_of_n_table(curves, MAIN_METHODS), "",
           f"![solve rate against N](plots/{plot.name})", "", "All aggregations:", "", best_of_n_table(curves), "",
           "## Verifiers against the gold step and answer checks (test candidates)", "",
-          table(["verifier", "step accuracy", "first-error accuracy", "outcome accuracy"],
-                [[n, v.get("step_accuracy"), v.get("first_error_accuracy"), v.get("outcome_accuracy")]
-                 for n, v in ev["verifiers"].items()]), "",
+          table(["verifier", "step AUC (running min)", "step accuracy", "first-error accuracy", "outcome accuracy"],
+                [[n, v.get("step_auc"), v.get("step_accuracy"), v.get("first_error_accuracy"),
+                  v.get("outcome_accuracy")] for n, v in ev["verifiers"].items()]), "",
+          f"`{LIKELIHOOD}` is a diagnostic, trained on no label: each step's lowest token probability under the base "
+          "model that wrote the samples. It shows what the generator itself knows of its sampled mistakes; a PRM "
+          "starts from the same model and has to learn from the labels to read that knowledge at the step's "
+          "separator.", "",
           "## Data and labels", "",
           table(["figure", "value"], [
               ["base model: test samples solved (N=1)", smp.get("test_solved")],
@@ -457,7 +536,7 @@ def stage_report(folder: Path, run: RunFolder, size: ArithSize) -> dict:
                      [[beam["problems"], f"{beam['beam_width']} x {beam['expand']}", beam["solve_rate"],
                        f"{fmt(beam['prm_best_of_n_solve_rate'])} (N={beam['best_of_n']})"]]), ""]
     if rl:
-        md += ["## RLOO with outcome vs process rewards", "",
+        md += ["## PPO and RLOO with outcome vs process rewards", "",
                table(["policy", "solve rate", "all steps right", "updates", "KL"],
                      [[name, v.get("solve_rate"), v.get("all_steps_right"), v.get("updates"), v.get("kl")]
                       for name, v in rl.items() if isinstance(v, dict)]), ""]

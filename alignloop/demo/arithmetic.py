@@ -1,27 +1,34 @@
-"""The arithmetic demo's toy domain: chains of 2-4 operations on small integers, solved step by step.
+"""The arithmetic demo's toy domain: chains of 2-4 operations, solved step by step.
 
 Everything is generated locally and deterministically from a seed (no downloads):
 
-    p = random_problem(random.Random(0))         # Problem(start=7, ops=(("+", 5), ("*", 3), ("+", 2)))
-    p.prompt                                      # "Q: 7+5*3+2\n"   (operations left to right, no precedence)
-    p.steps()                                     # ["7+5=12", "12*3=36", "36+2=38", "Answer: 38"]
+    p = Problem(7, (("+", 5), ("*", 3), ("-", 9)), modulus=10)   # or random_problem(rng, modulus=10)
+    p.prompt                                      # "Q: 7+5*3-9 mod 10\n"   (left to right, no precedence)
+    p.steps()                                     # ["7+5=2", "2*3=6", "6-9=7", "Answer: 7"]
     write_solution(p, rng, error_rate=0.3)        # the same with injected step errors (a wrong result propagates)
-    verify_answer(p.prompt, "7+5=12\n12*3=36\n36+2=38\nAnswer: 38\n")   # True (the prompt or the Problem)
-    verify_steps(p, ["7+5=12", "12*3=35", "35+2=37", "Answer: 37"])     # [1, -1, -1, -1]
+    verify_answer(p.prompt, "7+5=2\n2*3=6\n6-9=7\nAnswer: 7\n")     # True (the prompt or the Problem)
+    verify_steps(p, ["7+5=2", "2*3=5", "5-9=6", "Answer: 6"])          # [1, -1, -1, -1]
 
 Format (one step per line; the step separator is the contract's "\\n", so a solution's text is
-`alignloop.data.join_steps(steps)`): the prompt is "Q: <expression>\\n", the expression's operations applied left to
+`alignloop.data.join_steps(steps)`): the prompt is "Q: <expression>[ mod m]\\n", the operations applied left to
 right (7+5*3 is (7+5)*3); one step per operation, "<left><op><operand>=<result>", then a last step "Answer: <n>".
-Numbers stay small: a problem starts at 2..20 and adds or subtracts 1..9 or multiplies by 2 or 3, every true running
-value in 0..99 (a wrong step can leave that range; nothing breaks), so a step is a one-digit carry or borrow, or a
-doubling or tripling: what a 2-layer model trained for a few minutes learns to do most of the time (measured: with
-operands up to 20 and factors up to 5 the same model solved 11% of the problems and its PRM learned nothing; here
-~40%). Digits are read one at a time (the demo's tokenizer splits numbers into digits).
+
+Two number ranges:
+  digits mod 10 (`modulus=10`, the demo's default): the start 1..9, adding or subtracting 1..9 or multiplying by
+            2..9, every result taken mod 10, so every number is one digit and a step is one of 300 facts: what a
+            4-layer model learns exactly in a few minutes, so that its step errors are the ones it learned to make
+            (below), and a verifier can learn to check a step. (Measured with integers, below: the base model
+            itself got a third of its steps wrong, and its PRM, no better at arithmetic than it, learned a weak
+            signal that best-of-N over-optimised: solve rate fell from 0.42 at N=1 to 0.05 at N=64.)
+  integers (`modulus=None`): the start 2..20, adding or subtracting 1..9 or multiplying by 2 or 3, every true
+            running value in 0..99 (a wrong step can leave that range; nothing breaks).
+Digits are read one at a time (the demo's tokenizer splits numbers into digits).
 
 Step errors (`write_solution`, per operation step with probability `error_rate`), the kinds a model trained on such
-solutions learns to make:
+solutions learns to make (integers: carry, off, random, recovered; digits: operation, off, random, recovered):
   carry     the carry or borrow forgotten: 38+5=33, 41-3=48, a product off by 10 (a systematic error: the same wrong
-            answer each time, which majority voting cannot out-vote when it is frequent)
+            answer each time, which majority voting cannot out-vote when it is frequent); mod 10, the wrap forgotten
+  operation the wrong operation: 7+5=5 (7*5 mod 10), 7*3=0 (7+3 mod 10): systematic too
   off       off by one or two
   random    any other number
   recovered a wrong result written down but the correct value carried on in the next step (the final answer is still
@@ -57,24 +64,28 @@ MAX_VALUE = 99
 START, ADD, SUB, MUL = (2, 20), (1, 9), (1, 9), (2, 3)     # the start's and the operands' ranges (inclusive)
 PROMPT_PREFIX = "Q: "
 ANSWER_PREFIX = "Answer: "
-ERROR_KINDS = ("carry", "off", "random", "recovered")
+ERROR_KINDS = ("carry", "operation", "off", "random", "recovered")
 DEFAULT_ERROR_WEIGHTS = {"carry": 0.4, "off": 0.3, "random": 0.15, "recovered": 0.15}
+MOD_ERROR_WEIGHTS = {"operation": 0.35, "off": 0.3, "random": 0.2, "recovered": 0.15}   # digit problems (mod 10)
+WRONG_OP = {"+": "*", "*": "+", "-": "+"}
 
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _ANSWER = re.compile(r"^\s*Answer:\s*(-?\d+)\s*$")
-_PROMPT = re.compile(r"^\s*Q:\s*(\d+)((?:\s*[+\-*]\s*\d+)+)\s*$")
+_PROMPT = re.compile(r"^\s*Q:\s*(\d+)((?:\s*[+\-*]\s*\d+)+)(?:\s+mod\s+(\d+))?\s*$")
 _TERM = re.compile(r"([+\-*])\s*(\d+)")
 
 
-def apply(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+def apply(a: int, op: str, b: int, modulus: int | None = None) -> int:
+    v = a + b if op == "+" else a - b if op == "-" else a * b
+    return v % modulus if modulus else v
 
 
 @dataclass(frozen=True)
 class Problem:
-    """start, then ops applied left to right: ((op, operand), ...)."""
+    """start, then ops applied left to right: ((op, operand), ...); every result mod `modulus` when given."""
     start: int
     ops: tuple[tuple[str, int], ...]
+    modulus: int | None = None
 
     @property
     def expression(self) -> str:
@@ -82,13 +93,14 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        return f"{PROMPT_PREFIX}{self.expression}\n"
+        mod = f" mod {self.modulus}" if self.modulus else ""
+        return f"{PROMPT_PREFIX}{self.expression}{mod}\n"
 
     def values(self) -> list[int]:
         """The running value after each operation (the true intermediate results)."""
         out, v = [], self.start
         for op, b in self.ops:
-            v = apply(v, op, b)
+            v = apply(v, op, b, self.modulus)
             out.append(v)
         return out
 
@@ -105,17 +117,26 @@ class Problem:
 
 
 def parse_problem(problem: Problem | str) -> Problem:
-    """A Problem, or its prompt text ("Q: 7+5*3+2\\n") parsed. A prompt that is not one raises UserError."""
+    """A Problem, or its prompt text ("Q: 7+5*3+2\\n", "Q: 7+5*3+2 mod 10\\n") parsed. A prompt that is not one
+    raises UserError."""
     if isinstance(problem, Problem):
         return problem
     m = _PROMPT.match(str(problem))
     if not m:
         raise UserError(f"not an arithmetic prompt (expected 'Q: 7+5*3+2'): {str(problem)[:60]!r}")
-    return Problem(int(m.group(1)), tuple((op, int(b)) for op, b in _TERM.findall(m.group(2))))
+    return Problem(int(m.group(1)), tuple((op, int(b)) for op, b in _TERM.findall(m.group(2))),
+                   int(m.group(3)) if m.group(3) else None)
 
 
-def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 4) -> Problem:
-    """2..4 operations (uniform), each drawn among those that keep the running value in 0..99."""
+def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 4, modulus: int | None = None) -> Problem:
+    """2..4 operations (uniform), each drawn among those that keep the running value in 0..99; with a modulus m,
+    digits: the start in 1..m-1, adding or subtracting 1..m-1, multiplying by 2..m-1, every result mod m."""
+    if modulus:
+        ops = []
+        for _ in range(rng.randint(min_ops, max_ops)):
+            op = rng.choice(OPS)
+            ops.append((op, rng.randint(2 if op == "*" else 1, modulus - 1)))
+        return Problem(rng.randint(1, modulus - 1), tuple(ops), modulus)
     v = rng.randint(*START)
     start, ops = v, []
     for _ in range(rng.randint(min_ops, max_ops)):
@@ -132,14 +153,14 @@ def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 4) -> Pr
 
 
 def problems(n: int, seed: int = 0, exclude: set[str] | None = None, min_ops: int = 2,
-             max_ops: int = 4) -> list[Problem]:
+             max_ops: int = 4, modulus: int | None = None) -> list[Problem]:
     """n distinct problems (by expression), none of whose expression is in `exclude`."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     out: list[Problem] = []
     tries = 0
     while len(out) < n:
-        p = random_problem(rng, min_ops, max_ops)
+        p = random_problem(rng, min_ops, max_ops, modulus)
         tries += 1
         if tries > 100 * n + 1000:
             raise ValueError(f"could not draw {n} distinct problems")
@@ -150,10 +171,24 @@ def problems(n: int, seed: int = 0, exclude: set[str] | None = None, min_ops: in
     return out
 
 
-def wrong_result(a: int, op: str, b: int, kind: str, rng: random.Random) -> int:
-    """A wrong result of a<op>b of the given kind (never the right one, never negative)."""
-    right = apply(a, op, b)
-    if kind == "carry":
+def wrong_result(a: int, op: str, b: int, kind: str, rng: random.Random, modulus: int | None = None) -> int:
+    """A wrong result of a<op>b of the given kind (never the right one, never negative; with a modulus, a residue)."""
+    right = apply(a, op, b, modulus)
+    if modulus:
+        if kind == "operation":
+            cand = apply(a, WRONG_OP[op], b, modulus)
+        elif kind == "carry":      # the wrap forgotten (7+5=12), else off by one
+            cand = apply(a, op, b) if apply(a, op, b) >= modulus else (right + 1) % modulus
+        elif kind in ("off", "recovered"):
+            cand = (right + rng.choice([-2, -1, 1, 2])) % modulus
+        elif kind == "random":
+            cand = rng.randint(0, modulus - 1)
+        else:
+            raise ValueError(f"unknown error kind {kind!r}; one of {ERROR_KINDS}")
+        return cand if cand != right else (right + 1) % modulus
+    if kind == "operation":
+        cand = apply(a, WRONG_OP[op], b)
+    elif kind == "carry":
         if op == "+" and (a % 10) + (b % 10) >= 10:
             cand = right - 10
         elif op == "-" and (a % 10) < (b % 10):
@@ -178,14 +213,14 @@ def write_solution(problem: Problem, rng: random.Random, error_rate: float = 0.0
     """The steps of a solution in which each operation step is wrong with probability `error_rate` (kinds drawn by
     `error_weights`, default DEFAULT_ERROR_WEIGHTS); a wrong result propagates (the next step starts from it) except
     for the `recovered` kind. The answer step states the last written result."""
-    weights = error_weights or DEFAULT_ERROR_WEIGHTS
+    weights = error_weights or (MOD_ERROR_WEIGHTS if problem.modulus else DEFAULT_ERROR_WEIGHTS)
     kinds, w = list(weights), list(weights.values())
     steps, v = [], problem.start
     for op, b in problem.ops:
-        right = apply(v, op, b)
+        right = apply(v, op, b, problem.modulus)
         if error_rate > 0 and rng.random() < error_rate:
             kind = rng.choices(kinds, w)[0]
-            written = wrong_result(v, op, b, kind, rng)
+            written = wrong_result(v, op, b, kind, rng, problem.modulus)
             carried = right if kind == "recovered" else written
         else:
             written = carried = right
@@ -225,7 +260,7 @@ def local_checks(problem: Problem | str, steps: Sequence[str]) -> list[bool]:
                 prev = None
                 continue
             a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            out.append(a == prev and (op, b) == p.ops[i] and r == apply(a, op, b))
+            out.append(a == prev and (op, b) == p.ops[i] and r == apply(a, op, b, p.modulus))
             prev = r
         elif i == len(p.ops):
             m = _ANSWER.match(s)

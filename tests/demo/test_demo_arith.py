@@ -25,7 +25,8 @@ def test_files(run):
     for f in ("report.md", "results.json", "demo.json", "stages.json", "plots/solve_rate_vs_n.png",
               "eval/best_of_n.json", "eval/scored_pools.jsonl", "report/best_of_n.md", "labels/steps_auto.jsonl",
               "labels/steps_human.jsonl", "prm_auto/final/config.json", "prm_human/final/config.json",
-              "orm/final/config.json", "rl/outcome/final/config.json", "rl/process/final/config.json"):
+              "orm/final/config.json", "rl/rloo_outcome/final/config.json", "rl/rloo_process/final/config.json",
+              "rl/ppo_outcome/final/config.json", "rl/ppo_process/final/config.json"):
         assert (out / f).exists(), f
     assert (out / "plots/solve_rate_vs_n.png").stat().st_size > 5000
     assert json.loads((out / "demo.json").read_text())["task"] == "arithmetic"
@@ -33,7 +34,7 @@ def test_files(run):
     assert summary["plot"].endswith("solve_rate_vs_n.png") and "N=16" in summary["verdict"]
     assert "| PRM auto (min) |" in output and "| majority voting |" in output      # the table, printed
     md = (out / "report.md").read_text()
-    assert "## Best-of-N solve rate" in md and "| ORM |" in md and "RLOO with outcome vs process rewards" in md
+    assert "## Best-of-N solve rate" in md and "| ORM |" in md and "PPO and RLOO with outcome vs process rewards" in md
 
 
 def test_figures_are_sane(run):
@@ -57,5 +58,5 @@ def test_figures_are_sane(run):
     # the verifiers' accuracies and the RL figures are shares
     for v in res["verifiers"].values():
         assert all(0.0 <= x <= 1.0 for x in v.values())
-    for name in ("base", "outcome (ORM)", "process (PRM)"):
+    for name in ("base", "PPO outcome (ORM)", "PPO process (PRM)", "RLOO outcome (ORM)", "RLOO process (PRM)"):
         assert 0.0 <= res["rl"][name]["solve_rate"] <= 1.0

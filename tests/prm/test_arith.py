@@ -123,3 +123,34 @@ def test_majority_step_labels_by_hand():
     assert ar.majority_step_labels(rows) == [
         {"prompt": "Q: 1+1\n", "completions": ["a", "b"], "labels": [1, -1], "votes": 3},
         {"prompt": "Q: 1+1\n", "completions": ["c"], "labels": [-1], "votes": 2}]   # a tie is the cautious −1
+
+
+M = ar.Problem(7, (("+", 5), ("*", 3), ("-", 9)), modulus=10)   # (7+5) mod 10 = 2, 2*3 = 6, 6-9 = -3 mod 10 = 7
+
+
+def test_digit_problems_mod_10_by_hand():
+    assert M.prompt == "Q: 7+5*3-9 mod 10\n"
+    assert M.values() == [2, 6, 7] and M.answer == 7
+    assert M.steps() == ["7+5=2", "2*3=6", "6-9=7", "Answer: 7"]
+    assert ar.parse_problem(M.prompt) == M
+    assert ar.verify_answer(M.prompt, M.solution())
+    # 7+5=12 is right for integers, wrong mod 10; then 12*3 carries the wrong value on
+    assert ar.verify_steps(M, ["7+5=12", "12*3=6", "6-9=7", "Answer: 7"]) == [-1, -1, -1, -1]
+    ps = ar.problems(300, seed=3, modulus=10)
+    assert all(p.modulus == 10 and 1 <= p.start <= 9 and all(0 <= v <= 9 for v in p.values()) for p in ps)
+    assert all(2 <= b <= 9 if op == "*" else 1 <= b <= 9 for p in ps for op, b in p.ops)
+
+
+def test_digit_errors_by_kind():
+    rng = random.Random(0)
+    assert ar.wrong_result(7, "+", 5, "operation", rng, 10) == 5    # 7*5 = 35 -> 5 (the wrong operation)
+    assert ar.wrong_result(7, "*", 3, "operation", rng, 10) == 0    # 7+3 = 10 -> 0
+    assert ar.wrong_result(7, "+", 5, "carry", rng, 10) == 12       # the wrap forgotten: 12, not 2
+    for kind in ("operation", "off", "random", "recovered"):
+        for a, op, b in ((3, "-", 3), (4, "*", 5), (9, "+", 1)):
+            for _ in range(20):
+                r = ar.wrong_result(a, op, b, kind, rng, 10)
+                assert r != ar.apply(a, op, b, 10) and 0 <= r <= 9, (kind, a, op, b)
+    # the default kinds of a digit problem: every written result is a digit
+    steps = ar.write_solution(M, random.Random(2), error_rate=1.0)
+    assert all(0 <= int(s.split("=")[1]) <= 9 for s in steps[:3]) and ar.verify_steps(M, steps)[0] == -1

@@ -76,7 +76,16 @@ def test_verifier_accuracy_by_hand():
     # outcome by min >= 0.5: right 0.8 yes (right), wrong 0.1 no (right), lucky 0.3 no (wrong: it is correct)
     assert acc["prm_auto"]["outcome_accuracy"] == pytest.approx(2 / 3)
     # the ORM by its last score: 0.4 no (wrong), 0.8 yes (wrong), 0.6 yes (right)
-    assert acc["orm"] == {"outcome_accuracy": pytest.approx(1 / 3)}
+    assert acc["orm"]["outcome_accuracy"] == pytest.approx(1 / 3) and set(acc["orm"]) == {"outcome_accuracy",
+                                                                                          "step_auc"}
+    # step AUC of the running min against the first-error labels: prm_auto's good steps (right: 0.9 0.8 0.8 0.8,
+    # wrong's first 0.9) all above its bad ones (0.2 0.1 0.1, lucky 0.3 x 4) -> 1. The ORM's running min: good
+    # 0.4 and 0.5 x 4 against bad 0.5 x 7: (0 + 4 x 1/2) / 5 = 0.4
+    assert acc["prm_auto"]["step_auc"] == 1.0 and acc["orm"]["step_auc"] == pytest.approx(0.4)
+    # the base model's likelihood, when scored: its AUC only
+    for c in flat:
+        c["scores"][ad.LIKELIHOOD] = c["scores"]["prm_auto"]
+    assert ad.verifier_accuracy(flat)[ad.LIKELIHOOD] == {"step_auc": 1.0}
 
 
 def test_tables_and_plot(tmp_path):
