@@ -442,7 +442,9 @@ REWARD_GRANULARITY_HELP = (
     "outcome: one reward per response, on its last token; process (process supervision, Lightman et al. 2023): one "
     "reward per reasoning step, each on the token that ends the step (steps: the response split on newlines, "
     "alignloop.data.split_steps). Process needs a reward that scores steps: a process reward model (alignloop prm) "
-    "or a step function module:function fn(prompts, step_lists) -> list[list[float]]; reward_normalization none.")
+    "or a step function module:function fn(prompts, step_lists) -> list[list[float]]; reward_normalization none. "
+    "A PRM's scores are probabilities in 0..1, so with PPO a response's return is their sum: watch "
+    "reward/steps_per_response (more, shorter steps pay more); the critic-free estimators centre them per group.")
 
 
 def check_reward_granularity(args: OnlineRLArgs) -> None:
