@@ -443,8 +443,32 @@ REWARD_GRANULARITY_HELP = (
     "reward per reasoning step, each on the token that ends the step (steps: the response split on newlines, "
     "alignloop.data.split_steps). Process needs a reward that scores steps: a process reward model (alignloop prm) "
     "or a step function module:function fn(prompts, step_lists) -> list[list[float]]; reward_normalization none. "
-    "A PRM's scores are probabilities in 0..1, so with PPO a response's return is their sum: watch "
-    "reward/steps_per_response (more, shorter steps pay more); the critic-free estimators centre them per group.")
+    "A PRM's scores are probabilities in 0..1: see step_reward.")
+
+
+STEP_REWARDS = ("score", "delta")
+STEP_REWARD_HELP = (
+    "With reward_granularity process, what each step is paid. score: its score (a PRM's probability that the "
+    "solution is right so far; PPO's return sums them, so more and shorter steps pay more). delta: the change of "
+    "the running minimum of the scores, min(s_1..s_j) - min(s_1..s_j-1), from 1 before the first step "
+    "(potential-based shaping, Ng et al. 1999): the return is the min aggregate minus 1 whatever the number of "
+    "steps, and the credit sits on the step where the score drops.")
+
+
+def step_reward_values(step_scores: list[float], form: str = "score") -> list[float]:
+    """A response's step rewards from its step scores (see STEP_REWARD_HELP). By hand, scores [0.9, 0.95, 0.3, 0.4]:
+    score -> the same; delta -> running min [0.9, 0.9, 0.3, 0.3] minus [1, 0.9, 0.9, 0.3] = [-0.1, 0, -0.6, 0],
+    summing to 0.3 - 1."""
+    if form == "score":
+        return list(step_scores)
+    if form != "delta":
+        raise ConfigError(f"step_reward: expected one of {', '.join(STEP_REWARDS)}, got {form!r}")
+    out, low = [], 1.0
+    for s in step_scores:
+        new = min(low, s)
+        out.append(new - low)
+        low = new
+    return out
 
 
 def check_reward_granularity(args: OnlineRLArgs) -> None:
@@ -453,6 +477,10 @@ def check_reward_granularity(args: OnlineRLArgs) -> None:
     granularity = getattr(args, "reward_granularity", "outcome")
     if granularity not in REWARD_GRANULARITIES:
         raise ConfigError(f"reward_granularity: expected outcome or process, got {granularity!r}")
+    if getattr(args, "step_reward", "score") not in STEP_REWARDS:
+        raise ConfigError(f"step_reward: expected one of {', '.join(STEP_REWARDS)}, got {args.step_reward!r}")
+    if granularity == "outcome" and getattr(args, "step_reward", "score") != "score":
+        raise ConfigError("step_reward applies to reward_granularity='process' (an outcome reward has no steps)")
     if granularity == "process" and args.reward_normalization != "none":
         raise ConfigError(f"reward_granularity='process' takes reward_normalization='none' (got "
                           f"{args.reward_normalization!r}): step rewards are not normalised as sequence scores are "
@@ -553,7 +581,7 @@ def step_rewards(scored: ScoredRollout, scores: torch.Tensor, rollout: Rollout, 
             rows_r.append([float(scores[i])])
             rows_e.append([last])
             continue
-        rewards = list(step_scores)
+        rewards = step_reward_values(step_scores, getattr(args, "step_reward", "score"))
         ends = ends[:n]
         if n == len(ends_per_row[i]):
             ends[-1] = last

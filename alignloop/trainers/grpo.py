@@ -88,6 +88,7 @@ from alignloop.losses.critic_free import (
 from alignloop.models import ActorCritic, CausalLMWithValueHead, model_forward
 from alignloop.rl import (
     REWARD_GRANULARITY_HELP,
+    STEP_REWARD_HELP,
     Collective,
     ExperienceAccess,
     OnlineRLArgs,
@@ -165,6 +166,7 @@ class GRPOConfig(OnlineRLArgs):
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the learned baseline's squared error."})
     reward_granularity: Literal["outcome", "process"] = field(default="outcome", metadata={
         "help": REWARD_GRANULARITY_HELP})
+    step_reward: Literal["score", "delta"] = field(default="score", metadata={"help": STEP_REWARD_HELP})
 
     def __post_init__(self):
         super().__post_init__()

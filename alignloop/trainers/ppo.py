@@ -91,6 +91,7 @@ from alignloop.models import (
 )
 from alignloop.rl import (
     REWARD_GRANULARITY_HELP,
+    STEP_REWARD_HELP,
     Collective,
     ExperienceAccess,
     OnlineRLArgs,
@@ -160,6 +161,7 @@ class PPOConfig(OnlineRLArgs):
                 "reward: a separate critic initialised from the reward model."})
     reward_granularity: Literal["outcome", "process"] = field(default="outcome", metadata={
         "help": REWARD_GRANULARITY_HELP})
+    step_reward: Literal["score", "delta"] = field(default="score", metadata={"help": STEP_REWARD_HELP})
     use_lora: bool | None = field(default=None, metadata={
         "help": "Deprecated (removed in 0.3): use lora_r > 0. True with lora_r 0 means lora_r 8 (the old default); "
                 "False turns LoRA off whatever lora_r says."})

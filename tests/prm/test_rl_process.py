@@ -566,3 +566,42 @@ def test_a_process_reward_model_folder_scores_the_steps_in_one_pass(tmp_path, st
         PPOTrainer(model=policy, args=PPOConfig(**_common(tmp_path / "ppo", reward_model=str(tmp_path / "prm"),
                                                           value_model="reward")),
                    train_dataset=[PROMPT], tokenizer=tok)
+
+
+def test_step_reward_values_by_hand():
+    """score: the step scores as they are; delta: the change of their running minimum from 1 (potential-based
+    shaping): [0.9, 0.95, 0.3, 0.4] -> running min [0.9, 0.9, 0.3, 0.3] -> [-0.1, 0, -0.6, 0], summing to
+    min - 1 = -0.7 however many steps; an unknown form and delta with outcome rewards are config errors."""
+    from alignloop.errors import ConfigError
+    from alignloop.rl import step_reward_values
+
+    assert step_reward_values([0.9, 0.95, 0.3, 0.4]) == [0.9, 0.95, 0.3, 0.4]
+    assert step_reward_values([0.9, 0.95, 0.3, 0.4], "delta") == pytest.approx([-0.1, 0.0, -0.6, 0.0])
+    assert step_reward_values([1.0] * 7, "delta") == [0.0] * 7        # more good steps pay nothing more
+    with pytest.raises(ConfigError, match="step_reward"):
+        step_reward_values([0.5], "sum")
+    with pytest.raises(ConfigError, match="applies to reward_granularity='process'"):
+        PPOConfig(output_dir="x", step_reward="delta")
+
+
+def test_ppo_delta_step_rewards_sum_to_the_min_score_minus_one(tmp_path, step_tok, step_policy):
+    """PPO with step_reward delta: each response's placed rewards (rewards − non-score rewards) sum to
+    min(step scores) − 1 (0 − 1 when a step lacks "good"), sitting on the end token of the first step that fails."""
+    tok = step_tok
+    _, _h, seen = _ppo(tmp_path, tok, step_policy, step_reward="delta")
+    exp = seen[0]
+    multi = 0
+    for b in range(len(exp.responses)):
+        ids, steps, ends = _row_steps(exp, tok, b)
+        if not steps:
+            continue
+        placed = (exp.rewards - exp.non_score_rewards)[b]
+        scores = good_steps(None, [steps])[0]
+        assert math.isclose(placed.sum().item(), min(scores) - 1.0, abs_tol=1e-6), (b, exp.responses[b])
+        expected = torch.zeros_like(placed)
+        first_bad = next((i for i, s in enumerate(scores) if s < 1.0), None)
+        if first_bad is not None:
+            expected[ends[first_bad]] = -1.0
+        assert torch.allclose(placed, expected), (b, exp.responses[b])
+        multi += len(steps) > 1
+    assert multi >= 8
