@@ -369,8 +369,10 @@ class Store:
         do not change, so AI labels never take a person's place among the k, never complete an item and never
         enter a person's queue. Judging an item again appends a new version (the current judgement is the newest).
         """
-        with self.write() as s:
-            return record_ai_in(s, project, labeler_id, judgements)
+        def once() -> int:
+            with self.write() as s:
+                return record_ai_in(s, project, labeler_id, judgements)
+        return _retrying(once)
 
     def _submit_and_next_orm(self, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],
                              idempotency_key: str) -> tuple[Judgement, bool, Assignment | None]:
