@@ -153,17 +153,23 @@ def _step_gold(row: dict, n: int, where: str) -> list[int] | None:
     return checked
 
 
+def _group_of(groups: dict[str, dict], row: dict, i: int, fresh: dict) -> tuple[str, dict]:
+    """(where the row is, its prompt's group in `groups`, created from `fresh` + messages, is_chat, where when the
+    prompt is new); rows with the same prompt share a group, in order of first appearance."""
+    where = row.get("_where", f"record {i + 1}")
+    if "prompt" not in row:
+        raise UserError(f"{where}: missing field 'prompt'")
+    msgs, is_chat = normalise_prompt(row["prompt"], where)
+    return where, groups.setdefault(json.dumps(msgs, sort_keys=True),
+                                    {"messages": msgs, "is_chat": is_chat, **fresh, "where": where})
+
+
 def parse_step_rows(rows: Iterable[dict], model: str | None = None) -> list[dict]:
     """Check step-format rows (one solution each) and group them by prompt: one group `{"messages", "is_chat",
     "solutions": [{"completions", "gold", "where"}], "meta", "where", "unused_labels"}` per distinct prompt."""
     groups: dict[str, dict] = {}
     for i, row in enumerate(rows):
-        where = row.get("_where", f"record {i + 1}")
-        if "prompt" not in row:
-            raise UserError(f"{where}: missing field 'prompt'")
-        msgs, is_chat = normalise_prompt(row["prompt"], where)
-        g = groups.setdefault(json.dumps(msgs, sort_keys=True), {
-            "messages": msgs, "is_chat": is_chat, "solutions": [], "meta": {}, "where": where, "unused_labels": 0})
+        where, g = _group_of(groups, row, i, {"solutions": [], "meta": {}, "unused_labels": 0})
         steps = _step_texts(row, where, model)
         gold = _step_gold(row, len(steps), where)
         if gold is None and row.get("labels") is not None:
@@ -183,12 +189,7 @@ def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None) -
         return parse_step_rows(rows, model)
     groups: dict[str, dict] = {}
     for i, row in enumerate(rows):
-        where = row.get("_where", f"record {i + 1}")
-        if "prompt" not in row:
-            raise UserError(f"{where}: missing field 'prompt'")
-        msgs, is_chat = normalise_prompt(row["prompt"], where)
-        g = groups.setdefault(json.dumps(msgs, sort_keys=True), {
-            "messages": msgs, "is_chat": is_chat, "completions": [], "gold": None, "meta": {}, "where": where})
+        where, g = _group_of(groups, row, i, {"completions": [], "gold": None, "meta": {}})
         g["completions"].extend(_row_completions(row, where, model))
         if row.get("gold") is not None:
             g["gold"] = check_gold(task_type, row["gold"], where)
