@@ -592,7 +592,7 @@ def test_ppo_delta_step_rewards_sum_to_the_min_score_minus_one(tmp_path, step_to
     exp = seen[0]
     multi = 0
     for b in range(len(exp.responses)):
-        ids, steps, ends = _row_steps(exp, tok, b)
+        _ids, steps, ends = _row_steps(exp, tok, b)
         if not steps:
             continue
         placed = (exp.rewards - exp.non_score_rewards)[b]
