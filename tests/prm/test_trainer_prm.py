@@ -205,3 +205,47 @@ def test_soft_targets_train(tmp_path, lm_dir):
             for r in solutions(24, 6)]
     result = PRMTrainer(lm_dir, quick(tmp_path, target="soft", max_steps=2, eval_fraction=0.25), rows).train()
     assert result.steps == 2 and result.metrics["eval/steps"] > 0
+
+
+TWO_PROC = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from prm.test_trainer_prm import solutions
+from alignloop.trainers.prm import PRMConfig, PRMTrainer
+args = PRMConfig(output_dir={out!r}, learning_rate=1e-3, max_steps=3, per_device_batch_size={per_device},
+                 max_length=128, seed=1, progress=False, tensorboard=False, logging_steps=1, eval_fraction=0.25)
+tr = PRMTrainer({lm!r}, args, solutions(40, 5))
+res = tr.train()
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, lm_dir):
+    """1 process x batch 8 == 2 processes (gloo on CPU) x batch 4: the loss is normalised by the trained steps of
+    the whole global batch and the evaluation is gathered, so the weights and the logged losses and eval metrics
+    agree."""
+    import os
+
+    tests = str(Path(__file__).resolve().parents[1])
+    out = {}
+    for name, nproc, per_device in (("one", 1, 8), ("two", 2, 4)):
+        script = tmp_path / f"{name}.py"
+        script.write_text(TWO_PROC.format(tests=tests, out=str(tmp_path / name), per_device=per_device,
+                                          lm=str(lm_dir)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29540 + nproc), str(script)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    a = AutoModelForTokenClassification.from_pretrained(tmp_path / "one" / "final").state_dict()
+    b = AutoModelForTokenClassification.from_pretrained(tmp_path / "two" / "final").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    losses = {n: [h["loss/prm"] for h in m if "loss/prm" in h] for n, m in out.items()}
+    assert len(losses["one"]) == 3 and losses["one"] == pytest.approx(losses["two"], rel=1e-5)
+    evals = {n: [h for h in m if "eval/step_accuracy" in h][-1] for n, m in out.items()}
+    for k in ("eval/loss", "eval/step_accuracy", "eval/first_error_accuracy", "eval/steps", "eval/solutions"):
+        assert evals["one"][k] == pytest.approx(evals["two"][k], rel=1e-5), k
