@@ -30,6 +30,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,7 @@ from alignloop.models import (
     load_causal_lm,
     load_tokenizer,
     model_forward,
+    prm_info,
     reference_mode,
     unwrap_model,
 )
@@ -505,6 +507,9 @@ def step_scorer(reward, reward_tokenizer=None, trainer: str = "RL", **common):
                         f"(.step_scores(prompts, completions)): a process reward model (a folder `alignloop prm` "
                         f"saved) or a step function module:function fn(prompts, step_lists) -> list[list[float]]; "
                         f"got a {what}, which gives one score per response (use reward_granularity='outcome')")
+    if getattr(scorer, "model", None) is not None and (prm_info(scorer.model) or {}).get("view") == "outcome":
+        warnings.warn(f"{trainer}: the process reward is an outcome reward model (`alignloop prm --outcome`): it was "
+                      f"trained on final steps only, so its scores of the other steps are untrained", stacklevel=2)
     return scorer
 
 

@@ -568,6 +568,30 @@ def test_a_process_reward_model_folder_scores_the_steps_in_one_pass(tmp_path, st
                    train_dataset=[PROMPT], tokenizer=tok)
 
 
+def test_an_outcome_reward_model_as_process_reward_is_warned_about(tmp_path, step_tok):
+    """An ORM (`alignloop prm --outcome`: only final steps trained) given as the process reward: a warning that its
+    other step scores are untrained; a PRM of the process view: none."""
+    import warnings
+
+    from alignloop.models.prm import PRM_CONFIG_KEY
+
+    base = build_tiny_checkpoint(tmp_path / "base", _corpus(), n_layer=1, n_embd=32)
+    tok = load_tokenizer(str(base), padding_side="left")
+    policy = tiny_causal_lm(load_tokenizer(str(base)), n_layer=1, n_embd=32, seed=0)
+    for view in ("outcome", "process"):
+        prm = build_prm(base)
+        getattr(prm.config, PRM_CONFIG_KEY)["view"] = view
+        prm.save_pretrained(tmp_path / view)
+        load_tokenizer(str(base)).save_pretrained(tmp_path / view)
+        args = GRPOConfig(**_common(tmp_path / f"run-{view}", reward_model=str(tmp_path / view), rollout_batch_size=2,
+                                    num_generations=2, estimator="rloo"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            GRPOTrainer(model=policy, args=args, train_dataset=[PROMPT] * 2, tokenizer=tok)
+        said = [str(w.message) for w in caught if "outcome reward model" in str(w.message)]
+        assert len(said) == (view == "outcome"), (view, said)
+
+
 def test_step_reward_values_by_hand():
     """score: the step scores as they are; delta: the change of their running minimum from 1 (potential-based
     shaping): [0.9, 0.95, 0.3, 0.4] -> running min [0.9, 0.9, 0.3, 0.3] -> [-0.1, 0, -0.6, 0], summing to
