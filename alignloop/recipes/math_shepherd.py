@@ -39,7 +39,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignloop.data import check_writable, join_steps, prompt_texts, read_rows, read_steps, split_steps, write_rows
+from alignloop.data import (
+    STEP_SEPARATOR,
+    check_writable,
+    join_steps,
+    prompt_texts,
+    read_rows,
+    read_steps,
+    split_steps,
+    write_rows,
+)
 from alignloop.errors import ConfigError, UserError
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.rollout import SamplingParams, sample_completions
@@ -70,22 +79,24 @@ def resolve_verifier(verifier: str | Verifier) -> Verifier:
     return verifier
 
 
-def sample_solutions(prompts: Sequence[str], continuer: Continuer, samples_per_prompt: int) -> list[dict]:
+def sample_solutions(prompts: Sequence[str], continuer: Continuer, samples_per_prompt: int,
+                     separator: str = STEP_SEPARATOR) -> list[dict]:
     """`samples_per_prompt` solutions per prompt as step rows {"prompt", "completions"} (prompt order; a solution
     with no step is dropped)."""
     rows = []
     for p, texts in zip(prompts, continuer(list(prompts), samples_per_prompt), strict=True):
         for t in texts:
-            steps = split_steps(t)
+            steps = split_steps(t, separator)
             if steps:
                 rows.append({"prompt": p, "completions": steps})
     return rows
 
 
 def math_shepherd_labels(rows: Sequence[dict], verifier: str | Verifier, continuer: Continuer, rollouts: int,
-                         dedupe: bool = True) -> list[dict]:
+                         dedupe: bool = True, separator: str = STEP_SEPARATOR) -> list[dict]:
     """Hard and soft labels of every step of every row (see the module docstring). `rows`: step rows
-    {"prompt": str, "completions": [steps], ...}; their other fields are kept, existing labels replaced."""
+    {"prompt": str, "completions": [steps], ...}; their other fields are kept, existing labels replaced. The
+    prefixes and the texts the verifier reads join the steps with `separator`."""
     if rollouts < 1:
         raise ConfigError(f"rollouts must be >= 1, got {rollouts}")
     verify = resolve_verifier(verifier)
@@ -103,17 +114,17 @@ def math_shepherd_labels(rows: Sequence[dict], verifier: str | Verifier, continu
                 keys.append(key)
             slots.append(index[key])
         where.append(slots)
-    texts = continuer([p + join_steps(s) for p, s in keys], rollouts) if keys else []
+    texts = continuer([p + join_steps(s, separator) for p, s in keys], rollouts) if keys else []
     if len(texts) != len(keys) or any(len(t) != rollouts for t in texts):
         raise ValueError(f"the continuer returned {[len(t) for t in texts][:8]}... continuations for {len(keys)} "
                          f"prefixes; expected {rollouts} each")
-    fractions = [sum(bool(verify(p, join_steps(s) + c)) for c in conts) / rollouts
+    fractions = [sum(bool(verify(p, join_steps(s, separator) + c)) for c in conts) / rollouts
                  for (p, s), conts in zip(keys, texts, strict=True)]
     out = []
     for r, slots in zip(rows, where, strict=True):
         soft = [fractions[j] for j in slots]
         if r["completions"]:
-            soft.append(1.0 if verify(r["prompt"], join_steps(r["completions"])) else 0.0)
+            soft.append(1.0 if verify(r["prompt"], join_steps(r["completions"], separator)) else 0.0)
         row = {**r, "completions": list(r["completions"]), "labels": [1 if f > 0 else -1 for f in soft],
                "soft_labels": soft}
         if soft:
@@ -146,6 +157,9 @@ class LabelStepsConfig:
     max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N tokens of each prefix."})
     batch_size: int = field(default=64, metadata={"help": "Sequences per generation call."})
     dedupe: bool = field(default=True, metadata={"help": "Roll out identical prefixes once (they share labels)."})
+    separator: str = field(default=STEP_SEPARATOR, metadata={
+        "help": "The step separator: solutions are split on it and prefixes joined with it (each step followed by "
+                "it), as `alignloop prm --separator`."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str | None = field(default=None, metadata={"help": "Load dtype: float32 (default), bfloat16, auto."})
 
@@ -181,7 +195,8 @@ def run_label_steps(config: LabelStepsConfig, continuer: Continuer | None = None
         continuer = policy_continuer(model, tok, params, batch_size=config.batch_size,
                                      max_prompt_length=config.max_prompt_length)
     if is_step_file(config.input):
-        rows = [dict(r) for r in read_steps(config.input, require_labels=False)][:config.max_prompts]
+        rows = [dict(r) for r in read_steps(config.input, require_labels=False,
+                                            separator=config.separator)][:config.max_prompts]
         for i, r in enumerate(rows):
             if not isinstance(r["prompt"], str):
                 raise UserError(f"{config.input}: row {i}: the prompt is a list of messages; label-steps needs "
@@ -189,9 +204,10 @@ def run_label_steps(config: LabelStepsConfig, continuer: Continuer | None = None
         sampled = 0
     else:
         prompts = prompt_texts(config.input, tokenizer=tok, max_prompts=config.max_prompts)
-        rows = sample_solutions(prompts, continuer, config.samples_per_prompt)
+        rows = sample_solutions(prompts, continuer, config.samples_per_prompt, config.separator)
         sampled = len(rows)
-    labeled = math_shepherd_labels(rows, verify, continuer, config.rollouts, dedupe=config.dedupe)
+    labeled = math_shepherd_labels(rows, verify, continuer, config.rollouts, dedupe=config.dedupe,
+                                   separator=config.separator)
     write_rows(labeled, config.output)
     steps = [x for r in labeled for x in r["labels"]]
     summary = {"output": str(config.output), "solutions": len(labeled), "sampled": sampled, "steps": len(steps),

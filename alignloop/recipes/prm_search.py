@@ -169,22 +169,24 @@ def first_step(continuation: str, separator: str = STEP_SEPARATOR) -> tuple[str,
         rest = tail
 
 
-def step_scores_of(scorer, prompts: list[str], step_lists: list[list[str]]) -> list[list[float]]:
+def step_scores_of(scorer, prompts: list[str], step_lists: list[list[str]],
+                   separator: str = STEP_SEPARATOR) -> list[list[float]]:
     """Step scores from a `ProcessScorer` (`score_steps`; a step past the PRM's context scores 0.0), an object with
     `step_scores(prompts, texts)`, or a function (prompts, step lists) -> step scores."""
     if hasattr(scorer, "score_steps"):
         return [[0.0 if v is None else float(v) for v in row] for row in scorer.score_steps(prompts, step_lists)]
     if hasattr(scorer, "step_scores"):
-        return scorer.step_scores(prompts, [join_steps(s) for s in step_lists])
+        return scorer.step_scores(prompts, [join_steps(s, separator) for s in step_lists])
     return scorer(prompts, step_lists)
 
 
 def prm_beam_search(prompts: Sequence[str], continuer: Continuer, scorer, beam_width: int = 4, expand: int = 4,
-                    max_steps: int = 8, aggregate: str = "min",
-                    is_final: Callable[[str], bool] | None = None) -> list[dict]:
+                    max_steps: int = 8, aggregate: str = "min", is_final: Callable[[str], bool] | None = None,
+                    separator: str = STEP_SEPARATOR) -> list[dict]:
     """Step-level beam search (see the module docstring). `scorer`: a `ProcessScorer` or a function (prompts, step
     lists) -> step scores (`step_scores_of`). `is_final(step)`: a step that ends the solution
-    (e.g. an answer line). Returns per prompt {"prompt", "completions": steps, "score", "finished", "text"}."""
+    (e.g. an answer line). `separator`: the steps' (a PRM's own). Returns per prompt {"prompt", "completions":
+    steps, "score", "finished", "text"}."""
     if beam_width < 1 or expand < 1 or max_steps < 1:
         raise ValueError("beam_width, expand and max_steps must be >= 1")
     beams: list[list[dict]] = [[{"steps": [], "finished": False, "score": 0.0}] for _ in prompts]
@@ -192,13 +194,13 @@ def prm_beam_search(prompts: Sequence[str], continuer: Continuer, scorer, beam_w
         active = [(i, b) for i, bs in enumerate(beams) for b in bs if not b["finished"]]
         if not active:
             break
-        conts = continuer([prompts[i] + join_steps(b["steps"]) for i, b in active], expand)
+        conts = continuer([prompts[i] + join_steps(b["steps"], separator) for i, b in active], expand)
         pool: list[list[dict]] = [[b for b in bs if b["finished"]] for bs in beams]
         seen = [{tuple(b["steps"]) for b in p} for p in pool]
         fresh: list[tuple[int, dict]] = []
         for (i, b), texts in zip(active, conts, strict=True):
             for t in texts:
-                step, final = first_step(t)
+                step, final = first_step(t, separator)
                 if step.strip():
                     steps = b["steps"] + [step]
                     final = final or (is_final is not None and is_final(step))
@@ -211,7 +213,8 @@ def prm_beam_search(prompts: Sequence[str], continuer: Continuer, scorer, beam_w
                 seen[i].add(tuple(steps))
                 fresh.append((i, {"steps": steps, "finished": final, "score": 0.0}))
         if fresh:
-            scores = step_scores_of(scorer, [prompts[i] for i, _ in fresh], [c["steps"] for _, c in fresh])
+            scores = step_scores_of(scorer, [prompts[i] for i, _ in fresh], [c["steps"] for _, c in fresh],
+                                    separator)
             for (i, c), s in zip(fresh, scores, strict=True):
                 c["score"] = float(aggregate_step_scores([list(s)], aggregate)[0])
                 pool[i].append(c)
@@ -225,6 +228,6 @@ def prm_beam_search(prompts: Sequence[str], continuer: Continuer, scorer, beam_w
         done = [b for b in bs if b["finished"] and b["steps"]] or [b for b in bs if b["steps"]] or bs
         best = max(done, key=lambda c: c["score"])
         out.append({"prompt": p, "completions": best["steps"], "score": best["score"], "finished": best["finished"],
-                    "text": join_steps(best["steps"]) if best["steps"] else ""})
+                    "text": join_steps(best["steps"], separator) if best["steps"] else ""})
     return out
 

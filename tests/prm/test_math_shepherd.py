@@ -152,3 +152,16 @@ def test_errors(tmp_path):
     assert e.value.code == 2
     with pytest.raises(ValueError, match="expected 2 each"):
         math_shepherd_labels(rows()[:1], VERIFIER, lambda p, m: [["x"]] * len(p), rollouts=2)
+
+
+def test_another_separator():
+    """With separator " | " the prefixes rolled out and the texts the verifier reads join the steps with it."""
+    seen = []
+
+    def continuer(prefixes, m):
+        seen.extend(prefixes)
+        return [["ANS | "] * m for _ in prefixes]
+
+    (row,) = math_shepherd_labels([{"prompt": "Q:", "completions": ["a", "b"]}], lambda p, t: t.endswith("ANS | "),
+                                  continuer, rollouts=2, separator=" | ")
+    assert seen == ["Q:a | "] and row["soft_labels"] == [1.0, 0.0] and row["labels"] == [1, -1]

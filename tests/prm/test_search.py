@@ -159,3 +159,16 @@ def test_majority_rate_subsets_are_uniform():
     idx = ps.random_subsets(10, 3, 20000, np.random.default_rng(0))
     counts = np.bincount(idx.ravel(), minlength=10) / idx.size
     assert np.allclose(counts, 0.1, atol=0.01) and all(len(set(r)) == 3 for r in idx[:100].tolist())
+
+
+def test_beam_search_with_another_separator():
+    """Steps split and joined with " | ": the continuer sees the prefix so joined and the result's text too."""
+    seen = []
+
+    def continuer(prefixes, m):
+        seen.extend(prefixes)
+        return [["s1 | s2 | "] * m if p == "Q:" else ["END"] * m for p in prefixes]
+
+    (best,) = ps.prm_beam_search(["Q:"], continuer, lambda prompts, lists: [[1.0] * len(x) for x in lists],
+                                 beam_width=1, expand=1, max_steps=3, separator=" | ")
+    assert seen == ["Q:", "Q:s1 | "] and best["completions"] == ["s1", "END"] and best["text"] == "s1 | END | "
