@@ -82,6 +82,10 @@ def test_steps_keyboard_first_error_and_submit(server, browser, shots):
     expect(page.locator("#step-0")).to_have_class(re.compile(r"\bmissing\b"))
     page.screenshot(path=str(shots / "steps_02_missing.png"), full_page=True)
     assert page.locator("#progress").inner_text().startswith("1 done")
+    page.locator("#comment").press("Control+Enter")   # from the comment box: the same check, nothing submitted
+    expect(page.locator("#steps-missing")).to_be_visible()
+    assert page.locator("#progress").inner_text().startswith("1 done")
+    page.locator("#comment").press("Escape")          # leave the box: the keys act on the steps again
     page.keyboard.press("j")          # step 2
     page.keyboard.press("f")          # first error at step 2: the unrated step 1 becomes good
     assert _checked(page, 3) == ["good", "bad", "bad"]

@@ -80,8 +80,11 @@
     if (!f || e.altKey || e.metaKey) return;
     var t = e.target, tag = (t && t.tagName) || "";
     var typing = tag === "TEXTAREA" || (tag === "INPUT" && /^(text|password|number|search|email)$/.test(t.type));
-    if (typing) {
-      if (e.key === "Enter" && e.ctrlKey) { e.preventDefault(); submit(); }
+    if (typing) {  // Ctrl+Enter from the comment box: the same checks as Enter (a steps page: every step rated)
+      if (e.key === "Enter" && e.ctrlKey) {
+        e.preventDefault();
+        if (f.getAttribute("data-task") === "steps") { submitSteps(); } else { submit(); }
+      }
       else if (e.key === "Escape") { t.blur(); }
       return;
     }
