@@ -454,7 +454,8 @@ STEP_REWARD_HELP = (
     "solution is right so far; PPO's return sums them, so more and shorter steps pay more). delta: the change of "
     "the running minimum of the scores, min(s_1..s_j) - min(s_1..s_j-1), from 1 before the first step "
     "(potential-based shaping, Ng et al. 1999): the return is the min aggregate minus 1 whatever the number of "
-    "steps, and the credit sits on the step where the score drops.")
+    "steps, and the credit sits on the step where the score drops; scores in 0..1; PPO only (the critic-free "
+    "estimators normalise each step reward over the group, which would pay extra steps).")
 
 
 def step_reward_values(step_scores: list[float], form: str = "score") -> list[float]:
@@ -465,6 +466,10 @@ def step_reward_values(step_scores: list[float], form: str = "score") -> list[fl
         return list(step_scores)
     if form != "delta":
         raise ConfigError(f"step_reward: expected one of {', '.join(STEP_REWARDS)}, got {form!r}")
+    bad = [s for s in step_scores if not 0.0 <= s <= 1.0]
+    if bad:
+        raise UserError(f"step_reward='delta' takes step scores in 0..1 (a probability that the solution is right so "
+                        f"far), got {bad[0]!r}: use step_reward='score' for other scales")
     out, low = [], 1.0
     for s in step_scores:
         new = min(low, s)
@@ -499,7 +504,7 @@ def step_scorer(reward, reward_tokenizer=None, trainer: str = "RL", **common):
         return reward
     if (isinstance(reward, str) and is_function_spec(reward)) or (
             callable(reward) and not isinstance(reward, (nn.Module, *SCORERS))):
-        return ProcessScorer(reward)
+        return ProcessScorer(reward, aggregate=common.get("step_aggregation"))
     scorer = build_scorer(reward, reward_tokenizer, **common)
     if not hasattr(scorer, "step_scores"):
         what = type(scorer).__name__ + (f" of {reward!r}" if isinstance(reward, (str, list, tuple)) else "")
@@ -582,11 +587,12 @@ def step_rewards(scored: ScoredRollout, scores: torch.Tensor, rollout: Rollout, 
         last = max(int(lengths[i]) - 1, 0)
         n = len(step_scores)
         counts.append(n)
-        if n == 0:
-            rows_r.append([float(scores[i])])
+        form = getattr(args, "step_reward", "score")
+        if n == 0:   # delta: the outcome on the same scale as a response with steps (min - 1), never above one
+            rows_r.append([float(scores[i]) if form == "score" else min(1.0, float(scores[i])) - 1.0])
             rows_e.append([last])
             continue
-        rewards = step_reward_values(step_scores, getattr(args, "step_reward", "score"))
+        rewards = step_reward_values(step_scores, form)
         ends = ends[:n]
         if n == len(ends_per_row[i]):
             ends[-1] = last

@@ -164,7 +164,7 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
         if kind == "unpaired":
             return [dict(r) for r in records]
         if kind == "steps":
-            return [{"prompt": r["prompt"], "completion": join_steps(r["completions"]), "label": outcome_label(r) > 0}
+            return [{"prompt": r["prompt"], "completion": join_steps(r["completions"]), "label": _no_bad_step(r)}
                     for r in _labelled_steps(records)]
         if not groups:
             raise DataCommandError(f"cannot convert {kind} data to unpaired rows; give preference, ranking or "
@@ -176,6 +176,12 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
             raise DataCommandError("SFT text rows have no prompt to extract")
         return prompts
     return _to_sft(records, kind)
+
+
+def _no_bad_step(record: dict) -> bool:
+    """A step record's solution is kept as good: no step labelled bad, and its outcome (when given, else the labels'
+    `outcome_label`) right. A wrong step before a lucky right answer is still a bad solution."""
+    return -1 not in (record["labels"] or ()) and outcome_label(record) > 0
 
 
 def _labelled_steps(records: list[dict]) -> list[dict]:
@@ -212,7 +218,7 @@ def _to_sft(records: list, kind: str) -> list[dict]:
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
     if kind == "steps":  # rejection-sampling fine-tuning data: the solutions with no bad step
         return [{"prompt": r["prompt"], "completion": join_steps(r["completions"])}
-                for r in _labelled_steps(records) if outcome_label(r) > 0]
+                for r in _labelled_steps(records) if _no_bad_step(r)]
     if kind not in ("preference", "ranking"):
         raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking, unpaired or "
                                f"steps data")

@@ -280,7 +280,8 @@ def _pieces_of_text(tokenizer, prompt_text: str, steps: Sequence[str],
     # tokens up to the one that holds step k's last separator character
     cuts = [next((t for t, (a, b) in enumerate(offsets) if b > len(prompt_text) and b > a), len(ids))]
     for c in ends_char:
-        t = next((t for t, (a, b) in enumerate(offsets) if a <= c < b), None)
+        # the LAST token over that character: one split into byte tokens ("ки", "。") ends with its last byte
+        t = max((t for t, (a, b) in enumerate(offsets) if a <= c < b), default=None)
         if t is None or t + 1 <= cuts[-1]:
             return None
         cuts.append(t + 1)

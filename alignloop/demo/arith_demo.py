@@ -21,8 +21,8 @@ Stages (each resumable through `alignloop.pipeline.RunFolder`; the folder names 
             base model's likelihood and the oracle (pass@N), from the pool of 64 without bias
             (`alignloop.recipes.prm_search`); PRM-guided step-level beam search
   rl        PPO and RLOO from the base model against the ORM (outcome rewards) and against the PRM (process rewards
-            on the step-end tokens, `reward_granularity="process"`, `step_reward="delta"`: each step paid the drop of
-            the PRM's running min); solve rate before and after
+            on the step-end tokens, `reward_granularity="process"`; PPO with `step_reward="delta"`: each step paid the
+            drop of the PRM's running min); solve rate before and after
   report    report.md, results.json (the figures), best_of_n.json / best_of_n.md, plots/solve_rate_vs_n.png
 
 Nothing is tuned on the test problems: sizes and settings are fixed here, the aggregation reported first ("min",
@@ -399,9 +399,11 @@ def stage_rl(folder: Path, run: RunFolder, size: ArithSize, seed: int) -> dict:
     for algo in ("PPO", "RLOO"):
         for name, reward, granularity in (("outcome (ORM)", ORM, "outcome"), ("process (PRM)", PRM_AUTO, "process")):
             sub = folder / f"{algo.lower()}_{granularity}"
-            # process: each step paid the drop of the PRM's running min (the return is the min score - 1): summed
-            # step scores paid PPO for writing more steps (measured: KL 38, solve rate 0.001)
-            step = {"reward_granularity": granularity, "step_reward": "delta" if granularity == "process" else "score"}
+            # process: PPO pays each step the drop of the PRM's running min (the return is the min score - 1):
+            # summed step scores paid PPO for writing more steps (measured: KL 38, solve rate 0.001); RLOO takes
+            # the step scores, normalised over the group (DeepSeekMath)
+            step = {"reward_granularity": granularity,
+                    "step_reward": "delta" if granularity == "process" and algo == "PPO" else "score"}
             if algo == "RLOO":
                 args = RLOOConfig(output_dir=str(sub), rollout_batch_size=size.rl_prompts,
                                   num_generations=size.rl_generations, **step, **common)

@@ -171,6 +171,10 @@ class GRPOConfig(OnlineRLArgs):
     def __post_init__(self):
         super().__post_init__()
         check_reward_granularity(self)
+        if self.step_reward == "delta":
+            raise ConfigError("step_reward='delta' is PPO's: the critic-free estimators normalise each step reward "
+                              "over the group, and a baseline taken from negative increments pays every extra step; "
+                              "use step_reward='score' (DeepSeekMath's process supervision)")
         if self.reward_granularity == "process" and self.learned_baseline:
             raise ConfigError("reward_granularity='process' with reinforce takes baseline='moving_average' (a learned "
                               "baseline is one value per prompt, regressed on whole-response rewards)")

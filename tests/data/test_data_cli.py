@@ -181,3 +181,12 @@ def test_convert_steps_to_sft_and_unpaired(tmp_path):
         True, False, True, True]
     res = run("convert", src, tmp_path / "pairs.jsonl", "--to", "pairs")
     assert res.exit_code == 2 and "cannot convert steps data to preference pairs" in res.output
+    # a right answer after a wrong step (label-steps writes `outcome`) is still a bad solution; a wrong outcome
+    # without a labelled bad step is one too
+    lucky = [{"prompt": "Q: 7+5", "completions": ["7+5=13", "Answer: 12"], "labels": [-1, 1], "outcome": True},
+             {"prompt": "Q: 1+1", "completions": ["1+1=2", "Answer: 3"], "labels": [1, None], "outcome": False}]
+    src = _jsonl(tmp_path / "lucky.jsonl", lucky)
+    assert run("convert", src, tmp_path / "l.jsonl", "--to", "sft").exit_code == 0
+    assert (tmp_path / "l.jsonl").read_text() == ""
+    assert run("convert", src, tmp_path / "lu.jsonl", "--to", "unpaired").exit_code == 0
+    assert [json.loads(x)["label"] for x in (tmp_path / "lu.jsonl").read_text().splitlines()] == [False, False]

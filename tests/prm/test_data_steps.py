@@ -277,3 +277,17 @@ def test_tokenize_steps_reads_the_text_as_the_model_does_with_a_prefix_space_tok
     assert step_end_positions(ids[n_prompt:], tok) == [e - n_prompt for e in ends]
     # truncation still keeps whole steps: the first one alone
     assert tokenize_steps(tok, "Q:", steps, max_length=ends[0] + 1) == (ids[:ends[0] + 1], ends[:1])
+
+
+def test_a_separator_split_into_byte_tokens_ends_at_its_last_byte():
+    """A separator character with no token of its own ("ки", Math-Shepherd's step tag, in a byte-level BPE trained
+    on English) is several byte tokens: the step ends at the last of them, where the rollout finds it, and every
+    byte is in the input."""
+    from alignloop.rollout import step_end_positions
+
+    tok = train_tokenizer(["First step is here. Second step is here."] * 50, vocab_size=280)
+    steps = ["First step is here", "Second step is here"]
+    ids, ends = tokenize_steps(tok, "", steps, separator="ки")
+    assert ids == tok("".join(s + "ки" for s in steps), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[:ends[0] + 1]).endswith("First step is hereки") and ends[-1] == len(ids) - 1
+    assert step_end_positions(ids, tok, separator="ки") == ends

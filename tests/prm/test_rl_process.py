@@ -606,6 +606,13 @@ def test_step_reward_values_by_hand():
         step_reward_values([0.5], "sum")
     with pytest.raises(ConfigError, match="applies to reward_granularity='process'"):
         PPOConfig(output_dir="x", step_reward="delta")
+    # the critic-free estimators' group baseline would pay extra zero-increment steps: delta is PPO's
+    with pytest.raises(ConfigError, match="step_reward='delta' is PPO's"):
+        GRPOConfig(output_dir="x", reward_granularity="process", step_reward="delta")
+    # delta reads probabilities: a score outside 0..1 (a step function's own scale) is an error, not zeros
+    from alignloop.errors import UserError
+    with pytest.raises(UserError, match="takes step scores in 0..1"):
+        step_reward_values([8.0, 3.0], "delta")
 
 
 def test_ppo_delta_step_rewards_sum_to_the_min_score_minus_one(tmp_path, step_tok, step_policy):
@@ -629,3 +636,39 @@ def test_ppo_delta_step_rewards_sum_to_the_min_score_minus_one(tmp_path, step_to
         assert torch.allclose(placed, expected), (b, exp.responses[b])
         multi += len(steps) > 1
     assert multi >= 8
+
+
+def test_delta_pays_a_response_without_steps_its_outcome_minus_one():
+    """A response with no step (stopped at once) gets min(1, its outcome score) - 1 under delta: never more than a
+    solution whose steps are all good (0), where `score` would pay it the outcome as it is."""
+    from types import SimpleNamespace
+
+    from alignloop.rl import step_rewards
+
+    rollout = SimpleNamespace(response_ids=torch.zeros(2, 3, dtype=torch.long),
+                              response_mask=torch.tensor([[True, False, False], [True, True, True]]),
+                              stopped=torch.tensor([True, True]))
+    scored = SimpleNamespace(step_scores=[[], [0.9, 0.6]], step_separator="\n")
+    args = SimpleNamespace(step_reward="delta", reward_clip=None, missing_eos_penalty=None)
+    import alignloop.rl as rl
+
+    ends = rl.rollout_step_ends
+    rl.rollout_step_ends = lambda tok, ro, sep: [[], [0, 2]]
+    try:
+        got = step_rewards(scored, torch.tensor([0.0, 0.6]), rollout, None, args)
+        assert got.totals().tolist() == pytest.approx([-1.0, -0.4])
+        args.step_reward = "score"
+        assert step_rewards(scored, torch.tensor([0.0, 0.6]), rollout, None, args).totals().tolist() == \
+            pytest.approx([0.0, 1.5])
+    finally:
+        rl.rollout_step_ends = ends
+
+
+def test_a_step_function_reward_takes_the_step_aggregation():
+    """The whole-response score of a step function used as the process reward is aggregated as step_aggregation
+    says (it was always min)."""
+    from alignloop.rl import step_scorer
+
+    scorer = step_scorer(lambda prompts, lists: [[0.9, 0.5] for _ in lists], step_aggregation="prod")
+    assert scorer.aggregate == "prod"
+    assert scorer(["q"], ["a\nb\n"]).tolist() == pytest.approx([0.45])
