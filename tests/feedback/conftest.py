@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 
-from fb_helpers import PASSWORD, SECRET, csrf_of
+from fb_helpers import PASSWORD, SECRET, csrf_of, free_port
 
 from alignloop.feedback.store import Store
 
@@ -47,14 +47,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync"]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(store, base URL) of the app served by uvicorn on a free port, one per test module."""
@@ -66,7 +58,7 @@ def server(tmp_path_factory):
     from alignloop.feedback.app import create_app
 
     store = Store(str(tmp_path_factory.mktemp("web") / "fb.db"))
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(store, secret_key=SECRET), host="127.0.0.1", port=port,
                                         log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)

@@ -58,3 +58,12 @@ def login(browser, base, username, js=True):
     page.click("button[type=submit]")
     page.wait_for_url(base + "/")
     return ctx, page
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 free at the time of asking (a test server or database binds it next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

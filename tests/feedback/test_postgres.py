@@ -3,7 +3,6 @@ judgements, export. Uses $ALIGNLOOP_TEST_POSTGRES_URL (a database it may create 
 cluster with `initdb`/`pg_ctl` when they are on PATH. Skipped without a PostgreSQL driver (psycopg)."""
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import uuid
@@ -14,11 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 psycopg = pytest.importorskip("psycopg")
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fb_helpers import free_port  # noqa: E402 - after the skip above, on purpose
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def pg_admin_url(tmp_path_factory):
 
     root = tempfile.mkdtemp(prefix="alignloop-pg-")  # not under pytest's 0700 folders: postgres must reach it
     data = __import__("pathlib").Path(root) / "data"
-    port = _free_port()
+    port = free_port()
     as_root = os.geteuid() == 0
     if as_root:  # PostgreSQL refuses to run as root: use the postgres account
         try:
