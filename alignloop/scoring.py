@@ -277,9 +277,11 @@ STEP_AGGREGATION_HELP = ("A process reward model's solution score from its step 
 
 
 def check_step_aggregation(how: str | None) -> None:
-    """ConfigError unless `how` is None or one of STEP_AGGREGATIONS (configs check it before loading anything)."""
+    """ConfigError unless `how` is None (the model's own) or one of STEP_AGGREGATIONS: the one check of configs
+    (before loading anything), the scorer and `aggregate_step_scores`."""
     if how is not None and how not in STEP_AGGREGATIONS:
-        raise ConfigError(f"step_aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {how!r}")
+        raise ConfigError(f"step aggregation (step_aggregation) must be one of {', '.join(STEP_AGGREGATIONS)}, got "
+                          f"{how!r}")
 
 
 def aggregate_step_scores(scores: Sequence[Sequence[float]], how: str = "min") -> list[float]:
@@ -289,8 +291,9 @@ def aggregate_step_scores(scores: Sequence[Sequence[float]], how: str = "min") -
     shown correct, so an empty answer never wins a best-of-N nor earns an RL reward.
     [[0.9, 0.5, 0.8], [], [0.6]] -> min [0.5, 0.0, 0.6]; prod [0.36, 0.0, 0.6]; last [0.8, 0.0, 0.6];
     mean [0.7333, 0.0, 0.6]."""
-    if how not in STEP_AGGREGATIONS:
-        raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got {how!r}")
+    check_step_aggregation(how)
+    if how is None:
+        raise ConfigError("aggregate_step_scores needs an aggregation: one of " + ", ".join(STEP_AGGREGATIONS))
     out = []
     for row in scores:
         row = [float(v) for v in row]
@@ -334,9 +337,7 @@ class ProcessScorer:
         self.separator = separator or info.get("separator", STEP_SEPARATOR)
         # an outcome-trained model (the ORM view) is read at its final step end; others by their weakest step
         self.aggregate = aggregate or info.get("aggregate", "min")
-        if self.aggregate not in STEP_AGGREGATIONS:
-            raise ConfigError(f"step aggregation must be one of {', '.join(STEP_AGGREGATIONS)}, got "
-                              f"{self.aggregate!r}")
+        check_step_aggregation(self.aggregate)
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.max_length = max_length or (context_length(self.model, tokenizer) if self.model is not None else None)
         self.name = name or ("prm" if self.model is not None else getattr(self.fn, "__name__", "step_function"))
