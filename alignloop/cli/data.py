@@ -165,7 +165,7 @@ def _convert(records: list, kind: str, to: str, include_ties: bool) -> list[dict
             return [dict(r) for r in records]
         if kind == "steps":
             return [{"prompt": r["prompt"], "completion": join_steps(r["completions"]), "label": _no_bad_step(r)}
-                    for r in _labelled_steps(records)]
+                    for r in records]
         if not groups:
             raise DataCommandError(f"cannot convert {kind} data to unpaired rows; give preference, ranking or "
                                    f"unpaired data")
@@ -182,16 +182,6 @@ def _no_bad_step(record: dict) -> bool:
     """A step record's solution is kept as good: no step labelled bad, and its outcome (when given, else the labels'
     `outcome_label`) right. A wrong step before a lucky right answer is still a bad solution."""
     return -1 not in (record["labels"] or ()) and outcome_label(record) > 0
-
-
-def _labelled_steps(records: list[dict]) -> list[dict]:
-    """Step records that say whether the solution is right (an `outcome` or a label on some step)."""
-    unlabelled = [r for r in records if r.get("outcome") is None and not any(v is not None for v in r["labels"] or ())]
-    if unlabelled:
-        raise DataCommandError(f"{len(unlabelled)} step rows have no labels and no outcome (the first: prompt "
-                               f"{str(unlabelled[0]['prompt'])[:60]!r}): label them first (`alignloop label-steps` "
-                               f"or the feedback app)")
-    return records
 
 
 def _as_own_format(records: list, kind: str, include_ties: bool) -> list[dict]:
@@ -218,7 +208,7 @@ def _to_sft(records: list, kind: str) -> list[dict]:
         return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
     if kind == "steps":  # rejection-sampling fine-tuning data: the solutions with no bad step
         return [{"prompt": r["prompt"], "completion": join_steps(r["completions"])}
-                for r in _labelled_steps(records) if _no_bad_step(r)]
+                for r in records if _no_bad_step(r)]
     if kind not in ("preference", "ranking"):
         raise DataCommandError(f"cannot convert {kind} data to SFT rows; give sft, preference, ranking, unpaired or "
                                f"steps data")
