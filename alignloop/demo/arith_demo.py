@@ -45,6 +45,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from alignloop.data import join_steps, read_rows, split_steps, tokenize_steps, write_rows
+from alignloop.data import join_steps, pad_batch, read_rows, split_steps, tokenize_steps, write_rows
 from alignloop.demo import arithmetic as ar
 from alignloop.errors import UserError
 from alignloop.evaluation import load_policy
-from alignloop.models import batch_steps, model_forward
+from alignloop.models import model_forward
 from alignloop.models.tiny import EOS, PAD, UNK, build_tiny_checkpoint
 from alignloop.pipeline import RunFolder
 from alignloop.recipes import prm_search as ps
@@ -264,9 +265,9 @@ def likelihood_step_scores(model, tokenizer, prompts: list[str], step_lists: lis
             ids, ends = tokenize_steps(tokenizer, prompt, steps) if steps else ([], [])
             start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # the prompt ends with a lone "\n"
             examples.append({"input_ids": ids or [tokenizer.eos_token_id], "step_ends": ends, "start": start})
-        batch = batch_steps(examples, tokenizer.pad_token_id)
-        logits = model_forward(model, batch["input_ids"], batch["attention_mask"])
-        probs = logits[:, :-1].float().softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], tokenizer.pad_token_id, "right")
+        logits = model_forward(model, input_ids, attention_mask)
+        probs = logits[:, :-1].float().softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
         for i, e in enumerate(examples):
             row, prev = [], e["start"] - 1
             for end in e["step_ends"]:
@@ -322,7 +323,7 @@ def verifier_accuracy(flat: list[dict]) -> dict:
         hits, first, outcome, running = [], [], [], []
         for c in flat:
             s, g = c["scores"][name], c["gold_steps"]
-            running.append([min(s[:i + 1]) for i in range(len(s))])
+            running.append(list(accumulate(s, min)))
             if name.startswith("prm"):
                 hits += [(v >= 0.5) == (lab > 0) for v, lab in zip(s, g, strict=False)]
                 pred = next((i for i, v in enumerate(s) if v < 0.5), None)
