@@ -6,7 +6,8 @@ already in memory: a list of dicts or a datasets.Dataset, named "row i" in error
     read_raw_rows(path_or_id, split, stats) -> list[Row]   # unreadable rows kept as placeholders with .error set
     write_rows(rows, path) -> Path            # format from the suffix; written aside and renamed into place
     check_writable(path) -> Path              # a DataError up front when write_rows could not write that suffix
-    prompt_texts(source, tokenizer=None, max_prompts=None) -> list[str]   # prompts of any source, ready to sample
+    prompt_texts(source, tokenizer=None, max_prompts=None, user_tag=None) -> list[str]   # prompts of any source,
+        ready to sample; with a user_tag template, rows with a `user` field get their user's tag in front
     detect_kind(columns) -> "sft" | "preference" | "ranking" | "unpaired" | "steps" | "prompt" | None
     load_records(path, kind=None, *, split, tokenizer, include_ties, margins, skip_bad_rows) -> (records, DataStats)
     load_sft(path, *, kind=None, split="train", tokenizer=None, skip_bad_rows=False) -> (list[dict], DataStats)
@@ -25,6 +26,20 @@ Formats (detected from the first row's columns, or forced with kind=; extra colu
     prompt      prompt
   In CSV, list fields (messages, completions, ranking, conversational texts) are JSON text.
 
+Labeler context (optional columns of preference, ranking, unpaired and sft rows; `META_COLUMNS`): labeler (str, a
+pseudonymous id), labeler_attributes ({str: str} set by an admin; the labeler's group is ["group"]), comment (str),
+flags (list of str), time_spent_ms (int >= 0), criterion (non-empty str: which question of a multi-question item);
+consensus rows (several labelers' one row): labelers, comments (lists of str). Readers validate them (a wrong type
+is a DataError naming row and field; null, NaN or an empty CSV cell is absent; in CSV lists and objects are JSON
+text) and keep them: `PreferenceGroup.meta` (a dict of the columns present), extra keys of unpaired and sft records.
+`groups_to_rows` and `groups_to_unpaired` write them back. Flat rows of one `group` merge into one PreferenceGroup
+only when their meta is equal (the same labeler, criterion, comment, ...): a group's meta is that of every one of
+its pairs; rows of one `group` that differ are separate groups (each pair keeping its own pair_weight).
+Prompt rows keep `user` (str, a valid user name). User tags (`alignloop.data.users`):
+    USER_TAG = "<user:{user}> ";  tag_prompt(prompt, user, template=USER_TAG) -> str (user None: unchanged)
+    split_user_tag(text, template=USER_TAG) -> (user | None, rest);  check_user(name): non-empty, no whitespace,
+    no ">" (a DataError otherwise)
+
 Step-level data (process reward models; `alignloop.data.steps`):
     STEP_SEPARATOR = "\n"; split_steps(text, separator) -> list[str]; join_steps(steps, separator) -> str
     read_steps(path_or_rows, *, require_labels=True, separator, tokenizer=None, skip_bad_rows=False) -> list[dict]
@@ -38,7 +53,7 @@ Normalised records (all texts strings once chat-templated with a tokenizer; list
     sft {"prompt", "completion"} (text -> prompt ""; messages split before the last assistant message: earlier
     assistant turns are context, not trained on); unpaired {"prompt", "completion", "label"}; prompt {"prompt"};
     preference/ranking -> PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight,
-    completions, ranking). A flat pair is a group of one with pair_weight 1.
+    completions, ranking, meta). A flat pair is a group of one with pair_weight 1.
 
 Chat templates: with tokenizer=..., conversational data is rendered with tokenizer.apply_chat_template; the prompt
 with add_generation_prompt=True, the completion = rendered(prompt + completion) minus the rendered prompt. A
@@ -128,6 +143,7 @@ from alignloop.data.errors import DataError, DataStats
 from alignloop.data.readers import Row, check_writable, read_raw_rows, read_rows, write_rows
 from alignloop.data.records import (
     KINDS,
+    META_COLUMNS,
     detect_kind,
     is_conversational,
     load_preferences,
@@ -135,6 +151,7 @@ from alignloop.data.records import (
     load_records,
     load_sft,
     load_unpaired,
+    parse_meta,
     parse_rows,
     prompt_texts,
     render_record,
@@ -161,12 +178,15 @@ from alignloop.data.tokenize import (
     truncate,
     with_bos_eos,
 )
+from alignloop.data.users import USER_TAG, check_user, split_user_tag, tag_prompt
 
 __all__ = [
     "IGNORE_INDEX",
     "KINDS",
+    "META_COLUMNS",
     "STEP_SEPARATOR",
     "STRENGTH_MARGINS",
+    "USER_TAG",
     "DataError",
     "DataStats",
     "Pair",
@@ -175,6 +195,7 @@ __all__ = [
     "RankingCollator",
     "Row",
     "SFTCollator",
+    "check_user",
     "check_writable",
     "detect_kind",
     "groups_to_rows",
@@ -193,6 +214,7 @@ __all__ = [
     "pack_sft",
     "pad",
     "pad_batch",
+    "parse_meta",
     "parse_rows",
     "position_ids_from_attention_mask",
     "prompt_string",
@@ -205,7 +227,9 @@ __all__ = [
     "render_record",
     "reward_input_ids",
     "split_steps",
+    "split_user_tag",
     "strength_to_margin",
+    "tag_prompt",
     "tokenize_preferences",
     "tokenize_prompts",
     "tokenize_rankings",

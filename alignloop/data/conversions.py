@@ -29,13 +29,16 @@ class PreferenceGroup:
 
     prompt: a string (or a list of messages before chat templating); pairs: list of `Pair`;
     pair_weight: the weight of each pair in the loss, 1/C(K,2) for a ranking of K completions (InstructGPT), 1 for a
-    plain pair; completions/ranking: the original ranking (K completions and their ranks, 1 = best), or None."""
+    plain pair; completions/ranking: the original ranking (K completions and their ranks, 1 = best), or None;
+    meta: the row's labeler context (`META_COLUMNS` present in it: labeler, labeler_attributes, comment, flags,
+    time_spent_ms, criterion; consensus rows labelers, comments), validated; empty when the data has none."""
     prompt: Any
     pairs: list[Pair]
     pair_weight: float = 1.0
     completions: list | None = None
     ranking: list[int] | None = None
     where: str | None = field(default=None, repr=False, compare=False)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def normalize_strength(name: str) -> str:
@@ -111,7 +114,8 @@ def implicit_messages_prompt(chosen: list, rejected: list) -> tuple[list, list, 
 
 def groups_to_rows(groups: list[PreferenceGroup], with_ties: bool = False) -> list[dict]:
     """Flatten groups into TRL preference rows {prompt, chosen, rejected, margin, pair_weight, group} (+ tie when
-    `with_ties`). `group` numbers the groups from 0; `read`ing these rows back regroups them (same `group`)."""
+    `with_ties`), each followed by its group's `meta` columns. `group` numbers the groups from 0; `read`ing these
+    rows back regroups them (same `group`, same meta)."""
     rows = []
     for g_index, g in enumerate(groups):
         for p in g.pairs:
@@ -119,13 +123,14 @@ def groups_to_rows(groups: list[PreferenceGroup], with_ties: bool = False) -> li
                    "pair_weight": g.pair_weight, "group": g_index}
             if with_ties:
                 row["tie"] = p.tie
-            rows.append(row)
+            rows.append(row | g.meta)
     return rows
 
 
 def groups_to_unpaired(groups: list[PreferenceGroup]) -> list[dict]:
     """KTO-style rows {prompt, completion, label}: for a plain pair, chosen -> True and rejected -> False; for a
-    ranking, the best-ranked completions -> True, the worst-ranked -> False, the ones in between are left out."""
+    ranking, the best-ranked completions -> True, the worst-ranked -> False, the ones in between are left out. Each
+    row carries its group's `meta` columns (who judged it, under which criterion)."""
     rows = []
     for g in groups:
         if g.ranking is not None and g.completions is not None:
@@ -134,5 +139,5 @@ def groups_to_unpaired(groups: list[PreferenceGroup]) -> list[dict]:
                         if r in (best, worst) and best != worst]
         else:
             labelled = [x for p in g.pairs if not p.tie for x in ((p.chosen, True), (p.rejected, False))]
-        rows += [{"prompt": g.prompt, "completion": c, "label": label} for c, label in labelled]
+        rows += [{"prompt": g.prompt, "completion": c, "label": label} | g.meta for c, label in labelled]
     return rows

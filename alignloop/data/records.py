@@ -6,10 +6,13 @@ Normalised records (before chat templating a text may also be a list of messages
               after chat templating, "assistant_spans": the earlier assistant turns' character spans in the prompt)
   preference: `PreferenceGroup(prompt, pairs=[Pair(chosen, rejected, margin, tie)], pair_weight, ...)`
   unpaired:   {"prompt": str, "completion": str, "label": bool}
-  prompt:     {"prompt": str}
+  prompt:     {"prompt": str} (+ "user": str when the row names its user, for user-tagged prompts)
+Labeler context (`META_COLUMNS`, all optional): validated by `parse_meta`, kept in `PreferenceGroup.meta` and as
+extra keys of sft and unpaired records; an absent column (or a null, or an empty CSV cell) stays absent.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +32,7 @@ from alignloop.data.conversions import (
 from alignloop.data.errors import DataError, DataStats, raise_or_skip
 from alignloop.data.readers import Row, read_raw_rows, type_name
 from alignloop.data.steps import STEPS_HELP, StepRowError, parse_step_row
+from alignloop.data.users import check_user, tag_prompt
 
 KINDS = ("sft", "preference", "ranking", "unpaired", "steps", "prompt")
 # Required columns of each format, for detection (first match wins) and for error messages.
@@ -48,6 +52,21 @@ FORMAT_HELP = ("text | messages | prompt+completion (sft); prompt+chosen+rejecte
                "chosen+rejected (preference); prompt+completions+ranking or prompt+completions+best (ranking); "
                "prompt+completion+label "
                "(unpaired); prompt+completions+labels (steps: one label per step); prompt (prompt)")
+
+
+# The labeler context a judgement row may carry (the data contract of personalization and multi-criteria reward
+# models; `feedback` export writes them): column -> what it must be. Consensus rows (one row from several labelers)
+# carry `labelers` and `comments` instead of `labeler` and `comment`, and `flags` as the union.
+META_COLUMNS: dict[str, str] = {
+    "labeler": "string",              # a pseudonymous labeler id
+    "labeler_attributes": "object",   # {str: str} set by an admin, e.g. {"group": "warm", "locale": "en-GB"}
+    "comment": "string",
+    "flags": "string list",
+    "time_spent_ms": "integer",       # >= 0
+    "criterion": "string",            # which question of a multi-question item (e.g. "helpful"); non-empty
+    "labelers": "string list",
+    "comments": "string list",
+}
 
 
 class BadRow(Exception):
@@ -151,6 +170,52 @@ def _bool(row: Row, field: str, value: Any) -> bool:
     raise BadRow(f"field '{field}': expected true or false, got {type_name(value)}")
 
 
+def _absent(row: Row, value: Any) -> bool:
+    """A missing value: null (Parquet/Arrow fill absent cells with it), NaN (pandas), an empty CSV cell."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (row.from_text and value == "")
+
+
+def _meta_value(row: Row, name: str, value: Any) -> Any:
+    kind = META_COLUMNS[name]
+    if kind == "string":
+        if not isinstance(value, str) or (name == "criterion" and not value):
+            raise BadRow(f"field '{name}': expected a{' non-empty' if name == 'criterion' else ''} string, "
+                         f"got {type_name(value)}")
+        return value
+    if kind == "string list":
+        value = _maybe_json(row, value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise BadRow(f"field '{name}': expected a list of strings, got {type_name(value)}")
+        return list(value)
+    if kind == "integer":
+        if row.from_text and isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():  # JSON/pandas may write 1200.0
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadRow(f"field '{name}': expected an integer >= 0, got {type_name(value)}")
+        return value
+    if row.from_text and isinstance(value, str) and value.lstrip().startswith("{"):  # CSV: JSON text
+        with contextlib.suppress(json.JSONDecodeError):  # not JSON: the type error below names it
+            value = json.loads(value)
+    if not isinstance(value, dict):
+        raise BadRow(f"field '{name}': expected an object of strings (e.g. {{\"group\": \"warm\"}}), "
+                     f"got {type_name(value)}")
+    # Parquet stores an object column as a struct of every row's keys: a key this row lacks reads back as null
+    value = {k: v for k, v in value.items() if v is not None}
+    bad = next((k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    if bad is not None:
+        raise BadRow(f"field '{name}': expected an object of strings, but key {bad!r} holds {type_name(value[bad])}")
+    return value
+
+
+def parse_meta(row: Row) -> dict[str, Any]:
+    """The row's labeler context: the `META_COLUMNS` it holds (absent ones left out), each checked (a wrong type is
+    a BadRow naming the field)."""
+    return {name: _meta_value(row, name, row[name]) for name in META_COLUMNS
+            if name in row and not _absent(row, row[name])}
+
+
 # ---------------------------------------------------------------- per-format parsers
 
 def _split_messages(msgs: list[dict]) -> tuple[list, list]:
@@ -162,11 +227,11 @@ def _split_messages(msgs: list[dict]) -> tuple[list, list]:
 
 def parse_sft(row: Row, **_) -> dict:
     """An SFT record; an optional `add_eos: false` column keeps EOS off that row's completion (text that does not end
-    there, e.g. a sample cut at max_new_tokens)."""
+    there, e.g. a sample cut at max_new_tokens). The row's labeler context (`parse_meta`) rides along as extra keys."""
     record = _sft_texts(row)
     if "add_eos" in row and row["add_eos"] is not None:
         record["add_eos"] = _bool(row, "add_eos", row["add_eos"])
-    return record
+    return record | parse_meta(row)
 
 
 def _sft_texts(row: Row) -> dict:
@@ -188,14 +253,26 @@ def _sft_texts(row: Row) -> dict:
 
 
 def parse_prompt(row: Row, **_) -> dict:
-    return {"prompt": _text_or_messages(row, "prompt", allow_empty=False)}
+    """A prompt record; a `user` column (the prompt's user, for user-tagged prompts) is kept as "user"."""
+    record = {"prompt": _text_or_messages(row, "prompt", allow_empty=False)}
+    user = _user(row)
+    return record if user is None else record | {"user": user}
+
+
+def _user(row: Row) -> str | None:
+    if "user" not in row or _absent(row, row["user"]):
+        return None
+    try:
+        return check_user(row["user"])
+    except DataError as e:
+        raise BadRow(f"field 'user': {e}") from None
 
 
 def parse_unpaired(row: Row, **_) -> dict:
     prompt = _text_or_messages(row, "prompt")
     completion = _text_or_messages(row, "completion")
     _same_style({"prompt": prompt, "completion": completion})
-    return {"prompt": prompt, "completion": completion, "label": _label(row)}
+    return {"prompt": prompt, "completion": completion, "label": _label(row)} | parse_meta(row)
 
 
 def _string_prompt_conversations(prompt: str, chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -245,7 +322,7 @@ def parse_preference(row: Row, margins="small", include_ties: bool = False, stat
             stats.ties_skipped += 1
         return None
     return PreferenceGroup(prompt, [Pair(chosen, rejected, 0.0 if margin is None else margin, tie)],
-                           1.0 if weight is None else weight, where=row.where)
+                           1.0 if weight is None else weight, where=row.where, meta=parse_meta(row))
 
 
 def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None = None, **_) -> PreferenceGroup:
@@ -271,7 +348,8 @@ def parse_ranking(row: Row, include_ties: bool = False, stats: DataStats | None 
     if stats is not None:
         n_ties = sum(ranking[i] == ranking[j] for i in range(k) for j in range(i + 1, k))
         stats.ties_skipped += 0 if include_ties else n_ties
-    return PreferenceGroup(prompt, pairs, ranking_pair_weight(k), completions, ranking, where=row.where)
+    return PreferenceGroup(prompt, pairs, ranking_pair_weight(k), completions, ranking, where=row.where,
+                           meta=parse_meta(row))
 
 
 def _best_as_ranking(row: Row, k: int) -> list[int]:
@@ -327,7 +405,7 @@ def render_record(record: Any, tokenizer) -> Any:
         return PreferenceGroup(p, [Pair(completion(x.chosen), completion(x.rejected), x.margin, x.tie)
                                    for x in record.pairs], record.pair_weight,
                                None if record.completions is None else [completion(c) for c in record.completions],
-                               record.ranking, record.where)
+                               record.ranking, record.where, record.meta)
     out = dict(record, prompt=p)
     if "completion" in record:
         out["completion"] = completion(record["completion"])
@@ -393,8 +471,11 @@ def parse_rows(rows: list[Row] | list[dict], kind: str | None = None, *, tokeniz
                 stats.add_error(f"{row.where}: the chat template failed on this row: {type(e).__name__}: {e}")
                 continue
         group = row.get("group") if kind == "preference" else None
-        if group is not None and records and group_ids[-1] == group and records[-1].prompt == rec.prompt:
-            records[-1].pairs.extend(rec.pairs)  # flat rows of one group (see groups_to_rows): merge them back
+        # flat rows of one group (see groups_to_rows): merge them back, but only rows with the same labeler context:
+        # a group's meta says who judged all of its pairs under which criterion (a reward model head trains on it)
+        if (group is not None and records and group_ids[-1] == group and records[-1].prompt == rec.prompt
+                and records[-1].meta == rec.meta):
+            records[-1].pairs.extend(rec.pairs)
             continue
         records.append(rec)
         group_ids.append(group)
@@ -453,19 +534,23 @@ def load_unpaired(path_or_id, *, kind: str | None = None, split: str = "train", 
 def load_prompts(path_or_id, *, kind: str | None = None, split: str = "train", tokenizer=None,
                  skip_bad_rows: bool = False) -> tuple[list[dict], DataStats]:
     """Prompt records {"prompt"} from prompt-only data, or the prompts of any other format that has them
-    (sft prompt+completion or messages, preference, ranking, unpaired). Duplicate prompts are kept."""
+    (sft prompt+completion or messages, preference, ranking, unpaired). Duplicate prompts are kept. Prompt rows
+    keep their "user"."""
     records, stats = load_records(path_or_id, kind, split=split, tokenizer=tokenizer, skip_bad_rows=skip_bad_rows)
-    prompts = [{"prompt": prompt_of(r)} for r in records]
+    prompts = [{"prompt": prompt_of(r)} | ({"user": r["user"]} if isinstance(r, dict) and "user" in r else {})
+               for r in records]
     if stats.kind == "sft" and prompts and all(p["prompt"] in ("", []) for p in prompts):
         raise DataError(f"{path_or_id}: SFT `text` rows have no prompt; give prompt-only data (a `prompt` column)")
     return prompts, stats
 
 
-def prompt_texts(source, *, tokenizer=None, max_prompts: int | None = None, split: str = "train") -> list[str]:
+def prompt_texts(source, *, tokenizer=None, max_prompts: int | None = None, split: str = "train",
+                 user_tag: str | None = None) -> list[str]:
     """The prompt strings of `source`, ready to tokenise: a list of strings as is; rows (a path of any supported
     format, a hub id, a list of dicts or a `datasets.Dataset`) through `load_prompts` (conversational prompts
     chat-templated with `tokenizer`). Only the first `max_prompts` are kept. An empty prompt or an empty source is a
-    DataError naming where it came from."""
+    DataError naming where it came from. With `user_tag` (a template such as `users.USER_TAG`), each row with a
+    `user` field gets its user's tag in front of the (rendered) prompt, where `split_user_tag` finds it again."""
     if isinstance(source, (list, tuple)) and all(isinstance(p, str) for p in source):
         texts = list(source)
         where = [f"prompt {i}" for i in range(len(texts))]
@@ -477,6 +562,8 @@ def prompt_texts(source, *, tokenizer=None, max_prompts: int | None = None, spli
             if isinstance(t, list):
                 raise DataError(f"{w}: the prompt is a list of messages; pass the policy's tokenizer to render it "
                                 f"with its chat template")
+        if user_tag is not None:
+            texts = [tag_prompt(t, r.get("user"), user_tag) for t, r in zip(texts, records, strict=True)]
     name = source if isinstance(source, (str, os.PathLike)) else "prompts"
     for w, t in zip(where, texts, strict=True):
         if not t:
