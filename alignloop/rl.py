@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps
+from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps, split_user_tag
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import logprobs_from_logits
 from alignloop.models import (
@@ -64,8 +64,10 @@ from alignloop.scoring import (
     aggregate_step_scores,
     build_scorer,
     check_step_aggregation,
+    check_user_template,
     is_function_spec,
     total,
+    weights_for,
 )
 from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
@@ -73,6 +75,13 @@ from alignloop.training.logging import MetricsLogger, Progress
 from alignloop.training.loop import shard, take_indices
 from alignloop.training.optim import build_optimizer, build_scheduler
 from alignloop.training.run import TrainResult, build_lora
+
+USER_TAG_HELP = (
+    "Personalized policy: a template such as '<user:{user}> ' (alignloop.data.USER_TAG). Each prompt row with a "
+    "`user` field is tagged with it before sampling, so one policy learns to condition on the user; the reward "
+    "scores the untagged prompt and weighs a multi-head reward model's heads by that user's weights "
+    "(user_profiles.json beside the reward model; a user named like a head, or of a group with a head, gets that "
+    "head; anyone else the population weights). None: prompts as they are.")
 
 
 @dataclass
@@ -136,6 +145,7 @@ class OnlineRLArgs:
         "help": "Positive class (index or label name) of a classifier with several labels used as the reward."})
     score_batch_size: int = field(default=64, metadata={"help": "Sequences per reward-model forward."})
     step_aggregation: str | None = field(default=None, metadata={"help": STEP_AGGREGATION_HELP})
+    user_tag: str | None = field(default=None, metadata={"help": USER_TAG_HELP})
     # --- when to stop ---
     total_updates: int = field(default=100, metadata={"help": "Step budget: number of updates."})
     reward_threshold: float | None = field(default=None, metadata={
@@ -185,6 +195,8 @@ class OnlineRLArgs:
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         check_step_aggregation(self.step_aggregation)
+        if self.user_tag is not None:
+            check_user_template(self.user_tag)
 
     def sampling_params(self, tokenizer) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -259,10 +271,14 @@ def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, pol
     common = {"policy_tokenizer": policy_tokenizer, "positive_label": args.positive_label,
               "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device,
               "step_aggregation": args.step_aggregation}
+    tagged = {"user_tag": args.user_tag}   # tagged prompts: the reward and gold see them untagged, weighted per user
+    if steps and args.user_tag:
+        raise ConfigError(f"{trainer}: user_tag takes reward_granularity='outcome' (a process reward is not weighted "
+                          f"per user)")
     gold = gold_reward if gold_reward is not None else args.gold_model
     scorer = step_scorer(reward, reward_tokenizer, trainer, **common) if steps else build_scorer(
-        reward, reward_tokenizer, **common)
-    return scorer, build_scorer(gold, **common)
+        reward, reward_tokenizer, **common, **tagged)
+    return scorer, build_scorer(gold, **common, **tagged)
 
 
 def frozen_reference(lm: nn.Module, ref_model: nn.Module | str | None, device, dtype=None) -> nn.Module | None:
@@ -289,13 +305,32 @@ def speed_up_models(args: OnlineRLArgs, *models) -> None:
 
 
 def encoded_prompts(source, args: OnlineRLArgs, tokenizer, trainer: str) -> tuple[list[str], list[list[int]]]:
-    """The training prompts (`train_dataset`, else `args.train_file`; any source of `alignloop.data.prompt_texts`)
-    and their token ids, truncated from the left to `max_prompt_length`."""
+    """The training prompts (`train_dataset`, else `args.train_file`; any source of `alignloop.data.prompt_texts`;
+    with `user_tag`, rows with a `user` field tagged with it) and their token ids, truncated from the left to
+    `max_prompt_length` (which keeps the prompt's end: a tag at its start goes first)."""
     source = source if source is not None else args.train_file
     if source is None:
         raise ConfigError(f"{trainer} needs prompts: train_dataset=... (or --train-file)")
-    prompts = prompt_texts(source, tokenizer=tokenizer)
-    return prompts, encode_prompts(tokenizer, prompts, args.max_prompt_length)
+    prompts = prompt_texts(source, tokenizer=tokenizer, user_tag=args.user_tag)
+    if args.user_tag is None:
+        return prompts, encode_prompts(tokenizer, prompts, args.max_prompt_length)
+    return prompts, encode_tagged_prompts(tokenizer, prompts, args.user_tag, args.max_prompt_length)
+
+
+def encode_tagged_prompts(tokenizer, prompts: list[str], template: str, max_length: int | None) -> list[list[int]]:
+    """Token ids of user-tagged prompts, a prompt longer than `max_length` keeping its tag's tokens and the end of
+    the rest (left truncation alone would cut the tag, and the policy would not know whose prompt it is)."""
+    ids = encode_prompts(tokenizer, prompts)
+    out = []
+    for prompt, x in zip(prompts, ids, strict=True):
+        user, rest = split_user_tag(prompt, template)
+        if max_length is None or len(x) <= max_length or user is None:
+            out.append(x[-max_length:] if max_length is not None else x)
+            continue
+        tag = encode_prompts(tokenizer, [prompt[:len(prompt) - len(rest)]])[0][:max_length]
+        keep = max_length - len(tag)
+        out.append(tag + (x[-keep:] if keep > 0 else []))
+    return out
 
 
 def prepared_optimization(model: nn.Module, args: OnlineRLArgs, acc):
@@ -368,7 +403,7 @@ def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: R
     else:
         step_scores = checked_step_scores(scorer, prompts, responses) if steps else None
         parts = scorer.rollout_parts(rollout, prompts, responses)
-        weights = scorer.weights
+        weights = weights_for(scorer, prompts)   # a per-user scorer's: one weight per row
     raw = total(parts, weights).float()
     gold = gold_scorer.score_rollout(rollout, prompts, responses).float() if gold_scorer else None
     return ScoredRollout(prompts, responses, parts, raw, gold, step_scores,

@@ -8,9 +8,26 @@ rejection sampling, evaluation, the pipeline).
     scores = scorer(prompts, completions)                        # [B] float32 tensor
     parts = scorer.parts(prompts, completions)                   # {name: [B]}: each reward of a weighted sum
     scores = scorer.score_rollout(rollout, prompts, completions) # PPO: the rollout's own tokens when possible
+    scorer = load_scorer("runs/rm/final:helpful=0.7,harmless=0.3")   # a multi-head reward model, heads weighted
+    scorer = load_scorer("runs/rm/final", user_tag=USER_TAG)     # per-user weights, read from each prompt's tag
+    scores, parts = score_with_parts(scorer, prompts, completions)   # one pass: the total and each part
 
 Every scorer has `.weights` ({name: weight}), `.parts(prompts, completions, eos=None)` and
 `.rollout_parts(rollout, prompts, completions)` ({name: [B] float32}); calling it gives Σ weight · part.
+`weights_for(scorer, prompts)` gives the weights of those rows: `.weights`, except for a per-user scorer, whose
+weights are [B] tensors (one weight per row); `total` takes either.
+
+A **multi-head reward model** (a sequence classifier whose config has `alignloop_heads`: one output per criterion,
+group or labeler, see `alignloop.models.reward`) gives one part per head, all heads from one forward per batch. Its
+weights: the spec's `DIR:head=w,head=w` (a head not listed weighs 0; `DIR:head` scores that head alone); by default
+the population head when the model has one, else every head 1/H (their mean).
+
+Per-user weights (`user_tag=`, a template of `alignloop.data.users`, e.g. `USER_TAG = "<user:{user}> "`): a
+`UserTagScorer` reads each prompt's tag, scores the UNTAGGED prompt (the reward model never saw tags) and weighs a
+multi-head model's heads per row (`HeadWeights.for_user`): a user of `user_profiles.json` (beside the model, written
+by `alignloop personalize`) gets its fitted weights; a user named like a head (a group head) that head; a profile's
+group with a head of its own that head; anyone else (an untagged prompt, an unknown user: cold start) the
+population weights, which are the spec's weights when given, else the profiles' `population`, else the default.
 
 How a model sees the text (`ModelScorer`):
 - A **scalar-head reward model** (a decoder `...ForSequenceClassification` with one output, as `alignloop rm` saves,
@@ -48,6 +65,7 @@ running mean-std / gain and bias fitted on samples from the starting policy, Zie
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -56,7 +74,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignloop.data import STEP_SEPARATOR, pad_batch, reward_input_ids, split_steps
+from alignloop.data import (
+    STEP_SEPARATOR,
+    USER_TAG,
+    DataError,
+    pad_batch,
+    reward_input_ids,
+    split_steps,
+    split_user_tag,
+    tag_prompt,
+)
 from alignloop.errors import ConfigError, UserError
 from alignloop.models import (
     ClassifierReward,
@@ -69,6 +96,7 @@ from alignloop.models import (
     prm_info,
     score_sequences,
     score_steps,
+    sequence_logits,
     unwrap_model,
 )
 from alignloop.rollout import Rollout
@@ -76,9 +104,10 @@ from alignloop.rollout import Rollout
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
-def total(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """Σ weight · part: the scalar reward of a (possibly weighted) scorer's parts."""
-    return sum(weights[k] * v for k, v in parts.items())
+def total(parts: dict[str, torch.Tensor], weights: dict[str, float | torch.Tensor]) -> torch.Tensor:
+    """Σ weight · part: the scalar reward of a (possibly weighted) scorer's parts. A weight is a number, or a [B]
+    tensor with one weight per row (a per-user scorer's, `weights_for`)."""
+    return sum((w.to(v.device) if isinstance(w := weights[k], torch.Tensor) else w) * v for k, v in parts.items())
 
 
 # ------------------------------------------------------------------------------------------------ specs
@@ -114,6 +143,30 @@ def split_weight(item: str) -> tuple[str, float]:
             raise ConfigError(f"reward {item!r}: the weight must be a finite number")
         return spec, weight
     return item, 1.0
+
+
+def split_heads(item: str) -> tuple[str, dict[str, float] | None]:
+    """`DIR:helpful=0.7,harmless=0.3` -> (DIR, {"helpful": 0.7, "harmless": 0.3}); `DIR:harmless` -> (DIR,
+    {"harmless": 1.0}); anything without a head list (a folder that exists as written, `module:function`, a plain
+    spec) -> (item, None). Which heads exist is checked once the model is loaded (`HeadWeights`)."""
+    if is_function_spec(split_weight(item)[0]) or Path(item).exists():   # module:function[=W] names no heads
+        return item, None
+    spec, sep, listed = item.rpartition(":")
+    if not sep or not spec or not listed or any(c in listed for c in "/\\"):
+        return item, None
+    weights: dict[str, float] = {}
+    for piece in listed.split(","):
+        name, eq, w = (x.strip() for x in piece.partition("="))
+        if not name or name in weights:
+            raise ConfigError(f"reward {item!r}: expected DIR:head=weight,head=weight with each head named once, "
+                              f"got {piece.strip()!r}")
+        try:
+            weights[name] = float(w) if eq else 1.0
+        except ValueError:
+            raise ConfigError(f"reward {item!r}: the weight of head {name!r} must be a number, got {w!r}") from None
+        if not math.isfinite(weights[name]):
+            raise ConfigError(f"reward {item!r}: the weight of head {name!r} must be a finite number, got {w!r}")
+    return spec, weights
 
 
 def spec_name(spec: str) -> str:
@@ -158,28 +211,50 @@ class ModelScorer:
 
     def __init__(self, model: nn.Module, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
                  batch_size: int = 32, add_eos: bool = True, max_length: int | None = None,
-                 name: str = "reward_model"):
+                 name: str = "reward_model", head_weights: dict[str, float] | None = None,
+                 user_profiles: dict | str | os.PathLike | None = None):
         if isinstance(model, ClassifierReward):
             tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             positive_label = model.label_index
             model = model.model
         config = unwrap_model(model).config
-        multi = int(getattr(config, "num_labels", 1)) > 1
+        info = reward_heads(config)
+        multi = int(getattr(config, "num_labels", 1)) > 1 and info is None
         self.label = ClassifierReward.resolve_label(config, positive_label) if multi else 0
         self.model = model
         # the reward model's own tokenizer; without one, the policy's (scoring the rollout's tokens needs neither)
         self.tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
         self.policy_tokenizer = policy_tokenizer
-        # a scalar-head reward model (a decoder with one output) sees the text as reward-model training built it;
-        # any other classifier (several labels, or an encoder) sees it as it was trained: its own special tokens
+        # a scalar-head or multi-head reward model (a decoder, one output per head) sees the text as reward-model
+        # training built it; any other classifier (several labels, or an encoder) sees it as it was trained: its
+        # own special tokens
         self.decoder = has_decoder_head(model)
         self.reward_model_view = self.decoder and not multi
         self.batch_size, self.add_eos, self.name = batch_size, add_eos, name
-        self.weights = {name: 1.0}
+        if info is None and (head_weights or user_profiles):
+            raise ConfigError(f"reward {name}: head weights or user profiles need a multi-head reward model (a config "
+                              f"with alignloop_heads); this one has a single score")
+        self.heads = None if info is None else HeadWeights(
+            info["names"], info.get("population"), head_weights, read_user_profiles(user_profiles), name)
+        self.weights = {name: 1.0} if self.heads is None else dict(self.heads.population)
         self.max_length = max_length or context_length(model, self.tokenizer)
         self.retokenize = not self.reward_model_view or (
             policy_tokenizer is not None and self.tokenizer is not None
             and self.tokenizer.get_vocab() != policy_tokenizer.get_vocab())
+
+    def _named(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scores [B] (one head) or [B,H] (one column per head) -> the parts {name: [B]}."""
+        if self.heads is None:
+            return {self.name: scores}
+        return {h: scores[:, j] for j, h in enumerate(self.heads.heads)}
+
+    def user_weights(self, users: Sequence[str | None]) -> dict[str, float | torch.Tensor]:
+        """The weights of rows whose users are `users` (None: untagged): [B] per head of a multi-head model (see
+        `HeadWeights`), else `.weights`."""
+        return self.weights if self.heads is None else self.heads.rows(users)
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0) if self.heads is None else torch.zeros(0, len(self.heads.heads))
 
     def _text_scores(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> torch.Tensor:
         if self.tokenizer is None:
@@ -203,20 +278,23 @@ class ModelScorer:
         for lo in range(0, len(seqs), self.batch_size):
             ids, mask = pad_batch(seqs[lo:lo + self.batch_size], pad_id)
             out.append(self.score_tokens(ids.to(device), mask.to(device)))
-        return torch.cat(out).cpu() if out else torch.zeros(0)
+        return torch.cat(out).cpu() if out else self._empty()
 
     @torch.no_grad()
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores [B] float32 of token tensors already in this model's vocabulary (any padding side)."""
+        """Scores [B] float32 of token tensors already in this model's vocabulary (any padding side); [B,H] for a
+        multi-head model (every head from the same forward)."""
         was = self.model.training
         self.model.eval()
         try:
+            if self.heads is not None:
+                return sequence_logits(self.model, input_ids, attention_mask).float()
             return score_sequences(self.model, input_ids, attention_mask, self.label).float()
         finally:
             self.model.train(was)
 
     def parts(self, prompts: Sequence[str], completions: Sequence[str], eos=None) -> dict[str, torch.Tensor]:
-        return {self.name: self._text_scores(prompts, completions, eos)}
+        return self._named(self._text_scores(prompts, completions, eos))
 
     def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
         too_long = self.max_length is not None and int(rollout.attention_mask.sum(1).max()) > self.max_length
@@ -228,7 +306,7 @@ class ModelScorer:
             scores = torch.cat([self.score_tokens(ids[i:i + self.batch_size].to(device),
                                                   mask[i:i + self.batch_size].to(device))
                                 for i in range(0, ids.shape[0], self.batch_size)])
-        return {self.name: scores.to(rollout.response_ids.device)}
+        return self._named(scores.to(rollout.response_ids.device))
 
     def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
         return total(self.parts(prompts, completions, eos), self.weights)
@@ -238,35 +316,197 @@ class ModelScorer:
 
 
 class WeightedScorer:
-    """Σ weight_i · scorer_i: several rewards in one, each part kept for logging (`reward/<name>`)."""
+    """Σ weight_i · scorer_i: several rewards in one, each part kept for logging (`reward/<name>`). A scorer with
+    several parts (a multi-head model) is run once per batch; its parts keep their names (made unique)."""
 
     def __init__(self, scorers: Sequence[tuple[object, float]]):
         if not scorers:
             raise ConfigError("a weighted reward needs at least one scorer")
-        self.scorers = []
+        self.members: list[tuple[object, float, dict[str, str]]] = []   # (scorer, its weight, {part: unique name})
         self.weights: dict[str, float] = {}
         for scorer, weight in scorers:
+            names = {}
             for name, w in scorer.weights.items():
                 unique, k = name, 2
                 while unique in self.weights:
                     unique, k = f"{name}_{k}", k + 1
-                self.scorers.append((scorer, name, unique))
+                names[name] = unique
                 self.weights[unique] = w * weight
+            self.members.append((scorer, weight, names))
 
     def parts(self, prompts, completions, eos=None) -> dict[str, torch.Tensor]:
-        return self._rename([s.parts(prompts, completions, eos) for s, _, _ in self.scorers])
+        return self._rename([s.parts(prompts, completions, eos) for s, _, _ in self.members])
 
     def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
-        return self._rename([s.rollout_parts(rollout, prompts, completions) for s, _, _ in self.scorers])
+        return self._rename([s.rollout_parts(rollout, prompts, completions) for s, _, _ in self.members])
+
+    def user_weights(self, users: Sequence[str | None]) -> dict[str, float | torch.Tensor]:
+        """Each member's weights for these rows' users (`user_weights`), times its weight in the sum."""
+        out = {}
+        for scorer, weight, names in self.members:
+            for name, w in user_weights(scorer, users).items():
+                out[names[name]] = w * weight
+        return out
 
     def _rename(self, results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {unique: res[name] for (_, name, unique), res in zip(self.scorers, results, strict=True)}
+        return {names[k]: v for (_, _, names), res in zip(self.members, results, strict=True) for k, v in res.items()}
 
     def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
         return total(self.parts(prompts, completions, eos), self.weights)
 
     def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
         return total(self.rollout_parts(rollout, prompts, completions), self.weights)
+
+
+# ------------------------------------------------------------------------------------------------ heads and users
+USER_PROFILES_FILE = "user_profiles.json"
+
+
+def check_user_template(template: str) -> None:
+    """A ConfigError unless `template` is a user tag template `alignloop.data.users` can read back (`{user}` once,
+    then the text that ends the name)."""
+    try:
+        tag_prompt("", None, template)   # checks the template before anything else
+    except DataError as e:
+        raise ConfigError(f"user_tag: {e}") from None
+
+
+def reward_heads(config) -> dict | None:
+    """A multi-head reward model's `alignloop_heads` ({"by", "names", "population"}) checked against its outputs,
+    or None for a one-score model."""
+    info = getattr(config, "alignloop_heads", None)
+    if not info:
+        return None
+    names = list(info.get("names") or ())
+    if len(names) != int(getattr(config, "num_labels", 1)) or len(set(names)) != len(names):
+        raise UserError(f"alignloop_heads names {names} do not match the model's {config.num_labels} outputs")
+    return {**info, "names": names}
+
+
+def read_user_profiles(source) -> dict | None:
+    """User profiles (the `alignloop personalize` JSON: {"heads", "population": {head: w}, "users": {user:
+    {"weights": {head: w}, "n", "group"}}}) from a dict, a file, or a folder holding `user_profiles.json`; None
+    stays None."""
+    if source is None or isinstance(source, dict):
+        return source
+    path = Path(source)
+    path = path / USER_PROFILES_FILE if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"user profiles {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("users", {}), dict):
+        raise UserError(f"user profiles {path}: expected {{\"heads\", \"population\", \"users\": {{...}}}}")
+    return data
+
+
+class HeadWeights:
+    """The weights over a multi-head reward model's heads: the population's (cold start) and each user's.
+
+    population: the spec's `chosen` weights (heads not listed weigh 0), else the profiles' "population", else the
+    population head alone when the model has one, else 1/H each. `for_user(name)`: a profiled user's fitted
+    weights; a name that is a head (a group or labeler head): that head; a profiled user's group that is a head:
+    that head; else the population's."""
+
+    def __init__(self, heads: Sequence[str], population_head: str | None, chosen: dict[str, float] | None,
+                 profiles: dict | None, where: str = "reward"):
+        self.heads, self.where = list(heads), where
+        profiles = profiles or {}
+        if chosen:
+            self.population = self._full(chosen, "the spec")
+        elif profiles.get("population"):
+            self.population = self._full(profiles["population"], "the user profiles' population")
+        elif population_head is not None:
+            self.population = self._one(population_head)
+        else:
+            self.population = {h: 1.0 / len(self.heads) for h in self.heads}
+        self.users = {}
+        for user, entry in profiles.get("users", {}).items():
+            entry = entry or {}
+            weights = self._full(entry["weights"], f"user {user!r}") if entry.get("weights") else None
+            self.users[user] = (weights, entry.get("group"))
+
+    def _full(self, weights: dict[str, float], what: str) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(self.heads))
+        if unknown:
+            raise ConfigError(f"{self.where}: {what} weighs head(s) {', '.join(unknown)}, not heads of this model "
+                              f"(its heads: {', '.join(self.heads)})")
+        return {h: float(weights.get(h, 0.0)) for h in self.heads}
+
+    def _one(self, head: str) -> dict[str, float]:
+        return self._full({head: 1.0}, f"head {head!r}")
+
+    def for_user(self, user: str | None) -> dict[str, float]:
+        weights, group = self.users.get(user, (None, None)) if user is not None else (None, None)
+        if weights is not None:
+            return weights
+        if user in self.heads:
+            return self._one(user)
+        if group in self.heads:
+            return self._one(group)
+        return self.population
+
+    def rows(self, users: Sequence[str | None]) -> dict[str, torch.Tensor]:
+        """{head: [B] float32}: each row's weight of each head."""
+        per_row = [self.for_user(u) for u in users]
+        return {h: torch.tensor([w[h] for w in per_row], dtype=torch.float32) for h in self.heads}
+
+
+def user_weights(scorer, users: Sequence[str | None]) -> dict[str, float | torch.Tensor]:
+    """A scorer's weights for rows of these users: its `user_weights(users)` when it has per-user weights (a
+    multi-head model, a weighted sum holding one), else its `.weights`."""
+    fn = getattr(scorer, "user_weights", None)
+    return fn(users) if fn is not None else scorer.weights
+
+
+def weights_for(scorer, prompts: Sequence[str]) -> dict[str, float | torch.Tensor]:
+    """The weights of rows with these prompts: a `UserTagScorer`'s per-row weights from the prompts' user tags,
+    any other scorer's `.weights`."""
+    fn = getattr(scorer, "weights_for", None)
+    return fn(prompts) if fn is not None else scorer.weights
+
+
+def score_with_parts(scorer, prompts: Sequence[str], completions: Sequence[str],
+                     eos=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(scores [B], parts {name: [B]}) from one pass of the scorer: what best-of-N, rejection sampling and
+    evaluation log per part (head) without scoring twice."""
+    parts = scorer.parts(prompts, completions, eos)
+    return total(parts, weights_for(scorer, prompts)).float(), parts
+
+
+class UserTagScorer:
+    """A scorer for prompts tagged with their user (`alignloop.data.users`, `template`, e.g. "<user:{user}> "): the
+    wrapped scorer sees the untagged prompts (a reward model never saw tags) and weighs its parts per row by each
+    row's user (`user_weights`: a multi-head model's `HeadWeights`; other scorers' weights are the same for
+    everyone). `.weights` are the population's. With a rollout the text is scored (its tokens hold the tag)."""
+
+    def __init__(self, scorer, template: str = USER_TAG):
+        check_user_template(template)
+        self.scorer, self.template = scorer, template
+        self.weights = scorer.weights
+        self.name = getattr(scorer, "name", type(scorer).__name__)
+        self.model = getattr(scorer, "model", None)   # what PPO's value_model="reward" and the speed-ups look for
+
+    def split(self, prompts: Sequence[str]) -> tuple[list[str | None], list[str]]:
+        """(each prompt's user or None, the prompts without their tags)."""
+        pairs = [split_user_tag(p, self.template) for p in prompts]
+        return [u for u, _ in pairs], [p for _, p in pairs]
+
+    def weights_for(self, prompts: Sequence[str]) -> dict[str, float | torch.Tensor]:
+        return user_weights(self.scorer, self.split(prompts)[0])
+
+    def parts(self, prompts, completions, eos=None) -> dict[str, torch.Tensor]:
+        return self.scorer.parts(self.split(prompts)[1], completions, eos)
+
+    def rollout_parts(self, rollout: Rollout, prompts, completions) -> dict[str, torch.Tensor]:
+        parts = self.parts(prompts, completions, rollout.stopped.tolist())
+        return {k: v.to(rollout.response_ids.device) for k, v in parts.items()}
+
+    def __call__(self, prompts, completions, eos=None) -> torch.Tensor:
+        return total(self.parts(prompts, completions, eos), self.weights_for(prompts))
+
+    def score_rollout(self, rollout: Rollout, prompts, completions) -> torch.Tensor:
+        return total(self.rollout_parts(rollout, prompts, completions), self.weights_for(prompts))
 
 
 STEP_AGGREGATIONS = ("min", "prod", "last", "mean")
@@ -377,8 +617,8 @@ class ProcessScorer:
         return total(self.rollout_parts(rollout, prompts, completions), self.weights)
 
 
-Scorer = FunctionScorer | ModelScorer | WeightedScorer | ProcessScorer
-SCORERS = (FunctionScorer, ModelScorer, WeightedScorer, ProcessScorer)
+Scorer = FunctionScorer | ModelScorer | WeightedScorer | ProcessScorer | UserTagScorer
+SCORERS = (FunctionScorer, ModelScorer, WeightedScorer, ProcessScorer, UserTagScorer)
 
 
 # ------------------------------------------------------------------------------------------------ transform
@@ -457,17 +697,21 @@ def load_reward_model(name_or_path: str | os.PathLike, dtype=None) -> tuple[nn.M
 
 
 def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int | str = 1, batch_size: int = 32,
-                add_eos: bool = True, policy_tokenizer=None, device=None,
-                step_aggregation: str | None = None) -> Scorer:
+                add_eos: bool = True, policy_tokenizer=None, device=None, step_aggregation: str | None = None,
+                user_tag: str | None = None, user_profiles=None) -> Scorer:
     """A scorer from one spec or several `SPEC=WEIGHT` (see the module docstring). SPEC: a reward-model /
-    classifier folder or hub id, a process reward model folder (a `ProcessScorer` aggregating its step scores with
-    `step_aggregation`; None: the model's own, see `ProcessScorer`), or `module:function`."""
+    classifier folder or hub id, a multi-head reward model's `DIR` or `DIR:head=w,head=w`, a process reward model
+    folder (a `ProcessScorer` aggregating its step scores with `step_aggregation`; None: the model's own, see
+    `ProcessScorer`), or `module:function`. `user_tag`: a `UserTagScorer` for user-tagged prompts, its multi-head
+    models weighted per user by `user_profiles` (a dict, a file; default: `user_profiles.json` in the model's
+    folder when there is one)."""
     items = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     if not items:
         raise ConfigError("no reward given: a reward-model folder or hub id, or module:function")
     built = []
     for item in items:
-        spec, weight = split_weight(str(item))
+        spec, heads = split_heads(str(item))
+        spec, weight = split_weight(spec) if heads is None else (spec, 1.0)
         if is_function_spec(spec):
             scorer = FunctionScorer(load_function(spec), spec_name(spec))
         elif is_prm_folder(spec):
@@ -478,33 +722,48 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
             model, tok = load_reward_model(spec, dtype)
             if device is not None:
                 model.to(device)
+            beside = Path(spec, USER_PROFILES_FILE)
+            profiles = None if reward_heads(model.config) is None else (
+                user_profiles if user_profiles is not None else beside if beside.is_file() else None)
             scorer = ModelScorer(model, tok, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
-                                 batch_size=batch_size, add_eos=add_eos, name=spec_name(spec))
+                                 batch_size=batch_size, add_eos=add_eos, name=spec_name(spec), head_weights=heads,
+                                 user_profiles=profiles)
+        if heads is not None and getattr(scorer, "heads", None) is None:
+            raise ConfigError(f"reward {item!r}: head weights need a multi-head reward model, {spec} is not one")
         built.append((scorer, weight))
-    return built[0][0] if len(built) == 1 and built[0][1] == 1.0 else WeightedScorer(built)
+    scorer = built[0][0] if len(built) == 1 and built[0][1] == 1.0 else WeightedScorer(built)
+    return UserTagScorer(scorer, user_tag) if user_tag else scorer
 
 
 def build_scorer(reward, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
                  batch_size: int = 32, add_eos: bool = True, dtype=None, device=None,
-                 step_aggregation: str | None = None) -> Scorer | None:
+                 step_aggregation: str | None = None, user_tag: str | None = None,
+                 user_profiles=None) -> Scorer | None:
     """A scorer from whatever the user handed over: a scorer (as is), a spec string or list (`load_scorer`), a model
-    (`RewardModel`, `ClassifierReward`, any transformers sequence classifier, a process reward model; with its
-    `tokenizer`) or a function `f(prompts, completions) -> floats`. None stays None."""
-    if reward is None or isinstance(reward, SCORERS):
+    (`RewardModel`, `ClassifierReward`, any transformers sequence classifier, a multi-head or process reward model;
+    with its `tokenizer`) or a function `f(prompts, completions) -> floats`. None stays None. `user_tag`: wrapped in
+    a `UserTagScorer` (a scorer that is one already stays as it is); `user_profiles` for a multi-head model object
+    (a spec's come from its folder)."""
+    if reward is None or isinstance(reward, UserTagScorer):
         return reward
+    if isinstance(reward, SCORERS):
+        return UserTagScorer(reward, user_tag) if user_tag else reward
     if isinstance(reward, (str, os.PathLike)) or (isinstance(reward, (list, tuple)) and reward
                                                   and all(isinstance(r, (str, os.PathLike)) for r in reward)):
         return load_scorer(reward, dtype=dtype, positive_label=positive_label, batch_size=batch_size,
                            add_eos=add_eos, policy_tokenizer=policy_tokenizer, device=device,
-                           step_aggregation=step_aggregation)
+                           step_aggregation=step_aggregation, user_tag=user_tag, user_profiles=user_profiles)
     if isinstance(reward, nn.Module):
         if device is not None:
             reward.to(device)
         if prm_info(reward) is not None:
-            return ProcessScorer(reward, tokenizer, aggregate=step_aggregation, batch_size=batch_size)
-        return ModelScorer(reward, tokenizer, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
-                           batch_size=batch_size, add_eos=add_eos)
-    if callable(reward):
-        return FunctionScorer(reward)
-    raise ConfigError(f"reward must be a model, a ClassifierReward, a function f(prompts, completions), a folder / "
-                      f"hub id or module:function, got {type(reward).__name__}")
+            scorer = ProcessScorer(reward, tokenizer, aggregate=step_aggregation, batch_size=batch_size)
+        else:
+            scorer = ModelScorer(reward, tokenizer, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
+                                 batch_size=batch_size, add_eos=add_eos, user_profiles=user_profiles)
+    elif callable(reward):
+        scorer = FunctionScorer(reward)
+    else:
+        raise ConfigError(f"reward must be a model, a ClassifierReward, a function f(prompts, completions), a "
+                          f"folder / hub id or module:function, got {type(reward).__name__}")
+    return UserTagScorer(scorer, user_tag) if user_tag else scorer

@@ -20,6 +20,7 @@ from alignloop.errors import UserError
 from alignloop.evaluation.metrics import best_of_n_kl, mean, sem, win_rate
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.rollout import SamplingParams, sample_completions
+from alignloop.scoring import score_with_parts
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Samples:
     responses: list[str]
     lengths: list[int]                         # response tokens (EOS included when generated)
     kl: list[float] | None = None              # per-sequence KL estimate to the reference
-    scores: dict[str, list[float]] = field(default_factory=dict)   # "gold", "rm"
+    scores: dict[str, list[float]] = field(default_factory=dict)   # "gold", "rm" (and "rm/<part>")
 
     def to_rows(self) -> list[dict]:
         rows = []
@@ -80,9 +81,16 @@ def sample_policy(model, tokenizer, prompts: Sequence[str], n: int = 1, max_new_
 
 
 def score(samples: Samples, rm: Callable | None = None, gold: Callable | None = None) -> Samples:
-    """Add "rm" (a scorer of `alignloop.scoring`) and "gold" (a function) scores, unless already there."""
+    """Add "rm" (a scorer of `alignloop.scoring`) and "gold" (a function) scores, unless already there. A scorer of
+    several parts (a multi-head reward model's heads, a weighted sum) adds "rm/<name>" per part too (same pass)."""
     for key, fn in (("rm", rm), ("gold", gold)):
-        if fn is not None and key not in samples.scores:
+        if fn is None or key in samples.scores:
+            continue
+        if hasattr(fn, "parts"):
+            total, parts = score_with_parts(fn, samples.prompts, samples.responses)
+            samples.scores[key] = total.tolist()
+            samples.scores.update({f"{key}/{k}": v.tolist() for k, v in parts.items()} if len(parts) > 1 else {})
+        else:
             samples.scores[key] = [float(x) for x in fn(samples.prompts, samples.responses)]
     return samples
 

@@ -14,8 +14,9 @@ SFT produced.
 
 Layout: OUTPUT_DIR/round-R/samples.jsonl (every candidate, its score and whether it was kept), OUTPUT_DIR/round-R/
 (the SFT run: metrics.jsonl, final/), OUTPUT_DIR/metrics.jsonl (one line per round: rs/mean_score of the fresh
-samples, rs/mean_best_score, rs/kept, rs/kl_best_of_n when exactly the best of each prompt is kept, and sft
-loss), OUTPUT_DIR/final -> the last round's model.
+samples, rs/mean_best_score, rs/kept, rs/kl_best_of_n when exactly the best of each prompt is kept, reward/<name>
+per part of a reward of several parts, e.g. a multi-head reward model's heads, and sft loss), OUTPUT_DIR/final ->
+the last round's model.
 With `eval_final`, the last model is sampled once more and `final/mean_score` reports the mean reward of fresh
 samples (comparable with round 0's rs/mean_score, which is the starting model's).
 """
@@ -35,7 +36,7 @@ from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
 from alignloop.rollout import SamplingParams, sample_completions
-from alignloop.scoring import STEP_AGGREGATION_HELP, build_scorer, check_step_aggregation
+from alignloop.scoring import STEP_AGGREGATION_HELP, build_scorer, check_step_aggregation, score_with_parts
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training import MetricsLogger, renamed_fields
 from alignloop.training.run import TrainResult
@@ -92,6 +93,12 @@ class RSConfig:
         if self.keep_top_k == 0 and self.score_threshold is None:
             raise ConfigError("give keep_top_k >= 1 or a score_threshold (or both) to say which samples to keep")
         check_step_aggregation(self.step_aggregation)
+
+
+def part_means(candidates: list[list[dict]]) -> dict[str, float]:
+    """reward/<name>: each part's mean over the candidates (those with "parts": a reward of several parts)."""
+    parts = [c["parts"] for cs in candidates for c in cs if "parts" in c]
+    return {f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})}
 
 
 def select(candidates: list[dict], keep_top_k: int, score_threshold: float | None) -> list[int]:
@@ -151,9 +158,14 @@ class RejectionSamplingTrainer:
                                     batch_size=a.batch_size * a.samples_per_prompt,
                                     max_prompt_length=a.max_prompt_length, seed=round_seed)
         flat_p = [p for p, g in zip(self.prompts, groups, strict=True) for _ in g]
-        scores = iter(self.scorer(flat_p, [c.text for g in groups for c in g]).tolist())
-        return [[{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": next(scores)} for c in g]
-                for g in groups]
+        flat = [c for g in groups for c in g]
+        scores, parts = score_with_parts(self.scorer, flat_p, [c.text for c in flat])
+        # a reward of several parts (a multi-head model's heads): each candidate keeps them, each round logs them
+        named = {k: v.tolist() for k, v in parts.items()} if len(parts) > 1 else {}
+        rows = iter([{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": s,
+                      **({"parts": {k: v[i] for k, v in named.items()}} if named else {})}
+                     for i, (c, s) in enumerate(zip(flat, scores.tolist(), strict=True))])
+        return [[next(rows) for _ in g] for g in groups]
 
     def train(self) -> TrainResult:
         a = self.args
@@ -181,7 +193,8 @@ class RejectionSamplingTrainer:
             summary: dict[str, Any] = {
                 "round": r, "rs/mean_score": sum(scores) / len(scores),
                 "rs/mean_best_score": sum(max(c["score"] for c in cs) for cs in candidates) / len(candidates),
-                "rs/kept": len(sft_rows), "time/sample": time.perf_counter() - t0}
+                "rs/kept": len(sft_rows), "time/sample": time.perf_counter() - t0,
+                **part_means(candidates)}
             if a.keep_top_k == 1 and a.score_threshold is None:
                 # the analytic KL of the best-of-N policy: only what is fine-tuned on when exactly the best is kept
                 summary["rs/kl_best_of_n"] = best_of_n_kl(n)
