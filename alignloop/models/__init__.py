@@ -24,9 +24,15 @@ Padding-aware forwards (position ids = attention_mask.cumsum(1) - 1, clamped at 
 Reward models: a transformers AutoModelForSequenceClassification with num_labels=1 (plain transformers loads what
 we save and scores it the same), read at the last real token that is not the config's pad id, as transformers
 reads it (with pad == EOS: before the EOS), found from the attention mask too, so left padding works.
-    RewardModel.from_pretrained(path, dtype=None, lora=None, ...)  (from a causal-LM checkpoint: new head with
-        init N(0, 1/sqrt(d+1)));  rm(input_ids, attention_mask) -> scores[B];  rm.token_scores(...) -> [B,T];
-        rm.save_pretrained(dir, tokenizer=None, merge_lora=True)
+    RewardModel.from_pretrained(path, dtype=None, lora=None, heads=None, ...)  (from a causal-LM checkpoint: new
+        head(s) with init N(0, 1/sqrt(d+1)));  rm(input_ids, attention_mask, head=None) -> scores[B];
+        rm.head_scores(input_ids, attention_mask) -> [B,H];  rm.head_names, rm.num_heads, rm.head_index(name);
+        rm.token_scores(..., head=None) -> [B,T];  rm.save_pretrained(dir, tokenizer=None, merge_lora=True)
+    Multi-head reward models (one head per criterion, labeler group or labeler; shared backbone): num_labels = H,
+        config.id2label = the head names, config.alignloop_heads = {"by": "criterion"|"group"|"labeler", "names",
+        "population": head | None}; a one-head model has no alignloop_heads. `heads` = that dict.
+        heads_info(config | model | folder) -> dict | None;  check_heads(dict);  set_heads(config, heads)
+        HEADS_BY = ("criterion", "group", "labeler");  POPULATION_HEAD = "population" (the head of every pair)
     score_sequences(model, input_ids, attention_mask, label=0) -> [B];  sequence_logits(...) -> [B, num_labels]
     has_decoder_head(model): a decoder `score` head (read at the last real token) rather than an encoder classifier
     context_length(model, tokenizer=None): the most tokens a classifier takes (RoBERTa's reserved positions off)
@@ -81,15 +87,20 @@ from alignloop.models.prm import (
     step_probabilities,
 )
 from alignloop.models.reward import (
+    HEADS_BY,
+    POPULATION_HEAD,
     ClassifierReward,
     CriticModel,
     RewardModel,
+    check_heads,
     context_length,
     critic_from_reward_model,
     has_decoder_head,
+    heads_info,
     init_reward_head,
     score_sequences,
     sequence_logits,
+    set_heads,
     token_logits,
 )
 from alignloop.models.value_head import (
@@ -101,6 +112,8 @@ from alignloop.models.value_head import (
 )
 
 __all__ = [
+    "HEADS_BY",
+    "POPULATION_HEAD",
     "VALUE_HEAD_FILE",
     "ActorCritic",
     "CausalLMWithValueHead",
@@ -114,11 +127,13 @@ __all__ = [
     "backbone_hidden_states",
     "batch_steps",
     "build_prm",
+    "check_heads",
     "check_name_or_path",
     "context_length",
     "critic_from_reward_model",
     "has_adapter",
     "has_decoder_head",
+    "heads_info",
     "init_reward_head",
     "is_prm_folder",
     "keep_reference",
@@ -137,6 +152,7 @@ __all__ = [
     "score_sequences",
     "score_steps",
     "sequence_logits",
+    "set_heads",
     "step_probabilities",
     "token_logits",
     "unwrap_model",

@@ -10,11 +10,21 @@ alignloop reward model scores the same under transformers and a TRL reward model
 transformers' own pad-id search, left padding and EOS inside the text are read correctly too. Encoder classifiers
 (BERT, RoBERTa, ..., no `score` Linear) are called through their own forward, which pools the first token and is
 padding-safe.
+
+Multi-head reward models (one score per criterion, labeler group or labeler on a shared backbone) are the same
+format with `num_labels = H`: the `score` Linear's weight is [H, d], row h being head h. The config names the heads:
+`id2label = {0: name0, ...}` and `alignloop_heads = {"by": "criterion" | "group" | "labeler", "names": [...],
+"population": <the head trained on every pair> | None}` (`heads_info`). A model without `alignloop_heads` is the
+plain one-head reward model. Plain transformers still loads a multi-head model (its logits are the H head scores).
+
+Shapes: B = sequences, T = tokens, H = heads, d = hidden size.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +32,14 @@ from torch import nn
 
 from alignloop.errors import UserError
 from alignloop.models.forward import backbone_hidden_states, last_token_index, unwrap_distributed, unwrap_model
-from alignloop.models.loading import LoraOptions, apply_lora, has_adapter, load_sequence_classifier, load_tokenizer
+from alignloop.models.loading import (
+    LoraOptions,
+    apply_lora,
+    check_name_or_path,
+    has_adapter,
+    load_sequence_classifier,
+    load_tokenizer,
+)
 from alignloop.models.value_head import init_reward_head
 
 
@@ -101,14 +118,76 @@ def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     label: int = 0) -> torch.Tensor:
-    """Scalar score per sequence [B], float32, at the last real token (column `label` of `sequence_logits`).
-    `model`: a `RewardModel`, or a transformers (optionally peft) sequence classifier."""
+    """Scalar score per sequence [B], float32, at the last real token (column `label` of `sequence_logits`; for a
+    multi-head `RewardModel`, head number `label`). `model`: a `RewardModel`, or a transformers (optionally peft)
+    sequence classifier."""
     inner = unwrap_distributed(model)
     if isinstance(inner, RewardModel) and not isinstance(inner, CriticModel):
-        if label != 0:
-            raise ValueError("a RewardModel has a single output: label must be 0")
-        return model(input_ids, attention_mask)  # through a DDP wrapper, if any
+        if not 0 <= label < inner.num_heads:
+            raise ValueError(f"label {label} is not a head of this reward model (it has {inner.num_heads})")
+        return model(input_ids, attention_mask, head=label)  # through a DDP wrapper, if any
     return sequence_logits(model, input_ids, attention_mask)[:, label].float()
+
+
+# ---------------------------------------------------------------- multi-head format
+
+HEADS_BY = ("criterion", "group", "labeler")
+POPULATION_HEAD = "population"
+
+
+def check_heads(heads: Any) -> dict[str, Any]:
+    """A heads description {"by", "names", "population"} checked and normalised (a UserError naming what is wrong):
+    `by` one of HEADS_BY, `names` distinct non-empty strings, `population` None or one of the names."""
+    if not isinstance(heads, dict):
+        raise UserError(f"alignloop_heads: expected an object {{by, names, population}}, got {type(heads).__name__}")
+    by, names, population = heads.get("by"), heads.get("names"), heads.get("population")
+    if by not in HEADS_BY:
+        raise UserError(f"alignloop_heads.by: expected one of {', '.join(HEADS_BY)}, got {by!r}")
+    if (not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise UserError(f"alignloop_heads.names: expected distinct non-empty strings, got {names!r}")
+    if population is not None and population not in names:
+        raise UserError(f"alignloop_heads.population: {population!r} is not one of the heads {list(names)}")
+    return {"by": by, "names": list(names), "population": population}
+
+
+def heads_info(config_or_folder: Any) -> dict[str, Any] | None:
+    """The `alignloop_heads` of a reward model ({"by", "names", "population"}, checked against its num_labels), or
+    None for a plain one-head model. Takes a transformers config, a model (ours or transformers'), a config dict, or a
+    model folder (only its config.json is read; a hub id goes through AutoConfig, so the cache)."""
+    config = config_or_folder
+    if isinstance(config, (str, os.PathLike)):
+        folder = Path(check_name_or_path(config, "reward model"))
+        if folder.is_dir():  # a LoRA adapter folder has no config.json: no heads of its own
+            path = folder / "config.json"
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        else:
+            from transformers import AutoConfig  # noqa: PLC0415 - a hub id only: the local case reads config.json
+
+            config = AutoConfig.from_pretrained(str(config_or_folder)).to_dict()
+    elif isinstance(config, nn.Module):
+        config = unwrap_model(_classifier(config)).config
+    if not isinstance(config, dict):
+        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    raw = config.get("alignloop_heads")
+    if raw is None:
+        return None
+    heads = check_heads(raw)
+    n_labels = len(config.get("id2label") or {}) or config.get("num_labels")
+    if n_labels is not None and n_labels != len(heads["names"]):
+        raise UserError(f"alignloop_heads names {len(heads['names'])} heads but the model has {n_labels} outputs")
+    return heads
+
+
+def set_heads(config, heads: dict[str, Any] | None) -> None:
+    """Write a heads description into a transformers config (id2label, label2id, alignloop_heads): what
+    `heads_info` reads back. None leaves a one-head config as transformers made it."""
+    if heads is None:
+        return
+    heads = check_heads(heads)
+    config.id2label = dict(enumerate(heads["names"]))
+    config.label2id = {name: i for i, name in enumerate(heads["names"])}
+    config.alignloop_heads = heads
 
 
 def _merged_copy(model: nn.Module) -> nn.Module:
@@ -116,48 +195,98 @@ def _merged_copy(model: nn.Module) -> nn.Module:
 
 
 class RewardModel(nn.Module):
-    """LM backbone + scalar head: `forward(input_ids, attention_mask) -> scores[B]` (float32) at the last real token.
+    """LM backbone + H >= 1 scalar heads, read at the last real token: `forward(input_ids, attention_mask) ->
+    scores[B]` (float32) for a one-head model or a named head, `head_scores(...) -> [B, H]` for all heads.
 
-    Wraps a transformers `AutoModelForSequenceClassification` with num_labels=1 (attribute `.model`, optionally a
-    peft model). `save_pretrained` writes a plain transformers folder; `from_pretrained` loads it, or a causal-LM
-    checkpoint (e.g. the SFT model), in which case the new head gets the reward init N(0, 1/sqrt(d+1))."""
+    Wraps a transformers `AutoModelForSequenceClassification` with num_labels=H (attribute `.model`, optionally a
+    peft model); H > 1 needs the config's `alignloop_heads` (see the module docstring), so that a multi-class
+    classifier is not taken for a reward model by mistake. `save_pretrained` writes a plain transformers folder;
+    `from_pretrained` loads it, or a causal-LM checkpoint (e.g. the SFT model), in which case the new heads get the
+    reward init N(0, 1/sqrt(d+1))."""
 
     _alignloop_wrapper = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        num_labels = getattr(unwrap_model(model).config, "num_labels", 1)
-        if num_labels != 1:
-            raise UserError(f"a reward model needs a single-output head (num_labels=1), this one has {num_labels}: "
-                            f"use ClassifierReward for multi-class classifiers")
+        config = unwrap_model(model).config
+        num_labels = getattr(config, "num_labels", 1)
+        self.heads = heads_info(config)
+        if self.heads is None and num_labels != 1:
+            raise UserError(f"a reward model needs a single-output head (num_labels=1), this one has {num_labels} "
+                            f"and no alignloop_heads naming them: use ClassifierReward for multi-class classifiers")
+        self.head_names: list[str] = self.heads["names"] if self.heads else ["reward"]
 
     @property
     def config(self):
         return unwrap_model(self.model).config
 
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_names)
+
+    def head_index(self, head: int | str) -> int:
+        """The column of a head given by number or name (a UserError naming the heads otherwise)."""
+        if isinstance(head, str) and head in self.head_names:
+            return self.head_names.index(head)
+        if isinstance(head, int) and not isinstance(head, bool) and 0 <= head < self.num_heads:
+            return head
+        raise UserError(f"{head!r} is not a head of this reward model; its heads: {', '.join(self.head_names)}")
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                         lora: LoraOptions | None = None, gradient_checkpointing: bool = False,
-                        trust_remote_code: bool = False, **kwargs: Any) -> RewardModel:
-        model, info = load_sequence_classifier(name_or_path, dtype=dtype, num_labels=1, lora=None,
-                                               gradient_checkpointing=gradient_checkpointing,
+                        trust_remote_code: bool = False, heads: dict[str, Any] | None = None,
+                        **kwargs: Any) -> RewardModel:
+        """Load a reward model (its heads as saved), or start one from a causal LM: one head, or with `heads`
+        ({"by", "names", "population"}) one head per name. `heads` given for a saved multi-head model must name the
+        same heads (training continues on them)."""
+        saved = heads_info(name_or_path)
+        if heads is not None:
+            heads = check_heads(heads)
+            if saved is not None and saved != heads:
+                raise UserError(f"{name_or_path} has the heads {saved}; asked for {heads}: start a model with other "
+                                f"heads from a causal LM (e.g. the SFT model)")
+        heads = heads or saved
+        model, info = load_sequence_classifier(name_or_path, dtype=dtype, num_labels=len(heads["names"]) if heads
+                                               else 1, lora=None, gradient_checkpointing=gradient_checkpointing,
                                                trust_remote_code=trust_remote_code, output_loading_info=True,
                                                **kwargs)
         head = _score_head(model)
         missing = set(info.get("missing_keys", ())) if isinstance(info, dict) else set()
         if head is not None and any(k.startswith("score.") for k in missing) and isinstance(head, nn.Linear):
             init_reward_head(head)
+        set_heads(unwrap_model(model).config, heads)
         if lora is not None and not has_adapter(model):
             model = apply_lora(model, lora, task_type="SEQ_CLS")
         return cls(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_logits(self.model, input_ids, attention_mask)[:, 0].float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | str | None = None,
+                all_heads: bool = False) -> torch.Tensor:
+        """Scores [B] of one head (`head`: a number or name; may be left out when there is one head), or with
+        `all_heads=True` the scores of every head [B, H] (the trainer's path: a DDP-wrapped model syncs gradients
+        only through forward, so `head_scores` is this call)."""
+        logits = sequence_logits(self.model, input_ids, attention_mask).float()
+        if all_heads:
+            return logits
+        if head is None:
+            if self.num_heads > 1:
+                raise UserError(f"this reward model has {self.num_heads} heads ({', '.join(self.head_names)}): name "
+                                f"one (head=...) or use head_scores")
+            return logits[:, 0]
+        return logits[:, self.head_index(head)]
 
-    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The scalar head at every position: [B,T] float32 (padded positions are meaningless)."""
-        return token_logits(self.model, input_ids, attention_mask)[..., 0].float()
+    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The score of every head [B, H], float32, at each sequence's last real token."""
+        return self(input_ids, attention_mask, all_heads=True)
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     head: int | str | None = None) -> torch.Tensor:
+        """One head at every position: [B,T] float32 (padded positions are meaningless); `head` as in forward."""
+        if head is None and self.num_heads > 1:
+            raise UserError(f"this reward model has {self.num_heads} heads ({', '.join(self.head_names)}): name one")
+        return token_logits(self.model, input_ids, attention_mask)[..., 0 if head is None
+                                                                   else self.head_index(head)].float()
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, merge_lora: bool = True, **kwargs) -> None:
         """Write the classifier with `save_pretrained` (a plain transformers folder). With a LoRA adapter,
