@@ -25,7 +25,18 @@ equal ranks whatever this option, and drop rankings where everything is tied; a 
 `[1, 1]` with ties=both); `both_bad` drop | tie (treat as a tie); `exclude_flagged` (labelers flagged by the quality
 thresholds); `include_gold` (gold items are for quality control and left out by default); `labelers` all | human |
 ai: whose judgements are exported (people and AI labelers mixed by default; the consensus, the flagging and the
-summary's counts then see only those labelers' judgements).
+summary's counts then see only those labelers' judgements); `criterion` (below).
+
+Labeler context (`export_meta`): a row of mode all carries its judgement's `labeler` (pseudonymous), its
+`labeler_attributes`, `comment`, `flags` and `time_spent_ms`; a consensus row `labelers`, `comments`, `flags` (and
+`labeler_attributes` when all of them agree). Steps rows carry none (the step format takes no extra columns).
+In mode all a pairwise project's preference groups are per prompt *and labeler*, so a group's rows share their
+labeler; `pair_weight` stays 1/(the prompt's rows), as in consensus.
+
+Several questions (`questions.py`): `criterion` exports one question's answers (default: the first), or "all"
+(every question's rows in one file, each criterion's groups apart). When the project names its questions (its
+`questions` setting), every row carries its `criterion` (the question's name); a project without the setting
+writes none.
 
 The rows are exactly what `alignloop.data.load_preferences` / `load_records` read back (tested); write them with
 `alignloop.data.write_rows` (format from the suffix, written aside and renamed into place). A steps row's prompt is
@@ -41,7 +52,7 @@ from typing import Any
 from alignloop.data import ranking_pair_weight, strength_to_margin
 from alignloop.errors import UserError
 
-from . import quality
+from . import export_meta, quality, questions
 
 FORMATS = ("preference", "ranking", "unpaired", "steps")
 LABELER_CHOICES = ("all", "human", "ai")  # ExportOptions.labelers: everyone, people only, AI labelers only
@@ -58,6 +69,7 @@ class ExportOptions:
     include_gold: bool = False
     likert_threshold: int = 5
     labelers: str = "all"              # all | human | ai: whose judgements are exported
+    criterion: str | None = None       # a question's name, "all", or None: the first question
     thresholds: quality.Thresholds = field(default_factory=quality.Thresholds)
 
     def check(self) -> None:
@@ -106,49 +118,84 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     if (p.task_type == "steps") != (opts.format == "steps"):
         raise UserError(f"the steps format is a steps project's only format: project {p.name!r} is {p.task_type}, "
                         f"the format {opts.format!r}")
+    criteria = _criteria(p, opts.criterion)
     every = store.current_judgements(p.id)
     records = [r for r in every if opts.labelers in ("all", quality.kind_of(r))]
-    stats = quality.labeler_stats(records, p.task_type)
+    stats = quality.labeler_stats(records, p.task_type)  # flagging reads the first question (the columns)
     flagged = {w for w, r in quality.flag_labelers(stats, opts.thresholds).items() if r}
     kept = [r for r in records if (opts.include_gold or not r["is_gold"])
             and not (opts.exclude_flagged and r["labeler"] in flagged)]
     summary: dict[str, Any] = {"judgements": len(records), "used": len(kept), "flagged_labelers": sorted(flagged),
                                "labelers": opts.labelers, "other_labelers_judgements": len(every) - len(records),
-                               "dropped": Counter()}
-    if opts.mode == "all":  # per item: the labels to turn into rows ("votes"); consensus collapses them to one
-        votes = [(r, r) for r in kept]
-    else:
-        by_item: dict[int, list[dict]] = defaultdict(list)
-        for r in kept:
-            by_item[r["item_id"]].append(r)
-        votes = _consensus_votes(p.task_type, by_item, opts, summary)
+                               "criteria": criteria, "dropped": Counter()}
     texts = _Texts(*store.prompts_and_completions(p.id))
-    rows_of = _ROWS[p.task_type]
-    voted = [(item, rows_of(texts, item, v, opts, summary["dropped"])) for item, v in votes]
-    if opts.format == "preference":
-        rows = _grouped_pairs(p.task_type, voted)
-    else:
-        rows = [r for _, item_rows in voted for r in item_rows]
+    first, rows = questions.names_of(p.settings)[0], []
+    for name in criteria:
+        voted = _criterion_rows(p.task_type, texts, questions.criterion_records(kept, name, first), opts,
+                                summary["dropped"])
+        if questions.is_named(p.settings) and p.task_type != "steps":
+            voted = [(item, [{**r, "criterion": name} for r in item_rows]) for item, item_rows in voted]
+        if opts.format == "preference":  # each criterion's groups apart, numbered on from the previous ones
+            rows += _grouped_pairs(p.task_type, voted, first_group=1 + max((r["group"] for r in rows), default=-1))
+        else:
+            rows += [r for _, item_rows in voted for r in item_rows]
     summary["rows"] = len(rows)
     summary["dropped"] = dict(summary["dropped"])
     return rows, summary
 
 
-def _grouped_pairs(task_type: str, voted: list[tuple[dict, list[dict]]]) -> list[dict]:
-    """Preference rows with the data contract's `group` (numbered from 0, rows of a group adjacent) and
-    `pair_weight`: pairwise, one group per prompt, 1/(its rows) each; rank, one group per ranking, 1/C(K,2) each."""
+def _criteria(p, criterion: str | None) -> list[str]:
+    """The question names to export: the first (None), every one ("all") or the one named."""
+    names = list(questions.names_of(p.settings))
+    if criterion is None:
+        return names[:1]
+    if criterion == "all":
+        return names
+    if criterion not in names:
+        raise UserError(f"criterion {criterion!r}: project {p.name!r} asks {', '.join(names)} (or give all)")
+    return [criterion]
+
+
+def _criterion_rows(task_type: str, texts: _Texts, kept: list[dict], opts: ExportOptions,
+                    dropped: Counter) -> list[tuple[dict, list[dict]]]:
+    """(item record, its rows) per vote: one per judgement (mode all) or per item (consensus), each row with the
+    labeler context of its vote (`export_meta`; a steps row has none: the step format takes no extra columns)."""
+    if opts.mode == "all":  # per item: the labels to turn into rows ("votes"); consensus collapses them to one
+        votes = [(r, r, export_meta.judgement_meta(r)) for r in kept]
+    else:
+        by_item: dict[int, list[dict]] = defaultdict(list)
+        for r in kept:
+            by_item[r["item_id"]].append(r)
+        votes = [(item, v, export_meta.consensus_meta(by_item[item["item_id"]]))
+                 for item, v in _consensus_votes(task_type, by_item, opts, dropped)]
+    rows_of = _ROWS[task_type]
+    out = []
+    for item, v, meta in votes:
+        item_rows = rows_of(texts, item, v, opts, dropped)
+        out.append((item, item_rows if task_type == "steps" else [{**r, **meta} for r in item_rows]))
+    return out
+
+
+def _grouped_pairs(task_type: str, voted: list[tuple[dict, list[dict]]], first_group: int = 0) -> list[dict]:
+    """Preference rows with the data contract's `group` (numbered from `first_group`, rows of a group adjacent)
+    and `pair_weight`: pairwise, one group per prompt (and per labeler in mode all: a group's rows then share
+    their labeler), 1/(the prompt's rows) each; rank, one group per ranking, 1/C(K,2) each."""
     groups: dict[Any, list[dict]] = {}
+    per_prompt: Counter = Counter()
     weights: dict[Any, float] = {}
     for n, (item, item_rows) in enumerate(voted):
         if not item_rows:
             continue
-        key = item["prompt_id"] if task_type == "pairwise" else n
-        groups.setdefault(key, []).extend(item_rows)
-        if task_type != "pairwise":
+        if task_type == "pairwise":
+            key = (item["prompt_id"], item_rows[0].get("labeler"))
+            per_prompt[item["prompt_id"]] += len(item_rows)
+        else:
+            key = n
             weights[key] = ranking_pair_weight(len(item["completion_ids"]))
+        groups.setdefault(key, []).extend(item_rows)
     out = []
-    for g, (key, group_rows) in enumerate(groups.items()):
-        w = weights.get(key, 1.0 / len(group_rows))
+    for g, (key, group_rows) in enumerate(groups.items(), start=first_group):
+        w = weights[key] if task_type != "pairwise" else 1.0 / per_prompt[key[0]]
         out += [{**r, "pair_weight": w, "group": g} for r in group_rows]
     return out
 
@@ -275,7 +322,7 @@ def _steps_consensus(by_item: dict[int, list[dict]], opts: ExportOptions) -> lis
 
 
 def _consensus_votes(task_type: str, by_item: dict[int, list[dict]], opts: ExportOptions,
-                     summary: dict) -> list[tuple[dict, dict]]:
+                     dropped: Counter) -> list[tuple[dict, dict]]:
     out = []
     if task_type == "steps":
         return _steps_consensus(by_item, opts)
@@ -297,7 +344,7 @@ def _consensus_votes(task_type: str, by_item: dict[int, list[dict]], opts: Expor
     for item_id, rs in sorted(by_item.items()):
         c = cons.get(item_id)
         if c is None:
-            summary["dropped"]["no_consensus"] += 1
+            dropped["no_consensus"] += 1
             continue
         if task_type == "pairwise":
             agreeing = [margin_of(r["strength"]) for r in rs if r["choice"] == c]

@@ -69,7 +69,7 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
         return j, False, s.get(Assignment, j.assignment_id, options=[noload(Assignment.item)]).project_id
     a = _judgeable(s, assignment_id, labeler_id)
     rules = project_info(s, a.project_id, info)
-    canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names)
+    canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names, rules.questions)
     last = 0 if a.status == "assigned" else (  # first judgement of an open assignment: version 1
         s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0)
     now = utcnow()

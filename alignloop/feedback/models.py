@@ -13,9 +13,15 @@ Tables: projects, prompts, completions, items, labelers, assignments, judgements
 * A **labeler** is a person (kind "human", signs in with a password) or an AI labeler (kind "ai", its `model`
   named; it never signs in and its assignments never take a person's slot: see `Store.record_ai_judgements`).
   An AI judgement keeps its evidence in `Judgement.details` (per-order probabilities, principle, rationale).
+  A labeler's `public_id` is what exports name it by (random, so neither the username nor guessable from the numeric
+  id), and `attributes` are what an admin says about them (group, locale, expertise: str -> str; migration 0005).
+* A project may ask several **questions** of each pairwise item (its `questions` setting, `questions.py`): a
+  judgement then keeps every answer in `Judgement.answers` ({name: {choice, strength, picked_position}}) and the
+  first question's answer in the usual columns too, so quality and agreement read it as a one-question judgement.
 """
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -36,6 +42,12 @@ STEP_LABEL_NAMES = {"good": 1, "neutral": 0, "bad": -1}
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_public_id() -> str:
+    """A labeler's pseudonymous id for exports: "L" + 16 random hex digits (64 bits: not guessable, and random
+    rather than derived from the username or the row id, so it says nothing about either)."""
+    return "L" + secrets.token_hex(8)
 
 
 class Base(DeclarativeBase):
@@ -101,6 +113,9 @@ class Labeler(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     kind: Mapped[str] = mapped_column(String(20), nullable=False, default="human", server_default="human")
     model: Mapped[str | None] = mapped_column(String(300))  # an AI labeler's model name / spec
+    __table_args__ = (Index("ix_labelers_public_id", "public_id", unique=True),)
+    public_id: Mapped[str] = mapped_column(String(40), nullable=False, default=new_public_id)
+    attributes: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)  # group, locale, ... (admin's)
 
 
 class Assignment(Base):
@@ -144,4 +159,6 @@ class Judgement(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     # an AI judgement's evidence (per-order probabilities, raw picks, principle, rationale); NULL for people
     details: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    # a several-question project's answers {question name: {choice, strength, picked_position}}; NULL otherwise
+    answers: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     __table_args__ = (UniqueConstraint("assignment_id", "version", name="uq_judgement_assignment_version"),)

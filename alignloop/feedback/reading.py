@@ -112,25 +112,28 @@ def project_summary(s: Session, project_id: int) -> dict:
 
 def current_judgements(s: Session, project_id: int) -> list[dict]:
     """The current (latest-version) judgement of every done assignment in the project, as plain dicts: the item
-    (`item_id`, `prompt_id`, `completion_ids`, `is_gold`, `gold_answer`), the labeler (`labeler`, `labeler_id`,
-    `labeler_kind` "human" | "ai", `labeler_model`: an AI labeler's model, else None) and the judgement in canonical
-    terms (`version`, `shown_order`, `choice`, `strength`, `picked_position`, `ranking`, `thumbs`, `likert`,
-    `step_labels`, `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None)."""
+    (`item_id`, `prompt_id`, `completion_ids`, `is_gold`, `gold_answer`), the labeler (`labeler`: the username,
+    `labeler_id`, `labeler_kind` "human" | "ai", `labeler_model`: an AI labeler's model, else None,
+    `labeler_public_id`: the pseudonymous id exports use, `labeler_attributes`) and the judgement in canonical terms
+    (`version`, `shown_order`, `choice`, `strength`, `picked_position`, `ranking`, `thumbs`, `likert`, `step_labels`,
+    `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None, `answers`: a
+    several-question judgement's answers, else None)."""
     latest = _latest_versions()
-    rows = s.execute(select(Judgement, Labeler.username, Labeler.kind, Labeler.model, Item).join(
+    rows = s.execute(select(Judgement, Labeler, Item).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
         .join(Assignment, Assignment.id == Judgement.assignment_id)
         .join(Labeler, Labeler.id == Judgement.labeler_id)
         .join(Item, Item.id == Judgement.item_id)
         .where(Assignment.project_id == project_id).order_by(Judgement.id)).all()
     return [{"item_id": item.id, "prompt_id": item.prompt_id, "completion_ids": item.completion_ids,
-             "is_gold": item.is_gold, "gold_answer": item.gold_answer, "labeler": username,
-             "labeler_id": j.labeler_id, "labeler_kind": kind, "labeler_model": model, "version": j.version,
-             "shown_order": j.shown_order, "choice": j.choice, "strength": j.strength,
+             "is_gold": item.is_gold, "gold_answer": item.gold_answer, "labeler": lab.username,
+             "labeler_id": j.labeler_id, "labeler_kind": lab.kind, "labeler_model": lab.model,
+             "labeler_public_id": lab.public_id, "labeler_attributes": dict(lab.attributes or {}),
+             "version": j.version, "shown_order": j.shown_order, "choice": j.choice, "strength": j.strength,
              "picked_position": j.picked_position, "ranking": j.ranking, "thumbs": j.thumbs, "likert": j.likert,
              "step_labels": j.step_labels, "flags": j.flags, "comment": j.comment, "time_spent_ms": j.time_spent_ms,
-             "details": j.details}
-            for j, username, kind, model, item in rows]
+             "details": j.details, "answers": j.answers}
+            for j, lab, item in rows]
 
 
 def prompts_and_completions(s: Session, project_id: int) -> tuple[dict[int, Prompt], dict[int, Completion]]:

@@ -52,7 +52,16 @@ from .assignment import ExpiryClock, next_in, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Judgement, Labeler, Project, Prompt
-from .projects import ProjectInfoCache, check_password, find_project, new_labeler, new_project, project_info
+from .projects import (
+    ProjectInfoCache,
+    check_attributes,
+    check_password,
+    find_labeler,
+    find_project,
+    new_labeler,
+    new_project,
+    project_info,
+)
 from .validation import check_idempotency_key, valid_idempotency_key
 
 _RETRIES = 5  # attempts when a concurrent request of the same labeler wins a unique constraint first
@@ -212,8 +221,11 @@ class Store:
                 info = project_info(s, project_id, self._info)
         return info.task_type, info.flag_names
 
-    def add_labeler(self, username: str, password: str, role: str = "labeler") -> Labeler:
-        lab = new_labeler(username, password, role)
+    def add_labeler(self, username: str, password: str, role: str = "labeler",
+                    attributes: Mapping[str, str] | None = None) -> Labeler:
+        """A person who signs in (`role` labeler | admin), with optional `attributes` (group, locale, ...: str ->
+        str, exported with their judgements)."""
+        lab = new_labeler(username, password, role, attributes)
         try:
             with self.write() as s:
                 s.add(lab)
@@ -241,6 +253,21 @@ class Store:
         if lab is not None and lab.kind != "human":
             lab = None  # still one password check: refused as slowly as a wrong password
         return check_password(lab, password)
+
+    def set_labeler_attributes(self, username_or_id: str | int, attributes: Mapping[str, str],
+                               replace: bool = True, remove: Iterable[str] = ()) -> Labeler:
+        """Set a labeler's attributes: `replace` them all with `attributes`, or (replace=False) update the given
+        ones and drop the names in `remove`. Returns the labeler. UserError naming the attribute when one is
+        invalid; NotFound for an unknown labeler."""
+        with self.write() as s:
+            lab = find_labeler(s, username_or_id)
+            new = dict(attributes) if replace else {**(lab.attributes or {}), **attributes}
+            for name in remove:
+                if name not in new:
+                    raise UserError(f"labeler {lab.username!r} has no attribute {name!r} to remove")
+                del new[name]
+            lab.attributes = check_attributes(new)
+            return lab
 
     def get_labeler(self, labeler_id: int) -> Labeler | None:
         with self.read() as s:

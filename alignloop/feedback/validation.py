@@ -7,6 +7,12 @@ fields of a `Judgement` out (choice "a" = the item's first completion, ranks per
     validate_submission("steps", shown_order=[0, 1, 2], fields={"step_0": "good", "first_error": "1"})
     -> {"step_labels": [1, -1, -1], "flags": [], "comment": ""}
 
+    validate_submission("pairwise", [1, 0], {"choice_helpful": "left", "strength_helpful": "better",
+                                             "choice_harmless": "tie"}, questions=("helpful", "harmless"))
+    -> {"answers": {"helpful": {"choice": "b", "strength": "better", "picked_position": 0},
+                    "harmless": {"choice": "tie", "strength": None, "picked_position": None}},
+        "choice": "b", "strength": "better", "picked_position": 0, "flags": [], "comment": ""}
+
 Both submit paths (the portable ORM one and the SQLite hot path) call `validate_submission`, so a judgement is
 checked the same way whichever path stores it. Errors are collected per field and raised together as one
 `ValidationError` (the form shows each message next to its field).
@@ -25,6 +31,7 @@ from typing import Any
 
 from .errors import ValidationError
 from .models import PAIRWISE_CHOICES, STEP_LABEL_NAMES, STRENGTHS
+from .questions import check_answers
 
 MAX_COMMENT_CHARS = 5000
 MAX_MODEL_CHARS = 300  # Labeler.model
@@ -231,7 +238,7 @@ def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
 
 
 def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[str, Any],
-                        flag_names: Iterable[str] = ()) -> dict:
+                        flag_names: Iterable[str] = (), questions: tuple[str, ...] = ()) -> dict:
     """Check a submission and translate it to canonical fields for a `Judgement`.
 
     pairwise: `choice` in left|right|tie|both_bad, `strength` (one of STRENGTHS) required for left/right.
@@ -239,6 +246,8 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     thumbs: `thumbs` up|down. likert: `likert` 1..7 and `flags` (list of names). steps: `step_<i>` for each shown
     step i (good|neutral|bad or +1|0|-1) or `step_labels` (a list), optional `first_error` (the index of the first
     wrong step: it and every later step bad, unrated earlier ones good). All: optional `comment`.
+    A pairwise project asking several `questions` (their names): `choice_<name>` and `strength_<name>` per
+    question, or `answers` {name: {choice, strength}} (`questions.check_answers`).
     """
     errors: dict[str, str] = {}
     out: dict[str, Any] = {"flags": [], "comment": ""}
@@ -246,6 +255,8 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     check = _CHECKS.get(task_type)
     if check is None:
         errors["task_type"] = f"unknown task type {task_type!r}"
+    elif task_type == "pairwise" and len(questions) > 1:
+        check_answers(shown_order, fields, questions, out, errors, STRENGTHS)
     else:
         check(shown_order, fields, flag_names, out, errors)
     if errors:

@@ -44,7 +44,8 @@ def test_full_cli_flow(tmp_path):
     r = run("export", "--db", db, "--project", "hh", "--out", out, "--mode", "all", "--include-flagged")
     assert r.exit_code == 0 and "wrote 2 preference rows" in r.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert {"prompt", "chosen", "rejected", "margin", "pair_weight", "group"} == set(rows[0])
+    assert {"prompt", "chosen", "rejected", "margin", "pair_weight", "group", "labeler", "labeler_attributes",
+            "comment", "flags", "time_spent_ms"} == set(rows[0])  # mode all: each judgement's labeler context
 
 
 @pytest.mark.parametrize("args, message", [

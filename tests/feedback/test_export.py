@@ -122,12 +122,14 @@ def test_rank_project_exports(store):
         _judge(store, "rk", lab, lambda v, a: {f"rank_{i}": str(order[c["text"]])
                                                for i, c in enumerate(v["completions"])})
     rows, _ = export_records(store, "rk", ExportOptions(format="ranking"))
-    assert rows == [{"prompt": "p", "completions": ["best", "mid", "worst"], "ranking": [1, 2, 3]}]
+    assert [{k: r[k] for k in ("prompt", "completions", "ranking")} for r in rows] == [
+        {"prompt": "p", "completions": ["best", "mid", "worst"], "ranking": [1, 2, 3]}]
+    assert len(rows[0]["labelers"]) == 2 and rows[0]["comments"] == ["", ""]  # the consensus's labeler context
     rows, _ = export_records(store, "rk", ExportOptions(format="preference"))
     assert {(r["chosen"], r["rejected"]) for r in rows} == {("best", "mid"), ("best", "worst"), ("mid", "worst")}
     rows, _ = export_records(store, "rk", ExportOptions(format="unpaired"))
-    assert rows == [{"prompt": "p", "completion": "best", "label": True},
-                    {"prompt": "p", "completion": "worst", "label": False}]
+    assert [{k: r[k] for k in ("prompt", "completion", "label")} for r in rows] == [
+        {"prompt": "p", "completion": "best", "label": True}, {"prompt": "p", "completion": "worst", "label": False}]
 
 
 def test_thumbs_and_likert_unpaired(store):
@@ -256,8 +258,10 @@ def _pairwise_k(store, name, prompts, labelers=("a",)):
 @pytest.mark.parametrize("mode", ["consensus", "all"])
 def test_pairwise_export_groups_pairs_per_prompt(store, mode):
     """Each prompt's pairs share a `group` (rows adjacent) and weights summing to 1 (1/3 for three pairs, 1/6 for
-    three pairs labeled twice in mode all); read back, each prompt is one group with that pair_weight. Before: flat
-    rows (no group, no pair_weight): 4 groups of weight 1 (8 in mode all)."""
+    three pairs labeled twice in mode all); read back, each prompt is one group with that pair_weight. In mode all
+    a group is one prompt's rows *of one labeler* (so a group's rows share their labeler context), the weights
+    still 1/(the prompt's rows). Before: flat rows (no group, no pair_weight): 4 groups of weight 1 (8 in mode
+    all)."""
     from alignloop import data
 
     _pairwise_k(store, "pk", ["p1"], labelers=("a", "b"))
@@ -268,12 +272,18 @@ def test_pairwise_export_groups_pairs_per_prompt(store, mode):
     groups = [r["group"] for r in rows]
     assert groups == sorted(groups)  # rows of a group are adjacent
     by_group = {g: [r for r in rows if r["group"] == g] for g in groups}
-    assert [{json.dumps(r["prompt"]) for r in rs} for rs in by_group.values()] == [{'"p1"'}, {'"two"'}]
-    assert [sum(r["pair_weight"] for r in rs) for rs in by_group.values()] == pytest.approx([1.0, 1.0])
-    assert [r["pair_weight"] for r in by_group[groups[0]]] == pytest.approx([1 / per_prompt] * per_prompt)
-    read, _ = data.load_preferences(rows)
-    assert [(g.prompt, len(g.pairs), g.pair_weight) for g in read] == [
-        ("p1", per_prompt, pytest.approx(1 / per_prompt)), ("two", per_prompt // 3, pytest.approx(3 / per_prompt))]
+    prompts = ['"p1"', '"two"'] if mode == "consensus" else ['"p1"', '"two"', '"p1"', '"two"']
+    assert [{json.dumps(r["prompt"]) for r in rs} for rs in by_group.values()] == [{q} for q in prompts]
+    per_labeler = 1 if mode == "consensus" else 2
+    assert [sum(r["pair_weight"] for r in rs) for rs in by_group.values()] == pytest.approx(
+        [1 / per_labeler] * len(prompts))
+    if mode == "all":
+        assert all(len({r["labeler"] for r in rs}) == 1 for rs in by_group.values())
+    assert [r["pair_weight"] for r in by_group[groups[0]]] == pytest.approx([1 / per_prompt] * (3))
+    read, _ = data.load_preferences(rows)  # (rows of a group with different labeler context read as groups apart)
+    for prompt, n_pairs in (("p1", per_prompt), ("two", per_prompt // 3)):
+        assert sum(len(g.pairs) for g in read if g.prompt == prompt) == n_pairs
+        assert sum(len(g.pairs) * g.pair_weight for g in read if g.prompt == prompt) == pytest.approx(1.0)
 
 
 def test_rank_project_preference_export_keeps_the_ranking_group(store):
