@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignloop.data import USER_TAG, check_user, check_writable, prompt_texts, split_user_tag, tag_prompt, write_rows
+from alignloop.data import (
+    USER_TAG,
+    DataError,
+    check_user,
+    check_writable,
+    prompt_texts,
+    split_user_tag,
+    tag_prompt,
+    write_rows,
+)
 from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
@@ -91,7 +100,10 @@ class BestOfNConfig:
             raise ConfigError("batch_size and score_batch_size must be >= 1")
         check_step_aggregation(self.step_aggregation)
         if self.user is not None:
-            check_user(self.user)
+            try:
+                check_user(self.user)
+            except DataError as e:
+                raise ConfigError(f"user: {e}") from None
         if self.user_tag is not None:
             check_user_template(self.user_tag)
 
