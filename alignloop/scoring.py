@@ -89,6 +89,7 @@ from alignloop.models import (
     ClassifierReward,
     context_length,
     has_decoder_head,
+    heads_info,
     is_prm_folder,
     load_prm,
     load_sequence_classifier,
@@ -218,7 +219,7 @@ class ModelScorer:
             positive_label = model.label_index
             model = model.model
         config = unwrap_model(model).config
-        info = reward_heads(config)
+        info = heads_info(config)
         multi = int(getattr(config, "num_labels", 1)) > 1 and info is None
         self.label = ClassifierReward.resolve_label(config, positive_label) if multi else 0
         self.model = model
@@ -369,18 +370,6 @@ def check_user_template(template: str) -> None:
         tag_prompt("", None, template)   # checks the template before anything else
     except DataError as e:
         raise ConfigError(f"user_tag: {e}") from None
-
-
-def reward_heads(config) -> dict | None:
-    """A multi-head reward model's `alignloop_heads` ({"by", "names", "population"}) checked against its outputs,
-    or None for a one-score model."""
-    info = getattr(config, "alignloop_heads", None)
-    if not info:
-        return None
-    names = list(info.get("names") or ())
-    if len(names) != int(getattr(config, "num_labels", 1)) or len(set(names)) != len(names):
-        raise UserError(f"alignloop_heads names {names} do not match the model's {config.num_labels} outputs")
-    return {**info, "names": names}
 
 
 def read_user_profiles(source) -> dict | None:
@@ -723,7 +712,7 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
             if device is not None:
                 model.to(device)
             beside = Path(spec, USER_PROFILES_FILE)
-            profiles = None if reward_heads(model.config) is None else (
+            profiles = None if heads_info(model.config) is None else (
                 user_profiles if user_profiles is not None else beside if beside.is_file() else None)
             scorer = ModelScorer(model, tok, policy_tokenizer=policy_tokenizer, positive_label=positive_label,
                                  batch_size=batch_size, add_eos=add_eos, name=spec_name(spec), head_weights=heads,
