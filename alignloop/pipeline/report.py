@@ -341,7 +341,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     md += _sample_section(run, summ)
     text = "\n".join(md)
     run.report_md.write_text(text)
-    run.report_html.write_text(_md_to_html(text))
+    run.report_html.write_text(md_to_html(text))
     return {"markdown": str(run.report_md), "html": str(run.report_html), "plots": plots}
 
 
@@ -505,7 +505,7 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
     return (["## Summary", ""] + lines + [""]) if lines else []
 
 
-def _md_to_html(md: str) -> str:
+def md_to_html(md: str) -> str:
     """A small converter for the subset the report uses: headings, tables, images, bold lines, list items."""
     body, table = [], []
 
