@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps, split_user_tag
@@ -61,6 +62,7 @@ from alignloop.scoring import (
     STEP_AGGREGATION_HELP,
     ProcessScorer,
     RewardTransform,
+    UserTagScorer,
     aggregate_step_scores,
     build_scorer,
     check_step_aggregation,
@@ -237,6 +239,10 @@ class Collective:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(x) if self.world > 1 else x
 
+    def gather_object(self, items: list) -> list:
+        """A list from every process, concatenated in process order (as `gather` concatenates tensors)."""
+        return gather_object(items) if self.world > 1 else items
+
 
 # ------------------------------------------------------------------------------------------------ set-up
 def load_policy(model, tokenizer, args: OnlineRLArgs, trainer: str, value_head: bool = False) -> tuple[nn.Module, Any]:
@@ -376,6 +382,7 @@ class ScoredRollout:
     gold: torch.Tensor | None             # [B] the held-out scorer's, or None
     step_scores: list[list[float]] | None = None   # [B][steps] the reward's score of each step (process supervision)
     step_separator: str = STEP_SEPARATOR           # what the reward split the responses' steps on
+    users: list[str | None] | None = None          # [B] each prompt's user (a per-user reward), None untagged
 
 
 def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: Rollout,
@@ -406,8 +413,9 @@ def score_rollout(scorer, gold_scorer, tokenizer, prompts: list[str], rollout: R
         weights = weights_for(scorer, prompts)   # a per-user scorer's: one weight per row
     raw = total(parts, weights).float()
     gold = gold_scorer.score_rollout(rollout, prompts, responses).float() if gold_scorer else None
+    users = scorer.split(prompts)[0] if isinstance(scorer, UserTagScorer) else None
     return ScoredRollout(prompts, responses, parts, raw, gold, step_scores,
-                         getattr(scorer, "separator", STEP_SEPARATOR))
+                         getattr(scorer, "separator", STEP_SEPARATOR), users)
 
 
 def response_logprobs_from(logits: torch.Tensor, input_ids: torch.Tensor, p: int, r: int,
@@ -432,8 +440,26 @@ def reference_logprobs(acc, policy_lm: nn.Module, ref_model: nn.Module | None, i
     return response_logprobs_from(logits, input_ids, p, r, temperature)[1]
 
 
+MAX_USER_METRICS = 32
+
+
+def user_metrics(coll: Collective, raw: torch.Tensor, users: list[str | None]) -> dict[str, float]:
+    """reward/user/<name>: each user's mean raw reward in this update (over every process; untagged prompts left
+    out); nothing when the update holds more than MAX_USER_METRICS users (per-labeler personalization: one metric
+    per person would drown the others)."""
+    names, values = coll.gather_object(list(users)), coll.gather(raw.float()).tolist()
+    by_user: dict[str, list[float]] = {}
+    for name, v in zip(names, values, strict=True):
+        if name is not None:
+            by_user.setdefault(name, []).append(v)
+    if len(by_user) > MAX_USER_METRICS:
+        return {}
+    return {f"reward/user/{name}": sum(v) / len(v) for name, v in sorted(by_user.items())}
+
+
 def reward_metrics(coll: Collective, scores: torch.Tensor, scored: ScoredRollout) -> dict[str, float]:
-    """reward/mean and reward/std (of what is optimised), reward/raw_mean, reward/gold_mean, reward/<name> per part."""
+    """reward/mean and reward/std (of what is optimised), reward/raw_mean, reward/gold_mean, reward/<name> per part
+    (a multi-head reward model's heads), reward/user/<name> per user of user-tagged prompts (`user_metrics`)."""
     all_scores = coll.gather(scores)
     metrics = {"reward/mean": all_scores.mean().item(), "reward/std": all_scores.std(unbiased=False).item(),
                "reward/raw_mean": coll.gather(scored.raw).mean().item()}
@@ -443,6 +469,8 @@ def reward_metrics(coll: Collective, scores: torch.Tensor, scored: ScoredRollout
         for name, part in scored.parts.items():
             key = f"reward/{name}" if f"reward/{name}" not in metrics else f"reward/{name}_part"
             metrics[key] = coll.gather(part.float()).mean().item()
+    if scored.users is not None:
+        metrics.update(user_metrics(coll, scored.raw, scored.users))
     return metrics
 
 

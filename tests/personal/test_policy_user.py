@@ -155,6 +155,11 @@ def test_rloo_raw_reward_uses_each_rows_user_weights(tmp_path, tok, heads_rm, pr
                          for p, h, r in zip(exp.prompts, untagged["helpful"].tolist(), untagged["harmless"].tolist(),
                                             strict=True)])
     assert metrics["reward/raw_mean"] == pytest.approx(want.mean().item(), abs=1e-5)
+    users = [split_user_tag(p)[0] for p in exp.prompts]
+    assert {k for k in metrics if k.startswith("reward/user/")} == {f"reward/user/{u}" for u in users}
+    for user in set(users):   # the mean raw reward of each user's rows
+        mine = [w for u, w in zip(users, want.tolist(), strict=True) if u == user]
+        assert metrics[f"reward/user/{user}"] == pytest.approx(sum(mine) / len(mine), abs=1e-5)
     got = scorer(exp.prompts, exp.responses, exp.rollout.stopped.tolist())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
