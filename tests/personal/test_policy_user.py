@@ -1,7 +1,8 @@
 """Personalized policies: prompts tagged with their user (`user_tag`), the tag kept when a long prompt is truncated,
 `alignloop generate --user` (tags that round-trip, the reward scoring the untagged prompt with that user's head
-weights, each head in the output), and a short RLOO and PPO run against a per-user multi-head reward: each head's
-metric logged, tagged prompts sampled, untagged prompts scored."""
+weights, each head in the output), rejection sampling and eval logging each head, and a short RLOO and PPO run
+against a per-user multi-head reward: each head's metric and each user's mean reward logged, tagged prompts sampled,
+untagged prompts scored."""
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from click.testing import CliRunner
 from alignloop.cli import cli
 from alignloop.data import USER_TAG, split_user_tag, tag_prompt
 from alignloop.errors import ConfigError
+from alignloop.evaluation import Samples, score, summarize
 from alignloop.models.tiny import build_tiny_checkpoint, tiny_causal_lm, train_tokenizer
+from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
 from alignloop.rl import encode_tagged_prompts
 from alignloop.rollout import encode_prompts
 from alignloop.scoring import load_scorer
@@ -173,3 +176,22 @@ def test_ppo_with_user_tags_logs_each_head(tmp_path, tok, heads_rm, prompt_rows)
     assert {"reward/helpful", "reward/harmless"} <= set(metrics)
     with pytest.raises(ConfigError, match="user_tag"):
         PPOConfig(user_tag="<user>")
+
+
+def test_rejection_sampling_and_eval_log_each_head(tmp_path, policy, heads_rm, prompt_rows):
+    args = RSConfig(output_dir=str(tmp_path), samples_per_prompt=2, max_new_tokens=4, eval_final=False,
+                    progress=False, sft_batch_size=4)
+    result = RejectionSamplingTrainer(model=policy, args=args, train_dataset=[r["prompt"] for r in prompt_rows],
+                                      reward_model=f"{heads_rm}:helpful=0.25,harmless=0.75").train()
+    metrics = result.history[0]
+    samples = [json.loads(line) for line in (tmp_path / "round-0" / "samples.jsonl").read_text().splitlines()]
+    cands = [c for row in samples for c in row["candidates"]]
+    for head in ("helpful", "harmless"):
+        assert metrics[f"reward/{head}"] == pytest.approx(sum(c["parts"][head] for c in cands) / len(cands))
+    assert all(c["score"] == pytest.approx(0.25 * c["parts"]["helpful"] + 0.75 * c["parts"]["harmless"], abs=1e-5)
+               for c in cands)
+
+    s = score(Samples([c["prompt"] for c in prompt_rows], [" good"] * 6, [1] * 6), rm=load_scorer(heads_rm))
+    assert set(s.scores) == {"rm", "rm/helpful", "rm/harmless"}
+    summary = summarize(s)
+    assert summary["rm/mean"] == pytest.approx((summary["rm/helpful/mean"] + summary["rm/harmless/mean"]) / 2)
