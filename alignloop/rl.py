@@ -278,9 +278,6 @@ def build_scorers(reward, gold_reward, reward_tokenizer, args: OnlineRLArgs, pol
               "batch_size": args.score_batch_size, "dtype": args.dtype, "device": device,
               "step_aggregation": args.step_aggregation}
     tagged = {"user_tag": args.user_tag}   # tagged prompts: the reward and gold see them untagged, weighted per user
-    if steps and args.user_tag:
-        raise ConfigError(f"{trainer}: user_tag takes reward_granularity='outcome' (a process reward is not weighted "
-                          f"per user)")
     gold = gold_reward if gold_reward is not None else args.gold_model
     scorer = step_scorer(reward, reward_tokenizer, trainer, **common) if steps else build_scorer(
         reward, reward_tokenizer, **common, **tagged)
@@ -551,6 +548,9 @@ def check_reward_granularity(args: OnlineRLArgs) -> None:
         raise ConfigError(f"step_reward: expected one of {', '.join(STEP_REWARDS)}, got {args.step_reward!r}")
     if granularity == "outcome" and getattr(args, "step_reward", "score") != "score":
         raise ConfigError("step_reward applies to reward_granularity='process' (an outcome reward has no steps)")
+    if granularity == "process" and args.user_tag is not None:
+        raise ConfigError("user_tag takes reward_granularity='outcome': a process reward scores the steps of the "
+                          "tagged prompt's response with no per-user weights")
     if granularity == "process" and args.reward_normalization != "none":
         raise ConfigError(f"reward_granularity='process' takes reward_normalization='none' (got "
                           f"{args.reward_normalization!r}): step rewards are not normalised as sequence scores are "

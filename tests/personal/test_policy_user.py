@@ -19,6 +19,7 @@ from alignloop.rl import encode_tagged_prompts
 from alignloop.rollout import encode_prompts
 from alignloop.scoring import load_scorer
 from alignloop.trainers.grpo import GRPOConfig, GRPOTrainer
+from alignloop.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignloop.trainers.ppo import PPOConfig, PPOTrainer
 
 from . import heads_fixtures
@@ -167,15 +168,23 @@ def test_rloo_raw_reward_uses_each_rows_user_weights(tmp_path, tok, heads_rm, pr
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_ppo_with_user_tags_logs_each_head(tmp_path, tok, heads_rm, prompt_rows):
-    cfg = PPOConfig(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=3, max_new_tokens=4,
-                    progress=False, save_final=False, tensorboard=False, sample_every=0, user_tag=USER_TAG,
-                    reward_model=heads_rm)
-    metrics = PPOTrainer(model=tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2), args=cfg,
-                         train_dataset=prompt_rows, tokenizer=tok).train().history[0]
+@pytest.mark.parametrize("trainer", ["ppo", "online_dpo"])
+def test_ppo_and_online_dpo_with_user_tags_log_each_head(tmp_path, tok, heads_rm, prompt_rows, trainer):
+    common = {"output_dir": str(tmp_path), "total_updates": 1, "rollout_batch_size": 3, "max_new_tokens": 4,
+              "progress": False, "save_final": False, "tensorboard": False, "sample_every": 0, "user_tag": USER_TAG,
+              "reward_model": heads_rm}
+    config, cls = (PPOConfig, PPOTrainer) if trainer == "ppo" else (OnlineDPOConfig, OnlineDPOTrainer)
+    metrics = cls(model=tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2), args=config(**common),
+                  train_dataset=prompt_rows, tokenizer=tok).train().history[0]
     assert {"reward/helpful", "reward/harmless"} <= set(metrics)
+    assert any(k.startswith("reward/user/") for k in metrics)
+
+
+def test_user_tag_is_checked():
     with pytest.raises(ConfigError, match="user_tag"):
         PPOConfig(user_tag="<user>")
+    with pytest.raises(ConfigError, match="user_tag takes reward_granularity='outcome'"):
+        GRPOConfig(user_tag=USER_TAG, reward_granularity="process")
 
 
 def test_rejection_sampling_and_eval_log_each_head(tmp_path, policy, heads_rm, prompt_rows):
