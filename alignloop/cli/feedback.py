@@ -3,10 +3,14 @@
     alignloop feedback create --db fb.db --project hh --task-type pairwise --overlap-k 3 --guidelines g.md
     alignloop feedback import --db fb.db --project hh completions.jsonl
     alignloop feedback sample --db fb.db --project hh --prompts prompts.jsonl --model ./policy -n 4
-    alignloop feedback add-labeler --db fb.db ann --role labeler        (password prompted, or --password-env)
+    alignloop feedback add-labeler --db fb.db ann --role labeler --attr group=warm   (password prompted, or
+                                                                                      --password-env)
+    alignloop feedback set-attributes --db fb.db ann --attr locale=en-GB [--remove group] [--replace]
+    alignloop feedback labelers --db fb.db [--json]
     alignloop feedback serve --db fb.db --host 127.0.0.1 --port 8000
     alignloop feedback stats --db fb.db --project hh [--json]
     alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl [--labelers human]
+                                [--criterion helpful | all]
 
 Only `serve` loads the web app (FastAPI); the other commands need the store (the `web` extra: SQLAlchemy, argon2),
 `stats` and `export` the statistics (numpy, scipy, scikit-learn), `export` and `sample` torch (`alignloop.data`,
@@ -65,8 +69,8 @@ def _store(db: str, create: bool = False):
 
 @click.group("feedback", context_settings={"help_option_names": ["-h", "--help"]})
 def feedback():
-    """The human-feedback labeling app: create, import, sample, add-labeler, serve, stats, export, judge (an AI
-    labeler)."""
+    """The human-feedback labeling app: create, import, sample, add-labeler, set-attributes, labelers, serve, stats,
+    export, judge (an AI labeler)."""
 
 
 @feedback.command()
@@ -78,9 +82,13 @@ def feedback():
 @click.option("--gold-rate", type=float, default=0.0, show_default=True,
               help="Share of assignments that are gold items (known answers).")
 @click.option("--guidelines", type=click.Path(dir_okay=False), default=None, help="Markdown file of guidelines.")
-@click.option("--settings", "settings_json", default=None, help="Project settings as JSON (flags, thresholds).")
+@click.option("--settings", "settings_json", default=None,
+              help="Project settings as JSON (flags, thresholds, questions).")
+@click.option("--question", "question_opts", multiple=True, metavar="NAME=TEXT",
+              help="A question asked of each pairwise item (repeat for several: each is exported as its own "
+                   "criterion), e.g. --question helpful='Which is more helpful?'. Sets the questions setting.")
 @_user_errors
-def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_json):
+def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_json, question_opts):
     """Create (or migrate) the database, and optionally a project."""
     store = _store(db, create=True)
     if project:
@@ -98,10 +106,27 @@ def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_js
                 raise UserError(f"--settings: not valid JSON ({e.msg})") from None
             if not isinstance(settings, dict):
                 raise UserError("--settings must be a JSON object")
+        if question_opts:
+            settings = {**(settings or {}), "questions": _questions(question_opts)}
         pr = store.create_project(project, task_type, md, overlap_k, gold_rate, settings)
-        click.echo(f"created project {pr.name} ({pr.task_type}, k={pr.overlap_k}, gold rate {pr.gold_rate})")
+        asks = pr.settings.get("questions")
+        click.echo(f"created project {pr.name} ({pr.task_type}, k={pr.overlap_k}, gold rate {pr.gold_rate})"
+                   + (f"; questions: {', '.join(q['name'] for q in asks)}" if asks else ""))
+    elif question_opts or settings_json:
+        raise UserError("--question and --settings are a project's: give --project too")
     else:
         click.echo(f"database ready: {store.url}")
+
+
+def _questions(opts: tuple[str, ...]) -> list[dict]:
+    """--question NAME=TEXT options as the questions setting (checked when the project is created)."""
+    out = []
+    for o in opts:
+        name, sep, text = o.partition("=")
+        if not sep:
+            raise UserError(f"--question {o!r}: write NAME=TEXT, e.g. helpful='Which response is more helpful?'")
+        out.append({"name": name.strip(), "question": text.strip()})
+    return out
 
 
 @feedback.command("import")
@@ -170,9 +195,14 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
 @click.option("--role", type=click.Choice(["labeler", "admin"]), default="labeler", show_default=True)
 @click.option("--password-env", default=None, help="Read the password from this environment variable.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--attr", "attrs", multiple=True, metavar="NAME=VALUE",
+              help="An attribute exported with the labeler's judgements (repeat): group=warm, locale=en-GB, ...")
 @_user_errors
-def add_labeler(db, username, role, password_env, password_stdin):
+def add_labeler(db, username, role, password_env, password_stdin, attrs):
     """Add a labeler (or an admin). The password is prompted for unless --password-env/--password-stdin."""
+    from alignloop.feedback.projects import parse_attributes  # noqa: PLC0415 - web extra (SQLAlchemy), optional
+
+    attributes = parse_attributes(attrs)  # checked before a password is asked for
     if password_env:
         password = os.environ.get(password_env)
         if not password:
@@ -182,8 +212,48 @@ def add_labeler(db, username, role, password_env, password_stdin):
     else:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     store = _store(db)
-    lab = store.add_labeler(username, password, role)
-    click.echo(f"added {lab.role} {lab.username}")
+    lab = store.add_labeler(username, password, role, attributes)
+    click.echo(f"added {lab.role} {lab.username}" + (f" ({_attrs_text(lab.attributes)})" if lab.attributes else ""))
+
+
+def _attrs_text(attributes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in attributes.items())
+
+
+@feedback.command("set-attributes")
+@db_option
+@click.argument("username")
+@click.option("--attr", "attrs", multiple=True, metavar="NAME=VALUE", help="Set this attribute (repeat).")
+@click.option("--remove", multiple=True, metavar="NAME", help="Remove this attribute (repeat).")
+@click.option("--replace", is_flag=True, help="Replace all the labeler's attributes with the --attr ones.")
+@_user_errors
+def set_attributes(db, username, attrs, remove, replace):
+    """Change a labeler's attributes (group, locale, expertise, ...: exported with their judgements)."""
+    from alignloop.feedback.projects import parse_attributes  # noqa: PLC0415 - web extra (SQLAlchemy), optional
+
+    if not (attrs or remove or replace):
+        raise UserError("nothing to change: give --attr NAME=VALUE, --remove NAME or --replace")
+    if replace and remove:
+        raise UserError("--replace sets exactly the --attr ones: --remove has nothing to add")
+    lab = _store(db).set_labeler_attributes(username, parse_attributes(attrs), replace=replace, remove=remove)
+    click.echo(f"{lab.username}: {_attrs_text(lab.attributes) or 'no attributes'}")
+
+
+@feedback.command("labelers")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def labelers_cmd(db, as_json):
+    """List the labelers: username, role, kind, the id exports name them by, attributes."""
+    labs = _store(db).list_labelers()
+    rows = [{"username": x.username, "role": x.role, "kind": x.kind, "active": x.active, "export_id": x.public_id,
+             "attributes": x.attributes or {}} for x in labs]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'username':<20}{'role':<9}{'kind':<7}{'export id':<19}attributes")
+    for r in rows:
+        click.echo(f"{r['username']:<20}{r['role']:<9}{r['kind']:<7}{r['export_id']:<19}{_attrs_text(r['attributes'])}")
 
 
 @feedback.command()
@@ -245,6 +315,16 @@ def _echo_step_agreement(st: dict) -> None:
                          f"{r['units']})" for r in st["by_position"]))
 
 
+def _echo_questions(qs: dict) -> None:
+    """A several-question project's counts and agreement per question (`dashboard.question_stats`)."""
+    click.echo("per question (the labeler table reads the first):")
+    click.echo(f"  {'question':<16}{'n':>5}{'a':>5}{'b':>5}{'tie':>5}{'bad':>5}{'fleiss':>8}  text")
+    for name, q in qs.items():
+        c = q["choices"]
+        click.echo(f"  {name:<16}{q['judgements']:>5}{c.get('a', 0):>5}{c.get('b', 0):>5}{c.get('tie', 0):>5}"
+                   f"{c.get('both_bad', 0):>5}{_fmt(q['agreement']['fleiss_kappa']):>8}  {q['question']}")
+
+
 @feedback.command()
 @db_option
 @project_option
@@ -263,6 +343,7 @@ def stats(db, project, as_json):
                                       "cohen_kappa": [{"a": a, "b": b, "kappa": v}
                                                       for (a, b), v in d["kappas"].items()],
                                       "ai_human_agreement": d["ai_agreement"],
+                                      **({"questions": d["question_stats"]} if d.get("question_stats") else {}),
                                       **({"step_agreement": d["steps"]} if d.get("steps") else {})}), indent=2))
         return
     s, a = d["summary"], d["agreement"]
@@ -272,6 +353,8 @@ def stats(db, project, as_json):
     click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
     if d.get("steps"):
         _echo_step_agreement(d["steps"])
+    if d.get("question_stats") and len(d["question_stats"]) > 1:
+        _echo_questions(d["question_stats"])
     click.echo(f"{'labeler':<16}{'kind':<7}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}"
                "  (model) flags")
     for w, st in d["stats"].items():
@@ -301,9 +384,12 @@ def stats(db, project, as_json):
 @click.option("--likert-threshold", type=int, default=5, show_default=True, help="Likert >= this is a good label.")
 @click.option("--labelers", type=click.Choice(["all", "human", "ai"]), default="all", show_default=True,
               help="Whose judgements to export: everyone, people only, or AI labelers only.")
+@click.option("--criterion", default=None, metavar="NAME|all",
+              help="A project asking several questions: export this question's answers, or all of them in one file "
+                   "(rows carry their criterion). [default: the first question]")
 @_user_errors
 def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold,
-           labelers):
+           labelers, criterion):
     """Write a preference, ranking, unpaired or steps dataset the trainers read."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
@@ -313,12 +399,13 @@ def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagg
     fmt = fmt or ("steps" if p.task_type == "steps" else "preference")
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,
-                              likert_threshold=likert_threshold, labelers=labelers)
+                              likert_threshold=likert_threshold, labelers=labelers, criterion=criterion)
     rows, summary = ex.export_records(store, p.id, opts)
     write_rows(rows, out)
     who = "" if labelers == "all" else f" ({'people' if labelers == 'human' else 'AI labelers'} only)"
-    click.echo(f"wrote {len(rows)} {fmt} rows to {out} from {summary['used']} of {summary['judgements']} judgements"
-               + who
+    crit = f" (criterion {', '.join(summary['criteria'])})" if criterion else ""
+    click.echo(f"wrote {len(rows)} {fmt} rows{crit} to {out} from {summary['used']} of {summary['judgements']} "
+               "judgements" + who
                + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
                + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"
                   if summary["flagged_labelers"] and not include_flagged else ""))

@@ -1,17 +1,20 @@
 """The numbers of a project's quality dashboard (the admin page and `alignloop feedback stats`): per-labeler
 statistics and flags (each labeler's kind: person or AI), project agreement, pairwise Cohen's kappa, the AI labelers'
 agreement with the people (when the project has AI judgements), a steps project's agreement per step
-(`quality.step_agreement`), and the geometry of its server-rendered SVG bar charts. No web framework here: the CLI
+(`quality.step_agreement`), a several-question project's counts and agreement per question (`question_stats`), and
+the geometry of its server-rendered SVG bar charts. No web framework here: the CLI
 prints the same numbers without loading the app."""
 from __future__ import annotations
 
-from . import quality
+from collections import Counter
+
+from . import quality, questions
 
 
 def dashboard_data(store, p) -> dict:
     """Everything the dashboard shows for project `p` (stats, flags, agreement, kappas, summary, charts, and
     `ai_agreement`: `quality.ai_human_agreement` when the project has AI judgements, else None; `steps`:
-    `quality.step_agreement` for a steps project, else None)."""
+    `quality.step_agreement` for a steps project, else None; `question_stats`: per question, pairwise only)."""
     records = store.current_judgements(p.id)
     th = quality.thresholds_from_dict(p.settings.get("thresholds"))
     stats = quality.labeler_stats(records, p.task_type)
@@ -22,6 +25,7 @@ def dashboard_data(store, p) -> dict:
     return {"stats": stats, "flags": flags, "agreement": agreement, "kappas": kappas,
             "ai_agreement": quality.ai_human_agreement(records, p.task_type) if has_ai else None,
             "steps": quality.step_agreement(records) if p.task_type == "steps" else None,
+            "question_stats": question_stats(records, p.settings) if p.task_type == "pairwise" else None,
             "summary": store.project_summary(p.id), "thresholds": th,
             "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
                                               "Leave-one-out agreement", ref=th.min_agreement),
@@ -31,6 +35,20 @@ def dashboard_data(store, p) -> dict:
                                          "Median seconds per item", ref=th.min_median_seconds),
                        "gold": bar_chart({w: d["gold_accuracy"] for w, d in stats.items()}, 0, 1,
                                          "Gold accuracy", ref=th.min_gold_accuracy)}}
+
+
+def question_stats(records: list[dict], settings: dict | None) -> dict:
+    """Per question of a pairwise project: its text, the judgements that answer it, their choices (a, b, tie,
+    both_bad: canonical) and the agreement over them (`quality.project_agreement`, non-gold items). The first
+    question's answers are every judgement's columns; another's only several-question judgements'."""
+    names = questions.names_of(settings)
+    out = {}
+    for q in questions.questions_of(settings):
+        rs = questions.criterion_records(records, q["name"], names[0])
+        out[q["name"]] = {"question": q["question"], "judgements": len(rs),
+                          "choices": dict(Counter(r["choice"] for r in rs)),
+                          "agreement": quality.project_agreement(rs, "pairwise")}
+    return out
 
 
 def bar_chart(values: dict, lo: float, hi: float | None, title: str, ref: float | None = None) -> dict:

@@ -215,11 +215,19 @@ class Store:
 
     def project_rules(self, project_id: int) -> tuple[str, list[str]]:
         """(task type, flag names) of a project, from the project info cache."""
+        info = self._project_info(project_id)
+        return info.task_type, info.flag_names
+
+    def question_names(self, project_id: int) -> tuple[str, ...]:
+        """The names of the questions the project asks of each item (one: its default question), from the cache."""
+        return self._project_info(project_id).questions
+
+    def _project_info(self, project_id: int):
         info = self._info.get(project_id)
         if info is None:
             with self.read() as s:
                 info = project_info(s, project_id, self._info)
-        return info.task_type, info.flag_names
+        return info
 
     def add_labeler(self, username: str, password: str, role: str = "labeler",
                     attributes: Mapping[str, str] | None = None) -> Labeler:

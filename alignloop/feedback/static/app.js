@@ -69,6 +69,72 @@
     }
     setStep(missing[0], true);
   }
+  // several questions (pairwise): the keys answer the highlighted question; an answered one moves on to the next
+  // unanswered; Enter submits only when every question is answered (else it names the missing ones)
+  var STRENGTH_NAMES = ["significantly_better", "better", "slightly_better", "negligibly_better"];
+  function questions() { return form().querySelectorAll("section.question"); }
+  function activeQuestion() {
+    var a = form().querySelector("section.question.active");
+    return a ? parseInt(a.getAttribute("data-index"), 10) : 0;
+  }
+  function setQuestion(i, focus) {
+    var qs = questions();
+    if (!qs.length) return;
+    i = Math.max(0, Math.min(qs.length - 1, i));
+    qs.forEach(function (q) { q.classList.remove("active"); });
+    qs[i].classList.add("active");
+    if (focus) { qs[i].focus({ preventScroll: true }); }
+    qs[i].scrollIntoView({ block: "nearest" });
+  }
+  function picked(name) {
+    var el = form().querySelector('input[name="' + name + '"]:checked');
+    return el ? el.value : null;
+  }
+  function missingOf(q) {  // what question q still lacks: "a choice", "how much better", or null (answered)
+    var n = q.getAttribute("data-name"), c = picked("choice_" + n);
+    if (c === null) return "a choice";
+    if ((c === "left" || c === "right") && picked("strength_" + n) === null) return "how much better";
+    return null;
+  }
+  function answer(field, value) {  // answer the highlighted question; once answered, on to the next unanswered
+    var qs = questions(), i = activeQuestion(), q = qs[i];
+    if (!check(field + "_" + q.getAttribute("data-name"), value)) return false;
+    if (missingOf(q) !== null) return true;
+    q.classList.remove("missing");
+    for (var j = 1; j <= qs.length; j++) {
+      var k = (i + j) % qs.length;
+      if (missingOf(qs[k]) !== null) { setQuestion(k, true); return true; }
+    }
+    return true;
+  }
+  function submitQuestions() {
+    var qs = questions(), missing = [], msg = document.getElementById("questions-missing");
+    qs.forEach(function (q, i) {
+      var m = missingOf(q);
+      if (m !== null) { missing.push([i, q.getAttribute("data-title") + " (" + m + ")"]); q.classList.add("missing"); }
+    });
+    if (!missing.length) { submit(); return; }
+    if (msg) {
+      msg.textContent = "Answer every question first: " + missing.map(function (m) { return m[1]; }).join("; ") + ".";
+      msg.hidden = false;
+    }
+    setQuestion(missing[0][0], true);
+  }
+  function submitChecked() {  // Enter (and Ctrl+Enter in the comment): the page's own completeness check first
+    var task = form().getAttribute("data-task");
+    if (task === "steps") { submitSteps(); } else if (questions().length) { submitQuestions(); } else { submit(); }
+  }
+  function pairwiseKey(key, low) {
+    var multi = questions().length > 0, set = multi ? answer : check;
+    if (low === "a" || key === "ArrowLeft") return set("choice", "left");
+    if (low === "b" || key === "ArrowRight") return set("choice", "right");
+    if (low === "t") return set("choice", "tie");
+    if (low === "x") return set("choice", "both_bad");
+    if (/^[1-4]$/.test(key)) return set("strength", STRENGTH_NAMES[parseInt(key, 10) - 1]);
+    if (multi && (low === "j" || key === "ArrowDown")) { setQuestion(activeQuestion() + 1, true); return true; }
+    if (multi && (low === "k" || key === "ArrowUp")) { setQuestion(activeQuestion() - 1, true); return true; }
+    return false;
+  }
   document.addEventListener("click", function (e) {
     var b = e.target.closest && e.target.closest("button.first-error");
     if (!b || !form()) return;
@@ -81,26 +147,16 @@
     var t = e.target, tag = (t && t.tagName) || "";
     var typing = tag === "TEXTAREA" || (tag === "INPUT" && /^(text|password|number|search|email)$/.test(t.type));
     if (typing) {  // Ctrl+Enter from the comment box: the same checks as Enter (a steps page: every step rated)
-      if (e.key === "Enter" && e.ctrlKey) {
-        e.preventDefault();
-        if (f.getAttribute("data-task") === "steps") { submitSteps(); } else { submit(); }
-      }
+      if (e.key === "Enter" && e.ctrlKey) { e.preventDefault(); submitChecked(); }
       else if (e.key === "Escape") { t.blur(); }
       return;
     }
     if (e.ctrlKey) return;
     var task = f.getAttribute("data-task"), key = e.key, low = key.toLowerCase(), done = false;
-    if (key === "Enter") { e.preventDefault(); if (task === "steps") { submitSteps(); } else { submit(); } return; }
+    if (key === "Enter") { e.preventDefault(); submitChecked(); return; }
     if (low === "s") { var sk = document.getElementById("skip"); if (sk) { e.preventDefault(); sk.click(); } return; }
     if (task === "pairwise") {
-      if (low === "a" || key === "ArrowLeft") done = check("choice", "left");
-      else if (low === "b" || key === "ArrowRight") done = check("choice", "right");
-      else if (low === "t") done = check("choice", "tie");
-      else if (low === "x") done = check("choice", "both_bad");
-      else if (/^[1-4]$/.test(key)) {
-        var names = ["significantly_better", "better", "slightly_better", "negligibly_better"];
-        done = check("strength", names[parseInt(key, 10) - 1]);
-      }
+      done = pairwiseKey(key, low);
     } else if (task === "rank") {
       var k = parseInt(f.getAttribute("data-k"), 10);
       if (/^[1-9]$/.test(key) && parseInt(key, 10) <= k) {
@@ -128,10 +184,16 @@
     }
     if (done) e.preventDefault();
   });
+  document.addEventListener("change", function (e) {  // a question answered with the mouse is no longer missing
+    var q = e.target.closest && e.target.closest("section.question");
+    if (q && missingOf(q) === null) q.classList.remove("missing");
+  });
   document.addEventListener("focusin", function (e) {
     var card = e.target.closest && e.target.closest(".rankable");
     if (card) setActive(parseInt(card.getAttribute("data-index"), 10));
     var step = e.target.closest && e.target.closest("li.step");
     if (step) setStep(parseInt(step.getAttribute("data-index"), 10), false);
+    var q = e.target.closest && e.target.closest("section.question");
+    if (q) setQuestion(parseInt(q.getAttribute("data-index"), 10), false);
   });
 })();

@@ -5,7 +5,11 @@
     POST /api/assignments/<id>/judgement [?next=1]     the form fields as JSON plus `idempotency_key`; with next=1
                                                        the reply carries the next item (one round trip). A steps
                                                        item: {"step_labels": [1, 0, -1, ...]} (or step_<i> fields),
-                                                       optional "first_error" (0-based index)
+                                                       optional "first_error" (0-based index). An item
+                                                       asking several questions (its payload lists their
+                                                       `questions`): {"answers": {name: {"choice": "left",
+                                                       "strength": "better"}, ...}} or choice_<name> /
+                                                       strength_<name> fields
     POST /api/assignments/<id>/skip
 
 Calls after sign-in send the session's CSRF token as `X-CSRF-Token`. The submit route is a plain Starlette route
@@ -66,7 +70,8 @@ class GroupCommit:
 
 def assignment_payload(store: Store, a) -> dict:
     """An assignment as the API shows it: id, task type, shown order and the item's view in that order (a steps
-    item: its steps as `completions` in the solution's order, and their texts as `steps`)."""
+    item: its steps as `completions` in the solution's order, and their texts as `steps`; an item asking several
+    questions: their names as `questions`, in order)."""
     if a is None:
         return {"assignment_id": None}
     task_type, _flags = store.project_rules(a.project_id)
@@ -74,6 +79,9 @@ def assignment_payload(store: Store, a) -> dict:
     out = {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
     if task_type == "steps":
         out["steps"] = [c["text"] for c in view["completions"]]
+    names = store.question_names(a.project_id)
+    if len(names) > 1:
+        out["questions"] = list(names)
     return out
 
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import NotFound, ValidationError
 from ..models import STEP_LABEL_NAMES
 from ..projects import DEFAULT_FLAGS
+from ..questions import questions_of
 from .common import check_csrf, project_or_404, read_form, render, require_user, store_of
 
 router = APIRouter()
@@ -28,19 +29,23 @@ def label_context(request: Request, project, assignment, errors=None, values=Non
     view = store.item_view(assignment.item, assignment.shown_order)
     return {"project": project, "assignment": assignment, "view": view, "errors": errors or {},
             "values": values or {}, "progress": store.progress(project.id, assignment.labeler_id),
-            "flags": project.settings.get("flags", DEFAULT_FLAGS), "edit": edit,
+            "flags": project.settings.get("flags", DEFAULT_FLAGS), "questions": questions_of(project.settings),
+            "edit": edit,
             "idempotency_key": uuid.uuid4().hex, "shown_at": int(time.time() * 1000),
             "k": len(view["completions"])}
 
 
 def values_from_judgement(j, shown_order: list[int]) -> dict:
-    """A stored judgement as the form's values (screen terms), to edit it."""
+    """A stored judgement as the form's values (screen terms), to edit it (several questions: `choice_<name>`,
+    `strength_<name>` per answer)."""
     v: dict[str, Any] = {"comment": j.comment or "", "flags": j.flags or []}
-    if j.choice in ("tie", "both_bad"):
-        v["choice"] = j.choice
-    elif j.choice in ("a", "b"):
-        v["choice"] = "left" if j.picked_position == 0 else "right"
-        v["strength"] = j.strength
+    for suffix, answer in ({f"_{n}": a for n, a in j.answers.items()} if j.answers else {"": {
+            "choice": j.choice, "strength": j.strength, "picked_position": j.picked_position}}).items():
+        if answer["choice"] in ("tie", "both_bad"):
+            v[f"choice{suffix}"] = answer["choice"]
+        elif answer["choice"] in ("a", "b"):
+            v[f"choice{suffix}"] = "left" if answer["picked_position"] == 0 else "right"
+            v[f"strength{suffix}"] = answer["strength"]
     if j.ranking:
         for pos, canon in enumerate(shown_order):
             v[f"rank_{pos}"] = str(j.ranking[canon])

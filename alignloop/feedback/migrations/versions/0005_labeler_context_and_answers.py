@@ -38,8 +38,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_labelers_public_id", table_name="labelers")
-    with op.batch_alter_table("judgements") as b:
-        b.drop_column("answers")
-    with op.batch_alter_table("labelers") as b:
-        b.drop_column("attributes")
-        b.drop_column("public_id")
+    for table, column in (("judgements", "answers"), ("labelers", "attributes"), ("labelers", "public_id")):
+        if op.get_bind().dialect.name == "sqlite":  # SQLite >= 3.35 drops a column in place (no table copy)
+            op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        else:
+            op.drop_column(table, column)
