@@ -38,7 +38,8 @@ its pairs; rows of one `group` that differ are separate groups (each pair keepin
 Prompt rows keep `user` (str, a valid user name). User tags (`alignloop.data.users`):
     USER_TAG = "<user:{user}> ";  tag_prompt(prompt, user, template=USER_TAG) -> str (user None: unchanged)
     split_user_tag(text, template=USER_TAG) -> (user | None, rest);  check_user(name): non-empty, no whitespace,
-    no ">" (a DataError otherwise)
+    no ">" (a DataError otherwise);  meta_key(meta, "criterion" | "group" | "labeler") -> str | None: whose
+    judgement (the labeler's group is labeler_attributes["group"])
 
 Step-level data (process reward models; `alignloop.data.steps`):
     STEP_SEPARATOR = "\n"; split_steps(text, separator) -> list[str]; join_steps(steps, separator) -> str
@@ -178,12 +179,13 @@ from alignloop.data.tokenize import (
     truncate,
     with_bos_eos,
 )
-from alignloop.data.users import USER_TAG, check_user, split_user_tag, tag_prompt
+from alignloop.data.users import META_KEYS, USER_TAG, check_user, meta_key, split_user_tag, tag_prompt
 
 __all__ = [
     "IGNORE_INDEX",
     "KINDS",
     "META_COLUMNS",
+    "META_KEYS",
     "STEP_SEPARATOR",
     "STRENGTH_MARGINS",
     "USER_TAG",
@@ -209,6 +211,7 @@ __all__ = [
     "load_records",
     "load_sft",
     "load_unpaired",
+    "meta_key",
     "outcome_label",
     "outcome_rows",
     "pack_sft",

@@ -140,10 +140,11 @@ def _encode_with_targets(tokenizer, texts: list[str], spans: list) -> tuple[list
 def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length: int | None = None,
                          truncation: str = "keep_end", max_prompt_length: int | None = None, add_eos: bool = True,
                          add_bos: bool = False, stats: DataStats | None = None) -> tuple[list[dict], DataStats]:
-    """Preference groups -> tokenised groups {"pairs": [pair, ...], "pair_weight": float}, each pair
-    {"chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels" (-100 on the prompt),
-    "prompt_length", "margin", "tie"}. Truncation is per pair and keeps chosen and rejected on the same prompt
-    tokens; `stats.truncated`/`stats.dropped` count pairs. A group whose pairs are all dropped is left out."""
+    """Preference groups -> tokenised groups {"pairs": [pair, ...], "pair_weight": float} (+ "meta" when the group
+    has labeler context), each pair {"chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels"
+    (-100 on the prompt), "prompt_length", "margin", "tie"}. Truncation is per pair and keeps chosen and rejected on
+    the same prompt tokens; `stats.truncated`/`stats.dropped` count pairs. A group whose pairs are all dropped is
+    left out."""
     stats = stats if stats is not None else DataStats(kind="preference")
     groups = _render_all(groups, tokenizer)
     prompts = _encode_many(tokenizer, [g.prompt for g in groups])
@@ -165,7 +166,7 @@ def tokenize_preferences(groups: list[PreferenceGroup], tokenizer, *, max_length
                           "chosen_labels": [IGNORE_INDEX] * len(p) + c, "rejected_labels": [IGNORE_INDEX] * len(p) + r,
                           "prompt_length": len(p), "margin": float(pair.margin), "tie": bool(pair.tie)})
         if pairs:
-            out.append({"pairs": pairs, "pair_weight": float(g.pair_weight)})
+            out.append({"pairs": pairs, "pair_weight": float(g.pair_weight)} | ({"meta": g.meta} if g.meta else {}))
     return out, stats
 
 
@@ -176,7 +177,8 @@ def tokenize_rankings(groups: list[PreferenceGroup], tokenizer, *, max_length: i
     that scores each of K completions once instead of once per pair; collate with `RankingCollator`):
     {"input_ids": [K][T], "labels": [K][T] (-100 on the prompt), "prompt_length", "ranking": [K] or None (a single
     pair is the ranking [1, 2]; merged flat pairs without a ranking have None),
-    "pairs": [[chosen i, rejected j, margin, tie], ...] (indices into the K), "pair_weight"}.
+    "pairs": [[chosen i, rejected j, margin, tie], ...] (indices into the K), "pair_weight"} (+ "meta", the group's
+    labeler context, when it has any: which head of a multi-head reward model it trains).
     Completions are those of the ranking, or the distinct texts of the pairs in order. Truncation fits the prompt
     and the longest completion; `stats.truncated`/`stats.dropped` count groups here."""
     stats = stats if stats is not None else DataStats(kind="ranking")
@@ -199,7 +201,7 @@ def tokenize_rankings(groups: list[PreferenceGroup], tokenizer, *, max_length: i
                     "labels": [[IGNORE_INDEX] * len(p) + c for c in completions], "prompt_length": len(p),
                     "ranking": _ranking_of(g),
                     "pairs": [[index[x.chosen], index[x.rejected], float(x.margin), bool(x.tie)] for x in g.pairs],
-                    "pair_weight": float(g.pair_weight)})
+                    "pair_weight": float(g.pair_weight)} | ({"meta": g.meta} if g.meta else {}))
     return out, stats
 
 

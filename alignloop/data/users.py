@@ -12,6 +12,10 @@ embedding has to be added to the policy, and a policy that has never seen a tag 
     split_user_tag(text, template=USER_TAG) -> (user | None, rest)   # no (valid) tag -> (None, text)
 
 A template holds `{user}` once, with text after it (the tag's end: "> " by default), so the name can be found again.
+
+Whose judgement a record is, by the labeler context of the data contract (`META_COLUMNS`):
+    meta_key(meta, by) -> str | None   # by "criterion": meta["criterion"]; "group": meta["labeler_attributes"]
+                                       # ["group"]; "labeler": meta["labeler"]; None when the row does not say
 """
 from __future__ import annotations
 
@@ -64,3 +68,19 @@ def split_user_tag(text: str, template: str = USER_TAG) -> tuple[str | None, str
     except DataError:
         return None, text
     return user, text[end + len(after):]
+
+
+META_KEYS = ("criterion", "group", "labeler")
+
+
+def meta_key(meta: dict, by: str) -> str | None:
+    """What a judgement's labeler context says about `by` (one of META_KEYS): its criterion, its labeler's group
+    (`labeler_attributes["group"]`) or its labeler; None when the context does not say (a consensus row has
+    `labelers`, not one `labeler`)."""
+    if by == "criterion":
+        return meta.get("criterion")
+    if by == "group":
+        return (meta.get("labeler_attributes") or {}).get("group")
+    if by == "labeler":
+        return meta.get("labeler")
+    raise ValueError(f"by must be one of {', '.join(META_KEYS)}, got {by!r}")

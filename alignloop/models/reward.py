@@ -125,7 +125,9 @@ def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if isinstance(inner, RewardModel) and not isinstance(inner, CriticModel):
         if not 0 <= label < inner.num_heads:
             raise ValueError(f"label {label} is not a head of this reward model (it has {inner.num_heads})")
-        return model(input_ids, attention_mask, head=label)  # through a DDP wrapper, if any
+        # through a DDP wrapper, if any; a one-head model is called as it always was (subclasses override forward)
+        return model(input_ids, attention_mask) if inner.num_heads == 1 else model(input_ids, attention_mask,
+                                                                                    head=label)
     return sequence_logits(model, input_ids, attention_mask)[:, label].float()
 
 

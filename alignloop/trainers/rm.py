@@ -22,7 +22,19 @@ Losses (pure functions in alignloop.losses):
 The loss of a global batch is Σ_groups loss / (number of groups in the global batch), identical whatever the split
 into processes and accumulation steps. The score is read at each sequence's last real token.
 
-Shapes: G = groups in a micro-batch, N = distinct sequences in it, T = padded length, P = pairs, K = completions.
+Several heads (`heads_by` criterion | group | labeler; see `alignloop.models.reward` for the saved format): one score
+per head on a shared backbone, scores [N, H]. A group's labeler context (`PreferenceGroup.meta`: its criterion, its
+labeler's `labeler_attributes["group"]`, or its labeler) names its head; with `population_head`, a head named
+"population" trains on every pair too (the cold-start model of a user nobody knows). The loss above is computed for
+every head, [P, H] (or [G, H] listwise), then masked (`head_mask`, [G, H]): a group's loss is the sum of its own head's
+and the population head's terms, so a head's row of the `score` weight gets gradient only from its own pairs (and
+the shared backbone from all). A group whose context does not name a head (no such column, a consensus row without
+one labeler, or a name outside `heads`) trains the population head alone; without a population head it is an error
+naming the row. Metrics: accuracy of each pair on its own head (`eval/accuracy`) and of each head on its pairs
+(`eval/accuracy/<head>`).
+
+Shapes: G = groups in a micro-batch, N = distinct sequences in it, T = padded length, P = pairs, K = completions,
+H = heads (1 without heads_by).
 """
 from __future__ import annotations
 
@@ -32,10 +44,10 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop.data import RankingCollator, load_preferences, tokenize_rankings
+from alignloop.data import DataError, RankingCollator, load_preferences, meta_key, tokenize_rankings
 from alignloop.errors import ConfigError
 from alignloop.losses import best_of_k_loss, bradley_terry_loss, center_rewards_penalty, plackett_luce_loss
-from alignloop.models import RewardModel
+from alignloop.models import POPULATION_HEAD, RewardModel
 from alignloop.models.fast import disable_dropout, speed_up
 from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
 from alignloop.training.run import (
@@ -85,6 +97,14 @@ class RewardConfig(TrainingArgs):
         "help": "Set every dropout probability of the model to 0 (as TRL's RewardTrainer does by default): the score "
                 "of a completion no longer depends on a random mask."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
+    heads_by: Literal["none", "criterion", "group", "labeler"] = field(default="none", metadata={
+        "help": "One head per criterion (the rows' `criterion`), labeler group (`labeler_attributes.group`) or "
+                "labeler (`labeler`) on a shared backbone; each pair trains its own head. none: one head."})
+    population_head: bool = field(default=False, metadata={
+        "help": "With heads_by: an extra head named 'population' trained on every pair (the cold-start score); "
+                "pairs whose row names no head (or one outside `heads`) train it alone."})
+    heads: list[str] | None = field(default=None, metadata={
+        "help": "With heads_by: the heads, in this order (default: the sorted names in the training data)."})
 
 
 # ---------------------------------------------------------------- pieces
@@ -105,29 +125,110 @@ def best_of_k_terms(scores: torch.Tensor, valid: torch.Tensor, ranks: torch.Tens
     return scores.new_zeros(scores.shape[0]).index_add(0, group, terms)
 
 
+# what a row needs for each heads_by (the labeler context of the data contract, `alignloop.data.META_COLUMNS`)
+HEAD_COLUMNS = {"criterion": "a `criterion`", "group": "`labeler_attributes` with a \"group\"",
+                "labeler": "a `labeler`"}
+
+
+def plan_heads(args: RewardConfig, examples: list[dict]) -> dict[str, Any] | None:
+    """The heads of a run ({"by", "names", "population"}, as `alignloop.models.check_heads` takes them), or None
+    without heads_by: `args.heads`, or the sorted names the tokenised groups' meta gives (`meta_key`), then the
+    population head last."""
+    if args.heads_by == "none":
+        if args.heads or args.population_head:
+            raise ConfigError("heads / population_head: set heads_by (criterion, group or labeler) to train heads")
+        return None
+    found = {meta_key(e.get("meta", {}), args.heads_by) for e in examples} - {None}
+    names = list(args.heads) if args.heads else sorted(found)
+    if not names:
+        raise ConfigError(f"heads_by={args.heads_by}: no row of the training data has {HEAD_COLUMNS[args.heads_by]}, "
+                          f"so there is no head to train")
+    if args.population_head:
+        if POPULATION_HEAD in names:
+            raise ConfigError(f"heads: {POPULATION_HEAD!r} names the population head (population_head=True); "
+                              f"rename that {args.heads_by}")
+        names.append(POPULATION_HEAD)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"heads: names must be distinct, got {names}")
+    return {"by": args.heads_by, "names": names, "population": POPULATION_HEAD if args.population_head else None}
+
+
+def assign_heads(examples: list[dict], heads: dict[str, Any], what: str) -> int:
+    """Set each tokenised group's own head (`"head"`: an index into heads["names"]) from its meta. A group whose meta
+    names no head, or one outside the heads, gets the population head; without one that is a DataError (a missing
+    column was already refused row by row when reading). Returns how many groups train the population head alone."""
+    names, population = heads["names"], heads["population"]
+    alone = 0
+    for e in examples:
+        key = meta_key(e.get("meta", {}), heads["by"])
+        if key in names and key != population:
+            e["head"] = names.index(key)
+            continue
+        if population is None:
+            raise DataError(f"{what}: {heads['by']} {key!r} is not one of the heads {names}: add it to `heads`, or "
+                            f"train a population head (population_head=True) for the pairs of unknown {heads['by']}s")
+        e["head"] = names.index(population)
+        alone += 1
+    return alone
+
+
+def head_accuracies(per_head: torch.Tensor, heads: dict[str, Any] | None) -> dict[str, float]:
+    """`eval/accuracy/<head>` of each head with pairs, from per_head [2, H] (correct, pairs of each head)."""
+    return {f"eval/accuracy/{name}": (per_head[0, h] / per_head[1, h]).item()
+            for h, name in enumerate(heads["names"] if heads else ()) if per_head[1, h] > 0}
+
+
+def head_mask(group_head: torch.Tensor, num_heads: int, population: int | None) -> torch.Tensor:
+    """Which heads each group trains [G, H] bool: its own head `group_head` [G] (an index) and the population
+    head (an index, or None)."""
+    mask = torch.nn.functional.one_hot(group_head, num_heads).bool()
+    if population is not None:
+        mask[:, population] = True
+    return mask
+
+
+def _masked_sum(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where, not a product with the mask: a head outside the mask gets an exact zero gradient even from a non-finite
+    # term, and its loss is not counted
+    return torch.where(mask, terms, torch.zeros_like(terms)).sum(-1)
+
+
 def group_losses(scores: torch.Tensor, batch: dict[str, torch.Tensor], loss_type: str,
                  use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of each group [G] from the scores [N] of the distinct completions of a `RankingCollator` batch, plus
-    per-pair statistics (for accuracy and margin metrics over non-tie pairs) and each group's centring term `center`
-    [G] (its pairs' (r_c + r_r)², weighted as the group's pairs are: for one pair per group, their mean is TRL's term).
-    Pairwise: Σ_pairs pair_weight · loss. Listwise (`LISTWISE`): a group with a ranking of 3 or more completions takes
-    the listwise term instead; the others stay pairwise."""
-    c, r = scores[batch["chosen_index"]], scores[batch["rejected_index"]]
-    w, tie, group = batch["pair_weight"], batch["tie"], batch["pair_group_index"]
-    n_groups = batch["valid"].shape[0]
-    bt = bradley_terry_loss(c, r, batch["margin"] if use_margin else None)
+    """Loss of each group [G] from the scores of the distinct completions of a `RankingCollator` batch, [N] (one
+    head) or [N, H] with `batch["head_mask"]` [G, H] (the heads each group trains; `head_mask`), plus per-pair
+    statistics for accuracy and margin metrics over non-tie pairs (`diff` [P] on each pair's own head
+    `batch["group_head"]`, `diffs` [P, H] and `pair_heads` [P, H] for per-head metrics) and each group's centring term
+    `center` [G] (its pairs' (r_c + r_r)², weighted as the group's pairs are: for one pair per group, their mean is
+    TRL's term). Pairwise: Σ_pairs pair_weight · loss. Listwise (`LISTWISE`): a group with a ranking of 3 or more
+    completions takes the listwise term instead; the others stay pairwise. With several heads each term is summed
+    over the group's heads."""
+    one_head = scores.dim() == 1
+    scores = scores[:, None] if one_head else scores                        # [N, H]
+    n_groups, group = batch["valid"].shape[0], batch["pair_group_index"]
+    gmask = (torch.ones(n_groups, 1, dtype=torch.bool, device=scores.device) if one_head
+             else batch["head_mask"])                                       # [G, H]
+    pmask = gmask[group]                                                    # [P, H]
+    c, r = scores[batch["chosen_index"]], scores[batch["rejected_index"]]   # [P, H]
+    w, tie = batch["pair_weight"], batch["tie"]
+    bt = bradley_terry_loss(c, r, batch["margin"][:, None] if use_margin else None)
     # ties: symmetric loss pulls the two scores together
     sym = 0.5 * (bradley_terry_loss(c, r) + bradley_terry_loss(r, c))
-    losses = scores.new_zeros(n_groups).index_add(0, group, w * torch.where(tie, sym, bt))
-    center = scores.new_zeros(n_groups).index_add(0, group, w * center_rewards_penalty(c, r))
+    pair_terms = _masked_sum(torch.where(tie[:, None], sym, bt), pmask)   # [P]
+    losses = scores.new_zeros(n_groups).index_add(0, group, w * pair_terms)
+    center = scores.new_zeros(n_groups).index_add(0, group, w * _masked_sum(center_rewards_penalty(c, r), pmask))
     if loss_type in LISTWISE:
         rows = (batch["valid"].sum(-1) >= 3).nonzero(as_tuple=True)[0]
         if len(rows):
-            s, valid, ranks = scores[batch["order"][rows]], batch["valid"][rows], batch["ranks"][rows]
-            term = (plackett_luce_loss(s, valid, ranks) if loss_type == "plackett_luce"
-                    else best_of_k_terms(s, valid, ranks))
-            losses = losses.index_copy(0, rows, term)
-    return losses, {"diff": (c - r).detach(), "tie": tie, "center": center}
+            valid, ranks = batch["valid"][rows], batch["ranks"][rows]
+            s = scores[batch["order"][rows]]                                # [R, K, H]
+            term = torch.stack([plackett_luce_loss(s[..., h], valid, ranks) if loss_type == "plackett_luce"
+                                else best_of_k_terms(s[..., h], valid, ranks) for h in range(s.shape[-1])], -1)
+            losses = losses.index_copy(0, rows, _masked_sum(term, gmask[rows]))
+    diffs = (c - r).detach()
+    own = torch.zeros_like(group) if one_head else batch["group_head"][group]
+    return losses, {"diff": diffs.gather(1, own[:, None])[:, 0], "diffs": diffs, "pair_heads": pmask, "tie": tie,
+                    "center": center}
 
 
 class RewardTrainer:
@@ -153,9 +254,27 @@ class RewardTrainer:
         a = self.args
         groups, stats = load_preferences(source, tokenizer=tokenizer, include_ties=a.include_ties,
                                          margins=a.strength_margins, skip_bad_rows=a.skip_bad_rows)
+        if a.heads_by != "none" and not a.population_head:
+            # each pair must name its head; refused here, where the row is still known
+            for g in groups:
+                if meta_key(g.meta, a.heads_by) is None:
+                    raise DataError(f"{g.where or source}: heads_by={a.heads_by} needs {HEAD_COLUMNS[a.heads_by]} in "
+                                    f"every row (or population_head=True: such pairs then train the population head "
+                                    f"alone)")
         tokenized, tstats = tokenize_rankings(groups, tokenizer, max_length=a.max_length, truncation=a.truncation,
                                               add_eos=a.add_eos)
         return [g for g in tokenized if g["pairs"]], stats, tstats  # all tied (ties skipped): nothing to learn
+
+    def _model(self, heads: dict[str, Any] | None) -> torch.nn.Module:
+        """The model to train: given, or loaded (a causal LM gets fresh heads); its heads must be the run's."""
+        a = self.args
+        model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
+            self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
+            trust_remote_code=a.trust_remote_code, heads=heads)
+        if isinstance(model, RewardModel) and model.heads != heads:
+            raise ConfigError(f"the model's heads ({model.heads or 'one head'}) are not the run's "
+                              f"({heads or 'one head: heads_by none'})")
+        return model
 
     def train(self) -> TrainResult:
         a = self.args
@@ -167,11 +286,16 @@ class RewardTrainer:
             lambda source: self._tokenize(source, tokenizer), self.train_source, self.eval_source, a, "pairs")
         run.log.info("%s; %s; %d groups, %d pairs", stats.summary(), tstats.summary(), len(train_ex),
                      sum(len(e["pairs"]) for e in train_ex))
+        heads = plan_heads(a, train_ex)
+        if heads is not None:
+            alone = assign_heads(train_ex, heads, "training data") + assign_heads(eval_ex or [], heads, "eval data")
+            run.log.info("heads by %s: %s; %d groups train the population head alone", heads["by"],
+                         ", ".join(heads["names"]), alone)
+        population = heads["names"].index(heads["population"]) if heads and heads["population"] else None
+        n_heads = len(heads["names"]) if heads else 1
 
         # ---- model, optimizer, schedule
-        model = self.model_arg if isinstance(self.model_arg, torch.nn.Module) else RewardModel.from_pretrained(
-            self.model_arg, dtype=a.dtype, lora=build_lora(a), gradient_checkpointing=a.gradient_checkpointing,
-            trust_remote_code=a.trust_remote_code)
+        model = self._model(heads)
         speed_up(model)  # same function, faster kernels
         if a.disable_dropout:
             disable_dropout(model)
@@ -186,13 +310,19 @@ class RewardTrainer:
         def forward(examples: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             batch = collate(examples)
             b = {k: batch[k].to(acc.device) for k in BATCH_KEYS}
-            scores = model(b["input_ids"], b["attention_mask"]).float()
+            if heads is None:
+                scores = model(b["input_ids"], b["attention_mask"]).float()                     # [N]
+            else:
+                scores = model(b["input_ids"], b["attention_mask"], all_heads=True).float()     # [N, H]
+                b["group_head"] = torch.tensor([e["head"] for e in examples], device=acc.device)
+                b["head_mask"] = head_mask(b["group_head"], scores.shape[1], population)
             return group_losses(scores, b, a.loss, a.use_margin)
 
         def evaluate() -> dict[str, float]:
             model.eval()
             sums = torch.zeros(4, device=acc.device)  # loss, groups, correct, margin sum; pairs counted below
             n_pairs = torch.zeros((), device=acc.device)
+            per_head = torch.zeros(2, n_heads, device=acc.device)  # correct, pairs of each head
             mine = shard(list(range(len(eval_ex))), acc.process_index, acc.num_processes)
             with torch.no_grad():
                 for mb in micro_batches(mine, a.per_device_batch_size):
@@ -203,10 +333,14 @@ class RewardTrainer:
                     sums += torch.stack([losses.sum(), torch.tensor(float(len(mb)), device=acc.device),
                                          (ps["diff"][real] > 0).float().sum(), ps["diff"][real].sum()])
                     n_pairs += real.sum()
+                    counted = ps["pair_heads"] & real[:, None]
+                    per_head += torch.stack([(counted & (ps["diffs"] > 0)).sum(0), counted.sum(0)]).float()
             model.train()
             sums, n_pairs = acc.reduce(sums, "sum"), acc.reduce(n_pairs, "sum").clamp(min=1)
-            return {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval/accuracy": (sums[2] / n_pairs).item(),
-                    "eval/margin": (sums[3] / n_pairs).item(), "eval/pairs": n_pairs.item()}
+            per_head = acc.reduce(per_head, "sum")
+            return {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(),
+                    "eval/accuracy": (sums[2] / n_pairs).item(), "eval/margin": (sums[3] / n_pairs).item(),
+                    "eval/pairs": n_pairs.item(), **head_accuracies(per_head, heads)}
 
         # ---- train
         model.train()
