@@ -393,9 +393,10 @@ class HeadWeights:
     """The weights over a multi-head reward model's heads: the population's (cold start) and each user's.
 
     population: the spec's `chosen` weights (heads not listed weigh 0), else the profiles' "population", else the
-    population head alone when the model has one, else 1/H each. `for_user(name)`: a profiled user's fitted
-    weights; a name that is a head (a group or labeler head): that head; a profiled user's group that is a head:
-    that head; else the population's."""
+    population head alone when the model has one, else 1/H each. `for_user(name)`: a profiled user's weights fitted
+    to their judgements (n > 0); a name that is a head (a group or labeler head): that head; a profiled user's group
+    that is a head: that head (a group says more than a prior fitted to nothing); a profiled user's stored weights;
+    else the population's (cold start)."""
 
     def __init__(self, heads: Sequence[str], population_head: str | None, chosen: dict[str, float] | None,
                  profiles: dict | None, where: str = "reward"):
@@ -409,11 +410,11 @@ class HeadWeights:
             self.population = self._one(population_head)
         else:
             self.population = {h: 1.0 / len(self.heads) for h in self.heads}
-        self.users = {}
+        self.users = {}   # user -> (weights or None, judgements they were fitted to, group or None)
         for user, entry in profiles.get("users", {}).items():
             entry = entry or {}
             weights = self._full(entry["weights"], f"user {user!r}") if entry.get("weights") else None
-            self.users[user] = (weights, entry.get("group"))
+            self.users[user] = (weights, int(entry.get("n") or 0), entry.get("group"))
 
     def _full(self, weights: dict[str, float], what: str) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.heads))
@@ -426,14 +427,14 @@ class HeadWeights:
         return self._full({head: 1.0}, f"head {head!r}")
 
     def for_user(self, user: str | None) -> dict[str, float]:
-        weights, group = self.users.get(user, (None, None)) if user is not None else (None, None)
-        if weights is not None:
+        weights, n, group = self.users.get(user, (None, 0, None)) if user is not None else (None, 0, None)
+        if weights is not None and n > 0:
             return weights
         if user in self.heads:
             return self._one(user)
         if group in self.heads:
             return self._one(group)
-        return self.population
+        return weights if weights is not None else self.population
 
     def rows(self, users: Sequence[str | None]) -> dict[str, torch.Tensor]:
         """{head: [B] float32}: each row's weight of each head."""

@@ -48,8 +48,8 @@ def with_population(tmp_path_factory, tok):
     """Heads helpful, harmless and population (the population head), user profiles beside it."""
     profiles = {"heads": ["helpful", "harmless", "population"], "population": {"population": 1.0},
                 "users": {"alice": {"weights": {"helpful": 0.9, "harmless": 0.1}, "n": 12, "group": "harmless"},
-                          "carol": {"weights": None, "n": 0, "group": "harmless"},
-                          "dave": {"weights": {}, "n": 0, "group": "nobody"}}}
+                          "carol": {"weights": {"population": 1.0}, "n": 0, "group": "harmless"},
+                          "dave": {"weights": {"population": 1.0}, "n": 0, "group": "nobody"}}}
     return build_heads_model(tmp_path_factory.mktemp("pop_heads"), tok, heads=("helpful", "harmless", "population"),
                              population="population", by="group", seed=1, profiles=profiles)
 
@@ -142,10 +142,10 @@ def test_per_row_user_weights(with_population, tok):
     rows = torch.stack([weights[h] for h in ("helpful", "harmless", "population")], 1)
     expected = torch.tensor([[0.9, 0.1, 0.0],    # alice: her fitted weights (not her group's head)
                              [0.0, 1.0, 0.0],    # a user named like a head: that head
-                             [0.0, 1.0, 0.0],    # carol: no fitted weights, her group's head
+                             [0.0, 1.0, 0.0],    # carol: no judgements yet (n = 0), her group's head
                              [0.0, 0.0, 1.0],    # unknown user: cold start, the population
                              [0.0, 0.0, 1.0],    # untagged prompt: the population
-                             [0.0, 0.0, 1.0]])   # a group that is no head: the population
+                             [0.0, 0.0, 1.0]])   # dave: n = 0, a group that is no head: his stored prior
     torch.testing.assert_close(rows, expected)
     want = direct_head_scores(with_population, tok, PROMPTS + PROMPTS[:2], completions)   # untagged texts
     torch.testing.assert_close(scorer(prompts, completions), (want * expected).sum(1), atol=1e-5, rtol=1e-5)
@@ -184,9 +184,11 @@ def test_total_takes_row_weights():
 def test_head_weights_for_user_rules():
     hw = HeadWeights(["warm", "balanced"], None, None,
                      {"users": {"u1": {"weights": {"warm": 0.2, "balanced": 0.8}, "n": 5, "group": "warm"},
-                                "u2": {"n": 0, "group": "balanced"}}})
+                                "u2": {"weights": {"warm": 0.5, "balanced": 0.5}, "n": 0, "group": "balanced"},
+                                "u3": {"weights": {"warm": 0.3, "balanced": 0.7}, "n": 0, "group": None}}})
     assert hw.population == {"warm": 0.5, "balanced": 0.5}
-    assert hw.for_user("u1") == {"warm": 0.2, "balanced": 0.8}
-    assert hw.for_user("u2") == {"warm": 0.0, "balanced": 1.0}
+    assert hw.for_user("u1") == {"warm": 0.2, "balanced": 0.8}     # fitted to judgements: beats the group head
+    assert hw.for_user("u2") == {"warm": 0.0, "balanced": 1.0}     # nothing fitted yet: the group head
+    assert hw.for_user("u3") == {"warm": 0.3, "balanced": 0.7}     # nothing fitted, no group: the stored prior
     assert hw.for_user("warm") == {"warm": 1.0, "balanced": 0.0}
     assert hw.for_user("stranger") == hw.for_user(None) == hw.population
