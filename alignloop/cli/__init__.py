@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("alignloop.cli.demo", "demo", "Run the whole loop on the built-in example task (no downloads)."),
     "sft": ("alignloop.cli.train", "sft", "Supervised fine-tuning on demonstrations (loss on completions only)."),
     "rm": ("alignloop.cli.train", "rm", "Train a reward model on preference pairs or rankings (Bradley-Terry)."),
+    "personalize": ("alignloop.cli.personalize", "personalize",
+                    "Fit a user's weights over a multi-head reward model's heads from a few of their judgements."),
     "prm": ("alignloop.cli.prm", "prm", "Train a process reward model on step-level labels (or an ORM: --outcome)."),
     "ppo": ("alignloop.cli.ppo", "ppo", "PPO against a reward model with a KL penalty to the reference."),
     "grpo": ("alignloop.cli.grpo", "grpo", "Critic-free RL: GRPO, Dr. GRPO, RLOO or REINFORCE (--estimator)."),
