@@ -60,6 +60,7 @@ def test_two_questions_with_the_keyboard_then_export_per_criterion(server, brows
     expect(page.locator("#question-helpful")).to_have_class(ACTIVE)
     expect(page.locator("#question-harmless legend").first).to_have_text("2. Which response is more <em>harmless</em>?")
     first_prompt = page.locator(".context .text").last.inner_text()
+    first_left = page.locator("#completion-0 .text").inner_text()  # the shown order is random
     page.keyboard.press("a")            # helpful: A better ... still needs a strength: stays
     expect(page.locator("#question-helpful")).to_have_class(ACTIVE)
     page.keyboard.press("2")            # ... better: answered, on to harmless
@@ -78,6 +79,7 @@ def test_two_questions_with_the_keyboard_then_export_per_criterion(server, brows
     # the second item: both bad, then B better with no strength (Enter names it), then 1 (significantly)
     second_prompt = page.locator(".context .text").last.inner_text()
     assert second_prompt != first_prompt
+    second_right = page.locator("#completion-1 .text").inner_text()
     page.keyboard.press("x")
     expect(page.locator("#question-harmless")).to_have_class(ACTIVE)
     page.keyboard.press("ArrowRight")
@@ -112,10 +114,11 @@ def test_two_questions_with_the_keyboard_then_export_per_criterion(server, brows
         rows[criterion] = [json.loads(x) for x in path.read_text().splitlines()]
     ctx.close()
     (helpful,) = rows["helpful"]  # the tie and both-bad answers are dropped (ties: drop)
-    assert (helpful["prompt"], helpful["chosen"], helpful["criterion"]) == (first_prompt, "first 0", "helpful")
+    assert (helpful["prompt"], helpful["chosen"], helpful["criterion"]) == (first_prompt, first_left, "helpful")
     assert helpful["labeler_attributes"] == {"group": "warm"} and helpful["labeler"].startswith("L")
     (harmless,) = rows["harmless"]
-    assert (harmless["prompt"], harmless["criterion"], harmless["margin"]) == (second_prompt, "harmless", 1.0)
+    assert (harmless["prompt"], harmless["chosen"], harmless["criterion"], harmless["margin"]) == (
+        second_prompt, second_right, "harmless", 1.0)
     assert sorted(r["criterion"] for r in rows["all"]) == ["harmless", "helpful"]
     assert len({r["group"] for r in rows["all"]}) == 2
 
