@@ -65,7 +65,6 @@ running mean-std / gain and bias fitted on samples from the starting policy, Zie
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -100,6 +99,7 @@ from alignloop.models import (
     sequence_logits,
     unwrap_model,
 )
+from alignloop.personal import USER_PROFILES_FILE, UserProfiles, population_weights
 from alignloop.rollout import Rollout
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -235,8 +235,7 @@ class ModelScorer:
         if info is None and (head_weights or user_profiles):
             raise ConfigError(f"reward {name}: head weights or user profiles need a multi-head reward model (a config "
                               f"with alignloop_heads); this one has a single score")
-        self.heads = None if info is None else HeadWeights(
-            info["names"], info.get("population"), head_weights, read_user_profiles(user_profiles), name)
+        self.heads = None if info is None else HeadWeights(info, head_weights, load_profiles(user_profiles), name)
         self.weights = {name: 1.0} if self.heads is None else dict(self.heads.population)
         self.max_length = max_length or context_length(model, self.tokenizer)
         self.retokenize = not self.reward_model_view or (
@@ -360,9 +359,6 @@ class WeightedScorer:
 
 
 # ------------------------------------------------------------------------------------------------ heads and users
-USER_PROFILES_FILE = "user_profiles.json"
-
-
 def check_user_template(template: str) -> None:
     """A ConfigError unless `template` is a user tag template `alignloop.data.users` can read back (`{user}` once,
     then the text that ends the name)."""
@@ -372,49 +368,38 @@ def check_user_template(template: str) -> None:
         raise ConfigError(f"user_tag: {e}") from None
 
 
-def read_user_profiles(source) -> dict | None:
-    """User profiles (the `alignloop personalize` JSON: {"heads", "population": {head: w}, "users": {user:
-    {"weights": {head: w}, "n", "group"}}}) from a dict, a file, or a folder holding `user_profiles.json`; None
-    stays None."""
-    if source is None or isinstance(source, dict):
+def load_profiles(source) -> UserProfiles | None:
+    """`alignloop.personal.UserProfiles` from a UserProfiles, its dict, a file, or a folder holding
+    `user_profiles.json`; None stays None."""
+    if source is None or isinstance(source, UserProfiles):
         return source
-    path = Path(source)
-    path = path / USER_PROFILES_FILE if path.is_dir() else path
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"user profiles {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("users", {}), dict):
-        raise UserError(f"user profiles {path}: expected {{\"heads\", \"population\", \"users\": {{...}}}}")
-    return data
+    return UserProfiles.from_dict(source) if isinstance(source, dict) else UserProfiles.load(source)
 
 
 class HeadWeights:
-    """The weights over a multi-head reward model's heads: the population's (cold start) and each user's.
+    """The weights over a multi-head reward model's heads (`info`: its `heads_info`): the population's (cold start)
+    and each user's.
 
-    population: the spec's `chosen` weights (heads not listed weigh 0), else the profiles' "population", else the
-    population head alone when the model has one, else 1/H each. `for_user(name)`: a profiled user's weights fitted
-    to their judgements (n > 0); a name that is a head (a group or labeler head): that head; a profiled user's group
-    that is a head: that head (a group says more than a prior fitted to nothing); a profiled user's stored weights;
-    else the population's (cold start)."""
+    population: the spec's `chosen` weights (heads not listed weigh 0), else the profiles' population, else
+    `alignloop.personal.population_weights` (the population head alone when the model has one, else 1/H each).
+    `for_user(name)`: a profiled user's weights fitted to their judgements (n > 0); a name that is a head (a group or
+    labeler head): that head; a profiled user's group that is a head: that head (a group says more than a prior
+    fitted to nothing); a profiled user's stored weights; else the population's (cold start)."""
 
-    def __init__(self, heads: Sequence[str], population_head: str | None, chosen: dict[str, float] | None,
-                 profiles: dict | None, where: str = "reward"):
-        self.heads, self.where = list(heads), where
-        profiles = profiles or {}
+    def __init__(self, info: dict, chosen: dict[str, float] | None, profiles: UserProfiles | None,
+                 where: str = "reward"):
+        self.heads, self.where = list(info["names"]), where
+        if profiles is not None and sorted(profiles.heads) != sorted(self.heads):
+            raise ConfigError(f"{where}: the user profiles are for the heads {', '.join(profiles.heads)}, not this "
+                              f"model's ({', '.join(self.heads)}): fit them again with `alignloop personalize`")
         if chosen:
             self.population = self._full(chosen, "the spec")
-        elif profiles.get("population"):
-            self.population = self._full(profiles["population"], "the user profiles' population")
-        elif population_head is not None:
-            self.population = self._one(population_head)
+        elif profiles is not None:
+            self.population = self._full(profiles.population, "the user profiles' population")
         else:
-            self.population = {h: 1.0 / len(self.heads) for h in self.heads}
-        self.users = {}   # user -> (weights or None, judgements they were fitted to, group or None)
-        for user, entry in profiles.get("users", {}).items():
-            entry = entry or {}
-            weights = self._full(entry["weights"], f"user {user!r}") if entry.get("weights") else None
-            self.users[user] = (weights, int(entry.get("n") or 0), entry.get("group"))
+            self.population = population_weights(info)
+        self.users = {user: (self._full(p.weights, f"user {user!r}"), p.n, p.group)
+                      for user, p in (profiles.users.items() if profiles is not None else ())}
 
     def _full(self, weights: dict[str, float], what: str) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.heads))

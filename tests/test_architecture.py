@@ -15,7 +15,7 @@ LAYERS = [
     ("losses", "data"),
     ("models",),
     ("rollout", "training"),
-    ("scoring", "evaluation", "rl"),
+    ("scoring", "evaluation", "rl", "personal"),
     ("trainers", "feedback"),
     ("recipes", "ai_feedback"),
     ("pipeline",),

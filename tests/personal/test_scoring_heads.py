@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 from alignloop.data import reward_input_ids, tag_prompt
 from alignloop.errors import ConfigError
 from alignloop.models.tiny import build_tiny_checkpoint, train_tokenizer
+from alignloop.personal import UserProfiles
 from alignloop.scoring import (
     HeadWeights,
     UserTagScorer,
@@ -159,9 +160,11 @@ def test_spec_weights_are_the_cold_start_and_profiles_are_checked(with_populatio
     w = weights_for(scorer, [tag_prompt("x", "zed"), tag_prompt("x", "alice")])
     torch.testing.assert_close(w["helpful"], torch.tensor([0.5, 0.9]))
     assert w["population"].tolist() == [0.0, 0.0]
-    bad = {"heads": ["helpful", "kind"], "users": {"eve": {"weights": {"kind": 1.0}, "n": 3, "group": None}}}
+    bad = {"heads": ["helpful", "kind"], "population": {"helpful": 1.0},
+           "users": {"eve": {"weights": {"kind": 1.0}, "n": 3, "group": None}}}
     folder = build_heads_model(tmp_path / "bad", tok, profiles=bad)
-    with pytest.raises(ConfigError, match="user 'eve' weighs head.*kind.*its heads: helpful, harmless"):
+    with pytest.raises(ConfigError, match="profiles are for the heads helpful, kind, not this model's .helpful, "
+                                          "harmless."):
         load_scorer(folder, user_tag="<user:{user}> ")
     with pytest.raises(ConfigError, match="user_tag"):
         load_scorer(with_population, user_tag="<user>")
@@ -182,11 +185,15 @@ def test_total_takes_row_weights():
 
 
 def test_head_weights_for_user_rules():
-    hw = HeadWeights(["warm", "balanced"], None, None,
-                     {"users": {"u1": {"weights": {"warm": 0.2, "balanced": 0.8}, "n": 5, "group": "warm"},
-                                "u2": {"weights": {"warm": 0.5, "balanced": 0.5}, "n": 0, "group": "balanced"},
-                                "u3": {"weights": {"warm": 0.3, "balanced": 0.7}, "n": 0, "group": None}}})
-    assert hw.population == {"warm": 0.5, "balanced": 0.5}
+    info = {"by": "group", "names": ["warm", "balanced"], "population": None}
+    assert HeadWeights(info, None, None).population == {"warm": 0.5, "balanced": 0.5}   # no population head
+    profiles = UserProfiles.from_dict(
+        {"heads": ["warm", "balanced"], "population": {"warm": 0.4, "balanced": 0.6},
+         "users": {"u1": {"weights": {"warm": 0.2, "balanced": 0.8}, "n": 5, "group": "warm"},
+                   "u2": {"weights": {"warm": 0.5, "balanced": 0.5}, "n": 0, "group": "balanced"},
+                   "u3": {"weights": {"warm": 0.3, "balanced": 0.7}, "n": 0, "group": None}}})
+    hw = HeadWeights(info, None, profiles)
+    assert hw.population == {"warm": 0.4, "balanced": 0.6}                               # the profiles' population
     assert hw.for_user("u1") == {"warm": 0.2, "balanced": 0.8}     # fitted to judgements: beats the group head
     assert hw.for_user("u2") == {"warm": 0.0, "balanced": 1.0}     # nothing fitted yet: the group head
     assert hw.for_user("u3") == {"warm": 0.3, "balanced": 0.7}     # nothing fitted, no group: the stored prior
