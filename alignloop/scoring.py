@@ -25,9 +25,10 @@ the population head when the model has one, else every head 1/H (their mean).
 Per-user weights (`user_tag=`, a template of `alignloop.data.users`, e.g. `USER_TAG = "<user:{user}> "`): a
 `UserTagScorer` reads each prompt's tag, scores the UNTAGGED prompt (the reward model never saw tags) and weighs a
 multi-head model's heads per row (`HeadWeights.for_user`): a user of `user_profiles.json` (beside the model, written
-by `alignloop personalize`) gets its fitted weights; a user named like a head (a group head) that head; a profile's
-group with a head of its own that head; anyone else (an untagged prompt, an unknown user: cold start) the
-population weights, which are the spec's weights when given, else the profiles' `population`, else the default.
+by `alignloop personalize`; `alignloop.personal.UserProfiles`) gets the weights fitted to their judgements; a user
+named like a head (a group head) that head; a profiled user with no judgements yet their group's head, else their
+stored prior; anyone else (an untagged prompt, an unknown user: cold start) the population weights, which are the
+spec's weights when given, else the profiles' `population`, else the default.
 
 How a model sees the text (`ModelScorer`):
 - A **scalar-head reward model** (a decoder `...ForSequenceClassification` with one output, as `alignloop rm` saves,
@@ -213,7 +214,7 @@ class ModelScorer:
     def __init__(self, model: nn.Module, tokenizer=None, *, policy_tokenizer=None, positive_label: int | str = 1,
                  batch_size: int = 32, add_eos: bool = True, max_length: int | None = None,
                  name: str = "reward_model", head_weights: dict[str, float] | None = None,
-                 user_profiles: dict | str | os.PathLike | None = None):
+                 user_profiles: UserProfiles | dict | str | os.PathLike | None = None):
         if isinstance(model, ClassifierReward):
             tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             positive_label = model.label_index
@@ -678,7 +679,7 @@ def load_scorer(specs: str | Sequence[str], *, dtype=None, positive_label: int |
     classifier folder or hub id, a multi-head reward model's `DIR` or `DIR:head=w,head=w`, a process reward model
     folder (a `ProcessScorer` aggregating its step scores with `step_aggregation`; None: the model's own, see
     `ProcessScorer`), or `module:function`. `user_tag`: a `UserTagScorer` for user-tagged prompts, its multi-head
-    models weighted per user by `user_profiles` (a dict, a file; default: `user_profiles.json` in the model's
+    models weighted per user by `user_profiles` (`load_profiles`; default: `user_profiles.json` in the model's
     folder when there is one)."""
     items = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     if not items:
