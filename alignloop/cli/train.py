@@ -32,4 +32,7 @@ sft = make_config_command("sft", SFTConfig, _run_sft,
                           "Writes OUTPUT_DIR/final (loadable with transformers), metrics.jsonl and TensorBoard logs.")
 rm = make_config_command("rm", RewardConfig, _run_rm,
                          "Train a reward model (LM backbone + scalar head) on preference pairs or rankings with the "
-                         "Bradley-Terry (or Plackett-Luce) loss. Reports held-out pairwise accuracy and mean margin.")
+                         "Bradley-Terry (or Plackett-Luce) loss. Reports held-out pairwise accuracy and mean margin. "
+                         "--heads-by criterion|group|labeler trains one head per criterion, labeler group or labeler "
+                         "on a shared backbone (--population-head adds one trained on every pair); accuracy per "
+                         "head.")
