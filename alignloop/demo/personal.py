@@ -13,7 +13,8 @@ preference row says who judged it: `labeler` and `labeler_attributes: {"group": 
 
 Stages (each resumable through `alignloop.pipeline.RunFolder`; the folder names are the stage names):
   data, base, sft   the default demo's: corpus, demonstrations and prompts; the small GPT-2 pretrained from scratch;
-                    SFT on the demonstrations (`alignloop.demo.demo`)
+                    SFT on the demonstrations (`alignloop.demo.demo`), two thirds of their prompts tagged with a
+                    random group (`stage_tagged_sft`: a tag the SFT model has read, telling it nothing yet)
   samples   `completions_per_prompt` reviews per labeling prompt from the SFT model, with both golds
   labels    prompts split into training and held-out ones; each prompt's pairs judged by `labelers_per_prompt`
             labelers of the population (3 warm, 2 critics); new users (`new_users` per group, never in training)
@@ -179,30 +180,35 @@ class PersonalSize:
     n_embd: int = 128
     pretrain_steps: int = 500
     sft_steps: int = 150
-    label_prompts: int = 240
+    label_prompts: int = 256              # every training prompt of the demo (domain.prompt_split)
     completions_per_prompt: int = 4       # 6 pairs per prompt
     labelers_per_prompt: int = 2          # drawn from the population (3 warm, 2 critics): 60% warm judgements
     heldout_prompts: int = 60             # of label_prompts: no reward model trains on them; the new users judge them
     n_warm: int = 3
     n_critic: int = 2
-    rm_epochs: int = 3
+    rm_epochs: int = 4
     rm_learning_rate: float = 5e-4
     new_users: int = 8                    # per group
     fewshot_ks: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32])
     fewshot_draws: int = 8                # random draws of a user's k judgements (averaged)
-    fewshot_l2: float = 1.0
-    rl_updates: int = 80
+    fewshot_l2: float = 3.0               # the pull toward the population weights (1 and 0.3: a worse k = 1, 2)
+    # each policy: rl_updates x rl_prompts x rl_generations completions. The default demo's RLOO (80 updates, learning
+    # rate 1e-4, KL 0.15) left the tag-conditioned policy hardly telling the groups apart (160 updates too; 300 at
+    # 1e-4: critic-tag critic gold 4.2 vs warm-tag 3.7); 300 at 3e-4, KL 0.05: 5.7 vs 1.0, measured
+    rl_updates: int = 300
     rl_prompts: int = 8
     rl_generations: int = 4
+    rl_learning_rate: float = 3e-4
+    rl_kl_coef: float = 0.05
     eval_prompts: int = 64
-    eval_samples: int = 2                 # per prompt and policy
+    eval_samples: int = 4                 # per prompt and policy
     max_new_tokens: int = 40
 
     @classmethod
     def quick(cls) -> PersonalSize:
         return cls(corpus=2000, demos=600, n_embd=96, pretrain_steps=250, sft_steps=100, label_prompts=120,
                    heldout_prompts=40, rm_epochs=3, new_users=4, fewshot_ks=[0, 1, 4, 16], fewshot_draws=4,
-                   rl_updates=24, eval_prompts=32)
+                   rl_updates=60, eval_prompts=32, eval_samples=2)
 
     def demo_size(self) -> DemoSize:
         """The default demo's sizes with this run's base and SFT sizes (the stages reused from it read these)."""
@@ -213,6 +219,20 @@ class PersonalSize:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+def stage_tagged_sft(folder: Path, run: RunFolder, size: DemoSize, seed: int) -> dict:
+    """The default demo's SFT stage on its demonstrations, a third of their prompts tagged `<user:warm> `, a third
+    `<user:critic> `, drawn independently of the review: the SFT model reads a tag and writes the same reviews with or
+    without one (untagged it wrote short, broken reviews after a tag, measured: 10-15 tokens instead of 23), so RL
+    starts from a policy for which the tag says nothing yet."""
+    rng = random.Random(seed + 3)
+    rows = [{**r, "prompt": tag_prompt(r["prompt"], rng.choice((None, *GROUPS)))}
+            for r in read_rows(run.data_dir / "demos.jsonl")]
+    write_rows(rows, folder / "demos_tagged.jsonl")
+    cfg = demo_config(run.root, size, seed)
+    cfg.sft["train_rows"] = rows
+    return stage_sft(folder, cfg)
+
+
 def stage_samples(folder: Path, run: RunFolder, size: PersonalSize, seed: int) -> dict:
     """`completions_per_prompt` SFT reviews per labeling prompt (distinct ones kept), with both golds."""
     prompts = [r["prompt"] for r in read_rows(run.data_dir / "prompts.jsonl")]
@@ -434,8 +454,10 @@ def judgements_needed(curve: dict, ks: list[int], metric: str) -> int | None:
 
 
 def rl_args(folder: Path, size: PersonalSize, seed: int, user_tag: str | None) -> RLOOConfig:
-    """The default demo's RLOO settings (`demo.critic_free_section`); `user_tag`: prompts tagged with their user."""
-    section = {**critic_free_section(size.demo_size(), "rloo"), "seed": seed, "sample_every": 0}
+    """The default demo's RLOO settings (`demo.critic_free_section`) with this demo's learning rate and KL
+    coefficient; `user_tag`: prompts tagged with their user."""
+    section = {**critic_free_section(size.demo_size(), "rloo"), "seed": seed, "sample_every": 0,
+               "learning_rate": size.rl_learning_rate, "kl_coef": size.rl_kl_coef}
     return RLOOConfig(output_dir=str(folder), user_tag=user_tag, **section)
 
 
@@ -506,7 +528,7 @@ def run_personal_demo(output_dir: str | Path = "runs/demo-personal", size: Perso
     demo_size = size.demo_size()
     run.stage(run.DATA, lambda f: stage_data(f, demo_size, seed))
     run.stage(run.BASE, lambda f: stage_base(f, run.data_dir, demo_size, seed))
-    run.stage(run.SFT, lambda f: stage_sft(f, demo_config(out, demo_size, seed)))
+    run.stage(run.SFT, lambda f: stage_tagged_sft(f, run, demo_size, seed))
     run.stage(SAMPLES, lambda f: stage_samples(f, run, size, seed))
     run.stage(LABELS, lambda f: stage_labels(f, run, size, seed))
     run.stage(RM_SINGLE, lambda f: stage_rm(f, run, size, seed, personal=False))

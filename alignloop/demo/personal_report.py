@@ -144,7 +144,9 @@ def write_personal_report(run: RunFolder, info: dict[str, dict], size: dict, com
           fewshot_table(groups, ks), "",
           f"![few-shot accuracy](plots/{plot.name})", "",
           "## Policies: each group's mean gold score", "",
-          "RLOO from the SFT model with the default demo's settings: the generic policy against the single reward "
+          f"RLOO from the SFT model ({size['rl_updates']} updates of {size['rl_prompts']} prompts x "
+          f"{size['rl_generations']} completions, learning rate {size['rl_learning_rate']}, KL coefficient "
+          f"{size['rl_kl_coef']}; the same for both): the generic policy against the single reward "
           "model; the personalized policy on prompts tagged `<user:GROUP> ` against the personalized model, each "
           "prompt's reward the head of its tag (`OnlineRLArgs.user_tag`). Held-out prompts, "
           f"{info['eval'].get('samples_per_prompt')} samples each; the personalized policy is given each group's "
