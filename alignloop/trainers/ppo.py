@@ -295,6 +295,10 @@ class PPOTrainer:
                                   "or a weighted sum has none)")
             if not isinstance(reward_model, RewardModel):
                 reward_model = RewardModel(reward_model)
+            if reward_model.num_heads > 1:  # which head would the values start from? none is the reward
+                raise ConfigError(f"value_model='reward' starts the critic from a one-head reward model; this one has "
+                                  f"{reward_model.num_heads} heads ({', '.join(reward_model.head_names)}): use "
+                                  f"value_model='head'")
             critic = critic_from_reward_model(reward_model)
             if isinstance(policy, CausalLMWithValueHead):  # a policy object handed over with a head
                 policy = policy.lm

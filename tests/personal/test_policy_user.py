@@ -204,3 +204,13 @@ def test_rejection_sampling_and_eval_log_each_head(tmp_path, policy, heads_rm, p
     assert set(s.scores) == {"rm", "rm/helpful", "rm/harmless"}
     summary = summarize(s)
     assert summary["rm/mean"] == pytest.approx((summary["rm/helpful/mean"] + summary["rm/harmless/mean"]) / 2)
+
+
+def test_ppo_refuses_a_critic_from_a_multi_head_reward(tmp_path, tok, heads_rm, prompt_rows):
+    """value_model='reward' copies the reward model's head into the critic: with two heads there is no one head to
+    start from, so PPO refuses (at set-up, before any rollout) and names the heads."""
+    args = PPOConfig(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=3, max_new_tokens=4, progress=False,
+                     save_final=False, tensorboard=False, sample_every=0, reward_model=heads_rm, value_model="reward")
+    with pytest.raises(ConfigError, match=r"2 heads \(helpful, harmless\)"):
+        PPOTrainer(model=tiny_causal_lm(tok, n_layer=1, n_embd=16, n_head=2), args=args, train_dataset=prompt_rows,
+                   tokenizer=tok).train()
