@@ -41,7 +41,6 @@ over-optimises at large N.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -60,6 +59,7 @@ from alignloop.evaluation import load_policy
 from alignloop.models import model_forward
 from alignloop.models.tiny import EOS, PAD, UNK, build_tiny_checkpoint
 from alignloop.pipeline import RunFolder
+from alignloop.pipeline.report import fmt, table
 from alignloop.recipes import prm_search as ps
 from alignloop.recipes.math_shepherd import math_shepherd_labels, policy_continuer
 from alignloop.rollout import SamplingParams, sample_completions
@@ -444,16 +444,6 @@ def write_json(path: Path, obj) -> None:
 
 MAIN_METHODS = ("PRM auto (min)", "PRM labelers (min)", "ORM", "majority voting", "PRM-weighted voting",
                 BASE_LIKELIHOOD, "oracle (pass@N)")
-
-
-def fmt(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" if isinstance(v, float) \
-        else str(v)
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                     + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
 
 
 def best_of_n_table(curves: dict[str, dict[str, float]], methods=None) -> str:

@@ -5,23 +5,12 @@ report.html, results.json and plots/fewshot.png in the run folder, from the fini
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from alignloop.pipeline import RunFolder
-from alignloop.pipeline.report import md_to_html
+from alignloop.pipeline.report import fmt, md_to_html, table
 
 COMMAND = "alignloop demo --personal"
-
-
-def fmt(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" if isinstance(v, float) \
-        else str(v)
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                     + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
 
 
 def rm_table(acc: dict, groups_of: list[str]) -> str:

@@ -287,7 +287,8 @@ def plot_times(times: dict, out: Path) -> Path | None:
     return _save(plt, fig, out / "stage_times.png")
 
 
-def _fmt(v, nd=3):
+def fmt(v, nd=3) -> str:
+    """A report cell: a float with `nd` decimals, None or NaN as a dash, anything else as text."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -297,9 +298,10 @@ def _fmt(v, nd=3):
     return str(v)
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (the reports' one): each cell through `fmt`, its pipes and newlines escaped."""
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(fmt(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -336,7 +338,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     md += _ai_section(run, quality, summ)
     md += _plot_sections(plots, quality, rm_info)
     if times:
-        md += [_table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
+        md += [table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()]
                       + [["total", f"{sum(times.values()):.1f}"]]), ""]
     md += _sample_section(run, summ)
     text = "\n".join(md)
@@ -354,16 +356,16 @@ def _results_section(res: dict) -> list[str]:
           f"hidden scorer `{res.get('gold')}` (no training stage saw it); RM = the learned reward model. Win "
           "rates are against independent SFT samples on the same prompts (ties ½). KL = Σ_t log π/π_SFT on the "
           "policy's samples (best-of-N: the analytic log N − (N−1)/N).", ""]
-    rows = [[name, _fmt(s.get("gold/mean")) + (f" ± {_fmt(s.get('gold/sem'))}" if "gold/sem" in s else ""),
-             _fmt(s.get("gold/win_rate"), 2), _fmt(s.get("rm/mean")), _fmt(s.get("rm/win_rate"), 2),
-             _fmt(s.get("kl"), 2), _fmt(s.get("length"), 1)] for name, s in summ.items()]
-    md += [_table(["method", "gold reward", "gold win rate vs SFT", "RM reward", "RM win rate vs SFT",
+    rows = [[name, fmt(s.get("gold/mean")) + (f" ± {fmt(s.get('gold/sem'))}" if "gold/sem" in s else ""),
+             fmt(s.get("gold/win_rate"), 2), fmt(s.get("rm/mean")), fmt(s.get("rm/win_rate"), 2),
+             fmt(s.get("kl"), 2), fmt(s.get("length"), 1)] for name, s in summ.items()]
+    md += [table(["method", "gold reward", "gold win rate vs SFT", "RM reward", "RM win rate vs SFT",
                    "KL to SFT", "length (tokens)"], rows), ""]
     bon = res.get("best_of_n") or {}
     if bon:
         md += ["### Best-of-N (SFT samples picked by the reward model)", "",
-               _table(["N", "gold reward", "RM reward", "KL bound"],
-                      [[n, _fmt(bon[n].get("gold/mean")), _fmt(bon[n].get("rm/mean")), _fmt(bon[n].get("kl"), 2)]
+               table(["N", "gold reward", "RM reward", "KL bound"],
+                      [[n, fmt(bon[n].get("gold/mean")), fmt(bon[n].get("rm/mean")), fmt(bon[n].get("kl"), 2)]
                        for n in sorted(bon, key=int)]), ""]
     return md
 
@@ -380,31 +382,31 @@ def _ai_section(run: RunFolder, quality: dict | None, summ: dict) -> list[str]:
           f"The AI labeler `{judged.get('labeler')}` ({judged.get('model')}) judged {judged.get('pairs')} pairs "
           f"against the constitution, scored by the log-probabilities of the answers "
           f"({'both orders averaged' if judged.get('both_orders') else 'one order'}; principles: "
-          f"{judged.get('principles')}). The two orders agree on {_fmt(judged.get('order_consistency'), 2)} of the "
-          f"pairs. People agree with each other on {_fmt((people.get('humans') or {}).get('agreement'), 2)} of "
+          f"{judged.get('principles')}). The two orders agree on {fmt(judged.get('order_consistency'), 2)} of the "
+          f"pairs. People agree with each other on {fmt((people.get('humans') or {}).get('agreement'), 2)} of "
           f"the pairs they both judged.", ""]
     rows = []
     for name, d in (people.get("ai") or {}).items():
         g = (ai.get("by_order") or {}).get(name, {})
         pos = d.get("position") or {}
-        rows.append([name, g.get("gold/pairs"), _fmt(g.get("gold/single_order"), 2), _fmt(g.get("gold/both_orders"), 2),
-                     _fmt(g.get("people/single_order"), 2), _fmt(g.get("people/both_orders"), 2),
-                     _fmt(d.get("majority_kappa"), 2), _fmt(d.get("human_agreement"), 2), _fmt(pos.get("before"), 2),
-                     _fmt(pos.get("after"), 2)])
-    md += [_table(["AI labeler", "pairs (gold differs)", "agrees with gold: one order", "with gold: both orders",
+        rows.append([name, g.get("gold/pairs"), fmt(g.get("gold/single_order"), 2), fmt(g.get("gold/both_orders"), 2),
+                     fmt(g.get("people/single_order"), 2), fmt(g.get("people/both_orders"), 2),
+                     fmt(d.get("majority_kappa"), 2), fmt(d.get("human_agreement"), 2), fmt(pos.get("before"), 2),
+                     fmt(pos.get("after"), 2)])
+    md += [table(["AI labeler", "pairs (gold differs)", "agrees with gold: one order", "with gold: both orders",
                    "with people's majority: one order", "with people's majority: both orders",
                    "κ with people's majority", "with each person (both orders)", "picks first shown: one order",
                    "picks first shown: both orders"], rows), ""]
     rm_ai = run.info(run.RL_CAI_RM)
     if rm_ai:
         md += [f"RL-CAI reward model: {rm_ai.get('pairs')} AI-labelled pairs, held-out accuracy (against AI labels) "
-               f"{_fmt(rm_ai.get('eval/accuracy'))}.", ""]
+               f"{fmt(rm_ai.get('eval/accuracy'))}.", ""]
     names = [n for n in ("SFT", "PPO", "RLOO", "DPO", "SL-CAI", "RL-CAI") if n in summ]
     if any(n in summ for n in ("SL-CAI", "RL-CAI")):
-        md += [_table(["policy", "feedback", "gold reward", "gold win rate vs SFT", "AI win rate vs SFT", "KL to SFT"],
-                      [[n, "AI" if "CAI" in n else "–" if n == "SFT" else "people", _fmt(summ[n].get("gold/mean")),
-                        _fmt(summ[n].get("gold/win_rate"), 2), _fmt(summ[n].get("ai/win_rate"), 2),
-                        _fmt(summ[n].get("kl"), 2)] for n in names]), ""]
+        md += [table(["policy", "feedback", "gold reward", "gold win rate vs SFT", "AI win rate vs SFT", "KL to SFT"],
+                      [[n, "AI" if "CAI" in n else "–" if n == "SFT" else "people", fmt(summ[n].get("gold/mean")),
+                        fmt(summ[n].get("gold/win_rate"), 2), fmt(summ[n].get("ai/win_rate"), 2),
+                        fmt(summ[n].get("kl"), 2)] for n in names]), ""]
     chains = read_jsonl(run.path(run.SL_CAI) / "chains.jsonl")[:3]
     if chains:
         md += ["### Critique → revision (SL-CAI, the model's own)", ""]
@@ -413,7 +415,7 @@ def _ai_section(run: RunFolder, quality: dict | None, summ: dict) -> list[str]:
             for step in c.get("chain", []):
                 rows += [[f"critique ({step.get('principle')})", str(step.get("critique", "")).strip()],
                          ["revision", str(step.get("revision", "")).strip() or "(empty: kept the response)"]]
-            md += [f"**{c.get('prompt', '')}**", "", _table(["step", "text"], rows), ""]
+            md += [f"**{c.get('prompt', '')}**", "", table(["step", "text"], rows), ""]
     return md
 
 
@@ -427,10 +429,10 @@ def _plot_sections(plots: dict, quality: dict | None, rm_info: dict | None) -> l
             md += [f"## {title}", "", f"![{title}]({plots[key]})", ""]
         if key == "reward_model" and rm_info:
             md += [f"Reward model: {rm_info.get('pairs')} preference pairs, held-out accuracy "
-                   f"{_fmt(rm_info.get('eval/accuracy'))}."
+                   f"{fmt(rm_info.get('eval/accuracy'))}."
                    + (f" For comparison, two (unflagged) labelers agree on "
-                      f"{_fmt(quality.get('pairwise_percent_agreement'))} of the pairs they both judged, and a "
-                      f"labeler agrees with the others' majority on {_fmt(quality.get('mean_loo_agreement_unflagged'))}"
+                      f"{fmt(quality.get('pairwise_percent_agreement'))} of the pairs they both judged, and a "
+                      f"labeler agrees with the others' majority on {fmt(quality.get('mean_loo_agreement_unflagged'))}"
                       f": held-out labels are that noisy, so a reward model's accuracy on them stays near these "
                       f"figures (InstructGPT reports the same)." if quality else ""), ""]
         if key == "labelers" and quality:
@@ -439,12 +441,12 @@ def _plot_sections(plots: dict, quality: dict | None, rm_info: dict | None) -> l
 
 
 def _labeler_table(quality: dict) -> list[str]:
-    rows = [[w, d["n"], _fmt(d.get("agreement"), 2), _fmt((quality.get("gold_agreement") or {}).get(w), 2),
-             _fmt(d.get("left_share"), 2), _fmt(d.get("position_p"), 4),
+    rows = [[w, d["n"], fmt(d.get("agreement"), 2), fmt((quality.get("gold_agreement") or {}).get(w), 2),
+             fmt(d.get("left_share"), 2), fmt(d.get("position_p"), 4),
              "; ".join(quality["flags"].get(w, [])) or "–"] for w, d in quality["stats"].items()]
-    return [_table(["labeler", "judgements", "agreement (LOO)", "agreement with gold", "left share",
+    return [table(["labeler", "judgements", "agreement (LOO)", "agreement with gold", "left share",
                     "position p-value", "flags"], rows), "",
-            "Project agreement: " + ", ".join(f"{k} {_fmt(v)}" for k, v in
+            "Project agreement: " + ", ".join(f"{k} {fmt(v)}" for k, v in
                                                (quality.get("project_agreement") or {}).items()), ""]
 
 
@@ -457,11 +459,11 @@ def _sample_section(run: RunFolder, summ: dict) -> list[str]:
     others = {m: read_jsonl(run.eval_samples(m)) for m in summ if m != "SFT"}
     for i in range(min(4, len(ref))):
         md += [f"**{ref[i]['prompt']}**", ""]
-        rows = [["SFT (before)", ref[i]["response"].strip(), _fmt(ref[i].get("gold"), 1), _fmt(ref[i].get("rm"), 2)]]
+        rows = [["SFT (before)", ref[i]["response"].strip(), fmt(ref[i].get("gold"), 1), fmt(ref[i].get("rm"), 2)]]
         for m, rs in others.items():
             if i < len(rs):
-                rows.append([m, rs[i]["response"].strip(), _fmt(rs[i].get("gold"), 1), _fmt(rs[i].get("rm"), 2)])
-        md += [_table(["model", "completion", "gold", "RM"], rows), ""]
+                rows.append([m, rs[i]["response"].strip(), fmt(rs[i].get("gold"), 1), fmt(rs[i].get("rm"), 2)])
+        md += [table(["model", "completion", "gold", "RM"], rows), ""]
     return md
 
 
@@ -496,7 +498,7 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
         lines.append(f"- flagged labelers: {', '.join(flagged) if flagged else 'none'}" + (f" ({reasons})" if reasons
                                                                                              else ""))
     if rm_info and quality and rm_info.get("eval/accuracy") is not None:
-        agree = ", ".join(f"{_fmt(q.get('pairwise_percent_agreement'), 2)} (round {i})"
+        agree = ", ".join(f"{fmt(q.get('pairwise_percent_agreement'), 2)} (round {i})"
                           for i, q in enumerate(per_round or [quality], 1))
         lines.append(f"- reward model held-out accuracy {rm_info['eval/accuracy']:.2f} (prompts never trained on) vs "
                      f"labeler-labeler agreement {agree}")
@@ -507,20 +509,20 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
 
 def md_to_html(md: str) -> str:
     """A small converter for the subset the report uses: headings, tables, images, bold lines, list items."""
-    body, table = [], []
+    body, pending = [], []
 
     def flush():
-        if table:
-            head = [c.strip() for c in table[0].strip("|").split(" | ")]
+        if pending:
+            head = [c.strip() for c in pending[0].strip("|").split(" | ")]
             body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>"
                         "<tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in
                                                             r.strip().strip("|").split(" | ")) + "</tr>"
-                                            for r in table[2:]) + "</tbody></table>")
-            table.clear()
+                                            for r in pending[2:]) + "</tbody></table>")
+            pending.clear()
 
     for line in md.splitlines():
         if line.startswith("|"):
-            table.append(line)
+            pending.append(line)
             continue
         flush()
         if line.startswith("#"):
