@@ -40,7 +40,7 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps, split_user_tag
+from alignloop.data import STEP_SEPARATOR, prompt_texts, split_steps
 from alignloop.errors import ConfigError, UserError
 from alignloop.losses import logprobs_from_logits
 from alignloop.models import (
@@ -310,30 +310,12 @@ def speed_up_models(args: OnlineRLArgs, *models) -> None:
 def encoded_prompts(source, args: OnlineRLArgs, tokenizer, trainer: str) -> tuple[list[str], list[list[int]]]:
     """The training prompts (`train_dataset`, else `args.train_file`; any source of `alignloop.data.prompt_texts`;
     with `user_tag`, rows with a `user` field tagged with it) and their token ids, truncated from the left to
-    `max_prompt_length` (which keeps the prompt's end: a tag at its start goes first)."""
+    `max_prompt_length` (which keeps the prompt's end, and a user tag at its start)."""
     source = source if source is not None else args.train_file
     if source is None:
         raise ConfigError(f"{trainer} needs prompts: train_dataset=... (or --train-file)")
     prompts = prompt_texts(source, tokenizer=tokenizer, user_tag=args.user_tag)
-    if args.user_tag is None:
-        return prompts, encode_prompts(tokenizer, prompts, args.max_prompt_length)
-    return prompts, encode_tagged_prompts(tokenizer, prompts, args.user_tag, args.max_prompt_length)
-
-
-def encode_tagged_prompts(tokenizer, prompts: list[str], template: str, max_length: int | None) -> list[list[int]]:
-    """Token ids of user-tagged prompts, a prompt longer than `max_length` keeping its tag's tokens and the end of
-    the rest (left truncation alone would cut the tag, and the policy would not know whose prompt it is)."""
-    ids = encode_prompts(tokenizer, prompts)
-    out = []
-    for prompt, x in zip(prompts, ids, strict=True):
-        user, rest = split_user_tag(prompt, template)
-        if max_length is None or len(x) <= max_length or user is None:
-            out.append(x[-max_length:] if max_length is not None else x)
-            continue
-        tag = encode_prompts(tokenizer, [prompt[:len(prompt) - len(rest)]])[0][:max_length]
-        keep = max_length - len(tag)
-        out.append(tag + (x[-keep:] if keep > 0 else []))
-    return out
+    return prompts, encode_prompts(tokenizer, prompts, args.max_prompt_length, args.user_tag)
 
 
 def prepared_optimization(model: nn.Module, args: OnlineRLArgs, acc):

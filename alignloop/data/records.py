@@ -188,7 +188,7 @@ def _meta_value(row: Row, name: str, value: Any) -> Any:
             raise BadRow(f"field '{name}': expected a list of strings, got {type_name(value)}")
         return list(value)
     if kind == "integer":
-        if row.from_text and isinstance(value, str) and value.strip().isdigit():
+        if row.from_text and isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value)
         if isinstance(value, float) and value.is_integer():  # JSON/pandas may write 1200.0
             value = int(value)
@@ -356,7 +356,7 @@ def _best_as_ranking(row: Row, k: int) -> list[int]:
     """A best-of-K row (Ziegler et al. 2019: the labeler picked one of K): `best`, the 0-based index of the picked
     completion, is the ranking [2, ..., 1, ..., 2]: the pick first, the others tied below it (no order among them)."""
     best = row["best"]
-    if row.from_text and isinstance(best, str) and best.strip().isdigit():
+    if row.from_text and isinstance(best, str) and best.strip().isascii() and best.strip().isdigit():
         best = int(best)
     if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < k:
         raise BadRow(f"field 'best': expected the index of the best completion, an integer 0..{k - 1}, got "

@@ -7,7 +7,8 @@ prompt, weighted by that user's weights). Plain text rather than a new special t
 embedding has to be added to the policy, and a policy that has never seen a tag still reads the rest of the prompt.
 
     USER_TAG = "<user:{user}> "
-    check_user(user) -> str                       # a DataError unless non-empty, no whitespace, no ">"
+    check_user(user, template=USER_TAG) -> str    # a DataError unless non-empty, no whitespace, no ">" (the
+                                                  # characters that end the template's tag)
     tag_prompt(prompt, user, template=USER_TAG) -> str          # user None -> the prompt unchanged
     split_user_tag(text, template=USER_TAG) -> (user | None, rest)   # no (valid) tag -> (None, text)
 
@@ -24,13 +25,16 @@ from alignloop.data.errors import DataError
 USER_TAG = "<user:{user}> "
 
 
-def check_user(user: object) -> str:
-    """`user` when it can be a tag's name: a non-empty string without whitespace or ">" (which would end the default
-    tag early); otherwise a DataError."""
+def check_user(user: object, template: str = USER_TAG) -> str:
+    """`user` when it can be a tag's name: a non-empty string without whitespace or a character of the text that
+    ends `template`'s tag (">" by default: it would end the tag early and the name would be read back wrong);
+    otherwise a DataError."""
     if not isinstance(user, str) or not user:
         raise DataError(f"a user name must be a non-empty string, got {user!r}")
-    if any(c.isspace() for c in user) or ">" in user:
-        raise DataError(f"user name {user!r}: no whitespace and no '>' (the name goes inside a prompt tag)")
+    ends = sorted(set(_template_parts(template)[1].strip()))
+    if any(c.isspace() for c in user) or any(c in user for c in ends):
+        raise DataError(f"user name {user!r}: no whitespace and no {' or '.join(repr(c) for c in ends)} (the name "
+                        f"goes inside a prompt tag {template!r})")
     return user
 
 
@@ -50,7 +54,7 @@ def tag_prompt(prompt: str, user: str | None, template: str = USER_TAG) -> str:
     before, after = _template_parts(template)
     if user is None:
         return prompt
-    return f"{before}{check_user(user)}{after}{prompt}"
+    return f"{before}{check_user(user, template)}{after}{prompt}"
 
 
 def split_user_tag(text: str, template: str = USER_TAG) -> tuple[str | None, str]:
@@ -64,7 +68,7 @@ def split_user_tag(text: str, template: str = USER_TAG) -> tuple[str | None, str
         return None, text
     user = text[len(before):end]
     try:
-        check_user(user)
+        check_user(user, template)
     except DataError:
         return None, text
     return user, text[end + len(after):]

@@ -101,7 +101,7 @@ class BestOfNConfig:
         check_step_aggregation(self.step_aggregation)
         if self.user is not None:
             try:
-                check_user(self.user)
+                check_user(self.user, self.tag_template)
             except DataError as e:
                 raise ConfigError(f"user: {e}") from None
         if self.user_tag is not None:
@@ -124,7 +124,7 @@ def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params
     if n > 1 and scorer is None:
         raise ConfigError("best-of-N with N > 1 needs a reward (--reward-model) to pick the best")
     groups = sample_completions(policy, tokenizer, prompts, n, params, batch_size=batch_size * n,
-                                max_prompt_length=max_prompt_length)
+                                max_prompt_length=max_prompt_length, user_tag=user_tag)
     flat_p = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
     flat_c = [c.text for g in groups for c in g]
     scores, parts = [None] * len(flat_c), {}

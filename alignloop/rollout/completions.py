@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignloop.data.users import split_user_tag
 from alignloop.losses import kl_penalty, logprobs_from_logits, masked_sum
 from alignloop.models.forward import model_forward
 from alignloop.rollout.sampler import HFSampler, Rollout, Sampler, SamplingParams
@@ -37,16 +38,28 @@ class Completion:
     kl: float | None = None      # Σ_t k1 to the reference (only with ref_model)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None,
+                   user_tag: str | None = None) -> list[list[int]]:
     """Token ids of each prompt (no special tokens), keeping the last `max_prompt_length` tokens. An empty prompt
-    becomes [BOS] (or [EOS]): generation needs at least one token to condition on."""
+    becomes [BOS] (or [EOS]): generation needs at least one token to condition on. `user_tag` (a template of
+    `alignloop.data.users`): a prompt that starts with such a tag keeps the tag's tokens and the end of the rest
+    (left truncation alone would cut the tag, and the policy would not know whose prompt it is)."""
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
     if max_prompt_length is not None:
-        ids = [x[-max_prompt_length:] for x in ids]
+        ids = [_truncated(tokenizer, p, x, max_prompt_length, user_tag) for p, x in zip(prompts, ids, strict=True)]
     if any(not x for x in ids):
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [x or [start] for x in ids]
     return ids
+
+
+def _truncated(tokenizer, prompt: str, ids: list[int], max_length: int, user_tag: str | None) -> list[int]:
+    user, rest = split_user_tag(prompt, user_tag) if user_tag is not None else (None, prompt)
+    if len(ids) <= max_length or user is None:
+        return ids[-max_length:]
+    tag = tokenizer(prompt[:len(prompt) - len(rest)], add_special_tokens=False)["input_ids"][:max_length]
+    keep = max_length - len(tag)
+    return list(tag) + (ids[-keep:] if keep > 0 else [])
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -72,16 +85,18 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torc
 
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams | None = None, *,
                        batch_size: int = 32, max_prompt_length: int | None = None, seed: int | None = None,
-                       ref_model=None, sampler: Sampler | None = None) -> list[list[Completion]]:
+                       ref_model=None, sampler: Sampler | None = None,
+                       user_tag: str | None = None) -> list[list[Completion]]:
     """n completions for each prompt -> one list of `Completion` per prompt, in prompt order; `batch_size` sequences
-    per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). See the module docstring."""
+    per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). `user_tag`: the prompts' user tags
+survive truncation (`encode_prompts`). See the module docstring."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     params = params if params is not None else SamplingParams()
     if seed is not None:
         torch.manual_seed(seed)
     sampler = sampler if sampler is not None else HFSampler(model, tokenizer)
-    flat = [ids for ids in encode_prompts(tokenizer, prompts, max_prompt_length) for _ in range(n)]
+    flat = [ids for ids in encode_prompts(tokenizer, prompts, max_prompt_length, user_tag) for _ in range(n)]
     done: list[Completion] = []
     for lo in range(0, len(flat), max(1, batch_size)):
         rollout = sampler.generate(flat[lo:lo + max(1, batch_size)], params)

@@ -188,8 +188,8 @@ def head_mask(group_head: torch.Tensor, num_heads: int, population: int | None) 
 
 
 def _masked_sum(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # where, not a product with the mask: a head outside the mask gets an exact zero gradient even from a non-finite
-    # term, and its loss is not counted
+    # where, not a product with the mask: a head outside the mask gets an exact zero gradient even from an infinite
+    # term (a NaN score would poison the shared backbone anyway), and its loss is not counted
     return torch.where(mask, terms, torch.zeros_like(terms)).sum(-1)
 
 

@@ -89,6 +89,7 @@ def test_flat_rows_of_one_group_merge_only_with_equal_meta():
     ("flags", ["a", 2], r"field 'flags': expected a list of strings"),
     ("time_spent_ms", -5, r"field 'time_spent_ms': expected an integer >= 0"),
     ("time_spent_ms", "5s", r"field 'time_spent_ms': expected an integer >= 0"),
+    ("time_spent_ms", "²", r"field 'time_spent_ms': expected an integer >= 0"),
     ("criterion", "", r"field 'criterion': expected a non-empty string"),
     ("comments", [None], r"field 'comments': expected a list of strings"),
 ])
@@ -141,3 +142,18 @@ def test_user_tags():
             tag_prompt("Hi", "bob", template)
     with pytest.raises(DataError, match=r"row 0, field 'user'"):
         load_prompts([{"prompt": "P", "user": "has space"}])
+
+
+def test_a_name_cannot_hold_the_end_of_its_templates_tag():
+    """With the template "[{user}] ", a name "a]b" would be written "[a]b] Hi", which a template
+    ending "]]" or a prompt starting "] " would read back wrong: refused, whatever characters end the template's tag."""
+    with pytest.raises(DataError, match=r"user name 'a\]b'.*'\]'"):
+        tag_prompt("Hi", "a]b", "[{user}] ")
+    assert split_user_tag(tag_prompt("Hi", "a>b", "[{user}] "), "[{user}] ") == ("a>b", "Hi")   # ">" ends no tag here
+
+
+def test_a_csv_cell_of_non_ascii_digits_is_a_bad_row(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,chosen,rejected,time_spent_ms\nP, a, b,²\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2.*field 'time_spent_ms': expected an integer >= 0"):
+        load_preferences(str(path))

@@ -9,14 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import alignloop.rollout.completions as completions
 from alignloop.cli import cli
 from alignloop.data import USER_TAG, split_user_tag, tag_prompt
 from alignloop.errors import ConfigError
 from alignloop.evaluation import Samples, score, summarize
+from alignloop.models import load_causal_lm
 from alignloop.models.tiny import build_tiny_checkpoint, tiny_causal_lm, train_tokenizer
+from alignloop.recipes.best_of_n import best_of_n
 from alignloop.recipes.rejection_sampling import RejectionSamplingTrainer, RSConfig
-from alignloop.rl import encode_tagged_prompts
-from alignloop.rollout import encode_prompts
+from alignloop.rollout import SamplingParams, encode_prompts
 from alignloop.scoring import load_scorer
 from alignloop.trainers.grpo import GRPOConfig, GRPOTrainer
 from alignloop.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -67,7 +69,7 @@ def _write(path, rows):
 def test_a_truncated_prompt_keeps_its_tag(tok):
     long = tag_prompt("the movie was very good and the plot was fun " * 4, "alice")
     short = tag_prompt("a film", "bob")
-    ids = encode_tagged_prompts(tok, [long, short, "untagged text here " * 4], USER_TAG, 30)
+    ids = encode_prompts(tok, [long, short, "untagged text here " * 4], 30, USER_TAG)
     tag_ids = encode_prompts(tok, ["<user:alice> "])[0]
     assert 0 < len(tag_ids) < 20 and len(ids[0]) == 30
     assert ids[0][:len(tag_ids)] == tag_ids
@@ -94,6 +96,24 @@ def test_generate_for_a_user_round_trips_the_tag_and_scores_untagged(tmp_path, p
             parts = c["parts"]
             assert c["score"] == pytest.approx(0.9 * parts["helpful"] + 0.1 * parts["harmless"], abs=1e-5)
     assert [r["prompt"] for r in prompt_rows for _ in range(2)] == heads_fixtures.SEEN_PROMPTS   # untagged
+
+
+def test_best_of_n_samples_a_long_prompt_with_its_tag(monkeypatch, tok, policy, heads_rm):
+    """generate's sampling truncates like the RL trainers: a prompt longer than max_prompt_length keeps its tag's
+    tokens first (left truncation alone would sample for nobody while the reward scores for alice)."""
+    seen = []
+
+    class Recording(completions.HFSampler):
+        def generate(self, prompt_ids, params):
+            seen.extend(prompt_ids)
+            return super().generate(prompt_ids, params)
+
+    monkeypatch.setattr(completions, "HFSampler", Recording)
+    prompt = tag_prompt("the movie was very good and the plot was fun " * 4, "alice")
+    best_of_n(load_causal_lm(policy), tok, [prompt], 2, heads_rm, SamplingParams(max_new_tokens=2),
+              max_prompt_length=20, user_tag=USER_TAG)
+    tag_ids = encode_prompts(tok, ["<user:alice> "])[0]
+    assert len(seen) == 2 and all(len(x) == 20 and x[:len(tag_ids)] == tag_ids for x in seen)
 
 
 def test_generate_with_user_tag_tags_the_rows_users(tmp_path, policy, heads_rm, prompt_rows):
