@@ -37,9 +37,10 @@ only when their meta is equal (the same labeler, criterion, comment, ...): a gro
 its pairs; rows of one `group` that differ are separate groups (each pair keeping its own pair_weight).
 Prompt rows keep `user` (str, a valid user name). User tags (`alignloop.data.users`):
     USER_TAG = "<user:{user}> ";  tag_prompt(prompt, user, template=USER_TAG) -> str (user None: unchanged)
-    split_user_tag(text, template=USER_TAG) -> (user | None, rest);  check_user(name): non-empty, no whitespace,
-    no ">" (a DataError otherwise);  meta_key(meta, "criterion" | "group" | "labeler") -> str | None: whose
-    judgement (the labeler's group is labeler_attributes["group"])
+    split_user_tag(text, template=USER_TAG) -> (user | None, rest);  check_user(name, template): non-empty, no
+    whitespace, none of the characters that end the template's tag (">") (a DataError otherwise);
+    meta_key(meta, "criterion" | "group" | "labeler") -> str | None: whose judgement (the labeler's group is
+    labeler_attributes["group"])
 
 Step-level data (process reward models; `alignloop.data.steps`):
     STEP_SEPARATOR = "\n"; split_steps(text, separator) -> list[str]; join_steps(steps, separator) -> str
