@@ -46,7 +46,7 @@ from alignloop.data import (
 from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
-from alignloop.rollout import SamplingParams, sample_completions
+from alignloop.rollout import Completion, SamplingParams, sample_completions
 from alignloop.scoring import (
     STEP_AGGREGATION_HELP,
     build_scorer,
@@ -131,13 +131,9 @@ def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params
     if scorer is not None:
         total, parts = score_with_parts(scorer, flat_p, flat_c)
         scores, parts = total.tolist(), ({k: v.tolist() for k, v in parts.items()} if len(parts) > 1 else {})
+    candidates = scored_candidates(groups, scores, parts)
     rows = []
-    for i, (p, g) in enumerate(zip(prompts, groups, strict=True)):
-        cs = [{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": scores[i * n + j]}
-              for j, c in enumerate(g)]
-        for j, c in enumerate(cs):
-            if parts:
-                c["parts"] = {k: v[i * n + j] for k, v in parts.items()}
+    for p, cs in zip(prompts, candidates, strict=True):
         best = max(range(len(cs)), key=lambda j: cs[j]["score"]) if scorer is not None else 0
         rows.append({"prompt": p, "candidates": cs, "best_index": best, "best_completion": cs[best]["completion"],
                      "best_score": cs[best]["score"]})
@@ -145,8 +141,26 @@ def best_of_n(policy, tokenizer, prompts: list[str], n: int, reward=None, params
     if scorer is not None:
         summary["mean_best_score"] = sum(r["best_score"] for r in rows) / max(len(rows), 1)
         summary["mean_score"] = sum(scores) / max(len(scores), 1)
-        summary.update({f"reward/{k}": sum(v) / max(len(v), 1) for k, v in parts.items()})
+        summary.update(part_means(candidates))
     return rows, summary
+
+
+def scored_candidates(groups: list[list[Completion]], scores: list, parts: dict[str, list]) -> list[list[dict]]:
+    """Each prompt's candidates as rows {"completion", "stopped", "length", "score"}, plus "parts" {name: score}
+    for a reward of several parts; `scores` and each part's list are flat, in the groups' order."""
+    out, start = [], 0
+    for g in groups:
+        out.append([{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": scores[i],
+                     **({"parts": {k: v[i] for k, v in parts.items()}} if parts else {})}
+                    for i, c in enumerate(g, start)])
+        start += len(g)
+    return out
+
+
+def part_means(candidates: list[list[dict]]) -> dict[str, float]:
+    """reward/<name>: each part's mean over the candidates (those with "parts": a reward of several parts)."""
+    parts = [c["parts"] for cs in candidates for c in cs if "parts" in c]
+    return {f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})}
 
 
 def user_prompts(config: BestOfNConfig, tokenizer) -> list[str]:

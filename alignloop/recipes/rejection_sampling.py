@@ -35,6 +35,7 @@ from alignloop.data import prompt_texts, write_rows
 from alignloop.errors import ConfigError
 from alignloop.evaluation import best_of_n_kl
 from alignloop.models import load_causal_lm, load_tokenizer
+from alignloop.recipes.best_of_n import part_means, scored_candidates
 from alignloop.rollout import SamplingParams, sample_completions
 from alignloop.scoring import STEP_AGGREGATION_HELP, build_scorer, check_step_aggregation, score_with_parts
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
@@ -95,12 +96,6 @@ class RSConfig:
         check_step_aggregation(self.step_aggregation)
 
 
-def part_means(candidates: list[list[dict]]) -> dict[str, float]:
-    """reward/<name>: each part's mean over the candidates (those with "parts": a reward of several parts)."""
-    parts = [c["parts"] for cs in candidates for c in cs if "parts" in c]
-    return {f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})}
-
-
 def select(candidates: list[dict], keep_top_k: int, score_threshold: float | None) -> list[int]:
     """Indices of the kept candidates of one prompt: the `keep_top_k` best (0 = all), and of those only the ones
     scoring >= `score_threshold` (when set). Ties keep the earlier sample."""
@@ -158,14 +153,10 @@ class RejectionSamplingTrainer:
                                     batch_size=a.batch_size * a.samples_per_prompt,
                                     max_prompt_length=a.max_prompt_length, seed=round_seed)
         flat_p = [p for p, g in zip(self.prompts, groups, strict=True) for _ in g]
-        flat = [c for g in groups for c in g]
-        scores, parts = score_with_parts(self.scorer, flat_p, [c.text for c in flat])
+        scores, parts = score_with_parts(self.scorer, flat_p, [c.text for g in groups for c in g])
         # a reward of several parts (a multi-head model's heads): each candidate keeps them, each round logs them
         named = {k: v.tolist() for k, v in parts.items()} if len(parts) > 1 else {}
-        rows = iter([{"completion": c.text, "stopped": c.stopped, "length": c.length, "score": s,
-                      **({"parts": {k: v[i] for k, v in named.items()}} if named else {})}
-                     for i, (c, s) in enumerate(zip(flat, scores.tolist(), strict=True))])
-        return [[next(rows) for _ in g] for g in groups]
+        return scored_candidates(groups, scores.tolist(), named)
 
     def train(self) -> TrainResult:
         a = self.args
