@@ -49,7 +49,7 @@ from alignloop.demo import domain
 from alignloop.demo.demo import DemoSize, critic_free_section, demo_config, stage_base, stage_data
 from alignloop.demo.personal_report import write_personal_report
 from alignloop.errors import UserError
-from alignloop.evaluation import load_policy, mean, sample_policy
+from alignloop.evaluation import load_policy, mean, sample_policy, win_rate
 from alignloop.models import heads_info
 from alignloop.personal import UserProfiles, fit_user_weights, population_weights
 from alignloop.pipeline import RunFolder
@@ -298,7 +298,7 @@ def stage_rm(folder: Path, run: RunFolder, size: PersonalSize, seed: int, person
 def pairwise_accuracy(diffs) -> float:
     """The share of pairs whose score difference (chosen − rejected) is positive; a tie counts ½."""
     diffs = [float(d) for d in diffs]
-    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs) if diffs else float("nan")
+    return win_rate(diffs, [0.0] * len(diffs)) if diffs else float("nan")   # chosen "wins" against rejected
 
 
 def score_texts(spec: str, keys: list[tuple[str, str]]) -> dict[str, list[float]]:
