@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from alignloop.errors import UserError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD = "0005"  # the newest revision in migrations/versions (tests/feedback/test_store.py checks it against Alembic)
+HEAD = "0006"  # the newest revision in migrations/versions (tests/feedback/test_store.py checks it against Alembic)
 
 
 def normalise_url(db: str) -> str:

@@ -1,6 +1,7 @@
 """The feedback store's schema (SQLAlchemy 2 declarative). Alembic migrations in `migrations/` create it.
 
-Tables: projects, prompts, completions, items, labelers, assignments, judgements.
+Tables: projects, prompts, completions, items, labelers, assignments, judgements, sessions, project_members,
+adjudications.
 
 * An **item** is what one labeler judges once: a prompt plus the completions shown (2 for pairwise, K for rank,
   1 for thumbs / Likert), in a canonical order `completion_ids` (position 0 is "A"). A steps item is one solution:
@@ -74,6 +75,9 @@ class Prompt(Base):
     messages: Mapped[list] = mapped_column(JSON, nullable=False)
     is_chat: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     meta: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    # what makes an import idempotent: "id:<row id>" or a hash of the row's content; unique per project (0006)
+    source_key: Mapped[str | None] = mapped_column(String(100))
+    __table_args__ = (Index("uq_prompts_project_source", "project_id", "source_key", unique=True),)
 
 
 class Completion(Base):
@@ -162,3 +166,39 @@ class Judgement(Base):
     # a several-question project's answers {question name: {choice, strength, picked_position}}; NULL otherwise
     answers: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     __table_args__ = (UniqueConstraint("assignment_id", "version", name="uq_judgement_assignment_version"),)
+
+
+class WebSession(Base):
+    """A signed-in client (migration 0006). `id` is the SHA-256 of the cookie's random token, never the token."""
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    __table_args__ = (Index("ix_sessions_labeler", "labeler_id"),)
+
+
+class ProjectMember(Base):
+    """A labeler allowed on a project whose `settings["access"]` is "members" (migration 0006)."""
+    __tablename__ = "project_members"
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    __table_args__ = (Index("ix_project_members_labeler", "labeler_id"),)
+
+
+ADJUDICATION_DECISIONS = ("accept", "override", "exclude")
+
+
+class Adjudication(Base):
+    """An admin's review of an item, append-only: the newest row per item counts (migration 0006). "accept": the
+    consensus stands; "override": `answer` (a judgement's fields) replaces it; "exclude": the item leaves exports."""
+    __tablename__ = "adjudications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False)
+    decision: Mapped[str] = mapped_column(String(20), nullable=False)
+    answer: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    __table_args__ = (Index("ix_adjudications_item", "item_id", "id"),)
