@@ -14,6 +14,7 @@ The functions here work inside a session the caller opened (`Store` opens it: `s
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -100,33 +101,139 @@ def project_info(s: Session, project_id: int, cache: ProjectInfoCache) -> Projec
 
 
 # -- projects -----------------------------------------------------------------------------------------------------
+ACCESS_MODES = ("all", "members")  # settings.access: every labeler may label, or only the project's members
+_SETTING_KEYS = ("flags", "assignment_timeout_s", "max_rank_k", "max_steps", "thresholds", "questions", "access",
+                 "allow_ties", "strength_required", "min_labels", "gold_seed")
+_FLAG_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def default_min_labels(overlap_k: int) -> int:
+    """What `min_labels` is when a project does not set it: 2 when items get two or more labels, else 1."""
+    return 2 if overlap_k >= 2 else 1
+
+
+def check_settings(task_type: str, settings: Mapping[str, Any] | None, overlap_k: int | None = None) -> dict:
+    """A project's settings checked (the one place: CLI `create`, the admin's create and edit forms), returned as a
+    new dict. Unknown names and wrong types are a UserError naming `settings.<name>`; absent settings keep their
+    defaults (read with `.get(name, default)`). With `overlap_k`, `min_labels` may not exceed it."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, Mapping):
+        raise UserError(f"settings: a JSON object of settings, not {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(_SETTING_KEYS))
+    if unknown:
+        raise UserError(f"settings.{unknown[0]}: unknown setting (known: {', '.join(_SETTING_KEYS)})")
+    out = dict(settings)
+    for name in ("allow_ties", "strength_required"):
+        if name in out and not isinstance(out[name], bool):
+            raise UserError(f"settings.{name}: true or false, got {out[name]!r}")
+    if "access" in out and out["access"] not in ACCESS_MODES:
+        raise UserError(f"settings.access: one of {', '.join(ACCESS_MODES)}, got {out['access']!r}")
+    _check_int(out, "min_labels", 1, overlap_k if overlap_k is not None else 100)
+    _check_int(out, "max_rank_k", 2, 26)
+    _check_int(out, "max_steps", 1, 1000)
+    _check_int(out, "gold_seed", 0, 2**63 - 1)
+    if "assignment_timeout_s" in out:
+        v = out["assignment_timeout_s"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 365 * 24 * 3600:
+            raise UserError(f"settings.assignment_timeout_s: seconds between 0 (never expire) and a year, got {v!r}")
+    if "flags" in out:
+        out["flags"] = _check_flags(out["flags"])
+    if "thresholds" in out:
+        out["thresholds"] = _check_thresholds(out["thresholds"])
+    if "questions" in out:
+        out["questions"] = check_questions(out["questions"], task_type)
+    return out
+
+
+def _check_int(settings: dict, name: str, lo: int, hi: int) -> None:
+    if name not in settings:
+        return
+    v = settings[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UserError(f"settings.{name}: a whole number from {lo} to {hi}, got {v!r}")
+
+
+def _check_flags(flags: Any) -> list[dict]:
+    """Likert's metadata checkboxes: a list of {"name", "label", "key"} (names slugs, names and keys unique)."""
+    if not isinstance(flags, list) or len(flags) > 26:
+        raise UserError('settings.flags: a list of at most 26 {"name", "label", "key"} objects')
+    out, names, keys = [], set(), set()
+    for n, f in enumerate(flags):
+        where = f"settings.flags[{n}]"
+        if not isinstance(f, Mapping) or set(f) != {"name", "label", "key"}:
+            raise UserError(f'{where}: an object with exactly "name", "label" and "key", got {f!r}')
+        if not isinstance(f["name"], str) or not _FLAG_NAME_RE.match(f["name"]) or f["name"] in names:
+            raise UserError(f"{where}.name {f['name']!r}: a unique slug (lowercase letters, digits, _)")
+        if not isinstance(f["label"], str) or not f["label"].strip() or len(f["label"]) > 200:
+            raise UserError(f"{where}.label: a non-empty text of at most 200 characters")
+        key = f["key"]
+        if not isinstance(key, str) or len(key) != 1 or not key.isascii() or not key.isalpha() or key.lower() in keys:
+            raise UserError(f"{where}.key {key!r}: one letter, not used by another flag")
+        names.add(f["name"])
+        keys.add(key.lower())
+        out.append({"name": f["name"], "label": f["label"].strip(), "key": key.lower()})
+    return out
+
+
+def _check_thresholds(th: Any) -> dict:
+    """Quality thresholds: known names (`quality.Thresholds`' fields) with numbers."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from .quality import Thresholds  # noqa: PLC0415 - numpy, scipy: only when thresholds are given
+
+    known = {f.name for f in fields(Thresholds)}
+    if not isinstance(th, Mapping):
+        raise UserError("settings.thresholds: an object of threshold names to numbers")
+    for k, v in th.items():
+        if k not in known:
+            raise UserError(f"settings.thresholds.{k}: unknown threshold (known: {', '.join(sorted(known))})")
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v < 0:
+            raise UserError(f"settings.thresholds.{k}: a number ≥ 0, got {v!r}")
+    return dict(th)
+
+
 def new_project(name: str, task_type: str, guidelines_md: str = "", overlap_k: int = 3, gold_rate: float = 0.0,
                 settings: dict | None = None) -> Project:
     """A checked, unsaved Project (settings get the default flags unless they name their own)."""
-    if not _NAME_RE.match(name or ""):
-        raise UserError(f"project name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
+    check_project_name(name)
     if task_type not in TASK_TYPES:
         raise UserError(f"task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}")
     if not 1 <= int(overlap_k) <= 100:
         raise UserError(f"overlap k = {overlap_k}: must be between 1 and 100")
     if not 0.0 <= float(gold_rate) < 1.0:
         raise UserError(f"gold rate {gold_rate}: must be in [0, 1)")
-    settings = dict(settings or {})
+    settings = check_settings(task_type, settings or {}, int(overlap_k))
     settings.setdefault("flags", DEFAULT_FLAGS)
-    if "questions" in settings:
-        settings["questions"] = check_questions(settings["questions"], task_type)
+    # gold placement is seeded per project (random here, kept in the settings): reproducible, not guessable
+    settings.setdefault("gold_seed", secrets.randbits(63))
     return Project(name=name, task_type=task_type, guidelines_md=guidelines_md, overlap_k=int(overlap_k),
                    gold_rate=float(gold_rate), settings=settings)
 
 
+def check_project_name(name: Any) -> str:
+    """A new project's name: a slug (letters, digits, '_', '-', '.'; at most 100), not all digits (`/p/<digits>`
+    and `--project-id` are ids, so a name like "2024" would be taken for one) and not "." or ".." (path segments in
+    URLs). Projects made before the rule keep their names and are reached by id."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UserError(f"project name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
+    if name.isdigit():
+        raise UserError(f"project name {name!r}: not only digits (a number is a project id); e.g. 'round-{name}'")
+    if name in (".", ".."):
+        raise UserError(f"project name {name!r}: not '.' or '..'")
+    return name
+
+
 def find_project(s: Session, name_or_id: str | int) -> Project:
-    """By id (an int or a string of digits) or by name; NotFound otherwise."""
-    if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit()):
-        p = s.get(Project, int(name_or_id))
+    """By name (a str, never parsed: "2024" is a name) or by id (an int); NotFound otherwise."""
+    if isinstance(name_or_id, bool) or not isinstance(name_or_id, (str, int)):
+        raise TypeError(f"a project name (str) or id (int), not {type(name_or_id).__name__}")
+    if isinstance(name_or_id, int):
+        p = s.get(Project, name_or_id) if -2**63 <= name_or_id < 2**63 else None
     else:
         p = s.scalar(select(Project).where(Project.name == name_or_id))
     if p is None:
-        raise NotFound(f"no project {name_or_id!r}")
+        raise NotFound(f"no project {name_or_id!r}" if isinstance(name_or_id, str) else f"no project with id {name_or_id}")
     return p
 
 
