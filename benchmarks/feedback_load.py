@@ -5,7 +5,8 @@
 N concurrent labelers (asyncio streams with keep-alive, one connection and one session each; uvloop when installed)
 first sign in through the JSON API (`POST /api/login`, argon2) and fetch their first item; once all have signed in
 (timed separately: `sign_in_s`) they loop: submit a pairwise judgement with a fresh idempotency key. By default the
-submit reply carries the next item (`?next=1`: one round trip per judgement); `--separate-next` uses a GET for it.
+submit reply carries the next item (`?next=1`: one round trip per judgement); `--separate-next` takes it with its
+own `POST /api/p/<project>/next` (a GET never hands out an item).
 A submission that fails (connection refused or reset, 5xx) is retried with the *same* key until acknowledged; a
 judgement counts as acknowledged only when its 200/201 reply has been read (the server replies after COMMIT). Once
 `--kill-at` of the target is acknowledged the server is killed with SIGKILL and restarted on the same database
@@ -219,7 +220,7 @@ class Labeler:
             delay = min(delay * 2, 0.5)
 
     async def fetch_next(self) -> dict | None:
-        status, data = await self.call("GET", f"/api/p/{PROJECT}/next")
+        status, data = await self.call("POST", f"/api/p/{PROJECT}/next", headers=self.headers)
         if status != 200:
             self.st.errors.append(f"next {self.i}: {status} {data[:200]!r}")
             return None
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--think-ms", type=float, default=0.0,
                     help="mean think time per item (exponential); 0 = closed loop at full speed (a stress test)")
     ap.add_argument("--separate-next", action="store_true",
-                    help="fetch the next item with its own GET (default: the submit reply carries it, ?next=1)")
+                    help="take the next item with its own POST (default: the submit reply carries it, ?next=1)")
     ap.add_argument("--trace", default=None,
                     help="write one line per acknowledged submit: seconds since labeling began, latency ms, retried")
     ap.add_argument("--pin", action="store_true",

@@ -48,7 +48,7 @@ from alignloop.errors import UserError
 
 from . import db as dbmod
 from . import reading, sqlite_hot
-from .assignment import ExpiryClock, next_in, own_assignment, skip_in
+from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Judgement, Labeler, Project, Prompt
@@ -309,6 +309,12 @@ class Store:
             except IntegrityError:  # the same labeler racing itself (two tabs): retry, it then finds the open one
                 continue
         raise RuntimeError(f"could not assign an item after {_RETRIES} attempts")
+
+    def open_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
+        """The labeler's open assignment in this project (the oldest), if any: a read, nothing is taken (what a GET
+        may do)."""
+        with self.read() as s:
+            return open_assignment(s, project_id, labeler_id)
 
     def _next_once(self, project_id: int, labeler_id: int) -> Assignment | None:
         with self.write() as s:

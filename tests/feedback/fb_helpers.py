@@ -25,6 +25,22 @@ def assignment_of(html: str) -> int:
     return int(m.group(1))
 
 
+def label_page(client, project: str):
+    """The label page with an item on it: GET /p/<project>/label, and if it offers "Start" / "Next item" (a GET
+    takes no item), POST that form (the reply after its redirect)."""
+    r = client.get(f"/p/{project}/label")
+    if 'id="start-form"' in r.text:
+        r = client.post(f"/p/{project}/next", data={"csrf_token": csrf_of(r.text)})
+    return r
+
+
+def api_next(client, project: str, csrf: str):
+    """POST /api/p/<project>/next (the labeler's open item, else a new one): the JSON reply."""
+    r = client.post(f"/api/p/{project}/next", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 class Labeling:
     """Drive one labeler's client through the labeling form."""
 
@@ -32,7 +48,7 @@ class Labeling:
         self.c, self.project = client, project
 
     def page(self):
-        return self.c.get(f"/p/{self.project}/label")
+        return label_page(self.c, self.project)
 
     def submit(self, fields: dict, page=None):
         page = page or self.page()
@@ -58,6 +74,15 @@ def login(browser, base, username, js=True):
     page.click("button[type=submit]")
     page.wait_for_url(base + "/")
     return ctx, page
+
+
+def open_label(page, base, project):
+    """Playwright: open the project's label page and, if it offers "Start" / "Next item" (a GET takes no item),
+    press it; returns once an item (or "all done") is shown."""
+    page.goto(f"{base}/p/{project}/label")
+    if page.locator("#start").count():
+        page.click("#start")
+    page.wait_for_selector("#judge, #all-done")
 
 
 def free_port():

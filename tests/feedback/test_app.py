@@ -3,7 +3,7 @@ import json
 import re
 
 import pytest
-from fb_helpers import PASSWORD, Labeling, assignment_of, csrf_of, field_of
+from fb_helpers import PASSWORD, Labeling, assignment_of, csrf_of, field_of, label_page
 
 
 @pytest.fixture
@@ -88,10 +88,10 @@ def test_security_headers(setup, make_client):
 
 def test_model_text_is_escaped(setup, make_client):
     c = make_client("ann")
-    html = c.get("/p/pw/label").text
+    html = label_page(c, "pw").text
     if "first turn" in html:  # got the multi-turn item first: do it, then the XSS one comes
         Labeling(c, "pw").submit({"choice": "tie"})
-        html = c.get("/p/pw/label").text
+        html = label_page(c, "pw").text
     assert "<script>alert('xss')" not in html and "&lt;script&gt;alert(&#39;xss&#39;)&lt;/script&gt;" in html
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "Say &lt;b&gt;hi&lt;/b&gt;" in html
@@ -188,7 +188,7 @@ def test_rank_thumbs_likert_forms(setup, make_client, store):
 
 def test_skip_resume_and_progress(setup, make_client, store):
     c = make_client("ann")
-    first = assignment_of(c.get("/p/pw/label").text)
+    first = assignment_of(label_page(c, "pw").text)
     assert assignment_of(c.get("/p/pw/label").text) == first  # reload resumes the same item
     page = c.get("/p/pw/label")
     r = c.post(f"/p/pw/skip/{first}", data={"csrf_token": csrf_of(page.text)})
@@ -200,9 +200,9 @@ def test_skip_resume_and_progress(setup, make_client, store):
 
 def test_labeler_cannot_touch_others_work(setup, make_client, store):
     ann, bob = make_client("ann"), make_client("bob")
-    page = ann.get("/p/pw/label")
+    page = label_page(ann, "pw")
     aid = assignment_of(page.text)
-    bob_page = bob.get("/p/pw/label")
+    bob_page = label_page(bob, "pw")
     tok = csrf_of(bob_page.text)
     r = bob.post(f"/p/pw/label/{aid}", data={"csrf_token": tok, "idempotency_key": "bobkey-123",
                                             "choice": "tie"})
@@ -285,7 +285,7 @@ def test_json_api(setup, make_client, store):
     assert c.post("/api/login", data={"username": "ann", "password": PASSWORD}).status_code == 415
     assert c.post("/api/login", json={"username": "ann", "password": "bad"}).status_code == 401
     tok = c.post("/api/login", json={"username": "ann", "password": PASSWORD}).json()["csrf_token"]
-    nxt = c.get("/api/p/pw/next").json()
+    nxt = c.post("/api/p/pw/next", headers={"X-CSRF-Token": tok}).json()
     aid = nxt["assignment_id"]
     assert nxt["task_type"] == "pairwise" and len(nxt["completions"]) == 2
     body = {"choice": "right", "strength": "better", "idempotency_key": "api-key-0001"}
@@ -310,7 +310,8 @@ def test_json_api(setup, make_client, store):
     aid2 = c.get("/api/p/pw/next").json()["assignment_id"]
     assert aid2 == nxt["assignment_id"]
     assert c.post(f"/api/assignments/{aid2}/skip", headers={"X-CSRF-Token": tok}).json() == {"skipped": aid2}
-    assert c.get("/api/p/pw/next").json() == {"assignment_id": None}
+    assert c.get("/api/p/pw/next").status_code == 405  # a GET takes nothing: no open item
+    assert c.post("/api/p/pw/next", headers={"X-CSRF-Token": tok}).json() == {"assignment_id": None}
 
 
 def test_secret_key_sources(tmp_path, monkeypatch):
@@ -414,7 +415,7 @@ def test_concurrent_api_submissions_are_group_committed(store):
         for i in range(4):
             c = httpx.AsyncClient(transport=transport, base_url="http://t")
             tok = (await c.post("/api/login", json={"username": f"gc{i}", "password": PASSWORD})).json()["csrf_token"]
-            aid = (await c.get("/api/p/gc/next")).json()["assignment_id"]
+            aid = (await c.post("/api/p/gc/next", headers={"X-CSRF-Token": tok})).json()["assignment_id"]
             body = {"choice": "left", "idempotency_key": f"gc-key-{i:04d}"}
             if i != 3:
                 body["strength"] = "better"

@@ -15,6 +15,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
 from fb_helpers import login as _login  # noqa: E402
+from fb_helpers import open_label as _open_label  # noqa: E402
 from fb_helpers import uniq as _uniq  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def test_pairwise_keyboard_and_guidelines(server, browser, shots):
     page.goto(f"{base}/p/{proj}/guidelines")
     sync_api.expect(page.locator("article h1")).to_have_text("Guidelines")
     page.screenshot(path=str(shots / "04_guidelines.png"))
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     sync_api.expect(page.locator(".context")).to_contain_text("Another one?")
     first_left = page.locator("#completion-0 .text").inner_text()
     page.keyboard.press("a")
@@ -101,7 +102,7 @@ def test_arrow_keys_and_strength_validation_message(server, browser, shots):
     store, base = server
     proj, (user,) = _setup(store, "pairwise", [{"prompt": "p", "completions": ["x", "y"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("ArrowRight")
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#form-errors")).to_contain_text("say how much better")
@@ -119,7 +120,7 @@ def test_both_bad_with_the_mouse_and_skip(server, browser):
     store, base = server
     proj, (user,) = _setup(store, "pairwise", [{"prompt": f"p{i}", "completions": ["x", "y"]} for i in range(2)])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("s")  # skip
     sync_api.expect(page.locator("#progress")).to_contain_text("1 skipped")
     page.check("input[name=choice][value=both_bad]")
@@ -135,7 +136,7 @@ def test_rank_keyboard(server, browser, shots):
     proj, (user,) = _setup(store, "rank", [{"prompt": "Rank these haiku.", "completions": ["one", "two", "three",
                                                                                            "four"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     shown = [page.locator(f"#completion-{i} .text").inner_text() for i in range(4)]
     for key in ("2", "1", "2", "4"):  # ranks for shown positions 0..3; a tie at 2
         page.keyboard.press(key)
@@ -153,7 +154,7 @@ def test_thumbs_keyboard_with_comment(server, browser, shots):
     store, base = server
     proj, (user,) = _setup(store, "thumbs", [{"prompt": "Tell me a joke.", "completions": ["No."]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("d")
     page.keyboard.press("c")
     page.keyboard.type("not funny")
@@ -170,7 +171,7 @@ def test_likert_keyboard_with_flags(server, browser, shots):
     proj, (user,) = _setup(store, "likert", [{"prompt": "Who won the 2090 World Cup?", "completions": [
         "Atlantis won 7-0."]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("2")
     page.keyboard.press("h")
     page.keyboard.press("i")
@@ -188,7 +189,7 @@ def test_resume_after_reload(server, browser, shots):
     proj, (user,) = _setup(store, "pairwise", [{"prompt": f"p{i}", "completions": [f"x{i}", f"y{i}"]}
                                                for i in range(3)])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("b")
     page.keyboard.press("3")
     page.keyboard.press("Enter")
@@ -201,7 +202,7 @@ def test_resume_after_reload(server, browser, shots):
     sync_api.expect(page.locator("#progress")).to_contain_text("1 done")
     ctx.close()
     ctx, page = _login(browser, base, user)  # a new session (another device) resumes too
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     assert page.locator("#judge").get_attribute("action") == action
     page.screenshot(path=str(shots / "12_resumed.png"))
     ctx.close()
@@ -212,8 +213,8 @@ def test_two_labelers_same_item(server, browser, shots):
     proj, (u1, u2) = _setup(store, "pairwise", [{"prompt": "shared", "completions": ["x", "y"]}], k=2, labelers=2)
     c1, p1 = _login(browser, base, u1)
     c2, p2 = _login(browser, base, u2)
-    p1.goto(f"{base}/p/{proj}/label")
-    p2.goto(f"{base}/p/{proj}/label")
+    _open_label(p1, base, proj)
+    _open_label(p2, base, proj)
     sync_api.expect(p1.locator(".context")).to_contain_text("shared")
     sync_api.expect(p2.locator(".context")).to_contain_text("shared")
     p1.keyboard.press("a")
@@ -237,7 +238,7 @@ def test_xss_completion_is_inert(server, browser, shots):
     ctx, page = _login(browser, base, user)
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.wait_for_timeout(300)
     assert page.evaluate("window.__xss") is None and not dialogs
     texts = page.locator(".completion .text").all_inner_texts()
@@ -257,7 +258,7 @@ def test_labeler_refused_admin_and_admin_dashboard(server, browser, shots):
     page.screenshot(path=str(shots / "14_admin_refused.png"))
     assert page.goto(f"{base}/admin/p/{proj}").status == 403
     assert page.goto(f"{base}/admin/p/{proj}/export").status == 403
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("a")
     page.keyboard.press("2")
     page.keyboard.press("Enter")
@@ -278,7 +279,7 @@ def test_works_without_javascript(server, browser, shots):
     store, base = server
     proj, (user,) = _setup(store, "pairwise", [{"prompt": "no js", "completions": ["x", "y"]}])
     ctx, page = _login(browser, base, user, js=False)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.check("input[name=choice][value=right]")
     page.click("#submit")
     sync_api.expect(page.locator("#form-errors")).to_contain_text("say how much better")
@@ -332,7 +333,7 @@ def test_remaining_shortcuts_both_bad_thumbs_up_rank_navigation(server, browser)
     store, base = server
     proj, (user,) = _setup(store, "pairwise", [{"prompt": "p", "completions": ["x", "y"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("x")
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#all-done")).to_be_visible()
@@ -341,7 +342,7 @@ def test_remaining_shortcuts_both_bad_thumbs_up_rank_navigation(server, browser)
 
     proj, (user,) = _setup(store, "thumbs", [{"prompt": "p", "completions": ["fine"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("u")
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#all-done")).to_be_visible()
@@ -350,7 +351,7 @@ def test_remaining_shortcuts_both_bad_thumbs_up_rank_navigation(server, browser)
 
     proj, (user,) = _setup(store, "rank", [{"prompt": "p", "completions": ["r0", "r1", "r2"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.keyboard.press("j")  # highlight the second response
     page.keyboard.press("1")  # rank it 1 (moves to the third)
     page.keyboard.press("k")

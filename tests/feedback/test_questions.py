@@ -88,9 +88,9 @@ def test_api_answers_per_question_on_both_submit_paths(qstore, make_client):
     c = make_client()
     tok = c.post("/api/login", json={"username": "ann", "password": PASSWORD}).json()["csrf_token"]
     hdr = {"X-CSRF-Token": tok}
-    item = c.get("/api/p/qq/next").json()
+    item = c.post("/api/p/qq/next", headers=hdr).json()
     assert item["questions"] == ["helpful", "harmless"]
-    assert "questions" not in c.get("/api/p/one/next").json()  # one question: the payload as before
+    assert "questions" not in c.post("/api/p/one/next", headers=hdr).json()  # one question: the payload as before
     body = {"answers": {"helpful": {"choice": "left", "strength": "better"}}, "idempotency_key": "api-key-0001"}
     r = c.post(f"/api/assignments/{item['assignment_id']}/judgement?next=1", json=body, headers=hdr)
     assert r.status_code == 422 and set(r.json()["fields"]) == {"choice_harmless"}

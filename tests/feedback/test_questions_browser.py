@@ -19,6 +19,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
 from fb_helpers import login as _login  # noqa: E402
+from fb_helpers import open_label as _open_label  # noqa: E402
 from fb_helpers import uniq as _uniq  # noqa: E402
 
 expect = sync_api.expect
@@ -56,7 +57,7 @@ def test_two_questions_with_the_keyboard_then_export_per_criterion(server, brows
     store, base = server
     proj, user, boss = _setup(store)
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     expect(page.locator("#question-helpful")).to_have_class(ACTIVE)
     expect(page.locator("#question-harmless legend").first).to_have_text("2. Which response is more <em>harmless</em>?")
     first_prompt = page.locator(".context .text").last.inner_text()
@@ -127,7 +128,7 @@ def test_two_questions_without_javascript(server, browser):
     store, base = server
     proj, user, _boss = _setup(store, n_items=1)
     ctx, page = _login(browser, base, user, js=False)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.check("input[name=choice_helpful][value=right]")
     page.click("#submit")               # no strength for helpful, harmless unanswered: the server names both
     expect(page.locator("#form-errors")).to_contain_text("helpful: say how much better")

@@ -19,6 +19,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
 from fb_helpers import login as _login  # noqa: E402
+from fb_helpers import open_label as _open_label  # noqa: E402
 from fb_helpers import uniq as _uniq  # noqa: E402
 
 expect = sync_api.expect
@@ -59,7 +60,7 @@ def test_steps_keyboard_first_error_and_submit(server, browser, shots):
                                                          "So 2 + 3 * 4 = 20", "The answer is 20."]},
         {"prompt": "What is 5 - 2 - 1?", "completions": ["5 - 2 = 3", "3 - 1 = 1", "The answer is 1."]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     expect(page.locator(".context")).to_contain_text("What is 2 + 3 * 4?")
     assert page.locator("#step-1 .text").inner_text() == "<b>2 + 12</b> = 14"  # model output shown as text
     assert page.locator("#steps b").count() == 0
@@ -106,7 +107,7 @@ def test_steps_first_error_button_all_good_key_and_the_mouse(server, browser, sh
     proj, (user,) = _setup(store, [{"prompt": "p1", "completions": ["a1", "b1", "c1"]},
                                    {"prompt": "p2", "completions": ["a2", "b2"]}])
     ctx, page = _login(browser, base, user)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.click("#first-error-1")      # with JavaScript the button only marks the steps (no submit)
     assert _checked(page, 3) == ["good", "bad", "bad"]
     assert page.locator("#progress").inner_text().startswith("0 done")
@@ -125,7 +126,7 @@ def test_steps_without_javascript(server, browser, shots):
     store, base = server
     proj, (user,) = _setup(store, [{"prompt": "no js", "completions": ["s1", "s2", "s3"]}])
     ctx, page = _login(browser, base, user, js=False)
-    page.goto(f"{base}/p/{proj}/label")
+    _open_label(page, base, proj)
     page.check("input[name=step_0][value=neutral]")
     page.click("#submit")             # the server refuses the unrated steps, keeping the rating given
     expect(page.locator("#form-errors")).to_contain_text("rate step 2: good, neutral or bad")
@@ -142,8 +143,8 @@ def test_steps_two_labelers_and_the_dashboard(server, browser, shots):
     proj, (u1, u2) = _setup(store, [{"prompt": "shared", "completions": ["x1", "x2", "x3"]}], k=2, labelers=2)
     c1, p1 = _login(browser, base, u1)
     c2, p2 = _login(browser, base, u2)
-    p1.goto(f"{base}/p/{proj}/label")
-    p2.goto(f"{base}/p/{proj}/label")
+    _open_label(p1, base, proj)
+    _open_label(p2, base, proj)
     p1.keyboard.press("a")            # all good
     p1.keyboard.press("Enter")
     for key in ("1", "3", "b"):       # good, bad, bad

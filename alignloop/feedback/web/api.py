@@ -1,7 +1,9 @@
 """The JSON API (labeling scripts, the load test):
 
     POST /api/login {"username", "password"}          -> {"csrf_token", "labeler", "role"} (sets the session cookie)
-    GET  /api/p/<project>/next                         -> the labeler's next item ({"assignment_id": null}: none left)
+    POST /api/p/<project>/next                         -> the labeler's open item, else the next one
+                                                       ({"assignment_id": null}: none left)
+    GET  /api/p/<project>/next                         -> the open item only (405 if none: a GET takes nothing)
     POST /api/assignments/<id>/judgement [?next=1]     the form fields as JSON plus `idempotency_key`; with next=1
                                                        the reply carries the next item (one round trip). A steps
                                                        item: {"step_labels": [1, 0, -1, ...]} (or step_<i> fields),
@@ -120,12 +122,29 @@ async def api_login(request: Request):
 
 
 @router.get("/api/p/{name}/next")
+async def api_open(request: Request, name: str):
+    return await db_call(request, _api_open, request, name)
+
+
+def _api_open(request: Request, name: str):
+    """A GET changes nothing: the labeler's open assignment, else 405 saying how to take one."""
+    user = require_user(request)
+    store = store_of(request)
+    a = store.open_assignment(project_or_404(store, name).id, user.id)
+    if a is None:
+        raise HTTPError(405, f"no open assignment: POST /api/p/{name}/next (with X-CSRF-Token) takes the next item")
+    return assignment_payload(store, a)
+
+
+@router.post("/api/p/{name}/next")
 async def api_next(request: Request, name: str):
     return await db_call(request, _api_next, request, name)
 
 
 def _api_next(request: Request, name: str):
+    """The labeler's open assignment, else a new one ({"assignment_id": null}: nothing left)."""
     user = require_user(request)
+    check_api_csrf(request)
     store = store_of(request)
     return assignment_payload(store, store.next_assignment(project_or_404(store, name).id, user.id))
 

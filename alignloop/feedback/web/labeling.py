@@ -83,13 +83,33 @@ def guidelines(request: Request, name: str):
 
 @router.get("/p/{name}/label", response_class=HTMLResponse)
 def label(request: Request, name: str):
+    """The labeler's open assignment; else a page whose "Start" / "Next item" button POSTs for one (a GET takes
+    nothing: an image or link on another page cannot hold the labeler's slots); else "all done"."""
     user = require_user(request)
     store = store_of(request)
     p = project_or_404(store, name)
-    a = store.next_assignment(p.id, user.id)
-    if a is None:
-        return render(request, "done.html", {"project": p, "progress": store.progress(p.id, user.id)})
-    return render(request, "label.html", label_context(request, p, a))
+    a = store.open_assignment(p.id, user.id)
+    if a is not None:
+        return render(request, "label.html", label_context(request, p, a))
+    progress = store.progress(p.id, user.id)
+    if progress["remaining"]:
+        return render(request, "start.html", {"project": p, "progress": progress})
+    return render(request, "done.html", {"project": p, "progress": progress})
+
+
+@router.post("/p/{name}/next")
+async def take_next(request: Request, name: str):
+    form = await read_form(request)
+    return await run_in_threadpool(_take_next, request, form, name)
+
+
+def _take_next(request: Request, form: dict, name: str):
+    user = require_user(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    p = project_or_404(store, name)
+    store.next_assignment(p.id, user.id)  # None: nothing left; the label page then says so
+    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
 
 
 @router.post("/p/{name}/label/{aid}")
@@ -113,7 +133,10 @@ def _submit(request: Request, form: dict, name: str, aid: int):
         ctx = label_context(request, p, a, errors=e.errors, values=form, edit=edit)
         ctx["idempotency_key"] = form.get("idempotency_key") or ctx["idempotency_key"]
         return render(request, "label.html", ctx, status=422)
-    return RedirectResponse(f"/p/{p.name}/history" if edit else f"/p/{p.name}/label", status_code=303)
+    if edit:
+        return RedirectResponse(f"/p/{p.name}/history", status_code=303)
+    store.next_assignment(p.id, user.id)  # a POST: on to the next item (the label page shows it)
+    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
 
 
 @router.post("/p/{name}/skip/{aid}")
@@ -128,6 +151,7 @@ def _skip(request: Request, form: dict, name: str, aid: int):
     store = store_of(request)
     p = project_or_404(store, name)
     store.skip(aid, user.id)
+    store.next_assignment(p.id, user.id)
     return RedirectResponse(f"/p/{p.name}/label", status_code=303)
 
 
