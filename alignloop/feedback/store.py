@@ -51,7 +51,7 @@ from . import reading, sqlite_hot
 from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
-from .models import Assignment, Completion, Judgement, Labeler, Project, Prompt
+from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
 from .projects import (
     ProjectInfoCache,
     check_attributes,
@@ -85,6 +85,12 @@ def _retrying(fn):
                 raise
             time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _last_user_turn(messages: list[dict]) -> str:
+    """What a prompt asks: its last user message (a plain prompt is one), else its last message."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else (messages[-1]["content"] if messages else "")
 
 
 class Store:
@@ -448,8 +454,13 @@ class Store:
             return reading.current_judgement(s, assignment_id)
 
     def labeler_history(self, project_id: int, labeler_id: int, limit: int = 200) -> list[dict]:
+        """The labeler's current judgements, newest first: `{"judgement", "assignment", "prompt"}`, `prompt` the
+        text of the item's prompt (its last user turn) that "My judgements" shows to tell the items apart."""
         with self.read() as s:
-            return reading.labeler_history(s, project_id, labeler_id, limit)
+            rows = reading.labeler_history(s, project_id, labeler_id, limit)
+            messages = dict(s.execute(select(Item.id, Prompt.messages).join(Prompt, Prompt.id == Item.prompt_id)
+                                      .where(Item.id.in_({r["assignment"].item_id for r in rows}))).all())
+        return [{**r, "prompt": _last_user_turn(messages.get(r["assignment"].item_id) or [])} for r in rows]
 
     def progress(self, project_id: int, labeler_id: int) -> dict:
         with self.read() as s:

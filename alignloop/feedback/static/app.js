@@ -86,6 +86,7 @@
     if (focus) { qs[i].focus({ preventScroll: true }); }
     qs[i].scrollIntoView({ block: "nearest" });
   }
+  function strengthRequired() { return form().getAttribute("data-strength-required") !== "0"; }
   function picked(name) {
     var el = form().querySelector('input[name="' + name + '"]:checked');
     return el ? el.value : null;
@@ -93,7 +94,9 @@
   function missingOf(q) {  // what question q still lacks: "a choice", "how much better", or null (answered)
     var n = q.getAttribute("data-name"), c = picked("choice_" + n);
     if (c === null) return "a choice";
-    if ((c === "left" || c === "right") && picked("strength_" + n) === null) return "how much better";
+    if ((c === "left" || c === "right") && strengthRequired() && picked("strength_" + n) === null) {
+      return "how much better";
+    }
     return null;
   }
   function answer(field, value) {  // answer the highlighted question; once answered, on to the next unanswered
@@ -141,6 +144,27 @@
     e.preventDefault();  // with JS the shortcut only marks the steps; without JS the button submits it
     firstError(parseInt(b.value, 10));
   });
+  // Enter submits the judgement only from the page itself or one of the judgement's own choices: on a button, a
+  // link, a <summary> or a control outside the judgement form, Enter does what that control does (Skip focused +
+  // Enter skips; it never stores a judgement)
+  function enterSubmits(t) {
+    if (!t || t === document.body || t === document.documentElement) return true;
+    if (!form().contains(t)) return false;
+    var tag = t.tagName;
+    if (tag === "BUTTON" || tag === "A" || tag === "SUMMARY") return false;
+    return !(tag === "INPUT" && /^(submit|button|reset|image)$/.test(t.type));
+  }
+  function flagBox(low) {  // the Likert flag whose key is `low` (compared, not put into a selector: `"` is a key too)
+    var boxes = form().querySelectorAll('input[name="flags"]');
+    for (var i = 0; i < boxes.length; i++) { if (boxes[i].getAttribute("data-key") === low) return boxes[i]; }
+    return null;
+  }
+  function pageKey(low) {  // keys of every page, after the task's own: undo, the raw-text switch
+    var undo = document.getElementById("undo"), raw = document.getElementById("raw-toggle");
+    if (undo && low === undo.getAttribute("data-key")) { undo.click(); return true; }
+    if (raw && low === "r") { raw.checked = !raw.checked; raw.dispatchEvent(new Event("change", { bubbles: true })); return true; }
+    return false;
+  }
   document.addEventListener("keydown", function (e) {
     var f = form();
     if (!f || e.altKey || e.metaKey) return;
@@ -153,7 +177,7 @@
     }
     if (e.ctrlKey) return;
     var task = f.getAttribute("data-task"), key = e.key, low = key.toLowerCase(), done = false;
-    if (key === "Enter") { e.preventDefault(); submitChecked(); return; }
+    if (key === "Enter") { if (enterSubmits(t)) { e.preventDefault(); submitChecked(); } return; }
     if (low === "s") { var sk = document.getElementById("skip"); if (sk) { e.preventDefault(); sk.click(); } return; }
     if (task === "pairwise") {
       done = pairwiseKey(key, low);
@@ -178,13 +202,15 @@
     } else if (task === "likert") {
       if (/^[1-7]$/.test(key)) done = check("likert", key);
       else {
-        var box = f.querySelector('input[name="flags"][data-key="' + low + '"]');
+        var box = flagBox(low);
         if (box) { box.checked = !box.checked; done = true; }
       }
     }
+    if (!done) done = pageKey(low);
     if (done) e.preventDefault();
   });
   document.addEventListener("change", function (e) {  // a question answered with the mouse is no longer missing
+    if (e.target.id === "raw-toggle") remember(RAW_KEY, e.target.checked ? "1" : "0");
     var q = e.target.closest && e.target.closest("section.question");
     if (q && missingOf(q) === null) q.classList.remove("missing");
   });
@@ -196,4 +222,25 @@
     var q = e.target.closest && e.target.closest("section.question");
     if (q) setQuestion(parseInt(q.getAttribute("data-index"), 10), false);
   });
+  // The guidelines beside the item: open on wide screens, closed on narrow ones, until the labeler opens or closes
+  // them (kept in this browser); the raw-text switch is kept too. Run on load and on every page htmx swaps in.
+  var GUIDE_KEY = "alignloop.guidelines", RAW_KEY = "alignloop.rawText";
+  function recalled(k) { try { return window.localStorage.getItem(k); } catch (err) { return null; } }
+  function remember(k, v) { try { window.localStorage.setItem(k, v); } catch (err) { /* storage off: not kept */ } }
+  function setUp() {
+    var g = document.getElementById("guidelines-panel"), raw = document.getElementById("raw-toggle");
+    if (g && !g.hasAttribute("data-ready")) {
+      g.setAttribute("data-ready", "1");
+      var pref = recalled(GUIDE_KEY);
+      g.open = pref ? pref === "open" : window.matchMedia("(min-width: 1000px)").matches;
+      // click (mouse, Enter, Space) comes before the toggle: only the labeler's own choice is kept
+      g.querySelector("summary").addEventListener("click", function () { remember(GUIDE_KEY, g.open ? "closed" : "open"); });
+    }
+    if (raw && !raw.hasAttribute("data-ready")) {
+      raw.setAttribute("data-ready", "1");
+      raw.checked = recalled(RAW_KEY) === "1";
+    }
+  }
+  document.addEventListener("DOMContentLoaded", setUp);
+  document.addEventListener("htmx:load", setUp);
 })();

@@ -13,11 +13,10 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from markdown_it import MarkdownIt
-from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from ..models import STRENGTHS, Labeler
+from ..render import render_markdown
 from ..security import new_token, tokens_equal
 from ..store import Store
 
@@ -87,11 +86,10 @@ def store_of(request: Request) -> Store:
 
 
 def make_templates() -> Jinja2Templates:
-    """Jinja2 (autoescape on for .html) with a `markdown` filter (raw HTML off, unsafe link schemes refused)."""
+    """Jinja2 (autoescape on for .html) with a `markdown` filter: guidelines, prompts and answers as sanitised HTML
+    (`render.render_markdown`: raw HTML off, then an allow-list sanitiser)."""
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
-    md.enable("table")
-    templates.env.filters["markdown"] = lambda text: Markup(md.render(text or ""))
+    templates.env.filters["markdown"] = render_markdown
     templates.env.globals["STRENGTHS"] = STRENGTHS
     templates.env.globals["STRENGTH_LABELS"] = STRENGTH_LABELS
     return templates
