@@ -1,14 +1,18 @@
 """The numbers of a project's quality dashboard (the admin page and `alignloop feedback stats`): per-labeler
 statistics and flags (each labeler's kind: person or AI), project agreement, pairwise Cohen's kappa, the AI labelers'
 agreement with the people (when the project has AI judgements), a steps project's agreement per step
-(`quality.step_agreement`), a several-question project's counts and agreement per question (`question_stats`), and
-the geometry of its server-rendered SVG bar charts. No web framework here: the CLI
-prints the same numbers without loading the app."""
+(`quality.step_agreement`), a several-question project's counts and agreement per question (`question_stats`), a
+rank project's rank figures (`rank_stats`: mean rank per model and per position, Kendall's W, pairwise order
+agreement, each labeler's Kendall's tau with the others), and the geometry of its server-rendered SVG bar charts.
+No web framework here: the CLI prints the same numbers without loading the app."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+from itertools import combinations
+from statistics import mean
 
 from . import quality, questions
+from .projects import default_min_labels
 
 
 def dashboard_data(store, p) -> dict:
@@ -26,6 +30,8 @@ def dashboard_data(store, p) -> dict:
             "ai_agreement": quality.ai_human_agreement(records, p.task_type) if has_ai else None,
             "steps": quality.step_agreement(records) if p.task_type == "steps" else None,
             "question_stats": question_stats(records, p.settings) if p.task_type == "pairwise" else None,
+            "rank": rank_stats(records, store.prompts_and_completions(p.id)[1]) if p.task_type == "rank" else None,
+            "min_labels": p.settings.get("min_labels", default_min_labels(p.overlap_k)),
             "summary": store.project_summary(p.id), "thresholds": th,
             "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
                                               "Leave-one-out agreement", ref=th.min_agreement),
@@ -49,6 +55,72 @@ def question_stats(records: list[dict], settings: dict | None) -> dict:
                           "choices": dict(Counter(r["choice"] for r in rs)),
                           "agreement": quality.project_agreement(rs, "pairwise")}
     return out
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def kendall_w(rankings: list[list[float]]) -> float | None:
+    """Kendall's coefficient of concordance W of m rankings of the same n things (1 = all identical, 0 = no
+    agreement; ties are not corrected for); None for fewer than 2 rankings or things."""
+    m, n = len(rankings), len(rankings[0]) if rankings else 0
+    if m < 2 or n < 2:
+        return None
+    sums = [sum(r[i] for r in rankings) for i in range(n)]
+    avg = sum(sums) / n
+    return 12 * sum((x - avg) ** 2 for x in sums) / (m * m * (n ** 3 - n))
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float | None:
+    """Kendall's tau-a between two rankings of the same things (pairs tied in either count as neither)."""
+    pairs = list(combinations(range(len(a)), 2))
+    if not pairs:
+        return None
+    return sum(_sign(a[i] - a[j]) * _sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
+
+
+def rank_stats(records: list[dict], completions: dict) -> dict:
+    """A rank project's figures over non-gold items: per model (the completions' `model`; "–" when unknown) and per
+    canonical position (import order) the rankings, the mean rank and the share ranked first; Kendall's W per item
+    with 2+ rankings (mean, items); pairwise order agreement (over every item, pair of labelers and pair of
+    completions: the same order, ties included); per labeler the mean Kendall's tau of their ranking with the
+    others' mean ranking of the same item."""
+    by_item: dict[int, list[dict]] = defaultdict(list)
+    models: dict[str, list[int]] = defaultdict(list)
+    positions: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        if r["is_gold"] or not r.get("ranking"):
+            continue
+        by_item[r["item_id"]].append(r)
+        for pos, (cid, rank) in enumerate(zip(r["completion_ids"], r["ranking"], strict=True)):
+            c = completions.get(cid)
+            models[(c.model if c is not None else None) or "–"].append(rank)
+            positions[pos + 1].append(rank)
+    ws, agree, pairs, taus = [], 0, 0, defaultdict(list)
+    for rs in by_item.values():
+        if len(rs) < 2:
+            continue
+        ws.append(kendall_w([r["ranking"] for r in rs]))
+        for a, b in combinations(rs, 2):
+            for i, j in combinations(range(len(a["ranking"])), 2):
+                pairs += 1
+                agree += _sign(a["ranking"][i] - a["ranking"][j]) == _sign(b["ranking"][i] - b["ranking"][j])
+        for r in rs:
+            others = [o["ranking"] for o in rs if o is not r]
+            tau = kendall_tau(r["ranking"], [mean(col) for col in zip(*others, strict=True)])
+            if tau is not None:
+                taus[r["labeler"]].append(tau)
+
+    def table(groups: dict) -> list[dict]:
+        return [{"name": k, "n": len(v), "mean_rank": mean(v), "first_share": sum(x == 1 for x in v) / len(v)}
+                for k, v in sorted(groups.items(), key=lambda kv: mean(kv[1]))]
+
+    ws = [w for w in ws if w is not None]
+    return {"by_model": table(models), "by_position": table(positions),
+            "kendall_w": mean(ws) if ws else None, "w_items": len(ws),
+            "pair_agreement": agree / pairs if pairs else None, "pairs": pairs,
+            "labeler_tau": {w: mean(v) for w, v in taus.items()}}
 
 
 def bar_chart(values: dict, lo: float, hi: float | None, title: str, ref: float | None = None) -> dict:

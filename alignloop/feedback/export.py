@@ -53,6 +53,7 @@ from alignloop.data import ranking_pair_weight, strength_to_margin
 from alignloop.errors import UserError
 
 from . import export_meta, quality, questions
+from .projects import default_min_labels
 
 FORMATS = ("preference", "ranking", "unpaired", "steps")
 LABELER_CHOICES = ("all", "human", "ai")  # ExportOptions.labelers: everyone, people only, AI labelers only
@@ -70,6 +71,7 @@ class ExportOptions:
     likert_threshold: int = 5
     labelers: str = "all"              # all | human | ai: whose judgements are exported
     criterion: str | None = None       # a question's name, "all", or None: the first question
+    min_labels: int | None = None      # consensus needs this many kept labels per item (None: the project's setting)
     thresholds: quality.Thresholds = field(default_factory=quality.Thresholds)
 
     def check(self) -> None:
@@ -80,6 +82,9 @@ class ExportOptions:
                 raise UserError(f"export {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not 1 <= self.likert_threshold <= 7:
             raise UserError("likert threshold must be 1..7")
+        if self.min_labels is not None and (isinstance(self.min_labels, bool) or not isinstance(self.min_labels, int)
+                                            or not 1 <= self.min_labels <= 100):
+            raise UserError(f"export min_labels {self.min_labels!r}: a whole number from 1 to 100")
 
 
 def project_options(p, **options) -> ExportOptions:
@@ -128,11 +133,13 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     summary: dict[str, Any] = {"judgements": len(records), "used": len(kept), "flagged_labelers": sorted(flagged),
                                "labelers": opts.labelers, "other_labelers_judgements": len(every) - len(records),
                                "criteria": criteria, "dropped": Counter()}
+    kept, review = _adjudicated(p, kept, store.adjudications(p.id), opts, summary)
     texts = _Texts(*store.prompts_and_completions(p.id))
     first, rows = questions.names_of(p.settings)[0], []
     for name in criteria:
         voted = _criterion_rows(p.task_type, texts, questions.criterion_records(kept, name, first), opts,
-                                summary["dropped"])
+                                summary["dropped"], review if name == first else _Review(review.min_labels,
+                                                                                         review.accepted, []))
         if questions.is_named(p.settings) and p.task_type != "steps":
             voted = [(item, [{**r, "criterion": name} for r in item_rows]) for item, item_rows in voted]
         if opts.format == "preference":  # each criterion's groups apart, numbered on from the previous ones
@@ -142,6 +149,67 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     summary["rows"] = len(rows)
     summary["dropped"] = dict(summary["dropped"])
     return rows, summary
+
+
+@dataclass
+class _Review:
+    """What the admins' review changes in a criterion's export: the consensus's label minimum, the items accepted
+    (exported below it) and the overrides (their newest adjudication: the answer replaces the votes)."""
+    min_labels: int
+    accepted: set[int]
+    overrides: list[dict]
+
+
+def _adjudicated(p, kept: list[dict], adjs: dict[int, dict], opts: ExportOptions,
+                 summary: dict) -> tuple[list[dict], _Review]:
+    """`kept` without the judgements of excluded and overridden items (the newest adjudication of each item,
+    `review.py`), and the _Review for the criteria's rows; the counts go into `summary`."""
+    adjs = {i: a for i, a in adjs.items() if opts.include_gold or not a["is_gold"]}
+    gone = {i for i, a in adjs.items() if a["decision"] in ("exclude", "override")}
+    min_labels = opts.min_labels if opts.min_labels is not None else int(
+        p.settings.get("min_labels", default_min_labels(p.overlap_k)))
+    summary.update({"min_labels": min_labels,
+                    "excluded_items": sum(1 for a in adjs.values() if a["decision"] == "exclude"),
+                    "overridden_items": sum(1 for a in adjs.values() if a["decision"] == "override"),
+                    "accepted_items": sum(1 for a in adjs.values() if a["decision"] == "accept")})
+    accepted = {i for i, a in adjs.items() if a["decision"] == "accept"}
+    overrides = [a for a in adjs.values() if a["decision"] == "override"]
+    return [r for r in kept if r["item_id"] not in gone], _Review(min_labels, accepted, overrides)
+
+
+def _override_vote(task_type: str, a: dict, mode: str) -> tuple[dict, dict, dict]:
+    """(item record, vote, labeler columns) of an overridden item: the admin's answer, named by the admin's
+    export id, the note as its comment."""
+    vote = dict(a["answer"] or {})
+    if task_type == "pairwise":
+        vote["margin"] = margin_of(vote.get("strength"))
+    if mode == "all":
+        meta = {"labeler": a["admin_public_id"], "labeler_attributes": a["admin_attributes"], "comment": a["note"],
+                "flags": []}
+    else:
+        meta = {"labelers": [a["admin_public_id"]], "comments": [a["note"]], "flags": [],
+                "labeler_attributes": a["admin_attributes"]}
+    return a, vote, meta
+
+
+def empty_message(summary: dict) -> str:
+    """Why an export came out empty, in words (the CLI refuses to write it without --allow-empty; the web says so)."""
+    why = []
+    if summary["judgements"] == 0:
+        why.append("the project has no judgements (of the labelers asked for)")
+    elif summary["used"] == 0:
+        why.append(f"none of the {summary['judgements']} judgements was kept"
+                   + (f" (flagged labelers left out: {', '.join(map(str, summary['flagged_labelers']))})"
+                      if summary["flagged_labelers"] else " (gold items are left out by default)"))
+    dropped = summary.get("dropped") or {}
+    if dropped.get("too_few_labels"):
+        why.append(f"{dropped['too_few_labels']} items have fewer than min_labels = {summary['min_labels']} labels")
+    for reason in ("no_consensus", "tie", "both_bad"):
+        if dropped.get(reason):
+            why.append(f"{dropped[reason]} dropped: {reason.replace('_', ' ')}")
+    if summary.get("excluded_items"):
+        why.append(f"{summary['excluded_items']} items excluded by review")
+    return "0 rows exported: " + ("; ".join(why) or "nothing to export")
 
 
 def _criteria(p, criterion: str | None) -> list[str]:
@@ -157,17 +225,25 @@ def _criteria(p, criterion: str | None) -> list[str]:
 
 
 def _criterion_rows(task_type: str, texts: _Texts, kept: list[dict], opts: ExportOptions,
-                    dropped: Counter) -> list[tuple[dict, list[dict]]]:
-    """(item record, its rows) per vote: one per judgement (mode all) or per item (consensus), each row with the
-    labeler context of its vote (`export_meta`; a steps row has none: the step format takes no extra columns)."""
+                    dropped: Counter, review: _Review) -> list[tuple[dict, list[dict]]]:
+    """(item record, its rows) per vote: one per judgement (mode all) or per item (consensus: items with fewer
+    than `min_labels` kept labels are left out unless accepted by review), each row with the labeler context of its
+    vote (`export_meta`; a steps row has none: the step format takes no extra columns); an overridden item's one
+    vote is the admin's answer."""
     if opts.mode == "all":  # per item: the labels to turn into rows ("votes"); consensus collapses them to one
         votes = [(r, r, export_meta.judgement_meta(r)) for r in kept]
     else:
         by_item: dict[int, list[dict]] = defaultdict(list)
         for r in kept:
             by_item[r["item_id"]].append(r)
+        for item_id in [i for i, rs in by_item.items() if len(rs) < review.min_labels and i not in review.accepted]:
+            dropped["too_few_labels"] += 1
+            del by_item[item_id]
         votes = [(item, v, export_meta.consensus_meta(by_item[item["item_id"]]))
                  for item, v in _consensus_votes(task_type, by_item, opts, dropped)]
+    if review.overrides:  # in item order with the others (the consensus votes are in item order)
+        votes = sorted(votes + [_override_vote(task_type, a, opts.mode) for a in review.overrides],
+                       key=lambda vote: vote[0]["item_id"])
     rows_of = _ROWS[task_type]
     out = []
     for item, v, meta in votes:

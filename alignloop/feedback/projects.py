@@ -88,6 +88,10 @@ class ProjectInfoCache:
         self._entries[project_id] = (time.monotonic(), info)
         return info
 
+    def forget(self, project_id: int) -> None:
+        """Drop the project's entry (its settings changed in this process: read them again at once)."""
+        self._entries.pop(project_id, None)
+
 
 def project_info(s: Session, project_id: int, cache: ProjectInfoCache) -> ProjectInfo:
     """The project's ProjectInfo, from `cache` or read through the ORM."""

@@ -25,10 +25,11 @@ import json
 import random
 import sqlite3
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .access import AccessCache, may_label_sql
 from .assignment import CANDIDATE_LIMIT, ExpiryClock, display_order
 from .errors import NotFound
 from .models import utcnow
@@ -118,6 +119,7 @@ class HotPathCaches:
     expiry: ExpiryClock
     views: ItemViewCache
     rng: random.Random
+    access: AccessCache = field(default_factory=AccessCache)  # who may label (access.py, H5)
 
 
 Request = tuple[int, int, Mapping[str, Any], str]  # (assignment_id, labeler_id, fields, idempotency_key)
@@ -236,6 +238,8 @@ def _next_assignment(conn: sqlite3.Connection, project_id: int, labeler_id: int,
         item = ItemRef(item_id, project_id, prompt_id, json.loads(completion_ids_json), bool(is_gold))
         return AssignmentRef(aid, item_id, labeler_id, project_id, "assigned", bool(is_gold),
                              json.loads(order_json), datetime.fromisoformat(a_created), item)
+    if not may_label_sql(conn, project_id, labeler_id, caches.access):  # not a member (any more): nothing new
+        return None
     candidates = conn.execute(SQL_CANDIDATES, (project_id, k, labeler_id)).fetchall()
     for (item_id,) in candidates:
         if conn.execute(SQL_TAKE, (item_id, k)).rowcount != 1:

@@ -46,8 +46,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from alignloop.errors import UserError
 
+from . import access, reading, review, sqlite_hot
 from . import db as dbmod
-from . import reading, sqlite_hot
 from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
@@ -56,6 +56,7 @@ from .projects import (
     ProjectInfoCache,
     check_attributes,
     check_password,
+    check_settings,
     find_labeler,
     find_project,
     new_labeler,
@@ -111,7 +112,8 @@ class Store:
         self._info = ProjectInfoCache()
         self._expiry = ExpiryClock()
         self._views = reading.ItemViewCache()
-        self._hot_caches = sqlite_hot.HotPathCaches(self._info, self._expiry, self._views, self._rng)
+        self._access = access.AccessCache()  # who may label which project (access.py)
+        self._hot_caches = sqlite_hot.HotPathCaches(self._info, self._expiry, self._views, self._rng, self._access)
         # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
         # busy_timeout. PostgreSQL writers run concurrently.
@@ -323,6 +325,8 @@ class Store:
             return open_assignment(s, project_id, labeler_id)
 
     def _next_once(self, project_id: int, labeler_id: int) -> Assignment | None:
+        if not self.may_label(project_id, labeler_id):  # access.py: not a member of a members-only project
+            return None
         with self.write() as s:
             return next_in(s, project_id, labeler_id, self._rng, self._expiry)
 
@@ -428,6 +432,8 @@ class Store:
             with self.write() as s:
                 j, created, project_id = submit_in(s, assignment_id, labeler_id, fields, idempotency_key, None,
                                                    self._info)
+                if not access.may_label(s, project_id, labeler_id, self._access):  # no longer a member: no next
+                    return j, created, None
                 return j, created, next_in(s, project_id, labeler_id, self._rng, self._expiry)
         try:
             return _retrying(once)
@@ -478,3 +484,64 @@ class Store:
     def prompts_and_completions(self, project_id: int) -> tuple[dict[int, Prompt], dict[int, Completion]]:
         with self.read() as s:
             return reading.prompts_and_completions(s, project_id)
+
+    # -- admin: settings after creation, members, review and adjudication ---------------------------------------
+    def may_label(self, project_id: int, labeler_id: int) -> bool:
+        """Whether the labeler may see and label the project (`access.py`: members-only projects; cached)."""
+        hit = self._access.get(project_id, labeler_id)
+        if hit is not None:
+            return hit
+        with self.read() as s:
+            return access.may_label(s, project_id, labeler_id, self._access)
+
+    def update_project(self, project: str | int, guidelines_md: str | None = None,
+                       settings: Mapping[str, Any] | None = None) -> Project:
+        """Change a project's guidelines and/or settings (checked by `projects.check_settings`; the `gold_seed` is
+        kept when not given; `questions` cannot change once the project has judgements). The caches that hold the
+        project's rules are cleared here at once; other processes see the change within their TTL."""
+        with self.write() as s:
+            p = find_project(s, project)
+            if guidelines_md is not None:
+                p.guidelines_md = guidelines_md
+            if settings is not None:
+                new = check_settings(p.task_type, settings, p.overlap_k)
+                old = dict(p.settings or {})
+                if "gold_seed" in old:
+                    new.setdefault("gold_seed", old["gold_seed"])
+                if new.get("questions") != old.get("questions") and s.scalar(
+                        select(Judgement.id).join(Assignment, Assignment.id == Judgement.assignment_id)
+                        .where(Assignment.project_id == p.id).limit(1)) is not None:
+                    raise UserError("settings.questions: cannot change once the project has judgements")
+                p.settings = new
+        self._info.forget(p.id)
+        self._access.clear()
+        return p
+
+    def project_members(self, project_id: int) -> set[int]:
+        with self.read() as s:
+            return access.members_of(s, project_id)
+
+    def set_project_members(self, project_id: int, labeler_ids: Iterable[int]) -> None:
+        """Make exactly these labelers the project's members (who may label it when its access is "members")."""
+        ids = set(labeler_ids)
+        with self.write() as s:
+            known = set(s.scalars(select(Labeler.id).where(Labeler.id.in_(ids)))) if ids else set()
+            if ids - known:
+                raise UserError(f"members: no labeler {min(ids - known)}")
+            access.set_members(s, project_id, ids)
+        self._access.clear()
+
+    def adjudicate(self, project_id: int, item_id: int, admin_id: int, decision: str,
+                   fields: Mapping[str, Any] | None = None, note: str = ""):
+        """An admin's decision on an item (`review.adjudicate`: accept | override with `fields` | exclude)."""
+        with self.write() as s:
+            return review.adjudicate(s, project_id, item_id, admin_id, decision, fields, note)
+
+    def adjudications(self, project_id: int) -> dict[int, dict]:
+        """item id -> its newest adjudication (`review.latest_adjudications`)."""
+        with self.read() as s:
+            return review.latest_adjudications(s, project_id)
+
+    def item_review(self, project_id: int, item_id: int) -> dict:
+        with self.read() as s:
+            return review.item_review(s, project_id, item_id)

@@ -1,5 +1,7 @@
 """Admin pages (admins only: others get 403): projects and labelers (adding a labeler, setting a labeler's
-attributes), a project's quality dashboard, and the export download. The statistics and export modules (numpy,
+attributes, deactivating and reactivating one, resetting a password), a project's quality dashboard, and the export
+download. Creating and editing projects, members and imports are in `admin_projects.py`, review and adjudication in
+`admin_review.py` (included here). The statistics and export modules (numpy,
 scipy, scikit-learn; torch through `alignloop.data`) are loaded when an admin first needs them, not at server
 start-up."""
 from __future__ import annotations
@@ -14,9 +16,12 @@ from alignloop.errors import UserError
 
 from ..projects import parse_attributes
 from ..questions import questions_of
+from . import admin_projects, admin_review
 from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_admin, store_of
 
 router = APIRouter()
+router.include_router(admin_projects.router)
+router.include_router(admin_review.router)
 
 
 def attributes_text(attributes: dict) -> str:
@@ -80,6 +85,46 @@ def _set_attributes(request: Request, form: dict, lid: int):
     return RedirectResponse("/admin", status_code=303)
 
 
+@router.post("/admin/labelers/{lid:int}/active")
+async def set_active(request: Request, lid: int):
+    form = await read_form(request)
+    return await run_in_threadpool(_set_active, request, form, lid)
+
+
+def _set_active(request: Request, form: dict, lid: int):
+    """Deactivate (`active=0`: signed out everywhere at once, `Store.set_active`) or reactivate a labeler."""
+    admin = require_admin(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    if store.get_labeler(lid) is None:
+        raise HTTPError(404, f"no labeler {lid}")
+    active = str(form.get("active", "")) == "1"
+    if lid == admin.id and not active:
+        return _admin_home(request, {f"labeler_{lid}": "you cannot deactivate yourself"}, {}, 422)
+    store.set_active(lid, active)
+    return RedirectResponse(f"/admin#labeler-{lid}", status_code=303)
+
+
+@router.post("/admin/labelers/{lid:int}/password")
+async def reset_password(request: Request, lid: int):
+    form = await read_form(request)
+    return await run_in_threadpool(_reset_password, request, form, lid)
+
+
+def _reset_password(request: Request, form: dict, lid: int):
+    """Set a new password (the password rules apply; the labeler's sessions end, `Store.set_password`)."""
+    require_admin(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    if store.get_labeler(lid) is None:
+        raise HTTPError(404, f"no labeler {lid}")
+    try:
+        store.set_password(lid, str(form.get("password", "")))
+    except UserError as e:
+        return _admin_home(request, {f"labeler_{lid}": str(e)}, {}, 422)
+    return _admin_home(request, {}, {"notice": f"password of labeler {store.get_labeler(lid).username} reset"})
+
+
 @router.get("/admin/p/{name}", response_class=HTMLResponse)
 def dashboard(request: Request, name: str):
     require_admin(request)
@@ -95,21 +140,34 @@ def dashboard(request: Request, name: str):
 def export(request: Request, name: str, format: str | None = None, mode: str = "consensus",
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
            exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5,
-           criterion: str | None = None):
+           criterion: str | None = None, labelers: str = "all", min_labels: int | None = None,
+           allow_empty: bool = False):
+    """The export as a JSONL download (parameters: README "Export"). An export of 0 rows is refused with a page
+    that says why (422) unless `allow_empty`; the counts are in the `X-Export-Summary` header (JSON)."""
     require_admin(request)
     from .. import export as export_mod  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
 
     store = store_of(request)
     p = project_or_404(store, name)
-    format = format or ("steps" if p.task_type == "steps" else "preference")  # by the task type when not given
-    opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
-                                      exclude_flagged=exclude_flagged, include_gold=include_gold,
-                                      likert_threshold=likert_threshold, criterion=criterion or None)
+    format = format or _default_format(p.task_type)  # by the task type when not given
     try:
-        rows, _summary = export_mod.export_records(store, p.id, opts)
+        opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties,
+                                          both_bad=both_bad, exclude_flagged=exclude_flagged,
+                                          include_gold=include_gold, likert_threshold=likert_threshold,
+                                          criterion=criterion or None, labelers=labelers, min_labels=min_labels)
+        rows, summary = export_mod.export_records(store, p.id, opts)
     except UserError as e:
         raise HTTPError(400, str(e)) from None
+    if not rows and not allow_empty:
+        raise HTTPError(422, export_mod.empty_message(summary) + " (add allow_empty=true to download it anyway)")
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     suffix = f"-{criterion}" if criterion else ""  # a checked question name (or "all"): a safe file name part
     return Response(body, media_type="application/x-ndjson", headers={
-        "Content-Disposition": f'attachment; filename="{p.name}-{format}{suffix}.jsonl"'})
+        "Content-Disposition": f'attachment; filename="{p.name}-{format}{suffix}.jsonl"',
+        "X-Export-Summary": json.dumps(summary, default=str, ensure_ascii=True)})
+
+
+def _default_format(task_type: str) -> str:
+    """The format a project's export form picks first: steps for steps, unpaired for thumbs and Likert (their only
+    format), preference otherwise."""
+    return {"steps": "steps", "thumbs": "unpaired", "likert": "unpaired"}.get(task_type, "preference")

@@ -130,7 +130,7 @@ def _api_open(request: Request, name: str):
     """A GET changes nothing: the labeler's open assignment, else 405 saying how to take one."""
     user = require_user(request)
     store = store_of(request)
-    a = store.open_assignment(project_or_404(store, name).id, user.id)
+    a = store.open_assignment(project_or_404(store, name, user).id, user.id)
     if a is None:
         raise HTTPError(405, f"no open assignment: POST /api/p/{name}/next (with X-CSRF-Token) takes the next item")
     return assignment_payload(store, a)
@@ -146,7 +146,7 @@ def _api_next(request: Request, name: str):
     user = require_user(request)
     check_api_csrf(request)
     store = store_of(request)
-    return assignment_payload(store, store.next_assignment(project_or_404(store, name).id, user.id))
+    return assignment_payload(store, store.next_assignment(project_or_404(store, name, user).id, user.id))
 
 
 @router.post("/api/assignments/{aid}/skip")

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
+from ..access import check_may_label
 from ..models import STRENGTHS, Labeler
 from ..render import render_markdown
 from ..security import new_token, tokens_equal
@@ -166,8 +167,11 @@ def safe_next(url: str | None) -> str:
     return "/"
 
 
-def project_or_404(store: Store, name: str):
-    return store.get_project(name) if not name.isdigit() else store.get_project(int(name))
+def project_or_404(store: Store, name: str, user: Labeler | None = None):
+    p = store.get_project(name) if not name.isdigit() else store.get_project(int(name))
+    if user is not None:  # a labeler's page or API call: 404 unless they may label it (access.py, H5)
+        check_may_label(store, p, user)
+    return p
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

@@ -71,14 +71,14 @@ def _shown_at(form: dict) -> datetime | None:
 def home(request: Request):
     user = require_user(request)
     store = store_of(request)
-    rows = [(p, store.progress(p.id, user.id)) for p in store.list_projects()]
+    rows = [(p, store.progress(p.id, user.id)) for p in store.list_projects() if store.may_label(p.id, user.id)]
     return render(request, "projects.html", {"rows": rows})
 
 
 @router.get("/p/{name}/guidelines", response_class=HTMLResponse)
 def guidelines(request: Request, name: str):
-    require_user(request)
-    return render(request, "guidelines.html", {"project": project_or_404(store_of(request), name)})
+    user = require_user(request)
+    return render(request, "guidelines.html", {"project": project_or_404(store_of(request), name, user)})
 
 
 @router.get("/p/{name}/label", response_class=HTMLResponse)
@@ -87,7 +87,7 @@ def label(request: Request, name: str):
     nothing: an image or link on another page cannot hold the labeler's slots); else "all done"."""
     user = require_user(request)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     a = store.open_assignment(p.id, user.id)
     if a is not None:
         return render(request, "label.html", label_context(request, p, a))
@@ -107,7 +107,7 @@ def _take_next(request: Request, form: dict, name: str):
     user = require_user(request)
     check_csrf(request, form)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     store.next_assignment(p.id, user.id)  # None: nothing left; the label page then says so
     return RedirectResponse(f"/p/{p.name}/label", status_code=303)
 
@@ -122,7 +122,7 @@ def _submit(request: Request, form: dict, name: str, aid: int):
     user = require_user(request)
     check_csrf(request, form)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     a = store.get_assignment(aid, labeler_id=user.id)
     if a.project_id != p.id:
         raise NotFound("no such assignment")
@@ -149,7 +149,7 @@ def _skip(request: Request, form: dict, name: str, aid: int):
     user = require_user(request)
     check_csrf(request, form)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     store.skip(aid, user.id)
     store.next_assignment(p.id, user.id)
     return RedirectResponse(f"/p/{p.name}/label", status_code=303)
@@ -159,7 +159,7 @@ def _skip(request: Request, form: dict, name: str, aid: int):
 def history(request: Request, name: str):
     user = require_user(request)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     return render(request, "history.html", {"project": p, "rows": store.labeler_history(p.id, user.id),
                                             "progress": store.progress(p.id, user.id)})
 
@@ -168,7 +168,7 @@ def history(request: Request, name: str):
 def edit(request: Request, name: str, aid: int):
     user = require_user(request)
     store = store_of(request)
-    p = project_or_404(store, name)
+    p = project_or_404(store, name, user)
     a = store.get_assignment(aid, labeler_id=user.id)
     j = store.current_judgement(aid)
     if a.project_id != p.id or j is None:
