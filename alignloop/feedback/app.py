@@ -4,16 +4,20 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every POST needs the session's CSRF token (form field `csrf_token`, or header `X-CSRF-Token` for the JSON API).
-Sessions are signed cookies (Starlette's SessionMiddleware, itsdangerous). Admin pages and export are admin-only; a
-labeler can only see, submit, skip and edit their own assignments (others' give 404).
+Sessions are server-side (`sessions.py`: a random token in a signed cookie, its hash in the `sessions` table), so
+sign-out, deactivation and a password change end them; they time out when idle and after a maximum age. Admin pages
+and export are admin-only; a labeler can only see, submit, skip and edit their own assignments (others' give 404).
 
 `create_app` only assembles: the routers of `web/` (auth, labeling, admin, JSON API), the shared `WebContext` they
-read from `app.state.web`, the middleware (sessions, security headers), static files, error handlers and the
-server's lifespan (thread pool size, background WAL checkpoints, gc.freeze).
+read from `app.state.web`, the middleware (security headers, the session cookie, and the gate of `web/gate.py`: body
+size limit and sign-in, before any route reads a body), static files, error handlers and the server's lifespan
+(thread pool size, background WAL checkpoints, gc.freeze).
 """
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -24,13 +28,13 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from .errors import Forbidden, NotFound
 from .security import resolve_secret_key
+from .sessions import SESSION_IDLE_S, SESSION_MAX_S, SessionManager
 from .store import Store
 from .web import admin, api, auth, labeling
 from .web.common import (
     STATIC_DIR,
     HTTPError,
     Redirect,
-    UserCache,
     WebContext,
     make_templates,
     on_forbidden,
@@ -38,10 +42,10 @@ from .web.common import (
     on_not_found,
     on_redirect,
 )
+from .web.gate import MAX_BODY_BYTES, MAX_IMPORT_BYTES, Gate
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-SESSION_MAX_AGE_S = 14 * 24 * 3600
 SQLITE_THREADS = 8
 
 
@@ -94,10 +98,16 @@ def _lifespan(store: Store, threads: int | None, background_checkpoints: bool, f
 
 
 def create_app(store: Store | str, secret_key: str | None = None, secure_cookies: bool = False,
-               session_max_age: int = SESSION_MAX_AGE_S, threads: int | None = None,
+               session_max_age: int = SESSION_MAX_S, threads: int | None = None,
                inline_db: bool | None = None, freeze_gc: bool = True,
-               background_checkpoints: bool = True, group_commit: bool | None = None) -> FastAPI:
-    """`threads`: worker threads for the blocking database work (default: 8 on SQLite, whose writes are serialised
+               background_checkpoints: bool = True, group_commit: bool | None = None,
+               session_idle_timeout: int = SESSION_IDLE_S, max_body_bytes: int = MAX_BODY_BYTES,
+               max_import_bytes: int = MAX_IMPORT_BYTES, clock: Callable[[], float] | None = None) -> FastAPI:
+    """`session_max_age` / `session_idle_timeout`: a session ends this many seconds after sign-in / after its last
+    request (default 14 days / 12 hours). `max_body_bytes`: the largest request body (413 past it; default 1 MiB);
+    `max_import_bytes`: the same for the admin import upload (default 256 MiB). `clock`: epoch seconds for the
+    session timeouts (tests pass their own).
+    `threads`: worker threads for the blocking database work (default: 8 on SQLite, whose writes are serialised
     anyway, so more threads only add GIL contention; anyio's default of 40 elsewhere). `inline_db`: run the JSON API's
     short database calls on the event loop (default on SQLite). `freeze_gc`: at startup, `gc.freeze()` what is
     loaded (full collections then stay short). `background_checkpoints`: SQLite WAL checkpoints (where SQLite
@@ -118,9 +128,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan(store, threads, background_checkpoints, freeze_gc))
     app.state.store = store
-    app.state.web = WebContext(store=store, templates=make_templates(), users=UserCache(store),
+    sessions = SessionManager(store, idle_s=session_idle_timeout, max_s=session_max_age, clock=clock or time.time)
+    app.state.web = WebContext(store=store, templates=make_templates(), sessions=sessions,
                                throttle=auth.LoginThrottle(), inline_db=inline_db,
                                batcher=api.GroupCommit(store) if group_commit else None)
+    # outermost last: SecurityHeaders -> SessionMiddleware (the cookie) -> Gate (body limit, sign-in) -> routes
+    app.add_middleware(Gate, sessions=sessions, max_body=max_body_bytes, max_import_body=max_import_bytes)
     app.add_middleware(SessionMiddleware, secret_key=key, session_cookie="alignloop_session", max_age=session_max_age,
                        same_site="lax", https_only=secure_cookies)
     app.add_middleware(SecurityHeaders)

@@ -8,6 +8,8 @@ SQLite file). SQLite runs in WAL mode with a busy timeout; write transactions on
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -17,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from alignloop.errors import UserError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_log = logging.getLogger(__name__)
 HEAD = "0006"  # the newest revision in migrations/versions (tests/feedback/test_store.py checks it against Alembic)
 
 
@@ -41,6 +44,7 @@ def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORM
             parent = Path(url.database).parent
             if not parent.exists():
                 raise UserError(f"database folder {parent} does not exist")
+            create_private(Path(url.database))
         engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
                                pool_size=20, max_overflow=20)
 
@@ -67,6 +71,19 @@ def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORM
     except ModuleNotFoundError as e:
         raise UserError(f"{url.render_as_string(hide_password=True)}: the database driver is not installed ({e.name}); "
                         "for PostgreSQL: pip install 'psycopg[binary]'") from None
+
+
+def create_private(path: Path) -> None:
+    """Create the SQLite file empty with mode 0600 (owner only: it holds password hashes) before SQLite opens it;
+    SQLite gives its -wal and -shm files the database file's mode. An existing file keeps its mode, with a warning
+    when others may read it."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            _log.warning("%s has mode %o: other users may read it (it holds password hashes); chmod 600 it", path,
+                         mode)
 
 
 def write_engine(engine: Engine) -> Engine:

@@ -28,7 +28,7 @@ from alignloop.errors import UserError
 from .errors import NotFound
 from .models import ROLES, TASK_TYPES, Labeler, Project
 from .questions import DEFAULT_QUESTION, check_questions, names_of
-from .security import hash_password, verify_password
+from .security import check_new_password, hash_password, verify_password
 
 DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B); key = keyboard shortcut
     {"name": "fails_instruction", "label": "Fails to follow the instruction", "key": "i"},
@@ -285,8 +285,7 @@ def new_labeler(username: str, password: str, role: str = "labeler",
         raise UserError(f"username {username!r}: use letters, digits, '_', '-', '.' (at most 100)")
     if role not in ROLES:
         raise UserError(f"role {role!r}: choose one of {', '.join(ROLES)}")
-    if len(password or "") < 8:
-        raise UserError("password: at least 8 characters")
+    check_new_password(password, username)
     attrs = check_attributes(attributes or {})
     return Labeler(username=username, password_hash=hash_password(password), role=role, attributes=attrs)
 

@@ -1,4 +1,4 @@
-"""Passwords (argon2id, memory-hard), the session secret, and CSRF tokens.
+"""Passwords (argon2id, memory-hard) and their rules, the session secret, and CSRF tokens.
 
 The secret key that signs session cookies comes from, in order: `--secret-key`, the `ALIGNLOOP_FEEDBACK_SECRET`
 environment variable, or a file `feedback-secret.key` next to the SQLite database (created with mode 0600 on first
@@ -11,6 +11,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -20,6 +21,17 @@ from alignloop.errors import UserError
 
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 low-memory profile (64 MiB, 3 passes)
 SECRET_ENV = "ALIGNLOOP_FEEDBACK_SECRET"
+MIN_PASSWORD_CHARS = 8
+# The most common passwords of 8 or more characters (shorter ones fail the length rule anyway), from the public
+# breach top lists; compared case-insensitively, surrounding spaces ignored.
+COMMON_PASSWORDS = frozenset("""
+password password1 password12 password123 password1234 passw0rd p@ssw0rd p@ssword 12345678 123456789 1234567890
+12345678910 0123456789 87654321 11111111 00000000 88888888 123123123 1q2w3e4r 1q2w3e4r5t qwertyui qwertyuiop
+qwerty123 qwerty12 1qaz2wsx zaq12wsx asdfghjk asdfghjkl abcd1234 abc12345 abcdefgh iloveyou iloveyou1 sunshine
+princess football baseball basketball superman batman123 starwars trustno1 welcome1 welcome123 letmein1
+letmein123 changeme changeme1 admin123 administrator computer internet whatever michelle jennifer 123qweasd
+qweasdzxc monkey123 dragon123 master123 aa123456 secret123 hello123 freedom1 shadow12 charlie1 default1
+""".split())
 
 
 @functools.cache
@@ -31,6 +43,30 @@ def _dummy_hash() -> str:
 
 def hash_password(password: str) -> str:
     return _HASHER.hash(password)
+
+
+def password_problem(password: Any, username: str = "") -> str | None:
+    """What is wrong with `password` as a new password for `username` (a message naming the rule), or None. The one
+    rule set of the store, the CLI and the admin pages: at least MIN_PASSWORD_CHARS characters, not only whitespace,
+    not the username (case and surrounding spaces ignored), not one of COMMON_PASSWORDS."""
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
+        return f"password: at least {MIN_PASSWORD_CHARS} characters"
+    folded = password.strip().casefold()
+    if not folded:
+        return "password: must not be only spaces"
+    if username and folded == username.strip().casefold():
+        return "password: must not be the username"
+    if folded in COMMON_PASSWORDS:
+        return "password: too common (it is on the list of the most used passwords); choose another"
+    return None
+
+
+def check_new_password(password: Any, username: str = "") -> str:
+    """`password` if it passes `password_problem`, else UserError with the rule's message."""
+    problem = password_problem(password, username)
+    if problem:
+        raise UserError(problem)
+    return password
 
 
 def verify_password(stored_hash: str | None, password: str) -> bool:

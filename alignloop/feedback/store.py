@@ -30,6 +30,7 @@ WHERE n_active < k` checked for one affected row, so k holds under concurrent re
 """
 from __future__ import annotations
 
+import math
 import random
 import sqlite3
 import threading
@@ -46,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from alignloop.errors import UserError
 
-from . import access, reading, review, sqlite_hot
+from . import access, reading, review, sessions, sqlite_hot
 from . import db as dbmod
 from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
 from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
@@ -63,6 +64,7 @@ from .projects import (
     new_project,
     project_info,
 )
+from .security import check_new_password, hash_password
 from .validation import check_idempotency_key, valid_idempotency_key
 
 _RETRIES = 5  # attempts when a concurrent request of the same labeler wins a unique constraint first
@@ -122,6 +124,7 @@ class Store:
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = threading.Event()
         self.checkpoints = 0  # completed background checkpoints (for tests and diagnostics)
+        self._revoked: dict[int, float] = {}  # labeler id -> when its sessions were last all ended (sessions.py)
 
     @property
     def expiry_check_interval_s(self) -> float:
@@ -292,6 +295,65 @@ class Store:
     def list_labelers(self) -> list[Labeler]:
         with self.read() as s:
             return list(s.scalars(select(Labeler).order_by(Labeler.id)))
+
+    # -- passwords, activation and sign-in sessions (sessions.py; the web app's SessionManager calls these) ---------
+    def set_password(self, username_or_id: str | int, password: str) -> Labeler:
+        """Change a person's password (the rules of `security.password_problem`: UserError naming the rule) and end
+        all their sessions. NotFound for an unknown labeler; UserError for an AI labeler (it never signs in)."""
+        with self.read() as s:
+            lab = find_labeler(s, username_or_id)
+        if lab.kind != "human":
+            raise UserError(f"{lab.username!r} is an AI labeler: it has no password")
+        new_hash = hash_password(check_new_password(password, lab.username))  # ~0.2 s: not under the write lock
+        with self.write() as s:
+            lab = s.get(Labeler, lab.id)
+            lab.password_hash = new_hash
+            sessions.end_all(s, lab.id)
+        self._sessions_revoked(lab.id)
+        return lab
+
+    def set_active(self, username_or_id: str | int, active: bool) -> Labeler:
+        """(De)activate a labeler. An inactive one cannot sign in, and deactivation ends all their sessions (their
+        judgements stay). NotFound for an unknown labeler."""
+        with self.write() as s:
+            lab = find_labeler(s, username_or_id)
+            lab.active = bool(active)
+            if not active:
+                sessions.end_all(s, lab.id)
+        if not active:
+            self._sessions_revoked(lab.id)
+        return lab
+
+    def revoke_sessions(self, labeler_id: int) -> int:
+        """End all of a labeler's sessions (every device signed out); returns how many there were."""
+        with self.write() as s:
+            n = sessions.end_all(s, labeler_id)
+        self._sessions_revoked(labeler_id)
+        return n
+
+    def sessions_revoked_at(self, labeler_id: int) -> float:
+        """When (time.monotonic()) this process last ended all of the labeler's sessions, else -inf: a session read
+        into a cache before then is stale (`SessionManager.cached`)."""
+        return self._revoked.get(labeler_id, -math.inf)
+
+    def _sessions_revoked(self, labeler_id: int) -> None:
+        self._revoked[labeler_id] = time.monotonic()  # after the COMMIT: a cache that read before it re-reads
+
+    def create_session(self, labeler_id: int, now: float, expired_before: tuple[float, float] | None = None) -> str:
+        with self.write() as s:
+            return sessions.create(s, labeler_id, now, expired_before)
+
+    def load_session(self, sid: str):
+        with self.read() as s:
+            return sessions.load(s, sid)
+
+    def touch_session(self, sid: str, now: float) -> None:
+        with self.write() as s:
+            sessions.touch(s, sid, now)
+
+    def end_session(self, sid: str) -> None:
+        with self.write() as s:
+            sessions.end(s, sid)
 
     # -- importing ------------------------------------------------------------------------------------------------
     def import_jsonl(self, project: str | int, path: str | Path, model: str | None = None) -> ImportResult:

@@ -8,7 +8,7 @@ from alignloop.errors import UserError
 from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.quality import Thresholds
 
-PW = "password123"
+PW = "labeler pass 1"
 
 
 def _judge(store, project, labeler, fields_by_prompt):

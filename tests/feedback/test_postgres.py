@@ -95,7 +95,7 @@ def test_postgres_concurrent_labeling_and_export(pg_store):
     s.import_records("pg", [{"prompt": f"p{i}", "completions": [f"good {i}", f"bad {i}"]} for i in range(30)]
                      + [{"prompt": f"g{i}", "completions": ["good g", "bad g"], "gold": {"choice": "a"}}
                         for i in range(3)])
-    labs = [s.add_labeler(f"pg{i}", "password123") for i in range(8)]
+    labs = [s.add_labeler(f"pg{i}", "labeler pass 1") for i in range(8)]
     errors = []
 
     def work(lab):

@@ -125,7 +125,7 @@ def _answer(store, a, lab, key, choice="left"):
 
 def test_k_distinct_labelers_never_twice_fewer_labels_first(store):
     p = _project(store, n_items=3, k=2)
-    labs = [store.add_labeler(f"l{i}", "password123") for i in range(4)]
+    labs = [store.add_labeler(f"l{i}", "labeler pass 1") for i in range(4)]
     seen = Counter()
     first_items = []
     for lab in labs:
@@ -144,7 +144,7 @@ def test_k_distinct_labelers_never_twice_fewer_labels_first(store):
 
 def test_fewer_labels_first_order(store):
     p = _project(store, n_items=3, k=3)
-    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a_lab, b_lab = store.add_labeler("a", "labeler pass 1"), store.add_labeler("b", "labeler pass 1")
     a1 = store.next_assignment(p.id, a_lab.id)
     _answer(store, a1, a_lab, "k-a-1xxxx")
     b1 = store.next_assignment(p.id, b_lab.id)
@@ -153,7 +153,7 @@ def test_fewer_labels_first_order(store):
 
 def test_resume_returns_open_assignment_and_skip_releases_slot(store):
     p = _project(store, n_items=2, k=1)
-    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a_lab, b_lab = store.add_labeler("a", "labeler pass 1"), store.add_labeler("b", "labeler pass 1")
     a1 = store.next_assignment(p.id, a_lab.id)
     assert store.next_assignment(p.id, a_lab.id).id == a1.id  # reload -> same item, same order
     assert store.next_assignment(p.id, a_lab.id).shown_order == a1.shown_order
@@ -169,7 +169,7 @@ def test_resume_returns_open_assignment_and_skip_releases_slot(store):
 
 def test_gold_items_mixed_at_rate(store):
     p = _project(store, n_items=30, k=1, gold=10, gold_rate=0.25)
-    lab = store.add_labeler("a", "password123")
+    lab = store.add_labeler("a", "labeler pass 1")
     kinds = []
     for _ in range(20):
         a = store.next_assignment(p.id, lab.id)
@@ -178,7 +178,7 @@ def test_gold_items_mixed_at_rate(store):
     assert sum(kinds) == 5  # 25% of 20
     assert not kinds[0] or sum(kinds[:4]) <= 2  # spread, not all at once
     # gold items do not count toward k: a second labeler also gets gold items
-    lab2 = store.add_labeler("b", "password123")
+    lab2 = store.add_labeler("b", "labeler pass 1")
     golds = 0
     for _ in range(8):
         a = store.next_assignment(p.id, lab2.id)
@@ -189,8 +189,8 @@ def test_gold_items_mixed_at_rate(store):
 
 def test_judgements_are_versioned_and_idempotent(store):
     p = _project(store, n_items=1, k=1)
-    lab = store.add_labeler("a", "password123")
-    other = store.add_labeler("b", "password123")
+    lab = store.add_labeler("a", "labeler pass 1")
+    other = store.add_labeler("b", "labeler pass 1")
     a = store.next_assignment(p.id, lab.id)
     j1, created = _answer(store, a, lab, "key-one-1", "left")
     assert created and j1.version == 1
@@ -237,7 +237,7 @@ def test_validate_submission_rules():
 def test_concurrent_assignment_keeps_k_and_submissions_exactly_once(tmp_path):
     s = Store(str(tmp_path / "c.db"))
     p = _project(s, n_items=40, k=3)
-    labs = [s.add_labeler(f"c{i}", "password123") for i in range(8)]
+    labs = [s.add_labeler(f"c{i}", "labeler pass 1") for i in range(8)]
     errors = []
 
     def work(lab):
@@ -274,7 +274,7 @@ def test_abandoned_assignments_expire(store):
     store.expiry_check_interval_s = 0.0
     p = store.create_project("exp", "pairwise", overlap_k=1, settings={"assignment_timeout_s": 60})
     store.import_records("exp", [{"prompt": f"p{i}", "completions": ["x", "y"]} for i in range(2)])
-    a_lab, b_lab = store.add_labeler("a", "password123"), store.add_labeler("b", "password123")
+    a_lab, b_lab = store.add_labeler("a", "labeler pass 1"), store.add_labeler("b", "labeler pass 1")
     a1 = store.next_assignment(p.id, a_lab.id)
     a2 = store.next_assignment(p.id, b_lab.id)
     assert a2.item_id != a1.item_id
@@ -300,7 +300,7 @@ def test_abandoned_assignments_expire(store):
 
 def test_submit_and_next_fast_path_keeps_the_rules(store):
     p = _project(store, n_items=12, k=2)
-    labs = [store.add_labeler(f"f{i}", "password123") for i in range(3)]
+    labs = [store.add_labeler(f"f{i}", "labeler pass 1") for i in range(3)]
     nxt = {lab.id: store.next_assignment(p.id, lab.id) for lab in labs}
     n = 0
     while any(nxt.values()):
@@ -331,7 +331,7 @@ def test_submit_and_next_fast_path_keeps_the_rules(store):
 def test_sqlite_hot_path_rows_match_the_orm_path(store):
     """submit_and_next on SQLite writes plain SQL: its rows must be stored exactly as the ORM path stores them."""
     p = _project(store, n_items=4, k=2)
-    lab = store.add_labeler("hot", "password123")
+    lab = store.add_labeler("hot", "labeler pass 1")
     a1 = store.next_assignment(p.id, lab.id)
     _j_orm, _ = store.submit(a1.id, lab.id, {"choice": "left", "strength": "slightly_better", "comment": " c "},
                             "orm-path-0001")
@@ -364,7 +364,7 @@ def test_sqlite_hot_path_rows_match_the_orm_path(store):
 
 def test_sqlite_hot_path_invalid_or_other_cases_write_nothing(store):
     p = _project(store, n_items=4, k=2)
-    lab, other = store.add_labeler("h1", "password123"), store.add_labeler("h2", "password123")
+    lab, other = store.add_labeler("h1", "labeler pass 1"), store.add_labeler("h2", "labeler pass 1")
     a = store.next_assignment(p.id, lab.id)
     with pytest.raises(ValidationError, match="strength"):
         store.submit_and_next(a.id, lab.id, {"choice": "left"}, "invalid-0001")
@@ -390,7 +390,7 @@ def test_background_checkpointer_takes_checkpoints_off_the_hot_path(store):
     import time
 
     p = _project(store, n_items=20, k=2)
-    lab = store.add_labeler("ck", "password123")
+    lab = store.add_labeler("ck", "labeler pass 1")
     a = store.next_assignment(p.id, lab.id)
     assert store.start_checkpointer(interval_s=0.01) and not store.start_checkpointer()  # one thread only
     with store._write_lock:
@@ -435,7 +435,7 @@ def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
     import sqlite3
 
     p = _project(store, n_items=4, k=2)
-    lab = store.add_labeler("cf", "password123")
+    lab = store.add_labeler("cf", "labeler pass 1")
     a = store.next_assignment(p.id, lab.id)
     real = store._hot_connection
 
@@ -454,7 +454,7 @@ def test_sqlite_hot_path_failed_commit_is_not_acknowledged(store, monkeypatch):
 
 def test_group_commit_batch_stores_each_valid_submission_once(store):
     p = _project(store, n_items=10, k=2)
-    labs = [store.add_labeler(f"g{i}", "password123") for i in range(4)]
+    labs = [store.add_labeler(f"g{i}", "labeler pass 1") for i in range(4)]
     a = [store.next_assignment(p.id, lab.id) for lab in labs]
     reqs = [(a[0].id, labs[0].id, {"choice": "left", "strength": "better"}, "group-key-0000"),
             (a[1].id, labs[1].id, {"choice": "left"}, "group-key-0001"),              # invalid: no strength
@@ -482,7 +482,7 @@ def test_group_commit_failed_commit_stores_nothing(store, monkeypatch):
     import sqlite3
 
     p = _project(store, n_items=6, k=2)
-    labs = [store.add_labeler(f"gf{i}", "password123") for i in range(3)]
+    labs = [store.add_labeler(f"gf{i}", "labeler pass 1") for i in range(3)]
     reqs = [(store.next_assignment(p.id, lab.id).id, lab.id, {"choice": "tie"}, f"gf-key-{i:04d}")
             for i, lab in enumerate(labs)]
     real = store._hot_connection

@@ -20,8 +20,10 @@ from ..models import STRENGTHS, Labeler
 from ..render import render_markdown
 from ..security import new_token, tokens_equal
 from ..store import Store
+from .gate import USER_KEY
 
 if TYPE_CHECKING:
+    from ..sessions import SessionManager
     from .api import GroupCommit
     from .auth import LoginThrottle
 
@@ -30,8 +32,6 @@ TEMPLATES_DIR = FEEDBACK_DIR / "templates"
 STATIC_DIR = FEEDBACK_DIR / "static"
 STRENGTH_LABELS = {"significantly_better": "Significantly better", "better": "Better",
                    "slightly_better": "Slightly better", "negligibly_better": "Negligibly better / unsure"}
-USER_CACHE_S = 5.0  # a signed-in labeler is re-read after this long (a deactivation takes effect within it)
-USER_CACHE_MAX = 10_000
 
 
 class Redirect(Exception):
@@ -48,31 +48,12 @@ class HTTPError(Exception):
         self.status, self.message = status, message
 
 
-class UserCache:
-    """labeler id -> Labeler (or None), each entry used for USER_CACHE_S seconds."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._entries: dict[int, tuple[float, Labeler | None]] = {}
-
-    def get(self, uid: int) -> Labeler | None:
-        now = time.monotonic()
-        hit = self._entries.get(uid)
-        if hit is not None and now - hit[0] < USER_CACHE_S:
-            return hit[1]
-        user = self.store.get_labeler(uid)
-        if len(self._entries) > USER_CACHE_MAX:
-            self._entries.clear()
-        self._entries[uid] = (now, user)
-        return user
-
-
 @dataclass
 class WebContext:
     """One app's state (`app.state.web`): the store and what the routes keep between requests."""
     store: Store
     templates: Jinja2Templates
-    users: UserCache
+    sessions: SessionManager          # server-side sign-in sessions and their in-process cache
     throttle: LoginThrottle
     inline_db: bool                   # run the JSON API's short database calls on the event loop (SQLite)
     batcher: GroupCommit | None       # group commit of the JSON API's submit + next (None: off)
@@ -107,11 +88,9 @@ async def db_call(request: Request, fn, *args):
 # -- the signed-in user -------------------------------------------------------------------------------------------
 def require_user(request: Request) -> Labeler:
     """The signed-in, active labeler (also set as `request.state.user` for the templates); else a redirect to the
-    login page (401 on the JSON API)."""
-    uid = request.session.get("uid")
-    user = web(request).users.get(uid) if isinstance(uid, int) else None
-    if user is None or not user.active:
-        request.session.pop("uid", None)
+    login page (401 on the JSON API). The gate (`gate.py`) has checked the session before the route ran."""
+    user = request.scope.get(USER_KEY)
+    if user is None:
         if request.url.path.startswith("/api/"):
             raise HTTPError(401, "sign in first")
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -128,11 +107,24 @@ def require_admin(request: Request) -> Labeler:
 
 
 def start_session(request: Request, user: Labeler) -> str:
-    """Sign `user` in: a fresh session with a new CSRF token (rotated at sign-in), which is returned."""
+    """Sign `user` in: a new server-side session (the one this client had ends) and a new CSRF token (rotated at
+    sign-in), which is returned. Writes to the database: call it off the event loop."""
+    sessions = web(request).sessions
+    old = request.session.get("sid")
+    if isinstance(old, str):
+        sessions.end(old)
     request.session.clear()
-    request.session["uid"] = user.id
+    request.session["sid"] = sessions.start(user)
     request.session["csrf"] = tok = new_token()
     return tok
+
+
+def end_session(request: Request) -> None:
+    """Sign out: the server-side session ends (a copy of the cookie is worthless from now on). A database write."""
+    sid = request.session.get("sid")
+    if isinstance(sid, str):
+        web(request).sessions.end(sid)
+    request.session.clear()
 
 
 # -- CSRF and forms -----------------------------------------------------------------------------------------------
