@@ -4,7 +4,6 @@ which error a request gets: sign-in (303 to the login page, or 401 on the JSON A
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
