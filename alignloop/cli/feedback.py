@@ -387,20 +387,28 @@ def stats(db, project, as_json):
 @click.option("--criterion", default=None, metavar="NAME|all",
               help="A project asking several questions: export this question's answers, or all of them in one file "
                    "(rows carry their criterion). [default: the first question]")
+@click.option("--min-labels", type=int, default=None,
+              help="Consensus: leave out items with fewer kept labels than this (counted in the report). "
+                   "[default: the project's min_labels setting: 2 when k >= 2, else 1]")
+@click.option("--allow-empty", is_flag=True,
+              help="Write the file even when no row results (else: an error saying why).")
 @_user_errors
 def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold,
-           labelers, criterion):
+           labelers, criterion, min_labels, allow_empty):
     """Write a preference, ranking, unpaired or steps dataset the trainers read."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
     _check_out(out)
     store = _store(db)
     p = store.get_project(project)
-    fmt = fmt or ("steps" if p.task_type == "steps" else "preference")
+    fmt = fmt or ex.default_format(p.task_type)
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,
-                              likert_threshold=likert_threshold, labelers=labelers, criterion=criterion)
+                              likert_threshold=likert_threshold, labelers=labelers, criterion=criterion,
+                              min_labels=min_labels)
     rows, summary = ex.export_records(store, p.id, opts)
+    if not rows and not allow_empty:  # 0 rows is almost always a mistake (everyone flagged, min_labels too high)
+        raise UserError(ex.empty_message(summary) + "; nothing written (--allow-empty writes the empty file)")
     write_rows(rows, out)
     who = "" if labelers == "all" else f" ({'people' if labelers == 'human' else 'AI labelers'} only)"
     crit = f" (criterion {', '.join(summary['criteria'])})" if criterion else ""

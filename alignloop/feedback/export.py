@@ -87,6 +87,12 @@ class ExportOptions:
             raise UserError(f"export min_labels {self.min_labels!r}: a whole number from 1 to 100")
 
 
+def default_format(task_type: str) -> str:
+    """A project's export format when none is asked for: steps for steps, unpaired for thumbs and Likert (their
+    only format), preference for pairwise and rank."""
+    return {"steps": "steps", "thumbs": "unpaired", "likert": "unpaired"}.get(task_type, "preference")
+
+
 def project_options(p, **options) -> ExportOptions:
     """ExportOptions with the project's own quality thresholds (its `thresholds` setting) for flagging labelers."""
     return ExportOptions(**options, thresholds=quality.thresholds_from_dict(p.settings.get("thresholds")))

@@ -149,7 +149,7 @@ def export(request: Request, name: str, format: str | None = None, mode: str = "
 
     store = store_of(request)
     p = project_or_404(store, name)
-    format = format or _default_format(p.task_type)  # by the task type when not given
+    format = format or export_mod.default_format(p.task_type)  # by the task type when not given
     try:
         opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties,
                                           both_bad=both_bad, exclude_flagged=exclude_flagged,
@@ -166,8 +166,3 @@ def export(request: Request, name: str, format: str | None = None, mode: str = "
         "Content-Disposition": f'attachment; filename="{p.name}-{format}{suffix}.jsonl"',
         "X-Export-Summary": json.dumps(summary, default=str, ensure_ascii=True)})
 
-
-def _default_format(task_type: str) -> str:
-    """The format a project's export form picks first: steps for steps, unpaired for thumbs and Likert (their only
-    format), preference otherwise."""
-    return {"steps": "steps", "thumbs": "unpaired", "likert": "unpaired"}.get(task_type, "preference")
