@@ -6,6 +6,8 @@
     alignloop feedback add-labeler --db fb.db ann --role labeler --attr group=warm   (password prompted, or
                                                                                       --password-env)
     alignloop feedback set-attributes --db fb.db ann --attr locale=en-GB [--remove group] [--replace]
+    alignloop feedback set-password --db fb.db ann   (prompted, or --password-env; ends ann's sessions)
+    alignloop feedback deactivate --db fb.db ann     (and reactivate)
     alignloop feedback labelers --db fb.db [--json]
     alignloop feedback serve --db fb.db --host 127.0.0.1 --port 8000
     alignloop feedback stats --db fb.db --project hh [--json]
@@ -203,14 +205,7 @@ def add_labeler(db, username, role, password_env, password_stdin, attrs):
     from alignloop.feedback.projects import parse_attributes  # noqa: PLC0415 - web extra (SQLAlchemy), optional
 
     attributes = parse_attributes(attrs)  # checked before a password is asked for
-    if password_env:
-        password = os.environ.get(password_env)
-        if not password:
-            raise UserError(f"environment variable {password_env} is empty or unset")
-    elif password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    password = _new_password(password_env, password_stdin)
     store = _store(db)
     lab = store.add_labeler(username, password, role, attributes)
     click.echo(f"added {lab.role} {lab.username}" + (f" ({_attrs_text(lab.attributes)})" if lab.attributes else ""))
@@ -218,6 +213,52 @@ def add_labeler(db, username, role, password_env, password_stdin, attrs):
 
 def _attrs_text(attributes: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in attributes.items())
+
+
+def _new_password(password_env: str | None, password_stdin: bool) -> str:
+    """The new password: from the environment variable, stdin's first line, or prompted twice. Its rules
+    (`security.password_problem`) are the store's."""
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise UserError(f"environment variable {password_env} is empty or unset")
+        return password
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@feedback.command("set-password")
+@db_option
+@click.argument("username")
+@click.option("--password-env", default=None, help="Read the password from this environment variable.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@_user_errors
+def set_password(db, username, password_env, password_stdin):
+    """Change a labeler's password (prompted unless --password-env/--password-stdin); signs them out everywhere."""
+    store = _store(db)
+    lab = store.set_password(username, _new_password(password_env, password_stdin))
+    click.echo(f"password changed for {lab.username}; their sessions were ended")
+
+
+@feedback.command()
+@db_option
+@click.argument("username")
+@_user_errors
+def deactivate(db, username):
+    """Deactivate a labeler: they cannot sign in, their sessions end at once; their judgements stay."""
+    lab = _store(db).set_active(username, False)
+    click.echo(f"deactivated {lab.username}")
+
+
+@feedback.command()
+@db_option
+@click.argument("username")
+@_user_errors
+def reactivate(db, username):
+    """Let a deactivated labeler sign in again (with their password)."""
+    lab = _store(db).set_active(username, True)
+    click.echo(f"reactivated {lab.username}")
 
 
 @feedback.command("set-attributes")
@@ -264,14 +305,25 @@ def labelers_cmd(db, as_json):
               help="Signs session cookies (else a generated key file next to the database).")
 @click.option("--secure-cookies", is_flag=True, help="Send cookies only over HTTPS (behind a TLS proxy).")
 @click.option("--log-level", default="warning", show_default=True)
+@click.option("--session-idle-hours", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+              help="A session ends after this long without a request.")
+@click.option("--session-max-days", type=click.FloatRange(min=0, min_open=True), default=14.0, show_default=True,
+              help="A session ends this long after sign-in, however active.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="The largest request body (413 past it).")
+@click.option("--max-import-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="The largest file the admin import page takes.")
 @_user_errors
-def serve(db, host, port, secret_key, secure_cookies, log_level):
+def serve(db, host, port, secret_key, secure_cookies, log_level, session_idle_hours, session_max_days, max_body_mb,
+          max_import_mb):
     """Serve the labeling app."""
     import uvicorn  # noqa: PLC0415 - web extra, and only `serve` loads the web server
 
     from alignloop.feedback.app import create_app  # noqa: PLC0415 - only `serve` loads the web app (FastAPI)
 
-    app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies)
+    app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies,
+                     session_idle_timeout=int(session_idle_hours * 3600), session_max_age=int(session_max_days * 86400),
+                     max_body_bytes=int(max_body_mb * 2**20), max_import_bytes=int(max_import_mb * 2**20))
     click.echo(f"serving on http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

@@ -413,3 +413,45 @@ def test_an_existing_readable_file_is_left_as_it_is_with_a_warning(tmp_path, cap
         Store(str(path)).dispose()
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert "chmod 600" in caplog.text
+
+
+def test_cli_set_password_deactivate_and_reactivate(store):
+    from click.testing import CliRunner
+
+    from alignloop.cli.feedback import feedback
+
+    db = store.url.removeprefix("sqlite:///")
+    ann = store.add_labeler("ann", PASSWORD)
+    store.create_session(ann.id, time.time())
+    run = CliRunner().invoke
+    r = run(feedback, ["set-password", "--db", db, "ann", "--password-stdin"], input="12345678\n")
+    assert r.exit_code == 2 and "too common" in r.output
+    r = run(feedback, ["set-password", "--db", db, "ann", "--password-stdin"], input="a new long phrase\n")
+    assert r.exit_code == 0 and "password changed for ann" in r.output
+    assert store.authenticate("ann", "a new long phrase") is not None and session_rows(store, ann.id) == []
+    r = run(feedback, ["set-password", "--db", db, "nobody", "--password-env", "PW"], env={"PW": PASSWORD})
+    assert r.exit_code == 2 and "no labeler 'nobody'" in r.output
+    store.create_session(ann.id, time.time())
+    r = run(feedback, ["deactivate", "--db", db, "ann"])
+    assert r.exit_code == 0 and "deactivated ann" in r.output
+    assert store.authenticate("ann", "a new long phrase") is None and session_rows(store, ann.id) == []
+    r = run(feedback, ["reactivate", "--db", db, "ann"])
+    assert r.exit_code == 0 and store.authenticate("ann", "a new long phrase") is not None
+
+
+def test_cli_serve_passes_the_session_and_body_limits(store, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from alignloop.cli.feedback import feedback
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    db = store.url.removeprefix("sqlite:///")
+    r = CliRunner().invoke(feedback, ["serve", "--db", db, "--secret-key", SECRET, "--session-idle-hours", "2",
+                                      "--session-max-days", "1", "--max-body-mb", "0.5", "--max-import-mb", "8"])
+    assert r.exit_code == 0, r.output
+    sessions = served["app"].state.web.sessions
+    assert (sessions.idle_s, sessions.max_s) == (7200, 86400)
+    gate = next(m for m in served["app"].user_middleware if m.cls.__name__ == "Gate")
+    assert (gate.kwargs["max_body"], gate.kwargs["max_import_body"]) == (2**19, 8 * 2**20)
