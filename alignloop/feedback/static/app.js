@@ -167,9 +167,16 @@
   }
   document.addEventListener("keydown", function (e) {
     var f = form();
-    if (!f || e.altKey || e.metaKey) return;
+    if (e.altKey || e.metaKey) return;
     var t = e.target, tag = (t && t.tagName) || "";
     var typing = tag === "TEXTAREA" || (tag === "INPUT" && /^(text|password|number|search|email)$/.test(t.type));
+    if (!f) {  // the "all done" page: only its Undo key
+      var undo = document.getElementById("undo");
+      if (undo && !typing && !e.ctrlKey && e.key.toLowerCase() === undo.getAttribute("data-key")) {
+        e.preventDefault(); undo.click();
+      }
+      return;
+    }
     if (typing) {  // Ctrl+Enter from the comment box: the same checks as Enter (a steps page: every step rated)
       if (e.key === "Enter" && e.ctrlKey) { e.preventDefault(); submitChecked(); }
       else if (e.key === "Escape") { t.blur(); }
