@@ -8,7 +8,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from fb_helpers import PASSWORD, csrf_of, field_of
+from fb_helpers import PASSWORD, csrf_of, field_of, label_page
 
 from alignloop.feedback.render import render_markdown
 
@@ -59,10 +59,8 @@ def ann(store, make_client):
 
 
 def _label(client, name):
-    """The label page with an item on it (POST "Start" when the page offers it: a GET takes no item)."""
-    r = client.get(f"/p/{name}/label")
-    if 'id="start-form"' in r.text:
-        r = client.post(f"/p/{name}/next", data={"csrf_token": csrf_of(r.text)})
+    """The label page with an item on it (fb_helpers.label_page: POST "Start" when offered)."""
+    r = label_page(client, name)
     assert r.status_code == 200 and 'id="judge"' in r.text, r.text
     return r
 
@@ -177,3 +175,16 @@ def test_history_shows_the_prompt_and_no_gold_tag(store, ann):
     cell = re.search(r'<td class="prompt-cell"[^>]*>(Summarise[^<]*)</td>', history).group(1)
     assert cell.endswith("...") and len(cell) < 200  # cut short (the title attribute holds more)
     assert re.search(r'<td class="prompt-cell"[^>]*>second ask</td>', history)  # a chat: its last user turn
+
+
+def test_start_page_offers_undo(store, ann):
+    _project(store, "st")
+    uid = next(lab.id for lab in store.list_labelers() if lab.username == "ann")
+    pid = store.get_project("st").id
+    start = ann.get("/p/st/label").text
+    assert 'id="start-form"' in start and 'id="undo"' not in start  # nothing done yet: nothing to undo
+    a = store.next_assignment(pid, uid)  # judged outside the page: no item is open afterwards
+    store.submit(a.id, uid, {"choice": "tie"}, "k" * 32)
+    start = ann.get("/p/st/label").text
+    assert 'id="start-form"' in start and 'action="/p/st/undo" id="undo-form"' in start
+    assert re.search(r'<button type="submit" id="undo" data-key="u"', start)
