@@ -144,12 +144,11 @@
     e.preventDefault();  // with JS the shortcut only marks the steps; without JS the button submits it
     firstError(parseInt(b.value, 10));
   });
-  // Enter submits the judgement only from the page itself or one of the judgement's own choices: on a button, a
-  // link, a <summary> or a control outside the judgement form, Enter does what that control does (Skip focused +
-  // Enter skips; it never stores a judgement)
+  // Enter submits the judgement unless the focus is on a control that has an Enter action of its own: a button, a
+  // link, a <summary> do that (Skip focused + Enter skips; it never stores a judgement); on the page itself, a
+  // choice or the raw-text switch Enter submits
   function enterSubmits(t) {
     if (!t || t === document.body || t === document.documentElement) return true;
-    if (!form().contains(t)) return false;
     var tag = t.tagName;
     if (tag === "BUTTON" || tag === "A" || tag === "SUMMARY") return false;
     return !(tag === "INPUT" && /^(submit|button|reset|image)$/.test(t.type));
