@@ -19,6 +19,7 @@ tests pass their own); the table holds naive UTC datetimes like every other tabl
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class SessionManager:
         self.store, self.idle_s, self.max_s, self.clock = store, idle_s, max_s, clock
         self.cache_ttl_s, self.touch_every_s, self.cache_max = cache_ttl_s, touch_every_s, cache_max
         self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()  # refresh runs in worker threads: one writer of `_entries` at a time
 
     def start(self, labeler: Labeler) -> str:
         """A new session for `labeler` (a database write: call it off the event loop). Returns its token."""
@@ -118,7 +120,8 @@ class SessionManager:
     def end(self, token: str) -> None:
         """Sign-out: the session's row is deleted and forgotten here (a database write)."""
         sid = token_id(token)
-        self._entries.pop(sid, None)
+        with self._lock:
+            self._entries.pop(sid, None)
         self.store.end_session(sid)
 
     def cached(self, token: str):
@@ -138,7 +141,8 @@ class SessionManager:
         """The session's labeler read from the database (None: no such session, its labeler is inactive, or it
         timed out, whereupon its row is deleted); `last_seen_at` written when due. Blocking: off the event loop."""
         sid = token_id(token)
-        old = self._entries.pop(sid, None)
+        with self._lock:
+            old = self._entries.pop(sid, None)
         loaded = time.monotonic()
         found = self.store.load_session(sid)
         if found is None:
@@ -157,9 +161,10 @@ class SessionManager:
             self.store.touch_session(sid, now)
             e.seen_stored = now
         e.seen = now
-        if len(self._entries) >= self.cache_max:
-            del self._entries[next(iter(self._entries))]  # the longest-cached entry; the others stay
-        self._entries[sid] = e
+        with self._lock:
+            if len(self._entries) >= self.cache_max:
+                del self._entries[next(iter(self._entries))]  # the longest-cached entry; the others stay
+            self._entries[sid] = e
         return lab
 
     def _expired(self, e: _Entry, now: float) -> bool:

@@ -211,6 +211,18 @@ def test_the_session_check_reads_the_database_at_most_once_per_ttl_and_writes_la
     assert row.last_seen_at == to_datetime(clock.t)
 
 
+def test_the_session_cache_is_bounded_and_keeps_the_newest(store):
+    from alignloop.feedback.sessions import MISS, SessionManager
+
+    labs = [store.add_labeler(f"u{i}", PASSWORD) for i in range(3)]
+    m = SessionManager(store, cache_max=2, cache_ttl_s=3600)
+    tokens = [m.start(lab) for lab in labs]
+    assert [m.refresh(t).id for t in tokens] == [lab.id for lab in labs]
+    assert m.cached(tokens[0]) is MISS  # evicted (the oldest), still valid: read again
+    assert [m.cached(t).id for t in tokens[1:]] == [labs[1].id, labs[2].id]
+    assert m.refresh(tokens[0]).id == labs[0].id
+
+
 def test_another_process_sees_a_sign_out_within_two_seconds(store, app_with):
     store.add_labeler("ann", PASSWORD)
     app = app_with()
