@@ -184,7 +184,12 @@ def test_members_only_project_is_404_for_others_and_the_hot_path_hands_them_noth
 
 # -- review and adjudication --------------------------------------------------------------------------------------
 def _judge(store, project_id, labeler_id, fields):
+    """Take the labeler's next item and judge it; a pairwise `choice` "a" / "b" is canonical (the screen side is
+    worked out from the shown order)."""
     a = store.next_assignment(project_id, labeler_id)
+    if fields.get("choice") in ("a", "b"):
+        left = "a" if a.shown_order[0] == 0 else "b"
+        fields = {**fields, "choice": "left" if fields["choice"] == left else "right"}
     store.submit(a.id, labeler_id, fields, uuid.uuid4().hex)
     return a
 
@@ -194,8 +199,8 @@ def test_review_page_shows_every_label_and_adjudication_is_stored(store, make_cl
     store.import_records("pw", [{"prompt": "Which <b>one</b>?", "completions": [
         {"text": "first <i>answer</i>", "model": "model-x"}, {"text": "second", "model": "model-y"}]}])
     ann, bob = store.add_labeler("ann", PASSWORD), store.add_labeler("bob", PASSWORD)
-    _judge(store, p.id, ann.id, {"choice": "left", "strength": "better", "comment": "A <is> kinder"})
-    _judge(store, p.id, bob.id, {"choice": "right", "strength": "slightly_better"})
+    _judge(store, p.id, ann.id, {"choice": "a", "strength": "better", "comment": "A <is> kinder"})
+    _judge(store, p.id, bob.id, {"choice": "b", "strength": "slightly_better"})
     c = _admin(store, make_client)
     listing = c.get(f"/admin/p/{p.id}/review")
     assert listing.status_code == 200 and 'id="review-table"' in listing.text
@@ -279,7 +284,7 @@ def test_web_export_of_nothing_says_why_unless_allowed(store, make_client):
     p = store.create_project("pw", "pairwise", overlap_k=3)
     store.import_records("pw", [{"prompt": "q", "completions": ["a", "b"]}])
     ann = store.add_labeler("ann", PASSWORD)
-    _judge(store, p.id, ann.id, {"choice": "left", "strength": "better"})
+    _judge(store, p.id, ann.id, {"choice": "a", "strength": "better"})
     c = _admin(store, make_client)
     r = c.get("/admin/p/pw/export?format=preference")
     assert r.status_code == 422 and "0 rows exported" in r.text and "fewer than min_labels = 2" in r.text
