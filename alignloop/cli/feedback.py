@@ -51,7 +51,19 @@ def _user_errors(fn):
 
 db_option = click.option("--db", default="feedback.db", show_default=True, envvar="ALIGNLOOP_FEEDBACK_DB",
                          help="SQLite file path or a database URL (postgresql://user@host/db).")
-project_option = click.option("--project", "-p", required=True, help="Project name.")
+
+
+def project_option(fn):
+    """--project NAME or --project-id N (one of them): a name is never read as an id, nor an id as a name."""
+    fn = click.option("--project-id", type=int, default=None, help="The project's id (instead of --project).")(fn)
+    return click.option("--project", "-p", default=None, help="Project name (or give --project-id).")(fn)
+
+
+def _project_ref(project: str | None, project_id: int | None) -> str | int:
+    """What `Store.get_project` takes: the name (a str, as given) or the id (an int)."""
+    if (project is None) == (project_id is None):
+        raise UserError("give the project as --project NAME or --project-id N (one of them)")
+    return project if project is not None else project_id
 
 
 def _check_out(out: str | None) -> None:
@@ -137,13 +149,18 @@ def _questions(opts: tuple[str, ...]) -> list[dict]:
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--model", default=None, help="Model name for completions that do not name one.")
 @_user_errors
-def import_cmd(db, project, files, model):
+def import_cmd(db, project, project_id, files, model):
     """Import completions from JSONL files: {"prompt", "completions": [...]} or {"prompt", "completion"}. A steps
-    project: one solution per row, {"prompt", "completions": [steps], "labels"?, "gold"?}."""
-    store = _store(db)
+    project: one solution per row, {"prompt", "completions": [steps], "labels"?, "gold"?}. Rows already imported
+    (the same "id", or the same content) are skipped and counted: importing a file again adds only what is missing."""
     for f in files:
-        r = store.import_jsonl(project, f, model=model)
-        click.echo(f"{f}: {r.prompts} prompts, {r.completions} completions, {r.items} items ({r.gold_items} gold)")
+        if not Path(f).is_file():
+            raise UserError(f"{f}: no such file")
+    store = _store(db)
+    p = store.get_project(_project_ref(project, project_id))
+    for f in files:
+        r = store.import_jsonl(p.id, f, model=model)
+        click.echo(f"{f} -> project {p.name} (id {p.id}): {r.summary()}")
         for w in r.warnings:
             click.echo(f"warning: {w}", err=True)
 
@@ -164,7 +181,8 @@ def import_cmd(db, project, files, model):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the sampled rows here.")
 @_user_errors
-def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size, seed, out):
+def sample(db, project, project_id, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size,
+           seed, out):
     """Sample N completions per prompt with a model and import them."""
     from alignloop.feedback.importing import read_jsonl  # noqa: PLC0415 - web extra (SQLAlchemy), optional
     from alignloop.feedback.sampling import sample_records  # noqa: PLC0415 - heavy (torch, transformers)
@@ -173,7 +191,7 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
         raise UserError("-n must be at least 1")
     _check_out(out)
     store = _store(db)
-    p = store.get_project(project)
+    p = store.get_project(_project_ref(project, project_id))
     rows = read_jsonl(prompts_file)
     recs = sample_records(rows, model, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, batch_size=batch_size, seed=seed)
@@ -186,7 +204,7 @@ def sample(db, project, prompts_file, model, n, max_new_tokens, temperature, top
             raise UserError(f"every one of the {empty} samples is empty (no step to rate); nothing imported")
     if out:
         write_rows(recs, out)
-    r = store.import_records(project, recs)
+    r = store.import_records(p.id, recs)
     click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items"
                + (f" ({empty} empty samples left out)" if empty else ""))
 
@@ -382,12 +400,12 @@ def _echo_questions(qs: dict) -> None:
 @project_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_user_errors
-def stats(db, project, as_json):
+def stats(db, project, project_id, as_json):
     """Labeler quality and agreement for a project."""
     from alignloop.feedback.dashboard import dashboard_data  # noqa: PLC0415 - heavy (numpy, scipy, scikit-learn)
 
     store = _store(db)
-    p = store.get_project(project)
+    p = store.get_project(_project_ref(project, project_id))
     d = dashboard_data(store, p)
     if as_json:
         click.echo(json.dumps(_clean({"project": p.name, "summary": d["summary"], "agreement": d["agreement"],
@@ -445,14 +463,14 @@ def stats(db, project, as_json):
 @click.option("--allow-empty", is_flag=True,
               help="Write the file even when no row results (else: an error saying why).")
 @_user_errors
-def export(db, project, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold, likert_threshold,
-           labelers, criterion, min_labels, allow_empty):
+def export(db, project, project_id, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold,
+           likert_threshold, labelers, criterion, min_labels, allow_empty):
     """Write a preference, ranking, unpaired or steps dataset the trainers read."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
     _check_out(out)
     store = _store(db)
-    p = store.get_project(project)
+    p = store.get_project(_project_ref(project, project_id))
     fmt = fmt or ex.default_format(p.task_type)
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,

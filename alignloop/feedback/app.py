@@ -32,11 +32,13 @@ from .sessions import SESSION_IDLE_S, SESSION_MAX_S, SessionManager
 from .store import Store
 from .web import admin, api, auth, labeling
 from .web.common import (
+    BUSY_ERRORS,
     STATIC_DIR,
     HTTPError,
     Redirect,
     WebContext,
     make_templates,
+    on_busy,
     on_forbidden,
     on_http_error,
     on_not_found,
@@ -142,6 +144,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     app.add_exception_handler(HTTPError, on_http_error)
     app.add_exception_handler(NotFound, on_not_found)
     app.add_exception_handler(Forbidden, on_forbidden)
+    for busy in BUSY_ERRORS:  # the database stayed locked past the store's lock timeout: 503 + Retry-After (H3)
+        app.add_exception_handler(busy, on_busy)
     for router in (auth.router, labeling.router, admin.router, api.router):
         app.include_router(router)
     app.router.routes.insert(0, api.submit_route())  # the labeling hot path: matched first

@@ -7,9 +7,14 @@ SQLite file). SQLite runs in WAL mode with a busy timeout; write transactions on
 """
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import logging
 import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -17,6 +22,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from alignloop.errors import UserError
+
+from .errors import DatabaseBusy, WouldBlock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORM
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            _record.info["busy_ms"] = busy_timeout_ms
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -61,7 +69,15 @@ def open_engine(db: str, busy_timeout_ms: int = 30_000, synchronous: str = "NORM
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
             mode = conn.get_execution_options().get("sqlite_begin", "")
+            if mode:  # a writer: under no_wait() (the event loop) it must not sleep in SQLite's busy handler
+                set_busy_timeout(conn.connection, 0 if _NOWAIT.get() else busy_timeout_ms)
             conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+        @event.listens_for(engine, "handle_error")
+        def _on_error(ctx):
+            if is_busy(ctx.original_exception):
+                return busy_error()  # raised instead of SQLAlchemy's OperationalError
+            return None
 
         return engine
     try:
@@ -84,6 +100,70 @@ def create_private(path: Path) -> None:
         if mode & 0o077:
             _log.warning("%s has mode %o: other users may read it (it holds password hashes); chmod 600 it", path,
                          mode)
+
+
+# -- waiting for the write lock: bounded, and never on the event loop ---------------------------------------------
+# A SQLite writer waits for the write lock: in-process on `WriteLock`, across processes in SQLite's busy handler
+# (busy_timeout). Both waits are bounded by the store's lock timeout (then DatabaseBusy: the web app's 503). Work run
+# on the event loop (`web/common.db_call`) runs under `no_wait()`: a taken lock raises WouldBlock at once, before
+# anything is written, and the work is run again in a worker thread, so the loop never sleeps on a lock (a big import
+# once froze every request, /healthz included, for 30 s).
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+_NOWAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("alignloop_feedback_db_nowait", default=False)
+_SQLITE_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
+
+
+@contextmanager
+def no_wait() -> Iterator[None]:
+    """Within this block a taken write lock (in-process or SQLite's) raises WouldBlock instead of waiting."""
+    token = _NOWAIT.set(True)
+    try:
+        yield
+    finally:
+        _NOWAIT.reset(token)
+
+
+def busy_error() -> DatabaseBusy:
+    if _NOWAIT.get():
+        return WouldBlock("the database is busy (its write lock is taken)")
+    return DatabaseBusy("the database is busy (another writer held its lock too long); try again in a moment")
+
+
+def is_busy(e: BaseException | None) -> bool:
+    """SQLite's "database is locked" / "database table is locked" (SQLITE_BUSY / SQLITE_LOCKED)."""
+    if not isinstance(e, sqlite3.OperationalError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_BUSY_CODES
+    return "locked" in str(e)
+
+
+def set_busy_timeout(pool_conn, ms: int) -> None:
+    """Set a pooled SQLite connection's busy_timeout when it differs from what it has (one PRAGMA on a change)."""
+    if pool_conn.info.get("busy_ms") != ms:
+        pool_conn.driver_connection.execute(f"PRAGMA busy_timeout={int(ms)}")
+        pool_conn.info["busy_ms"] = ms
+
+
+class WriteLock:
+    """The in-process queue of one store's SQLite writers: a lock whose wait is bounded (`timeout_s`, then
+    DatabaseBusy) and, under `no_wait()`, not taken at all when busy (WouldBlock)."""
+
+    def __init__(self, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> WriteLock:
+        if not self._lock.acquire(blocking=not _NOWAIT.get(), timeout=-1 if _NOWAIT.get() else self.timeout_s):
+            raise busy_error()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
 
 
 def write_engine(engine: Engine) -> Engine:

@@ -19,3 +19,13 @@ class NotFound(UserError):
 
 class Forbidden(UserError):
     """The thing exists but belongs to someone else (e.g. another labeler's idempotency key)."""
+
+
+class DatabaseBusy(UserError):
+    """The database's write lock stayed taken longer than the store's lock timeout (`Store(lock_timeout_s=)`: a
+    writer in another process, ...). The web app answers 503 with Retry-After; trying again shortly is safe."""
+
+
+class WouldBlock(DatabaseBusy):
+    """Raised instead of waiting for the write lock while `db.no_wait()` is on (database work on the event loop):
+    nothing was written; the caller runs the work again in a worker thread, where waiting is harmless."""

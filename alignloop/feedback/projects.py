@@ -237,7 +237,8 @@ def find_project(s: Session, name_or_id: str | int) -> Project:
     else:
         p = s.scalar(select(Project).where(Project.name == name_or_id))
     if p is None:
-        raise NotFound(f"no project {name_or_id!r}" if isinstance(name_or_id, str) else f"no project with id {name_or_id}")
+        raise NotFound(f"no project {name_or_id!r}" if isinstance(name_or_id, str)
+                       else f"no project with id {name_or_id}")
     return p
 
 

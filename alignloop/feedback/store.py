@@ -50,7 +50,7 @@ from alignloop.errors import UserError
 from . import access, reading, review, sessions, sqlite_hot
 from . import db as dbmod
 from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
-from .importing import ImportResult, insert_groups, parse_rows, read_jsonl
+from .importing import IMPORT_BATCH_ROWS, ImportResult, batches, plan_import, read_jsonl, write_batch
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
 from .projects import (
@@ -67,6 +67,7 @@ from .projects import (
 from .security import check_new_password, hash_password
 from .validation import check_idempotency_key, valid_idempotency_key
 
+IMPORT_PAUSE_S = 0.002  # between two import batches: a thread lock is not fair, the import would take it right back
 _RETRIES = 5  # attempts when a concurrent request of the same labeler wins a unique constraint first
 _TRANSIENT_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
 
@@ -97,9 +98,12 @@ def _last_user_turn(messages: list[dict]) -> str:
 
 
 class Store:
-    def __init__(self, db: str, create: bool = True, synchronous: str = "NORMAL", seed: int | None = None):
+    def __init__(self, db: str, create: bool = True, synchronous: str = "NORMAL", seed: int | None = None,
+                 lock_timeout_s: float = dbmod.DEFAULT_LOCK_TIMEOUT_S):
         self.url = dbmod.normalise_url(db)
-        self.engine = dbmod.open_engine(self.url, synchronous=synchronous)
+        # SQLite: a writer waits at most lock_timeout_s for the write lock (then DatabaseBusy: the web app's 503)
+        self.lock_timeout_s = lock_timeout_s
+        self.engine = dbmod.open_engine(self.url, busy_timeout_ms=int(lock_timeout_s * 1000), synchronous=synchronous)
         if create:
             dbmod.upgrade(self.engine)
         elif not dbmod.is_initialised(self.engine):
@@ -119,7 +123,7 @@ class Store:
         # SQLite has one writer at a time: queue writers of this process on a lock (a cheap hand-off) rather than
         # on SQLite's busy handler (which sleeps in steps of up to 100 ms); other processes still wait on
         # busy_timeout. PostgreSQL writers run concurrently.
-        self._write_lock = threading.Lock() if self.sqlite else nullcontext()
+        self._write_lock = dbmod.WriteLock(lock_timeout_s) if self.sqlite else nullcontext()
         self._hot = None  # SQLite: the pooled connection kept for the hot path, used only under _write_lock
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = threading.Event()
@@ -159,6 +163,7 @@ class Store:
         pragmas of every connection (WAL, busy_timeout, synchronous, foreign keys) and autocommit mode (we BEGIN)."""
         if self._hot is None:
             self._hot = self.engine.raw_connection()
+            dbmod.set_busy_timeout(self._hot, int(self.lock_timeout_s * 1000))  # a pooled one may have had 0
             if self._checkpointer is not None:
                 self._hot.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
         return self._hot.driver_connection
@@ -217,6 +222,7 @@ class Store:
         return p
 
     def get_project(self, name_or_id: str | int) -> Project:
+        """By name (a str: never parsed, "2024" is a name) or by id (an int); NotFound otherwise."""
         with self.read() as s:
             return find_project(s, name_or_id)
 
@@ -359,16 +365,25 @@ class Store:
     def import_jsonl(self, project: str | int, path: str | Path, model: str | None = None) -> ImportResult:
         return self.import_records(project, read_jsonl(path), model=model)
 
-    def import_records(self, project: str | int, rows: Iterable[dict], model: str | None = None) -> ImportResult:
-        """Rows: `{"prompt", "completions": [str | {"text","model","params"}], "gold"?, "meta"?}` or one completion
-        per row `{"prompt", "completion", "model"?, "params"?}` (rows with the same prompt are grouped); a steps
+    def import_records(self, project: str | int, rows: Iterable[dict], model: str | None = None,
+                       batch_rows: int = IMPORT_BATCH_ROWS) -> ImportResult:
+        """Rows: `{"prompt", "completions": [str | {"text","model","params"}], "id"?, "gold"?, "meta"?}` or one
+        completion per row `{"prompt", "completion", "model"?, "params"?, "id"?}` (grouped by prompt or id); a steps
         project: step-format rows `{"prompt", "completions": [steps], "labels"?, "gold"?}`, one item each
-        (`importing.parse_step_rows`). All rows are checked before anything is written; the import is one
-        transaction."""
+        (`importing.parse_step_rows`). All rows are checked before anything is written; then the groups are written
+        about `batch_rows` rows per write transaction (the write lock is held briefly, labeling goes on meanwhile),
+        and groups already imported (same id or same content) are skipped and counted
+        (`ImportResult.already_present`). Interrupted, it leaves whole batches: running it again adds what is
+        missing. `project`: a name (str) or an id (int)."""
         p = self.get_project(project)
-        groups = parse_rows(rows, p.task_type, model)
-        with self.write() as s:
-            return insert_groups(s, p, groups)
+        with self.read() as s:
+            groups, res = plan_import(s, p, rows, model)
+        for i, batch in enumerate(batches(p, groups, batch_rows)):
+            if i:
+                time.sleep(IMPORT_PAUSE_S)  # let the requests queued on the write lock in before the next batch
+            with self.write() as s:
+                res.add(write_batch(s, p, batch))
+        return res
 
     # -- assignment -----------------------------------------------------------------------------------------------
     def next_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:

@@ -27,7 +27,7 @@ def test_migrations_create_the_models_schema(tmp_path):
     assert diff == []
     with s.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000  # db.DEFAULT_LOCK_TIMEOUT_S
     Store(str(tmp_path / "m.db"))  # idempotent upgrade
     with pytest.raises(UserError):
         Store(str(tmp_path / "other.db"), create=False)
@@ -53,7 +53,7 @@ def test_sqlite_pragmas(store):
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000  # db.DEFAULT_LOCK_TIMEOUT_S
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     with store._write_lock:
         hot = store._hot_connection()  # the submit hot path's connection has the same settings

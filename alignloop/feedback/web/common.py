@@ -4,6 +4,7 @@ which error a request gets: sign-in (303 to the login page, or 401 on the JSON A
 """
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +13,12 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from ..access import check_may_label
+from ..db import is_busy, no_wait
+from ..errors import DatabaseBusy, WouldBlock
 from ..models import STRENGTHS, Labeler
 from ..render import render_markdown
 from ..security import new_token, tokens_equal
@@ -77,11 +81,35 @@ def make_templates() -> Jinja2Templates:
 
 
 async def db_call(request: Request, fn, *args):
-    """Run short database work: inline on the event loop for SQLite (writes are serialised anyway, and this avoids
-    thread hand-offs and GIL contention), in the thread pool otherwise."""
+    """Run short database work. SQLite (`inline_db`): on the event loop (writes are serialised anyway, and this
+    avoids thread hand-offs and GIL contention) but under `db.no_wait()`: if the write lock is taken (an import
+    batch, a writer in another process) it raises WouldBlock before writing anything, and the work runs again in
+    the thread pool, which waits up to the store's lock timeout (then 503, `on_busy`). Other databases: the pool."""
     if web(request).inline_db:
-        return fn(*args)
+        try:
+            with no_wait():
+                return fn(*args)
+        except WouldBlock:
+            pass
     return await run_in_threadpool(fn, *args)
+
+
+# H3: the database stayed busy longer than the store's lock timeout -> 503 with Retry-After (never a 500).
+# `create_app` registers it for each of BUSY_ERRORS; an OperationalError that is not "database is locked" re-raises.
+BUSY_ERRORS = (DatabaseBusy, OperationalError, sqlite3.OperationalError)
+RETRY_AFTER_S = 2
+
+
+async def on_busy(request: Request, exc: Exception):
+    if not isinstance(exc, DatabaseBusy) and not is_busy(getattr(exc, "orig", exc)):
+        raise exc
+    message = "the database is busy; try again in a moment"
+    if request.url.path.startswith("/api/"):
+        resp = JSONResponse({"error": message}, status_code=503)
+    else:
+        resp = render(request, "error.html", {"message": message, "status": 503}, status=503)
+    resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
 
 
 # -- the signed-in user -------------------------------------------------------------------------------------------
