@@ -22,6 +22,13 @@ an item twice. Prints one JSON line: submit latency p50/p99 (end to end, first t
 the submissions retried across the restart), judgements/s over the labeling phase (restart downtime included;
 `judgements_per_s_including_sign_in` counts the sign-in phase too), restart downtime, server and client CPU per
 judgement, the load generator's own worst event-loop lag, and the check results. Exit status 1 if a check fails.
+
+`--import-rows N`: once labeling starts, an admin uploads an N-row JSONL file (one prompt with 2 completions and an
+`id` per row) into a second project through the app's own import route (`POST /admin/p/<id>/import`, the admin
+page's upload: read whole, checked, then written in short batches while the labelers go on). An upload cut by the
+kill is sent again (imports are idempotent: it adds what is missing). Reported under "import": its attempts, their
+statuses and seconds; checked: the project then holds exactly N prompts and N items, and no request got a 500
+(`http_5xx` counts every status >= 500 the labelers saw; `submits_over_1s` the first tries slower than 1 s).
 """
 from __future__ import annotations
 
@@ -44,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 PASSWORD = "load-test-password"
 PROJECT = "load"
+BULK, BULK_ID = "bulk", 2  # the project --import-rows imports into (created second)
+ADMIN = "loadadmin"
 
 
 def free_port() -> int:
@@ -52,7 +61,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(db: str, labelers: int, judgements: int, k: int) -> None:
+def prepare(db: str, labelers: int, judgements: int, k: int, import_rows: int = 0) -> bytes | None:
+    """Create the labeling project, its items and the labelers; with `import_rows`, also the project the admin
+    imports into, the admin, and the upload (returned: the JSONL file's bytes)."""
     from alignloop.feedback.store import Store
 
     s = Store(db)
@@ -62,7 +73,15 @@ def prepare(db: str, labelers: int, judgements: int, k: int) -> None:
                                for i in range(n_items)])
     for i in range(labelers):
         s.add_labeler(f"lab{i:03d}", PASSWORD)
+    upload = None
+    if import_rows:
+        s.create_project(BULK, "pairwise", overlap_k=1)  # its id is 2 (BULK_ID)
+        s.add_labeler(ADMIN, PASSWORD, role="admin")
+        upload = "".join(json.dumps({"id": f"row-{i}", "prompt": f"bulk prompt {i}: say something useful",
+                                     "completions": [f"first answer {i}", f"second answer {i}"]}) + "\n"
+                         for i in range(import_rows)).encode()
     s.dispose()
+    return upload
 
 
 def start_server(db: str, port: int, secret: str, cpu: int | None = None) -> subprocess.Popen:
@@ -105,7 +124,9 @@ class HTTPConn:
             for k, v in (headers or {}).items():
                 head += f"{k}: {v}\r\n"
             if body or method == "POST":
-                head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                if not any(k.lower() == "content-type" for k in headers or {}):
+                    head += "content-type: application/json\r\n"
+                head += f"content-length: {len(body)}\r\n"
             self.writer.write(head.encode("latin-1") + b"\r\n" + body)
             status, length, chunked, close = await self._read_head()
             if chunked:
@@ -188,6 +209,7 @@ class State:
         self.retried_latencies: list[float] = []
         self.trace: list[tuple[float, float, bool]] = []  # (sent at, latency, retried) per acknowledged submit
         self.retries = 0
+        self.http_5xx: dict[int, int] = {}  # status -> count, every reply >= 500 a labeler got (then retried)
         self.errors: list[str] = []
         self.signed_in = 0
         self.all_signed_in = asyncio.Event()  # labeling starts once everybody has signed in (timed separately)
@@ -213,6 +235,7 @@ class Labeler:
                     status, data = await self.c.request(method, url, body, headers)
                 if status < 500:
                     return status, data
+                self.st.http_5xx[status] = self.st.http_5xx.get(status, 0) + 1
             except (*TRANSPORT_ERRORS, TimeoutError):
                 pass
             self.st.retries += 1
@@ -280,6 +303,68 @@ async def labeler(i: int, host: str, port: int, st: State) -> None:
         await lab.c.close()
 
 
+def multipart(boundary: str, csrf: str, name: str, data: bytes) -> bytes:
+    """A multipart/form-data body: the CSRF field and one file."""
+    b = f"--{boundary}\r\n".encode()
+    return (b + b'content-disposition: form-data; name="csrf_token"\r\n\r\n' + csrf.encode() + b"\r\n" + b
+            + f'content-disposition: form-data; name="file"; filename="{name}"\r\n'.encode()
+            + b"content-type: application/jsonl\r\n\r\n" + data + f"\r\n--{boundary}--\r\n".encode())
+
+
+async def admin_import(host: str, port: int, upload: bytes, st: State, report: dict) -> None:
+    """Once labeling has started, an admin signs in and uploads `upload` to the import route of BULK; sent again
+    after a transport failure or a reply >= 500 (the kill) until answered. Fills `report`."""
+    await st.all_signed_in.wait()
+    c = HTTPConn(host, port)
+    boundary = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    csrf = None
+    try:
+        while True:
+            report["attempts"] += 1
+            try:
+                async with asyncio.timeout(600.0):
+                    if csrf is None:
+                        status, data = await c.request("POST", "/api/login", json.dumps(
+                            {"username": ADMIN, "password": PASSWORD}).encode())
+                        if status != 200:
+                            raise ConnectionError(f"admin sign-in: {status}")
+                        csrf = json.loads(data)["csrf_token"]
+                    t1 = time.perf_counter()
+                    status, data = await c.request(
+                        "POST", f"/admin/p/{BULK_ID}/import", multipart(boundary, csrf, "bulk.jsonl", upload),
+                        {"content-type": f"multipart/form-data; boundary={boundary}"})
+                report["statuses"].append(status)
+                report["attempt_s"].append(round(time.perf_counter() - t1, 2))
+                if status < 500:
+                    if status != 200:
+                        st.errors.append(f"import: {status} {data[:300]!r}")
+                    break
+            except (*TRANSPORT_ERRORS, TimeoutError, ConnectionError) as e:
+                report["statuses"].append(type(e).__name__)
+            await asyncio.sleep(0.5)
+    finally:
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        await c.close()
+
+
+def verify_import(db: str, rows: int) -> dict:
+    """The BULK project after the import: exactly `rows` prompts and items (one pair each), none twice."""
+    from sqlalchemy import func, select
+
+    from alignloop.feedback.models import Item, Prompt
+    from alignloop.feedback.store import Store
+
+    s = Store(db, create=False)
+    with s.read() as ss:
+        prompts = ss.scalar(select(func.count()).select_from(Prompt).where(Prompt.project_id == BULK_ID))
+        keys = ss.scalar(select(func.count(func.distinct(Prompt.source_key))).where(Prompt.project_id == BULK_ID))
+        items = ss.scalar(select(func.count()).select_from(Item).where(Item.project_id == BULK_ID))
+    s.dispose()
+    return {"rows": rows, "prompts_stored": prompts, "distinct_keys": keys, "items_stored": items,
+            "ok": prompts == keys == items == rows}
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process (Linux /proc), 0.0 when unavailable."""
     try:
@@ -341,8 +426,9 @@ async def run(args) -> dict:
         tmp = tempfile.mkdtemp(prefix="fbload-")
         db = os.path.join(tmp, "load.db")
     t_prep = time.perf_counter()
-    prepare(db, args.labelers, args.judgements, args.k)
+    upload = prepare(db, args.labelers, args.judgements, args.k, args.import_rows)
     t_prep = time.perf_counter() - t_prep
+    imp = {"attempts": 0, "statuses": [], "attempt_s": [], "seconds": None}
     port = args.port or free_port()
     host = "127.0.0.1"
     secret = uuid.uuid4().hex * 2
@@ -366,6 +452,7 @@ async def run(args) -> dict:
         gc.freeze()  # this process's own full collections would otherwise add tens of ms to measured latencies
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(labeler(i, host, port, st)) for i in range(args.labelers)]
+        import_task = asyncio.create_task(admin_import(host, port, upload, st, imp)) if upload else None
         await st.all_signed_in.wait()
         t_label = st.t_sign_in_done
         server_cpu[0] -= cpu_seconds(proc.pid)
@@ -404,6 +491,8 @@ async def run(args) -> dict:
         lag_task = asyncio.create_task(lag_monitor())
         await asyncio.gather(*tasks)
         await kill_task
+        if import_task is not None:
+            await import_task
         lag_task.cancel()
         t_end = time.perf_counter()
         server_cpu[0] += cpu_seconds(proc.pid)
@@ -416,6 +505,8 @@ async def run(args) -> dict:
             proc.kill()
         os.sched_setaffinity(0, affinity)  # run() may be called inside a longer process (the tests)
     check = verify(db, st, args.k)
+    if upload:
+        imp.update(verify_import(db, args.import_rows))
     downtime = sum(r["downtime_s"] for r in restarts)
     wall = t_end - t_label
     lat = st.latencies
@@ -432,6 +523,8 @@ async def run(args) -> dict:
         "submit_p50_ms": round(percentile(lat, 0.50) * 1000, 2),
         "submit_p99_ms": round(percentile(lat, 0.99) * 1000, 2),
         "submit_max_ms": round(max(lat) * 1000, 2) if lat else None,
+        "submits_over_1s": sum(x > 1.0 for x in lat),
+        "http_5xx": st.http_5xx,
         "submit_p99_all_ms": round(percentile(every, 0.99) * 1000, 2),
         "submits_retried_across_restart": len(st.retried_latencies), "transport_retries": st.retries,
         "server_cpu_ms_per_judgement": round(1000 * server_cpu[0] / max(1, n), 3),
@@ -442,6 +535,7 @@ async def run(args) -> dict:
         "cpu_cores": os.cpu_count(), "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "restarts": restarts, "errors": st.errors[:10], "prepare_s": round(t_prep, 2), "check": check,
+        "import": imp if upload else None,
         "db": db,
     }
     if args.trace:
@@ -468,6 +562,8 @@ def main(argv=None) -> int:
                     help="take the next item with its own POST (default: the submit reply carries it, ?next=1)")
     ap.add_argument("--trace", default=None,
                     help="write one line per acknowledged submit: seconds since labeling began, latency ms, retried")
+    ap.add_argument("--import-rows", type=int, default=0,
+                    help="an admin uploads this many rows to the app's import route once labeling starts")
     ap.add_argument("--pin", action="store_true",
                     help="pin the server to the first allowed core and this load generator to the second")
     args = ap.parse_args(argv)
@@ -481,7 +577,9 @@ def main(argv=None) -> int:
     print(line)
     if args.json:
         Path(args.json).write_text(line + "\n")
-    return 0 if result["check"]["ok"] and not result["errors"] and result["acked"] >= args.judgements else 1
+    ok = result["check"]["ok"] and not result["errors"] and result["acked"] >= args.judgements
+    ok = ok and 500 not in result["http_5xx"] and (result["import"] is None or result["import"]["ok"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -41,3 +41,19 @@ def test_load_with_kill_and_restart(tmp_path, extra):
     assert r["server_cpu_ms_per_judgement"] > 0 and r["client_loop_max_lag_ms"] >= 0
     assert (r["pinned"] is not None) == ("--pin" in extra)
     assert (r["offered_per_s"] is not None) == ("--think-ms" in extra)
+
+
+def test_load_with_a_big_import_during_the_run(tmp_path):
+    """An admin uploads 6,000 rows through the app's import route while 12 labelers label and the server is killed
+    and restarted: no 500, no submission slower than 1 s, every acknowledged judgement stored once, and the import
+    complete (re-sent after the kill if it was cut: exactly 6,000 prompts, none twice)."""
+    out = tmp_path / "r.json"
+    rc = _bench().main(["--labelers", "12", "--judgements", "1500", "--kill-at", "0.4", "--import-rows", "6000",
+                        "--json", str(out), "--db", str(tmp_path / "load.db")])
+    r = json.loads(out.read_text())
+    assert rc == 0, r
+    assert r["errors"] == [] and r["check"]["ok"] and r["check"]["stored_rows"] == r["acked"] >= 1500
+    assert 500 not in r["http_5xx"] and r["submits_over_1s"] == 0, r
+    imp = r["import"]
+    assert imp["statuses"][-1] == 200 and imp["ok"], imp
+    assert imp["prompts_stored"] == imp["items_stored"] == imp["distinct_keys"] == 6000
