@@ -33,6 +33,7 @@ from .store import Store
 from .web import admin, api, auth, labeling
 from .web.common import (
     BUSY_ERRORS,
+    OUT_OF_RANGE_ERRORS,
     STATIC_DIR,
     HTTPError,
     Redirect,
@@ -42,6 +43,7 @@ from .web.common import (
     on_forbidden,
     on_http_error,
     on_not_found,
+    on_out_of_range,
     on_redirect,
 )
 from .web.gate import MAX_BODY_BYTES, MAX_IMPORT_BYTES, Gate
@@ -146,6 +148,8 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     app.add_exception_handler(Forbidden, on_forbidden)
     for busy in BUSY_ERRORS:  # the database stayed locked past the store's lock timeout: 503 + Retry-After (H3)
         app.add_exception_handler(busy, on_busy)
+    for out_of_range in OUT_OF_RANGE_ERRORS:  # an id >= 2**63: 404, not 500 (H2)
+        app.add_exception_handler(out_of_range, on_out_of_range)
     for router in (auth.router, labeling.router, admin.router, api.router):
         app.include_router(router)
     app.router.routes.insert(0, api.submit_route())  # the labeling hot path: matched first

@@ -1,7 +1,9 @@
 """Assignment: which item a labeler gets next (the portable ORM path, used on every database).
 
 Rules: a labeler's open assignment in the project is handed back first (resume, from any device, same order);
-else, when gold mixing is due (`gold_rate` of the labeler's assignments), a gold item (outside the k count);
+else, when the labeler's turn is a gold one (`is_gold_turn`: the i-th assignment is gold with probability
+`gold_rate`, a seeded draw: random placement, reproducible), a gold item (outside the k count, at random among the
+least-labelled they never had);
 else the open non-gold item with the fewest live and done labels that this labeler never had (`Item.n_active <
 overlap_k`; never twice to the same labeler: unique constraint), taken with a conditional UPDATE
 `n_active = n_active + 1 WHERE n_active < k` checked for one affected row, so k holds under concurrent requests.
@@ -14,16 +16,19 @@ case back to this module.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from alignloop.errors import UserError
+
 from .errors import NotFound
-from .models import Assignment, Item, Project, utcnow
+from .models import Assignment, Item, Judgement, Project, utcnow
 from .projects import DEFAULT_ASSIGNMENT_TIMEOUT_S
 
 # How many items, in queue order (fewest labels first), one request reads as candidates and tries to take, on both
@@ -81,13 +86,28 @@ def _items_of(labeler_id: int):
     return select(Assignment.item_id).where(Assignment.labeler_id == labeler_id).scalar_subquery()
 
 
+def gold_seed(p: Project) -> str:
+    """The project's seed for gold placement: `settings.gold_seed` (drawn at random when the project is created);
+    a project made before that setting existed: its id and creation time."""
+    seed = (p.settings or {}).get("gold_seed")
+    return str(seed) if seed is not None else f"{p.id}:{p.created_at.isoformat()}"
+
+
+def is_gold_turn(seed: str, labeler_id: int, i: int, gold_rate: float) -> bool:
+    """Whether a labeler's i-th assignment in a project (0-based, counting every assignment they were given) is a
+    gold one: a draw with probability `gold_rate` from a hash of (the project's seed, the labeler, i). Random
+    placement (no fixed schedule to learn), the same draw on every run and on every database (reproducible)."""
+    h = hashlib.sha256(f"{seed}:{labeler_id}:{i}".encode()).digest()
+    return int.from_bytes(h[:8], "big") < gold_rate * 2**64
+
+
 def _gold_due(s: Session, p: Project, labeler_id: int) -> bool:
-    """Whether the next assignment should be gold: fewer than `gold_rate` of (the labeler's assignments + 1)."""
+    """Whether the labeler's next assignment should be gold (`is_gold_turn` for their next i)."""
     if p.gold_rate <= 0:
         return False
-    n_all, n_gold = s.execute(select(func.count(), func.coalesce(func.sum(func.cast(Assignment.is_gold, Integer)), 0))
-                              .where(Assignment.labeler_id == labeler_id, Assignment.project_id == p.id)).one()
-    return n_gold < p.gold_rate * (n_all + 1)
+    i = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.labeler_id == labeler_id,
+                                                                    Assignment.project_id == p.id))
+    return is_gold_turn(gold_seed(p), labeler_id, i, p.gold_rate)
 
 
 def _take_gold(s: Session, p: Project, labeler_id: int, rng: random.Random) -> Assignment | None:
@@ -167,10 +187,67 @@ def own_assignment(s: Session, assignment_id: int, labeler_id: int | None, **opt
 
 
 def skip_in(s: Session, assignment_id: int, labeler_id: int) -> None:
-    """Skip an open assignment: its slot goes back to the pool; this labeler never gets the item again."""
+    """Skip an open assignment: its slot goes back to the pool; this labeler never gets the item again. Skipping a
+    judgement reopened by undo leaves it as it was (done, its judgement current)."""
     a = own_assignment(s, assignment_id, labeler_id)
+    if a.status == "reopened":
+        a.status = "done"
+        return
     if a.status != "assigned":
         return
     a.status = "skipped"
     a.completed_at = utcnow()
     s.execute(update(Item).where(Item.id == a.item_id).values(n_active=Item.n_active - 1))
+
+
+# -- undo -----------------------------------------------------------------------------------------------------------
+class UndoRefused(UserError):
+    """Nothing to undo, or the skipped item's slot went to another labeler (the web app answers 409)."""
+
+
+def reopened_assignment(s: Session, project_id: int, labeler_id: int) -> Assignment | None:
+    """The labeler's judged assignment that undo reopened for editing in this project, if any (item loaded)."""
+    a = s.scalar(select(Assignment).where(
+        Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
+        Assignment.status == "reopened").order_by(Assignment.id).limit(1))
+    if a is not None:
+        a.item  # noqa: B018 - load it while the session is open
+    return a
+
+
+def undo_in(s: Session, project_id: int, labeler_id: int) -> tuple[str, Assignment]:
+    """Undo the labeler's last action in the project: ("judgement", its assignment) or ("skip", the assignment).
+
+    The last action is the newest of their judgements (a first one or an edit) and their skips. A judgement: its
+    assignment is reopened for editing (status "reopened": the label page shows it prefilled; the next submission
+    is version + 1 and closes it again; nothing is deleted and the item's counts do not change, the judgement stays
+    current until then). A skip: the assignment is open again ("assigned", its time restarted) if the item still
+    has a free slot (n_active < k; a gold item is outside the k), else UndoRefused. Undoing again finds the same
+    reopened judgement (one level of undo)."""
+    last_j = s.execute(select(Judgement.assignment_id, Judgement.created_at).join(
+        Assignment, Assignment.id == Judgement.assignment_id).where(
+        Judgement.labeler_id == labeler_id, Assignment.project_id == project_id)
+        .order_by(Judgement.id.desc()).limit(1)).first()
+    skipped = s.scalar(select(Assignment).where(
+        Assignment.labeler_id == labeler_id, Assignment.project_id == project_id, Assignment.status == "skipped")
+        .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1))
+    if skipped is not None and (last_j is None or skipped.completed_at > last_j.created_at):
+        return "skip", _unskip(s, skipped)
+    if last_j is None:
+        raise UndoRefused("nothing to undo: you have not judged or skipped anything in this project")
+    a = s.get(Assignment, last_j.assignment_id)
+    if a.status == "done":
+        a.status = "reopened"
+    a.item  # noqa: B018 - load it while the session is open
+    return "judgement", a
+
+
+def _unskip(s: Session, a: Assignment) -> Assignment:
+    p = s.get(Project, a.project_id)
+    cond = [Item.id == a.item_id] + ([] if a.is_gold else [Item.n_active < p.overlap_k])
+    if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)).rowcount != 1:
+        raise UndoRefused("this item went to other labelers after you skipped it (all its places are taken), so "
+                          "the skip cannot be undone")
+    a.status, a.completed_at, a.created_at = "assigned", None, utcnow()
+    a.item  # noqa: B018 - load it while the session is open
+    return a

@@ -3,7 +3,8 @@
 Judgements are append-only: the first judgement of an assignment is version 1 and closes it (status "done",
 `Item.n_done + 1`); an edit inserts version + 1. `idempotency_key` is unique, so a retried submission finds the
 stored judgement and stores nothing (created=False). A submission for an assignment that expired (left open past
-the project's timeout) takes the slot back if one is free, and is refused with a message otherwise.
+the project's timeout) takes the slot back if one is free, and is refused with a message otherwise. One that undo
+reopened ("reopened", `assignment.undo_in`) takes an edit (version + 1) and is done again.
 
 AI labelers (labelers of kind "ai", `Store.add_ai_labeler`) store their judgements in bulk (`record_ai_in`): one
 assignment per (item, AI labeler), made with status "done" and *outside* the item's slots (`Item.n_active` and
@@ -69,7 +70,8 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
         return j, False, s.get(Assignment, j.assignment_id, options=[noload(Assignment.item)]).project_id
     a = _judgeable(s, assignment_id, labeler_id)
     rules = project_info(s, a.project_id, info)
-    canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names, rules.questions)
+    canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names, rules.questions,
+                                rules.allow_ties, rules.strength_required)
     last = 0 if a.status == "assigned" else (  # first judgement of an open assignment: version 1
         s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0)
     now = utcnow()
@@ -83,6 +85,8 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
         a.status = "done"
         a.completed_at = now
         s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
+    elif a.status == "reopened":  # undo reopened it (assignment.undo_in): this edit closes it again
+        a.status = "done"
     s.flush()
     return j, True, a.project_id
 
@@ -110,7 +114,8 @@ def get_or_add_ai_labeler(s: Session, name: str, model: str) -> Labeler:
 def item_id_of(judgement: Mapping[str, Any]) -> int | None:
     """A judgement's `item_id` as an int (numpy's integers too), None when it is not an integer."""
     v = judgement.get("item_id")
-    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
+    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v < 2**63  # (2**63: no such row)
+    return int(v) if ok else None
 
 
 def _chunks(values: Sequence, n: int = IN_BATCH) -> Iterator[Sequence]:

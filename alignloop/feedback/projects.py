@@ -61,12 +61,15 @@ class ProjectInfo:
     timeout_s: float
     # the question names; with several, a judgement answers each (questions.py)
     questions: tuple[str, ...] = (DEFAULT_QUESTION["name"],)
+    allow_ties: bool = True  # settings.allow_ties: pairwise tie / both bad and equal ranks (validation.py)
+    strength_required: bool = True  # settings.strength_required: a pairwise pick needs a strength
 
     @classmethod
     def of(cls, task_type: str, overlap_k: int, gold_rate: float, settings: dict | None) -> ProjectInfo:
         settings = settings or {}
         return cls(task_type, [f["name"] for f in settings.get("flags", DEFAULT_FLAGS)], overlap_k, gold_rate,
-                   settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S), names_of(settings))
+                   settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S), names_of(settings),
+                   settings.get("allow_ties", True) is not False, settings.get("strength_required", True) is not False)
 
 
 class ProjectInfoCache:

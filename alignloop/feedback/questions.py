@@ -102,28 +102,34 @@ def _check_answers_shape(fields: Mapping[str, Any], names: Sequence[str], errors
 
 
 def check_answers(shown_order: list[int], fields: Mapping[str, Any], names: Sequence[str], out: dict, errors: dict,
-                  strengths: Sequence[str]) -> None:
+                  strengths: Sequence[str], allow_ties: bool = True, strength_required: bool = True) -> None:
     """Every question's `choice` (left|right|tie|both_bad) and, for left/right, `strength` (one of `strengths`),
     from `choice_<name>` / `strength_<name>` fields or `answers` {name: {choice, strength}}. Fills `out["answers"]`
     (canonical: a = the item's first completion) and the first question's `choice` / `strength` /
-    `picked_position`; errors are keyed by the form's field names and name the question."""
+    `picked_position`; errors are keyed by the form's field names and name the question. The project's settings:
+    `allow_ties` False refuses tie / both bad, `strength_required` False lets a pick go without a strength (None)."""
     _check_answers_shape(fields, names, errors)
     answers: dict[str, dict] = {}
     for name in names:
         choice = _given(fields, name, "choice")
         if choice is None:
             errors[f"choice_{name}"] = f"{name}: choose the better response, tie, or both bad"
-        elif choice not in ("left", "right", "tie", "both_bad"):
+        elif not isinstance(choice, str) or choice not in ("left", "right", "tie", "both_bad"):
             errors[f"choice_{name}"] = f"{name}: unknown choice {choice!r}"
         elif choice in ("tie", "both_bad"):
-            answers[name] = {"choice": choice, "strength": None, "picked_position": None}
+            if allow_ties:
+                answers[name] = {"choice": choice, "strength": None, "picked_position": None}
+            else:
+                errors[f"choice_{name}"] = f"{name}: {choice!r} is turned off in this project (choose left or right)"
         else:
             pos = 0 if choice == "left" else 1
             strength = _given(fields, name, "strength")
-            if strength is None:
+            if strength is None and not strength_required:
+                answers[name] = {"choice": "ab"[shown_order[pos]], "strength": None, "picked_position": pos}
+            elif strength is None:
                 errors[f"strength_{name}"] = f"{name}: say how much better (significantly, better, slightly, " \
                                              "negligibly)"
-            elif strength not in strengths:
+            elif not isinstance(strength, str) or strength not in strengths:
                 errors[f"strength_{name}"] = f"{name}: unknown strength {strength!r}"
             else:
                 answers[name] = {"choice": "ab"[shown_order[pos]], "strength": strength, "picked_position": pos}

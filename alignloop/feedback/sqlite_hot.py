@@ -194,7 +194,8 @@ def _submit_and_next(conn: sqlite3.Connection, assignment_id: int, labeler_id: i
     if info.gold_rate > 0 or (info.timeout_s and caches.expiry.due(project_id)):
         return None
     shown_order = json.loads(shown_order_json)
-    canon = validate_submission(info.task_type, shown_order, fields, info.flag_names, info.questions)
+    canon = validate_submission(info.task_type, shown_order, fields, info.flag_names, info.questions,
+                                info.allow_ties, info.strength_required)
     now = utcnow()
     now_s = _sqlite_datetime(now)
     j = _insert_judgement(conn, assignment_id, item_id, labeler_id, shown_order, shown_order_json, canon,

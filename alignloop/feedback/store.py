@@ -49,7 +49,15 @@ from alignloop.errors import UserError
 
 from . import access, reading, review, sessions, sqlite_hot
 from . import db as dbmod
-from .assignment import ExpiryClock, next_in, open_assignment, own_assignment, skip_in
+from .assignment import (
+    ExpiryClock,
+    next_in,
+    open_assignment,
+    own_assignment,
+    reopened_assignment,
+    skip_in,
+    undo_in,
+)
 from .importing import IMPORT_BATCH_ROWS, ImportResult, batches, plan_import, read_jsonl, write_batch
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
@@ -412,6 +420,20 @@ class Store:
         with self.read() as s:
             return own_assignment(s, assignment_id, labeler_id)
 
+    def undo(self, project_id: int, labeler_id: int) -> tuple[str, Assignment]:
+        """Undo the labeler's last action in the project (`assignment.undo_in`): ("judgement", the assignment,
+        reopened for editing) or ("skip", the assignment, open again); UndoRefused when there is nothing to undo or
+        the skipped item has no free slot left."""
+        def once() -> tuple[str, Assignment]:
+            with self.write() as s:
+                return undo_in(s, project_id, labeler_id)
+        return _retrying(once)
+
+    def reopened_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
+        """The labeler's judgement reopened by undo in this project (its assignment), if any: a read."""
+        with self.read() as s:
+            return reopened_assignment(s, project_id, labeler_id)
+
     def skip(self, assignment_id: int, labeler_id: int) -> None:
         def once() -> None:
             with self.write() as s:
@@ -520,13 +542,16 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------------------------------
     def item_view(self, item, shown_order: list[int]) -> dict:
-        """What a labeler sees: prompt messages and completions in the shown order (`reading.in_shown_order`)."""
+        """What a labeler sees: `{"messages", "is_chat", "completions": [{"text"}, ...]}`, the completions in the
+        shown order. Blind: only the texts, nothing that tells where a completion came from (its model, params), nor
+        whether the item is gold, nor its id (admins read those elsewhere)."""
         view = self._views.get(item.id)
         if view is None:
             with self.engine.connect() as conn:
                 view = reading.load_item_view(conn, item.prompt_id, item.completion_ids)
             self._views.put(item.id, view)
-        return reading.in_shown_order(view, shown_order)
+        head, canon = view
+        return {**head, "completions": [{"text": canon[i]["text"]} for i in shown_order]}
 
     def judgement_history(self, assignment_id: int) -> list[Judgement]:
         with self.read() as s:
@@ -622,3 +647,4 @@ class Store:
     def item_review(self, project_id: int, item_id: int) -> dict:
         with self.read() as s:
             return review.item_review(s, project_id, item_id)
+

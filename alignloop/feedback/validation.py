@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ValidationError
@@ -34,6 +35,8 @@ from .models import PAIRWISE_CHOICES, STEP_LABEL_NAMES, STRENGTHS
 from .questions import check_answers
 
 MAX_COMMENT_CHARS = 5000
+MAX_DIGITS = 18  # an integer field's digits at most (a form's 30-digit number is refused, never parsed)
+MAX_TIME_MS = 2**31 - 1  # time_spent_ms at most (~25 days; the column is a 32-bit integer on PostgreSQL)
 MAX_MODEL_CHARS = 300  # Labeler.model
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
 _AI_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # the rule of usernames (projects.py): an AI labeler is one
@@ -70,27 +73,44 @@ def _get(fields: Mapping[str, Any], name: str) -> Any:
 
 
 def _int_in(value: Any, lo: int, hi: int) -> int | None:
-    """`value` as an integer in [lo, hi], else None."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
+    """`value` as an integer in [lo, hi], else None. Exactly an integer: an int (not a bool, not a float such as 5.9
+    or 5.0), or a string of ASCII digits (a form field: "5", not "٣" or "5.0"); nothing is coerced."""
+    exact = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_DIGITS)
+    if not exact:
         return None
+    n = int(value)
     return n if lo <= n <= hi else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a task's check needs of the project: its flag names (Likert), whether ties (pairwise tie / both bad,
+    equal ranks) are allowed, whether a pairwise pick needs a strength (settings `allow_ties`, `strength_required`,
+    both default True)."""
+    flag_names: Collection[str] = ()
+    allow_ties: bool = True
+    strength_required: bool = True
 
 
 # Each task's check reads `fields` and fills `out` (canonical fields) and `errors` (field -> message).
 # `errors` may already hold the comment's error when a check runs.
-_Check = Callable[[list[int], Mapping[str, Any], Iterable[str], dict, dict], None]
+_Check = Callable[[list[int], Mapping[str, Any], Rules, dict, dict], None]
 
 
-def _pairwise(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
-    """`choice` left|right|tie|both_bad; left/right need a `strength` (one of STRENGTHS)."""
+def _pairwise(shown_order: list[int], fields: Mapping[str, Any], rules: Rules, out: dict, errors: dict) -> None:
+    """`choice` left|right|tie|both_bad (tie and both bad only where the project allows ties); left/right need a
+    `strength` (one of STRENGTHS) unless the project makes it optional (then a missing one is stored as None)."""
     choice = _get(fields, "choice")
     if choice is None:
-        errors["choice"] = "choose the better response, tie, or both bad"
-    elif choice not in ("left", "right", "tie", "both_bad"):
+        errors["choice"] = ("choose the better response, tie, or both bad" if rules.allow_ties
+                            else "choose the better response")
+    elif not isinstance(choice, str) or choice not in ("left", "right", "tie", "both_bad"):
         errors["choice"] = f"unknown choice {choice!r}"
     elif choice in ("tie", "both_bad"):
+        if not rules.allow_ties:
+            errors["choice"] = f"{choice!r} is turned off in this project: choose the better response (left or right)"
+            return
         out["choice"] = choice
         out["picked_position"] = None
     else:
@@ -99,15 +119,19 @@ def _pairwise(shown_order: list[int], fields: Mapping[str, Any], _flag_names, ou
         out["choice"] = "ab"[shown_order[pos]]
         strength = _get(fields, "strength")
         if strength is None:
-            errors["strength"] = "say how much better (significantly, better, slightly, negligibly)"
-        elif strength not in STRENGTHS:
-            errors["strength"] = f"unknown strength {strength!r}"
+            if rules.strength_required:
+                errors["strength"] = "say how much better (significantly, better, slightly, negligibly)"
+            else:
+                out["strength"] = None
+        elif not isinstance(strength, str) or strength not in STRENGTHS:
+            errors["strength"] = f"unknown strength {strength!r}: one of {', '.join(STRENGTHS)}"
         else:
             out["strength"] = strength
 
 
-def _rank(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
-    """`rank_<i>` for each shown position i: integers 1..K, ties allowed, rank 1 used."""
+def _rank(shown_order: list[int], fields: Mapping[str, Any], rules: Rules, out: dict, errors: dict) -> None:
+    """`rank_<i>` for each shown position i: integers 1..K (ints, or ASCII digits in a form), rank 1 used; ties
+    allowed unless the project turns them off (then the ranks are a permutation of 1..K)."""
     k = len(shown_order)
     ranks_shown = []
     for i in range(k):
@@ -121,37 +145,45 @@ def _rank(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: d
     if 1 not in ranks_shown:
         errors["ranking"] = "some response must be ranked 1 (best)"
         return
+    if not rules.allow_ties and len(set(ranks_shown)) != k:
+        errors["ranking"] = f"ties are turned off in this project: give each response a different rank, 1 to {k}"
+        return
     canonical = [0] * k  # ranks per canonical completion, stored as competition ranks (ties share a rank)
     for pos, r in enumerate(ranks_shown):
         canonical[shown_order[pos]] = r
     out["ranking"] = competition_ranks(canonical)
 
 
-def _thumbs(_shown_order, fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
-    """`thumbs` up|down (+1 / -1)."""
+_THUMBS = {"up": 1, "+1": 1, "1": 1, "down": -1, "-1": -1}
+
+
+def _thumbs(_shown_order, fields: Mapping[str, Any], _rules, out: dict, errors: dict) -> None:
+    """`thumbs` up|down (or +1|-1: the ints, or their text). Exactly these: true, 1.0 and "yes" are refused."""
     t = _get(fields, "thumbs")
-    if t in ("up", "+1", 1, "1"):
-        out["thumbs"] = 1
-    elif t in ("down", "-1", -1):
-        out["thumbs"] = -1
+    if isinstance(t, str) and t in _THUMBS:
+        out["thumbs"] = _THUMBS[t]
+    elif isinstance(t, numbers.Integral) and not isinstance(t, bool) and t in (1, -1):
+        out["thumbs"] = int(t)
     else:
-        errors["thumbs"] = "choose thumbs up or thumbs down"
+        errors["thumbs"] = "choose thumbs up or thumbs down (\"up\" | \"down\", or 1 | -1)"
 
 
-def _likert(_shown_order, fields: Mapping[str, Any], flag_names: Iterable[str], out: dict, errors: dict) -> None:
-    """`likert` 1..7 and `flags` (a list of the project's flag names)."""
+def _likert(_shown_order, fields: Mapping[str, Any], rules: Rules, out: dict, errors: dict) -> None:
+    """`likert` 1..7 (an int, or ASCII digits in a form) and `flags` (a list of the project's flag names)."""
     lv = _int_in(_get(fields, "likert"), 1, 7)
     if lv is None:
-        errors["likert"] = "choose a rating from 1 (worst) to 7 (best)"
+        errors["likert"] = "choose a rating from 1 (worst) to 7 (best): a whole number"
     else:
         out["likert"] = lv
-    flags = fields.get("flags") or []
-    if isinstance(flags, str):
-        flags = [flags]
-    allowed = set(flag_names)
-    bad = [f for f in flags if f not in allowed]
+    flags = fields.get("flags")
+    if flags is None:
+        flags = []
+    if not isinstance(flags, (list, tuple)) or not all(isinstance(f, str) for f in flags):
+        errors["flags"] = "a list of flag names (texts)"
+        return
+    bad = [f for f in flags if f not in rules.flag_names]
     if bad:
-        errors["flags"] = f"unknown flag(s): {', '.join(map(str, bad))}"
+        errors["flags"] = f"unknown flag(s): {', '.join(bad)}"
     else:
         out["flags"] = sorted(set(flags))
 
@@ -200,7 +232,7 @@ def _given_step_labels(n: int, fields: Mapping[str, Any], errors: dict) -> list[
     return labels
 
 
-def _steps(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
+def _steps(shown_order: list[int], fields: Mapping[str, Any], _rules, out: dict, errors: dict) -> None:
     """A rating per step (`step_<i>` good|neutral|bad or +1|0|-1 for shown step i, or `step_labels` a list), and
     the optional `first_error` shortcut: the index of the first wrong step; that step and every later one are bad
     (-1), earlier steps keep their rating and unrated earlier ones are good (+1)."""
@@ -228,7 +260,9 @@ _CHECKS: dict[str, _Check] = {"pairwise": _pairwise, "rank": _rank, "thumbs": _t
 
 
 def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
-    comment = fields.get("comment") or ""
+    comment = fields.get("comment")
+    if comment is None:
+        comment = ""
     if not isinstance(comment, str):
         errors["comment"] = "must be text"
     elif len(comment) > MAX_COMMENT_CHARS:
@@ -238,7 +272,8 @@ def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
 
 
 def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[str, Any],
-                        flag_names: Iterable[str] = (), questions: tuple[str, ...] = ()) -> dict:
+                        flag_names: Collection[str] = (), questions: tuple[str, ...] = (),
+                        allow_ties: bool = True, strength_required: bool = True) -> dict:
     """Check a submission and translate it to canonical fields for a `Judgement`.
 
     pairwise: `choice` in left|right|tie|both_bad, `strength` (one of STRENGTHS) required for left/right.
@@ -248,6 +283,10 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     wrong step: it and every later step bad, unrated earlier ones good). All: optional `comment`.
     A pairwise project asking several `questions` (their names): `choice_<name>` and `strength_<name>` per
     question, or `answers` {name: {choice, strength}} (`questions.check_answers`).
+    `allow_ties` False (project setting): pairwise tie / both bad and equal ranks are refused; `strength_required`
+    False: a pairwise pick without a strength is stored with strength None.
+    Values are exactly the type asked for (no coercion): numbers are ints (a form's ASCII digits), not bools or
+    floats; texts are strings; `flags` a list of strings. Each mistake is an error naming its field.
     """
     errors: dict[str, str] = {}
     out: dict[str, Any] = {"flags": [], "comment": ""}
@@ -256,9 +295,9 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     if check is None:
         errors["task_type"] = f"unknown task type {task_type!r}"
     elif task_type == "pairwise" and len(questions) > 1:
-        check_answers(shown_order, fields, questions, out, errors, STRENGTHS)
+        check_answers(shown_order, fields, questions, out, errors, STRENGTHS, allow_ties, strength_required)
     else:
-        check(shown_order, fields, flag_names, out, errors)
+        check(shown_order, fields, Rules(flag_names, allow_ties, strength_required), out, errors)
     if errors:
         raise ValidationError(errors)
     return out
@@ -295,7 +334,7 @@ def _shown_order(value: Any, n_completions: int, errors: dict) -> list[int] | No
     return None
 
 
-def _canonical_pairwise(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict,
+def _canonical_pairwise(shown_order: list[int], fields: Mapping[str, Any], _rules, out: dict,
                         errors: dict) -> None:
     """`choice` a|b|tie|both_bad ("a" = the item's first completion); `strength` one of STRENGTHS or None for a|b,
     None otherwise; `picked_position` the screen position of the choice in `shown_order` (0|1; None: derived from
@@ -325,7 +364,7 @@ def _canonical_pairwise(shown_order: list[int], fields: Mapping[str, Any], _flag
     out.update(choice=choice, strength=strength, picked_position=int(pos) if _is_int(pos) else None)
 
 
-def _canonical_rank(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict, errors: dict) -> None:
+def _canonical_rank(shown_order: list[int], fields: Mapping[str, Any], _rules, out: dict, errors: dict) -> None:
     """`ranking`: a rank per canonical completion, integers 1..K (1 = best, ties allowed, rank 1 used)."""
     k, ranking = len(shown_order), fields.get("ranking")
     if not isinstance(ranking, (list, tuple)) or len(ranking) != k or not all(_is_int(r) and 1 <= r <= k
@@ -337,7 +376,7 @@ def _canonical_rank(shown_order: list[int], fields: Mapping[str, Any], _flag_nam
         out["ranking"] = competition_ranks(list(ranking))
 
 
-def _canonical_steps(shown_order: list[int], fields: Mapping[str, Any], _flag_names, out: dict,
+def _canonical_steps(shown_order: list[int], fields: Mapping[str, Any], _rules, out: dict,
                      errors: dict) -> None:
     """`step_labels`: a label per step in the solution's order, +1 | 0 | -1 (or true / false); steps are shown in
     their order, so `shown_order` must be 0..n-1."""
@@ -401,11 +440,11 @@ def validate_ai_judgement(task_type: str, n_completions: int, fields: Mapping[st
     if check is None:
         errors["task_type"] = f"unknown task type {task_type!r}"
     elif shown is not None:
-        check(shown, fields, flag_names, out, errors)
+        check(shown, fields, Rules(flag_names), out, errors)
     _details(fields.get("details"), out, errors)
     spent = fields.get("time_spent_ms")
-    if spent is not None and not (_is_int(spent) and spent >= 0):
-        errors["time_spent_ms"] = f"{spent!r}: milliseconds (an integer >= 0) or null"
+    if spent is not None and not (_is_int(spent) and 0 <= spent <= MAX_TIME_MS):
+        errors["time_spent_ms"] = f"{spent!r}: milliseconds (an integer from 0 to {MAX_TIME_MS}) or null"
     if errors:
         raise ValidationError(errors)
     return {**out, "shown_order": shown, "time_spent_ms": spent}

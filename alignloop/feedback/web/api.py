@@ -1,6 +1,6 @@
 """The JSON API (labeling scripts, the load test):
 
-    POST /api/login {"username", "password"}          -> {"csrf_token", "labeler", "role"} (sets the session cookie)
+    POST /api/login {"username", "password"}          -> {"csrf_token", "labeler", "role"} (web/auth.py)
     POST /api/p/<project>/next                         -> the labeler's open item, else the next one
                                                        ({"assignment_id": null}: none left)
     GET  /api/p/<project>/next                         -> the open item only (405 if none: a GET takes nothing)
@@ -13,6 +13,8 @@
                                                        "strength": "better"}, ...}} or choice_<name> /
                                                        strength_<name> fields
     POST /api/assignments/<id>/skip
+    POST /api/p/<project>/undo                         undo the last judgement (reopened for an edit: the reply
+                                                       carries its `values`) or skip (the item back); 409 if not
 
 Calls after sign-in send the session's CSRF token as `X-CSRF-Token`. The submit route is a plain Starlette route
 that `create_app` puts at the head of the route list (matched first, no FastAPI parameter solving); the body is
@@ -29,13 +31,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from ..assignment import UndoRefused
 from ..errors import ValidationError
 from ..store import Store
-from .auth import THROTTLE_MESSAGE
-from .common import HTTPError, check_api_csrf, db_call, project_or_404, require_user, start_session, store_of, web
+from .common import HTTPError, check_api_csrf, db_call, project_or_404, require_user, store_of, web
+from .labeling import values_from_judgement
 
 router = APIRouter()
 
@@ -98,29 +100,6 @@ def _invalid(e: ValidationError) -> JSONResponse:
     return JSONResponse({"error": "invalid judgement", "fields": e.errors}, status_code=422)
 
 
-@router.post("/api/login")
-async def api_login(request: Request):
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise HTTPError(415, "send JSON")
-    try:
-        body = await request.json()
-    except Exception:  # noqa: BLE001 - any undecodable body is the client's mistake
-        raise HTTPError(400, "body must be JSON") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "body must be a JSON object")
-    username = str(body.get("username", "")).strip()
-    throttle = web(request).throttle
-    if throttle.blocked(username):
-        raise HTTPError(429, THROTTLE_MESSAGE)
-    user = await run_in_threadpool(store_of(request).authenticate, username, str(body.get("password", "")))
-    if user is None:
-        throttle.failed(username)
-        raise HTTPError(401, "wrong username or password")
-    throttle.succeeded(username)
-    tok = start_session(request, user)
-    return {"csrf_token": tok, "labeler": user.username, "role": user.role}
-
-
 @router.get("/api/p/{name}/next")
 async def api_open(request: Request, name: str):
     return await db_call(request, _api_open, request, name)
@@ -147,6 +126,30 @@ def _api_next(request: Request, name: str):
     check_api_csrf(request)
     store = store_of(request)
     return assignment_payload(store, store.next_assignment(project_or_404(store, name, user).id, user.id))
+
+
+@router.post("/api/p/{name}/undo")
+async def api_undo(request: Request, name: str):
+    return await db_call(request, _api_undo, request, name)
+
+
+def _api_undo(request: Request, name: str):
+    """Undo the labeler's last judgement or skip in the project: `{"undone": "judgement" | "skip", ...the
+    assignment's payload}`; a judgement's also carries its current `version` and `values` (the form fields, screen
+    terms) to prefill; 409 with the reason when there is nothing to undo or the skipped item's slots are taken."""
+    user = require_user(request)
+    check_api_csrf(request)
+    store = store_of(request)
+    p = project_or_404(store, name, user)
+    try:
+        kind, a = store.undo(p.id, user.id)
+    except UndoRefused as e:
+        raise HTTPError(409, str(e)) from None
+    out = {"undone": kind, **assignment_payload(store, a)}
+    if kind == "judgement":
+        j = store.current_judgement(a.id)
+        out.update(version=j.version, values=values_from_judgement(j, a.shown_order))
+    return out
 
 
 @router.post("/api/assignments/{aid}/skip")

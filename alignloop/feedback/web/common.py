@@ -13,7 +13,7 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from ..access import check_may_label
@@ -216,3 +216,13 @@ async def on_not_found(request: Request, exc: Exception):
 
 async def on_forbidden(request: Request, exc: Exception):
     return await on_http_error(request, HTTPError(403, str(exc) or "forbidden"))
+
+
+# (H2) An id past the database's integers (2**63 and up, in a path or a body): SQLite's driver raises OverflowError
+# when binding it, PostgreSQL a DataError ("out of range"). No row can have it, so it is a 404 like any missing one,
+# never a 500. `create_app` registers this for each of OUT_OF_RANGE_ERRORS.
+OUT_OF_RANGE_ERRORS = (OverflowError, DataError)
+
+
+async def on_out_of_range(request: Request, exc: Exception):
+    return await on_http_error(request, HTTPError(404, "not found (a number in the request is out of range)"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,20 +15,32 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..assignment import UndoRefused
 from ..errors import NotFound, ValidationError
 from ..models import STEP_LABEL_NAMES
 from ..projects import DEFAULT_FLAGS
 from ..questions import questions_of
-from .common import check_csrf, project_or_404, read_form, render, require_user, store_of
+from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_user, store_of
 
 router = APIRouter()
 
 
+@dataclass(frozen=True, slots=True)
+class BlindAssignment:
+    """What a labeler's page may know of an assignment: no item id (it tells the order of import), no gold flag."""
+    id: int
+    shown_order: list
+    status: str
+    labeler_id: int
+
+
 def label_context(request: Request, project, assignment, errors=None, values=None, edit=False) -> dict:
-    """What label.html needs: the item in the labeler's order, progress, flags, a fresh idempotency key."""
+    """What label.html needs: the item in the labeler's order (blind: `Store.item_view`, `BlindAssignment`),
+    progress, flags, a fresh idempotency key."""
     store = store_of(request)
     view = store.item_view(assignment.item, assignment.shown_order)
-    return {"project": project, "assignment": assignment, "view": view, "errors": errors or {},
+    blind = BlindAssignment(assignment.id, assignment.shown_order, assignment.status, assignment.labeler_id)
+    return {"project": project, "assignment": blind, "view": view, "errors": errors or {},
             "values": values or {}, "progress": store.progress(project.id, assignment.labeler_id),
             "flags": project.settings.get("flags", DEFAULT_FLAGS), "questions": questions_of(project.settings),
             "edit": edit,
@@ -60,11 +73,23 @@ def values_from_judgement(j, shown_order: list[int]) -> dict:
     return v
 
 
+SHOWN_AT_MIN_MS = 946_684_800_000  # 2000-01-01: `shown_at` is the server's own clock, written into the form
+SHOWN_AT_SLACK_MS = 24 * 3600 * 1000  # ... so never more than this ahead of it
+
+
 def _shown_at(form: dict) -> datetime | None:
-    """When the form was shown (its `shown_at` field, ms since the epoch), as naive UTC."""
-    if str(form.get("shown_at", "")).isdigit():
-        return datetime.fromtimestamp(int(form["shown_at"]) / 1000, tz=UTC).replace(tzinfo=None)
-    return None
+    """When the form was shown (its `shown_at` field, ms since the epoch), as naive UTC; None when absent.
+    ValidationError (422 naming the field) unless it is ASCII digits within [2000-01-01, now + 1 day]: a 30-digit
+    number or "٣" is refused, not parsed into an overflow."""
+    v = form.get("shown_at")
+    if v is None or v == "":
+        return None
+    now_ms = int(time.time() * 1000)
+    if not (isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 15
+            and SHOWN_AT_MIN_MS <= int(v) <= now_ms + SHOWN_AT_SLACK_MS):
+        raise ValidationError({"shown_at": "when the form was shown (milliseconds since 1970, as the page wrote "
+                                           "it); reload the page"})
+    return datetime.fromtimestamp(int(v) / 1000, tz=UTC).replace(tzinfo=None)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -88,6 +113,9 @@ def label(request: Request, name: str):
     user = require_user(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
+    reopened = store.reopened_assignment(p.id, user.id)  # undo reopened a judgement: shown first, prefilled
+    if reopened is not None:
+        return _edit_page(request, store, p, reopened)
     a = store.open_assignment(p.id, user.id)
     if a is not None:
         return render(request, "label.html", label_context(request, p, a))
@@ -126,14 +154,14 @@ def _submit(request: Request, form: dict, name: str, aid: int):
     a = store.get_assignment(aid, labeler_id=user.id)
     if a.project_id != p.id:
         raise NotFound("no such assignment")
-    edit = a.status == "done"
+    edit = a.status in ("done", "reopened")
     try:
         store.submit(aid, user.id, form, str(form.get("idempotency_key", "")), started_at=_shown_at(form))
     except ValidationError as e:
         ctx = label_context(request, p, a, errors=e.errors, values=form, edit=edit)
         ctx["idempotency_key"] = form.get("idempotency_key") or ctx["idempotency_key"]
         return render(request, "label.html", ctx, status=422)
-    if edit:
+    if a.status == "done":  # an edit from "My judgements": back there; one reopened by undo: on with labeling
         return RedirectResponse(f"/p/{p.name}/history", status_code=303)
     store.next_assignment(p.id, user.id)  # a POST: on to the next item (the label page shows it)
     return RedirectResponse(f"/p/{p.name}/label", status_code=303)
@@ -155,13 +183,39 @@ def _skip(request: Request, form: dict, name: str, aid: int):
     return RedirectResponse(f"/p/{p.name}/label", status_code=303)
 
 
+@router.post("/p/{name}/undo")
+async def undo(request: Request, name: str):
+    form = await read_form(request)
+    return await run_in_threadpool(_undo, request, form, name)
+
+
+def _undo(request: Request, form: dict, name: str):
+    """Undo the labeler's last judgement (reopened: the label page shows it prefilled) or skip (the item back, if
+    a slot is free); 409 with the reason otherwise."""
+    user = require_user(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    p = project_or_404(store, name, user)
+    try:
+        store.undo(p.id, user.id)
+    except UndoRefused as e:
+        raise HTTPError(409, str(e)) from None
+    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+
+
+# What "My judgements" shows of a judgement: its answer and when, nothing of the item (no id, no gold flag).
+HISTORY_FIELDS = ("assignment_id", "version", "choice", "strength", "picked_position", "ranking", "thumbs", "likert",
+                  "flags", "step_labels", "comment", "created_at")
+
+
 @router.get("/p/{name}/history", response_class=HTMLResponse)
 def history(request: Request, name: str):
     user = require_user(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
-    return render(request, "history.html", {"project": p, "rows": store.labeler_history(p.id, user.id),
-                                            "progress": store.progress(p.id, user.id)})
+    rows = [{"judgement": {f: getattr(r["judgement"], f) for f in HISTORY_FIELDS}, "prompt": r.get("prompt", "")}
+            for r in store.labeler_history(p.id, user.id)]
+    return render(request, "history.html", {"project": p, "rows": rows, "progress": store.progress(p.id, user.id)})
 
 
 @router.get("/p/{name}/edit/{aid}", response_class=HTMLResponse)
@@ -170,8 +224,15 @@ def edit(request: Request, name: str, aid: int):
     store = store_of(request)
     p = project_or_404(store, name, user)
     a = store.get_assignment(aid, labeler_id=user.id)
-    j = store.current_judgement(aid)
-    if a.project_id != p.id or j is None:
+    if a.project_id != p.id:
+        raise NotFound("nothing to edit here")
+    return _edit_page(request, store, p, a)
+
+
+def _edit_page(request: Request, store, p, a):
+    """The label page for a judged assignment, prefilled with its current judgement (a submission: version + 1)."""
+    j = store.current_judgement(a.id)
+    if j is None:
         raise NotFound("nothing to edit here")
     ctx = label_context(request, p, a, values=values_from_judgement(j, a.shown_order), edit=True)
     ctx["version"] = j.version
