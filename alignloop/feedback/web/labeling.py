@@ -1,5 +1,8 @@
 """The labeling pages (server-rendered; every action is a form POST followed by a redirect, so they work without
-JavaScript): the project list, guidelines, the labeling form, submit, skip, "my judgements" and editing one.
+JavaScript): the project list, guidelines, the labeling form, submit, skip, undo, "my judgements" and editing one.
+A GET changes nothing: taking an item is the "Start" / "Next item" form's POST (or a submit's or skip's). What a
+labeler's page gets of an item is blind: the texts (`Store.item_view`) and a `BlindAssignment`, nothing of the
+completions' models, gold or item ids.
 
 A labeler sees and changes only their own assignments: another's gives 404, like a missing one.
 """
