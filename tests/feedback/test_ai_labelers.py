@@ -367,7 +367,8 @@ def test_export_by_labeler_kind(mixed):
     # ties 2-2 (dropped) and item 2 goes to a (h1 + AI)
     rows, _ = export_records(store, p.id, ExportOptions(labelers="human", thresholds=KEEP_ALL))
     assert _chosen(rows) == ["ai0-a", "ai1-b", "ai3-b"]
-    rows, _ = export_records(store, p.id, ExportOptions(labelers="ai", thresholds=KEEP_ALL))
+    # (one AI label per item: below the project's min_labels of 2, so asked for explicitly)
+    rows, _ = export_records(store, p.id, ExportOptions(labelers="ai", thresholds=KEEP_ALL, min_labels=1))
     assert _chosen(rows) == ["ai0-a", "ai1-b", "ai2-a", "ai3-a"]
     rows, s = export_records(store, p.id, ExportOptions(thresholds=KEEP_ALL))
     assert _chosen(rows) == ["ai0-a", "ai1-b", "ai2-a"] and s["dropped"] == {"no_consensus": 1}

@@ -127,7 +127,7 @@ def test_commands_other_than_serve_do_not_load_the_web_app(tmp_path):
     commands = [["create", "--db", db, "--project", "hh"], ["import", "--db", db, "--project", "hh", str(data)],
                 ["add-labeler", "--db", db, "ann", "--password-env", "PW"],
                 ["stats", "--db", db, "--project", "hh"], ["stats", "--db", db, "--project", "hh", "--json"],
-                ["export", "--db", db, "--project", "hh", "--out", str(tmp_path / "o.jsonl")]]
+                ["export", "--db", db, "--project", "hh", "--out", str(tmp_path / "o.jsonl"), "--allow-empty"]]
     code = ("import json, sys\n"
             "from alignloop.cli.feedback import feedback\n"
             f"for args in {commands!r}:\n"
