@@ -8,6 +8,7 @@ import pytest
 from fb_helpers import PASSWORD, csrf_of
 
 from alignloop.errors import UserError
+from alignloop.feedback.errors import ValidationError
 from alignloop.feedback.projects import check_settings
 
 
@@ -95,6 +96,11 @@ def test_edit_settings_and_guidelines_reach_the_labelers_at_once(store, make_cli
     assert q.guidelines_md == "new *rules*" and q.settings["allow_ties"] is False and q.settings["min_labels"] == 1
     assert q.settings["gold_seed"] == seed  # kept
     assert "new <em>rules</em>" in ann.get("/p/pw/guidelines").text
+    # the submit paths' project info cache saw the change at once (not after its TTL): a tie is now refused
+    a = store.next_assignment(p.id, store.authenticate("ann", PASSWORD).id)
+    with pytest.raises(ValidationError) as e:
+        store.submit(a.id, a.labeler_id, {"choice": "tie"}, uuid.uuid4().hex)
+    assert "choice" in e.value.errors
     r = c.post(f"/admin/p/{p.id}/settings", data={**form, "min_labels": "5"})
     assert r.status_code == 422 and "settings.min_labels: a whole number from 1 to 1" in r.text
     r = c.post(f"/admin/p/{p.id}/settings", data={**form, "more_settings": "{nope"})
