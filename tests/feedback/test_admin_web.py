@@ -8,6 +8,7 @@ import pytest
 from fb_helpers import PASSWORD, csrf_of
 
 from alignloop.errors import UserError
+from alignloop.feedback import sqlite_hot
 from alignloop.feedback.errors import ValidationError
 from alignloop.feedback.projects import check_settings
 
@@ -156,7 +157,8 @@ def test_deactivate_reactivate_and_reset_password(store, make_client):
 
 # -- members ----------------------------------------------------------------------------------------------------------
 def test_members_only_project_is_404_for_others_and_the_hot_path_hands_them_nothing(store, make_client):
-    p = store.create_project("secret", "pairwise", overlap_k=2)
+    # no expiry checks: the SQLite hot path takes the submissions below (it hands expiry rounds to the ORM path)
+    p = store.create_project("secret", "pairwise", overlap_k=2, settings={"assignment_timeout_s": 0})
     store.import_records("secret", [{"prompt": f"q{i}", "completions": ["a", "b"]} for i in range(4)])
     ann, bob = store.add_labeler("ann", PASSWORD), store.add_labeler("bob", PASSWORD)
     c = _admin(store, make_client)
@@ -174,12 +176,18 @@ def test_members_only_project_is_404_for_others_and_the_hot_path_hands_them_noth
     assert bob_c.post("/api/p/secret/next", headers={"X-CSRF-Token": bob_tok}).status_code == 404
     assert bob_c.get("/api/p/secret/next").status_code == 404
     assert store.next_assignment(p.id, bob.id) is None
-    # ann labels on the SQLite hot path; removed from the members meanwhile, she gets no next item there
+    # ann labels; removed from the members meanwhile, she gets no next item: not from the SQLite hot path ...
     a = store.next_assignment(p.id, ann.id)
     assert a is not None
     c.post(f"/admin/p/{p.id}/members", data={"csrf_token": tok, "access": "members"})
     assert store.project_members(p.id) == set()
-    _j, created, nxt = store.submit_and_next(a.id, ann.id, {"choice": "left", "strength": "better"}, uuid.uuid4().hex)
+    with store._write_lock:
+        got, fallback = sqlite_hot.submit_and_next_batch(store._hot_connection(), [
+            (a.id, ann.id, {"choice": "left", "strength": "better"}, uuid.uuid4().hex)], store._hot_caches)
+    assert fallback == [] and got[0][1] is True and got[0][2] is None
+    # ... nor from the ORM path (an edit goes there), nor from next_assignment
+    _j, created, nxt = store.submit_and_next(a.id, ann.id, {"choice": "right", "strength": "better"},
+                                             uuid.uuid4().hex)
     assert created and nxt is None
     assert store.next_assignment(p.id, ann.id) is None
     # back to everyone: bob may label
