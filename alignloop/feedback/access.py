@@ -10,6 +10,7 @@ at once (`AccessCache.clear`), other processes see it within the TTL.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -39,7 +40,9 @@ class AccessCache:
 
     def put(self, project_id: int, labeler_id: int, allowed: bool) -> bool:
         if len(self._entries) >= ACCESS_CACHE_MAX:  # bounded: drop the oldest entry (dicts keep insertion order)
-            self._entries.pop(next(iter(self._entries)))
+            # another thread may have emptied or changed it meanwhile: then there is nothing to drop
+            with contextlib.suppress(StopIteration, RuntimeError):
+                self._entries.pop(next(iter(self._entries)), None)
         self._entries[(project_id, labeler_id)] = (time.monotonic(), allowed)
         return allowed
 
