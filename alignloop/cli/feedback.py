@@ -414,7 +414,8 @@ def stats(db, project, project_id, as_json):
                                                       for (a, b), v in d["kappas"].items()],
                                       "ai_human_agreement": d["ai_agreement"],
                                       **({"questions": d["question_stats"]} if d.get("question_stats") else {}),
-                                      **({"step_agreement": d["steps"]} if d.get("steps") else {})}), indent=2))
+                                      **({"step_agreement": d["steps"]} if d.get("steps") else {}),
+                                      **({"rank": d["rank"]} if d.get("rank") else {})}), indent=2))
         return
     s, a = d["summary"], d["agreement"]
     click.echo(f"{p.name} ({p.task_type}, k={p.overlap_k}): {s['items']} items, {s['complete_items']} complete, "

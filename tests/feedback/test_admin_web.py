@@ -266,6 +266,15 @@ def test_rank_dashboard_has_rank_columns(store, make_client):
     assert "<td>big</td><td>2</td><td>1.00</td><td>100%</td>" in page
     assert "<td>small</td><td>4</td><td>2.50</td><td>0%</td>" in page
     assert '<div class="n">1.00</div>Kendall' in page and '<div class="n">100%</div>pairwise order' in page
+    from click.testing import CliRunner
+
+    from alignloop.cli.feedback import feedback
+
+    r = CliRunner().invoke(feedback, ["stats", "--db", store.url.removeprefix("sqlite:///"), "--project", "rk",
+                                      "--json"])
+    rank = json.loads(r.output)["rank"]
+    assert rank["kendall_w"] == 1.0 and rank["pair_agreement"] == 1.0
+    assert [(m["name"], m["mean_rank"]) for m in rank["by_model"]] == [("big", 1), ("small", 2.5)]
 
 
 def make_client_admin_page(store, make_client, path):
