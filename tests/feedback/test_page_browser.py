@@ -17,6 +17,7 @@ expect = sync_api.expect
 
 from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
 from fb_helpers import login as _login  # noqa: E402
+from fb_helpers import open_label as _open  # noqa: E402
 from fb_helpers import uniq as _uniq  # noqa: E402
 
 GUIDELINES = "# Guidelines\n\n* Prefer the **correct** answer.\n* Then the shorter one.\n\n```text\nA > B\n```"
@@ -34,14 +35,6 @@ def _setup(store, task, rows, **settings):
     user = _uniq("u")
     store.add_labeler(user, PASSWORD)
     return name, user
-
-
-def _open(page, base, proj):
-    """The label page with an item on it ("Start" clicked when offered: a GET takes no item)."""
-    page.goto(f"{base}/p/{proj}/label")
-    if page.locator("#start-form").count():
-        page.click("#start")
-    page.wait_for_selector("#judge")
 
 
 def _errors(page):
@@ -140,6 +133,51 @@ def test_raw_text_switch(server, browser):
     ctx.close()
 
 
+def test_undo_with_the_key_reopens_the_last_judgement(server, browser):
+    store, base = server
+    proj, user = _setup(store, "pairwise", [{"prompt": f"Q{i}", "completions": [f"a{i}", f"b{i}"]} for i in range(2)])
+    ctx, page = _login(browser, base, user)
+    errors = _errors(page)
+    _open(page, base, proj)
+    first = page.locator("#judge").get_attribute("action")
+    page.keyboard.press("t")
+    page.keyboard.press("Enter")
+    expect(page.locator("#progress")).to_contain_text("1 done")
+    assert page.locator("#judge").get_attribute("action") != first
+    page.keyboard.press("u")
+    expect(page.locator("#judge")).to_have_attribute("action", first)
+    assert page.locator("input[name=choice][value=tie]").is_checked()  # prefilled with what was stored
+    expect(page.locator("#reopened")).to_be_visible()
+    page.keyboard.press("x")
+    page.keyboard.press("Enter")  # a new version of the same judgement, then on to the next item
+    expect(page.locator("#progress")).to_contain_text("1 done")
+    (j,) = _current(store, proj)
+    assert j["choice"] == "both_bad" and j["version"] == 2
+    second = page.locator("#judge").get_attribute("action")
+    page.keyboard.press("t")
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
+    page.keyboard.press("u")  # the "all done" page has the key too
+    expect(page.locator("#judge")).to_have_attribute("action", second)
+    assert page.locator("input[name=choice][value=tie]").is_checked() and not errors
+    ctx.close()
+
+
+def test_undo_without_javascript(server, browser):
+    store, base = server
+    proj, user = _setup(store, "pairwise", [{"prompt": f"Q{i}", "completions": [f"a{i}", f"b{i}"]} for i in range(2)])
+    ctx, page = _login(browser, base, user, js=False)
+    _open(page, base, proj)
+    page.check("input[name=choice][value=tie]")
+    page.click("#submit")
+    page.click("#skip")
+    expect(page.locator("#all-done")).to_be_visible()
+    page.click("#undo")  # undoes the skip: the item is back
+    page.wait_for_selector("#judge")
+    expect(page.locator("#progress")).to_contain_text("1 done")
+    ctx.close()
+
+
 def test_layout_wide_and_390px_with_sticky_controls(server, browser, shots):
     store, base = server
     proj, user = _setup(store, "pairwise", [{"prompt": "Sort a list of numbers by **digit count**, then value.",
@@ -169,8 +207,9 @@ def test_layout_wide_and_390px_with_sticky_controls(server, browser, shots):
     a, b = page.locator("#completion-0").bounding_box(), page.locator("#completion-1").bounding_box()
     assert a["y"] + a["height"] <= b["y"] and abs(a["x"] - b["x"]) < 1  # A above B
     page.screenshot(path=str(shots / "label_390.png"))
-    page.evaluate("window.scrollTo(0, 1500)")
+    page.evaluate("window.scrollTo(0, 1500)")  # inside A: its heading and the controls stay in view
     _assert_in_view(page, "#submit", 844)
+    _assert_in_view(page, "#completion-0 .head", 844)
     page.screenshot(path=str(shots / "label_390_scrolled.png"))
     page.click("#guidelines-panel summary")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
