@@ -61,7 +61,7 @@ def test_get_never_takes_an_assignment(flow, make_client):
     page = c.get("/p/pw/label")
     assert 'id="start-form"' in page.text and 'action="/p/pw/next"' in page.text and 'id="judge"' not in page.text
     r = c.get("/api/p/pw/next")
-    assert r.status_code == 405 and "POST" in r.json()["error"]
+    assert r.status_code == 405 and "POST" in r.json()["error"] and r.headers["allow"] == "GET, POST"
     assert _n_assignments(flow) == 0  # no GET inserted an assignment row
     assert c.post("/p/pw/next", data={}).status_code == 403  # the Start form needs the CSRF token
     assert _n_assignments(flow) == 0

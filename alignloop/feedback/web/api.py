@@ -111,7 +111,8 @@ def _api_open(request: Request, name: str):
     store = store_of(request)
     a = store.open_assignment(project_or_404(store, name, user).id, user.id)
     if a is None:
-        raise HTTPError(405, f"no open assignment: POST /api/p/{name}/next (with X-CSRF-Token) takes the next item")
+        return JSONResponse({"error": f"no open assignment: POST /api/p/{name}/next (with X-CSRF-Token) takes the "
+                                      "next item"}, status_code=405, headers={"Allow": "GET, POST"})
     return assignment_payload(store, a)
 
 
