@@ -413,7 +413,10 @@ def _cli(*args):
 
 def test_cli_create_import_stats_export(tmp_path):
     db = tmp_path / "f.db"
-    r = _cli("create", "--db", db, "--project", "st", "--task-type", "steps", "--overlap-k", 2, "--gold-rate", 0.3)
+    # gold placement is a seeded draw per labeler (assignment.is_gold_turn): seed 0 makes both labelers' first
+    # assignment the gold one, so each has a gold accuracy below
+    r = _cli("create", "--db", db, "--project", "st", "--task-type", "steps", "--overlap-k", 2, "--gold-rate", 0.3,
+             "--settings", '{"gold_seed": 0}')
     assert r.exit_code == 0 and "created project st (steps" in r.output
     data = tmp_path / "s.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in [
