@@ -491,12 +491,12 @@ async def run(args) -> dict:
         lag_task = asyncio.create_task(lag_monitor())
         await asyncio.gather(*tasks)
         await kill_task
+        t_end = time.perf_counter()  # the labeling is done (an import may still run: not counted in its rates)
+        server_cpu[0] += cpu_seconds(proc.pid)
+        client_cpu = time.process_time() - client_cpu0
         if import_task is not None:
             await import_task
         lag_task.cancel()
-        t_end = time.perf_counter()
-        server_cpu[0] += cpu_seconds(proc.pid)
-        client_cpu = time.process_time() - client_cpu0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

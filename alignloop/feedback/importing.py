@@ -38,12 +38,13 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import JSON, Boolean, DateTime, func, insert, select
 from sqlalchemy.orm import Session
 
 from alignloop.data import STEP_SEPARATOR, DataStats, read_raw_rows, split_steps
@@ -312,11 +313,12 @@ def content_key(g: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _finish(groups: dict) -> list[dict]:
+def _finish(groups: dict, pace: Callable[[], None] = lambda: None) -> list[dict]:
     """The groups with their source keys and content hashes; a group repeating an earlier one's content (rows
     without id) is dropped and counted in that one's `repeats`."""
     out: dict[str, dict] = {}
     for g in groups.values():
+        pace()
         g["content"] = content_key(g)
         g["key"] = g["key"] or g["content"]
         first = out.get(g["key"])
@@ -327,12 +329,14 @@ def _finish(groups: dict) -> list[dict]:
     return list(out.values())
 
 
-def parse_step_rows(rows: Iterable[dict], model: str | None = None) -> list[dict]:
+def parse_step_rows(rows: Iterable[dict], model: str | None = None,
+                    pace: Callable[[], None] = lambda: None) -> list[dict]:
     """Check step-format rows (one solution each) and group them by prompt (or id): one group `{"messages",
     "is_chat", "solutions": [{"completions", "gold", "where"}], "meta", "where", "key", "unused_labels"}` per
-    distinct prompt."""
+    distinct prompt. `pace` is called once per row (see Pacer)."""
     groups: dict = {}
     for i, row in enumerate(rows):
+        pace()
         where, msgs, is_chat, row_key, meta = _row_start(row, i)
         g = _shared_group(groups, row_key, msgs, is_chat, where, {"solutions": [], "unused_labels": 0})
         steps = _step_texts(row, where, model)
@@ -344,18 +348,20 @@ def parse_step_rows(rows: Iterable[dict], model: str | None = None) -> list[dict
         g["solutions"].append({"completions": steps, "gold": None if gold is None else {"step_labels": gold},
                                "where": where})
         g["meta"].update(meta)
-    return _finish(groups)
+    return _finish(groups, pace)
 
 
-def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None) -> list[dict]:
+def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None,
+               pace: Callable[[], None] = lambda: None) -> list[dict]:
     """Check the rows and group them: one group `{"messages", "is_chat", "completions", "gold", "meta", "where",
     "key", "content", "repeats"}` per row with a `completions` list, and per prompt (or id) of the one-completion
     rows, in order of first appearance. `model` names completions that name none. A steps project's rows:
-    `parse_step_rows`."""
+    `parse_step_rows`. `pace` is called once per row (see Pacer)."""
     if task_type == "steps":
-        return parse_step_rows(rows, model)
+        return parse_step_rows(rows, model, pace)
     groups: dict = {}
     for i, row in enumerate(rows):
+        pace()
         where, msgs, is_chat, row_key, meta = _row_start(row, i)
         cs = _row_completions(row, where, model)
         for c in cs:
@@ -375,7 +381,7 @@ def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None) -
         g["completions"].extend(cs)
         g["gold"] = gold if gold is not None else g["gold"]
         g["meta"].update(meta)
-    return _finish(groups)
+    return _finish(groups, pace)
 
 
 def _add_own(groups: dict, gkey: Any, g: dict) -> None:
@@ -427,13 +433,13 @@ def item_completions(p: Project, ids: list[int], where: str) -> list[list[int]]:
 
 
 # -- planning: everything checked, nothing written ----------------------------------------------------------------
-def plan_import(s: Session, p: Project, rows: Iterable[dict], model: str | None = None) -> tuple[list[dict],
-                                                                                               ImportResult]:
+def plan_import(s: Session, p: Project, rows: Iterable[dict], model: str | None = None,
+                pace: Callable[[], None] = lambda: None) -> tuple[list[dict], ImportResult]:
     """(the groups to write, the result so far: warnings, groups already present). Checks every row, and every
     group whose id is already stored against what is stored (other content: an error naming the line)."""
     res = ImportResult()
     todo = []
-    for g in parse_rows(rows, p.task_type, model):
+    for g in parse_rows(rows, p.task_type, model, pace):
         res.already_present += g["repeats"]
         warning = _check_group(g, p)
         if warning:
@@ -492,6 +498,31 @@ def _prompt_completions(items: list[Item]) -> set[int]:
     return {c for it in items for c in it.completion_ids}
 
 
+# -- pacing: a big import inside the web server ------------------------------------------------------------------
+class Pacer:
+    """Spreads a long import's CPU work over time: after each `slice_s` of work it sleeps long enough that the work
+    takes `duty` of the time. In the web server the import runs in a worker thread and shares the GIL with the event
+    loop, whose every SQLite call releases the GIL and then waits up to the switch interval (5 ms) to get it back
+    from a busy thread; the sleeps give the loop those stretches without a competitor. `duty` 1: no sleeps."""
+
+    def __init__(self, duty: float = 1.0, slice_s: float = 0.002):
+        self.duty, self.slice_s = duty, slice_s
+        self._since = time.perf_counter()
+
+    def __call__(self) -> None:
+        if self.duty >= 1.0:
+            return
+        worked = time.perf_counter() - self._since
+        if worked >= self.slice_s:
+            time.sleep(worked * (1.0 / self.duty - 1.0))
+            self._since = time.perf_counter()
+
+    def pause(self, seconds: float) -> None:
+        """Sleep at least `seconds` (between two write batches), counting as pacing."""
+        time.sleep(max(seconds, (time.perf_counter() - self._since) * (1.0 / self.duty - 1.0)))
+        self._since = time.perf_counter()
+
+
 # -- writing, one batch per transaction ---------------------------------------------------------------------------
 def batches(p: Project, groups: list[dict], max_rows: int = IMPORT_BATCH_ROWS) -> Iterator[list[dict]]:
     """The planned groups in batches of about `max_rows` rows written (a group is never split)."""
@@ -540,13 +571,33 @@ def write_batch(s: Session, p: Project, groups: list[dict]) -> ImportResult:
 
 def _insert(s: Session, model: type, rows: list[dict]) -> list[int]:
     """Insert `rows` into `model`'s table in the session's transaction; their new ids, in order. SQLite: ids taken
-    after the largest one (the transaction holds the write lock, so no other writer takes them) and one plain
-    executemany, several times cheaper than RETURNING row by row; elsewhere INSERT ... RETURNING."""
+    after the largest one (the transaction holds the write lock, so no other writer takes them) and one executemany
+    on the driver's connection with the values in the ORM's formats (`_sqlite_converters`): several times cheaper
+    than SQLAlchemy's parameter processing, and the write lock is held that much shorter. Elsewhere INSERT ...
+    RETURNING."""
     table = model.__table__
     conn = s.connection()
-    if conn.dialect.name == "sqlite":
-        start = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one() + 1
-        ids = list(range(start, start + len(rows)))
-        conn.execute(insert(table), [{"id": i, **r} for i, r in zip(ids, rows, strict=True)])
-        return ids
-    return list(conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars())
+    if not rows:
+        return []
+    if conn.dialect.name != "sqlite":
+        return list(conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars())
+    start = conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one() + 1
+    ids = list(range(start, start + len(rows)))
+    cols = list(rows[0])
+    conv = [_sqlite_converters(table.c[c].type) for c in cols]
+    sql = f"INSERT INTO {table.name} (id, {', '.join(cols)}) VALUES (?{', ?' * len(cols)})"
+    conn.connection.driver_connection.executemany(
+        sql, [(i, *[f(r[c]) for f, c in zip(conv, cols, strict=True)]) for i, r in zip(ids, rows, strict=True)])
+    return ids
+
+
+def _sqlite_converters(col_type: Any):
+    """How SQLAlchemy stores a value of this column type on SQLite (JSON: json.dumps text, None as 'null' like the
+    ORM; Boolean: 0/1; DateTime: "YYYY-MM-DD HH:MM:SS.ffffff"); other values as they are."""
+    if isinstance(col_type, JSON):
+        return json.dumps
+    if isinstance(col_type, Boolean):
+        return int
+    if isinstance(col_type, DateTime):
+        return lambda d: d.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return lambda v: v

@@ -58,7 +58,7 @@ from .assignment import (
     skip_in,
     undo_in,
 )
-from .importing import IMPORT_BATCH_ROWS, ImportResult, batches, plan_import, read_jsonl, write_batch
+from .importing import IMPORT_BATCH_ROWS, ImportResult, Pacer, batches, plan_import, read_jsonl, write_batch
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
 from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
 from .projects import (
@@ -75,6 +75,7 @@ from .projects import (
 from .security import check_new_password, hash_password
 from .validation import check_idempotency_key, valid_idempotency_key
 
+IMPORT_SERVER_DUTY = 0.3  # share of the time an import in the web server's process works (the rest: the loop's)
 IMPORT_PAUSE_S = 0.002  # between two import batches: a thread lock is not fair, the import would take it right back
 _RETRIES = 5  # attempts when a concurrent request of the same labeler wins a unique constraint first
 _TRANSIENT_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
@@ -374,7 +375,7 @@ class Store:
         return self.import_records(project, read_jsonl(path), model=model)
 
     def import_records(self, project: str | int, rows: Iterable[dict], model: str | None = None,
-                       batch_rows: int = IMPORT_BATCH_ROWS) -> ImportResult:
+                       batch_rows: int = IMPORT_BATCH_ROWS, duty: float | None = None) -> ImportResult:
         """Rows: `{"prompt", "completions": [str | {"text","model","params"}], "id"?, "gold"?, "meta"?}` or one
         completion per row `{"prompt", "completion", "model"?, "params"?, "id"?}` (grouped by prompt or id); a steps
         project: step-format rows `{"prompt", "completions": [steps], "labels"?, "gold"?}`, one item each
@@ -382,14 +383,21 @@ class Store:
         about `batch_rows` rows per write transaction (the write lock is held briefly, labeling goes on meanwhile),
         and groups already imported (same id or same content) are skipped and counted
         (`ImportResult.already_present`). Interrupted, it leaves whole batches: running it again adds what is
-        missing. `project`: a name (str) or an id (int)."""
+        missing. `project`: a name (str) or an id (int). `duty`: the share of the time the import works
+        (`importing.Pacer`); default 1, or IMPORT_SERVER_DUTY while a web server runs in this process (the admin
+        upload: the import then leaves the event loop most of the CPU)."""
         p = self.get_project(project)
+        if duty is None:  # a web server runs in this process (its lifespan started the checkpointer): share the CPU
+            duty = IMPORT_SERVER_DUTY if self._checkpointer is not None else 1.0
+        pace = Pacer(duty)
         with self.read() as s:
-            groups, res = plan_import(s, p, rows, model)
+            groups, res = plan_import(s, p, rows, model, pace)
         for i, batch in enumerate(batches(p, groups, batch_rows)):
             if i:
-                time.sleep(IMPORT_PAUSE_S)  # let the requests queued on the write lock in before the next batch
+                pace.pause(IMPORT_PAUSE_S)  # let the requests queued on the write lock in before the next batch
             with self.write() as s:
+                if self._checkpointer is not None:  # its COMMIT must not checkpoint (an fsync under the write lock)
+                    s.connection().exec_driver_sql("PRAGMA wal_autocheckpoint=0")
                 res.add(write_batch(s, p, batch))
         return res
 

@@ -340,3 +340,36 @@ def test_a_held_lock_never_stalls_the_event_loop(tmp_path):
         srv.should_exit = True
         th.join(10)
         store.dispose()
+
+
+def test_pacer_spreads_an_imports_work_over_time():
+    """In the web server's process an import works only IMPORT_SERVER_DUTY of the time (the event loop shares its
+    GIL): a Pacer at duty 0.25 makes 30 ms of work take about 120 ms."""
+    pace = importing.Pacer(duty=0.25)
+    t0 = time.perf_counter()
+    worked = 0.0
+    while worked < 0.03:
+        w0 = time.perf_counter()
+        while time.perf_counter() - w0 < 0.0005:  # half a millisecond of "work"
+            pass
+        worked += time.perf_counter() - w0
+        pace()
+    assert time.perf_counter() - t0 > 0.09
+    free = importing.Pacer()  # duty 1: no sleeps (the CLI)
+    t0 = time.perf_counter()
+    for _ in range(10_000):
+        free()
+    assert time.perf_counter() - t0 < 0.05
+
+
+def test_server_imports_are_paced(store, pw, monkeypatch):
+    seen = []
+    monkeypatch.setattr("alignloop.feedback.store.Pacer", lambda duty: seen.append(duty) or importing.Pacer(1.0))
+    store.import_records("pw", [{"prompt": "p", "completions": ["a", "b"]}])
+    assert store.start_checkpointer()  # what the web app's lifespan does
+    try:
+        store.import_records("pw", [{"prompt": "q", "completions": ["a", "b"]}])
+    finally:
+        store.stop_checkpointer()
+    from alignloop.feedback.store import IMPORT_SERVER_DUTY
+    assert seen == [1.0, IMPORT_SERVER_DUTY] and IMPORT_SERVER_DUTY < 0.5
