@@ -202,11 +202,20 @@ def sample(db, project, project_id, prompts_file, model, n, max_new_tokens, temp
         empty = len(texts) - len(recs)  # a sample with no step (empty, only separators) has nothing to rate
         if not recs:
             raise UserError(f"every one of the {empty} samples is empty (no step to rate); nothing imported")
+    else:  # an empty sample, or one equal to another of its prompt, has nothing to compare (the import refuses it)
+        n = sum(len(r["completions"]) for r in recs)
+        def text(c):
+            return c["text"] if isinstance(c, dict) else c
+        recs = [{**r, "completions": list({text(c): c for c in r["completions"] if text(c).strip()}.values())}
+                for r in recs]
+        recs = [r for r in recs if r["completions"]]
+        empty = n - sum(len(r["completions"]) for r in recs)
     if out:
         write_rows(recs, out)
     r = store.import_records(p.id, recs)
     click.echo(f"sampled {r.completions} completions for {r.prompts} prompts: {r.items} items"
-               + (f" ({empty} empty samples left out)" if empty else ""))
+               + (f" ({empty} empty{'' if p.task_type == 'steps' else ' or repeated'} samples left out)"
+                  if empty else ""))
 
 
 @feedback.command("add-labeler")

@@ -373,3 +373,22 @@ def test_server_imports_are_paced(store, pw, monkeypatch):
         store.stop_checkpointer()
     from alignloop.feedback.store import IMPORT_SERVER_DUTY
     assert seen == [1.0, IMPORT_SERVER_DUTY] and IMPORT_SERVER_DUTY < 0.5
+
+
+def test_sample_leaves_out_empty_and_repeated_samples(tmp_path, monkeypatch):
+    """A small model often samples the same answer twice, or an empty one: `sample` leaves them out (the import
+    would refuse them) and says how many."""
+    import alignloop.feedback.sampling as sampling
+
+    def c(text):
+        return {"text": text, "model": "m", "params": {}}
+    scripted = [{"prompt": "p1", "completions": [c("yes"), c("yes"), c("no"), c("  ")]},
+                {"prompt": "p2", "completions": [c(""), c("")]}]
+    monkeypatch.setattr(sampling, "sample_records", lambda rows, *a, **k: scripted)
+    db = tmp_path / "f.db"
+    assert run("create", "--db", db, "--project", "pw").exit_code == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "p1"}\n{"prompt": "p2"}\n')
+    r = run("sample", "--db", db, "--project", "pw", "--prompts", prompts, "--model", tmp_path / "m", "-n", 4)
+    assert r.exit_code == 0, r.output
+    assert "sampled 2 completions for 1 prompts: 1 items (4 empty or repeated samples left out)" in r.output
