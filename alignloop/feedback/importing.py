@@ -314,13 +314,12 @@ def content_key(g: dict) -> str:
 
 
 def _finish(groups: dict, pace: Callable[[], None] = lambda: None) -> list[dict]:
-    """The groups with their source keys and content hashes; a group repeating an earlier one's content (rows
-    without id) is dropped and counted in that one's `repeats`."""
+    """The groups with their source keys (a group without id: its content hash); a group repeating an earlier one's
+    content (rows without id) is dropped and counted in that one's `repeats`."""
     out: dict[str, dict] = {}
     for g in groups.values():
         pace()
-        g["content"] = content_key(g)
-        g["key"] = g["key"] or g["content"]
+        g["key"] = g["key"] or content_key(g)
         first = out.get(g["key"])
         if first is None:
             out[g["key"]] = g
@@ -354,7 +353,7 @@ def parse_step_rows(rows: Iterable[dict], model: str | None = None,
 def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None,
                pace: Callable[[], None] = lambda: None) -> list[dict]:
     """Check the rows and group them: one group `{"messages", "is_chat", "completions", "gold", "meta", "where",
-    "key", "content", "repeats"}` per row with a `completions` list, and per prompt (or id) of the one-completion
+    "key", "repeats"}` per row with a `completions` list, and per prompt (or id) of the one-completion
     rows, in order of first appearance. `model` names completions that name none. A steps project's rows:
     `parse_step_rows`. `pace` is called once per row (see Pacer)."""
     if task_type == "steps":
@@ -450,7 +449,7 @@ def plan_import(s: Session, p: Project, rows: Iterable[dict], model: str | None 
     contents = _stored_contents(s, p, [pid for key, pid in stored.items() if key.startswith("id:")])
     for g in todo:
         pid = stored.get(g["key"])
-        if pid is not None and g["key"].startswith("id:") and contents[pid] != g["content"]:
+        if pid is not None and g["key"].startswith("id:") and contents[pid] != content_key(g):
             raise UserError(f"{g['where']}: id {g['key'][3:]!r} is already imported with other content (change the "
                             "id to import it as a new prompt)")
     res.already_present += sum(g["key"] in stored for g in todo)
