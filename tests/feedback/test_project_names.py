@@ -104,3 +104,15 @@ def test_web_reaches_a_legacy_project_by_id(store, make_client):
     assert r.status_code == 200 and "2024" in r.text
     assert c.get(f"/admin/p/{dot.id}").status_code == 200
     assert c.get("/admin/p/2024").status_code == 404          # /p/<digits> is an id; there is no project 2024
+
+
+@pytest.mark.parametrize("name", ["²", "٣", "１"])
+def test_non_ascii_digits_in_a_project_url_are_names_not_ids(store, make_client, name):
+    """Only ASCII digits make an id: "٣" (Arabic-Indic three) is not project 3, and "²" is a 404, not a 500."""
+    store.create_project("alpha", "pairwise")
+    store.create_project("beta", "pairwise")
+    store.create_project("gamma", "pairwise")
+    store.add_labeler("boss", PASSWORD, role="admin")
+    c = make_client("boss")
+    assert c.get(f"/p/{name}/label").status_code == 404
+    assert c.get("/p/3/label").status_code == 200

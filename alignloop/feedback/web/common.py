@@ -187,7 +187,9 @@ def safe_next(url: str | None) -> str:
 
 
 def project_or_404(store: Store, name: str, user: Labeler | None = None):
-    p = store.get_project(name) if not name.isdigit() else store.get_project(int(name))
+    # /p/<ASCII digits> is an id (a project name is never all digits, projects.check_project_name); anything else,
+    # "٣" or "²" included (str.isdigit() says yes, int() reads or refuses them), is a name (H3)
+    p = store.get_project(int(name)) if name.isascii() and name.isdigit() else store.get_project(name)
     if user is not None:  # a labeler's page or API call: 404 unless they may label it (access.py, H5)
         check_may_label(store, p, user)
     return p
