@@ -66,6 +66,13 @@ class Project(Base):
     settings: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
+    @property
+    def url_key(self) -> str:
+        """What a URL names the project by (`/p/<url_key>/...`): its name, or its id when the name would be read as
+        an id or a path step (all digits, "." or "..": names made before `projects.check_project_name`). (H3)"""
+        n = self.name
+        return str(self.id) if (n.isascii() and n.isdigit()) or n in (".", "..") else n
+
 
 class Prompt(Base):
     __tablename__ = "prompts"

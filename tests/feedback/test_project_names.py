@@ -116,3 +116,9 @@ def test_non_ascii_digits_in_a_project_url_are_names_not_ids(store, make_client,
     c = make_client("boss")
     assert c.get(f"/p/{name}/label").status_code == 404
     assert c.get("/p/3/label").status_code == 200
+
+
+def test_url_key_is_the_id_for_a_name_that_reads_as_an_id(store):
+    assert store.create_project("round-1", "pairwise").url_key == "round-1"
+    old, dot = legacy_project(store, "2024"), legacy_project(store, "..")
+    assert (old.url_key, dot.url_key) == (str(old.id), str(dot.id))
