@@ -89,14 +89,16 @@ class ImportResult:
 
 
 # -- reading a file -----------------------------------------------------------------------------------------------
-def rows_from_bytes(data: bytes, name: str) -> list[dict]:
-    """The rows of a JSONL file's bytes (an upload, or a file read whole), each with `_where` ("name line n"). UTF-8
+def rows_from_bytes(data: bytes, name: str) -> Iterator[dict]:
+    """The rows of a JSONL file's bytes (an upload, or a file read whole), each with `_where` ("name line n"), read
+    lazily: as the import consumes them, so a paced import (the web server's, `Pacer`) paces the decoding too. UTF-8
     with or without a BOM; bytes that are not UTF-8, a line that is not a JSON object, and nesting deeper than
-    Python's parser allows are UserErrors naming the line (and the byte offset); no rows at all is an error too."""
+    Python's parser allows are UserErrors naming the line (and the byte offset); no rows at all is an error too.
+    The errors come while the rows are read: an import reads them all before it writes anything."""
     offset = 0
     if data.startswith(codecs.BOM_UTF8):
         offset = len(codecs.BOM_UTF8)
-    rows = []
+    n = 0
     for lineno, line in enumerate(data[offset:].split(b"\n"), 1):
         where = f"{name} line {lineno}"
         try:
@@ -106,10 +108,10 @@ def rows_from_bytes(data: bytes, name: str) -> list[dict]:
                             "file as UTF-8") from None
         offset += len(line) + 1
         if text.strip():
-            rows.append({**_json_object(text, where), "_where": where})
-    if not rows:
+            n += 1
+            yield {**_json_object(text, where), "_where": where}
+    if not n:
         raise UserError(f"{name}: no rows (the file is empty)")
-    return rows
 
 
 def _json_object(text: str, where: str) -> dict:
@@ -136,7 +138,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise UserError(f"{path}: no such file") from None
         except OSError as e:
             raise UserError(f"{path}: cannot read the file ({e.strerror})") from None
-        return rows_from_bytes(data, str(path))
+        return list(rows_from_bytes(data, str(path)))
     try:
         rows = read_raw_rows(path, "train", DataStats())
     except RecursionError:
@@ -445,8 +447,8 @@ def plan_import(s: Session, p: Project, rows: Iterable[dict], model: str | None 
             res.warnings.append(warning)
         else:
             todo.append(g)
-    stored = _stored_keys(s, p.id, [g["key"] for g in todo])
-    contents = _stored_contents(s, p, [pid for key, pid in stored.items() if key.startswith("id:")])
+    stored = _stored_keys(s, p.id, [g["key"] for g in todo], pace)
+    contents = _stored_contents(s, p, [pid for key, pid in stored.items() if key.startswith("id:")], pace)
     for g in todo:
         pid = stored.get(g["key"])
         if pid is not None and g["key"].startswith("id:") and contents[pid] != content_key(g):
@@ -460,20 +462,24 @@ def plan_import(s: Session, p: Project, rows: Iterable[dict], model: str | None 
     return [g for g in todo if g["key"] not in stored], res
 
 
-def _stored_keys(s: Session, project_id: int, keys: list[str]) -> dict[str, int]:
+def _stored_keys(s: Session, project_id: int, keys: list[str],
+                 pace: Callable[[], None] = lambda: None) -> dict[str, int]:
     """source key -> prompt id, of those of `keys` already stored in the project."""
     out: dict[str, int] = {}
     for i in range(0, len(keys), 500):
+        pace()
         q = select(Prompt.source_key, Prompt.id).where(Prompt.project_id == project_id,
                                                       Prompt.source_key.in_(keys[i:i + 500]))
         out.update((key, pid) for key, pid in s.execute(q))
     return out
 
 
-def _stored_contents(s: Session, p: Project, prompt_ids: list[int]) -> dict[int, str]:
+def _stored_contents(s: Session, p: Project, prompt_ids: list[int],
+                     pace: Callable[[], None] = lambda: None) -> dict[int, str]:
     """prompt id -> `content_key` of what is stored (its completions, items' gold answers and meta)."""
     out = {}
     for i in range(0, len(prompt_ids), 500):
+        pace()
         chunk = prompt_ids[i:i + 500]
         comps = {c.id: {"text": c.text, "model": c.model, "params": c.params or {}}
                  for c in s.scalars(select(Completion).where(Completion.prompt_id.in_(chunk)))}

@@ -61,7 +61,7 @@ def test_utf8_bom_is_accepted(store, pw, tmp_path):
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completions": ["a", "b"]}).encode() + b"\n")
     assert store.import_jsonl("pw", f).items == 1
-    rows = importing.rows_from_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q", "completions": ["a", "b"]}', "up.jsonl")
+    rows = list(importing.rows_from_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q", "completions": ["a", "b"]}', "up.jsonl"))
     assert rows == [{"prompt": "q", "completions": ["a", "b"], "_where": "up.jsonl line 1"}]
 
 
