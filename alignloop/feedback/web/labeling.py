@@ -140,7 +140,7 @@ def _take_next(request: Request, form: dict, name: str):
     store = store_of(request)
     p = project_or_404(store, name, user)
     store.next_assignment(p.id, user.id)  # None: nothing left; the label page then says so
-    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+    return RedirectResponse(f"/p/{p.url_key}/label", status_code=303)
 
 
 @router.post("/p/{name}/label/{aid}")
@@ -165,9 +165,9 @@ def _submit(request: Request, form: dict, name: str, aid: int):
         ctx["idempotency_key"] = form.get("idempotency_key") or ctx["idempotency_key"]
         return render(request, "label.html", ctx, status=422)
     if a.status == "done":  # an edit from "My judgements": back there; one reopened by undo: on with labeling
-        return RedirectResponse(f"/p/{p.name}/history", status_code=303)
+        return RedirectResponse(f"/p/{p.url_key}/history", status_code=303)
     store.next_assignment(p.id, user.id)  # a POST: on to the next item (the label page shows it)
-    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+    return RedirectResponse(f"/p/{p.url_key}/label", status_code=303)
 
 
 @router.post("/p/{name}/skip/{aid}")
@@ -183,7 +183,7 @@ def _skip(request: Request, form: dict, name: str, aid: int):
     p = project_or_404(store, name, user)
     store.skip(aid, user.id)
     store.next_assignment(p.id, user.id)
-    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+    return RedirectResponse(f"/p/{p.url_key}/label", status_code=303)
 
 
 @router.post("/p/{name}/undo")
@@ -203,7 +203,7 @@ def _undo(request: Request, form: dict, name: str):
         store.undo(p.id, user.id)
     except UndoRefused as e:
         raise HTTPError(409, str(e)) from None
-    return RedirectResponse(f"/p/{p.name}/label", status_code=303)
+    return RedirectResponse(f"/p/{p.url_key}/label", status_code=303)
 
 
 # What "My judgements" shows of a judgement: its answer and when, nothing of the item (no id, no gold flag).
