@@ -213,3 +213,9 @@ def current_revision(engine: Engine) -> str | None:
 
 def is_initialised(engine: Engine) -> bool:
     return "projects" in inspect(engine).get_table_names()
+
+
+def waits_off() -> bool:
+    """Whether `no_wait()` is on here (a writer must not wait for the lock). (H6: for the hot path's own
+    connection, whose BEGIN IMMEDIATE does not go through the engine's "begin" event.)"""
+    return _NOWAIT.get()

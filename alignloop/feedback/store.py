@@ -493,14 +493,17 @@ class Store:
         undo the others), and returns nothing before that COMMIT has returned: a caller that acknowledges a result
         acknowledges a stored judgement; if the COMMIT fails this raises and none of them is stored. What the hot
         path hands back (retries, edits, gold, ...) then runs one by one through the ORM path. Elsewhere than
-        SQLite: all of them through the ORM path, one by one."""
+        SQLite: all of them through the ORM path, one by one.
+
+        Under `db.no_wait()` (the event loop) nothing here waits for the write lock: taken in-process or by another
+        process at the start, the whole call raises WouldBlock (nothing written); an ORM-path request that meets it
+        later gets a WouldBlock result (nothing written for it). The caller runs those again in a worker thread."""
         results: list[Any] = [None] * len(requests)
         later = list(range(len(requests)))
         if self.hot_path:
             hot = [i for i in later if valid_idempotency_key(requests[i][3])]  # the rest: the ORM path refuses it
             with self._write_lock:
-                got, fallback = sqlite_hot.submit_and_next_batch(self._hot_connection(), [requests[i] for i in hot],
-                                                                 self._hot_caches)
+                got, fallback = self._hot_batch([requests[i] for i in hot])
             for i, r in zip(hot, got, strict=True):
                 results[i] = r
             taken = set(hot) - {hot[f] for f in fallback}
@@ -511,6 +514,21 @@ class Store:
             except Exception as e:  # noqa: BLE001 - handed to that request's caller
                 results[i] = e
         return results
+
+    def _hot_batch(self, requests: list) -> tuple[list[Any], list[int]]:
+        """sqlite_hot.submit_and_next_batch (call with _write_lock held). SQLite's busy handler sleeps only off the
+        event loop: under no_wait() the hot connection's busy_timeout is 0 and a busy BEGIN raises WouldBlock
+        (elsewhere: waits up to the lock timeout, then DatabaseBusy). A request whose SAVEPOINT met the lock (not
+        expected while the transaction holds it) gets that error too: nothing of it was written."""
+        conn = self._hot_connection()
+        dbmod.set_busy_timeout(self._hot, 0 if dbmod.waits_off() else int(self.lock_timeout_s * 1000))
+        try:
+            got, fallback = sqlite_hot.submit_and_next_batch(conn, requests, self._hot_caches)
+        except sqlite3.OperationalError as e:
+            if not dbmod.is_busy(e):
+                raise
+            raise dbmod.busy_error() from None
+        return [dbmod.busy_error() if dbmod.is_busy(r) else r for r in got], fallback
 
     def record_ai_judgements(self, project: str | int, labeler_id: int, judgements: list[dict]) -> int:
         """Store an AI labeler's judgements in one write transaction (bulk). Returns the rows written.

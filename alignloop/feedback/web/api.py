@@ -21,7 +21,7 @@ that `create_app` puts at the head of the route list (matched first, no FastAPI 
 still validated field by field in the store. With group commit (SQLite, database work on the event loop), the
 submit + next calls that arrive in the same turn of the event loop are stored in one transaction right after it
 (`Store.submit_and_next_batch`), and each reply is built only after that COMMIT: an acknowledged judgement is a
-stored one.
+stored one. The loop never waits for the write lock there: a batch that meets it taken goes to a worker thread.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
 from ..assignment import UndoRefused
-from ..errors import ValidationError
+from ..db import no_wait
+from ..errors import DatabaseBusy, ValidationError, WouldBlock
 from ..store import Store
 from .common import HTTPError, check_api_csrf, db_call, project_or_404, require_user, store_of, web
 from .labeling import values_from_judgement
@@ -58,13 +59,41 @@ class GroupCommit:
         return await fut
 
     def flush(self) -> None:
+        """On the event loop, under `db.no_wait()`: a write lock taken by an import batch or another process raises
+        WouldBlock at once (nothing written) instead of the loop sleeping on it; those requests are stored by a
+        worker thread, which waits (bounded by the store's lock timeout, then DatabaseBusy: a 503), and are
+        answered back on the loop. A free lock: no thread hop."""
         batch, self.pending = self.pending, []
         try:
-            results = self.store.submit_and_next_batch([req for req, _ in batch])
+            with no_wait():
+                results = self.store.submit_and_next_batch([req for req, _ in batch])
         except Exception as e:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is stored; all get the error
             results = [e] * len(batch)
+        blocked = [b for b, r in zip(batch, results, strict=True) if isinstance(r, WouldBlock)]
+        self.resolve(batch, results, later=WouldBlock)
+        if blocked:
+            self.in_thread(blocked)
+
+    def in_thread(self, batch: list) -> None:
+        """Store `batch` from a worker thread (waiting for the lock there) and resolve its futures on the loop."""
+        requests = [req for req, _ in batch]
+
+        def run() -> list:
+            try:
+                return self.store.submit_and_next_batch(requests)
+            except Exception as e:  # noqa: BLE001 - as in flush: nothing of the batch is stored; all get the error
+                return [e] * len(requests)
+
+        done = asyncio.get_running_loop().run_in_executor(None, run)
+        done.add_done_callback(lambda f: self.resolve(batch, f.result() if not f.cancelled() else
+                                                      [DatabaseBusy("the server is stopping")] * len(batch)))
+
+    @staticmethod
+    def resolve(batch: list, results: list, later: type | tuple = ()) -> None:
+        """Answer each request once, after its COMMIT; those whose result is a `later` (WouldBlock: nothing
+        written, it runs again in a thread) are left unanswered here."""
         for (_req, fut), r in zip(batch, results, strict=True):
-            if fut.done():  # the client went away; the judgement may be stored (its retry finds it by key)
+            if fut.done() or isinstance(r, later):  # done: the client went away (a retry finds it by key)
                 continue
             if isinstance(r, Exception):
                 fut.set_exception(r)
