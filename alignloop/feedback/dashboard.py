@@ -2,8 +2,9 @@
 statistics and flags (each labeler's kind: person or AI), project agreement, pairwise Cohen's kappa, the AI labelers'
 agreement with the people (when the project has AI judgements), a steps project's agreement per step
 (`quality.step_agreement`), a several-question project's counts and agreement per question (`question_stats`), a
-rank project's rank figures (`rank_stats`: mean rank per model and per position, Kendall's W, pairwise order
-agreement, each labeler's Kendall's tau with the others), and the geometry of its server-rendered SVG bar charts.
+rank project's rank figures (`rank_stats`: mean rank per model and per position, Kendall's W corrected for ties,
+pairwise order agreement, each labeler's Kendall's tau with the others), and the geometry of its server-rendered SVG
+bar charts.
 No web framework here: the CLI prints the same numbers without loading the app."""
 from __future__ import annotations
 
@@ -61,15 +62,44 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
+def mid_ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n of `values` (smaller = better), tied values sharing the mean of the ranks they span (mid-ranks,
+    "fractional" ranking): competition ranks [1, 1, 3] -> [1.5, 1.5, 3], [1, 2, 2] -> [1, 2.5, 2.5]."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            out[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
 def kendall_w(rankings: list[list[float]]) -> float | None:
-    """Kendall's coefficient of concordance W of m rankings of the same n things (1 = all identical, 0 = no
-    agreement; ties are not corrected for); None for fewer than 2 rankings or things."""
+    """Kendall's coefficient of concordance W of m rankings of the same n things, corrected for ties (Kendall &
+    Babington Smith): each ranking is taken as mid-ranks (`mid_ranks`; the stored rankings are competition ranks,
+    "1224"), R_i is thing i's rank sum and S = sum_i (R_i - mean R)^2, and
+
+        W = 12 S / (m^2 (n^3 - n) - m sum_j T_j),   T_j = sum over ranking j's groups of tied things of (t^3 - t).
+
+    1 = every ranking the same (ties included), 0 = no agreement. Hand-worked: [[1, 1, 3], [1, 1, 3]] -> mid-ranks
+    [1.5, 1.5, 3] twice, R = (3, 3, 6), S = 1 + 1 + 4 = 6, T = 6 each, W = 72 / (4 * 24 - 2 * 12) = 1;
+    [[1, 2, 3], [1, 1, 3], [2, 1, 3]] -> R = (4.5, 4.5, 9), S = 13.5, sum T = 6, W = 162 / (9 * 24 - 3 * 6) = 9/11.
+    None for fewer than 2 rankings or things, or when every ranking ties everything (nothing to agree on)."""
     m, n = len(rankings), len(rankings[0]) if rankings else 0
     if m < 2 or n < 2:
         return None
-    sums = [sum(r[i] for r in rankings) for i in range(n)]
-    avg = sum(sums) / n
-    return 12 * sum((x - avg) ** 2 for x in sums) / (m * m * (n ** 3 - n))
+    mids = [mid_ranks(r) for r in rankings]
+    sums = [sum(r[i] for r in mids) for i in range(n)]
+    avg = m * (n + 1) / 2  # every mid-ranking sums to n (n + 1) / 2
+    ties = sum(t ** 3 - t for r in rankings for t in Counter(r).values())
+    denominator = m * m * (n ** 3 - n) - m * ties
+    if denominator <= 0:
+        return None
+    return 12 * sum((x - avg) ** 2 for x in sums) / denominator
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float | None:

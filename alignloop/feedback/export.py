@@ -142,10 +142,16 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     kept, review = _adjudicated(p, kept, store.adjudications(p.id), opts, summary)
     texts = _Texts(*store.prompts_and_completions(p.id))
     first, rows = questions.names_of(p.settings)[0], []
+    overridden = {a["item_id"] for a in review.overrides}
     for name in criteria:
-        voted = _criterion_rows(p.task_type, texts, questions.criterion_records(kept, name, first), opts,
-                                summary["dropped"], review if name == first else _Review(review.min_labels,
-                                                                                         review.accepted, []))
+        # an override answers the first question: there it replaces the item's votes; the other questions'
+        # exports keep the votes (README "Review decisions")
+        if name == first:
+            crit_kept, crit_review = [r for r in kept if r["item_id"] not in overridden], review
+        else:
+            crit_kept, crit_review = kept, _Review(review.min_labels, review.accepted, [])
+        voted = _criterion_rows(p.task_type, texts, questions.criterion_records(crit_kept, name, first), opts,
+                                summary["dropped"], crit_review)
         if questions.is_named(p.settings) and p.task_type != "steps":
             voted = [(item, [{**r, "criterion": name} for r in item_rows]) for item, item_rows in voted]
         if opts.format == "preference":  # each criterion's groups apart, numbered on from the previous ones
@@ -168,18 +174,28 @@ class _Review:
 
 def _adjudicated(p, kept: list[dict], adjs: dict[int, dict], opts: ExportOptions,
                  summary: dict) -> tuple[list[dict], _Review]:
-    """`kept` without the judgements of excluded and overridden items (the newest adjudication of each item,
-    `review.py`), and the _Review for the criteria's rows; the counts go into `summary`."""
+    """`kept` without the judgements of excluded items (the newest adjudication of each item, `review.py`), and
+    the _Review for the criteria's rows (the overrides: the caller leaves out the overridden items' votes where the
+    override answers, the first question); the counts go into `summary`.
+
+    An override is an admin's answer, neither a person's label among the labelers' nor an AI labeler's: it applies
+    to the exports of every labeler (`labelers` all) only. An export of one kind (`labelers` human | ai) keeps those
+    labelers' own votes on an overridden item (counted as `overrides_not_applied`); exclude and accept are decisions
+    about the item and apply to every export."""
     adjs = {i: a for i, a in adjs.items() if opts.include_gold or not a["is_gold"]}
-    gone = {i for i, a in adjs.items() if a["decision"] in ("exclude", "override")}
+    gone = {i for i, a in adjs.items() if a["decision"] == "exclude"}
     min_labels = opts.min_labels if opts.min_labels is not None else int(
         p.settings.get("min_labels", default_min_labels(p.overlap_k)))
     summary.update({"min_labels": min_labels,
                     "excluded_items": sum(1 for a in adjs.values() if a["decision"] == "exclude"),
                     "overridden_items": sum(1 for a in adjs.values() if a["decision"] == "override"),
-                    "accepted_items": sum(1 for a in adjs.values() if a["decision"] == "accept")})
+                    "accepted_items": sum(1 for a in adjs.values() if a["decision"] == "accept"),
+                    "overrides_not_applied": 0})
     accepted = {i for i, a in adjs.items() if a["decision"] == "accept"}
     overrides = [a for a in adjs.values() if a["decision"] == "override"]
+    if opts.labelers != "all":
+        summary["overrides_not_applied"], summary["overridden_items"] = summary["overridden_items"], 0
+        overrides = []
     return [r for r in kept if r["item_id"] not in gone], _Review(min_labels, accepted, overrides)
 
 

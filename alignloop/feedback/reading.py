@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
+from .assignment import gold_seed, is_gold_turn
 from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
 
 VIEW_CACHE_ITEMS = 4096  # items whose view is kept (oldest dropped first)
@@ -81,8 +82,36 @@ def labeler_history(s: Session, project_id: int, labeler_id: int, limit: int = 2
     return [{"judgement": j, "assignment": a} for j, a in rows]
 
 
+FORECAST_TURNS = 1000  # the labeler's next assignments whose gold turns `progress` forecasts one by one
+
+
+def forecast_turns(seed: str, labeler_id: int, i: int, gold_rate: float, normal: int, gold: int,
+                   horizon: int = FORECAST_TURNS) -> int:
+    """How many more assignments a labeler whose next one is their i-th will be given while `normal` non-gold and
+    `gold` gold items are available to them, by the assignment rules (`assignment.next_in`): a gold turn
+    (`is_gold_turn`) takes a gold item while there is one, any other turn a non-gold item; it ends at a turn that
+    finds nothing. Turns past `horizon` are counted as one per non-gold item (gold ones not forecast)."""
+    n = 0
+    while n < horizon and gold:
+        if is_gold_turn(seed, labeler_id, i + n, gold_rate):
+            gold -= 1
+        elif normal:
+            normal -= 1
+        else:
+            return n
+        n += 1
+    return n + normal
+
+
 def progress(s: Session, project_id: int, labeler_id: int) -> dict:
-    """done / skipped / open assignments of the labeler, the items still available to them, and the total."""
+    """done / skipped / open assignments of the labeler, `remaining`: how many more items they will be given, gold
+    items included, and `total` (done + open + remaining).
+
+    `remaining` forecasts the labeler's gold turns (the seeded draw, `assignment.is_gold_turn`) over the non-gold
+    items still available to them and the gold items they never had, so that taking an item leaves `open +
+    remaining` as it was and submitting it lowers it by one, whether the item is gold or not: the counts never mark
+    a gold item (before the forecast, "N left" stayed the same on every gold item). Other labelers taking items
+    (and expiries) change it as before."""
     p = s.get(Project, project_id)
     counts = dict(s.execute(select(Assignment.status, func.count()).where(
         Assignment.labeler_id == labeler_id, Assignment.project_id == project_id)
@@ -91,6 +120,10 @@ def progress(s: Session, project_id: int, labeler_id: int) -> dict:
     remaining = s.scalar(select(func.count()).select_from(Item).where(
         Item.project_id == project_id, Item.is_gold.is_(False), Item.n_active < p.overlap_k,
         Item.id.not_in(mine)))
+    if p.gold_rate > 0:
+        gold = s.scalar(select(func.count()).select_from(Item).where(
+            Item.project_id == project_id, Item.is_gold.is_(True), Item.id.not_in(mine)))
+        remaining = forecast_turns(gold_seed(p), labeler_id, sum(counts.values()), p.gold_rate, remaining, gold)
     done = counts.get("done", 0)
     return {"done": done, "skipped": counts.get("skipped", 0), "open": counts.get("assigned", 0),
             "remaining": remaining, "total": done + counts.get("assigned", 0) + remaining}

@@ -136,15 +136,45 @@ def dashboard(request: Request, name: str):
                                               **dashboard_data(store, p)})
 
 
+def _int_param(name: str, value: str | None, default: int | None) -> int | None:
+    """A whole-number query parameter of the export form: empty or absent -> `default` (the form's cleared field
+    means the project's setting); anything else but ASCII digits -> 400 naming the field (not FastAPI's JSON 422)."""
+    value = (value or "").strip()
+    if not value:
+        return default
+    if value.isascii() and value.isdigit() and len(value) <= 9:
+        return int(value)
+    raise HTTPError(400, f"export {name} {value[:40]!r}: a whole number (or leave it empty)")
+
+
+def _bool_param(name: str, value: str | None, default: bool) -> bool:
+    """A yes/no query parameter (true/false, 1/0, yes/no, on/off); empty or absent -> `default`; else 400."""
+    value = (value or "").strip().lower()
+    if not value:
+        return default
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise HTTPError(400, f"export {name} {value[:40]!r}: true or false")
+
+
 @router.get("/admin/p/{name}/export")
 def export(request: Request, name: str, format: str | None = None, mode: str = "consensus",
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
-           exclude_flagged: bool = True, include_gold: bool = False, likert_threshold: int = 5,
-           criterion: str | None = None, labelers: str = "all", min_labels: int | None = None,
-           allow_empty: bool = False):
+           exclude_flagged: str | None = None, include_gold: str | None = None, likert_threshold: str | None = None,
+           criterion: str | None = None, labelers: str = "all", min_labels: str | None = None,
+           allow_empty: str | None = None):
     """The export as a JSONL download (parameters: README "Export"). An export of 0 rows is refused with a page
-    that says why (422) unless `allow_empty`; the counts are in the `X-Export-Summary` header (JSON)."""
+    that says why (422) unless `allow_empty`; the counts are in the `X-Export-Summary` header (JSON). The numbers
+    and yes/no parameters are read here: an empty one (a cleared form field) takes its default (`min_labels`: the
+    project's setting), a malformed one is the app's 400 page naming it."""
     require_admin(request)
+    min_labels = _int_param("min_labels", min_labels, None)
+    likert_threshold = _int_param("likert_threshold", likert_threshold, 5)
+    exclude_flagged = _bool_param("exclude_flagged", exclude_flagged, True)
+    include_gold = _bool_param("include_gold", include_gold, False)
+    allow_empty = _bool_param("allow_empty", allow_empty, False)
     from .. import export as export_mod  # noqa: PLC0415 - heavy (scipy, scikit-learn): off start-up
 
     store = store_of(request)
