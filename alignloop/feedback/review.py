@@ -4,8 +4,9 @@ newest per item counts):
 * **accept** — the labelers' consensus stands; the item is exported even with fewer than `min_labels` labels;
 * **override** — the admin's answer (a judgement's fields in canonical terms: `{"choice": "a", "strength":
   "better"}`, `{"ranking": [1, 3, 2]}`, `{"thumbs": 1}`, `{"likert": 5}`, `{"step_labels": [1, -1]}`) replaces the
-  votes in every export (a pairwise margin from the override's strength); a several-question project's override
-  answers its first question (the other questions' exports keep the votes);
+  votes in every export of all labelers (a pairwise margin from the override's strength); a several-question
+  project's override answers its first question (the other questions' exports keep the votes); an export of people
+  or AI labelers only (`labelers` human | ai) keeps their own votes (it is the admin's answer, neither kind's);
 * **exclude** — the item leaves every export.
 
 `review_queue` lists the items worth a look (labels that disagree, flags, comments); `item_review` is everything
