@@ -286,6 +286,12 @@ def _row_start(row: dict, i: int) -> tuple[str, list[dict], bool, str | None, di
     where = row.get("_where", f"record {i + 1}")
     if "prompt" not in row:
         raise UserError(f"{where}: missing field 'prompt'")
+    try:  # a lone surrogate ("\ud800": valid JSON, not text) cannot be stored as UTF-8
+        json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: a string holds a lone surrogate (like \"\\ud800\"), which is not text") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
     msgs, is_chat = normalise_prompt(row["prompt"], where)
     meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
     _check_nesting(meta, where, "meta")

@@ -392,3 +392,12 @@ def test_sample_leaves_out_empty_and_repeated_samples(tmp_path, monkeypatch):
     r = run("sample", "--db", db, "--project", "pw", "--prompts", prompts, "--model", tmp_path / "m", "-n", 4)
     assert r.exit_code == 0, r.output
     assert "sampled 2 completions for 1 prompts: 1 items (4 empty or repeated samples left out)" in r.output
+
+
+def test_a_lone_surrogate_is_an_error_naming_the_line(store, pw, tmp_path):
+    f = tmp_path / "sur.jsonl"
+    f.write_text('{"prompt": "p", "completions": ["a", "b"]}\n'
+                 '{"prompt": "bad \\ud800 text", "completions": ["a", "b"]}\n')
+    r = run("import", "--db", db_of(store), "--project", "pw", f)
+    assert r.exit_code == 2 and "sur.jsonl line 2: a string holds a lone surrogate" in r.output
+    assert "Traceback" not in r.output and counts(store, pw.id) == (0, 0)
