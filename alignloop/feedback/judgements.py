@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, noload
 
+from .access import AccessCache, may_label
 from .assignment import own_assignment
 from .errors import Forbidden, NotFound, ValidationError
 from .models import Assignment, Item, Judgement, Labeler, Project, utcnow
@@ -69,6 +70,10 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
     if j is not None:
         return j, False, s.get(Assignment, j.assignment_id, options=[noload(Assignment.item)]).project_id
     a = _judgeable(s, assignment_id, labeler_id)
+    if a.status in ("done", "reopened") and not may_label(s, a.project_id, labeler_id, AccessCache()):
+        # an edit by a labeler who may no longer label the project (removed from a members-only one): 404 like a
+        # missing assignment; finishing the item they had open is still taken. (Edits are rare: no cache needed.)
+        raise NotFound(f"no assignment {assignment_id}")
     rules = project_info(s, a.project_id, info)
     canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names, rules.questions,
                                 rules.allow_ties, rules.strength_required)

@@ -41,19 +41,33 @@ def _dummy_hash() -> str:
     return _HASHER.hash("dummy password for timing")
 
 
+def is_utf8_text(s: str) -> bool:
+    """Whether `s` encodes as UTF-8 (no lone surrogates such as the JSON escape "\\ud800")."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def hash_password(password: str) -> str:
     return _HASHER.hash(password)
 
 
 def password_problem(password: Any, username: str = "") -> str | None:
     """What is wrong with `password` as a new password for `username` (a message naming the rule), or None. The one
-    rule set of the store, the CLI and the admin pages: at least MIN_PASSWORD_CHARS characters, not only whitespace,
-    not the username (case and surrounding spaces ignored), not one of COMMON_PASSWORDS."""
+    rule set of the store, the CLI and the admin pages: at least MIN_PASSWORD_CHARS characters not counting
+    surrounding spaces ("a" + 7 spaces is too short), not the username (case and surrounding spaces ignored), not one
+    of COMMON_PASSWORDS, and text that encodes as UTF-8 (no lone surrogates)."""
     if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
         return f"password: at least {MIN_PASSWORD_CHARS} characters"
-    folded = password.strip().casefold()
-    if not folded:
+    if not password.strip():
         return "password: must not be only spaces"
+    if len(password.strip()) < MIN_PASSWORD_CHARS:
+        return f"password: at least {MIN_PASSWORD_CHARS} characters (surrounding spaces not counted)"
+    if not is_utf8_text(password):
+        return "password: contains a character that is not valid text (a lone surrogate)"
+    folded = password.strip().casefold()
     if username and folded == username.strip().casefold():
         return "password: must not be the username"
     if folded in COMMON_PASSWORDS:
@@ -81,7 +95,11 @@ def new_token(nbytes: int = 32) -> str:
 
 
 def tokens_equal(a: str | None, b: str | None) -> bool:
-    return bool(a) and bool(b) and hmac.compare_digest(str(a), str(b))
+    """Constant-time comparison of two tokens as UTF-8 bytes (`hmac.compare_digest` refuses str with non-ASCII
+    characters with a TypeError, which was a 500 on any POST; lone surrogates pass through 'surrogatepass')."""
+    if not a or not b:
+        return False
+    return hmac.compare_digest(str(a).encode("utf-8", "surrogatepass"), str(b).encode("utf-8", "surrogatepass"))
 
 
 def resolve_secret_key(explicit: str | None, db_url: str) -> str:

@@ -19,6 +19,7 @@ tests pass their own); the table holds naive UTC datetimes like every other tabl
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +28,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, or_, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from .db import is_busy, no_wait
+from .errors import DatabaseBusy, WouldBlock
 from .models import Labeler, WebSession
 from .security import new_token
 
@@ -39,6 +43,7 @@ SESSION_IDLE_S = 12 * 3600
 SESSION_MAX_S = 14 * 24 * 3600
 CACHE_TTL_S = 1.0
 TOUCH_EVERY_S = 60.0
+TOUCH_RETRY_S = 5.0  # a last_seen_at write that met the write lock taken: tried again this much later
 CACHE_MAX = 50_000
 MISS = object()  # `SessionManager.cached`: the cache cannot answer alone, call `refresh` (it reads the database)
 
@@ -155,11 +160,12 @@ class SessionManager:
         if old is not None:
             e.seen = max(e.seen, old.seen)
         if self._expired(e, now):
-            self.store.end_session(sid)
+            _best_effort(self.store.end_session, sid)  # a busy database: the row goes at a later check
             return None
         if now - e.seen_stored >= self.touch_every_s:
-            self.store.touch_session(sid, now)
-            e.seen_stored = now
+            # not stored (the write lock taken): tried again TOUCH_RETRY_S later; the request itself goes on
+            stored = _best_effort(self.store.touch_session, sid, now)
+            e.seen_stored = now if stored else now - self.touch_every_s + TOUCH_RETRY_S
         e.seen = now
         with self._lock:
             if len(self._entries) >= self.cache_max:
@@ -169,3 +175,18 @@ class SessionManager:
 
     def _expired(self, e: _Entry, now: float) -> bool:
         return now - e.seen > self.idle_s or now - e.created > self.max_s
+
+
+def _best_effort(fn, *args) -> bool:
+    """Run a bookkeeping write (`last_seen_at`, deleting an expired session's row) without waiting for the write
+    lock (`db.no_wait()`): True if it was stored, False if the lock was taken (in-process or by another process:
+    WouldBlock, DatabaseBusy, SQLite's "database is locked"). The gate runs it outside the app's error handlers,
+    so a busy database must neither fail the request (it was a 500) nor hold it for the lock timeout."""
+    try:
+        with no_wait():
+            fn(*args)
+    except (DatabaseBusy, WouldBlock, OperationalError, sqlite3.OperationalError) as e:
+        if not isinstance(e, (DatabaseBusy, WouldBlock)) and not is_busy(getattr(e, "orig", e)):
+            raise
+        return False
+    return True

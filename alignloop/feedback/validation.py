@@ -33,6 +33,7 @@ from typing import Any
 from .errors import ValidationError
 from .models import PAIRWISE_CHOICES, STEP_LABEL_NAMES, STRENGTHS
 from .questions import check_answers
+from .security import is_utf8_text
 
 MAX_COMMENT_CHARS = 5000
 MAX_DIGITS = 18  # an integer field's digits at most (a form's 30-digit number is refused, never parsed)
@@ -265,6 +266,8 @@ def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
         comment = ""
     if not isinstance(comment, str):
         errors["comment"] = "must be text"
+    elif not is_utf8_text(comment):  # a lone surrogate ("\\ud800" in JSON): SQLite cannot store it (was a 500)
+        errors["comment"] = "is not valid text (it holds a lone surrogate such as \\ud800)"
     elif len(comment) > MAX_COMMENT_CHARS:
         errors["comment"] = f"is too long (at most {MAX_COMMENT_CHARS} characters)"
     else:

@@ -9,7 +9,7 @@ from fb_helpers import PASSWORD, csrf_of
 
 from alignloop.errors import UserError
 from alignloop.feedback import sqlite_hot
-from alignloop.feedback.errors import ValidationError
+from alignloop.feedback.errors import NotFound, ValidationError
 from alignloop.feedback.projects import check_settings
 
 
@@ -185,9 +185,15 @@ def test_members_only_project_is_404_for_others_and_the_hot_path_hands_them_noth
         got, fallback = sqlite_hot.submit_and_next_batch(store._hot_connection(), [
             (a.id, ann.id, {"choice": "left", "strength": "better"}, uuid.uuid4().hex)], store._hot_caches)
     assert fallback == [] and got[0][1] is True and got[0][2] is None
-    # ... nor from the ORM path (an edit goes there), nor from next_assignment
-    _j, created, nxt = store.submit_and_next(a.id, ann.id, {"choice": "right", "strength": "better"},
-                                             uuid.uuid4().hex)
+    # ... an edit of it is refused (404 like a missing assignment, review16 F7) ...
+    with pytest.raises(NotFound):
+        store.submit_and_next(a.id, ann.id, {"choice": "right", "strength": "better"}, uuid.uuid4().hex)
+    # ... and the ORM path (here for a first judgement of an item taken while a member) hands her no next item
+    c.post(f"/admin/p/{p.id}/members", data={"csrf_token": tok, "access": "members", "member": [str(ann.id)]})
+    a2 = store.next_assignment(p.id, ann.id)
+    c.post(f"/admin/p/{p.id}/members", data={"csrf_token": tok, "access": "members"})
+    _j, created, nxt = store._submit_and_next_orm(a2.id, ann.id, {"choice": "right", "strength": "better"},
+                                                  uuid.uuid4().hex)
     assert created and nxt is None
     assert store.next_assignment(p.id, ann.id) is None
     # back to everyone: bob may label

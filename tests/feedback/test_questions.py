@@ -103,7 +103,8 @@ def test_api_answers_per_question_on_both_submit_paths(qstore, make_client):
     r = c.post(f"/api/assignments/{nxt['assignment_id']}/judgement", json=body, headers=hdr)  # the ORM path
     assert r.status_code == 201
     first, second = qstore.current_judgements(qstore.get_project("qq").id)  # in the order they were stored
-    shown = item["shown_order"]
+    assert "shown_order" not in item  # blind (F3): the store knows the order, the client answers left/right
+    shown = qstore.get_assignment(item["assignment_id"]).shown_order
     assert first["answers"] == {
         "helpful": {"choice": "ab"[shown[0]], "strength": "better", "picked_position": 0},
         "harmless": {"choice": "ab"[shown[1]], "strength": "slightly_better", "picked_position": 1}}

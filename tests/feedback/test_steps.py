@@ -329,7 +329,7 @@ def test_json_api_steps(web_setup, make_client):
     tok = c.post("/api/login", json={"username": "ann", "password": PASSWORD}).json()["csrf_token"]
     hdr = {"X-CSRF-Token": tok}
     nxt = c.post("/api/p/st/next", headers=hdr).json()
-    assert nxt["task_type"] == "steps" and nxt["shown_order"] == [0, 1, 2]
+    assert nxt["task_type"] == "steps" and "shown_order" not in nxt  # blind (review16 F3); steps: solution order
     assert nxt["steps"] == ["3 * 4 = 12", "<script>alert('x')</script>", "= 14"]
     aid = nxt["assignment_id"]
     url = f"/api/assignments/{aid}/judgement"

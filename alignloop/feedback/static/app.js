@@ -160,19 +160,21 @@
   }
   function pageKey(low) {  // keys of every page, after the task's own: undo, the raw-text switch
     var undo = document.getElementById("undo"), raw = document.getElementById("raw-toggle");
-    if (undo && low === undo.getAttribute("data-key")) { undo.click(); return true; }
+    if (undo && low === undo.getAttribute("data-key")) { if (!repeatKey) undo.click(); return true; }  // held key: once
     if (raw && low === "r") { raw.checked = !raw.checked; raw.dispatchEvent(new Event("change", { bubbles: true })); return true; }
     return false;
   }
+  var repeatKey = false;  // the current keydown is an auto-repeat (a held key)
   document.addEventListener("keydown", function (e) {
     var f = form();
+    repeatKey = !!e.repeat;
     if (e.altKey || e.metaKey) return;
     var t = e.target, tag = (t && t.tagName) || "";
     var typing = tag === "TEXTAREA" || (tag === "INPUT" && /^(text|password|number|search|email)$/.test(t.type));
     if (!f) {  // the "all done" page: only its Undo key
       var undo = document.getElementById("undo");
       if (undo && !typing && !e.ctrlKey && e.key.toLowerCase() === undo.getAttribute("data-key")) {
-        e.preventDefault(); undo.click();
+        e.preventDefault(); if (!e.repeat) undo.click();
       }
       return;
     }

@@ -21,7 +21,7 @@ from alignloop.errors import UserError
 from ..errors import NotFound
 from ..models import TASK_TYPES
 from ..projects import ACCESS_MODES, default_min_labels
-from .common import HTTPError, check_csrf, read_form, render, require_admin, store_of
+from .common import HTTPError, check_csrf, parse_json, read_form, render, require_admin, store_of
 
 router = APIRouter()
 
@@ -53,10 +53,10 @@ def settings_from_form(form: dict, errors: dict) -> dict:
     more_text = str(form.get("more_settings", "")).strip()
     settings: dict[str, Any] = {}
     if more_text:
-        try:
-            settings = json.loads(more_text)
-        except json.JSONDecodeError as e:
-            errors["more_settings"] = f"more settings: not valid JSON ({e.msg}, line {e.lineno})"
+        try:  # common.parse_json: deep nesting, a huge number or a lone surrogate is a message, not a 500
+            settings = parse_json(more_text, "more settings")
+        except HTTPError as e:
+            errors["more_settings"] = e.message
             return {}
         if not isinstance(settings, dict):
             errors["more_settings"] = "more settings: a JSON object ({...})"

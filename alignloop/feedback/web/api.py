@@ -13,8 +13,10 @@
                                                        "strength": "better"}, ...}} or choice_<name> /
                                                        strength_<name> fields
     POST /api/assignments/<id>/skip
-    POST /api/p/<project>/undo                         undo the last judgement (reopened for an edit: the reply
-                                                       carries its `values`) or skip (the item back); 409 if not
+    POST /api/p/<project>/undo [{"assignment_id": N}]  undo the last judgement (reopened for an edit: the reply
+                                                       carries its `values`) or skip (the item back); 409 if not.
+                                                       With `assignment_id` (the `undo_of` of a reply: the last
+                                                       action's assignment), a repeat is a 409 that changes nothing
 
 Calls after sign-in send the session's CSRF token as `X-CSRF-Token`. The submit route is a plain Starlette route
 that `create_app` puts at the head of the route list (matched first, no FastAPI parameter solving); the body is
@@ -26,7 +28,6 @@ stored one. The loop never waits for the write lock there: a batch that meets it
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,8 +38,18 @@ from ..assignment import UndoRefused
 from ..db import no_wait
 from ..errors import DatabaseBusy, ValidationError, WouldBlock
 from ..store import Store
-from .common import HTTPError, check_api_csrf, db_call, project_or_404, require_user, store_of, web
-from .labeling import values_from_judgement
+from .common import (
+    HTTPError,
+    SafeJSONResponse,
+    check_api_csrf,
+    db_call,
+    parse_json,
+    project_or_404,
+    require_user,
+    store_of,
+    web,
+)
+from .labeling import undo_checked, undo_of_field, values_from_judgement
 
 router = APIRouter()
 
@@ -102,14 +113,15 @@ class GroupCommit:
 
 
 def assignment_payload(store: Store, a) -> dict:
-    """An assignment as the API shows it: id, task type, shown order and the item's view in that order (a steps
-    item: its steps as `completions` in the solution's order, and their texts as `steps`; an item asking several
-    questions: their names as `questions`, in order)."""
+    """An assignment as the API shows it: id, task type and the item's view in the order shown (a steps item: its
+    steps as `completions` in the solution's order, and their texts as `steps`; an item asking several questions:
+    their names as `questions`, in order). Blind: not the shown order itself (it tells which side is the import's
+    first completion, often a fixed model); a client answers in screen terms (left/right, rank_<i>)."""
     if a is None:
         return {"assignment_id": None}
     task_type, _flags = store.project_rules(a.project_id)
     view = store.item_view(a.item, a.shown_order)
-    out = {"assignment_id": a.id, "task_type": task_type, "shown_order": a.shown_order, **view}
+    out = {"assignment_id": a.id, "task_type": task_type, **view}
     if task_type == "steps":
         out["steps"] = [c["text"] for c in view["completions"]]
     names = store.question_names(a.project_id)
@@ -122,7 +134,7 @@ def _judgement_reply(store: Store, j, created: bool, nxt: Any = None, with_next:
     out: dict[str, Any] = {"judgement_id": j.id, "version": j.version, "created": created}
     if with_next:
         out["next"] = assignment_payload(store, nxt)
-    return JSONResponse(out, status_code=201 if created else 200)
+    return SafeJSONResponse(out, status_code=201 if created else 200)
 
 
 def _invalid(e: ValidationError) -> JSONResponse:
@@ -142,7 +154,7 @@ def _api_open(request: Request, name: str):
     if a is None:
         return JSONResponse({"error": f"no open assignment: POST /api/p/{name}/next (with X-CSRF-Token) takes the "
                                       "next item"}, status_code=405, headers={"Allow": "GET, POST"})
-    return assignment_payload(store, a)
+    return SafeJSONResponse(assignment_payload(store, a))  # an item's lone surrogate: U+FFFD, not a 500
 
 
 @router.post("/api/p/{name}/next")
@@ -155,31 +167,38 @@ def _api_next(request: Request, name: str):
     user = require_user(request)
     check_api_csrf(request)
     store = store_of(request)
-    return assignment_payload(store, store.next_assignment(project_or_404(store, name, user).id, user.id))
+    return SafeJSONResponse(assignment_payload(store, store.next_assignment(project_or_404(store, name, user).id,
+                                                                            user.id)))
 
 
 @router.post("/api/p/{name}/undo")
 async def api_undo(request: Request, name: str):
-    return await db_call(request, _api_undo, request, name)
+    raw = await request.body()
+    body = parse_json(raw) if raw.strip() else {}  # optional: {"assignment_id": the action to undo}
+    if not isinstance(body, dict):
+        raise HTTPError(400, "body must be a JSON object (or empty)")
+    return await db_call(request, _api_undo, request, name, body.get("assignment_id"))
 
 
-def _api_undo(request: Request, name: str):
+def _api_undo(request: Request, name: str, expected: Any = None):
     """Undo the labeler's last judgement or skip in the project: `{"undone": "judgement" | "skip", ...the
     assignment's payload}`; a judgement's also carries its current `version` and `values` (the form fields, screen
-    terms) to prefill; 409 with the reason when there is nothing to undo or the skipped item's slots are taken."""
+    terms) to prefill; 409 with the reason when there is nothing to undo or the skipped item's slots are taken.
+    With `assignment_id` (`expected`): 409 "already undone" and nothing changes unless it is the assignment of the
+    labeler's last action (`labeling.undo_checked`: a double click or a retry undoes once)."""
     user = require_user(request)
     check_api_csrf(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
     try:
-        kind, a = store.undo(p.id, user.id)
+        kind, a = undo_checked(store, p.id, user.id, undo_of_field(expected, "assignment_id"))
     except UndoRefused as e:
         raise HTTPError(409, str(e)) from None
     out = {"undone": kind, **assignment_payload(store, a)}
     if kind == "judgement":
         j = store.current_judgement(a.id)
         out.update(version=j.version, values=values_from_judgement(j, a.shown_order))
-    return out
+    return SafeJSONResponse(out)
 
 
 @router.post("/api/assignments/{aid}/skip")
@@ -192,10 +211,7 @@ def api_skip(request: Request, aid: int):
 
 async def api_submit(request: Request):
     """POST /api/assignments/<aid>/judgement: the hot path of labeling scripts and the load test."""
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise HTTPError(400, "body must be JSON") from None
+    body = parse_json(await request.body())  # 400/422 for deep nesting, huge numbers, lone surrogates (never 500)
     if not isinstance(body, dict):
         raise HTTPError(400, "body must be a JSON object")
     aid = request.path_params["aid"]

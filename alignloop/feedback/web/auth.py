@@ -11,7 +11,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from .common import HTTPError, check_csrf, end_session, read_form, render, safe_next, start_session, store_of, web
+from .common import (
+    HTTPError,
+    check_csrf,
+    end_session,
+    parse_json,
+    read_form,
+    render,
+    safe_next,
+    start_session,
+    store_of,
+    web,
+)
 
 THROTTLE_MESSAGE = "Too many failed sign-ins for this username; wait a few minutes and try again."
 IP_THROTTLE_MESSAGE = "Too many failed sign-ins from your address; wait a few minutes and try again."
@@ -141,10 +152,7 @@ async def api_login(request: Request):
     the API router's route of the same path, which `create_app` includes after this router.)"""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise HTTPError(415, "send JSON")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise HTTPError(400, "body must be JSON") from None
+    body = parse_json(await request.body())  # 400/422, never a 500 (deep nesting, huge numbers, lone surrogates)
     if not isinstance(body, dict):
         raise HTTPError(400, "body must be a JSON object")
     username, password = body.get("username", ""), body.get("password", "")

@@ -4,6 +4,8 @@ which error a request gets: sign-in (303 to the login page, or 401 on the JSON A
 """
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +24,7 @@ from ..db import is_busy, no_wait
 from ..errors import DatabaseBusy, WouldBlock
 from ..models import STRENGTHS, Labeler
 from ..render import render_markdown
-from ..security import new_token, tokens_equal
+from ..security import is_utf8_text, new_token, tokens_equal
 from ..store import Store
 from .gate import USER_KEY
 
@@ -45,10 +48,97 @@ class Redirect(Exception):
 
 
 class HTTPError(Exception):
-    """Answer with `status`: JSON `{"error": message}` on the API, the error page elsewhere."""
+    """Answer with `status`: JSON `{"error": message}` (and `"fields"`: {field: problem} when given) on the API, the
+    error page elsewhere."""
 
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+    def __init__(self, status: int, message: str, fields: dict[str, str] | None = None):
+        self.status, self.message, self.fields = status, message, fields
+
+
+# -- request bodies: one JSON parser for every route that reads JSON (F6, F15) ---------------------------------
+def parse_json(text: str | bytes, what: str = "body") -> Any:
+    """`text` parsed as JSON, or HTTPError: 400 for text that is not JSON, 422 (naming the field) for JSON this app
+    cannot take: nesting too deep for the parser (RecursionError), an integer of more than Python's 4300 digits
+    (ValueError), a string or key holding a lone surrogate ("\\ud800" is valid JSON but not text: SQLite, argon2
+    and the UTF-8 reply all refuse it). Never a 500. `what` names the text in the messages ("body", "more settings")."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise HTTPError(422, f"{what}: JSON nested too deeply", {what: "nested too deeply"}) from None
+    except json.JSONDecodeError as e:
+        raise HTTPError(400, f"{what}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise HTTPError(400, f"{what}: not valid JSON (not UTF-8)") from None
+    except ValueError as e:  # Python's limit on the digits of an integer (sys.get_int_max_str_digits)
+        raise HTTPError(422, f"{what}: a number with too many digits ({e})",
+                        {what: "a number with too many digits"}) from None
+    bad = _not_text(value)
+    if bad is not None:
+        field = bad or what
+        where = field if what == "body" or not bad else f"{what}: {field}"
+        raise HTTPError(422, f"{where}: not valid text (a lone surrogate such as \\ud800)",
+                        {field: "not valid text (a lone surrogate such as \\ud800)"})
+    return value
+
+
+def _not_text(value: Any) -> str | None:
+    """The path ("comment", "answers.helpful.choice", "flags[0]"; "" for the top level) of the first string or key
+    in `value` that does not encode as UTF-8, or None. Iterative: `value` may be as deep as the parser allowed."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not is_utf8_text(v):
+                return path
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                key_path = f"{path}.{k}" if path else str(k)
+                if not is_utf8_text(k):
+                    return printable(key_path) + " (a key)"
+                stack.append((key_path, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(s: str) -> str:
+    """`s` with each character that does not encode as UTF-8 (a lone surrogate) replaced by U+FFFD."""
+    return s if is_utf8_text(s) else _SURROGATE.sub("\ufffd", s)
+
+
+def text_or_422(value: Any, field: str) -> Any:
+    """`value` if it is not a string or a string that encodes as UTF-8, else HTTPError 422 naming `field`."""
+    if isinstance(value, str) and not is_utf8_text(value):
+        raise HTTPError(422, f"{field}: not valid text (a lone surrogate)", {field: "not valid text"})
+    return value
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSONResponse whose text may hold lone surrogates (an item imported before the import refused them): they
+    are written as U+FFFD instead of failing the reply with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return printable(text).encode("utf-8")
+
+
+def _finalize(value: Any) -> Any:
+    """Jinja's finalize: every `{{ ... }}` string on a page passes here, so a stored lone surrogate shows as U+FFFD
+    instead of failing the page's UTF-8 encoding (a 500). Markup (already escaped) stays Markup."""
+    if isinstance(value, str) and not is_utf8_text(value):
+        clean = printable(str(value))
+        return Markup(clean) if isinstance(value, Markup) else clean
+    return value
+
+
+def _markdown(text: Any) -> Any:
+    return render_markdown(printable(text) if isinstance(text, str) else text)
 
 
 @dataclass
@@ -74,7 +164,8 @@ def make_templates() -> Jinja2Templates:
     """Jinja2 (autoescape on for .html) with a `markdown` filter: guidelines, prompts and answers as sanitised HTML
     (`render.render_markdown`: raw HTML off, then an allow-list sanitiser)."""
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
-    templates.env.filters["markdown"] = render_markdown
+    templates.env.finalize = _finalize  # before any template compiles
+    templates.env.filters["markdown"] = _markdown
     templates.env.globals["STRENGTHS"] = STRENGTHS
     templates.env.globals["STRENGTH_LABELS"] = STRENGTH_LABELS
     return templates
@@ -208,7 +299,10 @@ async def on_redirect(request: Request, exc: Redirect):
 
 async def on_http_error(request: Request, exc: HTTPError):
     if request.url.path.startswith("/api/"):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        body: dict[str, Any] = {"error": exc.message}
+        if exc.fields:
+            body["fields"] = exc.fields
+        return SafeJSONResponse(body, status_code=exc.status)
     return render(request, "error.html", {"message": exc.message, "status": exc.status}, status=exc.status)
 
 

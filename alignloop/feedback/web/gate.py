@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from urllib.parse import quote
 
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..db import is_busy
+from ..errors import DatabaseBusy
 from ..sessions import MISS, SessionManager
 
 MAX_BODY_BYTES = 1 << 20
 MAX_IMPORT_BYTES = 256 << 20
 USER_KEY = "alignloop.user"  # the scope key of the signed-in Labeler
 PUBLIC_PATHS = frozenset(("/login", "/api/login", "/healthz"))
+RETRY_AFTER_S = 2  # as common.RETRY_AFTER_S (common imports this module)
 IMPORT_PATH = re.compile(r"^/admin/p/[^/]+/import/?$")
 
 
@@ -50,7 +55,14 @@ class Gate:
         if length is not None and length > limit:
             return await _answer(send, path, 413, f"request body too large (limit {limit} bytes)")
         if path not in PUBLIC_PATHS and not path.startswith("/static/"):
-            user = await self._user(scope)
+            try:
+                user = await self._user(scope)
+            except (DatabaseBusy, OperationalError, sqlite3.OperationalError) as e:
+                # outside the app's error handlers (`common.on_busy`): the session read itself met a busy database
+                if not isinstance(e, DatabaseBusy) and not is_busy(getattr(e, "orig", e)):
+                    raise
+                return await _answer(send, path, 503, "the database is busy; try again in a moment",
+                                     retry_after=RETRY_AFTER_S)
             if user is None:
                 return await _refuse(scope, send)
             scope[USER_KEY] = user
@@ -123,12 +135,14 @@ async def _refuse(scope, send):
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _answer(send, path: str, status: int, message: str):
+async def _answer(send, path: str, status: int, message: str, retry_after: int | None = None):
     """A short error reply: JSON `{"error": ...}` on the API, plain text elsewhere."""
     if path.startswith("/api/"):
         body, ctype = json.dumps({"error": message}).encode(), b"application/json"
     else:
         body, ctype = message.encode(), b"text/plain; charset=utf-8"
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
