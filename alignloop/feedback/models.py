@@ -22,6 +22,7 @@ adjudications.
 """
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import UTC, datetime
 
@@ -39,6 +40,9 @@ PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
 STRENGTHS = tuple(STRENGTH_MARGINS["small"])
 # A steps judgement rates every step of a solution: +1 good, 0 neutral, -1 bad (PRM800K's labels). The form's names.
 STEP_LABEL_NAMES = {"good": 1, "neutral": 0, "bad": -1}
+
+
+PROJECT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # projects.check_project_name's characters
 
 
 def utcnow() -> datetime:
@@ -68,10 +72,12 @@ class Project(Base):
 
     @property
     def url_key(self) -> str:
-        """What a URL names the project by (`/p/<url_key>/...`): its name, or its id when the name would be read as
-        an id or a path step (all digits, "." or "..": names made before `projects.check_project_name`). (H3)"""
+        """What a URL names the project by (`/p/<url_key>/...`): its name when it is a slug that reads as a name
+        (`projects.check_project_name`'s rule), else its id: a name made before that rule may read as an id
+        ("2024"), a path step ("." / "..") or hold characters a path segment cannot carry ("/", "?", "#", "%")."""
         n = self.name
-        return str(self.id) if (n.isascii() and n.isdigit()) or n in (".", "..") else n
+        slug = PROJECT_NAME_RE.fullmatch(n) and not n.isdigit() and n not in (".", "..")
+        return n if slug else str(self.id)
 
 
 class Prompt(Base):

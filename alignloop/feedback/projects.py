@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from alignloop.errors import UserError
 
 from .errors import NotFound
-from .models import ROLES, TASK_TYPES, Labeler, Project
+from .models import PROJECT_NAME_RE, ROLES, TASK_TYPES, Labeler, Project
 from .questions import DEFAULT_QUESTION, check_questions, names_of
 from .security import check_new_password, hash_password, verify_password
 
@@ -45,7 +45,7 @@ DEFAULT_ASSIGNMENT_TIMEOUT_S = 2 * 3600
 # How long a cached ProjectInfo is used before the project row is read again: a change of a project's settings or
 # k reaches the submit paths within this time (projects change rarely; every judgement needs their rules).
 PROJECT_INFO_TTL_S = 5.0
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # usernames (fullmatch: "$" would let a final newline in)
 _ATTR_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_CHARS = 200
@@ -222,7 +222,7 @@ def check_project_name(name: Any) -> str:
     """A new project's name: a slug (letters, digits, '_', '-', '.'; at most 100), not all digits (`/p/<digits>`
     and `--project-id` are ids, so a name like "2024" would be taken for one) and not "." or ".." (path segments in
     URLs). Projects made before the rule keep their names and are reached by id."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not PROJECT_NAME_RE.fullmatch(name):
         raise UserError(f"project name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
     if name.isdigit():
         raise UserError(f"project name {name!r}: not only digits (a number is a project id); e.g. 'round-{name}'")
@@ -285,7 +285,7 @@ def parse_attributes(pairs: Iterable[str], where: str = "--attr") -> dict[str, s
 def new_labeler(username: str, password: str, role: str = "labeler",
                 attributes: Mapping[str, str] | None = None) -> Labeler:
     """A checked, unsaved Labeler with the password hashed (argon2id) and its attributes checked."""
-    if not _NAME_RE.match(username or ""):
+    if not _NAME_RE.fullmatch(username or ""):
         raise UserError(f"username {username!r}: use letters, digits, '_', '-', '.' (at most 100)")
     if role not in ROLES:
         raise UserError(f"role {role!r}: choose one of {', '.join(ROLES)}")

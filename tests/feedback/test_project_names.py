@@ -122,3 +122,18 @@ def test_url_key_is_the_id_for_a_name_that_reads_as_an_id(store):
     assert store.create_project("round-1", "pairwise").url_key == "round-1"
     old, dot = legacy_project(store, "2024"), legacy_project(store, "..")
     assert (old.url_key, dot.url_key) == (str(old.id), str(dot.id))
+    odd = [legacy_project(store, n) for n in ("a/b", "what?", "50%", "x#y", "caf\u00e9")]
+    assert [p.url_key for p in odd] == [str(p.id) for p in odd]  # no path segment can carry them
+
+
+def test_a_final_newline_is_not_part_of_a_valid_name(store):
+    import pytest
+
+    from alignloop.errors import UserError
+    from alignloop.feedback.projects import check_project_name
+
+    for bad in ("round\n", "round-1\n"):
+        with pytest.raises(UserError):
+            check_project_name(bad)
+    with pytest.raises(UserError):
+        store.add_labeler("ann\n", PASSWORD)
