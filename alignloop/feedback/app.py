@@ -78,12 +78,14 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def _lifespan(store: Store, threads: int | None, background_checkpoints: bool, freeze_gc: bool):
+def _lifespan(store: Store, sessions: SessionManager, threads: int | None, background_checkpoints: bool,
+              freeze_gc: bool):
     @asynccontextmanager
     async def lifespan(_app):
         if threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         checkpointing = store.start_checkpointer() if background_checkpoints else False
+        sessions.start_validator()  # renews the cached sessions in one query per half TTL
         if freeze_gc:
             # Everything loaded so far (FastAPI, SQLAlchemy, the models, templates) lives as long as the process:
             # move it out of the garbage collector's view, so a full collection scans only request garbage
@@ -93,6 +95,7 @@ def _lifespan(store: Store, threads: int | None, background_checkpoints: bool, f
         try:
             yield
         finally:
+            sessions.stop_validator()
             if checkpointing:
                 store.stop_checkpointer()
             if freeze_gc:
@@ -129,10 +132,10 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     if group_commit is None:
         group_commit = inline_db
 
-    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_lifespan(store, threads, background_checkpoints, freeze_gc))
-    app.state.store = store
     sessions = SessionManager(store, idle_s=session_idle_timeout, max_s=session_max_age, clock=clock or time.time)
+    app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_lifespan(store, sessions, threads, background_checkpoints, freeze_gc))
+    app.state.store = store
     app.state.web = WebContext(store=store, templates=make_templates(), sessions=sessions,
                                throttle=auth.LoginThrottle(), inline_db=inline_db,
                                batcher=api.GroupCommit(store) if group_commit else None)

@@ -12,13 +12,16 @@ the token itself), the labeler, when it began and when it was last used. A sessi
 Every signed-in request needs its session checked, and the JSON submit route serves ~1000 requests/s: the check
 must not read the database each time. `SessionManager` keeps the sessions it has read in memory and re-reads one
 from the database when its copy is older than `cache_ttl_s` (1 s: another server process's sign-out or deactivation
-takes effect within it), at once when the store says the labeler's sessions were revoked in this process, and
-writes `last_seen_at` at most once per `touch_every_s` (60 s) per session. Times come from `clock` (epoch seconds;
-tests pass their own); the table holds naive UTC datetimes like every other table.
+takes effect within it; while the server runs, one query every half TTL renews all copies whose rows still exist,
+`validate_all`, so requests do not wait for per-session reads), at once when the store says the labeler's sessions
+were revoked in this process, and writes `last_seen_at` at most once per `touch_every_s` (60 s) per session.
+Times come from `clock` (epoch seconds; tests pass their own); the table holds naive UTC datetimes like every other
+table.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -39,12 +42,14 @@ from .security import new_token
 if TYPE_CHECKING:
     from .store import Store
 
+log = logging.getLogger(__name__)
 SESSION_IDLE_S = 12 * 3600
 SESSION_MAX_S = 14 * 24 * 3600
 CACHE_TTL_S = 1.0
 TOUCH_EVERY_S = 60.0
 TOUCH_RETRY_S = 5.0  # a last_seen_at write that met the write lock taken: tried again this much later
 CACHE_MAX = 50_000
+VALIDATE_CHUNK = 500  # session ids per `SELECT ... IN (...)` of the validator
 MISS = object()  # `SessionManager.cached`: the cache cannot answer alone, call `refresh` (it reads the database)
 
 
@@ -116,6 +121,7 @@ class SessionManager:
         self.cache_ttl_s, self.touch_every_s, self.cache_max = cache_ttl_s, touch_every_s, cache_max
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # refresh runs in worker threads: one writer of `_entries` at a time
+        self._refreshing: set[str] = set()  # sessions with a background refresh in flight
 
     def start(self, labeler: Labeler) -> str:
         """A new session for `labeler` (a database write: call it off the event loop). Returns its token."""
@@ -131,35 +137,102 @@ class SessionManager:
 
     def cached(self, token: str):
         """The session's labeler from memory, or MISS when only `refresh` can tell (not cached, cached for longer
-        than `cache_ttl_s`, revoked since it was read, timed out, or `last_seen_at` due to be written)."""
+        than `cache_ttl_s`, revoked since it was read, or timed out)."""
+        return self.lookup(token)[0]
+
+    def lookup(self, token: str) -> tuple:
+        """(labeler or MISS, due): what memory says, and whether `last_seen_at` is due to be written (the caller
+        then runs `refresh_quietly` in the background: no request waits for it). A copy past the TTL, revoked in
+        this process or timed out is MISS (the caller refreshes it before answering): the TTL is the hard bound on
+        how long another process's sign-out takes. While the server runs, `validate_all` renews every copy
+        half-way through its TTL in one query, so busy sessions never reach it (per-session re-reads, one per
+        session per second, had put a thread hop under ~4 % of the requests and doubled the load test's p99)."""
         e = self._entries.get(token_id(token))
-        if e is None or time.monotonic() - e.loaded >= self.cache_ttl_s \
+        if e is None:
+            return MISS, True
+        if time.monotonic() - e.loaded >= self.cache_ttl_s \
                 or e.loaded <= self.store.sessions_revoked_at(e.labeler.id):
-            return MISS
+            return MISS, True
         now = self.clock()
-        if self._expired(e, now) or now - e.seen_stored >= self.touch_every_s:
-            return MISS
+        if self._expired(e, now):
+            return MISS, True
         e.seen = now
-        return e.labeler
+        return e.labeler, now - e.seen_stored >= self.touch_every_s
+
+    def validate_all(self) -> int:
+        """Renew every cached copy whose row still exists, in one query per VALIDATE_CHUNK sessions; forget the
+        others (signed out, deactivated or re-passworded in another process). A row's existence is the whole test:
+        every way a session ends deletes it, and timeouts are checked per request. Returns how many were renewed."""
+        with self._lock:
+            sids = list(self._entries)
+        t0 = time.monotonic()  # before the read: a revocation during it still wins (`lookup` compares with it)
+        alive = set()
+        for i in range(0, len(sids), VALIDATE_CHUNK):
+            alive |= self.store.existing_sessions(sids[i:i + VALIDATE_CHUNK])
+        with self._lock:
+            for sid in sids:
+                e = self._entries.get(sid)
+                if e is None:
+                    continue
+                if sid in alive:
+                    e.loaded = max(e.loaded, t0)
+                else:
+                    del self._entries[sid]
+        return len(alive)
+
+    def start_validator(self) -> None:
+        """A daemon thread running `validate_all` every half TTL while the server runs (the app's lifespan)."""
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.cache_ttl_s / 2):
+                try:
+                    self.validate_all()
+                except Exception:  # a busy or failing read: copies then lapse into per-request refreshes
+                    log.warning("session validation failed", exc_info=True)
+
+        self._validator = threading.Thread(target=loop, name="session-validator", daemon=True)
+        self._validator.start()
+
+    def stop_validator(self) -> None:
+        if getattr(self, "_validator", None) is not None:
+            self._stop.set()
+            self._validator.join()
+            self._validator = None
+
+    def refresh_quietly(self, token: str) -> None:
+        """A background `refresh` (one at a time per session) for a due `last_seen_at`: errors are logged, never
+        raised (no request waits on it; a failed one is tried again TOUCH_RETRY_S later)."""
+        sid = token_id(token)
+        with self._lock:
+            if sid in self._refreshing:
+                return
+            self._refreshing.add(sid)
+        try:
+            self.refresh(token)
+        except Exception:  # a background bookkeeping read: log it; the next request retries
+            log.warning("background session refresh failed", exc_info=True)
+        finally:
+            with self._lock:
+                self._refreshing.discard(sid)
 
     def refresh(self, token: str) -> Labeler | None:
         """The session's labeler read from the database (None: no such session, its labeler is inactive, or it
         timed out, whereupon its row is deleted); `last_seen_at` written when due. Blocking: off the event loop."""
         sid = token_id(token)
-        with self._lock:
-            old = self._entries.pop(sid, None)
+        old = self._entries.get(sid)  # kept while reading: the other requests of this session go on meanwhile
         loaded = time.monotonic()
         found = self.store.load_session(sid)
-        if found is None:
+        if found is None or not found[1].active or found[1].kind != "human":
+            self._forget(sid)
             return None
         row, lab = found
-        if not lab.active or lab.kind != "human":
-            return None
         now = self.clock()
         e = _Entry(lab, to_epoch(row.created_at), to_epoch(row.last_seen_at), to_epoch(row.last_seen_at), loaded)
         if old is not None:
             e.seen = max(e.seen, old.seen)
         if self._expired(e, now):
+            self._forget(sid)
             _best_effort(self.store.end_session, sid)  # a busy database: the row goes at a later check
             return None
         if now - e.seen_stored >= self.touch_every_s:
@@ -168,10 +241,15 @@ class SessionManager:
             e.seen_stored = now if stored else now - self.touch_every_s + TOUCH_RETRY_S
         e.seen = now
         with self._lock:
+            self._entries.pop(sid, None)  # re-inserted last: eviction below goes by when an entry was read
             if len(self._entries) >= self.cache_max:
                 del self._entries[next(iter(self._entries))]  # the longest-cached entry; the others stay
             self._entries[sid] = e
         return lab
+
+    def _forget(self, sid: str) -> None:
+        with self._lock:
+            self._entries.pop(sid, None)
 
     def _expired(self, e: _Entry, now: float) -> bool:
         return now - e.seen > self.idle_s or now - e.created > self.max_s

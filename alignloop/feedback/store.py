@@ -60,7 +60,7 @@ from .assignment import (
 )
 from .importing import IMPORT_BATCH_ROWS, ImportResult, Pacer, batches, plan_import, read_jsonl, write_batch
 from .judgements import get_or_add_ai_labeler, judgement_by_key, record_ai_in, submit_in
-from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt
+from .models import Assignment, Completion, Item, Judgement, Labeler, Project, Prompt, WebSession
 from .projects import (
     ProjectInfoCache,
     check_attributes,
@@ -361,6 +361,11 @@ class Store:
     def load_session(self, sid: str):
         with self.read() as s:
             return sessions.load(s, sid)
+
+    def existing_sessions(self, sids: list[str]) -> set[str]:
+        """Which of these session ids still have a row (`SessionManager.validate_all`)."""
+        with self.read() as s:
+            return set(s.scalars(select(WebSession.id).where(WebSession.id.in_(sids))))
 
     def touch_session(self, sid: str, now: float) -> None:
         with self.write() as s:

@@ -223,6 +223,56 @@ def test_the_session_cache_is_bounded_and_keeps_the_newest(store):
     assert m.refresh(tokens[0]).id == labs[0].id
 
 
+def test_one_query_renews_every_cached_session_and_drops_ended_ones(store, app_with):
+    """The validator (`SessionManager.validate_all`, every half TTL while the server runs): one SELECT renews all
+    copies whose rows exist, so requests keep answering from memory past the TTL without a per-session read; a row
+    deleted elsewhere (another process's sign-out) drops its copy, and the next request reads (MISS)."""
+    from alignloop.feedback.sessions import MISS, SessionManager, token_id
+
+    labs = [store.add_labeler(f"u{i}", PASSWORD) for i in range(5)]
+    m = SessionManager(store, cache_ttl_s=1.0)
+    tokens = [m.start(lab) for lab in labs]
+    for t in tokens:
+        m.refresh(t)
+    for t in tokens:
+        m._entries[token_id(t)].loaded -= 0.9  # near the end of the TTL
+    statements = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        store.end_session(token_id(tokens[0]))  # signed out by another process: only the row goes
+        statements.clear()
+        assert m.validate_all() == 4
+        assert len([q for q in statements if "sessions" in q]) == 1  # one query for all five
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    for e in m._entries.values():
+        e.loaded -= 0.5  # 1.4 s after the first read: alive only because the validator renewed them
+    assert m.lookup(tokens[0]) == (MISS, True)
+    assert [m.lookup(t)[0].id for t in tokens[1:]] == [lab.id for lab in labs[1:]]
+    assert all(m.lookup(t)[1] is False for t in tokens[1:])  # nothing due: no background work either
+
+    # a revocation in this process during the validator's read still wins (the renewal time is taken before it)
+    store.set_active(labs[1].username, False)
+    m.validate_all()
+    assert m.lookup(tokens[1]) == (MISS, True)
+
+
+def test_the_server_runs_the_validator_and_stops_it(store, app_with):
+    from fastapi.testclient import TestClient
+
+    store.add_labeler("ann", PASSWORD)
+    app = app_with()
+    m = app.state.web.sessions
+    with TestClient(app):
+        assert m._validator is not None and m._validator.is_alive()
+        thread = m._validator
+    assert m._validator is None and not thread.is_alive()
+
+
 def test_another_process_sees_a_sign_out_within_two_seconds(store, app_with):
     store.add_labeler("ann", PASSWORD)
     app = app_with()

@@ -11,6 +11,7 @@ request body's size limit, then the sign-in check, both before anything reads th
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -45,6 +46,7 @@ class Gate:
                  max_import_body: int = MAX_IMPORT_BYTES):
         self.app, self.sessions = app, sessions
         self.max_body, self.max_import_body = max_body, max_import_body
+        self._background: set = set()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,9 +79,13 @@ class Gate:
         token = session.get("sid") if session else None
         if not isinstance(token, str):
             return None
-        user = self.sessions.cached(token)
+        user, due = self.sessions.lookup(token)
         if user is MISS:
             user = await run_in_threadpool(self.sessions.refresh, token)
+        elif due:  # served from the copy; re-read in the background (`SessionManager.lookup`)
+            task = asyncio.ensure_future(run_in_threadpool(self.sessions.refresh_quietly, token))
+            self._background.add(task)  # a reference until done: the loop keeps only weak ones
+            task.add_done_callback(self._background.discard)
         if user is None:
             session.pop("sid", None)  # a dead session: the cookie loses it
         return user
