@@ -215,27 +215,45 @@ def reopened_assignment(s: Session, project_id: int, labeler_id: int) -> Assignm
     return a
 
 
-def undo_in(s: Session, project_id: int, labeler_id: int) -> tuple[str, Assignment]:
-    """Undo the labeler's last action in the project: ("judgement", its assignment) or ("skip", the assignment).
+class UndoneAlready(UndoRefused):
+    """The undo names an action that is not the labeler's last one any more (a double click, a held key, a retry):
+    nothing changes."""
 
-    The last action is the newest of their judgements (a first one or an edit) and their skips. A judgement: its
-    assignment is reopened for editing (status "reopened": the label page shows it prefilled; the next submission
-    is version + 1 and closes it again; nothing is deleted and the item's counts do not change, the judgement stays
-    current until then). A skip: the assignment is open again ("assigned", its time restarted) if the item still
-    has a free slot (n_active < k; a gold item is outside the k), else UndoRefused. Undoing again finds the same
-    reopened judgement (one level of undo)."""
+
+def last_action(s: Session, project_id: int, labeler_id: int) -> tuple[str, int] | None:
+    """The labeler's last action in the project: ("skip", assignment id) or ("judgement", assignment id), the newer
+    of their newest skip and their newest judgement (a first one or an edit); None when there is none."""
     last_j = s.execute(select(Judgement.assignment_id, Judgement.created_at).join(
         Assignment, Assignment.id == Judgement.assignment_id).where(
         Judgement.labeler_id == labeler_id, Assignment.project_id == project_id)
         .order_by(Judgement.id.desc()).limit(1)).first()
-    skipped = s.scalar(select(Assignment).where(
+    skipped = s.execute(select(Assignment.id, Assignment.completed_at).where(
         Assignment.labeler_id == labeler_id, Assignment.project_id == project_id, Assignment.status == "skipped")
-        .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1))
+        .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1)).first()
     if skipped is not None and (last_j is None or skipped.completed_at > last_j.created_at):
-        return "skip", _unskip(s, skipped)
-    if last_j is None:
+        return "skip", skipped.id
+    return None if last_j is None else ("judgement", last_j.assignment_id)
+
+
+def undo_in(s: Session, project_id: int, labeler_id: int, expected: int | None = None) -> tuple[str, Assignment]:
+    """Undo the labeler's last action in the project: ("judgement", its assignment) or ("skip", the assignment).
+
+    A judgement: its assignment is reopened for editing (status "reopened": the label page shows it prefilled; the
+    next submission is version + 1 and closes it again; nothing is deleted and the item's counts do not change, the
+    judgement stays current until then). A skip: the assignment is open again ("assigned", its time restarted) if
+    the item still has a free slot (n_active < k; a gold item is outside the k), else UndoRefused. Undoing again
+    finds the same reopened judgement (one level of undo). `expected`: the assignment the client saw as the last
+    action (the page's `undo_of`, the API's `assignment_id`); another one now means that action was undone already
+    (a double click, a retry): UndoneAlready, nothing changes."""
+    last = last_action(s, project_id, labeler_id)
+    if last is None:
         raise UndoRefused("nothing to undo: you have not judged or skipped anything in this project")
-    a = s.get(Assignment, last_j.assignment_id)
+    kind, aid = last
+    if expected is not None and aid != expected:
+        raise UndoneAlready("already undone: that is not your last action any more (nothing changed)")
+    a = s.get(Assignment, aid)
+    if kind == "skip":
+        return "skip", _unskip(s, a)
     if a.status == "done":
         a.status = "reopened"
     a.item  # noqa: B018 - load it while the session is open
@@ -243,11 +261,18 @@ def undo_in(s: Session, project_id: int, labeler_id: int) -> tuple[str, Assignme
 
 
 def _unskip(s: Session, a: Assignment) -> Assignment:
+    # the status first, conditionally: of two concurrent undos of one skip (PostgreSQL runs writers side by side)
+    # only one may take a slot, else n_active would count one assignment twice and the item miss a label for good
+    now = utcnow()
+    if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == "skipped")
+                 .values(status="assigned", completed_at=None, created_at=now)).rowcount != 1:
+        raise UndoneAlready("already undone: that skip is open again (nothing changed)")
     p = s.get(Project, a.project_id)
     cond = [Item.id == a.item_id] + ([] if a.is_gold else [Item.n_active < p.overlap_k])
     if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)).rowcount != 1:
+        # raised inside the write transaction: it rolls back, the status change with it
         raise UndoRefused("this item went to other labelers after you skipped it (all its places are taken), so "
                           "the skip cannot be undone")
-    a.status, a.completed_at, a.created_at = "assigned", None, utcnow()
+    s.refresh(a)
     a.item  # noqa: B018 - load it while the session is open
     return a

@@ -51,6 +51,7 @@ from . import access, reading, review, sessions, sqlite_hot
 from . import db as dbmod
 from .assignment import (
     ExpiryClock,
+    last_action,
     next_in,
     open_assignment,
     own_assignment,
@@ -433,14 +434,21 @@ class Store:
         with self.read() as s:
             return own_assignment(s, assignment_id, labeler_id)
 
-    def undo(self, project_id: int, labeler_id: int) -> tuple[str, Assignment]:
+    def undo(self, project_id: int, labeler_id: int, expected: int | None = None) -> tuple[str, Assignment]:
         """Undo the labeler's last action in the project (`assignment.undo_in`): ("judgement", the assignment,
         reopened for editing) or ("skip", the assignment, open again); UndoRefused when there is nothing to undo or
-        the skipped item has no free slot left."""
+        the skipped item has no free slot left; UndoneAlready when `expected` (the assignment the client saw as
+        the last action) is not the last action any more."""
         def once() -> tuple[str, Assignment]:
             with self.write() as s:
-                return undo_in(s, project_id, labeler_id)
+                return undo_in(s, project_id, labeler_id, expected)
         return _retrying(once)
+
+    def last_action(self, project_id: int, labeler_id: int) -> int | None:
+        """The assignment of the labeler's last action in the project (what undo would undo), or None: a read."""
+        with self.read() as s:
+            last = last_action(s, project_id, labeler_id)
+        return None if last is None else last[1]
 
     def reopened_assignment(self, project_id: int, labeler_id: int) -> Assignment | None:
         """The labeler's judgement reopened by undo in this project (its assignment), if any: a read."""

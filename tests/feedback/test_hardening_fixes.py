@@ -313,3 +313,31 @@ def test_removed_member_cannot_edit_old_judgements(thumbs, make_client):
                content='{"thumbs": "down", "idempotency_key": "k-00000003"}')
     assert r.status_code == 201
     assert c.get("/api/p/pp/next").status_code == 404
+
+
+def test_a_second_concurrent_undo_of_one_skip_takes_no_second_slot(tmp_path):
+    """F16: two undos of the same skip that both read it as "skipped" (PostgreSQL runs writers side by side; here
+    the second one's read is replayed after the first committed): only the first takes a slot. Before the fix the
+    second also ran `n_active + 1`, so the item counted one open assignment twice and missed a label for good."""
+    from alignloop.feedback.assignment import UndoneAlready, _unskip
+
+    store = Store(str(tmp_path / "u.db"))
+    try:
+        store.create_project("pp", "pairwise", overlap_k=2)
+        store.import_records("pp", [{"prompt": "p", "completions": ["a", "b"]}])
+        ann = store.add_labeler("ann", PASSWORD)
+        a = store.next_assignment(1, ann.id)
+        store.skip(a.id, ann.id)
+        with store.read() as s:
+            stale = s.get(Assignment, a.id)  # what the second request read: still "skipped"
+            assert stale.status == "skipped"
+        assert store.undo(1, ann.id, expected=a.id)[0] == "skip"
+        with pytest.raises(UndoneAlready), store.write() as s:
+            _unskip(s, stale)
+        with store.read() as s:
+            from alignloop.feedback.models import Item
+
+            item = s.get(Item, a.item_id)
+            assert (item.n_active, s.get(Assignment, a.id).status) == (1, "assigned")
+    finally:
+        store.dispose()

@@ -49,7 +49,7 @@ from .common import (
     store_of,
     web,
 )
-from .labeling import undo_checked, undo_of_field, values_from_judgement
+from .labeling import undo_of_field, values_from_judgement
 
 router = APIRouter()
 
@@ -185,13 +185,13 @@ def _api_undo(request: Request, name: str, expected: Any = None):
     assignment's payload}`; a judgement's also carries its current `version` and `values` (the form fields, screen
     terms) to prefill; 409 with the reason when there is nothing to undo or the skipped item's slots are taken.
     With `assignment_id` (`expected`): 409 "already undone" and nothing changes unless it is the assignment of the
-    labeler's last action (`labeling.undo_checked`: a double click or a retry undoes once)."""
+    labeler's last action (`Store.undo` with the client's `assignment_id`: a double click or a retry undoes once)."""
     user = require_user(request)
     check_api_csrf(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
     try:
-        kind, a = undo_checked(store, p.id, user.id, undo_of_field(expected, "assignment_id"))
+        kind, a = store.undo(p.id, user.id, undo_of_field(expected, "assignment_id"))
     except UndoRefused as e:
         raise HTTPError(409, str(e)) from None
     out = {"undone": kind, **assignment_payload(store, a)}

@@ -16,15 +16,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from ..assignment import UndoRefused, undo_in
+from ..assignment import UndoneAlready, UndoRefused
 from ..errors import NotFound, ValidationError
-from ..models import STEP_LABEL_NAMES, Assignment, Judgement
+from ..models import STEP_LABEL_NAMES
 from ..projects import DEFAULT_FLAGS
 from ..questions import questions_of
-from ..store import Store, _retrying
 from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_user, store_of
 
 router = APIRouter()
@@ -48,48 +46,9 @@ def label_context(request: Request, project, assignment, errors=None, values=Non
     return {"project": project, "assignment": blind, "view": view, "errors": errors or {},
             "values": values or {}, "progress": store.progress(project.id, assignment.labeler_id),
             "flags": project.settings.get("flags", DEFAULT_FLAGS), "questions": questions_of(project.settings),
-            "edit": edit, "undo_of": undo_target(store, project.id, assignment.labeler_id),
+            "edit": edit, "undo_of": store.last_action(project.id, assignment.labeler_id),
             "idempotency_key": uuid.uuid4().hex, "shown_at": int(time.time() * 1000),
             "k": len(view["completions"])}
-
-
-# -- undo, idempotent (F12): the page and the API name the assignment of the action they undo --------------------
-class UndoneAlready(UndoRefused):
-    """The undo names an action that is not the labeler's last one any more (a double click, a held key, a retry):
-    nothing changes."""
-
-
-def last_action(s, project_id: int, labeler_id: int) -> int | None:
-    """The assignment of the labeler's last action in the project, the one `assignment.undo_in` undoes (the newer
-    of their newest judgement and their newest skip), or None."""
-    last_j = s.execute(select(Judgement.assignment_id, Judgement.created_at).join(
-        Assignment, Assignment.id == Judgement.assignment_id).where(
-        Judgement.labeler_id == labeler_id, Assignment.project_id == project_id)
-        .order_by(Judgement.id.desc()).limit(1)).first()
-    skipped = s.execute(select(Assignment.id, Assignment.completed_at).where(
-        Assignment.labeler_id == labeler_id, Assignment.project_id == project_id, Assignment.status == "skipped")
-        .order_by(Assignment.completed_at.desc(), Assignment.id.desc()).limit(1)).first()
-    if skipped is not None and (last_j is None or skipped.completed_at > last_j.created_at):
-        return skipped.id
-    return None if last_j is None else last_j.assignment_id
-
-
-def undo_target(store: Store, project_id: int, labeler_id: int) -> int | None:
-    """What the Undo button of a page undoes (its form carries it as `undo_of`): a read."""
-    with store.read() as s:
-        return last_action(s, project_id, labeler_id)
-
-
-def undo_checked(store: Store, project_id: int, labeler_id: int, expected: int | None):
-    """`Store.undo`, but with `expected` (the assignment id the client saw as the last action) checked in the same
-    write transaction: another one there means that action was undone already (UndoneAlready, nothing changes).
-    Undoing a judgement again finds it reopened (a no-op); undoing a skip again would undo the action before it."""
-    def once():
-        with store.write() as s:
-            if expected is not None and last_action(s, project_id, labeler_id) != expected:
-                raise UndoneAlready("already undone: that is not your last action any more (nothing changed)")
-            return undo_in(s, project_id, labeler_id)
-    return _retrying(once)
 
 
 def undo_of_field(value: Any, field: str = "undo_of") -> int | None:
@@ -175,7 +134,7 @@ def label(request: Request, name: str):
     if a is not None:
         return render(request, "label.html", label_context(request, p, a))
     progress = store.progress(p.id, user.id)
-    ctx = {"project": p, "progress": progress, "undo_of": undo_target(store, p.id, user.id)}
+    ctx = {"project": p, "progress": progress, "undo_of": store.last_action(p.id, user.id)}
     return render(request, "start.html" if progress["remaining"] else "done.html", ctx)
 
 
@@ -251,7 +210,7 @@ def _undo(request: Request, form: dict, name: str):
     store = store_of(request)
     p = project_or_404(store, name, user)
     try:  # the form names what it undoes (`undo_of`): a second click of the same button changes nothing
-        undo_checked(store, p.id, user.id, undo_of_field(form.get("undo_of")))
+        store.undo(p.id, user.id, undo_of_field(form.get("undo_of")))
     except UndoneAlready:
         pass  # the page shows where the first click left things
     except UndoRefused as e:
