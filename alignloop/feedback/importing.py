@@ -121,6 +121,8 @@ def _json_object(text: str, where: str) -> dict:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise UserError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # Python's limit on integer digits (4300): a number no row needs
+        raise UserError(f"{where}: a number too long to read ({e})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: not valid JSON or not a JSON object (a row is an object of named fields)")
     return obj

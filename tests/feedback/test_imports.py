@@ -77,6 +77,17 @@ def test_deeply_nested_json_is_a_clear_error(store, pw, tmp_path):
         store.import_jsonl("pw", jsonl(tmp_path / "m.jsonl", [deep_meta]))
 
 
+def test_a_number_too_long_to_read_is_a_clear_error(store, pw, tmp_path):
+    """Python refuses integers over 4300 digits (a ValueError, not a JSONDecodeError): review F13."""
+    f = tmp_path / "big.jsonl"
+    f.write_text('{"prompt": "p", "completions": ["a", "b"], "meta": {"x": ' + "9" * 5000 + "}}\n")
+    r = run("import", "--db", db_of(store), "--project", "pw", f)
+    assert r.exit_code == 2 and "big.jsonl line 1: a number too long to read" in r.output
+    assert "Traceback" not in r.output
+    with pytest.raises(UserError, match="up.jsonl line 1: a number too long"):
+        list(importing.rows_from_bytes(f.read_bytes(), "up.jsonl"))
+
+
 @pytest.mark.parametrize("content", [b"", b"\n  \n", b"\xef\xbb\xbf"])
 def test_empty_file_is_an_error(store, pw, tmp_path, content):
     f = tmp_path / "empty.jsonl"
