@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import time
 
@@ -31,6 +32,7 @@ class AccessCache:
     def __init__(self, ttl_s: float = ACCESS_TTL_S):
         self.ttl_s = ttl_s
         self._entries: dict[tuple[int, int], tuple[float, bool]] = {}
+        self._cleared = -math.inf  # time.monotonic() of the last clear
 
     def get(self, project_id: int, labeler_id: int) -> bool | None:
         hit = self._entries.get((project_id, labeler_id))
@@ -38,7 +40,11 @@ class AccessCache:
             return hit[1]
         return None
 
-    def put(self, project_id: int, labeler_id: int, allowed: bool) -> bool:
+    def put(self, project_id: int, labeler_id: int, allowed: bool, read_at: float) -> bool:
+        """Cache an answer read at `read_at` (time.monotonic() before the read), unless a clear came after that
+        read began: the answer may predate an admin's change, so it is used once and not kept."""
+        if read_at <= self._cleared:
+            return allowed
         if len(self._entries) >= ACCESS_CACHE_MAX:  # bounded: drop the oldest entry (dicts keep insertion order)
             # another thread may have emptied or changed it meanwhile: then there is nothing to drop
             with contextlib.suppress(StopIteration, RuntimeError):
@@ -47,7 +53,8 @@ class AccessCache:
         return allowed
 
     def clear(self) -> None:
-        """Forget every answer (an admin changed a project's access or its members)."""
+        """Forget every answer (an admin changed a project's access or its members; called after the COMMIT)."""
+        self._cleared = time.monotonic()
         self._entries.clear()
 
 
@@ -62,12 +69,13 @@ def may_label(s: Session, project_id: int, labeler_id: int, cache: AccessCache) 
     hit = cache.get(project_id, labeler_id)
     if hit is not None:
         return hit
+    read_at = time.monotonic()
     p = s.get(Project, project_id)
     if p is None:
         return False
     role = s.scalar(select(Labeler.role).where(Labeler.id == labeler_id))
     member = s.get(ProjectMember, (project_id, labeler_id)) is not None
-    return cache.put(project_id, labeler_id, _decide((p.settings or {}).get("access"), role, member))
+    return cache.put(project_id, labeler_id, _decide((p.settings or {}).get("access"), role, member), read_at)
 
 
 _SQL_ACCESS = ("SELECT p.settings, l.role, EXISTS (SELECT 1 FROM project_members m WHERE m.project_id = p.id "
@@ -79,12 +87,13 @@ def may_label_sql(conn: sqlite3.Connection, project_id: int, labeler_id: int, ca
     hit = cache.get(project_id, labeler_id)
     if hit is not None:
         return hit
+    read_at = time.monotonic()
     row = conn.execute(_SQL_ACCESS, (project_id, labeler_id)).fetchone()
     if row is None:
         return False
     settings_json, role, member = row
     access = (json.loads(settings_json) if settings_json else {}).get("access")
-    return cache.put(project_id, labeler_id, _decide(access, role, bool(member)))
+    return cache.put(project_id, labeler_id, _decide(access, role, bool(member)), read_at)
 
 
 def members_of(s: Session, project_id: int) -> set[int]:

@@ -13,6 +13,7 @@ The functions here work inside a session the caller opened (`Store` opens it: `s
 """
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import time
@@ -79,6 +80,7 @@ class ProjectInfoCache:
     def __init__(self, ttl_s: float = PROJECT_INFO_TTL_S):
         self.ttl_s = ttl_s
         self._entries: dict[int, tuple[float, ProjectInfo]] = {}
+        self._forgotten: dict[int, float] = {}  # project id -> time.monotonic() of its last `forget`
 
     def get(self, project_id: int) -> ProjectInfo | None:
         """The cached info if it is younger than `ttl_s`, else None."""
@@ -87,12 +89,16 @@ class ProjectInfoCache:
             return hit[1]
         return None
 
-    def put(self, project_id: int, info: ProjectInfo) -> ProjectInfo:
-        self._entries[project_id] = (time.monotonic(), info)
+    def put(self, project_id: int, info: ProjectInfo, read_at: float) -> ProjectInfo:
+        """Cache `info` read at `read_at` (time.monotonic() before the read), unless the project was forgotten
+        after that read began (it may hold the settings from before the change: used once, not kept)."""
+        if read_at > self._forgotten.get(project_id, -math.inf):
+            self._entries[project_id] = (time.monotonic(), info)
         return info
 
     def forget(self, project_id: int) -> None:
-        """Drop the project's entry (its settings changed in this process: read them again at once)."""
+        """Drop the project's entry (its settings changed in this process, after the COMMIT: read them again)."""
+        self._forgotten[project_id] = time.monotonic()
         self._entries.pop(project_id, None)
 
 
@@ -101,10 +107,11 @@ def project_info(s: Session, project_id: int, cache: ProjectInfoCache) -> Projec
     info = cache.get(project_id)
     if info is not None:
         return info
+    read_at = time.monotonic()
     p = s.get(Project, project_id)
     if p is None:
         raise NotFound(f"no project {project_id}")
-    return cache.put(project_id, ProjectInfo.of(p.task_type, p.overlap_k, p.gold_rate, p.settings))
+    return cache.put(project_id, ProjectInfo.of(p.task_type, p.overlap_k, p.gold_rate, p.settings), read_at)
 
 
 # -- projects -----------------------------------------------------------------------------------------------------

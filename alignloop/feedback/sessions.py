@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -122,6 +123,7 @@ class SessionManager:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # refresh runs in worker threads: one writer of `_entries` at a time
         self._refreshing: set[str] = set()  # sessions with a background refresh in flight
+        self._ended: dict[str, float] = {}  # sessions signed out here lately -> time.monotonic() of the sign-out
 
     def start(self, labeler: Labeler) -> str:
         """A new session for `labeler` (a database write: call it off the event loop). Returns its token."""
@@ -129,11 +131,15 @@ class SessionManager:
         return self.store.create_session(labeler.id, now, (now - self.idle_s, now - self.max_s))
 
     def end(self, token: str) -> None:
-        """Sign-out: the session's row is deleted and forgotten here (a database write)."""
+        """Sign-out: the session's row is deleted and forgotten here (a database write). A `refresh` that read the
+        row before the DELETE must not cache it again afterwards: `_ended` remembers when (for two TTLs)."""
         sid = token_id(token)
+        self.store.end_session(sid)
+        now = time.monotonic()
         with self._lock:
             self._entries.pop(sid, None)
-        self.store.end_session(sid)
+            self._ended = {k: t for k, t in self._ended.items() if now - t < 2 * self.cache_ttl_s}
+            self._ended[sid] = now
 
     def cached(self, token: str):
         """The session's labeler from memory, or MISS when only `refresh` can tell (not cached, cached for longer
@@ -241,6 +247,8 @@ class SessionManager:
             e.seen_stored = now if stored else now - self.touch_every_s + TOUCH_RETRY_S
         e.seen = now
         with self._lock:
+            if self._ended.get(sid, -math.inf) >= loaded:  # signed out after this read began: not cached again
+                return None
             self._entries.pop(sid, None)  # re-inserted last: eviction below goes by when an entry was read
             if len(self._entries) >= self.cache_max:
                 del self._entries[next(iter(self._entries))]  # the longest-cached entry; the others stay

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -170,12 +171,13 @@ def _project_info(conn: sqlite3.Connection, project_id: int, cache: ProjectInfoC
     info = cache.get(project_id)
     if info is not None:
         return info
+    read_at = time.monotonic()
     row = conn.execute(SQL_PROJECT, (project_id,)).fetchone()
     if row is None:
         raise NotFound(f"no project {project_id}")
     task_type, overlap_k, gold_rate, settings_json = row
     return cache.put(project_id, ProjectInfo.of(task_type, overlap_k, gold_rate,
-                                                json.loads(settings_json) if settings_json else {}))
+                                                json.loads(settings_json) if settings_json else {}), read_at)
 
 
 def _submit_and_next(conn: sqlite3.Connection, assignment_id: int, labeler_id: int, fields: Mapping[str, Any],

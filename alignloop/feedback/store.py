@@ -163,9 +163,14 @@ class Store:
             yield s
 
     @contextmanager
-    def write(self) -> Iterator[Session]:
-        with self._write_lock, self._write() as s, s.begin():
-            yield s
+    def write(self, after_commit=None) -> Iterator[Session]:
+        """A write transaction under the store's write lock. `after_commit` runs after the COMMIT and before the
+        lock goes to the next writer of this process (clearing a cache there: no writer reads it stale between)."""
+        with self._write_lock:
+            with self._write() as s, s.begin():
+                yield s
+            if after_commit is not None:
+                after_commit()
 
     # -- SQLite: the hot path's connection and WAL checkpoints off the request path --------------------------------
     def _hot_connection(self) -> sqlite3.Connection:
@@ -640,7 +645,11 @@ class Store:
         """Change a project's guidelines and/or settings (checked by `projects.check_settings`; the `gold_seed` is
         kept when not given; `questions` cannot change once the project has judgements). The caches that hold the
         project's rules are cleared here at once; other processes see the change within their TTL."""
-        with self.write() as s:
+        def forget() -> None:
+            self._info.forget(p.id)
+            self._access.clear()
+
+        with self.write(after_commit=forget) as s:
             p = find_project(s, project)
             if guidelines_md is not None:
                 p.guidelines_md = guidelines_md
@@ -654,8 +663,6 @@ class Store:
                         .where(Assignment.project_id == p.id).limit(1)) is not None:
                     raise UserError("settings.questions: cannot change once the project has judgements")
                 p.settings = new
-        self._info.forget(p.id)
-        self._access.clear()
         return p
 
     def project_members(self, project_id: int) -> set[int]:
@@ -665,12 +672,11 @@ class Store:
     def set_project_members(self, project_id: int, labeler_ids: Iterable[int]) -> None:
         """Make exactly these labelers the project's members (who may label it when its access is "members")."""
         ids = set(labeler_ids)
-        with self.write() as s:
+        with self.write(after_commit=self._access.clear) as s:
             known = set(s.scalars(select(Labeler.id).where(Labeler.id.in_(ids)))) if ids else set()
             if ids - known:
                 raise UserError(f"members: no labeler {min(ids - known)}")
             access.set_members(s, project_id, ids)
-        self._access.clear()
 
     def adjudicate(self, project_id: int, item_id: int, admin_id: int, decision: str,
                    fields: Mapping[str, Any] | None = None, note: str = ""):

@@ -341,3 +341,50 @@ def test_a_second_concurrent_undo_of_one_skip_takes_no_second_slot(tmp_path):
             assert (item.n_active, s.get(Assignment, a.id).status) == (1, "assigned")
     finally:
         store.dispose()
+
+
+def test_a_cache_read_that_began_before_an_admins_change_is_not_kept():
+    """F11: an answer read before a clear / forget (the admin's change committed meanwhile) is used once, never
+    cached for the TTL; one read after it is."""
+    from alignloop.feedback.access import AccessCache
+    from alignloop.feedback.projects import ProjectInfo, ProjectInfoCache
+
+    c = AccessCache()
+    before = time.monotonic()
+    c.clear()
+    assert c.put(1, 2, True, before) is True and c.get(1, 2) is None
+    assert c.put(1, 2, False, time.monotonic()) is False and c.get(1, 2) is False
+
+    info = ProjectInfo.of("pairwise", 2, 0.0, {})
+    pc = ProjectInfoCache()
+    before = time.monotonic()
+    pc.forget(7)
+    assert pc.put(7, info, before) is info and pc.get(7) is None
+    pc.put(8, info, before)  # another project's forget does not matter
+    assert pc.get(8) is info
+    pc.put(7, info, time.monotonic())
+    assert pc.get(7) is info
+
+
+def test_a_sign_out_during_a_session_read_is_not_undone_by_it(tmp_path):
+    """F11: a refresh that read the session row before the sign-out's DELETE must not cache it afterwards."""
+    from alignloop.feedback.sessions import MISS, SessionManager
+
+    store = Store(str(tmp_path / "s.db"))
+    try:
+        lab = store.add_labeler("ann", PASSWORD)
+        m = SessionManager(store, cache_ttl_s=60)
+        tok = m.start(lab)
+        real = store.load_session
+
+        def load_then_sign_out(sid):
+            found = real(sid)  # the row as it was
+            m.end(tok)         # the sign-out lands while this read is in flight
+            return found
+
+        store.load_session = load_then_sign_out
+        assert m.refresh(tok) is None
+        store.load_session = real
+        assert m.cached(tok) is MISS and m.refresh(tok) is None
+    finally:
+        store.dispose()
