@@ -64,6 +64,17 @@ def _add_labeler(request: Request, form: dict):
     return RedirectResponse("/admin", status_code=303)
 
 
+def _on_labeler(request: Request, form: dict, lid: int):
+    """An admin's form about labeler `lid`: (the admin, the store) once the admin, the CSRF token and the labeler
+    are checked (403 / 404 otherwise)."""
+    admin = require_admin(request)
+    check_csrf(request, form)
+    store = store_of(request)
+    if store.get_labeler(lid) is None:
+        raise HTTPError(404, f"no labeler {lid}")
+    return admin, store
+
+
 @router.post("/admin/labelers/{lid}/attributes")
 async def set_attributes(request: Request, lid: int):
     form = await read_form(request)
@@ -72,11 +83,7 @@ async def set_attributes(request: Request, lid: int):
 
 def _set_attributes(request: Request, form: dict, lid: int):
     """Replace a labeler's attributes with the form's lines (`name=value` each; empty: none)."""
-    require_admin(request)
-    check_csrf(request, form)
-    store = store_of(request)
-    if store.get_labeler(lid) is None:
-        raise HTTPError(404, f"no labeler {lid}")
+    _, store = _on_labeler(request, form, lid)
     text = str(form.get("attributes", ""))
     try:
         store.set_labeler_attributes(lid, parse_attributes(text.splitlines(), "attributes:"))
@@ -93,11 +100,7 @@ async def set_active(request: Request, lid: int):
 
 def _set_active(request: Request, form: dict, lid: int):
     """Deactivate (`active=0`: signed out everywhere at once, `Store.set_active`) or reactivate a labeler."""
-    admin = require_admin(request)
-    check_csrf(request, form)
-    store = store_of(request)
-    if store.get_labeler(lid) is None:
-        raise HTTPError(404, f"no labeler {lid}")
+    admin, store = _on_labeler(request, form, lid)
     active = str(form.get("active", "")) == "1"
     if lid == admin.id and not active:
         return _admin_home(request, {f"labeler_{lid}": "you cannot deactivate yourself"}, {}, 422)
@@ -113,11 +116,7 @@ async def reset_password(request: Request, lid: int):
 
 def _reset_password(request: Request, form: dict, lid: int):
     """Set a new password (the password rules apply; the labeler's sessions end, `Store.set_password`)."""
-    require_admin(request)
-    check_csrf(request, form)
-    store = store_of(request)
-    if store.get_labeler(lid) is None:
-        raise HTTPError(404, f"no labeler {lid}")
+    _, store = _on_labeler(request, form, lid)
     try:
         store.set_password(lid, str(form.get("password", "")))
     except UserError as e:
