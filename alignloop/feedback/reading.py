@@ -64,7 +64,7 @@ def current_judgement(s: Session, assignment_id: int) -> Judgement | None:
                     .order_by(Judgement.version.desc()).limit(1))
 
 
-def _latest_versions(labeler_id: int | None = None):
+def latest_versions(labeler_id: int | None = None):
     """Subquery (assignment_id, v): the current (highest) version of each judged assignment."""
     q = select(Judgement.assignment_id, func.max(Judgement.version).label("v"))
     if labeler_id is not None:
@@ -74,7 +74,7 @@ def _latest_versions(labeler_id: int | None = None):
 
 def labeler_history(s: Session, project_id: int, labeler_id: int, limit: int = 200) -> list[dict]:
     """The labeler's current judgements in the project, newest first: `{"judgement", "assignment"}`."""
-    latest = _latest_versions(labeler_id)
+    latest = latest_versions(labeler_id)
     rows = s.execute(select(Judgement, Assignment).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
         .join(Assignment, Assignment.id == Judgement.assignment_id)
@@ -151,7 +151,7 @@ def current_judgements(s: Session, project_id: int) -> list[dict]:
     (`version`, `shown_order`, `choice`, `strength`, `picked_position`, `ranking`, `thumbs`, `likert`, `step_labels`,
     `flags`, `comment`, `time_spent_ms`, `details`: an AI judgement's evidence, else None, `answers`: a
     several-question judgement's answers, else None)."""
-    latest = _latest_versions()
+    latest = latest_versions()
     rows = s.execute(select(Judgement, Labeler, Item).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
         .join(Assignment, Assignment.id == Judgement.assignment_id)

@@ -35,7 +35,7 @@ from .models import (
     Project,
     Prompt,
 )
-from .reading import _latest_versions
+from .reading import latest_versions
 from .validation import validate_submission
 
 MAX_NOTE_CHARS = 2000
@@ -126,7 +126,7 @@ def item_review(s: Session, project_id: int, item_id: int) -> dict:
         raise NotFound(f"no item {item_id} in this project")
     prompt = s.get(Prompt, item.prompt_id)
     comps = {c.id: c for c in s.scalars(select(Completion).where(Completion.id.in_(item.completion_ids)))}
-    latest = _latest_versions()  # the current version of each judgement, as export reads them
+    latest = latest_versions()  # the current version of each judgement, as export reads them
     judged = s.execute(select(Judgement, Labeler, Assignment).join(
         latest, (Judgement.assignment_id == latest.c.assignment_id) & (Judgement.version == latest.c.v))
         .join(Labeler, Labeler.id == Judgement.labeler_id).join(Assignment, Assignment.id == Judgement.assignment_id)
