@@ -46,6 +46,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, step_aggregation, go
     if tally:
         if not human_db:
             raise UserError("--tally needs --human-db (and --human-project)")
+        from alignloop.feedback.importing import comparable_completions  # noqa: PLC0415 - web extra, as below
         from alignloop.feedback.store import Store  # noqa: PLC0415 - the web extra: only --human-db needs it
 
         store = Store(human_db, create=False)
@@ -80,6 +81,7 @@ def eval_cmd(policy, reference, prompts_file, reward_model, step_aggregation, go
         write_rows(rows, Path(out))
         Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
     if human_db:
+        from alignloop.feedback.importing import comparable_completions  # noqa: PLC0415 - web extra, as below
         from alignloop.feedback.store import Store  # noqa: PLC0415 - the web extra: only --human-db needs it
 
         store = Store(human_db)
@@ -92,7 +94,9 @@ def eval_cmd(policy, reference, prompts_file, reward_model, step_aggregation, go
             rows = [{"prompt": p, "completions": [
                 {"text": a, "model": policy, "params": {"eval_role": "policy"}},
                 {"text": b, "model": reference, "params": {"eval_role": "reference"}}]}
-                for p, a, b in zip(s.prompts, s.responses, ref.responses, strict=True) if a != b]
+                for p, a, b in zip(s.prompts, s.responses, ref.responses, strict=True)]
+            # an empty answer, or both the same: nothing for a person to compare (the import refuses them)
+            rows = [r for r in comparable_completions(rows)[0] if len(r["completions"]) == 2]
             res = store.import_records(human_project, rows)
             summary["human"] = {"db": human_db, "project": human_project, "items": res.items,
                                 "next": f"alignloop feedback serve --db {human_db}; then alignloop eval --tally "

@@ -184,7 +184,10 @@ def import_cmd(db, project, project_id, files, model):
 def sample(db, project, project_id, prompts_file, model, n, max_new_tokens, temperature, top_p, top_k, batch_size,
            seed, out):
     """Sample N completions per prompt with a model and import them."""
-    from alignloop.feedback.importing import read_jsonl  # noqa: PLC0415 - web extra (SQLAlchemy), optional
+    from alignloop.feedback.importing import (  # noqa: PLC0415 - web extra (SQLAlchemy), optional
+        comparable_completions,
+        read_jsonl,
+    )
     from alignloop.feedback.sampling import sample_records  # noqa: PLC0415 - heavy (torch, transformers)
 
     if n < 1:
@@ -203,13 +206,7 @@ def sample(db, project, project_id, prompts_file, model, n, max_new_tokens, temp
         if not recs:
             raise UserError(f"every one of the {empty} samples is empty (no step to rate); nothing imported")
     else:  # an empty sample, or one equal to another of its prompt, has nothing to compare (the import refuses it)
-        n = sum(len(r["completions"]) for r in recs)
-        def text(c):
-            return c["text"] if isinstance(c, dict) else c
-        recs = [{**r, "completions": list({text(c): c for c in r["completions"] if text(c).strip()}.values())}
-                for r in recs]
-        recs = [r for r in recs if r["completions"]]
-        empty = n - sum(len(r["completions"]) for r in recs)
+        recs, empty = comparable_completions(recs)
     if out:
         write_rows(recs, out)
     r = store.import_records(p.id, recs)

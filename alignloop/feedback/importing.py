@@ -205,6 +205,20 @@ def _check_texts(completions: list[dict], where: str, first: int = 0) -> None:
         seen[c["text"]] = first + i
 
 
+def comparable_completions(rows: list[dict]) -> tuple[list[dict], int]:
+    """Sampled rows made importable: each row's empty and repeated completions left out (`_check_texts` refuses
+    them; a model may well sample an empty or the same text twice), rows left with none dropped. Returns (rows,
+    how many completions were left out). For whoever imports samples: `feedback sample`, the pipeline, `eval`."""
+    def text(c) -> str:
+        return c["text"] if isinstance(c, dict) else c
+
+    n = sum(len(r["completions"]) for r in rows)
+    kept = [{**r, "completions": list({text(c): c for c in r["completions"] if text(c).strip()}.values())}
+            for r in rows]
+    kept = [r for r in kept if r["completions"]]
+    return kept, n - sum(len(r["completions"]) for r in kept)
+
+
 def _check_nesting(value: Any, where: str, name: str) -> None:
     """A free-form field (meta, params) nested at most MAX_NESTING deep (checked without recursion)."""
     stack = [(value, 1)]

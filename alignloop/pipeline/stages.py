@@ -24,6 +24,7 @@ from alignloop.errors import ConfigError, UserError
 from alignloop.evaluation import best_of_n, first_of_each, load_policy, mean, sample_policy, score, summarize
 from alignloop.feedback import quality
 from alignloop.feedback.export import ExportOptions, export_records
+from alignloop.feedback.importing import comparable_completions
 from alignloop.feedback.store import Store
 from alignloop.models import load_causal_lm
 from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
@@ -75,8 +76,8 @@ def threshold_settings(fb: FeedbackSettings) -> dict:
 def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int, policy: str,
                  train_prompts: list[str]) -> dict:
     """K completions for `feedback.num_prompts` prompts from `policy`, imported into the store as a project of
-    `feedback.task_type` (pairwise or thumbs; identical completions are kept once: they make an uninformative pair,
-    or the same item twice)."""
+    `feedback.task_type` (pairwise or thumbs; empty samples are left out and identical ones kept once: they make
+    an uninformative pair, or the same item twice; `samples_left_out` counts them)."""
     fb = cfg.feedback
     prompts = list(train_prompts)
     random.Random(fb.seed + round_).shuffle(prompts)
@@ -84,10 +85,9 @@ def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int,
     model, tok = load_policy(policy)
     K = fb.completions_per_prompt
     s = sample_policy(model, tok, prompts, K, fb.max_new_tokens, fb.temperature, seed=fb.seed + 100 * round_)
-    rows = []
-    for i, p in enumerate(prompts):
-        texts = list(dict.fromkeys(s.responses[i * K:(i + 1) * K]))
-        rows.append({"prompt": p, "completions": [{"text": t, "model": policy} for t in texts]})
+    rows = [{"prompt": p, "completions": [{"text": t, "model": policy} for t in s.responses[i * K:(i + 1) * K]]}
+            for i, p in enumerate(prompts)]
+    rows, left_out = comparable_completions(rows)  # empty or repeated samples: nothing to judge
     write_rows(rows, run.samples(round_))
     project = run.project(round_)
     store = Store(str(run.feedback_db))
@@ -100,7 +100,7 @@ def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int,
     finally:
         store.dispose()
     return {"project": project, "prompts": res.prompts, "completions": res.completions, "items": res.items,
-            "policy": policy}
+            "policy": policy, "samples_left_out": left_out}
 
 
 THUMBS_GUIDELINES = "# Is this completion good?\nThumbs up if it answers the prompt well, thumbs down if not."

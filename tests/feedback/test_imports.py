@@ -412,3 +412,15 @@ def test_a_lone_surrogate_is_an_error_naming_the_line(store, pw, tmp_path):
     r = run("import", "--db", db_of(store), "--project", "pw", f)
     assert r.exit_code == 2 and "sur.jsonl line 2: a string holds a lone surrogate" in r.output
     assert "Traceback" not in r.output and counts(store, pw.id) == (0, 0)
+
+
+def test_comparable_completions_leaves_out_empty_and_repeated_samples():
+    """What the pipeline, `eval --human-db` and `feedback sample` import from a model's samples: an empty (or
+    blank) sample and a repeat of another of its prompt are left out and counted; a row left with none goes."""
+    rows = [{"prompt": "p", "completions": ["a", "", "a", {"text": "b", "model": "m"}]},
+            {"prompt": "q", "completions": [" ", ""]},
+            {"prompt": "r", "completions": ["x"]}]
+    kept, left_out = importing.comparable_completions(rows)
+    assert kept == [{"prompt": "p", "completions": ["a", {"text": "b", "model": "m"}]},
+                    {"prompt": "r", "completions": ["x"]}]
+    assert left_out == 4
