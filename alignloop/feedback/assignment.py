@@ -57,9 +57,13 @@ class ExpiryClock:
 
 def open_assignment(s: Session, project_id: int, labeler_id: int) -> Assignment | None:
     """The labeler's oldest open assignment in the project (with its item loaded), if any."""
+    return _oldest_with_status(s, project_id, labeler_id, "assigned")
+
+
+def _oldest_with_status(s: Session, project_id: int, labeler_id: int, status: str) -> Assignment | None:
     a = s.scalar(select(Assignment).where(
         Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
-        Assignment.status == "assigned").order_by(Assignment.id).limit(1))
+        Assignment.status == status).order_by(Assignment.id).limit(1))
     if a is not None:
         a.item  # noqa: B018 - load it while the session is open
     return a
@@ -207,12 +211,7 @@ class UndoRefused(UserError):
 
 def reopened_assignment(s: Session, project_id: int, labeler_id: int) -> Assignment | None:
     """The labeler's judged assignment that undo reopened for editing in this project, if any (item loaded)."""
-    a = s.scalar(select(Assignment).where(
-        Assignment.labeler_id == labeler_id, Assignment.project_id == project_id,
-        Assignment.status == "reopened").order_by(Assignment.id).limit(1))
-    if a is not None:
-        a.item  # noqa: B018 - load it while the session is open
-    return a
+    return _oldest_with_status(s, project_id, labeler_id, "reopened")
 
 
 class UndoneAlready(UndoRefused):

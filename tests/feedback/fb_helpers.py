@@ -64,9 +64,10 @@ def uniq(prefix):
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
 
-def login(browser, base, username, js=True):
-    """A new browser context signed in as `username` (PASSWORD): (context, page) on the home page."""
-    ctx = browser.new_context(java_script_enabled=js, viewport={"width": 1280, "height": 900})
+def login(browser, base, username, js=True, **context):
+    """A new browser context signed in as `username` (PASSWORD): (context, page) on the home page. `context`:
+    more `browser.new_context` options (a viewport, is_mobile, ...)."""
+    ctx = browser.new_context(**{"java_script_enabled": js, "viewport": {"width": 1280, "height": 900}, **context})
     page = ctx.new_page()
     page.goto(base + "/")
     page.fill("input[name=username]", username)
@@ -92,3 +93,11 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def api_login(make_client, user: str = "ann"):
+    """A test client signed in through the JSON API: (client, headers carrying its CSRF token)."""
+    c = make_client()
+    r = c.post("/api/login", json={"username": user, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return c, {"X-CSRF-Token": r.json()["csrf_token"]}

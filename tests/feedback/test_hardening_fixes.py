@@ -9,7 +9,7 @@ import sqlite3
 import time
 
 import pytest
-from fb_helpers import PASSWORD, SECRET, csrf_of, field_of, label_page
+from fb_helpers import PASSWORD, SECRET, api_login, csrf_of, field_of, label_page
 from sqlalchemy import select
 
 from alignloop.feedback.models import Assignment, Judgement, Labeler, Project
@@ -30,10 +30,8 @@ def thumbs(store):
 
 
 def _api(make_client, user="ann"):
-    c = make_client()
-    r = c.post("/api/login", json={"username": user, "password": PASSWORD})
-    assert r.status_code == 200, r.text
-    return c, {"X-CSRF-Token": r.json()["csrf_token"], "content-type": "application/json"}
+    c, headers = api_login(make_client, user)
+    return c, {**headers, "content-type": "application/json"}
 
 
 def _judgements(store):

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from fb_helpers import PASSWORD, assignment_of, csrf_of, field_of, label_page
+from fb_helpers import PASSWORD, api_login, assignment_of, csrf_of, field_of, label_page
 from sqlalchemy import func, select
 
 from alignloop.feedback.assignment import gold_seed, is_gold_turn
@@ -46,11 +46,7 @@ def flow(store):
     return store
 
 
-def _api(make_client, user="ann"):
-    c = make_client()
-    r = c.post("/api/login", json={"username": user, "password": PASSWORD})
-    assert r.status_code == 200, r.text
-    return c, {"X-CSRF-Token": r.json()["csrf_token"]}
+_api = api_login
 
 
 # -- no state change on GET ---------------------------------------------------------------------------------------

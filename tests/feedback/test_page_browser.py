@@ -194,13 +194,7 @@ def test_layout_wide_and_390px_with_sticky_controls(server, browser, shots):
     page.screenshot(path=str(shots / "label_1280_full.png"), full_page=True)
     ctx.close()
 
-    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-    page = ctx.new_page()
-    page.goto(base + "/")
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(base + "/")
+    ctx, page = _login(browser, base, user, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     _open(page, base, proj)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert page.evaluate("document.getElementById('guidelines-panel').open") is False  # folded on a phone
