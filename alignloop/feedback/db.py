@@ -27,7 +27,7 @@ from .errors import DatabaseBusy, WouldBlock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _log = logging.getLogger(__name__)
-HEAD = "0006"  # the newest revision in migrations/versions (tests/feedback/test_store.py checks it against Alembic)
+HEAD = "0007"  # the newest revision in migrations/versions (tests/feedback/test_store.py checks it against Alembic)
 
 
 def normalise_url(db: str) -> str:

@@ -1,7 +1,7 @@
 """The feedback store's schema (SQLAlchemy 2 declarative). Alembic migrations in `migrations/` create it.
 
 Tables: projects, prompts, completions, items, labelers, assignments, judgements, sessions, project_members,
-adjudications.
+adjudications, demonstration_reviews, conversations, conversation_turns.
 
 * An **item** is what one labeler judges once: a prompt plus the completions shown (2 for pairwise, K for rank,
   1 for thumbs / Likert), in a canonical order `completion_ids` (position 0 is "A"). A steps item is one solution:
@@ -19,6 +19,15 @@ adjudications.
 * A project may ask several **questions** of each pairwise item (its `questions` setting, `questions.py`): a
   judgement then keeps every answer in `Judgement.answers` ({name: {choice, strength, picked_position}}) and the
   first question's answer in the usual columns too, so quality and agreement read it as a one-question judgement.
+* A **demonstration** project (migration 0007): an item is a prompt, with one sampled completion when the labeler
+  edits a model's answer (`completion_ids` = [original]) or none when they write from scratch; the labeler's
+  response is `Judgement.text` (an edit is a new version, as for every judgement). An admin accepts or rejects each
+  demonstration with a note (`DemonstrationReview`, append-only, of one judgement version: the newest row counts).
+* A **conversation** project (migration 0007): an item is an opening prompt; its assignment owns one
+  `Conversation`, whose `ConversationTurn`s each hold the messages so far (`context`), two candidate next messages
+  generated in the background (`candidates`, canonical order; `shown_order` says which is shown as A), the
+  labeler's choice on the 8-point scale (1 = "A is much better" .. 8 = "B is much better") and the chosen
+  candidate. Ending the conversation stores a judgement with `likert` = the 1-7 rating and the comment.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from alignloop.data import STRENGTH_MARGINS
 
-TASK_TYPES = ("pairwise", "rank", "thumbs", "likert", "steps")
+TASK_TYPES = ("pairwise", "rank", "thumbs", "likert", "steps", "demonstration", "conversation")
 ROLES = ("admin", "labeler")
 LABELER_KINDS = ("human", "ai")
 PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
@@ -40,6 +49,15 @@ PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
 STRENGTHS = tuple(STRENGTH_MARGINS["small"])
 # A steps judgement rates every step of a solution: +1 good, 0 neutral, -1 bad (PRM800K's labels). The form's names.
 STEP_LABEL_NAMES = {"good": 1, "neutral": 0, "bad": -1}
+# A conversation turn's 8-point choice (Anthropic's interface, Bai et al. 2022): 1 = A much better .. 4 = A negligibly
+# better | 5 = B negligibly better .. 8 = B much better. No middle: one of the two is always chosen. The strength of
+# each point is a name of the data contract's strength table (`alignloop.data.strength_to_margin` gives the margin).
+CONVERSATION_SCALE = (1, 2, 3, 4, 5, 6, 7, 8)
+SCALE_STRENGTHS = {1: "significantly_better", 2: "better", 3: "slightly_better", 4: "negligibly_better",
+                   5: "negligibly_better", 6: "slightly_better", 7: "better", 8: "significantly_better"}
+TURN_STATUSES = ("pending", "ready", "failed", "chosen")
+CONVERSATION_STATUSES = ("open", "ended")
+REVIEW_DECISIONS = ("accept", "reject")
 
 
 PROJECT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # projects.check_project_name's characters
@@ -178,6 +196,8 @@ class Judgement(Base):
     details: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     # a several-question project's answers {question name: {choice, strength, picked_position}}; NULL otherwise
     answers: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    # a demonstration's written (or edited) response; NULL for every other task (migration 0007)
+    text: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (UniqueConstraint("assignment_id", "version", name="uq_judgement_assignment_version"),)
 
 
@@ -215,3 +235,59 @@ class Adjudication(Base):
     note: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     __table_args__ = (Index("ix_adjudications_item", "item_id", "id"),)
+
+
+class DemonstrationReview(Base):
+    """An admin's decision on one demonstration (a judgement version), append-only: the newest row per judgement
+    counts (migration 0007). "accept" or "reject", with a note the labeler can read."""
+    __tablename__ = "demonstration_reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    judgement_id: Mapped[int] = mapped_column(ForeignKey("judgements.id", ondelete="CASCADE"), nullable=False)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False)
+    decision: Mapped[str] = mapped_column(String(20), nullable=False)
+    note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    __table_args__ = (Index("ix_demonstration_reviews_judgement", "judgement_id", "id"),)
+
+
+class Conversation(Base):
+    """A labeler's conversation with the served model: one per assignment of a conversation project (migration
+    0007). `revision` goes up with every change, so a second tab can tell that its page is stale."""
+    __tablename__ = "conversations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"), nullable=False,
+                                               unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id", ondelete="CASCADE"), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="open")  # open | ended
+    rating: Mapped[int | None] = mapped_column(Integer)  # 1..7 when ended
+    comment: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    __table_args__ = (Index("ix_conversations_project", "project_id", "status"),)
+
+
+class ConversationTurn(Base):
+    """One turn: the messages so far (`context`, ending with the user's message) and two candidate next messages.
+    status: pending (generating) -> ready (both candidates stored) -> chosen; or failed (`error` says why; a retry
+    sets it pending again and counts in `attempts`)."""
+    __tablename__ = "conversation_turns"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False)
+    idx: Mapped[int] = mapped_column(Integer, nullable=False)  # 0, 1, ... within the conversation
+    context: Mapped[list] = mapped_column(JSON, nullable=False)  # [{"role", "content"}], last = the user's message
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="pending")
+    # [{"text", "model", "params", "stopped"}] x 2 in canonical order (candidate 0 = model 0's / the first sample)
+    candidates: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
+    shown_order: Mapped[list] = mapped_column(JSON, nullable=False)  # [0, 1] or [1, 0]: canonical index shown as A, B
+    choice: Mapped[int | None] = mapped_column(Integer)  # 1..8 on the screen's scale (A/B as shown)
+    chosen: Mapped[int | None] = mapped_column(Integer)  # canonical index of the chosen candidate
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    gen_ms: Mapped[int | None] = mapped_column(Integer)  # how long the generation took
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    chosen_at: Mapped[datetime | None] = mapped_column(DateTime)
+    __table_args__ = (UniqueConstraint("conversation_id", "idx", name="uq_conversation_turn_idx"),)
