@@ -32,6 +32,17 @@ The steps are stored as the item's completions, in order (a step: a non-empty st
 "\n"; at most the project's `max_steps`, default 100). `labels` (+1 / 0 / -1 or true / false per step) are the gold
 answer of a gold row (`"gold": true`, or `"gold": {"labels": [...]}`); a non-gold row's labels are not imported
 (counted in a warning). Rows with the same prompt (or `id`) share one prompt row.
+
+A demonstration or conversation project imports prompts (`parse_prompt_rows`), one item per row:
+
+    {"prompt": "Write a haiku about rain"}                                 # demonstration: written from scratch
+    {"prompt": [...messages...], "completion": "a sampled answer to edit"}  # demonstration: ONE original, edited
+    {"prompt": "Plan a trip to Kyoto"}                                     # conversation: the opening message
+
+A demonstration row may carry one sampled answer (`completion`, or `completions` with exactly one), which the labeler
+edits (the original is kept: `completion_ids` = [original]); without one the labeler writes from scratch
+(`completion_ids` = []). A conversation row is the opening only: a string (one user message) or messages ending with
+a user message; completions there are an error naming the line (the served model answers).
 """
 from __future__ import annotations
 
@@ -374,6 +385,42 @@ def parse_step_rows(rows: Iterable[dict], model: str | None = None,
     return _finish(groups, pace)
 
 
+PROMPT_TASKS = ("demonstration", "conversation")  # projects whose rows are prompts (an optional original answer)
+
+
+def parse_prompt_rows(rows: Iterable[dict], task_type: str, model: str | None = None,
+                      pace: Callable[[], None] = lambda: None) -> list[dict]:
+    """Check demonstration / conversation rows (see the module docstring): one group per row, `completions` [] or
+    [the original to edit]; rows repeating an earlier one (same id, or same content without id) are counted."""
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        pace()
+        where, msgs, is_chat, row_key, meta = _row_start(row, i)
+        if row.get("gold") is not None:
+            raise UserError(f"{where}: 'gold' is not used by a {task_type} project (there is no known answer)")
+        given = "completions" in row or "completion" in row
+        if task_type == "conversation":
+            if given:
+                raise UserError(f"{where}: a conversation project imports prompts only (the opening of the "
+                                "conversation); the served model writes the answers: remove 'completion(s)'")
+            if msgs[-1]["role"] != "user":
+                raise UserError(f"{where}: a conversation's opening must end with a user message (the model "
+                                f"answers it), not a {msgs[-1]['role']!r} message")
+            cs = []
+        else:
+            cs = _row_completions(row, where, model) if given else []
+            if len(cs) > 1:
+                raise UserError(f"{where}: a demonstration row takes at most ONE sampled answer to edit "
+                                f"('completion'), got {len(cs)}")
+            for c in cs:
+                _check_nesting(c["params"], where, "params")
+            _check_texts(cs, where)
+        g = {"messages": msgs, "is_chat": is_chat, "completions": cs, "gold": None, "meta": dict(meta),
+             "where": where, "key": row_key, "own": True, "repeats": 0}
+        _add_own(groups, row_key or ("row", i), g)
+    return _finish(groups, pace)
+
+
 def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None,
                pace: Callable[[], None] = lambda: None) -> list[dict]:
     """Check the rows and group them: one group `{"messages", "is_chat", "completions", "gold", "meta", "where",
@@ -382,6 +429,8 @@ def parse_rows(rows: Iterable[dict], task_type: str, model: str | None = None,
     `parse_step_rows`. `pace` is called once per row (see Pacer)."""
     if task_type == "steps":
         return parse_step_rows(rows, model, pace)
+    if task_type in PROMPT_TASKS:
+        return parse_prompt_rows(rows, task_type, model, pace)
     groups: dict = {}
     for i, row in enumerate(rows):
         pace()
@@ -452,6 +501,8 @@ def item_completions(p: Project, ids: list[int], where: str) -> list[list[int]]:
         if len(ids) > max_k:
             raise UserError(f"{where}: {len(ids)} completions; a rank item shows at most {max_k}")
         return [ids]
+    if p.task_type in PROMPT_TASKS:  # one item per prompt: its original answer (demonstration) or none
+        return [list(ids)]
     return [[i] for i in ids]
 
 

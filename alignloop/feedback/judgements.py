@@ -76,7 +76,7 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
         raise NotFound(f"no assignment {assignment_id}")
     rules = project_info(s, a.project_id, info)
     canon = validate_submission(rules.task_type, a.shown_order, fields, rules.flag_names, rules.questions,
-                                rules.allow_ties, rules.strength_required)
+                                rules.allow_ties, rules.strength_required, rules.min_chars, rules.max_chars)
     last = 0 if a.status == "assigned" else (  # first judgement of an open assignment: version 1
         s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0)
     now = utcnow()

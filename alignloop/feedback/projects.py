@@ -30,6 +30,7 @@ from .errors import NotFound
 from .models import PROJECT_NAME_RE, ROLES, TASK_TYPES, Labeler, Project
 from .questions import DEFAULT_QUESTION, check_questions, names_of
 from .security import check_new_password, hash_password, verify_password
+from .validation import DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS
 
 DEFAULT_FLAGS = [  # InstructGPT-style metadata (Ouyang et al. 2022, appendix B); key = keyboard shortcut
     {"name": "fails_instruction", "label": "Fails to follow the instruction", "key": "i"},
@@ -64,13 +65,16 @@ class ProjectInfo:
     questions: tuple[str, ...] = (DEFAULT_QUESTION["name"],)
     allow_ties: bool = True  # settings.allow_ties: pairwise tie / both bad and equal ranks (validation.py)
     strength_required: bool = True  # settings.strength_required: a pairwise pick needs a strength
+    min_chars: int = DEFAULT_MIN_CHARS  # a demonstration's text: settings.min_chars .. settings.max_chars
+    max_chars: int = DEFAULT_MAX_CHARS
 
     @classmethod
     def of(cls, task_type: str, overlap_k: int, gold_rate: float, settings: dict | None) -> ProjectInfo:
         settings = settings or {}
         return cls(task_type, [f["name"] for f in settings.get("flags", DEFAULT_FLAGS)], overlap_k, gold_rate,
                    settings.get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S), names_of(settings),
-                   settings.get("allow_ties", True) is not False, settings.get("strength_required", True) is not False)
+                   settings.get("allow_ties", True) is not False, settings.get("strength_required", True) is not False,
+                   settings.get("min_chars", DEFAULT_MIN_CHARS), settings.get("max_chars", DEFAULT_MAX_CHARS))
 
 
 class ProjectInfoCache:
@@ -116,8 +120,17 @@ def project_info(s: Session, project_id: int, cache: ProjectInfoCache) -> Projec
 
 # -- projects -----------------------------------------------------------------------------------------------------
 ACCESS_MODES = ("all", "members")  # settings.access: every labeler may label, or only the project's members
+# the settings of one task type only: another task type's project refuses them (a conversation's `models` on a
+# pairwise project would be silently ignored otherwise)
+TASK_SETTING_KEYS = {"demonstration": ("min_chars", "max_chars"),
+                     "conversation": ("models", "generation", "max_turns", "open_start")}
 _SETTING_KEYS = ("flags", "assignment_timeout_s", "max_rank_k", "max_steps", "thresholds", "questions", "access",
-                 "allow_ties", "strength_required", "min_labels", "gold_seed")
+                 "allow_ties", "strength_required", "min_labels", "gold_seed",
+                 *(k for keys in TASK_SETTING_KEYS.values() for k in keys))
+# a conversation's sampling parameters (settings.generation) and their defaults
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8, "top_p": 1.0, "top_k": 0}
+DEFAULT_MAX_TURNS = 10
+MAX_MODEL_NAME_CHARS = 300
 _FLAG_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -157,6 +170,59 @@ def check_settings(task_type: str, settings: Mapping[str, Any] | None, overlap_k
         out["thresholds"] = _check_thresholds(out["thresholds"])
     if "questions" in out:
         out["questions"] = check_questions(out["questions"], task_type)
+    _check_task_settings(task_type, out)
+    return out
+
+
+def _check_task_settings(task_type: str, out: dict) -> None:
+    """The demonstration and conversation settings (design of issue 17), in place; another task's key is refused."""
+    for other, keys in TASK_SETTING_KEYS.items():
+        given = [k for k in keys if k in out]
+        if other != task_type and given:
+            raise UserError(f"settings.{given[0]}: a setting of {other} projects, not of a {task_type} project")
+    _check_int(out, "min_chars", 1, 100000)
+    _check_int(out, "max_chars", 1, 1000000)
+    if out.get("min_chars", DEFAULT_MIN_CHARS) > out.get("max_chars", DEFAULT_MAX_CHARS):
+        raise UserError(f"settings.min_chars: {out.get('min_chars', DEFAULT_MIN_CHARS)} is more than settings."
+                        f"max_chars ({out.get('max_chars', DEFAULT_MAX_CHARS)})")
+    _check_int(out, "max_turns", 1, 100)
+    if "open_start" in out and not isinstance(out["open_start"], bool):
+        raise UserError(f"settings.open_start: true or false, got {out['open_start']!r}")
+    if "models" in out:
+        models = out["models"]
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list) or not 1 <= len(models) <= 2 or not all(
+                isinstance(m, str) and m.strip() and len(m) <= MAX_MODEL_NAME_CHARS for m in models):
+            raise UserError("settings.models: a list of 1 or 2 model paths or hub ids (non-empty texts; 1 model = "
+                            f"two samples of it, 2 models = one answer of each), got {out['models']!r}")
+        out["models"] = [m.strip() for m in models]
+    if "generation" in out:
+        out["generation"] = check_generation(out["generation"])
+
+
+def check_generation(gen: Any) -> dict:
+    """A conversation's sampling parameters (settings.generation), defaults filled in: `max_new_tokens` 1..4096,
+    `temperature` 0..5, `top_p` in (0, 1], `top_k` >= 0 (0 = off)."""
+    if not isinstance(gen, Mapping):
+        raise UserError(f"settings.generation: an object of sampling parameters "
+                        f"({', '.join(GENERATION_DEFAULTS)}), got {gen!r}")
+    unknown = sorted(set(gen) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise UserError(f"settings.generation.{unknown[0]}: unknown (known: {', '.join(GENERATION_DEFAULTS)})")
+    out = {**GENERATION_DEFAULTS, **gen}
+
+    def number(name: str, ok, what: str, integer: bool = False) -> None:
+        v = out[name]
+        kind = int if integer else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind) or v != v or not ok(v):
+            raise UserError(f"settings.generation.{name}: {what}, got {v!r}")
+        out[name] = int(v) if integer else float(v)
+
+    number("max_new_tokens", lambda v: 1 <= v <= 4096, "a whole number from 1 to 4096", integer=True)
+    number("temperature", lambda v: 0 <= v <= 5, "a number from 0 to 5")
+    number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    number("top_k", lambda v: v >= 0, "a whole number >= 0 (0 = off)", integer=True)
     return out
 
 

@@ -44,8 +44,8 @@ SQL_ASSIGNMENT = ("SELECT item_id, labeler_id, project_id, status, shown_order, 
 SQL_PROJECT = "SELECT task_type, overlap_k, gold_rate, settings FROM projects WHERE id = ?"
 SQL_INS_JUDGEMENT = ("INSERT INTO judgements (assignment_id, item_id, labeler_id, version, shown_order, choice, "
                      "strength, picked_position, ranking, thumbs, likert, step_labels, flags, comment, "
-                     "time_spent_ms, idempotency_key, created_at, answers) "
-                     "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                     "time_spent_ms, idempotency_key, created_at, answers, text) "
+                     "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_ASSIGNMENT_DONE = "UPDATE assignments SET status = 'done', completed_at = ? WHERE id = ?"
 SQL_ITEM_DONE = "UPDATE items SET n_done = n_done + 1 WHERE id = ?"
 SQL_OPEN = ("SELECT a.id, a.item_id, a.is_gold, a.shown_order, a.created_at, i.prompt_id, i.completion_ids "
@@ -86,6 +86,7 @@ class StoredJudgement:
     idempotency_key: str
     created_at: datetime
     answers: dict | None = None
+    text: str | None = None  # a demonstration's response
 
 
 @dataclass(slots=True)
@@ -197,7 +198,7 @@ def _submit_and_next(conn: sqlite3.Connection, assignment_id: int, labeler_id: i
         return None
     shown_order = json.loads(shown_order_json)
     canon = validate_submission(info.task_type, shown_order, fields, info.flag_names, info.questions,
-                                info.allow_ties, info.strength_required)
+                                info.allow_ties, info.strength_required, info.min_chars, info.max_chars)
     now = utcnow()
     now_s = _sqlite_datetime(now)
     j = _insert_judgement(conn, assignment_id, item_id, labeler_id, shown_order, shown_order_json, canon,
@@ -218,12 +219,13 @@ def _insert_judgement(conn: sqlite3.Connection, assignment_id: int, item_id: int
     j = StoredJudgement(0, assignment_id, item_id, labeler_id, 1, shown_order, canon.get("choice"),
                         canon.get("strength"), canon.get("picked_position"), canon.get("ranking"),
                         canon.get("thumbs"), canon.get("likert"), canon.get("step_labels"), canon["flags"],
-                        canon["comment"], spent, idempotency_key, now, canon.get("answers"))
+                        canon["comment"], spent, idempotency_key, now, canon.get("answers"),
+                        canon.get("text"))
     try:
         cur = conn.execute(SQL_INS_JUDGEMENT, (
             assignment_id, item_id, labeler_id, shown_order_json, j.choice, j.strength, j.picked_position,
             _json_or_null(j.ranking), j.thumbs, j.likert, _json_or_null(j.step_labels), json.dumps(j.flags),
-            j.comment, spent, idempotency_key, now_s, _json_or_null(j.answers)))
+            j.comment, spent, idempotency_key, now_s, _json_or_null(j.answers), j.text))
     except sqlite3.IntegrityError:
         return None
     j.id = cur.lastrowid

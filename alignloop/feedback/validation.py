@@ -39,6 +39,8 @@ MAX_COMMENT_CHARS = 5000
 MAX_DIGITS = 18  # an integer field's digits at most (a form's 30-digit number is refused, never parsed)
 MAX_TIME_MS = 2**31 - 1  # time_spent_ms at most (~25 days; the column is a 32-bit integer on PostgreSQL)
 MAX_MODEL_CHARS = 300  # Labeler.model
+DEFAULT_MIN_CHARS = 20  # a demonstration's text at least (settings.min_chars) ...
+DEFAULT_MAX_CHARS = 20000  # ... and at most (settings.max_chars)
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{8,100}$")
 _AI_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # the rule of usernames (projects.py): an AI labeler is one
 # The keys of an AI judgement (`validate_ai_judgement`): these for every task, plus the task's own (AI_TASK_KEYS). A
@@ -92,6 +94,8 @@ class Rules:
     flag_names: Collection[str] = ()
     allow_ties: bool = True
     strength_required: bool = True
+    min_chars: int = DEFAULT_MIN_CHARS  # a demonstration's length (settings.min_chars / max_chars)
+    max_chars: int = DEFAULT_MAX_CHARS
 
 
 # Each task's check reads `fields` and fills `out` (canonical fields) and `errors` (field -> message).
@@ -256,8 +260,27 @@ def _steps(shown_order: list[int], fields: Mapping[str, Any], _rules, out: dict,
         out["step_labels"] = canonical
 
 
+def _demonstration(_shown_order, fields: Mapping[str, Any], rules: Rules, out: dict, errors: dict) -> None:
+    """`text`: the labeler's response (written, or the sampled answer edited), at least `min_chars` characters once
+    stripped and at most `max_chars`. Stored as given (stripped at both ends: leading blank lines are noise)."""
+    text = fields.get("text")
+    if text is None or (isinstance(text, str) and not text.strip()):
+        errors["text"] = "write the response (the text field is empty)"
+    elif not isinstance(text, str):
+        errors["text"] = f"must be text, not {type(text).__name__}"
+    elif not is_utf8_text(text):
+        errors["text"] = "is not valid text (it holds a lone surrogate such as \\ud800)"
+    elif len(text.strip()) < rules.min_chars:
+        errors["text"] = (f"is too short: {len(text.strip())} characters, at least {rules.min_chars} in this "
+                          "project")
+    elif len(text.strip()) > rules.max_chars:
+        errors["text"] = f"is too long: {len(text.strip())} characters, at most {rules.max_chars} in this project"
+    else:
+        out["text"] = text.strip()
+
+
 _CHECKS: dict[str, _Check] = {"pairwise": _pairwise, "rank": _rank, "thumbs": _thumbs, "likert": _likert,
-                              "steps": _steps}
+                              "steps": _steps, "demonstration": _demonstration}
 
 
 def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
@@ -276,14 +299,16 @@ def _comment(fields: Mapping[str, Any], out: dict, errors: dict) -> None:
 
 def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[str, Any],
                         flag_names: Collection[str] = (), questions: tuple[str, ...] = (),
-                        allow_ties: bool = True, strength_required: bool = True) -> dict:
+                        allow_ties: bool = True, strength_required: bool = True,
+                        min_chars: int = DEFAULT_MIN_CHARS, max_chars: int = DEFAULT_MAX_CHARS) -> dict:
     """Check a submission and translate it to canonical fields for a `Judgement`.
 
     pairwise: `choice` in left|right|tie|both_bad, `strength` (one of STRENGTHS) required for left/right.
     rank: `rank_<i>` for each shown position i (integers 1..K, ties allowed, rank 1 must be used).
     thumbs: `thumbs` up|down. likert: `likert` 1..7 and `flags` (list of names). steps: `step_<i>` for each shown
     step i (good|neutral|bad or +1|0|-1) or `step_labels` (a list), optional `first_error` (the index of the first
-    wrong step: it and every later step bad, unrated earlier ones good). All: optional `comment`.
+    wrong step: it and every later step bad, unrated earlier ones good). demonstration: `text` (the response,
+    `min_chars` to `max_chars` characters once stripped). All: optional `comment`.
     A pairwise project asking several `questions` (their names): `choice_<name>` and `strength_<name>` per
     question, or `answers` {name: {choice, strength}} (`questions.check_answers`).
     `allow_ties` False (project setting): pairwise tie / both bad and equal ranks are refused; `strength_required`
@@ -300,7 +325,8 @@ def validate_submission(task_type: str, shown_order: list[int], fields: Mapping[
     elif task_type == "pairwise" and len(questions) > 1:
         check_answers(shown_order, fields, questions, out, errors, STRENGTHS, allow_ties, strength_required)
     else:
-        check(shown_order, fields, Rules(flag_names, allow_ties, strength_required), out, errors)
+        check(shown_order, fields, Rules(flag_names, allow_ties, strength_required, min_chars, max_chars), out,
+              errors)
     if errors:
         raise ValidationError(errors)
     return out
