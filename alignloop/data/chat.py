@@ -3,6 +3,10 @@
 The prompt is rendered with ``add_generation_prompt=True``; the completion is the rest of the rendered full
 conversation (``render(prompt + completion)`` minus the rendered prompt), so prompt + completion is exactly the
 rendered conversation.
+
+A tokenizer without a chat template of its own gets the one plain format, `PLAIN_CHAT_TEMPLATE` ("User: ...",
+"Assistant: ..."; `ensure_chat_template`, `chat_template_or_plain`, `chat_stop_strings`): the one home of that format
+for the labeling app's conversations and the pipeline.
 """
 from __future__ import annotations
 
@@ -55,3 +59,39 @@ def assistant_spans(prompt: Messages, tokenizer, rendered_prompt: str) -> list[t
             return None
         spans.append((len(before), len(through)))
     return spans
+
+
+# The one chat format of models that have none (a base model, the demo's tiny model): the labeling app's
+# conversations render their context with it, and the pipeline trains on conversations in it, so a policy trained on
+# exported conversations is sampled in the format it learnt. Every prefix of a conversation renders as a prefix of
+# the whole (`render_completion` and `assistant_spans` work): a turn is "User: ...\n\n" or "Assistant: ...<eos>\n\n",
+# and the generation prompt is "Assistant:" (the reply's text starts after it, usually with a space).
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + (eos_token or '') + '\n\n' }}"
+    "{% else %}{{ m['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# Where a reply in the plain format ends when the model does not stop at EOS: it starts the user's next turn.
+PLAIN_STOP_STRINGS = ("\n\nUser:",)
+
+
+def chat_template_or_plain(tokenizer) -> str:
+    """The tokenizer's own chat template, or `PLAIN_CHAT_TEMPLATE` when it has none."""
+    return getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
+
+
+def ensure_chat_template(tokenizer):
+    """Give `tokenizer` the plain template when it has no chat template of its own (in place; returns it), so
+    `render_prompt` / `render_completion` / `apply_chat_template` work on any causal LM's tokenizer."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def chat_stop_strings(tokenizer) -> tuple[str, ...]:
+    """The strings that end a reply in `tokenizer`'s chat format besides EOS: the plain format's next-user marker,
+    none for a tokenizer's own template (its end-of-turn token is EOS or the model's generation config's)."""
+    return PLAIN_STOP_STRINGS if chat_template_or_plain(tokenizer) == PLAIN_CHAT_TEMPLATE else ()

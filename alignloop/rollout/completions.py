@@ -8,7 +8,8 @@ Prompts are tokenised without special tokens and keep their last `max_prompt_len
 empty prompt becomes BOS, or EOS when the tokenizer has no BOS); generation is batched through a `Sampler` (the
 KV-cache `HFSampler` by default): the prompts' n copies in prompt order (prompt 0's n samples first), `batch_size`
 sequences per call (best-of-N and rejection sampling ask for a whole number of prompts: their batch size × n).
-Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
+With `stream`, each completion's text so far is passed on after every decoding step (the labeling app shows replies
+as they come). Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
 `stopped` tells a completion that ended at a stop token from one cut at `max_new_tokens`.
 
 With `ref_model`, each completion also carries `kl` = Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over its tokens (the k1
@@ -19,7 +20,7 @@ Shapes: B = sequences in a call, P = prompt tokens (left-padded), R = response t
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,28 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torc
     return lp * rollout.response_mask
 
 
+def _streamer(tokenizer, stream: Callable[[int, str], None], first: int, rows: int):
+    """An `on_step` for `HFSampler.generate` that calls stream(first + b, text of row b so far) for the live rows."""
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+
+    def on_step(tok: torch.Tensor, alive: torch.Tensor) -> None:
+        for b, (t, a) in enumerate(zip(tok.tolist(), alive.tolist(), strict=True)):
+            if a:
+                tokens[b].append(t)
+                stream(first + b, tokenizer.decode(tokens[b], skip_special_tokens=True))
+
+    return on_step
+
+
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams | None = None, *,
                        batch_size: int = 32, max_prompt_length: int | None = None, seed: int | None = None,
-                       ref_model=None, sampler: Sampler | None = None,
-                       user_tag: str | None = None) -> list[list[Completion]]:
+                       ref_model=None, sampler: Sampler | None = None, user_tag: str | None = None,
+                       stream: Callable[[int, str], None] | None = None) -> list[list[Completion]]:
     """n completions for each prompt -> one list of `Completion` per prompt, in prompt order; `batch_size` sequences
     per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). `user_tag`: the prompts' user tags
-survive truncation (`encode_prompts`). See the module docstring."""
+    survive truncation (`encode_prompts`). `stream(k, text_so_far)`: called after each decoding step for every
+    completion k (= prompt i * n + sample j) still being generated, with its text so far (decoded as the final text
+    is; needs a sampler whose `generate` takes `on_step`, as `HFSampler`'s does). See the module docstring."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     params = params if params is not None else SamplingParams()
@@ -99,7 +115,11 @@ survive truncation (`encode_prompts`). See the module docstring."""
     flat = [ids for ids in encode_prompts(tokenizer, prompts, max_prompt_length, user_tag) for _ in range(n)]
     done: list[Completion] = []
     for lo in range(0, len(flat), max(1, batch_size)):
-        rollout = sampler.generate(flat[lo:lo + max(1, batch_size)], params)
+        chunk = flat[lo:lo + max(1, batch_size)]
+        if stream is None:
+            rollout = sampler.generate(chunk, params)
+        else:
+            rollout = sampler.generate(chunk, params, on_step=_streamer(tokenizer, stream, lo, len(chunk)))
         texts = decode_responses(tokenizer, rollout)
         lengths = rollout.response_mask.sum(1).tolist()
         stopped = rollout.stopped.tolist()

@@ -21,13 +21,16 @@ Stopping: a response ends at its first stop token (EOS and `stop_token_ids`) or 
 of `stop_strings` (the token completing the string is the last one kept); everything after is padding, masked out.
 `stopped[b]` says whether row b ended that way (False: it ran into `max_new_tokens`).
 
+Streaming: `HFSampler.generate(..., on_step=fn)` calls `fn(tokens, alive)` after each step (nothing is done per step
+without it).
+
 A faster backend (e.g. vLLM on GPU) only has to implement the `Sampler` protocol: `generate(prompts_token_ids,
 params) -> Rollout`. The trainer never touches the model through the sampler's internals.
 """
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -199,13 +202,18 @@ class HFSampler:
         except StopIteration:
             return torch.device("cpu")
 
-    def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Rollout:
+        """Sample a response to each prompt. `on_step(tokens [B] long, alive [B] bool)`, when given, is called after
+        each decoding step with the step's token of every row and whether the row was still generating (False: the
+        token is padding): streaming for a caller that shows text as it comes. It reads no random numbers, so the
+        samples are the same with and without it."""
         threads = torch.get_num_threads()
         change = self.cpu_threads is not None and self._device().type == "cpu"
         if change:
             torch.set_num_threads(self.cpu_threads or self._auto_threads(threads))
         try:
-            r = self._generate(prompts_token_ids, params)
+            r = self._generate(prompts_token_ids, params, on_step)
         finally:
             if change:
                 torch.set_num_threads(threads)
@@ -216,7 +224,8 @@ class HFSampler:
         return r
 
     @torch.inference_mode()
-    def _generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+    def _generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                  on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Rollout:
         params.validate()
         if params.stop_strings and self.tokenizer is None:
             raise ConfigError("stop_strings need a tokenizer: HFSampler(model, tokenizer)")
@@ -261,6 +270,8 @@ class HFSampler:
                                                                  params.stop_strings))
                 stopped |= hit
                 done |= hit
+                if on_step is not None:
+                    on_step(tok, alive)
                 if bool(done.all()) or step == params.max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
