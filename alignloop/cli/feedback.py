@@ -13,6 +13,11 @@
     alignloop feedback stats --db fb.db --project hh [--json]
     alignloop feedback export --db fb.db --project hh --format preference --out prefs.jsonl [--labelers human]
                                 [--criterion helpful | all]
+    alignloop feedback create --db fb.db --project demos --task-type demonstration --min-chars 40
+    alignloop feedback export --db fb.db --project demos --format sft|messages|preference --out d.jsonl
+                                [--review not_rejected | accepted | all]
+    alignloop feedback create --db fb.db --project chat --task-type conversation --model ./policy [--model ./other]
+                                [--max-new-tokens 128 --temperature 0.8 --max-turns 10 --open-start]
 
 Only `serve` loads the web app (FastAPI); the other commands need the store (the `web` extra: SQLAlchemy, argon2),
 `stats` and `export` the statistics (numpy, scipy, scikit-learn), `export` and `sample` torch (`alignloop.data`,
@@ -22,6 +27,7 @@ without the extra and each command loads only what it needs.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -90,8 +96,11 @@ def feedback():
 @feedback.command()
 @db_option
 @click.option("--project", "-p", default=None, help="Also create this project (else just create/migrate the db).")
-@click.option("--task-type", type=click.Choice(["pairwise", "rank", "thumbs", "likert", "steps"]), default="pairwise",
-              show_default=True, help="steps: rate each step of a solution good / neutral / bad (process supervision).")
+@click.option("--task-type", type=click.Choice(["pairwise", "rank", "thumbs", "likert", "steps", "demonstration",
+                                                "conversation"]), default="pairwise", show_default=True,
+              help="steps: rate each step of a solution good / neutral / bad (process supervision); demonstration: "
+                   "write (or edit) the response to each prompt; conversation: talk with the served model, choosing "
+                   "between two candidate answers each turn.")
 @click.option("--overlap-k", type=int, default=3, show_default=True, help="Distinct labelers per item.")
 @click.option("--gold-rate", type=float, default=0.0, show_default=True,
               help="Share of assignments that are gold items (known answers).")
@@ -101,8 +110,22 @@ def feedback():
 @click.option("--question", "question_opts", multiple=True, metavar="NAME=TEXT",
               help="A question asked of each pairwise item (repeat for several: each is exported as its own "
                    "criterion), e.g. --question helpful='Which is more helpful?'. Sets the questions setting.")
+@click.option("--min-chars", type=int, default=None,
+              help="demonstration: the shortest response taken, in characters (settings.min_chars). [default: 20]")
+@click.option("--model", "models", multiple=True,
+              help="conversation: the model served (a local folder or hub id); twice to compare two models "
+                   "(settings.models).")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="conversation: tokens per candidate answer (settings.generation). [default: 128]")
+@click.option("--temperature", type=float, default=None,
+              help="conversation: sampling temperature (settings.generation). [default: 0.8]")
+@click.option("--max-turns", type=int, default=None,
+              help="conversation: turns at most per conversation (settings.max_turns). [default: 10]")
+@click.option("--open-start", is_flag=True, default=None,
+              help="conversation: labelers may also begin a conversation with their own first message.")
 @_user_errors
-def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_json, question_opts):
+def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_json, question_opts, min_chars, models,
+           max_new_tokens, temperature, max_turns, open_start):
     """Create (or migrate) the database, and optionally a project."""
     store = _store(db, create=True)
     if project:
@@ -122,14 +145,39 @@ def create(db, project, task_type, overlap_k, gold_rate, guidelines, settings_js
                 raise UserError("--settings must be a JSON object")
         if question_opts:
             settings = {**(settings or {}), "questions": _questions(question_opts)}
+        task_settings = _task_settings(min_chars, models, max_new_tokens, temperature, max_turns, open_start)
+        if task_settings:
+            settings = {**(settings or {}), **task_settings}  # checked with the others (settings.<name> errors)
         pr = store.create_project(project, task_type, md, overlap_k, gold_rate, settings)
         asks = pr.settings.get("questions")
         click.echo(f"created project {pr.name} ({pr.task_type}, k={pr.overlap_k}, gold rate {pr.gold_rate})"
                    + (f"; questions: {', '.join(q['name'] for q in asks)}" if asks else ""))
-    elif question_opts or settings_json:
-        raise UserError("--question and --settings are a project's: give --project too")
+    elif question_opts or settings_json or _task_settings(min_chars, models, max_new_tokens, temperature, max_turns,
+                                                          open_start):
+        raise UserError("--question, --settings and the task's options are a project's: give --project too")
     else:
         click.echo(f"database ready: {store.url}")
+
+
+def _task_settings(min_chars, models, max_new_tokens, temperature, max_turns, open_start) -> dict:
+    """The demonstration / conversation options of `create` as settings (`projects.check_settings` checks them and
+    refuses those of another task type, naming settings.<name>)."""
+    out: dict = {}
+    if min_chars is not None:
+        out["min_chars"] = min_chars
+    if models:
+        if len(models) > 2:
+            raise UserError(f"--model: at most 2 (two models compared), got {len(models)}")
+        out["models"] = list(models)
+    generation = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature))
+                  if v is not None}
+    if generation:
+        out["generation"] = generation
+    if max_turns is not None:
+        out["max_turns"] = max_turns
+    if open_start:
+        out["open_start"] = True
+    return out
 
 
 def _questions(opts: tuple[str, ...]) -> list[dict]:
@@ -337,19 +385,37 @@ def labelers_cmd(db, as_json):
               help="The largest request body (413 past it).")
 @click.option("--max-import-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
               help="The largest file the admin import page takes.")
+@click.option("--gen-queue", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Conversations: generations queued or running at most (more are refused: retry).")
+@click.option("--gen-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Conversations: seconds a generation may take before it fails (and can be retried).")
+@click.option("--gen-threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Conversations: torch threads of the generation process.")
 @_user_errors
 def serve(db, host, port, secret_key, secure_cookies, log_level, session_idle_hours, session_max_days, max_body_mb,
-          max_import_mb):
+          max_import_mb, gen_queue, gen_timeout, gen_threads):
     """Serve the labeling app."""
     import uvicorn  # noqa: PLC0415 - web extra, and only `serve` loads the web server
 
     from alignloop.feedback.app import create_app  # noqa: PLC0415 - only `serve` loads the web app (FastAPI)
 
+    generation = {"generation_queue": gen_queue, "generation_timeout_s": gen_timeout, "generation_threads": gen_threads}
+    takes = inspect.signature(create_app).parameters  # the generation worker's options, once the app has them
     app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies,
                      session_idle_timeout=int(session_idle_hours * 3600), session_max_age=int(session_max_days * 86400),
-                     max_body_bytes=int(max_body_mb * 2**20), max_import_bytes=int(max_import_mb * 2**20))
+                     max_body_bytes=int(max_body_mb * 2**20), max_import_bytes=int(max_import_mb * 2**20),
+                     **{k: v for k, v in generation.items() if k in takes})
     click.echo(f"serving on http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _echo_demonstrations(d: dict) -> None:
+    rv = d["reviews"]
+    click.echo(f"demonstrations: {d['n']} ({d['edited']} edits), accepted {rv.get('accepted', 0)}, rejected "
+               f"{rv.get('rejected', 0)}, not reviewed {rv.get('pending', 0)}, mean {_fmt(d['mean_chars'])} chars")
+    for w, r in d["labelers"].items():
+        click.echo(f"  {w!s:<16}{r['n']:>5} demonstrations  accepted {r.get('accepted', 0)}  rejected "
+                   f"{r.get('rejected', 0)}  mean {r['mean_chars']:.0f} chars")
 
 
 def _fmt(v, pct=False):
@@ -421,7 +487,10 @@ def stats(db, project, project_id, as_json):
                                       "ai_human_agreement": d["ai_agreement"],
                                       **({"questions": d["question_stats"]} if d.get("question_stats") else {}),
                                       **({"step_agreement": d["steps"]} if d.get("steps") else {}),
-                                      **({"rank": d["rank"]} if d.get("rank") else {})}), indent=2))
+                                      **({"rank": d["rank"]} if d.get("rank") else {}),
+                                      **({"demonstrations": d["demonstrations"]} if d.get("demonstrations") else {}),
+                                      **({"conversations": d["conversations"]} if d.get("conversations") else {})}),
+                              indent=2))
         return
     s, a = d["summary"], d["agreement"]
     click.echo(f"{p.name} ({p.task_type}, k={p.overlap_k}): {s['items']} items, {s['complete_items']} complete, "
@@ -430,6 +499,13 @@ def stats(db, project, project_id, as_json):
     click.echo("  ".join(f"{k}={_fmt(v)}" for k, v in a.items()))
     if d.get("steps"):
         _echo_step_agreement(d["steps"])
+    if d.get("demonstrations"):
+        _echo_demonstrations(d["demonstrations"])
+    if d.get("conversations"):
+        c = d["conversations"]
+        click.echo(f"conversations: {c['n']} ({c['ended']} ended, {c['open']} open), {c['turns']} turns "
+                   f"({_fmt(c['mean_turns'])} per conversation), mean rating {_fmt(c['mean_rating'])} "
+                   f"({c['ratings']} rated)")
     if d.get("question_stats") and len(d["question_stats"]) > 1:
         _echo_questions(d["question_stats"])
     click.echo(f"{'labeler':<16}{'kind':<7}{'n':>5}{'agree':>7}{'gold':>7}{'left':>6}{'tie':>6}{'sec':>7}"
@@ -446,9 +522,11 @@ def stats(db, project, project_id, as_json):
 @feedback.command()
 @db_option
 @project_option
-@click.option("--format", "fmt", type=click.Choice(["preference", "ranking", "unpaired", "steps"]), default=None,
-              help="preference, ranking or unpaired; steps for a steps project (its only format; the default there). "
-                   "[default: preference]")
+@click.option("--format", "fmt", type=click.Choice(["preference", "ranking", "unpaired", "steps", "sft", "messages"]),
+              default=None,
+              help="preference, ranking or unpaired; steps for a steps project (its only format; the default there); "
+                   "a demonstration or conversation project: sft, messages or preference (a demonstration's edits "
+                   "as pairs, a conversation's choices per turn). [default: preference; sft for demonstrations]")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(["consensus", "all"]), default="consensus", show_default=True,
               help="One row per item from the consensus, or one per current judgement.")
@@ -467,18 +545,24 @@ def stats(db, project, project_id, as_json):
 @click.option("--min-labels", type=int, default=None,
               help="Consensus: leave out items with fewer kept labels than this (counted in the report). "
                    "[default: the project's min_labels setting: 2 when k >= 2, else 1]")
+@click.option("--review", type=click.Choice(["not_rejected", "accepted", "all"]), default="not_rejected",
+              show_default=True, help="A demonstration project: which demonstrations by the admins' review.")
 @click.option("--allow-empty", is_flag=True,
               help="Write the file even when no row results (else: an error saying why).")
 @_user_errors
 def export(db, project, project_id, fmt, out, mode, consensus, ties, both_bad, include_flagged, include_gold,
-           likert_threshold, labelers, criterion, min_labels, allow_empty):
-    """Write a preference, ranking, unpaired or steps dataset the trainers read."""
+           likert_threshold, labelers, criterion, min_labels, review, allow_empty):
+    """Write a preference, ranking, unpaired or steps dataset the trainers read (a demonstration or conversation
+    project: sft, messages or preference)."""
     from alignloop.feedback import export as ex  # noqa: PLC0415 - heavy (scipy, scikit-learn)
 
     _check_out(out)
     store = _store(db)
     p = store.get_project(_project_ref(project, project_id))
     fmt = fmt or ex.default_format(p.task_type)
+    if p.task_type in ex.PROMPT_TASKS:
+        _export_prompt_task(ex, store, p, fmt, out, review, allow_empty)
+        return
     opts = ex.project_options(p, format=fmt, mode=mode, consensus=consensus, ties=ties, both_bad=both_bad,
                               exclude_flagged=not include_flagged, include_gold=include_gold,
                               likert_threshold=likert_threshold, labelers=labelers, criterion=criterion,
@@ -494,6 +578,18 @@ def export(db, project, project_id, fmt, out, mode, consensus, ties, both_bad, i
                + (f"; dropped {summary['dropped']}" if summary["dropped"] else "")
                + (f"; flagged labelers left out: {', '.join(summary['flagged_labelers'])}"
                   if summary["flagged_labelers"] and not include_flagged else ""))
+
+
+def _export_prompt_task(ex, store, p, fmt: str, out: str, review: str, allow_empty: bool) -> None:
+    """A demonstration's or conversation's export (`export.export_prompt_task`)."""
+    rows, summary = ex.export_prompt_task(store, p, fmt, review)
+    if not rows and not allow_empty:
+        raise UserError(ex.prompt_task_empty_message(p, summary) + "; nothing written (--allow-empty writes the empty "
+                        "file)")
+    write_rows(rows, out)
+    left = summary.get("left_out")
+    click.echo(f"wrote {len(rows)} {fmt} rows to {out} from project {p.name} ({p.task_type})"
+               + (f"; left out: {left}" if left else ""))
 
 
 # `alignloop feedback judge` is `alignloop judge`: an AI labeler is a labeler of this store

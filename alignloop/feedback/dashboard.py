@@ -12,7 +12,10 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from statistics import mean
 
-from . import quality, questions
+from sqlalchemy import func, select
+
+from . import demonstrations, quality, questions
+from .models import Conversation, ConversationTurn
 from .projects import default_min_labels
 
 
@@ -32,6 +35,8 @@ def dashboard_data(store, p) -> dict:
             "steps": quality.step_agreement(records) if p.task_type == "steps" else None,
             "question_stats": question_stats(records, p.settings) if p.task_type == "pairwise" else None,
             "rank": rank_stats(records, store.prompts_and_completions(p.id)[1]) if p.task_type == "rank" else None,
+            "demonstrations": demonstration_stats(store, p) if p.task_type == "demonstration" else None,
+            "conversations": conversation_stats(store, p, records) if p.task_type == "conversation" else None,
             "min_labels": p.settings.get("min_labels", default_min_labels(p.overlap_k)),
             "summary": store.project_summary(p.id), "thresholds": th,
             "charts": {"agreement": bar_chart({w: d["agreement"] for w, d in stats.items()}, 0, 1,
@@ -42,6 +47,43 @@ def dashboard_data(store, p) -> dict:
                                          "Median seconds per item", ref=th.min_median_seconds),
                        "gold": bar_chart({w: d["gold_accuracy"] for w, d in stats.items()}, 0, 1,
                                          "Gold accuracy", ref=th.min_gold_accuracy)}}
+
+
+def demonstration_stats(store, p) -> dict:
+    """A demonstration project's figures: demonstrations (current versions), edits of a sampled answer vs written
+    from scratch, their review states, mean length in characters, and per labeler: count, accepted, rejected, not
+    reviewed, mean length."""
+    recs = demonstrations.demonstration_records(store, p.id, "all")
+
+    def state(r: dict) -> str:
+        return {"accept": "accepted", "reject": "rejected"}.get((r["review"] or {}).get("decision"), "pending")
+
+    per: dict = defaultdict(list)
+    for r in recs:
+        per[r["labeler"]].append(r)
+    return {"n": len(recs), "edited": sum(r["original"] is not None for r in recs),
+            "reviews": dict(Counter(state(r) for r in recs)),
+            "mean_chars": mean(len(r["text"]) for r in recs) if recs else None,
+            "labelers": {w: {"n": len(rs), **Counter(state(r) for r in rs), "mean_chars": mean(len(r["text"])
+                                                                                              for r in rs)}
+                         for w, rs in sorted(per.items())}}
+
+
+def conversation_stats(store, p, records: list[dict]) -> dict:
+    """A conversation project's figures: conversations (open / ended), turns (chosen / failed), mean turns per
+    conversation, and the mean final rating (the ended conversations' judgements: `Judgement.likert`, 1-7)."""
+    with store.read() as s:
+        statuses = dict(s.execute(select(Conversation.status, func.count()).where(
+            Conversation.project_id == p.id).group_by(Conversation.status)).all())
+        turns = dict(s.execute(select(ConversationTurn.status, func.count()).join(
+            Conversation, Conversation.id == ConversationTurn.conversation_id).where(
+            Conversation.project_id == p.id).group_by(ConversationTurn.status)).all())
+    n = sum(statuses.values())
+    ratings = [r["likert"] for r in records if r.get("likert") is not None]
+    return {"n": n, "open": statuses.get("open", 0), "ended": statuses.get("ended", 0),
+            "turns": sum(turns.values()), "turns_by_status": turns,
+            "mean_turns": sum(turns.values()) / n if n else None,
+            "mean_rating": mean(ratings) if ratings else None, "ratings": len(ratings)}
 
 
 def question_stats(records: list[dict], settings: dict | None) -> dict:

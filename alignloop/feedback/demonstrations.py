@@ -107,6 +107,14 @@ def latest_reviews(s: Session, judgement_ids: list[int]) -> dict[int, dict]:
     return out
 
 
+def reviews_of(store, judgement_ids: list[int]) -> dict[int, dict]:
+    """`latest_reviews` in a read session of `store` (a labeler's history page shows them)."""
+    if not judgement_ids:
+        return {}
+    with store.read() as s:
+        return latest_reviews(s, list(judgement_ids))
+
+
 def _keep(review: dict | None, which: str) -> bool:
     decision = review["decision"] if review else None
     return {"all": True, "accepted": decision == "accept", "not_rejected": decision != "reject",

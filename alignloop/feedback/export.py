@@ -38,6 +38,10 @@ Several questions (`questions.py`): `criterion` exports one question's answers (
 `questions` setting), every row carries its `criterion` (the question's name); a project without the setting
 writes none.
 
+Demonstration and conversation projects export their own formats (`PROMPT_TASK_FORMATS`: sft, messages, preference)
+through `export_prompt_task`: `demonstrations.export_demonstration_rows` (review filter `review`) and
+`conversations.export_conversation_rows`; the options above are for judgements of completions and do not apply.
+
 The rows are exactly what `alignloop.data.load_preferences` / `load_records` read back (tested); write them with
 `alignloop.data.write_rows` (format from the suffix, written aside and renamed into place). A steps row's prompt is
 a string or the list of messages, and its steps are strings in either case (the step format).
@@ -52,10 +56,12 @@ from typing import Any
 from alignloop.data import ranking_pair_weight, strength_to_margin
 from alignloop.errors import UserError
 
-from . import export_meta, quality, questions
+from . import demonstrations, export_meta, quality, questions
 from .projects import default_min_labels
 
 FORMATS = ("preference", "ranking", "unpaired", "steps")
+PROMPT_TASKS = ("demonstration", "conversation")  # projects whose labelers write (demonstrations) or converse
+PROMPT_TASK_FORMATS = ("sft", "messages", "preference")
 LABELER_CHOICES = ("all", "human", "ai")  # ExportOptions.labelers: everyone, people only, AI labelers only
 
 
@@ -90,7 +96,32 @@ class ExportOptions:
 def default_format(task_type: str) -> str:
     """A project's export format when none is asked for: steps for steps, unpaired for thumbs and Likert (their
     only format), preference for pairwise and rank."""
-    return {"steps": "steps", "thumbs": "unpaired", "likert": "unpaired"}.get(task_type, "preference")
+    return {"steps": "steps", "thumbs": "unpaired", "likert": "unpaired", "demonstration": "sft"}.get(
+        task_type, "preference")
+
+
+def export_prompt_task(store, p, format: str, review: str = "not_rejected") -> tuple[list[dict], dict]:
+    """A demonstration or conversation project's rows in `format` (PROMPT_TASK_FORMATS): (rows, summary). A
+    demonstration's `review` filter: not_rejected | accepted | all (`demonstrations.EXPORT_REVIEWS`)."""
+    if p.task_type not in PROMPT_TASKS:
+        raise UserError(f"project {p.name!r} is a {p.task_type} project: export it as {', '.join(FORMATS)}")
+    if format not in PROMPT_TASK_FORMATS:
+        raise UserError(f"a {p.task_type} project exports {', '.join(PROMPT_TASK_FORMATS)} (got {format!r})")
+    if p.task_type == "demonstration":
+        if review not in demonstrations.EXPORT_REVIEWS:
+            raise UserError(f"export review {review!r}: choose one of {', '.join(demonstrations.EXPORT_REVIEWS)}")
+        return demonstrations.export_demonstration_rows(store, p.id, format, review)
+    from . import conversations  # noqa: PLC0415 - its generation worker's imports: only conversation exports need it
+
+    return conversations.export_conversation_rows(store, p.id, format)
+
+
+def prompt_task_empty_message(p, summary: dict) -> str:
+    """Why a demonstration or conversation export came out empty, in words."""
+    if p.task_type == "demonstration":
+        return demonstrations.empty_message(summary)
+    counts = ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, int | float | dict) and v != {})
+    return f"0 rows exported from the conversations ({counts or 'none yet'})"
 
 
 def project_options(p, **options) -> ExportOptions:
@@ -124,6 +155,9 @@ def export_records(store, project: str | int, opts: ExportOptions) -> tuple[list
     """Build the rows for one project. Returns (rows, summary)."""
     opts.check()
     p = store.get_project(project)
+    if p.task_type in PROMPT_TASKS:
+        raise UserError(f"a {p.task_type} project exports {', '.join(PROMPT_TASK_FORMATS)}: "
+                        "export.export_prompt_task")
     if p.task_type in ("thumbs", "likert") and opts.format != "unpaired":
         raise UserError(f"a {p.task_type} project exports only the unpaired format (got {opts.format!r})")
     if (p.task_type == "steps") != (opts.format == "steps"):

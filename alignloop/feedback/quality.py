@@ -257,7 +257,9 @@ def median_seconds(times_ms: Iterable[int | None]) -> float | None:
 def label_of(task_type: str, record: Mapping[str, Any]) -> Hashable | None:
     """The categorical label used for agreement. pairwise: the choice a|b|tie|both_bad (strength ignored);
     rank: the tuple of canonical positions ranked first (ties give several); thumbs: +1/-1; likert: 1..7; steps:
-    the tuple of step labels (+1/0/-1 each; `annotations_from_records` splits it into one unit per step)."""
+    the tuple of step labels (+1/0/-1 each; `annotations_from_records` splits it into one unit per step);
+    demonstration, conversation: None (no categorical label: `dashboard.demonstration_stats` / `conversation_stats`
+    count them instead)."""
     if task_type == "pairwise":
         return record.get("choice")
     if task_type == "rank":
@@ -270,6 +272,8 @@ def label_of(task_type: str, record: Mapping[str, Any]) -> Hashable | None:
     if task_type == "steps":
         r = record.get("step_labels")
         return tuple(r) if r else None
+    if task_type in ("demonstration", "conversation"):  # free text, a conversation of one's own: nothing to agree on
+        return None
     raise ValueError(f"unknown task type {task_type!r}")
 
 

@@ -207,6 +207,8 @@
       else if (low === "a") { unratedSteps().forEach(function (j) { rateStep(j, "good"); }); done = true; }
       else if (low === "j" || key === "ArrowDown") { setStep(cur + 1, true); done = true; }
       else if (low === "k" || key === "ArrowUp") { setStep(cur - 1, true); done = true; }
+    } else if (task === "demonstration") {
+      if (low === "w" || low === "e") { focusWriting(); done = true; }
     } else if (task === "likert") {
       if (/^[1-7]$/.test(key)) done = check("likert", key);
       else {
@@ -216,6 +218,35 @@
     }
     if (!done) done = pageKey(low);
     if (done) e.preventDefault();
+  });
+  // demonstrations: the response box (focused on load, caret at the end), its live count against the project's
+  // minimum, and "start from scratch" / "restore original" for an edited sampled answer
+  function writing() { return document.getElementById("demo-text"); }
+  function focusWriting() {
+    var t = writing();
+    if (!t) return;
+    t.focus();
+    t.setSelectionRange(t.value.length, t.value.length);
+  }
+  function countChars() {
+    var t = writing(), out = document.getElementById("char-count");
+    if (!t || !out) return;
+    var n = t.value.trim().length, min = parseInt(t.getAttribute("data-min"), 10) || 0;
+    out.textContent = n + " characters · " + (n < min ? "at least " + min + " (" + (min - n) + " more)" : "at least " + min + " ✓");
+    out.classList.toggle("short", n < min);
+  }
+  function setWriting(text) {
+    var t = writing();
+    if (!t) return;
+    t.value = text;
+    countChars();
+    focusWriting();
+  }
+  document.addEventListener("input", function (e) { if (e.target.id === "demo-text") countChars(); });
+  document.addEventListener("click", function (e) {
+    var id = e.target && e.target.id;
+    if (id === "demo-clear") { setWriting(""); }
+    else if (id === "demo-restore") { var o = document.getElementById("original-text"); if (o) setWriting(o.value); }
   });
   document.addEventListener("change", function (e) {  // a question answered with the mouse is no longer missing
     if (e.target.id === "raw-toggle") remember(RAW_KEY, e.target.checked ? "1" : "0");
@@ -243,6 +274,13 @@
       g.open = pref ? pref === "open" : window.matchMedia("(min-width: 1000px)").matches;
       // click (mouse, Enter, Space) comes before the toggle: only the labeler's own choice is kept
       g.querySelector("summary").addEventListener("click", function () { remember(GUIDE_KEY, g.open ? "closed" : "open"); });
+    }
+    var w = writing();
+    if (w && !w.hasAttribute("data-ready")) {
+      w.setAttribute("data-ready", "1");
+      ["demo-clear", "demo-restore"].forEach(function (id) { var b = document.getElementById(id); if (b) b.hidden = false; });
+      countChars();
+      focusWriting();
     }
     if (raw && !raw.hasAttribute("data-ready")) {
       raw.setAttribute("data-ready", "1");

@@ -1,9 +1,9 @@
 """Admin pages (admins only: others get 403): projects and labelers (adding a labeler, setting a labeler's
 attributes, deactivating and reactivating one, resetting a password), a project's quality dashboard, and the export
 download. Creating and editing projects, members and imports are in `admin_projects.py`, review and adjudication in
-`admin_review.py` (included here). The statistics and export modules (numpy,
-scipy, scikit-learn; torch through `alignloop.data`) are loaded when an admin first needs them, not at server
-start-up."""
+`admin_review.py`, the review of demonstrations in `admin_demonstrations.py` (included here). The statistics and
+export modules (numpy, scipy, scikit-learn; torch through `alignloop.data`) are loaded when an admin first needs
+them, not at server start-up."""
 from __future__ import annotations
 
 import json
@@ -16,12 +16,13 @@ from alignloop.errors import UserError
 
 from ..projects import parse_attributes
 from ..questions import questions_of
-from . import admin_projects, admin_review
+from . import admin_demonstrations, admin_projects, admin_review
 from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_admin, store_of
 
 router = APIRouter()
 router.include_router(admin_projects.router)
 router.include_router(admin_review.router)
+router.include_router(admin_demonstrations.router)
 
 
 def attributes_text(attributes: dict) -> str:
@@ -163,7 +164,7 @@ def export(request: Request, name: str, format: str | None = None, mode: str = "
            consensus: str = "majority", ties: str = "drop", both_bad: str = "drop",
            exclude_flagged: str | None = None, include_gold: str | None = None, likert_threshold: str | None = None,
            criterion: str | None = None, labelers: str = "all", min_labels: str | None = None,
-           allow_empty: str | None = None):
+           allow_empty: str | None = None, review: str = "not_rejected"):
     """The export as a JSONL download (parameters: README "Export"). An export of 0 rows is refused with a page
     that says why (422) unless `allow_empty`; the counts are in the `X-Export-Summary` header (JSON). The numbers
     and yes/no parameters are read here: an empty one (a cleared form field) takes its default (`min_labels`: the
@@ -179,6 +180,15 @@ def export(request: Request, name: str, format: str | None = None, mode: str = "
     store = store_of(request)
     p = project_or_404(store, name)
     format = format or export_mod.default_format(p.task_type)  # by the task type when not given
+    if p.task_type in export_mod.PROMPT_TASKS:  # demonstrations, conversations: formats of their own
+        try:
+            rows, summary = export_mod.export_prompt_task(store, p, format, review)
+        except UserError as e:
+            raise HTTPError(400, str(e)) from None
+        if not rows and not allow_empty:
+            raise HTTPError(422, export_mod.prompt_task_empty_message(p, summary)
+                            + " (add allow_empty=true to download it anyway)")
+        return _jsonl_download(rows, summary, f"{p.name}-{format}.jsonl")
     try:
         opts = export_mod.project_options(p, format=format, mode=mode, consensus=consensus, ties=ties,
                                           both_bad=both_bad, exclude_flagged=exclude_flagged,
@@ -189,9 +199,13 @@ def export(request: Request, name: str, format: str | None = None, mode: str = "
         raise HTTPError(400, str(e)) from None
     if not rows and not allow_empty:
         raise HTTPError(422, export_mod.empty_message(summary) + " (add allow_empty=true to download it anyway)")
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     suffix = f"-{criterion}" if criterion else ""  # a checked question name (or "all"): a safe file name part
+    return _jsonl_download(rows, summary, f"{p.name}-{format}{suffix}.jsonl")
+
+
+def _jsonl_download(rows: list[dict], summary: dict, filename: str) -> Response:
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return Response(body, media_type="application/x-ndjson", headers={
-        "Content-Disposition": f'attachment; filename="{p.name}-{format}{suffix}.jsonl"',
+        "Content-Disposition": f'attachment; filename="{filename}"',
         "X-Export-Summary": json.dumps(summary, default=str, ensure_ascii=True)})
 

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..assignment import UndoneAlready, UndoRefused
+from ..demonstrations import reviews_of
 from ..errors import NotFound, ValidationError
 from ..models import STEP_LABEL_NAMES
 from ..projects import DEFAULT_FLAGS
@@ -66,6 +67,8 @@ def values_from_judgement(j, shown_order: list[int]) -> dict:
     """A stored judgement as the form's values (screen terms), to edit it (several questions: `choice_<name>`,
     `strength_<name>` per answer)."""
     v: dict[str, Any] = {"comment": j.comment or "", "flags": j.flags or []}
+    if j.text is not None:  # a demonstration: the response as written
+        v["text"] = j.text
     for suffix, answer in ({f"_{n}": a for n, a in j.answers.items()} if j.answers else {"": {
             "choice": j.choice, "strength": j.strength, "picked_position": j.picked_position}}).items():
         if answer["choice"] in ("tie", "both_bad"):
@@ -127,6 +130,8 @@ def label(request: Request, name: str):
     user = require_user(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
+    if p.task_type == "conversation":  # a conversation has a page of its own (web/conversations.py)
+        return RedirectResponse(f"/p/{p.url_key}/converse", status_code=303)
     reopened = store.reopened_assignment(p.id, user.id)  # undo reopened a judgement: shown first, prefilled
     if reopened is not None:
         return _edit_page(request, store, p, reopened)
@@ -149,6 +154,8 @@ def _take_next(request: Request, form: dict, name: str):
     check_csrf(request, form)
     store = store_of(request)
     p = project_or_404(store, name, user)
+    if p.task_type == "conversation":  # taking an item there starts a conversation: its own page does
+        return RedirectResponse(f"/p/{p.url_key}/converse", status_code=303)
     store.next_assignment(p.id, user.id)  # None: nothing left; the label page then says so
     return RedirectResponse(f"/p/{p.url_key}/label", status_code=303)
 
@@ -220,7 +227,7 @@ def _undo(request: Request, form: dict, name: str):
 
 # What "My judgements" shows of a judgement: its answer and when, nothing of the item (no id, no gold flag).
 HISTORY_FIELDS = ("assignment_id", "version", "choice", "strength", "picked_position", "ranking", "thumbs", "likert",
-                  "flags", "step_labels", "comment", "created_at")
+                  "flags", "step_labels", "comment", "created_at", "text")
 
 
 @router.get("/p/{name}/history", response_class=HTMLResponse)
@@ -228,8 +235,11 @@ def history(request: Request, name: str):
     user = require_user(request)
     store = store_of(request)
     p = project_or_404(store, name, user)
-    rows = [{"judgement": {f: getattr(r["judgement"], f) for f in HISTORY_FIELDS}, "prompt": r.get("prompt", "")}
-            for r in store.labeler_history(p.id, user.id)]
+    history = store.labeler_history(p.id, user.id)
+    # a demonstration's review (accept / reject and the admin's note) is the labeler's to read
+    reviews = reviews_of(store, [r["judgement"].id for r in history]) if p.task_type == "demonstration" else {}
+    rows = [{"judgement": {f: getattr(r["judgement"], f) for f in HISTORY_FIELDS}, "prompt": r.get("prompt", ""),
+             "review": reviews.get(r["judgement"].id)} for r in history]
     return render(request, "history.html", {"project": p, "rows": rows, "progress": store.progress(p.id, user.id)})
 
 
