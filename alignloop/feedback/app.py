@@ -19,6 +19,7 @@ import gc
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -30,7 +31,7 @@ from .errors import Forbidden, NotFound
 from .security import resolve_secret_key
 from .sessions import SESSION_IDLE_S, SESSION_MAX_S, SessionManager
 from .store import Store
-from .web import admin, api, auth, labeling
+from .web import admin, api, auth, conversations, labeling
 from .web.common import (
     BUSY_ERRORS,
     OUT_OF_RANGE_ERRORS,
@@ -47,6 +48,9 @@ from .web.common import (
     on_redirect,
 )
 from .web.gate import MAX_BODY_BYTES, MAX_IMPORT_BYTES, Gate
+
+if TYPE_CHECKING:
+    from .generation import GenerationWorker
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -79,7 +83,7 @@ class SecurityHeaders:
 
 
 def _lifespan(store: Store, sessions: SessionManager, threads: int | None, background_checkpoints: bool,
-              freeze_gc: bool):
+              freeze_gc: bool, generation: conversations.Generation):
     @asynccontextmanager
     async def lifespan(_app):
         if threads:
@@ -95,6 +99,7 @@ def _lifespan(store: Store, sessions: SessionManager, threads: int | None, backg
         try:
             yield
         finally:
+            generation.stop()  # the worker it built (lazily, on the first generation), if any
             sessions.stop_validator()
             if checkpointing:
                 store.stop_checkpointer()
@@ -109,7 +114,10 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
                inline_db: bool | None = None, freeze_gc: bool = True,
                background_checkpoints: bool = True, group_commit: bool | None = None,
                session_idle_timeout: int = SESSION_IDLE_S, max_body_bytes: int = MAX_BODY_BYTES,
-               max_import_bytes: int = MAX_IMPORT_BYTES, clock: Callable[[], float] | None = None) -> FastAPI:
+               max_import_bytes: int = MAX_IMPORT_BYTES, clock: Callable[[], float] | None = None,
+               generation: GenerationWorker | None = None, generation_queue: int = 8,
+               generation_timeout_s: float = 120.0, generation_threads: int = 1,
+               generation_backend: str | None = None) -> FastAPI:
     """`session_max_age` / `session_idle_timeout`: a session ends this many seconds after sign-in / after its last
     request (default 14 days / 12 hours). `max_body_bytes`: the largest request body (413 past it; default 1 MiB);
     `max_import_bytes`: the same for the admin import upload (default 256 MiB). `clock`: epoch seconds for the
@@ -120,7 +128,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
     loaded (full collections then stay short). `background_checkpoints`: SQLite WAL checkpoints (where SQLite
     fsyncs) run in a background thread while the server runs, not in the request that happens to commit
     (`Store.start_checkpointer`). `group_commit`: the JSON submit+next calls that arrive together are stored in one
-    transaction, each acknowledged after its COMMIT (default: with `inline_db`)."""
+    transaction, each acknowledged after its COMMIT (default: with `inline_db`).
+    `generation`: the conversation task's worker (`generation.GenerationWorker`; its owner starts and stops it);
+    without one, a worker with `generation_queue` (jobs queued or running at most), `generation_timeout_s`,
+    `generation_threads` (torch threads of its process) and `generation_backend` ("module:function"; default the
+    Hugging Face backend) is built and started on the first generation (an app without conversations never spawns
+    its process) and stopped with the server."""
     if isinstance(store, str):
         store = Store(store)
     key = resolve_secret_key(secret_key, store.url)
@@ -133,9 +146,12 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         group_commit = inline_db
 
     sessions = SessionManager(store, idle_s=session_idle_timeout, max_s=session_max_age, clock=clock or time.time)
+    gen = conversations.Generation(store, generation, queue=generation_queue, timeout_s=generation_timeout_s,
+                                   threads=generation_threads, backend=generation_backend)
     app = FastAPI(title="alignloop feedback", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_lifespan(store, sessions, threads, background_checkpoints, freeze_gc))
+                  lifespan=_lifespan(store, sessions, threads, background_checkpoints, freeze_gc, gen))
     app.state.store = store
+    app.state.generation = gen
     app.state.web = WebContext(store=store, templates=make_templates(), sessions=sessions,
                                throttle=auth.LoginThrottle(), inline_db=inline_db,
                                batcher=api.GroupCommit(store) if group_commit else None)
@@ -153,7 +169,7 @@ def create_app(store: Store | str, secret_key: str | None = None, secure_cookies
         app.add_exception_handler(busy, on_busy)
     for out_of_range in OUT_OF_RANGE_ERRORS:  # an id >= 2**63: 404, not 500 (H2)
         app.add_exception_handler(out_of_range, on_out_of_range)
-    for router in (auth.router, labeling.router, admin.router, api.router):
+    for router in (auth.router, labeling.router, admin.router, api.router, conversations.router):
         app.include_router(router)
     app.router.routes.insert(0, api.submit_route())  # the labeling hot path: matched first
     return app
