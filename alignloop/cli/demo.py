@@ -39,6 +39,13 @@ DEFAULT_DIRS = {"reviews": "runs/demo", "arithmetic": "runs/demo-arithmetic", "p
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--human", is_flag=True, help="Stop after sampling and serve the labeling app for people to judge; "
                                             "then run `alignloop demo --resume`.")
+@click.option("--feedback-mode", type=click.Choice(("pairs", "conversation")), default="pairs", show_default=True,
+              help="--human: pairs (judge two sampled reviews at a time) or conversation (talk with the SFT model in "
+                   "the app: at each turn pick the better of its two replies on the 8-point scale, end with a 1-7 "
+                   "rating; each choice trains the reward model).")
+@click.option("--demonstrations", is_flag=True,
+              help="--human: first write demonstrations in the app (improve the base model's review of each prompt, "
+                   "or write your own); SFT trains on them beside the generated ones. Then the run continues.")
 @click.option("--resume", is_flag=True, help="Continue a run: finished stages are skipped.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="--human: where to serve the app.")
 @click.option("--port", type=int, default=8000, show_default=True, help="--human: port of the app.")
@@ -51,7 +58,8 @@ DEFAULT_DIRS = {"reviews": "runs/demo", "arithmetic": "runs/demo-arithmetic", "p
               help="Also Constitutional AI and RLAIF: the base model learns to critique, revise and compare, labels "
                    "round 1 as an AI labeler beside the simulated people, and SL-CAI and RL-CAI policies are trained "
                    "and compared with the human-feedback ones.")
-def demo(task, personal, output_dir, quick, seed, human, resume, host, port, no_serve, threads, rounds, ai_feedback):
+def demo(task, personal, output_dir, quick, seed, human, feedback_mode, demonstrations, resume, host, port, no_serve,
+         threads, rounds, ai_feedback):
     if personal and task != "reviews":
         raise UserError("--personal is a demo of its own on the movie reviews; it takes no --task")
     task = "personal" if personal else task
@@ -61,19 +69,22 @@ def demo(task, personal, output_dir, quick, seed, human, resume, host, port, no_
     ran = json.loads(state.read_text()).get("task", "reviews") if state.exists() else task
     if ran != task:
         raise UserError(f"{out} holds a run of the {ran} demo; use another --output-dir")
+    others = human or ai_feedback or rounds != 1 or demonstrations or feedback_mode != "pairs"
     if task == "arithmetic":
-        arithmetic_demo(out, quick, seed, resume, threads, human or ai_feedback or rounds != 1)
+        arithmetic_demo(out, quick, seed, resume, threads, others)
         return
     if task == "personal":
-        personal_demo(out, quick, seed, resume, threads, human or ai_feedback or rounds != 1)
+        personal_demo(out, quick, seed, resume, threads, others)
         return
     if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     size = DemoSize.quick() if quick else DemoSize()
     result = run_demo(out, size, seed=seed, human=human, resume=resume, echo=echo, threads=threads,
-                      rounds=rounds, ai_feedback=ai_feedback)
+                      rounds=rounds, ai_feedback=ai_feedback, feedback_mode=feedback_mode,
+                      demonstrations=demonstrations)
     if result.get("stopped") == "human":
-        click.echo(json.dumps({"stopped": "human", "db": result["db"], "project": result["project"]}))
+        click.echo(json.dumps({"stopped": "human", "db": result["db"], "project": result["project"],
+                               "task": result.get("task", "pairwise")}))
         serve_for_human(result["db"], result["project"], host, port, not no_serve,
                          f"alignloop demo --resume --output-dir {output_dir}")
         return
@@ -84,7 +95,8 @@ def demo(task, personal, output_dir, quick, seed, human, resume, host, port, no_
 def arithmetic_demo(out: Path, quick: bool, seed: int, resume: bool, threads: int | None, other_options: bool) -> None:
     """`--task arithmetic`: run it, print the summary line, the best-of-N table and where the report is."""
     if other_options:
-        raise UserError("--human, --rounds and --ai-feedback belong to the movie-review demo, not --task arithmetic")
+        raise UserError("--human, --rounds, --ai-feedback, --feedback-mode and --demonstrations belong to the "
+                        "movie-review demo, not --task arithmetic")
     if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     result = run_arith_demo(out, ArithSize.quick() if quick else None, seed=seed, resume=resume, echo=echo,
@@ -102,7 +114,8 @@ def arithmetic_demo(out: Path, quick: bool, seed: int, resume: bool, threads: in
 def personal_demo(out: Path, quick: bool, seed: int, resume: bool, threads: int | None, other_options: bool) -> None:
     """`--personal`: run it, print the summary line, the reward models' and policies' tables and where the report is."""
     if other_options:
-        raise UserError("--human, --rounds and --ai-feedback belong to the default demo, not --personal")
+        raise UserError("--human, --rounds, --ai-feedback, --feedback-mode and --demonstrations belong to the "
+                        "default demo, not --personal")
     if not resume and RunFolder(out, create=False).demo_state.exists():
         echo(f"{out} holds an earlier run: finished stages are reused (use another --output-dir to start over)")
     result = run_personal_demo(out, PersonalSize.quick() if quick else None, seed=seed, resume=resume, echo=echo,

@@ -37,8 +37,21 @@ def print_summary(result: dict) -> None:
         echo(f"note: {n}")
 
 
+# what people do in the app, by the project's task type
+WHAT_TO_DO = {
+    "demonstration": "write the response the assistant should give to each prompt (or edit the sampled answer "
+                     "shown); SFT trains on what you write",
+    "conversation": "talk with the model: send a message, pick the better of its two replies on the 8-point scale "
+                    "(keys 1-8), continue from it, and end each conversation with a 1-7 rating; the reward model "
+                    "trains on your choices",
+}
+
+
 def serve_for_human(db: str, project: str, host: str, port: int, serve: bool, resume_cmd: str) -> None:
+    """Make the person's admin account, print what to do and how to resume, and serve the app (`serve`). The app
+    builds its generation worker on the first conversation turn, so a conversation project is served as it is."""
     store = Store(db)
+    task = store.get_project(project).task_type
     password = secrets.token_urlsafe(9)
     names = {lab.username for lab in store.list_labelers()}
     user = "you"
@@ -49,7 +62,10 @@ def serve_for_human(db: str, project: str, host: str, port: int, serve: bool, re
         cred = f"user '{user}' (password set on the first run)"
     store.dispose()
     echo("")
-    echo(f"Sampling done: project '{project}' in {db} is ready to label.")
+    if task in WHAT_TO_DO:
+        echo(f"Project '{project}' ({task}) in {db} is ready: {WHAT_TO_DO[task]}.")
+    else:
+        echo(f"Sampling done: project '{project}' in {db} is ready to label.")
     if not serve:
         echo(f"Serve the labeling app with: alignloop feedback serve --db {db} --host {host} --port {port}")
     echo(f"Log in at http://{host}:{port} as {cred}. Add more labelers with: "
@@ -70,12 +86,13 @@ def serve_for_human(db: str, project: str, host: str, port: int, serve: bool, re
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--output-dir", default=None, help="Override the run folder of the file.")
 @click.option("--rounds", type=int, default=None, help="Override the number of collect → RM → PPO rounds.")
-@click.option("--human", is_flag=True, help="Stop after the first sampling so people can label in the app.")
+@click.option("--human", is_flag=True, help="Stop after the first sampling so people can label in the app (people "
+                                            "are the labelers: feedback.labelers human).")
 @click.option("--threads", type=int, default=None,
               help="Torch CPU threads (default: all cores on an idle machine, 1 on a busy one).")
 def pipeline(config, output_dir, rounds, human, threads):
     set_threads(threads)
-    cfg = PipelineConfig.from_yaml(config)
+    cfg = PipelineConfig.from_yaml(config, human=human)
     if output_dir:
         cfg.output_dir = output_dir
     if rounds:

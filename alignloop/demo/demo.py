@@ -22,6 +22,12 @@ simulated people (round-1/judge), SL-CAI fine-tunes the SFT model on the base mo
 with the policies trained on the people's labels.
 
 `--human` stops after sampling and serves the labeling app; `--resume` continues from the last finished stage.
+With `--human`, `--demonstrations` first has people write (edit, here: the base model's sampled review of each
+prompt is shown to improve) demonstrations that SFT trains on beside the generated ones, and `--feedback-mode
+conversation` has people converse with the SFT model instead of judging pairs: each turn's choice on the 8-point
+scale is a preference pair for the reward model. In conversation mode the SFT demonstrations are in the chat format
+the app serves the model in (`alignloop.data.chat.PLAIN_CHAT_TEMPLATE`: "User: ...", "Assistant: ..."), so the
+model the person talks to has learnt to answer in it.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from alignloop.demo import critiques, domain
 from alignloop.errors import UserError
 from alignloop.models.tiny import build_tiny_checkpoint
 from alignloop.pipeline import AIFeedbackSettings, EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder
+from alignloop.pipeline.config import DemonstrationSettings
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.loop import set_threads
 
@@ -80,6 +87,10 @@ class DemoSize:
     ai_n_positions: int = 128
     ai_max_length: int = 128
     cai_prompts: int = 192
+    # people in the app: prompts to write demonstrations for, conversation openings and turns per conversation
+    demonstration_prompts: int = 8
+    conversation_openings: int = 8
+    max_turns: int = 4
 
     @classmethod
     def quick(cls) -> DemoSize:
@@ -90,13 +101,18 @@ class DemoSize:
 
 
 def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, rounds: int = 1,
-                ai_feedback: bool = False) -> PipelineConfig:
+                ai_feedback: bool = False, feedback_mode: str = "pairs",
+                demonstrations: bool = False) -> PipelineConfig:
+    """The demo's pipeline config. `feedback_mode` conversation and `demonstrations` need people (the run stops for
+    them): people converse with the SFT model each round / write demonstrations before SFT."""
     run = RunFolder(out, create=False)
     data = run.data_dir
+    conversation = feedback_mode == "conversation"
     cfg = PipelineConfig(
         output_dir=str(out),
         policy=str(run.base_model),
-        sft={"train_file": str(data / "demos.jsonl"), "max_steps": size.sft_steps, "learning_rate": 1e-3,
+        sft={"train_file": str(data / ("chat_demos.jsonl" if conversation else "demos.jsonl")),
+             "max_steps": size.sft_steps, "learning_rate": 1e-3,
              "per_device_batch_size": 32, "warmup_steps": 10, "lr_scheduler": "cosine", "max_length": 96,
              "seed": seed, "progress": False, "tensorboard": False, "logging_steps": 10},
         prompts=str(data / "prompts.jsonl"),
@@ -130,7 +146,27 @@ def demo_config(out: Path, size: DemoSize, seed: int = 0, human: bool = False, r
         rounds=rounds, seed=seed, human_stop=human)
     if ai_feedback:
         cfg.ai_feedback = ai_feedback_section(run, size)
+    if conversation:   # people converse with the round's policy instead of judging sampled pairs
+        cfg.feedback.mode, cfg.feedback.labelers = "conversation", "human"
+        cfg.feedback.num_prompts, cfg.feedback.max_turns, cfg.feedback.overlap_k = \
+            size.conversation_openings, size.max_turns, 1
+    if demonstrations:
+        cfg.demonstrations = DemonstrationSettings(
+            num_prompts=size.demonstration_prompts, overlap_k=1, min_chars=20, edit=True, seed=seed,
+            guidelines="# Write the review\nImprove the review shown (or write your own): a well-formed review of "
+                       "the film, as positive as it honestly can be. SFT trains on what you write.")
     return cfg
+
+
+def chat_demos(data: Path) -> Path:
+    """The demonstrations as conversations (one user message, the assistant's review), for conversation mode: SFT
+    learns to answer in the chat format the app serves the model in. Written once, beside demos.jsonl."""
+    path = data / "chat_demos.jsonl"
+    if not path.exists():
+        write_rows([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                     "completion": [{"role": "assistant", "content": r["completion"].strip()}]}
+                    for r in read_rows(data / "demos.jsonl")], path)
+    return path
 
 
 def ai_feedback_section(run: RunFolder, size: DemoSize) -> AIFeedbackSettings:
@@ -214,10 +250,12 @@ def stage_base(folder: Path, data: Path, size: DemoSize, seed: int, ai_feedback:
 
 def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None, seed: int = 0, human: bool = False,
              resume: bool = False, echo: Callable[[str], None] = print, threads: int | None = None,
-             rounds: int = 1, ai_feedback: bool = False) -> dict:
+             rounds: int = 1, ai_feedback: bool = False, feedback_mode: str = "pairs",
+             demonstrations: bool = False) -> dict:
     """Run (or resume) the demo. Returns the summary the CLI prints as JSON. `ai_feedback`: Constitutional AI and
     RLAIF too (the base model learns to critique and compare; SL-CAI and RL-CAI policies; the AI labeler measured
-    against the simulated people and the gold scorer)."""
+    against the simulated people and the gold scorer). `feedback_mode` conversation / `demonstrations`: people
+    converse with the policy / write demonstrations (with `human`)."""
     size = size or DemoSize()
     set_threads(threads)
     out = Path(output_dir)
@@ -230,15 +268,23 @@ def run_demo(output_dir: str | Path = "runs/demo", size: DemoSize | None = None,
         human = state.get("human", False)
         rounds = state.get("rounds", rounds)
         ai_feedback = state.get("ai_feedback", False)
+        feedback_mode = state.get("feedback_mode", "pairs")
+        demonstrations = state.get("demonstrations", False)
     elif state_file.exists() and json.loads(state_file.read_text()).get("ai_feedback", False) != ai_feedback:
         raise UserError(f"{out} holds a demo run {'with' if not ai_feedback else 'without'} --ai-feedback (its base "
                         f"model saw {'other' if not ai_feedback else 'no'} critique and comparison documents); use "
                         f"another --output-dir")
+    if (feedback_mode == "conversation" or demonstrations) and not human:
+        raise UserError("--feedback-mode conversation and --demonstrations are done by people in the app: add --human")
     state_file.write_text(json.dumps({"size": asdict(size), "seed": seed, "human": human, "rounds": rounds,
-                                      "ai_feedback": ai_feedback}, indent=1))
+                                      "ai_feedback": ai_feedback, "feedback_mode": feedback_mode,
+                                      "demonstrations": demonstrations}, indent=1))
     run.stage(run.DATA, lambda f: stage_data(f, size, seed, ai_feedback))
     run.stage(run.BASE, lambda f: stage_base(f, run.data_dir, size, seed, ai_feedback))
-    cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds, ai_feedback=ai_feedback)
+    if feedback_mode == "conversation":
+        chat_demos(run.data_dir)
+    cfg = demo_config(out, size, seed, human=human and not resume, rounds=rounds, ai_feedback=ai_feedback,
+                      feedback_mode=feedback_mode, demonstrations=demonstrations)
     if human and resume:
         cfg.feedback.labelers = "human"
     return Pipeline(cfg, echo, run=run).run_all()

@@ -60,6 +60,35 @@ class FeedbackSettings:
     thumbs_threshold: float | None = _f(None, "Simulated thumbs: a careful judge says up with probability "
                                               "σ((gold − threshold)/τ); default: the median gold score of the "
                                               "round's completions.")
+    mode: str = _f("pairs", "pairs (each round samples completions into pairwise or thumbs items) or conversation "
+                            "(people converse with the round's policy in the app, choosing the better of two "
+                            "candidate replies per turn on the 8-point scale; each choice is a preference pair). "
+                            "conversation needs people: feedback.labelers human (or --human).")
+    max_turns: int = _f(10, "Conversation mode: turns per conversation at most (generation uses max_new_tokens and "
+                            "temperature above; the model served is the round's policy).")
+
+
+MODES = ("pairs", "conversation")
+
+
+@dataclass
+class DemonstrationSettings:
+    """People write the responses SFT trains on (the `demonstrations:` section; InstructGPT's step 1): the run starts
+    with a demonstration project of the training prompts and stops for people; on resume SFT trains on their
+    demonstrations (plus the `sft` section's own train rows, when given; without an `sft` section, SFT's defaults)."""
+    num_prompts: int = _f(32, "Training prompts people write demonstrations for.")
+    overlap_k: int = _f(1, "Distinct labelers per prompt (each labeler's demonstration is a training row).")
+    min_chars: int = _f(20, "Shortest demonstration accepted (characters, after stripping).")
+    edit: bool = _f(False, "Sample one answer per prompt from the starting policy for people to edit (the original "
+                           "kept); else they write from scratch.")
+    guidelines: str = _f("# Write the response\nWrite the response the assistant should give to the prompt.",
+                         "Markdown guidelines shown to labelers.")
+    review: str = _f("not_rejected", "Which demonstrations SFT trains on: not_rejected (all but those an admin "
+                                     "rejected) or accepted (only those an admin accepted).")
+    seed: int = _f(0, "Seed of the prompt choice and of the sampled answers.")
+
+
+REVIEWS = ("accepted", "not_rejected")
 
 
 LABELERS = ("simulated", "human", "ai", "ai+human", "ai+simulated")
@@ -106,6 +135,8 @@ class PipelineConfig:
     sft: dict | None = _f(None, "SFTConfig fields (train_file required); leave out when `policy` is already SFT.")
     prompts: str | list | None = _f(None, "Prompt file ({prompt} rows) or a list of strings.")
     eval_prompts: str | list | None = _f(None, "Held-out prompts; default: the last eval.num_prompts of `prompts`.")
+    demonstrations: DemonstrationSettings | None = _f(None, "People write demonstrations for SFT before the rounds "
+                                                            "(the run stops for them); null: none.")
     preferences: str | None = _f(None, "Existing preference data ({prompt, chosen, rejected}; thumbs projects: "
                                        "unpaired {prompt, completion, label}); round 1 uses it instead of collecting.")
     feedback: FeedbackSettings = _f(FeedbackSettings, "Collection and labeling.")
@@ -137,7 +168,8 @@ class PipelineConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(bad)}; expected {', '.join(sorted(known))}")
-        for name, sub in (("feedback", FeedbackSettings), ("eval", EvalSettings), ("ai_feedback", AIFeedbackSettings)):
+        for name, sub in (("feedback", FeedbackSettings), ("eval", EvalSettings), ("ai_feedback", AIFeedbackSettings),
+                          ("demonstrations", DemonstrationSettings)):
             v = d.get(name)
             if isinstance(v, dict):
                 bad = sorted(set(v) - set(sub.__dataclass_fields__))
@@ -163,8 +195,11 @@ class PipelineConfig:
                                   f"{getattr(cfg, name)!r}")
         if cfg.rounds < 1:
             raise ConfigError(f"{where}: rounds must be >= 1")
-        if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows"):
-            raise ConfigError(f"{where}: sft.train_file is required when an sft section is given")
+        if cfg.sft is not None and not cfg.sft.get("train_file") and not cfg.sft.get("train_rows") \
+                and cfg.demonstrations is None:
+            raise ConfigError(f"{where}: sft.train_file is required when an sft section is given (or a "
+                              f"demonstrations section, whose demonstrations SFT trains on)")
+        check_people(cfg, where)
         return cfg
 
     def ai_labels(self) -> bool:
@@ -173,9 +208,15 @@ class PipelineConfig:
         return self.ai_feedback is not None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+    def from_yaml(cls, path: str | Path, human: bool = False) -> PipelineConfig:
+        """The file's config; `human` (the CLI's --human) makes people the labelers before the checks, so a
+        conversation-mode file without `feedback.labelers: human` runs with it."""
         p = Path(path)
         d = read_yaml(p)  # missing file, bad YAML, non-mapping: ConfigError naming the file
+        if human:
+            d["human_stop"] = True
+            if isinstance(d.get("feedback"), dict) or d.get("feedback") is None:
+                d["feedback"] = {**(d.get("feedback") or {}), "labelers": "human"}
         # relative paths in the file are relative to the file
         base = p.parent
         for key in ("policy", "prompts", "eval_prompts", "preferences"):
@@ -205,3 +246,33 @@ def _check_ai(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: ai_feedback.cai must be a mapping of CAIConfig fields or null")
     if cfg.feedback.task_type == "thumbs":
         raise ConfigError(f"{where}: the AI labeler judges pairs; feedback.task_type thumbs cannot use it")
+
+
+def check_people(cfg: PipelineConfig, where: str = "config") -> None:
+    """The feedback mode and the demonstrations section: what people do in the app, checked before any work."""
+    fb, demo = cfg.feedback, cfg.demonstrations
+    if fb.mode not in MODES:
+        raise ConfigError(f"{where}: feedback.mode must be pairs or conversation, got {fb.mode!r}")
+    if fb.mode == "conversation":
+        if fb.labelers != "human" and not (cfg.human_stop and fb.labelers == "simulated"):
+            raise ConfigError(f"{where}: feedback.mode conversation needs people (they converse with the policy in "
+                              f"the app; simulated and AI labelers cannot): set feedback.labelers to human, got "
+                              f"{fb.labelers!r}")
+        if fb.task_type != "pairwise":
+            raise ConfigError(f"{where}: feedback.mode conversation compares two replies per turn; feedback.task_type "
+                              f"must be pairwise, got {fb.task_type!r}")
+        if cfg.ai_feedback is not None:
+            raise ConfigError(f"{where}: the ai_feedback section judges pairwise items; feedback.mode conversation "
+                              f"has none (leave ai_feedback out)")
+        if not 1 <= fb.max_turns <= 100:
+            raise ConfigError(f"{where}: feedback.max_turns must be 1..100, got {fb.max_turns!r}")
+    if demo is None:
+        return
+    for name in ("num_prompts", "overlap_k", "min_chars"):
+        v = getattr(demo, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: demonstrations.{name} must be an integer >= 1, got {v!r}")
+    if demo.review not in REVIEWS:
+        raise ConfigError(f"{where}: demonstrations.review must be accepted or not_rejected, got {demo.review!r}")
+    if not isinstance(demo.edit, bool):
+        raise ConfigError(f"{where}: demonstrations.edit must be true or false, got {demo.edit!r}")

@@ -335,6 +335,7 @@ def write_report(root: str | Path, notes: list[str] | None = None) -> dict:
     per_round = [q for q in (read_json(run.quality(r)) for r in range(1, run.rounds() + 1)) if q]
     md += _checks(summ, res.get("best_of_n") or {}, quality, rm_info, times, per_round)
     md += _results_section(res)
+    md += _people_section(run, per_round)
     md += _ai_section(run, quality, summ)
     md += _plot_sections(plots, quality, rm_info)
     if times:
@@ -367,6 +368,28 @@ def _results_section(res: dict) -> list[str]:
                table(["N", "gold reward", "RM reward", "KL bound"],
                       [[n, fmt(bon[n].get("gold/mean")), fmt(bon[n].get("rm/mean")), fmt(bon[n].get("kl"), 2)]
                        for n in sorted(bon, key=int)]), ""]
+    return md
+
+
+def _people_section(run: RunFolder, per_round: list[dict]) -> list[str]:
+    """What people wrote and said beyond pairwise labels: the demonstrations SFT trained on, and each conversation
+    round's figures (conversations, turns, pairs from the chosen turns, the mean 1-7 rating)."""
+    md: list[str] = []
+    sft = run.info(run.SFT) or {}
+    if sft.get("demonstrations"):
+        md += ["## Demonstrations", "",
+               f"SFT trained on {sft['demonstrations']} demonstrations people wrote (of {sft.get('train_rows')} "
+               f"rows; sft/train_rows.jsonl).", ""]
+    rounds = [(i, q) for i, q in enumerate(per_round, 1) if q.get("task_type") == "conversation"]
+    if rounds:
+        md += ["## Conversations", "",
+               "People conversed with each round's policy, choosing the better of two replies at each turn on the "
+               "8-point scale; each choice is a preference pair (its strength the margin).", "",
+               table(["round", "conversations", "turns", "pairs", "ended (rated)", "mean rating (1-7)", "strengths"],
+                     [[i, q.get("conversations"), q.get("turns"), q.get("pairs"), q.get("ended"),
+                       fmt(q.get("mean_rating"), 2),
+                       ", ".join(f"{k} {v}" for k, v in (q.get("strengths") or {}).items()) or "–"]
+                      for i, q in rounds]), ""]
     return md
 
 
@@ -492,12 +515,16 @@ def _checks(summ: dict, bon: dict, quality: dict | None, rm_info: dict | None, t
         rising = all(b >= a for a, b in itertools.pairwise(golds))
         lines.append(f"- best-of-N {'rises' if rising else 'does NOT rise monotonically'} with N: "
                      + ", ".join(f"N={n}: {bon[n]['gold/mean']:.2f}" for n in ns))
-    if quality:
+    conversations = (quality or {}).get("task_type") == "conversation"
+    if quality and not conversations:
         flagged = quality.get("flagged") or []
         reasons = "; ".join(f"{w}: {', '.join(quality['flags'].get(w, []))}" for w in flagged)
         lines.append(f"- flagged labelers: {', '.join(flagged) if flagged else 'none'}" + (f" ({reasons})" if reasons
                                                                                              else ""))
-    if rm_info and quality and rm_info.get("eval/accuracy") is not None:
+    if rm_info and conversations and rm_info.get("eval/accuracy") is not None:
+        lines.append(f"- reward model held-out accuracy {rm_info['eval/accuracy']:.2f} on the conversations' turns "
+                     f"(prompts never trained on)")
+    elif rm_info and quality and rm_info.get("eval/accuracy") is not None:
         agree = ", ".join(f"{fmt(q.get('pairwise_percent_agreement'), 2)} (round {i})"
                           for i, q in enumerate(per_round or [quality], 1))
         lines.append(f"- reward model held-out accuracy {rm_info['eval/accuracy']:.2f} (prompts never trained on) vs "

@@ -9,12 +9,17 @@ Layout:
     stages.json                         wall time of every finished stage
     data/, base/final                   the demo's generated data and pretrained base model (demo only)
     demo.json                           the demo's sizes and seed (demo only; `--resume` reads it)
-    sft/final                           the SFT model (when the run fine-tunes one)
-    feedback.db                         the feedback store: one project per round (round-1, round-2, ...)
-    round-N/sample/samples.jsonl        completions imported into the store
+    demonstrations/                     the demonstration project's creation (the `demonstrations` section):
+                                        prompts.jsonl (what people write for, with the sampled answer to edit)
+    sft/final                           the SFT model (when the run fine-tunes one); sft/train_rows.jsonl (what it
+                                        trained on, people's demonstrations first, when there are any)
+    feedback.db                         the feedback store: one project per round (round-1, round-2, ...) and the
+                                        demonstration project (demonstrations)
+    round-N/sample/samples.jsonl        completions imported into the store (conversation mode: the openings)
     round-N/judge/                      the AI labeler's judging of the round's project (ai_feedback; its summary)
-    round-N/label/quality.json          labeler statistics, flags, agreement; preferences.jsonl (the export: pairs,
-                                        or unpaired {prompt, completion, label} rows of a thumbs project);
+    round-N/label/quality.json          labeler statistics, flags, agreement (conversation mode: counts and the mean
+                                        rating); preferences.jsonl (the export: pairs (conversation mode: one per
+                                        chosen turn), or unpaired {prompt, completion, label} rows of a thumbs project);
                                         preferences_ai.jsonl (the AI labeler's pairs alone, for RL-CAI)
     round-N/rm/final                    the reward model (heldout_preferences.jsonl: its held-out pairs)
     round-N/ppo/final                   the PPO policy (metrics.jsonl: its training curve)
@@ -45,6 +50,7 @@ class RunFolder:
     Stage names: the constants below, and `round_stage(r, step)` for a round's sample / label / rm / ppo."""
 
     DATA, BASE, SFT, DPO, KTO, RS, EVAL = "data", "base", "sft", "dpo", "kto", "rs", "eval"
+    DEMONSTRATIONS = "demonstrations"   # the stage, and the store's project, of people's demonstrations
     RLOO, GRPO, ONLINE_DPO = "rloo", "grpo", "online_dpo"
     SL_CAI, RL_CAI_RM, RL_CAI = "sl_cai", "rl_cai/rm", "rl_cai/policy"   # Constitutional AI (the ai_feedback section)
     ONLINE = (("RLOO", RLOO), ("GRPO", GRPO), ("Online DPO", ONLINE_DPO))   # evaluated name, stage: SFT vs the RM
@@ -109,6 +115,15 @@ class RunFolder:
     @property
     def sft_model(self) -> Path:
         return self.root / self.SFT / "final"
+
+    @property
+    def sft_rows(self) -> Path:
+        """The rows the SFT stage trained on (written when people's demonstrations are among them)."""
+        return self.root / self.SFT / "train_rows.jsonl"
+
+    @property
+    def demonstration_prompts(self) -> Path:
+        return self.root / self.DEMONSTRATIONS / "prompts.jsonl"
 
     @property
     def feedback_db(self) -> Path:

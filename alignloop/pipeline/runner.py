@@ -18,6 +18,12 @@ round-N/judge; its labels are trained on when `feedback.labelers` is ai, ai+huma
 the SFT model on its own critiqued-and-revised samples (`ai_feedback.cai`), and RL-CAI trains `ai_feedback.rl` (PPO,
 RLOO or GRPO) against a reward model of the AI labels alone, so both arms are evaluated next to the policies trained
 on people's labels.
+People beyond pairwise labels (`alignloop.pipeline.people`): a `demonstrations:` section starts the run with a
+demonstration project; the run stops for people to write, and on resume SFT trains on their demonstrations.
+`feedback.mode: conversation` makes each round a conversation project served with the round's policy; the run stops
+for people to converse, and on resume the reward model trains on their per-turn choices. In conversation mode the
+prompts PPO, the online trainers, rejection sampling and the evaluation sample from are rendered in the chat format
+the app generated in (`people.chat_prompts`).
 The layout of the run folder: `alignloop.pipeline.run_folder`; the stages: `alignloop.pipeline.stages`.
 """
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Callable
 
 from alignloop.data import prompt_texts
 from alignloop.errors import UserError
-from alignloop.pipeline import stages
+from alignloop.pipeline import people, stages
 from alignloop.pipeline.config import PipelineConfig
 from alignloop.pipeline.report import write_report
 from alignloop.pipeline.run_folder import RunFolder
@@ -52,14 +58,18 @@ class Pipeline:
         self.eval_prompts = self.eval_prompts[:cfg.eval.num_prompts]
         if not self.train_prompts:
             raise UserError("no training prompts")
+        # as written: the openings of conversation rounds (the prompts sampled from are rendered in chat form then)
+        self.plain_prompts, self.plain_eval_prompts = list(self.train_prompts), list(self.eval_prompts)
 
     def sft_model(self) -> str:
-        return self.cfg.policy if self.cfg.sft is None else str(self.run.sft_model)
+        trains_sft = self.cfg.sft is not None or self.cfg.demonstrations is not None
+        return str(self.run.sft_model) if trains_sft else self.cfg.policy
 
     def run_all(self) -> dict:
         cfg, run = self.cfg, self.run
-        if cfg.sft is not None:
-            run.stage(run.SFT, lambda f: stages.stage_sft(f, cfg))
+        stopped = self._sft()
+        if stopped:
+            return stopped
         sft = self.sft_model()
         policy, rm, pref_files, ai_files = sft, None, [], []
         thumbs = cfg.feedback.task_type == "thumbs"
@@ -100,22 +110,55 @@ class Pipeline:
         return {"run": str(run.root), "sft": sft, "reward_model": rm, "policies": policies,
                 "report": str(run.report_html), "results": results.get("summary", {}), "notes": self.notes}
 
+    def _sft(self) -> dict | None:
+        """People's demonstrations (the run stops once their project is made) and SFT; a dict when the run must
+        stop. In conversation mode the prompts are then rendered in the SFT model's chat format."""
+        cfg, run = self.cfg, self.run
+        if cfg.demonstrations is not None:
+            made_now = not run.done(run.DEMONSTRATIONS)
+            info = run.stage(run.DEMONSTRATIONS, lambda f: people.stage_demonstrations(f, cfg, run, self.train_prompts))
+            if made_now:   # people write in the app; running the same command again trains SFT on what they wrote
+                return {"stopped": "human", "db": str(run.feedback_db), "project": info["project"],
+                        "task": "demonstration"}
+        if cfg.sft is not None or cfg.demonstrations is not None:
+            run.stage(run.SFT, lambda f: stages.stage_sft(f, cfg, run))
+        if people.conversation_mode(cfg):   # the policies trained on conversations are sampled as the app did
+            sft = self.sft_model()
+            self.train_prompts, self.eval_prompts = (people.chat_prompts(sft, self.plain_prompts),
+                                                     people.chat_prompts(sft, self.plain_eval_prompts))
+        return None
+
     def _collect(self, r: int, policy: str, pref_files: list[str], ai_files: list[str]) -> dict | None:
         """Sample and label round r (its preferences appended to `pref_files`, the AI labeler's alone to `ai_files`);
         a dict when the run must stop for people to label."""
         cfg, run = self.cfg, self.run
+        if people.conversation_mode(cfg):
+            return self._converse(r, policy, pref_files)
         run.stage(run.round_stage(r, "sample"),
                   lambda f: stages.stage_sample(f, cfg, run, r, policy, self.train_prompts))
         if cfg.ai_labels() and (r == 1 or cfg.ai_feedback.judge_all_rounds):
             run.stage(run.round_stage(r, "judge"), lambda f: stages.stage_judge(f, cfg, run, r, self.sft_model()))
-        people = cfg.human_stop or "human" in cfg.feedback.labelers.split("+")
-        if people and not run.done(run.round_stage(r, "label")) and not stages.has_judgements(run, r):
+        by_people = cfg.human_stop or "human" in cfg.feedback.labelers.split("+")
+        if by_people and not run.done(run.round_stage(r, "label")) and not stages.has_judgements(run, r):
             # people label in the app; running the same command again continues from here
             return {"stopped": "human", "db": str(run.feedback_db), "project": run.project(r)}
         info = run.stage(run.round_stage(r, "label"), lambda f: stages.stage_label(f, cfg, run, r))
         pref_files.append(info["preferences"])
         if info.get("preferences_ai") and run.done(run.round_stage(r, "judge")):
             ai_files.append(info["preferences_ai"])
+        return None
+
+    def _converse(self, r: int, policy: str, pref_files: list[str]) -> dict | None:
+        """Round r as a conversation project served with `policy` (its openings the plain training prompts); a
+        dict when the run must stop for people to converse, else the round's pairs appended to `pref_files`."""
+        cfg, run = self.cfg, self.run
+        info = run.stage(run.round_stage(r, "sample"),
+                         lambda f: people.stage_converse(f, cfg, run, r, policy, self.plain_prompts))
+        if not run.done(run.round_stage(r, "label")) and not people.has_conversation_pairs(run, r):
+            return {"stopped": "human", "db": str(run.feedback_db), "project": info["project"],
+                    "task": "conversation"}
+        info = run.stage(run.round_stage(r, "label"), lambda f: people.stage_conversation_label(f, cfg, run, r))
+        pref_files.append(info["preferences"])
         return None
 
     def _constitutional(self, sft: str, ai_files: list[str]) -> dict[str, str]:

@@ -26,7 +26,8 @@ from alignloop.feedback import quality
 from alignloop.feedback.export import ExportOptions, export_records
 from alignloop.feedback.importing import comparable_completions
 from alignloop.feedback.store import Store
-from alignloop.models import load_causal_lm
+from alignloop.models import load_causal_lm, load_tokenizer
+from alignloop.pipeline import people
 from alignloop.pipeline.config import FeedbackSettings, PipelineConfig
 from alignloop.pipeline.labelers import ai_agreement_by_order, default_labelers, gold_agreement, simulate_labeling
 from alignloop.pipeline.run_folder import RunFolder
@@ -56,12 +57,30 @@ def numbers(info: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ SFT, collection
-def stage_sft(folder: Path, cfg: PipelineConfig) -> dict:
-    section = dict(cfg.sft)
+def stage_sft(folder: Path, cfg: PipelineConfig, run: RunFolder | None = None) -> dict:
+    """SFT of the starting policy on the `sft` section's rows, and on people's demonstrations (the `demonstrations`
+    section: they come first; without an `sft` section, SFT's defaults train on them alone; the rows trained on are
+    written to sft/train_rows.jsonl). In conversation mode the SFT model's tokenizer is saved with the chat template
+    the app generates with (`people.chat_tokenizer`)."""
+    section = dict(cfg.sft or {})
+    section.setdefault("seed", cfg.seed)
     rows = section.pop("train_rows", None)
+    chat = people.conversation_mode(cfg)
+    info: dict = {}
+    if cfg.demonstrations is not None:
+        own_template = bool(getattr(load_tokenizer(cfg.policy), "chat_template", None))
+        demos, summary = people.demonstration_rows(cfg, run, chat=chat or own_template)
+        own = [dict(r) for r in rows or []]
+        if section.get("train_file"):
+            own += [dict(r) for r in read_rows(section.pop("train_file"))]
+        rows = demos + own
+        write_rows(rows, run.sft_rows)
+        info = {"demonstrations": len(demos), "train_rows": len(rows), "rows_file": str(run.sft_rows),
+                "demonstrations_export": summary}
     args = trainer_config(SFTConfig, section, model=cfg.policy, output_dir=str(folder))
-    res = SFTTrainer(model=cfg.policy, args=args, train_dataset=rows).train()
-    return {"model": res.output_dir, "steps": res.steps, **res.metrics}
+    res = SFTTrainer(model=cfg.policy, args=args, train_dataset=rows,
+                     tokenizer=people.chat_tokenizer(cfg.policy) if chat else None).train()
+    return {"model": res.output_dir, "steps": res.steps, **info, **res.metrics}
 
 
 def threshold_settings(fb: FeedbackSettings) -> dict:
@@ -79,9 +98,7 @@ def stage_sample(folder: Path, cfg: PipelineConfig, run: RunFolder, round_: int,
     `feedback.task_type` (pairwise or thumbs; empty samples are left out and identical ones kept once: they make
     an uninformative pair, or the same item twice; `samples_left_out` counts them)."""
     fb = cfg.feedback
-    prompts = list(train_prompts)
-    random.Random(fb.seed + round_).shuffle(prompts)
-    prompts = prompts[:fb.num_prompts]
+    prompts = people.pick_prompts(train_prompts, fb.num_prompts, fb.seed + round_)
     model, tok = load_policy(policy)
     K = fb.completions_per_prompt
     s = sample_policy(model, tok, prompts, K, fb.max_new_tokens, fb.temperature, seed=fb.seed + 100 * round_)
@@ -217,6 +234,12 @@ def percent_agreement(ann: dict, exclude: set) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def chat_tokenizer(cfg: PipelineConfig, model: str):
+    """Conversation mode: `model`'s tokenizer with the chat template the app generated with (conversational pairs
+    are rendered in it); otherwise None (the trainer loads the model's own)."""
+    return people.chat_tokenizer(model) if people.conversation_mode(cfg) else None
+
+
 def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts)."""
     prompts = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
@@ -236,7 +259,8 @@ def read_preferences(pref_files: list[str]) -> list[dict]:
 
 def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:
     """The reward model on the preferences of every round so far, held out by prompt: no judgement of a held-out
-    prompt's pairs (another labeler's, or the reverse order) is trained on."""
+    prompt's pairs (another labeler's, or the reverse order) is trained on. Conversation mode: the pairs are
+    conversations (messages), tokenised in the chat format the app generated them in."""
     rows = read_preferences(pref_files)
     if len(rows) < 4:
         raise UserError(f"only {len(rows)} preference pairs: too few to train a reward model")
@@ -248,7 +272,8 @@ def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list
         rows, eval_rows = split_by_prompt(rows, fraction, section["seed"])
         write_rows(eval_rows, folder / "heldout_preferences.jsonl")
     args = trainer_config(RewardConfig, section, model=sft_model, output_dir=str(folder), eval_fraction=0.0)
-    res = RewardTrainer(model=sft_model, args=args, train_dataset=rows, eval_dataset=eval_rows or None).train()
+    res = RewardTrainer(model=sft_model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
+                        tokenizer=chat_tokenizer(cfg, sft_model)).train()
     return {"model": res.output_dir, "steps": res.steps, "pairs": len(rows), "heldout_pairs": len(eval_rows or []),
             **res.metrics}
 
@@ -317,7 +342,7 @@ def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: lis
     section.setdefault("seed", cfg.seed)
     section.setdefault("ref_cache_dir", "none")
     args = trainer_config(DPOConfig, section, output_dir=str(folder))
-    res = DPOTrainer(model=sft_model, args=args, train_dataset=rows).train()
+    res = DPOTrainer(model=sft_model, args=args, train_dataset=rows, tokenizer=chat_tokenizer(cfg, sft_model)).train()
     return {"model": str(res.output_dir), "steps": res.steps, "pairs": len(rows), **numbers(res.metrics)}
 
 
@@ -341,7 +366,7 @@ def stage_kto(folder: Path, cfg: PipelineConfig, sft_model: str, files: list[str
     section = dict(cfg.kto or {})
     section.setdefault("seed", cfg.seed)
     args = trainer_config(KTOConfig, section, output_dir=str(folder))
-    res = KTOTrainer(model=sft_model, args=args, train_dataset=rows).train()
+    res = KTOTrainer(model=sft_model, args=args, train_dataset=rows, tokenizer=chat_tokenizer(cfg, sft_model)).train()
     return {"model": str(res.output_dir), "steps": res.steps, "desirable": sum(bool(r["label"]) for r in rows),
             "undesirable": sum(not r["label"] for r in rows), **numbers(res.metrics)}
 
