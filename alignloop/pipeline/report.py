@@ -443,6 +443,8 @@ def _ai_section(run: RunFolder, quality: dict | None, summ: dict) -> list[str]:
 
 
 def _plot_sections(plots: dict, quality: dict | None, rm_info: dict | None) -> list[str]:
+    if quality and quality.get("task_type") == "conversation":   # no labeler agreement: own conversations each
+        quality = None
     md = []
     for key, title in (("frontier", "Reward against KL (the reward–KL frontier)"), ("best_of_n", "Best-of-N"),
                        ("ppo", "PPO training"), ("critic_free", "RLOO / GRPO / online DPO training"),
