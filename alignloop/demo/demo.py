@@ -43,8 +43,15 @@ from alignloop.data import read_rows, write_rows
 from alignloop.demo import critiques, domain
 from alignloop.errors import UserError
 from alignloop.models.tiny import build_tiny_checkpoint
-from alignloop.pipeline import AIFeedbackSettings, EvalSettings, FeedbackSettings, Pipeline, PipelineConfig, RunFolder
-from alignloop.pipeline.config import DemonstrationSettings
+from alignloop.pipeline import (
+    AIFeedbackSettings,
+    DemonstrationSettings,
+    EvalSettings,
+    FeedbackSettings,
+    Pipeline,
+    PipelineConfig,
+    RunFolder,
+)
 from alignloop.trainers.sft import SFTConfig, SFTTrainer
 from alignloop.training.loop import set_threads
 

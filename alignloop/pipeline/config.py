@@ -79,8 +79,8 @@ class DemonstrationSettings:
     num_prompts: int = _f(32, "Training prompts people write demonstrations for.")
     overlap_k: int = _f(1, "Distinct labelers per prompt (each labeler's demonstration is a training row).")
     min_chars: int = _f(20, "Shortest demonstration accepted (characters, after stripping).")
-    edit: bool = _f(False, "Sample one answer per prompt from the starting policy for people to edit (the original "
-                           "kept); else they write from scratch.")
+    edit: bool = _f(False, "Sample one answer per prompt from the starting policy (feedback.max_new_tokens and "
+                           "temperature) for people to edit (the original kept); else they write from scratch.")
     guidelines: str = _f("# Write the response\nWrite the response the assistant should give to the prompt.",
                          "Markdown guidelines shown to labelers.")
     review: str = _f("not_rejected", "Which demonstrations SFT trains on: not_rejected (all but those an admin "

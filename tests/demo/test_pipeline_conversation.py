@@ -186,3 +186,13 @@ def test_the_human_flag_makes_people_the_labelers_of_a_conversation_file(tiny, t
     path = write_config(tmp_path, config(tiny, tmp_path, feedback={"mode": "conversation"}))
     cfg = PipelineConfig.from_yaml(path, human=True)
     assert (cfg.feedback.mode, cfg.feedback.labelers, cfg.human_stop) == ("conversation", "human", True)
+
+
+def test_the_example_file_reads():
+    from pathlib import Path
+
+    from alignloop.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(Path(__file__).parents[2] / "examples" / "pipeline_conversation.yaml")
+    assert (cfg.feedback.mode, cfg.feedback.labelers, cfg.feedback.max_turns) == ("conversation", "human", 6)
+    assert cfg.demonstrations.edit and cfg.demonstrations.num_prompts == 32 and cfg.sft["max_steps"] == 200

@@ -96,12 +96,21 @@ def test_demonstrations_stop_then_sft_trains_on_exactly_them(tiny, tmp_path):
 
 
 def test_resume_without_demonstrations_says_to_write_them(tiny, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from alignloop.cli.pipeline import pipeline
     from alignloop.errors import UserError
     from alignloop.pipeline import Pipeline, PipelineConfig
 
     over = {"demonstrations": {"num_prompts": 2}, "sft": None}   # no sft section: SFT's defaults on the demos
-    out = Pipeline(PipelineConfig.from_dict(config(tiny, tmp_path, **over)), echo=lambda _: None).run_all()
-    assert out["stopped"] == "human" and out["project"] == "demonstrations"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config(tiny, tmp_path, **over)))
+    res = CliRunner().invoke(pipeline, [str(path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output[-3000:]
+    out = json.loads([x for x in res.output.splitlines() if x.startswith('{"stopped"')][-1])
+    assert out["stopped"] == "human" and out["project"] == "demonstrations" and out["task"] == "demonstration"
+    assert "write the response the assistant should give" in res.output and f"alignloop pipeline {path}" in res.output
     with pytest.raises(UserError, match="no demonstrations yet.*Write demonstrations in the app"):
         Pipeline(PipelineConfig.from_dict(config(tiny, tmp_path, **over)), echo=lambda _: None).run_all()
 
