@@ -361,3 +361,53 @@ def test_exports(project, store):
                                   {"role": "assistant", "content": "same"}], **meta}]
     with pytest.raises(Exception, match="format must be one of"):
         conv.export_conversation_rows(store, project.id, "csv")
+
+
+def _ended_conversations(store, project) -> int:
+    """Both labelers converse on both items (2 chosen turns each, distinct texts) and end: 4 conversations."""
+    n = 0
+    for lab in (x for x in store.list_labelers() if x.username in ("ann", "bob")):
+        while True:
+            c, t = conv.take_conversation(store, project.id, lab.id)
+            if c is None:
+                break
+            for k in range(2):
+                if k:
+                    t = conv.add_message(store, c.id, lab.id, f"and then {n}?", None)
+                conv.turn_generated(store, t.id, [{"text": f"a good reply {n}.{k}"}, {"text": f"meh {n}"}], 1)
+                conv.choose(store, c.id, lab.id, k, 1 + (n + k) % 8, None)
+            conv.end_conversation(store, c.id, lab.id, 5, "", None)
+            n += 1
+    return n
+
+
+@pytest.mark.slow
+def test_exports_train_with_rm_and_sft(project, store, tmp_path):
+    """The preference export trains `alignloop rm` and the sft export `alignloop sft` (a tiny model whose tokenizer
+    gets the plain chat template, saved with it): the trainers read every row and their losses are finite."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from alignloop.data import write_rows
+    from alignloop.data.chat import PLAIN_CHAT_TEMPLATE
+    from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
+
+    assert _ended_conversations(store, project) == 4
+    tok = train_tokenizer(default_corpus(200), vocab_size=200)
+    tok.chat_template = PLAIN_CHAT_TEMPLATE
+    model = build_tiny_checkpoint(tmp_path / "m", tokenizer=tok, n_layer=1, n_embd=16, n_head=2)
+    for fmt, cmd, loss, n_rows in (("preference", "rm", "loss/rm", 8), ("sft", "sft", "loss/sft", 4)):
+        rows, summary = conv.export_conversation_rows(store, project.id, fmt)
+        assert len(rows) == n_rows and summary["conversations"] == 4
+        data = write_rows(rows, tmp_path / f"{fmt}.jsonl")
+        out = tmp_path / cmd
+        r = subprocess.run([sys.executable, "-m", "alignloop.cli", cmd, "--model", str(model), "--train-file",
+                            str(data), "--output-dir", str(out), "--per-device-batch-size", "1", "--max-length", "96",
+                            "--no-tensorboard"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert f"rows={n_rows}," in r.stderr + r.stdout
+        assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == n_rows  # batch 1, one epoch: a step a row
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert metrics and all(math.isfinite(m[loss]) for m in metrics if loss in m)
