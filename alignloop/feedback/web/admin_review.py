@@ -33,6 +33,8 @@ def review_list(request: Request, pid: int, show: str = "attention"):
         raise HTTPError(422, str(e)) from None
     store = store_of(request)
     p = project_by_id(request, pid)
+    if p.task_type == "demonstration":  # free text is reviewed one demonstration at a time (admin_demonstrations.py)
+        return RedirectResponse(f"/admin/p/{p.id}/demonstrations", status_code=303)
     rows = _queue(store, p, show)
     return render(request, "admin_review.html", {"project": p, "rows": rows[:REVIEW_PAGE_ROWS], "total": len(rows),
                                                  "show": show})
