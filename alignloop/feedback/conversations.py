@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -214,11 +215,17 @@ def start_conversation(store, project_id: int, labeler_id: int) -> Conversation 
     return take_conversation(store, project_id, labeler_id)[0]
 
 
-def start_open_conversation(store, project_id: int, labeler_id: int,
-                            first_message: str) -> tuple[Conversation, ConversationTurn | None]:
-    """An `open_start` project: the labeler begins with their own first message instead of an imported prompt.
-    The message becomes a prompt and an item of its own, all of whose slots this labeler's assignment holds (so it is
-    nobody else's opening). The labeler's open conversation, if any, is returned instead (with None)."""
+def start_open_conversation(store, project_id: int, labeler_id: int, first_message: str) -> Conversation:
+    """An `open_start` project: the labeler begins with their own first message instead of an imported prompt
+    (`take_open_conversation`); their open conversation, if they have one."""
+    return take_open_conversation(store, project_id, labeler_id, first_message)[0]
+
+
+def take_open_conversation(store, project_id: int, labeler_id: int,
+                           first_message: str) -> tuple[Conversation, ConversationTurn | None]:
+    """(conversation, its new first turn: the caller submits its generation). The message becomes a prompt and an
+    item of its own, all of whose slots this labeler's assignment holds (so it is nobody else's opening; an expired
+    assignment frees one). The labeler's open conversation, if any, is returned instead (with None)."""
     text = check_message(first_message, "first_message")
     c = open_conversation(store, project_id, labeler_id)
     if c is not None:
@@ -233,7 +240,7 @@ def start_open_conversation(store, project_id: int, labeler_id: int,
             raise ValidationError({"first_message": "this project starts from its own prompts (open_start is off)"})
         messages = [{"role": "user", "content": text}]
         prompt = Prompt(project_id=p.id, messages=messages, is_chat=False,
-                        meta={"open_start": True}, source_key=f"open:{labeler_id}:{utcnow().isoformat()}:{id(text)}")
+                        meta={"open_start": True}, source_key=f"open:{labeler_id}:{uuid.uuid4().hex}")
         s.add(prompt)
         s.flush()
         item = Item(project_id=p.id, prompt_id=prompt.id, completion_ids=[], n_active=p.overlap_k, n_done=0)

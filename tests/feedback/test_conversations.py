@@ -411,3 +411,19 @@ def test_exports_train_with_rm_and_sft(project, store, tmp_path):
         assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == n_rows  # batch 1, one epoch: a step a row
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert metrics and all(math.isfinite(m[loss]) for m in metrics if loss in m)
+
+
+def test_open_start(project, apps, store):
+    store.create_project("free", "conversation", overlap_k=2, settings={"models": MODELS, "open_start": True})
+    app, _w = apps()
+    c, h = client_of(app)
+    r = c.post(api("free"), json={"first_message": "  my own opener "}, headers=h)
+    assert r.status_code == 201, r.text
+    cid = r.json()["conversation_id"]
+    st = c.get(f"{api('free')}/{cid}").json()
+    assert st["opening"] == [{"role": "user", "content": "my own opener"}]
+    with store.read() as s:  # its own item, whose slots this labeler holds: nobody else's opening
+        a = s.query(Assignment).filter_by(project_id=store.get_project("free").id).one()
+        assert a.item.n_active == 2
+    r = c.post(api(), json={"first_message": "hi"}, headers=h)  # cv: open_start is off
+    assert r.status_code == 422 and "first_message" in r.json()["fields"]

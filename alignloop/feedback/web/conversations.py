@@ -198,7 +198,7 @@ def _revision(body: dict) -> int | None:
 def _open_new(request: Request, store, p, user, first_message: Any = None):
     """The open conversation or a new one (its first turn's generation submitted): (conversation, created)."""
     if first_message is not None:
-        c, turn = conv.start_open_conversation(store, p.id, user.id, first_message)
+        c, turn = conv.take_open_conversation(store, p.id, user.id, first_message)
     else:
         c, turn = conv.take_conversation(store, p.id, user.id)
     if turn is not None:
