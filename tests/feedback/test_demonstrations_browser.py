@@ -12,6 +12,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("chromium is not installed at /usr/bin/chromium", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
+pytestmark = pytest.mark.slow
 
 from fb_helpers import PASSWORD  # noqa: E402 - after the skips above, on purpose
 from fb_helpers import login as _login  # noqa: E402
