@@ -169,7 +169,10 @@
     if (!text.trim() || !state || !state.can_send) return;
     post("/messages", { text: text, revision: state.revision }).then(function () {
       var turn = last();
-      if (turn && turn.status !== "chosen") $("message").value = "";
+      if (turn && turn.status !== "chosen") {
+        $("message").value = "";
+        $("message").blur();  // keys 1-8 choose once the answers are ready, not type into the box
+      }
     });
   }
 
@@ -213,5 +216,7 @@
     if (ending && !$("finish-form").hidden && n >= 1 && n <= 7) { e.preventDefault(); setRating(n); return; }
     if (!$("scale").hidden && n >= 1 && n <= 8) { e.preventDefault(); choose(n); }
   });
+  // a tab coming back to the front shows what another tab did meanwhile
+  window.addEventListener("focus", function () { if (!timer && !inflight) refresh(); });
   refresh();
 })();

@@ -13,6 +13,9 @@
     POST .../<id>/turns/<idx>/retry                    a failed or interrupted turn generated again
     POST .../<id>/end                                  {"rating": 1..7, "comment", "revision"}
 
+Starting, sending and retrying run in the thread pool (a turn, then its submission, which may fail the turn: two
+writes, which must not meet a taken write lock on the event loop); the state, choose and end are `db_call`s.
+
 Every POST needs the CSRF token (`X-CSRF-Token` on the API). Replies carry the state (`conversations.
 conversation_state`); a stale request (another tab acted first, a wrong revision) is a 409 `{"error", "state"}`; a
 full generation queue is a 503 with Retry-After `{"error", "state"}` (the turn is marked failed, with the message,
@@ -250,7 +253,7 @@ def _converse_start(request: Request, form: dict, name: str):
 @router.post("/api/p/{name}/conversations")
 async def api_start(request: Request, name: str):
     body = await _body(request)
-    return await db_call(request, _api_start, request, name, body)
+    return await run_in_threadpool(_api_start, request, name, body)  # two writes: off the loop
 
 
 def _api_start(request: Request, name: str, body: dict):
@@ -282,7 +285,7 @@ def _api_state(request: Request, name: str, cid: int):
 @router.post("/api/p/{name}/conversations/{cid}/messages")
 async def api_message(request: Request, name: str, cid: int):
     body = await _body(request)
-    return await db_call(request, _api_message, request, name, cid, body)
+    return await run_in_threadpool(_api_message, request, name, cid, body)  # two writes: off the loop
 
 
 def _api_message(request: Request, name: str, cid: int, body: dict):
@@ -322,7 +325,7 @@ def _api_choose(request: Request, name: str, cid: int, idx: int, body: dict):
 
 @router.post("/api/p/{name}/conversations/{cid}/turns/{idx}/retry")
 async def api_retry(request: Request, name: str, cid: int, idx: int):
-    return await db_call(request, _api_retry, request, name, cid, idx)
+    return await run_in_threadpool(_api_retry, request, name, cid, idx)  # two writes: off the loop
 
 
 def _api_retry(request: Request, name: str, cid: int, idx: int):
