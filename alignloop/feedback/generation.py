@@ -34,6 +34,7 @@ The backend is "module:function"; the function returns an object with `generate(
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -91,6 +92,7 @@ class GenerationWorker:
         self._deadline: float | None = None                   # set when the child takes the running job
         self._child = None                                    # a Process, or a Thread (in_process)
         self._jobs = self._events = None                      # the child's job and event queues
+        self._ready = False                                   # the child takes jobs (False while it is replaced)
         self._listener: threading.Thread | None = None
 
     # -- the event loop's side: cheap, never waits on the child ------------------------------------------------
@@ -111,13 +113,13 @@ class GenerationWorker:
         with self._lock:
             if self._state != "started":
                 raise RuntimeError("the generation worker is stopped")
+            old = self._status.get(job.job_id)
+            if old is not None and old["state"] in ("queued", "running"):
+                raise ValueError(f"generation job {job.job_id!r} is already {old['state']}")
             waiting = len(self._pending) + (self._running is not None)
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} generations are already waiting (the most this server queues); "
                                 f"try again in a moment")
-            old = self._status.get(job.job_id)
-            if old is not None and old["state"] in ("queued", "running"):
-                raise ValueError(f"generation job {job.job_id!r} is already {old['state']}")
             self._finished.pop(job.job_id, None)
             self._status.pop(job.job_id, None)
             self._status[job.job_id] = {"state": "queued", "partial": ["", ""], "error": None}
@@ -146,7 +148,10 @@ class GenerationWorker:
                 return
             self._state = "stopped"
             events = self._events
-        events.put(("stop",))          # wakes the listener, which fails what is left and returns
+        # wakes the listener, which fails what is left and returns (a queue closed because its child was just
+        # replaced raises: the listener sees the state within a second anyway)
+        with contextlib.suppress(ValueError, OSError):
+            events.put(("stop",))
         if self._listener is not None:
             self._listener.join(timeout=30)
         self._end_child()
@@ -163,7 +168,7 @@ class GenerationWorker:
                 msg = None
             except (EOFError, OSError, ValueError):     # a queue broken by a killed child: treated as its death
                 msg = None
-            if msg is not None and msg[0] == "stop":
+            if (msg is not None and msg[0] == "stop") or self._state != "started":
                 break
             finished, restart = [], None
             with self._lock:
@@ -173,9 +178,11 @@ class GenerationWorker:
                     restart = f"generation took longer than {self.timeout_s:g} s"
                 elif not child.is_alive():
                     restart = self._death_message(child)
+                if restart is not None:
+                    self._ready = False      # the next job waits for the new child
                 if restart is not None and self._running is not None:
                     finished.append(self._finish_locked(self._running, None, restart, 0))
-            if restart is not None:
+            if restart is not None and self._state == "started":
                 self._end_child(kill=True)
                 self._spawn()
                 with self._lock:
@@ -229,7 +236,7 @@ class GenerationWorker:
                 log.exception("generation on_done failed for job %s", args[0].job_id)
 
     def _dispatch_locked(self) -> None:
-        if self._running is None and self._pending and self._jobs is not None and self._state == "started":
+        if self._running is None and self._pending and self._ready and self._state == "started":
             self._running = self._pending.popleft()
             self._status[self._running.job_id]["state"] = "running"
             self._jobs.put(self._running)          # mp.Queue.put hands the pickling to its feeder thread
@@ -247,12 +254,12 @@ class GenerationWorker:
                                 name="alignloop-generation", daemon=True)
         child.start()
         with self._lock:
-            self._child, self._jobs, self._events = child, jobs, events
+            self._child, self._jobs, self._events, self._ready = child, jobs, events, True
 
     def _end_child(self, kill: bool = False) -> None:
         with self._lock:
             child, jobs, events = self._child, self._jobs, self._events
-            self._jobs = None           # nothing is dispatched until a new child is there
+            self._ready = False         # nothing is dispatched until a new child is there
         if child is None:
             return
         if isinstance(child, threading.Thread):   # a hung thread cannot be killed: it is abandoned (a daemon)
@@ -361,16 +368,18 @@ class HFBackend:
         return generate_candidates(job.models, job.context, job.params, job.seed, emit=emit, backend=self)
 
     def load(self, name: str) -> tuple:
-        """(model, tokenizer) of a path or hub id: on CUDA when there is one, in eval mode."""
+        """(model, tokenizer) of a path or hub id: on CUDA when there is one, in eval mode; a tokenizer without a
+        chat template gets the plain one."""
         if name in self.models:
             self.models.move_to_end(name)
             return self.models[name]
         import torch  # noqa: PLC0415 - torch only in the generation child, not in the web server
 
+        from alignloop.data.chat import ensure_chat_template  # noqa: PLC0415 - same: torch behind alignloop.data
         from alignloop.models import load_causal_lm, load_tokenizer  # noqa: PLC0415 - same: torch behind it
 
         try:
-            tok = load_tokenizer(name, padding_side="left")
+            tok = ensure_chat_template(load_tokenizer(name, padding_side="left"))
             model = load_causal_lm(name)
         except Exception as e:  # any loading failure is the job's message, naming the model
             raise RuntimeError(f"could not load model {name!r}: {error_message(e)}") from e

@@ -9,8 +9,8 @@ empty prompt becomes BOS, or EOS when the tokenizer has no BOS); generation is b
 KV-cache `HFSampler` by default): the prompts' n copies in prompt order (prompt 0's n samples first), `batch_size`
 sequences per call (best-of-N and rejection sampling ask for a whole number of prompts: their batch size × n).
 With `stream`, each completion's text so far is passed on after every decoding step (the labeling app shows replies
-as they come). Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the text;
-`stopped` tells a completion that ended at a stop token from one cut at `max_new_tokens`.
+as they come). Completions are decoded without special tokens (`decode_responses`), so the stop token is not in the
+text; `stopped` tells a completion that ended at a stop token from one cut at `max_new_tokens`.
 
 With `ref_model`, each completion also carries `kl` = Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over its tokens (the k1
 estimator, `alignloop.losses.kl_penalty`), both log-probs at the sampling temperature: the per-sequence KL that
