@@ -427,3 +427,36 @@ def test_open_start(project, apps, store):
         assert a.item.n_active == 2
     r = c.post(api(), json={"first_message": "hi"}, headers=h)  # cv: open_start is off
     assert r.status_code == 422 and "first_message" in r.json()["fields"]
+
+
+@pytest.mark.slow
+def test_the_app_builds_its_worker_lazily_and_serves_a_tiny_model(store, tmp_path):
+    """No worker given: none runs until the first generation; then the default Hugging Face backend (a child
+    process) answers with two candidates from a tiny local model; the lifespan stops it."""
+    from alignloop.data.chat import PLAIN_CHAT_TEMPLATE
+    from alignloop.models.tiny import build_tiny_checkpoint, default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(200), vocab_size=200)
+    tok.chat_template = PLAIN_CHAT_TEMPLATE
+    model = build_tiny_checkpoint(tmp_path / "m", tokenizer=tok, n_layer=1, n_embd=16, n_head=2)
+    store.create_project("tiny", "conversation", overlap_k=1,
+                         settings={"models": [str(model)], "generation": {"max_new_tokens": 8}})
+    store.import_records("tiny", [{"prompt": "hello"}])
+    store.add_labeler("ann", PASSWORD)
+    app = create_app(store, secret_key=SECRET, generation_queue=2, generation_timeout_s=120)
+    with TestClient(app) as raw:
+        gen = app.state.generation
+        assert not gen.running  # nothing spawned before the first generation
+        r = raw.post("/api/login", json={"username": "ann", "password": PASSWORD})
+        h = {"X-CSRF-Token": r.json()["csrf_token"]}
+        cid = raw.post("/api/p/tiny/conversations", headers=h).json()["conversation_id"]
+        assert gen.running
+        end = time.monotonic() + 120
+        while (st := raw.get(f"/api/p/tiny/conversations/{cid}").json())["turns"][0]["status"] == "pending":
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        t = st["turns"][0]
+        assert t["status"] == "ready", t
+        assert len(t["candidates"]) == 2 and all(isinstance(x["text"], str) for x in t["candidates"])
+        worker = gen._worker
+    assert not gen.running and worker._state == "stopped"  # the lifespan stopped what it built

@@ -81,6 +81,11 @@ class Generation:
         if worker is not None and getattr(worker, "on_done", None) is None:
             worker.on_done = self.on_done
 
+    @property
+    def running(self) -> bool:
+        """Whether a worker is there (given, or built by the first generation)."""
+        return self._worker is not None
+
     def worker(self):
         with self._lock:
             if self._worker is None:
