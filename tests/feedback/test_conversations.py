@@ -460,3 +460,17 @@ def test_the_app_builds_its_worker_lazily_and_serves_a_tiny_model(store, tmp_pat
         assert len(t["candidates"]) == 2 and all(isinstance(x["text"], str) for x in t["candidates"])
         worker = gen._worker
     assert not gen.running and worker._state == "stopped"  # the lifespan stopped what it built
+
+
+def test_huge_ids_and_other_task_types_are_404(project, apps, store):
+    store.create_project("pw", "pairwise")
+    app, _w = apps()
+    c, h = client_of(app)
+    assert c.get("/p/pw/converse").status_code == 404
+    assert c.post(api("pw"), headers=h).status_code == 404
+    cid = c.post(api(), headers=h).json()["conversation_id"]
+    for huge in (str(2**63), str(10**30)):
+        assert c.get(f"{api()}/{huge}").status_code == 404
+        assert c.post(f"{api()}/{huge}/end", json={"rating": 1}, headers=h).status_code == 404
+        assert c.post(f"{api()}/{cid}/turns/{huge}/choose", json={"choice": 1}, headers=h).status_code == 404
+        assert c.post(f"{api()}/{cid}/turns/{huge}/retry", headers=h).status_code == 404
