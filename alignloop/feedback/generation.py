@@ -184,7 +184,10 @@ class GenerationWorker:
                     finished.append(self._finish_locked(self._running, None, restart, 0))
             if restart is not None and self._state == "started":
                 self._end_child(kill=True)
-                self._spawn()
+                try:
+                    self._spawn()
+                except Exception:  # e.g. out of processes: the dead child is seen again, and replaced, in 1 s
+                    log.exception("could not start the generation process")
                 with self._lock:
                     self._dispatch_locked()
             self._call_on_done(finished)
@@ -305,8 +308,9 @@ def serve_jobs(backend: str, jobs, events, threads: int | None) -> None:
         try:
             if gen is None:
                 gen = load_backend(backend)
-                if threads is not None and "torch" in sys.modules:
-                    sys.modules["torch"].set_num_threads(threads)
+            torch = sys.modules.get("torch")      # imported by the backend (OMP_NUM_THREADS set before that)
+            if threads is not None and torch is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             emit = _Partials(events, job.job_id)
             candidates = check_candidates(gen.generate(job, emit), job)
             events.put(("done", job.job_id, candidates, int((time.monotonic() - t0) * 1000)))

@@ -6,6 +6,7 @@ generation child process gets the parent's sys.path, so they import there too).
     fail    raises RuntimeError("model exploded")
     hang    sleeps forever (the timeout test) unless params["hang"] is False, then echoes
     crash   the process exits with code 3 (a native crash) unless params["crash"] is False, then echoes
+    threads "torch threads: N" (torch imported first, as a model backend does)
 """
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ class Crash(Echo):
         if job.params.get("crash", True):
             os._exit(3)
         return super().generate(job, emit)
+
+
+class Threads:
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def generate(self, job, emit):
+        text = f"torch threads: {self.torch.get_num_threads()}"
+        return _candidates(job, [text, text])
+
+
+def threads():
+    return Threads()
 
 
 def echo():

@@ -147,6 +147,12 @@ def test_a_crashed_child_fails_its_job_and_is_restarted(make_worker):
     assert wait_for(w, "c2", timeout=30)["state"] == "done"
 
 
+def test_the_child_uses_the_given_torch_threads(make_worker):
+    w = make_worker("gen_fakes:threads", threads=2)
+    w.submit(job("n1"))
+    assert wait_for(w, "n1")["partial"] == ["torch threads: 2", "torch threads: 2"]
+
+
 def test_stop_ends_everything_and_fails_unfinished_jobs():
     done = Recorder()
     w = GenerationWorker("gen_fakes:hang", on_done=done)
