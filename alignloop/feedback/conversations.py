@@ -143,11 +143,10 @@ def _turns(s, conversation_id: int) -> list[ConversationTurn]:
                           .order_by(ConversationTurn.idx)))
 
 
-def _bump(s, c: Conversation, expected: int | None = None) -> None:
-    """revision + 1, conditionally on the revision read (`expected`, else the one in `c`): of two concurrent writers
-    one wins, the other is Stale (its transaction rolls back)."""
-    seen = c.revision if expected is None else expected
-    r = s.execute(update(Conversation).where(Conversation.id == c.id, Conversation.revision == seen)
+def _bump(s, c: Conversation) -> None:
+    """revision + 1, conditionally on the revision read: of two concurrent writers one wins, the other is Stale
+    (its transaction rolls back)."""
+    r = s.execute(update(Conversation).where(Conversation.id == c.id, Conversation.revision == c.revision)
                   .values(revision=Conversation.revision + 1, updated_at=utcnow())
                   .execution_options(synchronize_session=False))
     if r.rowcount != 1:
@@ -449,8 +448,9 @@ def choose(store, conversation_id: int, labeler_id: int, idx: int, choice: Any,
 
 # -- the end ------------------------------------------------------------------------------------------------------
 def _close_assignment(s, a: Assignment, now) -> None:
-    """The assignment done (its item's n_done + 1); one that expired meanwhile takes its slot back if it is free."""
-    if a.status == "expired":
+    """The assignment done (its item's n_done + 1); one that expired (or was skipped through the generic API)
+    meanwhile takes its slot back if one is free."""
+    if a.status in ("expired", "skipped"):
         p = s.get(Project, a.project_id)
         cond = [Item.id == a.item_id] + ([] if a.is_gold else [Item.n_active < p.overlap_k])
         if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)).rowcount != 1:

@@ -474,3 +474,33 @@ def test_huge_ids_and_other_task_types_are_404(project, apps, store):
         assert c.post(f"{api()}/{huge}/end", json={"rating": 1}, headers=h).status_code == 404
         assert c.post(f"{api()}/{cid}/turns/{huge}/choose", json={"choice": 1}, headers=h).status_code == 404
         assert c.post(f"{api()}/{cid}/turns/{huge}/retry", headers=h).status_code == 404
+
+
+def test_end_after_the_assignment_was_skipped_or_expired(project, store):
+    """A conversation outlives its assignment's timeout (or a skip through the generic API): ending takes the slot
+    back when one is free, else it is refused with a message (nothing stored)."""
+    from alignloop.feedback.errors import ValidationError
+
+    labs = {x.username: x for x in store.list_labelers()}
+    ann = labs["ann"]
+    c, t = conv.take_conversation(store, project.id, ann.id)
+    conv.turn_generated(store, t.id, [{"text": "x"}, {"text": "y"}], 1)
+    conv.choose(store, c.id, ann.id, 0, 4, None)
+    with store.read() as s:
+        aid = s.get(conv.Conversation, c.id).assignment_id
+    store.skip(aid, ann.id)
+    conv.end_conversation(store, c.id, ann.id, 3, "", None)
+    a = store.get_assignment(aid)
+    assert a.status == "done" and (a.item.n_active, a.item.n_done) == (1, 1)
+    # bob's conversation on the other item expires and the item's two slots go to others meanwhile
+    bob = labs["bob"]
+    c2, t2 = conv.take_conversation(store, project.id, bob.id)
+    conv.turn_generated(store, t2.id, [{"text": "x"}, {"text": "y"}], 1)
+    conv.choose(store, c2.id, bob.id, 0, 4, None)
+    with store.write() as s:
+        a2 = s.get(Assignment, s.get(conv.Conversation, c2.id).assignment_id)
+        a2.status = "expired"
+        a2.item.n_active = 2  # = overlap_k: no free slot
+    with pytest.raises(ValidationError, match="given to another labeler"):
+        conv.end_conversation(store, c2.id, bob.id, 3, "", None)
+    assert conv.conversation_state(store, c2.id, bob.id)["status"] == "open"
