@@ -413,3 +413,29 @@ def test_edit_preference_export_trains_rm(store, tmp_path, tiny_model):
     assert summary["data"][0]["rows"] == 6 and summary["data"][0]["pairs"] == 6
     losses = [v for m in metrics for k, v in m.items() if k.startswith("loss")]
     assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_serve_passes_the_generation_options(store, monkeypatch):
+    """`serve --gen-queue/--gen-timeout/--gen-threads` reach create_app (when it takes them)."""
+    import uvicorn
+
+    import alignloop.feedback.app as app_mod
+    from alignloop.cli.feedback import feedback
+
+    seen = {}
+
+    def fake_create_app(store, secret_key=None, secure_cookies=False, session_max_age=0, session_idle_timeout=0,
+                        max_body_bytes=0, max_import_bytes=0, generation_queue=8, generation_timeout_s=120.0,
+                        generation_threads=1):
+        seen.update(generation_queue=generation_queue, generation_timeout_s=generation_timeout_s,
+                    generation_threads=generation_threads)
+        return "app"
+
+    monkeypatch.setattr(app_mod, "create_app", fake_create_app)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    r = CliRunner().invoke(feedback, ["serve", "--db", store.url, "--gen-queue", "3", "--gen-timeout", "9.5",
+                                      "--gen-threads", "2", "--secret-key", "s" * 48])
+    assert r.exit_code == 0, r.output
+    assert seen == {"generation_queue": 3, "generation_timeout_s": 9.5, "generation_threads": 2, "app": "app"}
+    r = CliRunner().invoke(feedback, ["serve", "--db", store.url, "--gen-queue", "0"])
+    assert r.exit_code == 2 and "--gen-queue" in r.output
