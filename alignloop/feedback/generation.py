@@ -75,13 +75,14 @@ OnDone = Callable[[GenerationJob, "list[dict] | None", "str | None", int], None]
 
 
 class GenerationWorker:
-    def __init__(self, backend: str = DEFAULT_BACKEND, max_queue: int = 8, timeout_s: float = 120.0,
+    def __init__(self, backend: str | None = DEFAULT_BACKEND, max_queue: int = 8, timeout_s: float = 120.0,
                  threads: int = 1, in_process: bool = False, on_done: OnDone | None = None):
+        """`backend`: "module:function" (None: `hf_backend`); `threads`: torch threads of the child."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.backend, self.max_queue, self.timeout_s = backend, max_queue, float(timeout_s)
+        self.backend, self.max_queue, self.timeout_s = backend or DEFAULT_BACKEND, max_queue, float(timeout_s)
         self.threads, self.in_process, self.on_done = max(1, int(threads)), in_process, on_done
         self._lock = threading.Lock()
         self._state = "new"                                   # new -> started -> stopped
@@ -448,9 +449,11 @@ def _sample(model, tok, context: list[dict], p: dict, n: int, seed: int,
                         top_k=1 if greedy else int(p["top_k"]), top_p=float(p["top_p"]),
                         stop_token_ids=end_of_turn_ids(model), stop_strings=stops)
     limit = context_length(model, tok)
+    if limit:    # prompt + reply fit the model's positions: the conversation's oldest tokens give way
+        sp.max_new_tokens = max(1, min(sp.max_new_tokens, limit - 1))
     (group,) = sample_completions(
         model, tok, [render_prompt(context, tok)], n, sp, seed=seed,
-        max_prompt_length=max(1, limit - sp.max_new_tokens) if limit else None,
+        max_prompt_length=limit - sp.max_new_tokens if limit else None,
         stream=lambda k, text: emit(k, visible_text(text, stops)))
     return [(reply_text(c.text, stops), bool(c.stopped)) for c in group]
 

@@ -1,9 +1,10 @@
 """Rollouts: sampling responses from a policy.
 
     sampler.py       SamplingParams, Rollout (prompt/response ids and masks, sampling log-probs, stopped), the Sampler
-                     protocol a backend implements, HFSampler (KV cache), left_pad, filter_logits
-    completions.py   N completions per prompt as text (sample_completions), encode_prompts, decode_responses,
-                     response_logprobs: what every non-PPO caller samples through
+                     protocol a backend implements, HFSampler (KV cache; optional per-step `on_step` hook), left_pad,
+                     filter_logits
+    completions.py   N completions per prompt as text (sample_completions; `stream=` the texts as they grow),
+                     encode_prompts, decode_responses, response_logprobs: what every non-PPO caller samples through
     steps.py         step_end_positions (the token where each reasoning step of a response ends), rollout_step_ends:
                      where process supervision puts step rewards
 """

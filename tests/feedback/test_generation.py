@@ -315,3 +315,10 @@ def test_the_parent_is_not_starved_while_the_child_generates(make_worker, tiny_p
     # the bound leaves room for a shared CI machine (other processes preempt ours); a GIL held by sampling in this
     # process shows as the interpreter's 5 ms switch interval on many iterations
     assert p50 < 2.0 and p99 < 30.0, (p50, p99)
+
+
+def test_a_reply_longer_than_the_model_takes_is_cut_not_a_crash(tiny_paths):
+    long_chat = [{"role": "user", "content": "good movie " * 300}]          # more tokens than the 512 positions
+    for max_new in (16, 4096):                 # the prompt alone would overflow; then the reply alone could
+        cands = generate_candidates([tiny_paths[0]], long_chat, {"max_new_tokens": max_new}, seed=1)
+        assert len(cands) == 2 and all(isinstance(c["text"], str) for c in cands)
