@@ -301,6 +301,8 @@ def test_cli_export_formats_review_and_empty(store, tmp_path):
     store.create_project("chat", "conversation")
     r = run(feedback, ["export", "--db", store.url, "--project", "chat", "--format", "unpaired", "--out", str(out)])
     assert r.exit_code == 2 and "exports sft, messages, preference" in r.output
+    r = run(feedback, ["export", "--db", store.url, "--project", "chat", "--out", str(out)])  # to conversations.py
+    assert r.exit_code == 2 and "0 rows exported from the conversations" in r.output
 
 
 def test_cli_create_task_options_and_stats(store):
