@@ -56,7 +56,7 @@ from typing import Any
 from alignloop.data import ranking_pair_weight, strength_to_margin
 from alignloop.errors import UserError
 
-from . import demonstrations, export_meta, quality, questions
+from . import conversations, demonstrations, export_meta, quality, questions
 from .projects import default_min_labels
 
 FORMATS = ("preference", "ranking", "unpaired", "steps")
@@ -111,8 +111,6 @@ def export_prompt_task(store, p, format: str, review: str = "not_rejected") -> t
         if review not in demonstrations.EXPORT_REVIEWS:
             raise UserError(f"export review {review!r}: choose one of {', '.join(demonstrations.EXPORT_REVIEWS)}")
         return demonstrations.export_demonstration_rows(store, p.id, format, review)
-    from . import conversations  # noqa: PLC0415 - its generation worker's imports: only conversation exports need it
-
     return conversations.export_conversation_rows(store, p.id, format)
 
 
