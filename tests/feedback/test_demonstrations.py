@@ -441,3 +441,28 @@ def test_serve_passes_the_generation_options(store, monkeypatch):
     assert seen == {"generation_queue": 3, "generation_timeout_s": 9.5, "generation_threads": 2, "app": "app"}
     r = CliRunner().invoke(feedback, ["serve", "--db", store.url, "--gen-queue", "0"])
     assert r.exit_code == 2 and "--gen-queue" in r.output
+
+
+def test_conversation_stats_count_conversations_turns_and_ratings(store, make_client):
+    """Stats and the dashboard of a conversation project read its conversations (H2's store functions)."""
+    from alignloop.cli.feedback import feedback
+    from alignloop.feedback import conversations as conv
+
+    p = store.create_project("chat", "conversation", overlap_k=2, settings={"models": ["m"]})
+    store.import_records(p.id, [{"prompt": "Plan a picnic."}, {"prompt": "Name a bird."}])
+    ann = store.add_labeler("ann", PASSWORD)
+    store.add_labeler("boss", PASSWORD, role="admin")
+    for rating in (6, 3):
+        c, turn = conv.take_conversation(store, p.id, ann.id)
+        conv.turn_generated(store, turn.id, [{"text": "A"}, {"text": "B"}], 5)
+        conv.choose(store, c.id, ann.id, 0, 2, None)
+        conv.end_conversation(store, c.id, ann.id, rating, "", None)
+    c, turn = conv.take_conversation(store, p.id, store.add_labeler("bob", PASSWORD).id)  # one open, pending
+    r = CliRunner().invoke(feedback, ["stats", "--db", store.url, "--project", "chat", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["conversations"]
+    assert (got["n"], got["ended"], got["open"], got["turns"], got["mean_rating"], got["ratings"]) == (
+        3, 2, 1, 3, 4.5, 2)
+    assert got["turns_by_status"] == {"chosen": 2, "pending": 1}
+    page = make_client("boss").get("/admin/p/chat")
+    assert page.status_code == 200 and 'id="conversation-cards"' in page.text and "4.50" in page.text
