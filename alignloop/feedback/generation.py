@@ -454,7 +454,7 @@ def _sample(model, tok, context: list[dict], p: dict, n: int, seed: int,
     (group,) = sample_completions(
         model, tok, [render_prompt(context, tok)], n, sp, seed=seed,
         max_prompt_length=limit - sp.max_new_tokens if limit else None,
-        stream=lambda k, text: emit(k, visible_text(text, stops)))
+        stream=lambda k, text: emit(k, visible_text(text, stops)), stream_every_s=_PARTIAL_EVERY_S)
     return [(reply_text(c.text, stops), bool(c.stopped)) for c in group]
 
 

@@ -20,6 +20,7 @@ Shapes: B = sequences in a call, P = prompt tokens (left-padded), R = response t
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,15 +85,25 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torc
     return lp * rollout.response_mask
 
 
-def _streamer(tokenizer, stream: Callable[[int, str], None], first: int, rows: int):
-    """An `on_step` for `HFSampler.generate` that calls stream(first + b, text of row b so far) for the live rows."""
+def _streamer(tokenizer, stream: Callable[[int, str], None], first: int, rows: int, every_s: float):
+    """An `on_step` for `HFSampler.generate` that calls stream(first + b, text of row b so far) for the live rows,
+    at most every `every_s` seconds (each call decodes the whole text so far: per step, a long reply's decoding
+    would cost more than its sampling)."""
     tokens: list[list[int]] = [[] for _ in range(rows)]
+    last = [float("-inf")]
 
     def on_step(tok: torch.Tensor, alive: torch.Tensor) -> None:
+        live = []
         for b, (t, a) in enumerate(zip(tok.tolist(), alive.tolist(), strict=True)):
             if a:
                 tokens[b].append(t)
-                stream(first + b, tokenizer.decode(tokens[b], skip_special_tokens=True))
+                live.append(b)
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return
+        last[0] = now
+        for b in live:
+            stream(first + b, tokenizer.decode(tokens[b], skip_special_tokens=True))
 
     return on_step
 
@@ -100,12 +111,14 @@ def _streamer(tokenizer, stream: Callable[[int, str], None], first: int, rows: i
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params: SamplingParams | None = None, *,
                        batch_size: int = 32, max_prompt_length: int | None = None, seed: int | None = None,
                        ref_model=None, sampler: Sampler | None = None, user_tag: str | None = None,
-                       stream: Callable[[int, str], None] | None = None) -> list[list[Completion]]:
+                       stream: Callable[[int, str], None] | None = None,
+                       stream_every_s: float = 0.0) -> list[list[Completion]]:
     """n completions for each prompt -> one list of `Completion` per prompt, in prompt order; `batch_size` sequences
     per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). `user_tag`: the prompts' user tags
     survive truncation (`encode_prompts`). `stream(k, text_so_far)`: called after each decoding step for every
     completion k (= prompt i * n + sample j) still being generated, with its text so far (decoded as the final text
-    is; needs a sampler whose `generate` takes `on_step`, as `HFSampler`'s does). See the module docstring."""
+    is; needs a sampler whose `generate` takes `on_step`, as `HFSampler`'s does), at most every `stream_every_s`
+    seconds (0: after every step). See the module docstring."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     params = params if params is not None else SamplingParams()
@@ -119,7 +132,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params:
         if stream is None:
             rollout = sampler.generate(chunk, params)
         else:
-            rollout = sampler.generate(chunk, params, on_step=_streamer(tokenizer, stream, lo, len(chunk)))
+            rollout = sampler.generate(chunk, params,
+                                       on_step=_streamer(tokenizer, stream, lo, len(chunk), stream_every_s))
         texts = decode_responses(tokenizer, rollout)
         lengths = rollout.response_mask.sum(1).tolist()
         stopped = rollout.stopped.tolist()

@@ -35,3 +35,11 @@ def test_sample_completions_stream_is_the_text_so_far(lm, tok):
         assert len(seen[k]) == c.length             # one call per generated token
         assert seen[k][-1] == c.text
         assert all(c.text.startswith(t) for t in seen[k][:-1]) or any("\ufffd" in t for t in seen[k])
+
+
+def test_stream_every_s_streams_less_often(lm, tok):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    calls = []
+    out = sample_completions(lm, tok, ["good movie"], 1, params, seed=3, stream=lambda k, t: calls.append(t),
+                             stream_every_s=3600.0)
+    assert calls and len(calls) == 1 and out[0][0].text.startswith(calls[0])     # the first step only
