@@ -410,7 +410,8 @@ def generate_candidates(models: list[str], context: list[dict], params: dict | N
     seeds, when it comes out the same as A); two models: one sample from each (seeds `seed`, `seed + 1`). Rendered
     with the tokenizer's chat template or the plain one (`alignloop.data.chat`); a reply ends at EOS (or the model's
     other end-of-turn tokens) and, in the plain format, where the next user turn would start. `emit(i, text)`
-    streams candidate i's text so far (always a prefix of its final text). temperature 0 = greedy."""
+    streams candidate i's text so far (always a prefix of its final text). temperature 0 = greedy. `backend`: an
+    `HFBackend` whose loaded models are reused (pass the same one to several calls; None loads them for this call)."""
     if not models or len(models) > 2:
         raise ValueError(f"a conversation needs 1 or 2 models, got {len(models or [])}")
     backend = backend if backend is not None else HFBackend()
