@@ -7,10 +7,12 @@ here, never downloaded; the app's default `hf_backend`):
   (the transcript and the next turn's context hold the chosen message, never the other), the next message sent
   with Enter, the end with a 1-7 rating (key) and a comment; what the store holds afterwards;
 - a second labeler in parallel: their pairwise submits (the JSON API's submit path) measured while the model
-  generates a long reply in the worker's child: p50 and max stay under 100 ms;
+  generates a long reply in the worker's child for the first labeler (whose page polls meanwhile): p50 and max stay
+  under 100 ms;
 - the layout at 1280 px and 390 px (A beside B / A above B, no horizontal scrolling, the scale's buttons in view
   and big enough to tap, the rating form), with screenshots in $FEEDBACK_SCREENSHOTS (default: a temporary folder):
-  conv_desktop.png, conv_390.png, conv_rating_desktop.png, conv_rating_390.png.
+  conv_desktop.png, conv_390.png, conv_rating_desktop.png, conv_rating_390.png (and conv_streaming_desktop.png:
+  a turn streaming).
 
 The model: the demo's shape (GPT-2, 2 layers, 128 wide, 4 heads) with random weights and a tokenizer trained here on
 made-up words (2000 tokens, so that the end-of-text token rarely cuts a reply short and every turn streams for a
@@ -257,7 +259,7 @@ def _turn0(c, project: str, cid: int) -> dict:
 
 
 @pytest.mark.slow
-def test_a_second_labeler_is_not_slowed_by_a_generation(server, tiny_model, capsys):
+def test_a_second_labeler_is_not_slowed_by_a_generation(server, browser, tiny_model, shots, capsys):
     store, base = server
     # labeler 1 converses with the model: greedy, 1500 tokens, so the reply takes several seconds to generate
     conv_p, talker = _setup(store, tiny_model, {"max_new_tokens": 1500, "temperature": 0}, [OPENING])
@@ -267,11 +269,13 @@ def test_a_second_labeler_is_not_slowed_by_a_generation(server, tiny_model, caps
     labeler = _uniq("u")
     store.add_labeler(labeler, PASSWORD)
     one, two = _api_client(base, talker), _api_client(base, labeler)
+    ctx, page = _login(browser, base, talker)
     try:
         baseline = _submits(two, pw, 20)                 # no generation running (the worker may be idle)
-        r = one.post(f"/api/p/{conv_p.url_key}/conversations", json={})
-        assert r.status_code == 201, r.text
-        cid = r.json()["conversation_id"]
+        page.goto(f"{base}/p/{conv_p.url_key}/converse")    # labeler 1 starts on the page, which then polls the
+        page.keyboard.press("Enter")                        # state every 300 ms while the turn generates
+        page.wait_for_selector("#conversation")
+        cid = int(page.get_attribute("#conversation", "data-conversation"))
         deadline = time.monotonic() + GEN_WAIT_MS / 1000
         while True:                                      # the model loaded and sampling: partial text streams
             before = _turn0(one, conv_p.url_key, cid)
@@ -287,6 +291,9 @@ def test_a_second_labeler_is_not_slowed_by_a_generation(server, tiny_model, caps
         # the generation ran during the whole measurement: still running after it, and its text grew meanwhile
         assert after["status"] == "pending" and after["job"]["state"] == "running", after
         assert len(after["partial"][0]) > len(before["partial"][0])
+        expect(page.locator("#status")).to_contain_text("enerating")
+        assert len(page.locator("#candidate-a .conv-text").text_content()) > len(before["partial"][0])
+        page.screenshot(path=str(shots / "conv_streaming_desktop.png"))
         figures = {"baseline_ms": _stats(baseline), "during_generation_ms": _stats(during),
                    "window_s": round(window_s, 2),
                    "partial_chars_before_after": [len(before["partial"][0]), len(after["partial"][0])]}
@@ -300,6 +307,7 @@ def test_a_second_labeler_is_not_slowed_by_a_generation(server, tiny_model, caps
         with capsys.disabled():
             print("\nsecond labeler's submit latency:", json.dumps(figures))
     finally:
+        ctx.close()
         one.close()
         two.close()
 
