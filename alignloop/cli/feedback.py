@@ -27,7 +27,6 @@ without the extra and each command loads only what it needs.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import os
@@ -399,12 +398,10 @@ def serve(db, host, port, secret_key, secure_cookies, log_level, session_idle_ho
 
     from alignloop.feedback.app import create_app  # noqa: PLC0415 - only `serve` loads the web app (FastAPI)
 
-    generation = {"generation_queue": gen_queue, "generation_timeout_s": gen_timeout, "generation_threads": gen_threads}
-    takes = inspect.signature(create_app).parameters  # the generation worker's options, once the app has them
     app = create_app(_store(db, create=True), secret_key=secret_key, secure_cookies=secure_cookies,
                      session_idle_timeout=int(session_idle_hours * 3600), session_max_age=int(session_max_days * 86400),
                      max_body_bytes=int(max_body_mb * 2**20), max_import_bytes=int(max_import_mb * 2**20),
-                     **{k: v for k, v in generation.items() if k in takes})
+                     generation_queue=gen_queue, generation_timeout_s=gen_timeout, generation_threads=gen_threads)
     click.echo(f"serving on http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

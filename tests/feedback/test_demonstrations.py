@@ -418,7 +418,7 @@ def test_edit_preference_export_trains_rm(store, tmp_path, tiny_model):
 
 
 def test_serve_passes_the_generation_options(store, monkeypatch):
-    """`serve --gen-queue/--gen-timeout/--gen-threads` reach create_app (when it takes them)."""
+    """`serve --gen-queue/--gen-timeout/--gen-threads` reach create_app."""
     import uvicorn
 
     import alignloop.feedback.app as app_mod
