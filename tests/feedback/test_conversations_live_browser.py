@@ -186,6 +186,9 @@ def test_three_turns_with_the_tiny_model_by_keyboard(server, browser, tiny_model
     expect(page.locator("#ended")).to_be_visible()
     expect(page.locator("#ended-text")).to_contain_text(f"rated this conversation {RATING} of 7")
     transcript = page.locator("#transcript .conv-msg[data-role=assistant] .conv-text").all_text_contents()
+    page.focus("#next")                                    # the project's only opening is done: "all done"
+    page.keyboard.press("Enter")
+    expect(page.locator("#all-done")).to_be_visible()
 
     # the store: three chosen turns on the chosen branch, the choices, the rating and comment, the judgement
     c, turns = _conversation(store, p)
