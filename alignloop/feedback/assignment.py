@@ -244,6 +244,9 @@ def undo_in(s: Session, project_id: int, labeler_id: int, expected: int | None =
     finds the same reopened judgement (one level of undo). `expected`: the assignment the client saw as the last
     action (the page's `undo_of`, the API's `assignment_id`); another one now means that action was undone already
     (a double click, a retry): UndoneAlready, nothing changes."""
+    if s.get(Project, project_id).task_type == "conversation":
+        # a conversation's rating closes a conversation that cannot be reopened (its turns are the data): no undo
+        raise UndoRefused("a conversation cannot be undone: it ended with your rating; start a new one")
     last = last_action(s, project_id, labeler_id)
     if last is None:
         raise UndoRefused("nothing to undo: you have not judged or skipped anything in this project")

@@ -251,6 +251,8 @@ def edit(request: Request, name: str, aid: int):
     a = store.get_assignment(aid, labeler_id=user.id)
     if a.project_id != p.id:
         raise NotFound("nothing to edit here")
+    if p.task_type == "conversation":  # its turns are the data: an ended conversation is not edited
+        raise HTTPError(409, "a conversation cannot be edited once it has ended; start a new one")
     return _edit_page(request, store, p, a)
 
 
