@@ -1,9 +1,9 @@
 """Admin pages (admins only: others get 403): projects and labelers (adding a labeler, setting a labeler's
 attributes, deactivating and reactivating one, resetting a password), a project's quality dashboard, and the export
 download. Creating and editing projects, members and imports are in `admin_projects.py`, review and adjudication in
-`admin_review.py`, the review of demonstrations in `admin_demonstrations.py` (included here). The statistics and
-export modules (numpy, scipy, scikit-learn; torch through `alignloop.data`) are loaded when an admin first needs
-them, not at server start-up."""
+`admin_review.py`, the review of demonstrations in `admin_demonstrations.py` and the conversations' transcripts in
+`admin_conversations.py` (both included here). The statistics and export modules (numpy, scipy, scikit-learn;
+torch through `alignloop.data`) are loaded when an admin first needs them, not at server start-up."""
 from __future__ import annotations
 
 import json
@@ -16,13 +16,14 @@ from alignloop.errors import UserError
 
 from ..projects import parse_attributes
 from ..questions import questions_of
-from . import admin_demonstrations, admin_projects, admin_review
+from . import admin_conversations, admin_demonstrations, admin_projects, admin_review
 from .common import HTTPError, check_csrf, project_or_404, read_form, render, require_admin, store_of
 
 router = APIRouter()
 router.include_router(admin_projects.router)
 router.include_router(admin_review.router)
 router.include_router(admin_demonstrations.router)
+router.include_router(admin_conversations.router)
 
 
 def attributes_text(attributes: dict) -> str:
