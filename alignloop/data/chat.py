@@ -64,9 +64,23 @@ def assistant_spans(prompt: Messages, tokenizer, rendered_prompt: str) -> list[t
 # The one chat format of models that have none (a base model, the demo's tiny model): the labeling app's
 # conversations render their context with it, and the pipeline trains on conversations in it, so a policy trained on
 # exported conversations is sampled in the format it learnt. Every prefix of a conversation renders as a prefix of
-# the whole (`render_completion` and `assistant_spans` work): a turn is "User: ...\n\n" or "Assistant: ...<eos>\n\n",
-# and the generation prompt is "Assistant:" (the reply's text starts after it, usually with a space).
+# the whole (`render_completion` and `assistant_spans` work): a turn is "User: ..." or "Assistant: ...<eos>", turns are
+# separated by "\n\n" written *before* the next turn (never after a reply's EOS), and the generation prompt is
+# "\n\nAssistant:" (the reply's text starts after it, usually with a space). So a rendered reply ends at EOS, the
+# token a reward model is trained to read its reward at and the one PPO / best-of-N / evaluation score at
+# (`data.reward_input_ids` appends EOS to a sampled reply).
 PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + (eos_token or '') }}"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ('\n\n' if messages else '') + 'Assistant:' }}{% endif %}"
+)
+# The plain format before the separator moved in front of the next turn (a reply ended "<eos>\n\n"): tokenizers saved
+# with it (older runs' checkpoints) are still recognised as the plain format (their stop strings).
+_PLAIN_CHAT_TEMPLATE_V1 = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
     "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + (eos_token or '') + '\n\n' }}"
@@ -74,6 +88,7 @@ PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+PLAIN_TEMPLATES = (PLAIN_CHAT_TEMPLATE, _PLAIN_CHAT_TEMPLATE_V1)
 # Where a reply in the plain format ends when the model does not stop at EOS: it starts the user's next turn.
 PLAIN_STOP_STRINGS = ("\n\nUser:",)
 
@@ -94,4 +109,4 @@ def ensure_chat_template(tokenizer):
 def chat_stop_strings(tokenizer) -> tuple[str, ...]:
     """The strings that end a reply in `tokenizer`'s chat format besides EOS: the plain format's next-user marker,
     none for a tokenizer's own template (its end-of-turn token is EOS or the model's generation config's)."""
-    return PLAIN_STOP_STRINGS if chat_template_or_plain(tokenizer) == PLAIN_CHAT_TEMPLATE else ()
+    return PLAIN_STOP_STRINGS if chat_template_or_plain(tokenizer) in PLAIN_TEMPLATES else ()

@@ -231,9 +231,9 @@ def test_plain_template_renders_prefixes_consistently(tiny_paths):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert chat_stop_strings(tok) == ()                                       # a template of its own: EOS only
     tok.chat_template = PLAIN_CHAT_TEMPLATE
-    assert render_completion(CHAT, [{"role": "assistant", "content": "fun"}], tok) == " fun<|endoftext|>\n\n"
+    assert render_completion(CHAT, [{"role": "assistant", "content": "fun"}], tok) == " fun<|endoftext|>"
     start = prompt.index(" the plot")
-    assert assistant_spans(CHAT, tok, prompt) == [(start, start + len(" the plot<|endoftext|>\n\n"))]
+    assert assistant_spans(CHAT, tok, prompt) == [(start, start + len(" the plot<|endoftext|>"))]
 
 
 def test_generate_candidates_one_model_two_models(tiny_paths):
