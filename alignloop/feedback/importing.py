@@ -408,6 +408,9 @@ def parse_prompt_rows(rows: Iterable[dict], task_type: str, model: str | None = 
                                 f"answers it), not a {msgs[-1]['role']!r} message")
             cs = []
         else:
+            if msgs[-1]["role"] != "user":
+                raise UserError(f"{where}: a demonstration prompt must end with a user message (the labeler "
+                                f"writes the answer to it), not a {msgs[-1]['role']!r} message")
             cs = _row_completions(row, where, model) if given else []
             if len(cs) > 1:
                 raise UserError(f"{where}: a demonstration row takes at most ONE sampled answer to edit "
