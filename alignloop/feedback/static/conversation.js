@@ -51,11 +51,13 @@
     render();
   }
 
+  // resolves with the reply's status (null: not sent, or a network error)
   function post(path, body) {
-    if (inflight) return Promise.resolve();
+    if (inflight) return Promise.resolve(null);
     inflight = true;
-    return call("POST", path, body).then(apply, function () { note = "network error: try again"; render(); })
-      .then(function () { inflight = false; }, function () { inflight = false; });
+    return call("POST", path, body).then(function (r) { apply(r); return r.status; },
+                                         function () { note = "network error: try again"; render(); return null; })
+      .then(function (status) { inflight = false; return status; }, function () { inflight = false; return null; });
   }
 
   function bubble(role, text, extra) {
@@ -167,9 +169,12 @@
   function send() {
     var text = $("message").value;
     if (!text.trim() || !state || !state.can_send) return;
-    post("/messages", { text: text, revision: state.revision }).then(function () {
+    post("/messages", { text: text, revision: state.revision }).then(function (status) {
       var turn = last();
-      if (turn && turn.status !== "chosen") {
+      // sent: 201, or 503 with the message's turn made (failed: the model was busy; Retry). A refused message (409:
+      // another tab sent first; 422; a network error) stays in the box
+      var sent = status === 201 || (status === 503 && turn && turn.user === text.trim());
+      if (sent && turn && turn.status !== "chosen") {
         $("message").value = "";
         $("message").blur();  // keys 1-8 choose once the answers are ready, not type into the box
       }
