@@ -266,6 +266,9 @@ def check_people(cfg: PipelineConfig, where: str = "config") -> None:
                               f"has none (leave ai_feedback out)")
         if not 1 <= fb.max_turns <= 100:
             raise ConfigError(f"{where}: feedback.max_turns must be 1..100, got {fb.max_turns!r}")
+        _check_app_settings(where, "feedback.", "conversation",
+                            {"generation": {"max_new_tokens": fb.max_new_tokens, "temperature": fb.temperature}},
+                            prefix="settings.generation.")
     if demo is None:
         return
     for name in ("num_prompts", "overlap_k", "min_chars"):
@@ -276,3 +279,19 @@ def check_people(cfg: PipelineConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: demonstrations.review must be accepted or not_rejected, got {demo.review!r}")
     if not isinstance(demo.edit, bool):
         raise ConfigError(f"{where}: demonstrations.edit must be true or false, got {demo.edit!r}")
+    _check_app_settings(where, "demonstrations.", "demonstration", {"min_chars": demo.min_chars},
+                        prefix="settings.")
+
+
+def _check_app_settings(where: str, section: str, task_type: str, settings: dict, prefix: str) -> None:
+    """The settings the run will give the app's project, checked now by the app's own rules (before any stage runs,
+    not when the project is made after SFT), the error naming the pipeline's field (`section` + name)."""
+    from alignloop.errors import UserError  # noqa: PLC0415 - the app's settings module only when people label
+    from alignloop.feedback.projects import check_settings  # noqa: PLC0415 - same
+
+    try:
+        check_settings(task_type, settings)
+    except UserError as e:
+        text = str(e)
+        text = section + text[len(prefix):] if text.startswith(prefix) else text
+        raise ConfigError(f"{where}: {text}") from e

@@ -240,15 +240,30 @@ def chat_tokenizer(cfg: PipelineConfig, model: str):
     return people.chat_tokenizer(model) if people.conversation_mode(cfg) else None
 
 
-def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts)."""
-    prompts = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
+def split_by_prompt(rows: list[dict], fraction: float, seed: int,
+                    key=None) -> tuple[list[dict], list[dict]]:
+    """A deterministic held-out split of preference rows by prompt (about `fraction` of the prompts). `key(prompt)`:
+    the string rows are grouped by (default: the whole prompt); all rows of one key fall on the same side."""
+    key = key if key is not None else (lambda prompt: json.dumps(prompt, sort_keys=True))
+    keys = [key(r["prompt"]) for r in rows]
+    prompts = sorted(set(keys))
     random.Random(seed).shuffle(prompts)
     held = set(prompts[:max(1, round(len(prompts) * fraction))])
     if len(held) == len(prompts):
         return rows, []
-    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held]
-    return train, [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held]
+    train = [r for r, k in zip(rows, keys, strict=True) if k not in held]
+    return train, [r for r, k in zip(rows, keys, strict=True) if k in held]
+
+
+def conversation_key(prompt) -> str:
+    """The conversation a preference row's prompt (its context) belongs to: its opening, the messages up to and
+    including the first user message (a later turn's context starts with the same opening). A string prompt is its
+    own key."""
+    if isinstance(prompt, list):
+        first_user = next((i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"),
+                          len(prompt) - 1)
+        prompt = prompt[:first_user + 1]
+    return json.dumps(prompt, sort_keys=True)
 
 
 def read_preferences(pref_files: list[str]) -> list[dict]:
@@ -260,7 +275,8 @@ def read_preferences(pref_files: list[str]) -> list[dict]:
 def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list[str]) -> dict:
     """The reward model on the preferences of every round so far, held out by prompt: no judgement of a held-out
     prompt's pairs (another labeler's, or the reverse order) is trained on. Conversation mode: the pairs are
-    conversations (messages), tokenised in the chat format the app generated them in."""
+    conversations (messages), tokenised in the chat format the app generated them in, and held out by conversation
+    (`conversation_key`: its opening), so no held-out turn's earlier turns were trained on."""
     rows = read_preferences(pref_files)
     if len(rows) < 4:
         raise UserError(f"only {len(rows)} preference pairs: too few to train a reward model")
@@ -269,7 +285,8 @@ def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list
     fraction = section.pop("eval_fraction", 0.2)
     eval_rows = None
     if fraction and not section.get("eval_file"):
-        rows, eval_rows = split_by_prompt(rows, fraction, section["seed"])
+        rows, eval_rows = split_by_prompt(rows, fraction, section["seed"],
+                                          key=conversation_key if people.conversation_mode(cfg) else None)
         write_rows(eval_rows, folder / "heldout_preferences.jsonl")
     args = trainer_config(RewardConfig, section, model=sft_model, output_dir=str(folder), eval_fraction=0.0)
     res = RewardTrainer(model=sft_model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,

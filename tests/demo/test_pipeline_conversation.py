@@ -169,6 +169,11 @@ def test_conversations_train_the_reward_model_and_the_run_reaches_the_report(tin
     ({"mode": "chat", "labelers": "human"}, "feedback.mode must be pairs or conversation, got 'chat'"),
     ({"mode": "conversation", "labelers": "human", "task_type": "thumbs"}, "feedback.task_type must be pairwise"),
     ({"mode": "conversation", "labelers": "human", "max_turns": 0}, "feedback.max_turns must be 1..100"),
+    # the app's generation settings, checked at load (review 17 F10: before, only after SFT had run)
+    ({"mode": "conversation", "labelers": "human", "max_new_tokens": 5000},
+     "feedback.max_new_tokens: a whole number from 1 to 4096, got 5000"),
+    ({"mode": "conversation", "labelers": "human", "temperature": 9.0},
+     "feedback.temperature: a number from 0 to 5, got 9.0"),
 ])
 def test_feedback_mode_errors_are_clear(tiny, tmp_path, capsys, feedback, message):
     from alignloop.cli import main
@@ -196,3 +201,38 @@ def test_the_example_file_reads():
     cfg = PipelineConfig.from_yaml(Path(__file__).parents[2] / "examples" / "pipeline_conversation.yaml")
     assert (cfg.feedback.mode, cfg.feedback.labelers, cfg.feedback.max_turns) == ("conversation", "human", 6)
     assert cfg.demonstrations.edit and cfg.demonstrations.num_prompts == 32 and cfg.sft["max_steps"] == 200
+
+
+def test_the_reward_models_held_out_split_is_by_conversation(tiny, tmp_path, monkeypatch):
+    """Review 17 F9: turn k's context contains turn k-1's, so a split by the whole context trained on a conversation's
+    first turns and held out its later ones; in conversation mode all the turns of a conversation (its opening) fall
+    on the same side of the split."""
+    from alignloop.data import write_rows
+    from alignloop.pipeline import PipelineConfig, stages
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, model, args, train_dataset, eval_dataset, tokenizer):
+            seen["train"], seen["eval"] = train_dataset, eval_dataset
+
+        def train(self):
+            return type("R", (), {"output_dir": "rm", "steps": 0, "metrics": {}})()
+
+    monkeypatch.setattr(stages, "RewardTrainer", FakeTrainer)
+    rows = []
+    for c in range(12):
+        context = [{"role": "user", "content": f"opening {c}"}]
+        for k in range(3):
+            rows.append({"prompt": [dict(m) for m in context], "chosen": [{"role": "assistant", "content": f"yes {k}"}],
+                         "rejected": [{"role": "assistant", "content": f"no {k}"}], "margin": 1.0,
+                         "conversation": c})
+            context += [{"role": "assistant", "content": f"yes {k}"}, {"role": "user", "content": f"more {k}"}]
+    pref = write_rows(rows, tmp_path / "pref.jsonl")
+    cfg = PipelineConfig.from_dict(config(tiny, tmp_path, rm={"eval_fraction": 0.25, "seed": 3}))
+    (tmp_path / "rm").mkdir()
+    res = stages.stage_rm(tmp_path / "rm", cfg, str(tiny / "policy"), [str(pref)])
+    train = {r["conversation"] for r in seen["train"]}
+    held = {r["conversation"] for r in seen["eval"]}
+    assert train and held and not train & held, (train, held)
+    assert len(held) == 3 and res["heldout_pairs"] == 9 and res["pairs"] == 27

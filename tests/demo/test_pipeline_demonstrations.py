@@ -119,6 +119,9 @@ def test_resume_without_demonstrations_says_to_write_them(tiny, tmp_path):
     ({"review": "all"}, "demonstrations.review must be accepted or not_rejected"),
     ({"num_prompts": 0}, "demonstrations.num_prompts must be an integer >= 1"),
     ({"min_words": 3}, "demonstrations: unknown field"),
+    # the app's bound, checked at load (review 17 F10: before, only at the demonstrations stage, after nothing ran
+    # but a resumed run's earlier stages)
+    ({"min_chars": 200000}, r"demonstrations\.min_chars: a whole number from 1 to 100000, got 200000"),
 ])
 def test_demonstrations_section_is_checked(tiny, tmp_path, section, message):
     from alignloop.errors import ConfigError
