@@ -53,12 +53,15 @@ from .models import (
     utcnow,
 )
 from .security import is_utf8_text
-from .validation import validate_submission
+from .validation import MAX_TIME_MS, validate_submission
 
 DEFAULT_MAX_TURNS = 10
 DEFAULT_GENERATION = {"max_new_tokens": 128, "temperature": 0.8, "top_p": 1.0, "top_k": 0}
 MAX_MESSAGE_CHARS = 20000
 EXPORT_FORMATS = ("preference", "sft", "messages")
+# An open_start item's slots: its labeler's own, never offered to anyone (an expiry's n_active - 1, or a higher
+# overlap_k, still leaves it far above any k)
+OPEN_START_SLOTS = 1 << 30
 SCALE_LABELS = {1: "A is much better", 2: "A is better", 3: "A is slightly better", 4: "A is negligibly better",
                 5: "B is negligibly better", 6: "B is slightly better", 7: "B is better", 8: "B is much better"}
 
@@ -154,6 +157,13 @@ def _bump(s, c: Conversation) -> None:
     s.refresh(c)
 
 
+def _touch_assignment(s, c: Conversation) -> None:
+    """Keep the conversation's assignment alive while the labeler talks: its time (what `assignment.expire_stale`
+    counts from) restarts with each message, choice and retry, so an active conversation is not expired."""
+    s.execute(update(Assignment).where(Assignment.id == c.assignment_id, Assignment.status == "assigned")
+              .values(created_at=utcnow()).execution_options(synchronize_session=False))
+
+
 def _check_revision(c: Conversation, expected_revision: int | None) -> None:
     if expected_revision is not None and expected_revision != c.revision:
         raise Stale("this conversation changed in another tab; the page now shows its current state")
@@ -193,6 +203,10 @@ def take_conversation(store, project_id: int, labeler_id: int) -> tuple[Conversa
     if c is not None:
         return c, None
     for _attempt in range(3):
+        if _attempt:
+            c = open_conversation(store, project_id, labeler_id)
+            if c is not None:  # another tab (or an open_start Start) made one meanwhile
+                return c, None
         a = store.next_assignment(project_id, labeler_id)
         if a is None:
             return None, None
@@ -223,26 +237,46 @@ def start_open_conversation(store, project_id: int, labeler_id: int, first_messa
 def take_open_conversation(store, project_id: int, labeler_id: int,
                            first_message: str) -> tuple[Conversation, ConversationTurn | None]:
     """(conversation, its new first turn: the caller submits its generation). The message becomes a prompt and an
-    item of its own, all of whose slots this labeler's assignment holds (so it is nobody else's opening; an expired
-    assignment frees one). The labeler's open conversation, if any, is returned instead (with None)."""
+    item of its own whose slots are all taken for good (`OPEN_START_SLOTS`: it is nobody else's opening, even after
+    its assignment expired or overlap_k was raised). The labeler's open conversation, if any, is returned instead
+    (with None); of two concurrent Starts (a double click, two tabs) one makes it, the other gets it."""
     text = check_message(first_message, "first_message")
     c = open_conversation(store, project_id, labeler_id)
     if c is not None:
         return c, None
     if not store.may_label(project_id, labeler_id):
         raise NotFound("no such project")
+    try:
+        return _make_open_conversation(store, project_id, labeler_id, text)
+    except IntegrityError:  # PostgreSQL: a concurrent Start made the labeler's open conversation (unique index)
+        c = open_conversation(store, project_id, labeler_id)
+        if c is None:
+            raise
+        return c, None
+
+
+def _make_open_conversation(store, project_id: int, labeler_id: int,
+                            text: str) -> tuple[Conversation, ConversationTurn | None]:
     with store.write() as s:
         p = s.get(Project, project_id)
         if p is None or p.task_type != "conversation":
             raise NotFound("no such conversation project")
         if not conversation_settings(p.settings)["open_start"]:
             raise ValidationError({"first_message": "this project starts from its own prompts (open_start is off)"})
+        # again inside the write transaction (SQLite: BEGIN IMMEDIATE serialises it): a double-clicked Start or a
+        # second tab finds the conversation the first one made; on PostgreSQL the partial unique index
+        # `ux_conversations_open` refuses a second open conversation (IntegrityError, read back by the caller)
+        c = s.scalar(select(Conversation).where(
+            Conversation.project_id == project_id, Conversation.labeler_id == labeler_id,
+            Conversation.status == "open").order_by(Conversation.id).limit(1))
+        if c is not None:
+            return c, None
         messages = [{"role": "user", "content": text}]
         prompt = Prompt(project_id=p.id, messages=messages, is_chat=False,
                         meta={"open_start": True}, source_key=f"open:{labeler_id}:{uuid.uuid4().hex}")
         s.add(prompt)
         s.flush()
-        item = Item(project_id=p.id, prompt_id=prompt.id, completion_ids=[], n_active=p.overlap_k, n_done=0)
+        item = Item(project_id=p.id, prompt_id=prompt.id, completion_ids=[], n_active=OPEN_START_SLOTS, n_done=0)
         s.add(item)
         s.flush()
         a = Assignment(item_id=item.id, labeler_id=labeler_id, project_id=p.id, status="assigned", is_gold=False,
@@ -259,7 +293,8 @@ INTERRUPTED_GRACE_S = 2.0  # a pending turn this young whose job the worker does
 def _turn_view(t: ConversationTurn, live: Callable[[str], dict | None] | None, now) -> dict:
     """A turn as the labeler sees it (blind: candidate texts in the shown order, the choice in screen terms). A
     pending turn: `live(job_id)` (the worker's status) gives its partial texts and queue position; a job the worker
-    does not know (a restart lost it) shows the turn "interrupted", to retry."""
+    does not know (a restart lost it), or one it finished whose result was not stored (the store failed in
+    `on_done`), shows the turn "interrupted", to retry."""
     out: dict[str, Any] = {"idx": t.idx, "status": t.status, "user": t.context[-1]["content"] if t.context else "",
                            "candidates": None, "choice": t.choice, "chosen_side": None, "error": t.error,
                            "attempts": t.attempts}
@@ -275,6 +310,11 @@ def _turn_view(t: ConversationTurn, live: Callable[[str], dict | None] | None, n
         if st is None and live is not None and age >= INTERRUPTED_GRACE_S:
             out["status"] = "interrupted"
             out["error"] = ("the generation of this turn was interrupted (the server restarted); retry it")
+        elif st is not None and st.get("state") in ("done", "failed"):
+            # finished, yet the turn is still pending: storing its result failed (`Generation.on_done` gave up;
+            # while it is still trying the state says "storing")
+            out["status"] = "interrupted"
+            out["error"] = "the answers of this turn could not be saved (the database was busy); retry it"
         elif st is not None:
             partial = list(st.get("partial") or ["", ""]) + ["", ""]
             out["job"] = {"state": st.get("state"), "position": st.get("position")}
@@ -329,6 +369,7 @@ def add_message(store, conversation_id: int, labeler_id: int, text: Any,
             if len(turns) >= max_turns:
                 raise Stale(f"this conversation has reached its {max_turns} turns: end it with a rating")
             _bump(s, c)
+            _touch_assignment(s, c)
             now = utcnow()
             t = ConversationTurn(conversation_id=c.id, idx=last.idx + 1,
                                  context=[*last.context, _chosen_message(last), {"role": "user", "content": text}],
@@ -409,6 +450,7 @@ def retry_turn(store, conversation_id: int, labeler_id: int, idx: int,
         if r.rowcount != 1:
             raise Stale("this turn is not waiting for a retry (it is generating or ready)")
         _bump(s, c)
+        _touch_assignment(s, c)
         s.refresh(t)
         return t
 
@@ -442,26 +484,33 @@ def choose(store, conversation_id: int, labeler_id: int, idx: int, choice: Any,
         if r.rowcount != 1:
             raise Stale("this turn was already chosen (in another tab?)")
         _bump(s, c)
+        _touch_assignment(s, c)
         s.refresh(t)
         return t
 
 
 # -- the end ------------------------------------------------------------------------------------------------------
-def _close_assignment(s, a: Assignment, now) -> None:
-    """The assignment done (its item's n_done + 1); one that expired (or was skipped through the generic API)
-    meanwhile takes its slot back if one is free."""
+def _close_assignment(s, a: Assignment, now) -> bool:
+    """The assignment done (its item's n_done + 1): True. One that expired (or was skipped through the generic API)
+    meanwhile takes its slot back if one is free; when the slot went to another labeler the assignment stays as it
+    is and the item's labels do not count this conversation: False (the conversation still ends, its rating
+    stored: never a dead end for the labeler)."""
     if a.status in ("expired", "skipped"):
         p = s.get(Project, a.project_id)
-        cond = [Item.id == a.item_id] + ([] if a.is_gold else [Item.n_active < p.overlap_k])
-        if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)).rowcount != 1:
-            raise ValidationError({"conversation": "this item was given to another labeler after you left it open "
-                                                   "too long; your rating was not stored"})
+        item = s.get(Item, a.item_id)
+        own = a.is_gold or item.n_active >= OPEN_START_SLOTS // 2  # gold, or an open_start item: outside the k
+        cond = [Item.id == a.item_id] + ([] if own else [Item.n_active < p.overlap_k])
+        if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)
+                     .execution_options(synchronize_session=False)).rowcount != 1:
+            return False
         a.status = "assigned"
     if a.status != "assigned":
         raise Stale(f"this conversation's assignment is {a.status}")
     a.status = "done"
     a.completed_at = now
-    s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1))
+    s.execute(update(Item).where(Item.id == a.item_id).values(n_done=Item.n_done + 1)
+              .execution_options(synchronize_session=False))
+    return True
 
 
 def end_conversation(store, conversation_id: int, labeler_id: int, rating: Any, comment: Any,
@@ -469,7 +518,9 @@ def end_conversation(store, conversation_id: int, labeler_id: int, rating: Any, 
     """End the conversation with a 1-7 rating and an optional comment: stored on the conversation and as its
     assignment's judgement (likert = rating, the comment; the assignment done, so history, progress and quality
     count it), in one transaction. Needs at least one chosen turn (ValidationError). Ending again with the same
-    rating and comment returns the conversation; otherwise an ended conversation is Stale."""
+    rating and comment returns the conversation; otherwise an ended conversation is Stale. When the assignment
+    expired and its slot went to another labeler, the conversation ends all the same (rating, turns and export
+    kept; the judgement stored on the expired assignment) but does not count toward the item's labels."""
     rating = check_rating(rating)
     fields = validate_submission("likert", [], {"likert": rating, "comment": "" if comment is None else comment})
     comment = fields["comment"]
@@ -485,7 +536,7 @@ def end_conversation(store, conversation_id: int, labeler_id: int, rating: Any, 
         seen = c.revision
         now = utcnow()
         a = s.get(Assignment, c.assignment_id)
-        _close_assignment(s, a, now)
+        _close_assignment(s, a, now)  # False: not counted toward the item (its slot went to another labeler)
         r = s.execute(update(Conversation).where(Conversation.id == c.id, Conversation.revision == seen,
                                                  Conversation.status == "open")
                       .values(status="ended", rating=rating, comment=comment, ended_at=now, updated_at=now,
@@ -493,7 +544,9 @@ def end_conversation(store, conversation_id: int, labeler_id: int, rating: Any, 
         if r.rowcount != 1:
             raise Stale("this conversation changed in another tab; the page now shows its current state")
         version = (s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0) + 1
-        spent = int(max(0.0, (now - a.created_at).total_seconds()) * 1000)
+        # from the conversation's start (the assignment's time restarts with each message); clamped to what the
+        # column holds (a 32-bit integer on PostgreSQL)
+        spent = min(int(max(0.0, (now - c.created_at).total_seconds()) * 1000), MAX_TIME_MS)
         s.add(Judgement(assignment_id=a.id, item_id=a.item_id, labeler_id=labeler_id, version=version,
                         shown_order=a.shown_order, likert=rating, comment=comment, flags=[], time_spent_ms=spent,
                         idempotency_key=f"conversation:{c.id}:end:{version}", created_at=now))

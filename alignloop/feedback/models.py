@@ -35,7 +35,19 @@ import re
 import secrets
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from alignloop.data import STRENGTH_MARGINS
@@ -266,7 +278,11 @@ class Conversation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
-    __table_args__ = (Index("ix_conversations_project", "project_id", "status"),)
+    # at most one open conversation per labeler and project: a double-clicked Start (or two tabs) on an open_start
+    # project cannot open two, on PostgreSQL's parallel writers too (a partial unique index: ended ones are many)
+    __table_args__ = (Index("ix_conversations_project", "project_id", "status"),
+                      Index("ux_conversations_open", "project_id", "labeler_id", unique=True,
+                            sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")))
 
 
 class ConversationTurn(Base):

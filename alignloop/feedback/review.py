@@ -90,8 +90,9 @@ def latest_adjudications(s: Session, project_id: int) -> dict[int, dict]:
 def _label(task_type: str, r: Mapping[str, Any]):
     """What two labels must share to agree (pairwise: the choice; the rest: the whole answer)."""
     return {"pairwise": r.get("choice"), "rank": tuple(r.get("ranking") or ()), "thumbs": r.get("thumbs"),
-            "likert": r.get("likert"), "steps": tuple(r.get("step_labels") or ()),
-            "conversation": r.get("likert")}.get(task_type)  # a demonstration: free text (its own review page)
+            "likert": r.get("likert"), "steps": tuple(r.get("step_labels") or ())}.get(task_type)
+    # a demonstration: free text; a conversation: each labeler's rating is of their own conversation (different
+    # turns from the same opening), so two ratings are no disagreement. Both have their own admin pages.
 
 
 def review_queue(records: list[dict], task_type: str, adjudications: Mapping[int, dict],

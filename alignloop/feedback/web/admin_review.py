@@ -35,6 +35,8 @@ def review_list(request: Request, pid: int, show: str = "attention"):
     p = project_by_id(request, pid)
     if p.task_type == "demonstration":  # free text is reviewed one demonstration at a time (admin_demonstrations.py)
         return RedirectResponse(f"/admin/p/{p.id}/demonstrations", status_code=303)
+    if p.task_type == "conversation":  # ratings of different conversations: read them whole (admin_conversations.py)
+        return RedirectResponse(f"/admin/p/{p.id}/conversations", status_code=303)
     rows = _queue(store, p, show)
     return render(request, "admin_review.html", {"project": p, "rows": rows[:REVIEW_PAGE_ROWS], "total": len(rows),
                                                  "show": show})

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from .. import conversations as conv
-from ..errors import NotFound, ValidationError
+from ..errors import DatabaseBusy, NotFound, ValidationError
 from ..generation import GenerationJob, GenerationWorker, QueueFull
 from ..models import Conversation, ConversationTurn
 from .common import (
@@ -66,6 +68,14 @@ class QueueBusy(Exception):
         self.message = message
 
 
+class ShuttingDown(QueueBusy):
+    """The app's lifespan stopped the generation worker (the server is shutting down): no new worker is built for a
+    request still in flight; the turn is marked failed (Retry after the restart) and the reply is a 503."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down; retry in a moment")
+
+
 class Generation:
     """The app's generation worker and the bridge from its results to the store. `worker`: a given one (its owner
     starts and stops it; its `on_done` is set here when it has none); else one is built with these settings on the
@@ -77,6 +87,8 @@ class Generation:
         self.queue, self.timeout_s, self.threads, self.backend = queue, timeout_s, threads, backend
         self._worker = worker
         self._built = False
+        self._closed = False  # stop() ran: no worker is built any more
+        self._storing: set[str] = set()  # jobs whose result on_done is still trying to store
         self._lock = threading.Lock()
         if worker is not None and getattr(worker, "on_done", None) is None:
             worker.on_done = self.on_done
@@ -89,6 +101,8 @@ class Generation:
     def worker(self):
         with self._lock:
             if self._worker is None:
+                if self._closed:  # the lifespan's stop() ran: a request still in flight builds no new worker
+                    raise ShuttingDown()
                 kw: dict[str, Any] = {"max_queue": self.queue, "timeout_s": self.timeout_s, "threads": self.threads,
                                       "on_done": self.on_done}
                 if self.backend:
@@ -100,6 +114,7 @@ class Generation:
 
     def stop(self) -> None:
         with self._lock:
+            self._closed = True
             if self._built and self._worker is not None:
                 self._worker.stop()
                 self._worker, self._built = None, False
@@ -107,7 +122,10 @@ class Generation:
     def status(self, job_id: str) -> dict | None:
         """The worker's status of a job; None when it does not know it (or no worker runs: a restart lost it)."""
         w = self._worker
-        return None if w is None else w.status(job_id)
+        st = None if w is None else w.status(job_id)
+        if st is not None and job_id in self._storing:
+            st = {**st, "state": "storing"}  # finished; its result is being stored (not lost: no retry offered)
+        return st
 
     def submit(self, turn: ConversationTurn, settings: dict) -> None:
         """Queue the generation of a pending turn. A full queue: the turn is failed with a clear message and
@@ -121,6 +139,9 @@ class Generation:
                             models=cfg["models"], params=dict(cfg["generation"]), seed=conv.generation_seed(turn))
         try:
             self.worker().submit(job)
+        except ShuttingDown as e:
+            conv.turn_failed(self.store, turn.id, e.message, turn.attempts)
+            raise
         except QueueFull as e:
             message = f"the model is busy: {e}" if str(e) else "the model is busy; retry in a moment"
             conv.turn_failed(self.store, turn.id, message, turn.attempts)
@@ -129,19 +150,38 @@ class Generation:
             log.exception("generation worker failed to take a job")
             conv.turn_failed(self.store, turn.id, f"the generation could not start: {e}", turn.attempts)
 
+    # waits between the tries of storing a result on a busy database (then on_done gives up: the turn shows
+    # "interrupted", to retry)
+    STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0)
+
     def on_done(self, job, candidates: list[dict] | None, error: str | None, gen_ms: int) -> None:
-        """The worker's callback (its thread): the turn's candidates or error into the store, for that attempt."""
+        """The worker's callback (its thread): the turn's candidates or error into the store, for that attempt. A
+        busy database is tried again a few times (`STORE_RETRY_DELAYS_S`); a result that still could not be stored
+        leaves the turn pending with its job finished, which the page shows as interrupted (Retry)."""
         try:
             attempt = int(str(job.job_id).rsplit(".", 1)[1])
         except (IndexError, ValueError):
             attempt = None
+        self._storing.add(job.job_id)
         try:
-            if error is not None or candidates is None:
-                conv.turn_failed(self.store, job.turn_id, error or "the generation failed", attempt)
-            else:
-                conv.turn_generated(self.store, job.turn_id, candidates, gen_ms, attempt)
-        except Exception:  # never kill the worker's thread; the turn stays pending (retry shows it)
-            log.exception("storing the generation of turn %s failed", job.turn_id)
+            for i in range(len(self.STORE_RETRY_DELAYS_S) + 1):
+                try:
+                    if error is not None or candidates is None:
+                        conv.turn_failed(self.store, job.turn_id, error or "the generation failed", attempt)
+                    else:
+                        conv.turn_generated(self.store, job.turn_id, candidates, gen_ms, attempt)
+                    return
+                except (DatabaseBusy, OperationalError) as e:
+                    if i == len(self.STORE_RETRY_DELAYS_S):
+                        log.error("storing the generation of turn %s failed (the turn shows interrupted): %s",
+                                  job.turn_id, e)
+                        return
+                    time.sleep(self.STORE_RETRY_DELAYS_S[i])
+                except Exception:  # never kill the worker's thread; the turn shows interrupted (Retry)
+                    log.exception("storing the generation of turn %s failed", job.turn_id)
+                    return
+        finally:
+            self._storing.discard(job.job_id)
 
 
 def generation_of(request: Request) -> Generation:
@@ -231,7 +271,9 @@ def converse_page(request: Request, name: str):
         return render(request, "conversation.html", ctx)
     progress = store.progress(p.id, user.id)
     ctx["progress"] = progress
-    ctx["all_done"] = not progress["remaining"] and not cfg["open_start"]
+    # an item the labeler holds without a conversation (the generic API's next, a start whose write failed): Start
+    # opens the conversation on it
+    ctx["all_done"] = not progress["remaining"] and not progress.get("open") and not cfg["open_start"]
     return render(request, "conversation.html", ctx)
 
 

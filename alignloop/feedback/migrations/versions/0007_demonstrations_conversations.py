@@ -3,7 +3,7 @@
 * `judgements.text`: a demonstration's written (or edited) response.
 * `demonstration_reviews`: an admin's accept / reject (with a note) of one demonstration version, append-only.
 * `conversations`: a labeler's conversation with the served model, one per assignment of a conversation project;
-  ended with a 1-7 rating and a comment.
+  ended with a 1-7 rating and a comment; at most one open per labeler and project (`ux_conversations_open`).
 * `conversation_turns`: each turn's messages so far, two candidate next messages, the 8-point choice and the chosen
   candidate; the generation's status (pending / ready / failed / chosen) and error.
 
@@ -48,6 +48,9 @@ def upgrade() -> None:
         sa.Column("ended_at", sa.DateTime),
     )
     op.create_index("ix_conversations_project", "conversations", ["project_id", "status"])
+    # one open conversation per labeler and project (a double-clicked open_start Start cannot open two)
+    op.create_index("ux_conversations_open", "conversations", ["project_id", "labeler_id"], unique=True,
+                    sqlite_where=sa.text("status = 'open'"), postgresql_where=sa.text("status = 'open'"))
     op.create_table(
         "conversation_turns",
         sa.Column("id", sa.Integer, primary_key=True),
@@ -72,6 +75,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("conversation_turns")
+    op.drop_index("ux_conversations_open", table_name="conversations")
     op.drop_index("ix_conversations_project", table_name="conversations")
     op.drop_table("conversations")
     op.drop_index("ix_demonstration_reviews_judgement", table_name="demonstration_reviews")
