@@ -19,9 +19,15 @@ and only take a lock held for a few dictionary operations; they never wait on th
   partial texts the child streams (at most every `_PARTIAL_EVERY_S` per job, so a fast model does not flood it) and
   calls `on_done(job, candidates, error, gen_ms)` exactly once per accepted job, in that thread (never the event
   loop): candidates are 2 dicts {"text", "model", "params", "stopped"} in canonical order, or error is a message.
-- A job running longer than `timeout_s` (counted from the child taking it, model loading included) fails with
-  "generation took longer than N s": the child is killed and a fresh one serves the next jobs. A child that dies
-  (out of memory, a crash in native code) fails its job the same way, with its exit code.
+- Loading the job's models is not generation: the child says when they are loaded ("loaded", at once when they
+  already are), and only then does the job's `timeout_s` start. Loading has its own, generous limit (`load_timeout_s`,
+  10 minutes by default; a few-GB checkpoint on CPU, a first download); past it the job fails with "the model was
+  still loading after N s". A job running longer than `timeout_s` fails with "generation took longer than N s". In
+  both cases the child is killed and a fresh one serves the next jobs. A child that dies (out of memory, a crash in
+  native code) fails its job the same way, with its exit code.
+- A child that cannot be restarted (out of processes or memory) is tried again after a pause that doubles (1 s, 2 s,
+  4 s, ... at most `_SPAWN_BACKOFF_MAX_S`); after `_SPAWN_FAILURES` failed starts in a row the queued jobs fail with
+  the reason (the labeler retries), and so do jobs queued while it keeps failing.
 - `stop()` fails what has not finished ("the generation worker stopped"), ends the child (killed if it does not exit
   within a second) and joins the listener: no process or thread is left behind.
 - `in_process=True` runs the backend in a thread of this process (tests with fakes; a hung thread cannot be killed,
@@ -29,7 +35,12 @@ and only take a lock held for a few dictionary operations; they never wait on th
 
 The backend is "module:function"; the function returns an object with `generate(job, emit) -> list[dict]`, where
 `emit(candidate_index, text_so_far)` streams. `hf_backend` serves Hugging Face causal LMs (below);
-`generate_candidates` is the same generation without a worker (the pipeline, tests).
+`generate_candidates` is the same generation without a worker (the pipeline, tests). A backend may also have
+`prepare(job)`, which loads the job's models (the time it takes is loading, not generation).
+
+Blindness: with two models, both candidates are sampled at the same time (a thread per model, each with its own
+seeded RNG), so neither side fills first because of its model. Error texts may name a model (useful to admins, who
+see the stored text); `public_error(error, models)` is the text a labeler may see, the names replaced.
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -55,6 +67,9 @@ _PARTIAL_EVERY_S = 0.05     # the child sends a job's partial texts at most this
 _CHECK_CHILD_S = 1.0        # the listener looks at the child at least this often
 _KEEP_FINISHED = 512        # finished jobs remembered for status() (the newest)
 _KEEP_FINISHED_S = 3600.0   # ... and for at most this long
+_SPAWN_FAILURES = 3         # failed child starts in a row after which the queued jobs fail
+_SPAWN_BACKOFF_MAX_S = 30.0  # the longest pause between two tries to start the child
+DEFAULT_LOAD_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -76,12 +91,17 @@ OnDone = Callable[[GenerationJob, "list[dict] | None", "str | None", int], None]
 
 class GenerationWorker:
     def __init__(self, backend: str | None = DEFAULT_BACKEND, max_queue: int = 8, timeout_s: float = 120.0,
-                 threads: int = 1, in_process: bool = False, on_done: OnDone | None = None):
-        """`backend`: "module:function" (None: `hf_backend`); `threads`: torch threads of the child."""
+                 threads: int = 1, in_process: bool = False, on_done: OnDone | None = None,
+                 load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S):
+        """`backend`: "module:function" (None: `hf_backend`); `threads`: torch threads of the child; `timeout_s`: a
+        job's generation at most (model loading not counted); `load_timeout_s`: loading a job's models at most."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if load_timeout_s <= 0:
+            raise ValueError(f"load_timeout_s must be > 0, got {load_timeout_s}")
+        self.load_timeout_s = float(load_timeout_s)
         self.backend, self.max_queue, self.timeout_s = backend or DEFAULT_BACKEND, max_queue, float(timeout_s)
         self.threads, self.in_process, self.on_done = max(1, int(threads)), in_process, on_done
         self._lock = threading.Lock()
@@ -91,6 +111,9 @@ class GenerationWorker:
         self._pending: collections.deque[GenerationJob] = collections.deque()
         self._running: GenerationJob | None = None
         self._deadline: float | None = None                   # set when the child takes the running job
+        self._loading = False                                 # the running job's models are being loaded
+        self._spawn_failures = 0                              # failed child starts in a row
+        self._wake = threading.Event()                        # set by stop(): ends a pause between starts
         self._child = None                                    # a Process, or a Thread (in_process)
         self._jobs = self._events = None                      # the child's job and event queues
         self._ready = False                                   # the child takes jobs (False while it is replaced)
@@ -102,7 +125,10 @@ class GenerationWorker:
             if self._state != "new":
                 return
             self._state = "started"
-        self._spawn()
+        try:
+            self._spawn()
+        except Exception:  # e.g. out of processes: the listener tries again (pausing) and fails the queued jobs
+            log.exception("could not start the generation process")
         self._listener = threading.Thread(target=self._listen, name="generation-listener", daemon=True)
         self._listener.start()
 
@@ -149,9 +175,10 @@ class GenerationWorker:
                 return
             self._state = "stopped"
             events = self._events
+        self._wake.set()
         # wakes the listener, which fails what is left and returns (a queue closed because its child was just
         # replaced raises: the listener sees the state within a second anyway)
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
             events.put(("stop",))
         if self._listener is not None:
             self._listener.join(timeout=30)
@@ -164,7 +191,7 @@ class GenerationWorker:
                 events, child, deadline = self._events, self._child, self._deadline
             wait = _CHECK_CHILD_S if deadline is None else min(_CHECK_CHILD_S, max(0.0, deadline - time.monotonic()))
             try:
-                msg = events.get(timeout=wait)
+                msg = events.get(timeout=wait) if events is not None else None
             except queue.Empty:
                 msg = None
             except (EOFError, OSError, ValueError):     # a queue broken by a killed child: treated as its death
@@ -176,7 +203,12 @@ class GenerationWorker:
                 if msg is not None:
                     finished += self._handle_locked(msg)
                 elif self._running is not None and self._deadline is not None and time.monotonic() >= self._deadline:
-                    restart = f"generation took longer than {self.timeout_s:g} s"
+                    restart = (f"the model was still loading after {self.load_timeout_s:g} s (the most loading may "
+                               f"take; generation itself may take {self.timeout_s:g} s): check the model, or give "
+                               f"loading more time" if self._loading
+                               else f"generation took longer than {self.timeout_s:g} s")
+                elif child is None:
+                    restart = "the generation process is not running"
                 elif not child.is_alive():
                     restart = self._death_message(child)
                 if restart is not None:
@@ -185,12 +217,9 @@ class GenerationWorker:
                     finished.append(self._finish_locked(self._running, None, restart, 0))
             if restart is not None and self._state == "started":
                 self._end_child(kill=True)
-                try:
-                    self._spawn()
-                except Exception:  # e.g. out of processes: the dead child is seen again, and replaced, in 1 s
-                    log.exception("could not start the generation process")
-                with self._lock:
-                    self._dispatch_locked()
+                self._call_on_done(finished)
+                finished = []
+                self._respawn()
             self._call_on_done(finished)
         with self._lock:      # stopping: whatever has not finished fails, and each caller hears of it once
             jobs = ([self._running] if self._running is not None else []) + list(self._pending)
@@ -198,13 +227,40 @@ class GenerationWorker:
             finished = [self._finish_locked(j, None, "the generation worker stopped", 0) for j in jobs]
         self._call_on_done(finished)
 
+    def _respawn(self) -> None:
+        """Start a new child; when that fails (out of processes, memory), try again after a pause that doubles, and
+        after `_SPAWN_FAILURES` failures in a row fail the queued jobs with the reason. Returns when a child runs or
+        the worker stops."""
+        while self._state == "started":
+            try:
+                self._spawn()
+            except Exception as e:  # any failure to start is retried, then told to the jobs
+                self._spawn_failures += 1
+                log.exception("could not start the generation process (%d failures in a row)", self._spawn_failures)
+                if self._spawn_failures >= _SPAWN_FAILURES:
+                    why = (f"the generation process could not be started ({error_message(e)}; "
+                           f"{self._spawn_failures} tries); retry in a while")
+                    with self._lock:
+                        jobs = list(self._pending)
+                        self._pending.clear()
+                        failed = [self._finish_locked(j, None, why, 0) for j in jobs]
+                    self._call_on_done(failed)
+                self._wake.wait(min(_CHECK_CHILD_S * 2 ** (self._spawn_failures - 1), _SPAWN_BACKOFF_MAX_S))
+                continue
+            self._spawn_failures = 0
+            with self._lock:
+                self._dispatch_locked()
+            return
+
     def _handle_locked(self, msg: tuple) -> list[tuple]:
         kind, job_id = msg[0], msg[1]
         job = self._running
         if job is None or job.job_id != job_id:      # a message about a job already failed (timeout): ignore
             return []
-        if kind == "start":
-            self._deadline = time.monotonic() + self.timeout_s
+        if kind == "start":           # loading the job's models: their own limit
+            self._deadline, self._loading = time.monotonic() + self.load_timeout_s, True
+        elif kind == "loaded":        # the generation's time starts now
+            self._deadline, self._loading = time.monotonic() + self.timeout_s, False
         elif kind == "partial":
             self._status[job_id]["partial"] = list(msg[2])
         elif kind == "done":
@@ -220,7 +276,7 @@ class GenerationWorker:
         if candidates is not None:
             st["partial"] = [c["text"] for c in candidates]
         if job is self._running:
-            self._running, self._deadline = None, None
+            self._running, self._deadline, self._loading = None, None, False
             self._dispatch_locked()
         now = time.monotonic()
         self._finished[job.job_id] = now
@@ -297,8 +353,10 @@ def _child_main(backend: str, jobs, events, threads: int, path: list[str]) -> No
 
 
 def serve_jobs(backend: str, jobs, events, threads: int | None) -> None:
-    """Take jobs until None: ("start", id), then ("partial", id, [a, b])..., then ("done", id, candidates, ms) or
-    ("failed", id, message, ms). The backend is built on the first job (a failure there is that job's error)."""
+    """Take jobs until None: ("start", id), ("loaded", id) once the job's models are loaded (the backend built on
+    the first job, then its `prepare(job)` if it has one), then ("partial", id, [a, b])..., then ("done", id,
+    candidates, ms) or ("failed", id, message, ms) (ms: the generation's, loading not counted). A failure to build
+    the backend or load a model is that job's error."""
     gen = None
     while True:
         job = jobs.get()
@@ -312,6 +370,11 @@ def serve_jobs(backend: str, jobs, events, threads: int | None) -> None:
             torch = sys.modules.get("torch")      # imported by the backend (OMP_NUM_THREADS set before that)
             if threads is not None and torch is not None and torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+            prepare = getattr(gen, "prepare", None)
+            if prepare is not None:
+                prepare(job)
+            events.put(("loaded", job.job_id))
+            t0 = time.monotonic()
             emit = _Partials(events, job.job_id)
             candidates = check_candidates(gen.generate(job, emit), job)
             events.put(("done", job.job_id, candidates, int((time.monotonic() - t0) * 1000)))
@@ -325,13 +388,17 @@ class _Partials:
 
     def __init__(self, events, job_id: str):
         self.events, self.job_id, self.texts, self.sent = events, job_id, ["", ""], 0.0
+        self.lock = threading.Lock()     # two models' samplers emit from two threads
 
     def __call__(self, index: int, text: str) -> None:
-        self.texts[index] = text
-        now = time.monotonic()
-        if now - self.sent >= _PARTIAL_EVERY_S:
+        with self.lock:
+            self.texts[index] = text
+            now = time.monotonic()
+            if now - self.sent < _PARTIAL_EVERY_S:
+                return
             self.sent = now
-            self.events.put(("partial", self.job_id, list(self.texts)))
+            texts = list(self.texts)
+        self.events.put(("partial", self.job_id, texts))
 
 
 def load_backend(spec: str):
@@ -357,6 +424,32 @@ def error_message(e: BaseException) -> str:
     return text if text else type(e).__name__
 
 
+_QUOTED_MODEL = re.compile(r"""\bmodel (?:'[^']*'|"[^"]*")""")
+
+
+def public_error(error: str | None, models: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The text of a generation error that a labeler may see: every name or path of `models` in it (the name as
+    given, its absolute path, its last one and two path parts) and a quoted name after "model" (this module's
+    "could not load model '...'") replaced by "the model", so that an error never tells which model is behind a
+    side. The full text stays in the store for admins. None stays None."""
+    if error is None:
+        return None
+    text = _QUOTED_MODEL.sub("the model", str(error))
+    names: set[str] = set()
+    for m in models or ():
+        if not isinstance(m, str) or not m.strip():
+            continue
+        m = m.strip()
+        names |= {m, os.path.abspath(m), os.path.realpath(m)}
+        parts = [x for x in re.split(r"[/\\]", m) if x]
+        for k in (1, 2):
+            if len(parts) >= k and len("/".join(parts[-k:])) >= 3:
+                names.add("/".join(parts[-k:]))
+    for name in sorted(names, key=len, reverse=True):
+        text = text.replace(name, "the model")
+    return text
+
+
 # -- Hugging Face causal LMs ------------------------------------------------------------------------------------------
 def hf_backend() -> HFBackend:
     return HFBackend()
@@ -368,6 +461,11 @@ class HFBackend:
     def __init__(self, max_models: int = 3):
         self.max_models = max_models
         self.models: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+
+    def prepare(self, job: GenerationJob) -> None:
+        """Load the job's models (the worker counts this as loading, not as the generation's time)."""
+        for name in job.models:
+            self.load(name)
 
     def generate(self, job: GenerationJob, emit: Callable[[int, str], None]) -> list[dict]:
         return generate_candidates(job.models, job.context, job.params, job.seed, emit=emit, backend=self)
@@ -407,7 +505,9 @@ def generate_candidates(models: list[str], context: list[dict], params: dict | N
                         backend: HFBackend | None = None) -> list[dict]:
     """Two candidate next assistant messages for `context` (messages, the last one the user's), as dicts {"text",
     "model", "params", "stopped"}. One model: two samples in one batch (seed `seed`; B is sampled again, with other
-    seeds, when it comes out the same as A); two models: one sample from each (seeds `seed`, `seed + 1`). Rendered
+    seeds, when it comes out the same as A); two models: one sample from each (seeds `seed`, `seed + 1`), both loaded
+    first and then sampled at the same time, a thread each with its own RNG (blindness: neither side streams first
+    because of its model; torch releases the GIL in its ops). Rendered
     with the tokenizer's chat template or the plain one (`alignloop.data.chat`); a reply ends at EOS (or the model's
     other end-of-turn tokens) and, in the plain format, where the next user turn would start. `emit(i, text)`
     streams candidate i's text so far (always a prefix of its final text). temperature 0 = greedy. `backend`: an
@@ -426,10 +526,8 @@ def generate_candidates(models: list[str], context: list[dict], params: dict | N
             replies[1] = _sample(model, tok, context, p, 1, seed + 1000 + attempt, lambda _k, t: emit(1, t))[0]
         names = [models[0], models[0]]
     else:
-        replies = []
-        for i, name in enumerate(models):
-            model, tok = backend.load(name)
-            replies += _sample(model, tok, context, p, 1, seed + i, lambda _k, t, i=i: emit(i, t))
+        loaded = [backend.load(name) for name in models]
+        replies = _sample_together(loaded, context, p, seed, emit)
         names = list(models)
     for i, (text, _) in enumerate(replies):
         emit(i, text)
@@ -437,12 +535,46 @@ def generate_candidates(models: list[str], context: list[dict], params: dict | N
             for (text, stopped), name in zip(replies, names, strict=True)]
 
 
+def _sample_together(loaded: list[tuple], context: list[dict], p: dict, seed: int,
+                     emit: Callable[[int, str], None]) -> list[tuple[str, bool]]:
+    """One reply from each (model, tokenizer) of `loaded`, sampled at the same time in a thread each (seed `seed + i`
+    in a generator of its own, so the replies do not depend on how the threads interleave), both streaming."""
+    import torch  # noqa: PLC0415 - torch only in the generation child
+
+    results: list = [None] * len(loaded)
+
+    def run(i: int) -> None:
+        model, tok = loaded[i]
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        try:
+            results[i] = _sample(model, tok, context, p, 1, seed + i, lambda _k, t: emit(i, t),
+                                 generator=torch.Generator(device=device))[0]
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"generation-model-{i}", daemon=True)
+               for i in range(len(loaded))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 def _sample(model, tok, context: list[dict], p: dict, n: int, seed: int,
-            emit: Callable[[int, str], None]) -> list[tuple[str, bool]]:
-    """n replies to `context` from one model: [(text, stopped)], streamed to emit(k, visible text so far)."""
+            emit: Callable[[int, str], None], generator=None) -> list[tuple[str, bool]]:
+    """n replies to `context` from one model: [(text, stopped)], streamed to emit(k, visible text so far).
+    `generator`: a torch.Generator of this sampling's own (seeded with `seed`; the sampler then leaves torch's thread
+    count as it is), for samplings running at once in several threads; None: torch's global RNG."""
     from alignloop.data.chat import chat_stop_strings, render_prompt  # noqa: PLC0415 - torch behind alignloop.data
     from alignloop.models import context_length  # noqa: PLC0415 - torch: generation child only
-    from alignloop.rollout import SamplingParams, sample_completions  # noqa: PLC0415 - torch: generation child only
+    from alignloop.rollout import HFSampler, SamplingParams, sample_completions  # noqa: PLC0415 - generation child
 
     stops = chat_stop_strings(tok)
     greedy = float(p["temperature"]) <= 0
@@ -455,7 +587,9 @@ def _sample(model, tok, context: list[dict], p: dict, n: int, seed: int,
     (group,) = sample_completions(
         model, tok, [render_prompt(context, tok)], n, sp, seed=seed,
         max_prompt_length=limit - sp.max_new_tokens if limit else None,
-        stream=lambda k, text: emit(k, visible_text(text, stops)), stream_every_s=_PARTIAL_EVERY_S)
+        stream=lambda k, text: emit(k, visible_text(text, stops)), stream_every_s=_PARTIAL_EVERY_S,
+        generator=generator,
+        sampler=HFSampler(model, tok, cpu_threads=None, generator=generator) if generator is not None else None)
     return [(reply_text(c.text, stops), bool(c.stopped)) for c in group]
 
 

@@ -112,19 +112,25 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, params:
                        batch_size: int = 32, max_prompt_length: int | None = None, seed: int | None = None,
                        ref_model=None, sampler: Sampler | None = None, user_tag: str | None = None,
                        stream: Callable[[int, str], None] | None = None,
-                       stream_every_s: float = 0.0) -> list[list[Completion]]:
+                       stream_every_s: float = 0.0,
+                       generator: torch.Generator | None = None) -> list[list[Completion]]:
     """n completions for each prompt -> one list of `Completion` per prompt, in prompt order; `batch_size` sequences
     per generation call. `seed` seeds torch's RNG first (None: the RNG as it is). `user_tag`: the prompts' user tags
     survive truncation (`encode_prompts`). `stream(k, text_so_far)`: called after each decoding step for every
     completion k (= prompt i * n + sample j) still being generated, with its text so far (decoded as the final text
     is; needs a sampler whose `generate` takes `on_step`, as `HFSampler`'s does), at most every `stream_every_s`
-    seconds (0: after every step). See the module docstring."""
+    seconds (0: after every step). `generator`: a `torch.Generator` (on the model's device) to draw from instead of
+    torch's global RNG (`seed` seeds it), so that two samplings in two threads at once stay each seeded; the
+    default sampler is built with it (a given `sampler` draws from its own). See the module docstring."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     params = params if params is not None else SamplingParams()
     if seed is not None:
-        torch.manual_seed(seed)
-    sampler = sampler if sampler is not None else HFSampler(model, tokenizer)
+        if generator is not None:
+            generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+    sampler = sampler if sampler is not None else HFSampler(model, tokenizer, generator=generator)
     flat = [ids for ids in encode_prompts(tokenizer, prompts, max_prompt_length, user_tag) for _ in range(n)]
     done: list[Completion] = []
     for lo in range(0, len(flat), max(1, batch_size)):

@@ -168,12 +168,17 @@ class HFSampler:
     Decode steps of a narrow model are tiny ops where OpenMP synchronisation costs more than a second thread gains
     (2 layers x 128, 16 x 48 tokens on 2 idle cores: 1 thread 0.11 s, 2 threads 0.98 s), while a wider one gains
     (6 x 384: 1 thread 0.68 s, 2 threads 0.42 s). Auto: 1 thread below hidden size 256, every thread from there.
-    With more runnable processes than cores, extra threads cost far more: pass 1 on a shared machine."""
+    With more runnable processes than cores, extra threads cost far more: pass 1 on a shared machine.
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, cpu_threads: int | None = 0):
+    `generator`: the `torch.Generator` the tokens are drawn with (on the model's device); None = torch's global RNG.
+    Two samplers running at once in two threads each need their own (the global RNG would interleave their draws)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, cpu_threads: int | None = 0,
+                 generator: torch.Generator | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.cpu_threads = cpu_threads
+        self.generator = generator
         self._keep = "logits_to_keep" in _parameters(model)
         # a peft/DDP wrapper forwards **kwargs: the name is the one the transformers model underneath takes
         self._cache = "cache" if "cache" in _parameters(unwrap_model(model)) else "past_key_values"
@@ -255,7 +260,7 @@ class HFSampler:
                     sample_lp = torch.log_softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
                 else:
                     sample_lp = policy_lp
-                tok = torch.multinomial(sample_lp.exp(), 1).squeeze(1)
+                tok = torch.multinomial(sample_lp.exp(), 1, generator=self.generator).squeeze(1)
                 alive = ~done
                 tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
                 lp = sample_lp.gather(1, tok[:, None]).squeeze(1)

@@ -7,6 +7,8 @@ generation child process gets the parent's sys.path, so they import there too).
     hang    sleeps forever (the timeout test) unless params["hang"] is False, then echoes
     crash   the process exits with code 3 (a native crash) unless params["crash"] is False, then echoes
     threads "torch threads: N" (torch imported first, as a model backend does)
+    slowload  echo after loading its "model" for params["load_seconds"] (default 2) seconds, once per process: in
+              `prepare(job)`, or (a worker that does not call prepare) in the first `generate`
 """
 from __future__ import annotations
 
@@ -74,6 +76,24 @@ class Threads:
     def generate(self, job, emit):
         text = f"torch threads: {self.torch.get_num_threads()}"
         return _candidates(job, [text, text])
+
+
+class SlowLoad(Echo):
+    def __init__(self):
+        self.loaded = False
+
+    def prepare(self, job):
+        if not self.loaded:
+            time.sleep(float(job.params.get("load_seconds", 2)))
+            self.loaded = True
+
+    def generate(self, job, emit):
+        self.prepare(job)
+        return super().generate(job, emit)
+
+
+def slowload():
+    return SlowLoad()
 
 
 def threads():

@@ -2,6 +2,7 @@
 backends of gen_fakes.py, and the Hugging Face backend with a tiny local model (never downloaded)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -9,7 +10,14 @@ import time
 
 import pytest
 
-from alignloop.feedback.generation import GenerationJob, GenerationWorker, QueueFull, generate_candidates, visible_text
+from alignloop.feedback.generation import (
+    GenerationJob,
+    GenerationWorker,
+    QueueFull,
+    generate_candidates,
+    public_error,
+    visible_text,
+)
 
 CTX = [{"role": "user", "content": "hello there world"}]
 
@@ -138,6 +146,58 @@ def test_timeout_kills_the_child_and_the_next_job_runs(make_worker):
     assert [c[2] for c in done.calls] == ["generation took longer than 1.5 s", None]
 
 
+def test_loading_the_model_does_not_count_in_the_generation_timeout(make_worker):
+    """Review 17 F5: a model that takes longer to load than `timeout_s` used to fail every job (the child killed
+    mid-load, the next job loading from scratch); the timeout starts once the child says the models are loaded."""
+    done = Recorder()
+    w = make_worker("gen_fakes:slowload", timeout_s=1.0, on_done=done)
+    w.submit(job("l1", {"load_seconds": 2.5}))
+    st = wait_for(w, "l1", timeout=30)
+    assert st == {"state": "done", "position": 0, "partial": ["A: hello there world", "B: hello there world"],
+                  "error": None}
+    assert done.event.wait(5) and done.calls[0][2] is None and done.calls[0][3] < 1000   # gen_ms: no loading
+
+
+def test_loading_has_its_own_limit_with_a_clear_message(make_worker):
+    done = Recorder()
+    w = make_worker("gen_fakes:slowload", timeout_s=30.0, load_timeout_s=1.0, on_done=done)
+    w.submit(job("l1", {"load_seconds": 60}))
+    w.submit(job("l2", {"load_seconds": 0}))
+    st = wait_for(w, "l1", timeout=30)
+    assert st["state"] == "failed"
+    assert st["error"].startswith("the model was still loading after 1 s")
+    assert wait_for(w, "l2", timeout=30)["state"] == "done"        # a fresh child serves the next job
+
+
+def test_a_child_that_cannot_be_restarted_backs_off_and_fails_the_queued_jobs(make_worker):
+    """Review 17 F6: when the child cannot be started again the listener used to spin (a closed queue raises at once)
+    and the queued jobs stayed queued for ever; now it pauses between tries (1 s, 2 s, ...) and after 3 failed tries
+    fails the queued jobs with the reason; once a start works again, jobs run."""
+    done = Recorder()
+    w = make_worker("gen_fakes:crash", on_done=done)
+    tries = []
+
+    def cannot_start():
+        tries.append(time.monotonic())
+        raise OSError("out of processes")
+
+    w._spawn = cannot_start
+    w.submit(job("c1"))
+    w.submit(job("c2", {"crash": False}))
+    assert "exit code 3" in wait_for(w, "c1", timeout=30)["error"]
+    st = wait_for(w, "c2", timeout=30)
+    assert st["state"] == "failed"
+    assert st["error"] == ("the generation process could not be started (out of processes; 3 tries); retry in a "
+                           "while")
+    assert len(tries) == 3 and tries[2] - tries[0] >= 2.5          # paused 1 s, then 2 s: no busy loop
+    time.sleep(0.5)
+    assert len(tries) == 3
+    assert sorted((c[0], c[2] is None) for c in done.calls) == [("c1", False), ("c2", False)]
+    del w._spawn                                                    # the machine recovers: the next try works
+    w.submit(job("c3", {"crash": False}))
+    assert wait_for(w, "c3", timeout=30)["state"] == "done"
+
+
 def test_a_crashed_child_fails_its_job_and_is_restarted(make_worker):
     w = make_worker("gen_fakes:crash")
     w.submit(job("c1"))
@@ -256,6 +316,46 @@ def test_generate_candidates_one_model_two_models(tiny_paths):
     assert greedy[0]["text"] == greedy[1]["text"]           # temperature 0: greedy, the same reply twice
     with pytest.raises(ValueError, match="1 or 2 models"):
         generate_candidates([], CHAT, {}, seed=0)
+
+
+def test_two_models_stream_at_the_same_time(tiny_paths, monkeypatch):
+    """Review 17 F4 (blindness): with two models, model 0 used to stream to its end before model 1 started, so the
+    side that filled first was always models[0]. Both are sampled at once now: each side's text grows while the
+    other's does, and the replies stay seeded (each thread has its own RNG)."""
+    import alignloop.feedback.generation as generation
+
+    monkeypatch.setattr(generation, "_PARTIAL_EVERY_S", 0.0)
+    lock, log = threading.Lock(), []
+
+    def emit(i, text):
+        with lock:
+            log.append(i)
+
+    cands = generate_candidates(list(tiny_paths), CHAT, {"max_new_tokens": 60, "temperature": 1.0}, seed=1,
+                                emit=emit)
+    partial = log[:-2]                                  # the last two emits are the final texts, 0 then 1
+    assert partial.count(0) >= 10 and partial.count(1) >= 10, partial
+    first = {i: partial.index(i) for i in (0, 1)}
+    last = {i: len(partial) - 1 - partial[::-1].index(i) for i in (0, 1)}
+    assert first[1] < last[0] and first[0] < last[1], partial      # the two streams overlap
+    switches = sum(a != b for a, b in itertools.pairwise(partial))
+    assert switches >= 3, partial
+    again = generate_candidates(list(tiny_paths), CHAT, {"max_new_tokens": 60, "temperature": 1.0}, seed=1)
+    assert [c["text"] for c in again] == [c["text"] for c in cands]
+    assert [c["model"] for c in cands] == list(tiny_paths)
+
+
+def test_public_error_names_no_model():
+    """Review 17 F4: an error a labeler sees must not say which model is behind a side; the stored text keeps it."""
+    models = ["/srv/models/secret-policy-v3", "org/other-model"]
+    full = ("could not load model '/srv/models/secret-policy-v3': no file /srv/models/secret-policy-v3/config.json; "
+            "org/other-model answered; secret-policy-v3 ran out of memory")
+    text = public_error(full, models)
+    assert text == ("could not load the model: no file the model/config.json; the model answered; the model ran out "
+                    "of memory")
+    assert public_error('could not load model "it\'s": gone', []) == "could not load the model: gone"
+    assert public_error("generation took longer than 120 s", models) == "generation took longer than 120 s"
+    assert public_error(None, models) is None
 
 
 def test_hf_backend_streams_from_the_child_process(make_worker, tiny_paths):
