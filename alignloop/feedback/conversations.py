@@ -287,6 +287,8 @@ def _make_open_conversation(store, project_id: int, labeler_id: int,
 
 
 # -- the labeler's view -------------------------------------------------------------------------------------------
+UNCOUNTED_NOTE = ("your conversation and rating are stored, but its opening was given to another labeler while it "
+                  "stayed open, so it does not count toward that opening's labels")
 INTERRUPTED_GRACE_S = 2.0  # a pending turn this young whose job the worker does not know is being submitted
 
 
@@ -327,12 +329,15 @@ def conversation_state(store, conversation_id: int, labeler_id: int | None,
     """The labeler's view of a conversation: `{"conversation_id", "status", "revision", "rating", "comment",
     "max_turns", "opening": the prompt's messages, "turns": [{"idx", "status", "user", "candidates": [{"text"} as
     A, B] | None, "choice", "chosen_side", "error", "attempts"; pending: "pending_s", "partial", "job"}],
-    "can_send", "can_end"}`. Blind: no model names, params or canonical order. NotFound for another labeler's.
+    "can_send", "can_end", "note": why an ended conversation does not count, or None}`. Blind: no model names,
+    params or canonical order. NotFound for another labeler's.
     `live`: the generation worker's `status(job_id)`, for pending turns (see `_turn_view`)."""
     with store.read() as s:
         c = _own(s, conversation_id, labeler_id)
         p = s.get(Project, c.project_id)
         turns = _turns(s, c.id)
+        uncounted = c.status == "ended" and s.scalar(select(Assignment.status).where(
+            Assignment.id == c.assignment_id)) != "done"
     max_turns = conversation_settings(p.settings)["max_turns"]
     last = turns[-1] if turns else None
     is_open = c.status == "open"
@@ -344,7 +349,9 @@ def conversation_state(store, conversation_id: int, labeler_id: int | None,
             "opening": [{"role": m.get("role"), "content": m.get("content")} for m in opening],
             "turns": [_turn_view(t, live, now) for t in turns],
             "can_send": is_open and last is not None and last.status == "chosen" and len(turns) < max_turns,
-            "can_end": is_open and chosen > 0}
+            "can_end": is_open and chosen > 0,
+            # ended after its item went to another labeler (left open past the assignment timeout)
+            "note": UNCOUNTED_NOTE if uncounted else None}
 
 
 # -- turns --------------------------------------------------------------------------------------------------------

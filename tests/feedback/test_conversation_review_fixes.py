@@ -90,6 +90,7 @@ def test_a_conversation_whose_slot_was_taken_still_ends_and_the_labeler_moves_on
                                   ["revision"])
     assert (ended.status, ended.rating, ended.comment) == ("ended", 5, "late")
     assert _assignment(store, c.assignment_id) == ("expired", 0)  # not counted toward the item's labels
+    assert conv.conversation_state(store, c.id, ann.id)["note"] == conv.UNCOUNTED_NOTE  # and she is told
     with store.read() as s:
         assert [(j.likert, j.comment) for j in s.scalars(select(Judgement).where(
             Judgement.assignment_id == c.assignment_id))] == [(5, "late")]

@@ -141,7 +141,8 @@
     $("finish").disabled = rating === null;
     show("ended", !open);
     if (!open) {
-      $("ended-text").textContent = "Thank you! You rated this conversation " + state.rating + " of 7.";
+      $("ended-text").textContent = "Thank you! You rated this conversation " + state.rating + " of 7." +
+        (state.note ? " Note: " + state.note + "." : "");
     }
     schedule(open && turn && turn.status === "pending");
   }
