@@ -27,7 +27,7 @@ from .assignment import own_assignment
 from .errors import Forbidden, NotFound, ValidationError
 from .models import Assignment, Item, Judgement, Labeler, Project, utcnow
 from .projects import ProjectInfo, ProjectInfoCache, find_project, project_info
-from .validation import check_ai_labeler, validate_ai_judgement, validate_submission
+from .validation import MAX_TIME_MS, check_ai_labeler, validate_ai_judgement, validate_submission
 
 AI_PASSWORD_HASH = "!ai-labeler: never signs in"  # not an argon2 hash: no password verifies against it
 IN_BATCH = 500  # ids per `IN (...)` query (SQLite's bound-parameter limit is far above)
@@ -81,7 +81,8 @@ def submit_in(s: Session, assignment_id: int, labeler_id: int, fields: Mapping[s
         s.scalar(select(func.max(Judgement.version)).where(Judgement.assignment_id == a.id)) or 0)
     now = utcnow()
     start = a.created_at if last == 0 or started_at is None else started_at
-    spent = int(max(0.0, (now - start).total_seconds()) * 1000)
+    # capped: the column is a 32-bit integer on PostgreSQL (an item left open for weeks must still be stored)
+    spent = min(int(max(0.0, (now - start).total_seconds()) * 1000), MAX_TIME_MS)
     j = Judgement(assignment_id=a.id, item_id=a.item_id, labeler_id=labeler_id, version=last + 1,
                   shown_order=a.shown_order, idempotency_key=idempotency_key, time_spent_ms=spent,
                   created_at=now, **canon)

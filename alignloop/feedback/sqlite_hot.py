@@ -36,7 +36,7 @@ from .errors import NotFound
 from .models import utcnow
 from .projects import ProjectInfo, ProjectInfoCache
 from .reading import ItemViewCache
-from .validation import validate_submission
+from .validation import MAX_TIME_MS, validate_submission
 
 SQL_JUDGEMENT_BY_KEY = "SELECT id FROM judgements WHERE idempotency_key = ?"
 SQL_ASSIGNMENT = ("SELECT item_id, labeler_id, project_id, status, shown_order, created_at FROM assignments "
@@ -215,7 +215,7 @@ def _insert_judgement(conn: sqlite3.Connection, assignment_id: int, item_id: int
                       now_s: str, assigned_at: datetime) -> StoredJudgement | None:
     """Version 1 of the assignment's judgement; None if the row collides (e.g. a version row written by another
     process: the general path sorts it out)."""
-    spent = int(max(0.0, (now - assigned_at).total_seconds()) * 1000)
+    spent = min(int(max(0.0, (now - assigned_at).total_seconds()) * 1000), MAX_TIME_MS)  # 32-bit column
     j = StoredJudgement(0, assignment_id, item_id, labeler_id, 1, shown_order, canon.get("choice"),
                         canon.get("strength"), canon.get("picked_position"), canon.get("ranking"),
                         canon.get("thumbs"), canon.get("likert"), canon.get("step_labels"), canon["flags"],

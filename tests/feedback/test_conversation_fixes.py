@@ -66,3 +66,28 @@ def test_generic_submit_and_skip_refuse_a_conversation_assignment(store, ended):
     assert _judgement_rows(store) == before
     with store.read() as s:
         assert s.get(Assignment, other.assignment_id).status == "assigned"
+
+
+@pytest.mark.parametrize("hot", [False, True])
+def test_time_spent_is_capped_for_an_item_open_for_weeks(store, hot):
+    """An item opened 30 days ago: (now - assigned) = 2.59e9 ms > 2**31 - 1, the 32-bit column of PostgreSQL;
+    both submit paths store MAX_TIME_MS instead of a value the column cannot hold."""
+    from datetime import timedelta
+
+    from alignloop.feedback.validation import MAX_TIME_MS
+
+    store.create_project("pw", "pairwise", overlap_k=1)
+    store.import_records("pw", [{"prompt": "p", "completions": ["a", "b"]}])
+    lab = store.add_labeler("ann", PASSWORD)
+    a = store.next_assignment(store.get_project("pw").id, lab.id)
+    with store.write() as s:
+        row = s.get(Assignment, a.id)
+        row.created_at = row.created_at - timedelta(days=30)
+    fields = {"choice": "left", "strength": "better"}
+    if hot:
+        (res,) = store.submit_and_next_batch([(a.id, lab.id, fields, "key-weeks-hot")])
+        assert not isinstance(res, Exception), res
+    else:
+        store.submit(a.id, lab.id, fields, "key-weeks-orm")
+    with store.read() as s:
+        assert s.query(Judgement).one().time_spent_ms == MAX_TIME_MS
