@@ -40,6 +40,7 @@ from alignloop.errors import UserError
 from .assignment import gold_seed
 from .errors import NotFound, ValidationError
 from .export_meta import judgement_meta
+from .generation import public_error
 from .models import (
     SCALE_STRENGTHS,
     Assignment,
@@ -292,13 +293,14 @@ UNCOUNTED_NOTE = ("your conversation and rating are stored, but its opening was 
 INTERRUPTED_GRACE_S = 2.0  # a pending turn this young whose job the worker does not know is being submitted
 
 
-def _turn_view(t: ConversationTurn, live: Callable[[str], dict | None] | None, now) -> dict:
+def _turn_view(t: ConversationTurn, live: Callable[[str], dict | None] | None, now, models=()) -> dict:
     """A turn as the labeler sees it (blind: candidate texts in the shown order, the choice in screen terms). A
     pending turn: `live(job_id)` (the worker's status) gives its partial texts and queue position; a job the worker
     does not know (a restart lost it), or one it finished whose result was not stored (the store failed in
     `on_done`), shows the turn "interrupted", to retry."""
     out: dict[str, Any] = {"idx": t.idx, "status": t.status, "user": t.context[-1]["content"] if t.context else "",
-                           "candidates": None, "choice": t.choice, "chosen_side": None, "error": t.error,
+                           "candidates": None, "choice": t.choice, "chosen_side": None,
+                           "error": public_error(t.error, models),  # the full text is the admins'
                            "attempts": t.attempts}
     if t.candidates:
         out["candidates"] = [{"text": t.candidates[i]["text"]} for i in t.shown_order]
@@ -338,7 +340,10 @@ def conversation_state(store, conversation_id: int, labeler_id: int | None,
         turns = _turns(s, c.id)
         uncounted = c.status == "ended" and s.scalar(select(Assignment.status).where(
             Assignment.id == c.assignment_id)) != "done"
-    max_turns = conversation_settings(p.settings)["max_turns"]
+    settings = conversation_settings(p.settings)
+    max_turns = settings["max_turns"]
+    # every model name an error may carry: the project's and those of stored candidates (models changed since)
+    models = list(settings["models"]) + [c.get("model") for t in turns for c in (t.candidates or []) if c.get("model")]
     last = turns[-1] if turns else None
     is_open = c.status == "open"
     chosen = sum(t.status == "chosen" for t in turns)
@@ -347,7 +352,7 @@ def conversation_state(store, conversation_id: int, labeler_id: int | None,
     return {"conversation_id": c.id, "project": p.url_key, "status": c.status, "revision": c.revision,
             "rating": c.rating, "comment": c.comment, "max_turns": max_turns,
             "opening": [{"role": m.get("role"), "content": m.get("content")} for m in opening],
-            "turns": [_turn_view(t, live, now) for t in turns],
+            "turns": [_turn_view(t, live, now, models) for t in turns],
             "can_send": is_open and last is not None and last.status == "chosen" and len(turns) < max_turns,
             "can_end": is_open and chosen > 0,
             # ended after its item went to another labeler (left open past the assignment timeout)

@@ -91,3 +91,17 @@ def test_time_spent_is_capped_for_an_item_open_for_weeks(store, hot):
         store.submit(a.id, lab.id, fields, "key-weeks-orm")
     with store.read() as s:
         assert s.query(Judgement).one().time_spent_ms == MAX_TIME_MS
+
+
+def test_a_failed_turns_error_names_no_model_to_the_labeler(store):
+    """The backend's error names the model ("could not load model '/models/secret-7b'"): the store keeps it for
+    admins, the labeler's state says "the model" instead (blind: an error must not tell which side is which)."""
+    store.create_project("cv", "conversation", overlap_k=1, settings={"models": ["/models/secret-7b", "other-3b"]})
+    store.import_records("cv", [{"prompt": "hello"}])
+    lab = store.add_labeler("ann", PASSWORD)
+    c, turn = conv.take_conversation(store, store.get_project("cv").id, lab.id)
+    error = "could not load model '/models/secret-7b': no such folder; other-3b was fine"
+    assert conv.turn_failed(store, turn.id, error)
+    shown = conv.conversation_state(store, c.id, lab.id)["turns"][0]["error"]
+    assert "secret-7b" not in shown and "other-3b" not in shown and "the model" in shown
+    assert conv.get_turn(store, c.id, lab.id, 0).error == error
