@@ -601,11 +601,12 @@ def end_of_turn_ids(model) -> list[int]:
 
 
 def reply_text(text: str, stops: tuple[str, ...] | list[str]) -> str:
-    """A sampled continuation as the reply it is: cut where a stop string starts, spaces around it removed."""
+    """A sampled continuation as the reply it is: cut where a stop string starts, spaces around it removed, and a
+    character cut in half at the end (a reply cut at max_new_tokens mid-character decodes it as U+FFFD) too."""
     for s in stops:
         if s in text:
             text = text[:text.index(s)]
-    return text.strip()
+    return text.strip().rstrip("\ufffd").strip()
 
 
 def visible_text(text: str, stops: tuple[str, ...] | list[str]) -> str:

@@ -175,6 +175,7 @@ def test_three_turns_with_the_tiny_model_by_keyboard(server, browser, tiny_model
     page.focus("#end")
     page.keyboard.press("Enter")
     expect(page.locator("#finish-form")).to_be_visible()
+    expect(page.locator("#status")).to_contain_text("Rate the whole conversation (keys 1–7)")
     assert page.locator("#finish").is_disabled()           # no rating yet
     page.keyboard.press(str(RATING))
     expect(page.locator(f"[data-rating='{RATING}']")).to_have_attribute("aria-pressed", "true")

@@ -16,6 +16,7 @@ from alignloop.feedback.generation import (
     QueueFull,
     generate_candidates,
     public_error,
+    reply_text,
     visible_text,
 )
 
@@ -255,6 +256,8 @@ def test_visible_text_is_a_prefix_of_the_reply():
         assert final.startswith(shown), (k, shown)
     assert visible_text(" Fine\n\nUs", stops) == "Fine"
     assert visible_text(" caf\ufffd", stops) == "caf"
+    # a reply cut at max_new_tokens in the middle of a character: the half character is not part of the reply
+    assert reply_text(" caf\ufffd", stops) == "caf" and reply_text(" a\ufffdb ", stops) == "a\ufffdb"
 
 
 # -- the Hugging Face backend with a tiny local model -----------------------------------------------------------------

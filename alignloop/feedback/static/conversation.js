@@ -106,6 +106,7 @@
 
   function statusText(turn) {
     if (state.status === "ended") return "Conversation ended · rated " + state.rating + " of 7.";
+    if (ending) return "Rate the whole conversation (keys 1–7), add a comment if you like, then Submit rating.";
     if (!turn) return "";
     if (turn.status === "pending") {
       var s = Math.round(turn.pending_s || 0);
