@@ -581,16 +581,24 @@ def _sample(model, tok, context: list[dict], p: dict, n: int, seed: int,
     sp = SamplingParams(max_new_tokens=int(p["max_new_tokens"]), temperature=1.0 if greedy else float(p["temperature"]),
                         top_k=1 if greedy else int(p["top_k"]), top_p=float(p["top_p"]),
                         stop_token_ids=end_of_turn_ids(model), stop_strings=stops)
-    limit = context_length(model, tok)
-    if limit:    # prompt + reply fit the model's positions: the conversation's oldest tokens give way
-        sp.max_new_tokens = max(1, min(sp.max_new_tokens, limit - 1))
+    sp.max_new_tokens, max_prompt = reply_budget(context_length(model, tok), sp.max_new_tokens)
     (group,) = sample_completions(
-        model, tok, [render_prompt(context, tok)], n, sp, seed=seed,
-        max_prompt_length=limit - sp.max_new_tokens if limit else None,
+        model, tok, [render_prompt(context, tok)], n, sp, seed=seed, max_prompt_length=max_prompt,
         stream=lambda k, text: emit(k, visible_text(text, stops)), stream_every_s=_PARTIAL_EVERY_S,
         generator=generator,
         sampler=HFSampler(model, tok, cpu_threads=None, generator=generator) if generator is not None else None)
     return [(reply_text(c.text, stops), bool(c.stopped)) for c in group]
+
+
+def reply_budget(limit: int | None, max_new_tokens: int) -> tuple[int, int | None]:
+    """(max_new_tokens, max_prompt_length) so that prompt + reply fit the model's `limit` positions (None: no
+    limit). The reply gets at most half of them: a reply budget of the whole context would leave the conversation
+    one token and the model would answer out of context; past the other half the conversation's oldest tokens give
+    way (left truncation)."""
+    if not limit:
+        return max_new_tokens, None
+    new = max(1, min(max_new_tokens, limit // 2))
+    return new, limit - new
 
 
 def end_of_turn_ids(model) -> list[int]:

@@ -426,3 +426,16 @@ def test_a_reply_longer_than_the_model_takes_is_cut_not_a_crash(tiny_paths):
     for max_new in (16, 4096):                 # the prompt alone would overflow; then the reply alone could
         cands = generate_candidates([tiny_paths[0]], long_chat, {"max_new_tokens": max_new}, seed=1)
         assert len(cands) == 2 and all(isinstance(c["text"], str) for c in cands)
+
+
+def test_the_reply_gets_at_most_half_of_the_models_positions():
+    """128 positions, max_new_tokens 128: the reply gets 64 and the conversation keeps its last 64 tokens (before,
+    the reply took 127 and the model answered a conversation cut to 1 token). 1024 positions, 128 new: unchanged
+    (128, 896). No limit: (128, None). A budget of 0 positions is no limit; 3 positions: (1, 2)."""
+    from alignloop.feedback.generation import reply_budget
+
+    assert reply_budget(128, 128) == (64, 64)
+    assert reply_budget(1024, 128) == (128, 896)
+    assert reply_budget(None, 128) == (128, None)
+    assert reply_budget(0, 128) == (128, None)
+    assert reply_budget(3, 50) == (1, 2)
