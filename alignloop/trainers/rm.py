@@ -359,7 +359,7 @@ class RewardTrainer:
                     loss = losses.sum() / len(batch)
                     if a.center_rewards_coefficient:
                         loss = loss + a.center_rewards_coefficient * ps["center"].sum() / len(batch)
-                    acc.backward(loss * acc.num_processes)  # DDP averages over processes
+                    acc.backward(loss * acc.num_processes)  # DDP and FSDP average over processes
                 loss_sum += loss.detach()
                 real = ~ps["tie"]
                 correct += torch.stack([(ps["diff"][real] > 0).float().sum(), real.float().sum()])

@@ -185,7 +185,7 @@ class SFTTrainer:
                 with sync_context(acc, model, k, len(micro)), acc.autocast():
                     nll, mask = token_nll(model, tensors)
                     loss = masked_sum(nll, mask) / max(n_targets, 1)
-                    # DDP averages gradients over processes: scale by their number to get the global mean.
+                    # DDP and FSDP average gradients over processes: scale by their number to get the global mean.
                     acc.backward(loss * acc.num_processes)
                 loss_sum += loss.detach()
                 tokens_seen += int(tensors["attention_mask"].sum())

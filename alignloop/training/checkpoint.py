@@ -5,6 +5,11 @@ Layout of `OUTPUT_DIR/checkpoints/step-000123/`:
     optimizer.pt, scheduler.pt
     rng-rank{r}.pt           python / numpy / torch / cuda RNG of process r
     trainer_state.json       step, epoch, position in the epoch, metrics history needed to continue, config
+Under FSDP (parameters and optimizer moments sharded over the processes), the weights and the optimizer are one
+torch.distributed.checkpoint (DCP) folder instead of model.safetensors / optimizer.pt:
+    sharded/                 {"model": {<module name>: its state dict}, "optimizer": ...}: every process writes
+                             its own shards (`__<rank>_0.distcp`) and reads back what it holds, whatever the number
+                             of processes that resumes it; on several machines output_dir must be a shared folder
 A checkpoint is written to a temporary folder and renamed into place, so an interrupted save never leaves a
 half-written checkpoint that resume would pick up.
 """
@@ -20,7 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from alignloop.errors import ConfigError
 
@@ -66,11 +78,14 @@ def save_checkpoint(output_dir: str | Path, step: int, *, accelerator, modules: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(capture_rng(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if is_sharded(accelerator):
+        dcp.save(_sharded_state(modules, optimizer), checkpoint_id=tmp / "sharded")  # every process: its shards
     if accelerator.is_main_process:
-        for name, module in modules.items():
-            save_model(accelerator.unwrap_model(module), str(tmp / f"{name}.safetensors"))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not is_sharded(accelerator):
+            for name, module in modules.items():
+                save_model(accelerator.unwrap_model(module), str(tmp / f"{name}.safetensors"))
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
@@ -91,18 +106,49 @@ def load_checkpoint(path: str | Path, *, accelerator, modules: dict[str, torch.n
                     scheduler=None) -> dict[str, Any]:
     """Restore a checkpoint written by `save_checkpoint` and return its trainer_state."""
     path = Path(path)
-    for name, module in modules.items():
-        load_model(accelerator.unwrap_model(module), str(path / f"{name}.safetensors"),
-                   device=str(accelerator.device))
-    if optimizer is not None:
-        state = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=False)
-        optimizer.load_state_dict(state)
+    if is_sharded(accelerator):
+        if not (path / "sharded").is_dir():
+            raise ConfigError(f"resume_from: {path} is not a sharded (FSDP) checkpoint; resume it without FSDP")
+        state = _sharded_state(modules, optimizer)
+        dcp.load(state, checkpoint_id=path / "sharded")  # in place: each process reads the shards it holds
+        for name, module in modules.items():
+            set_model_state_dict(module, state["model"][name])
+        if optimizer is not None:
+            set_optimizer_state_dict(_optimizer_owner(modules), optimizer, state["optimizer"])
+    else:
+        if (path / "sharded").is_dir():
+            raise ConfigError(f"resume_from: {path} is a sharded (FSDP) checkpoint; resume it under FSDP")
+        for name, module in modules.items():
+            load_model(accelerator.unwrap_model(module), str(path / f"{name}.safetensors"),
+                       device=str(accelerator.device))
+        if optimizer is not None:
+            state = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=False)
+            optimizer.load_state_dict(state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the accelerator shards parameters (FSDP2): checkpoints and the final save then gather or write shards
+    on every process."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def _optimizer_owner(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    # the optimizer trains the first module's parameters (the trainers' {"model": model, ...})
+    return next(iter(modules.values()))
+
+
+def _sharded_state(modules: dict[str, torch.nn.Module], optimizer) -> dict[str, Any]:
+    """The sharded (DTensor) state dicts DCP saves, or loads into in place."""
+    state: dict[str, Any] = {"model": {name: get_model_state_dict(m) for name, m in modules.items()}}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(_optimizer_owner(modules), optimizer)
+    return state
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:

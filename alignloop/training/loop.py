@@ -8,28 +8,68 @@ batch (examples or tokens), counted identically on every process, so 1 process Ã
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
 
 from alignloop.errors import ConfigError
+
+log = logging.getLogger("alignloop")
 
 
 def make_accelerator(mixed_precision: str = "no"):
     """An `accelerate.Accelerator` (works unchanged under `accelerate launch`; on CPU-only machines launch several
     processes with `accelerate launch --multi_gpu --num_processes N` or `torchrun`). bf16/fp16 autocast is for GPUs:
-    fp16 on CPU is refused with a clear message; bf16 on CPU runs (slowly) through CPU autocast."""
+    fp16 on CPU is refused with a clear message; bf16 on CPU runs (slowly) through CPU autocast. FSDP: launch with
+    `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (on GPUs, and on CPU through `fsdp_on_cpu`)."""
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16') on CPU")
     # cpu=True on a machine without CUDA: only then does accelerate join the processes of `accelerate launch
     # --multi_gpu` / `torchrun` into one gloo group instead of training each alone.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    fsdp_on_cpu(acc, mixed_precision)
+    return acc
+
+
+def fsdp_asked() -> bool:
+    """Whether the launch asked for FSDP: `accelerate launch --config_file examples/accelerate/fsdp2.yaml` sets
+    ACCELERATE_USE_FSDP=true and the FSDP_* variables (which `FullyShardedDataParallelPlugin()` reads); under
+    `torchrun`, set them yourself (ACCELERATE_USE_FSDP=true FSDP_VERSION=2 ...)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator, mixed_precision: str = "no") -> bool:
+    """Put accelerate's FSDP2 path in place where FSDP was asked for but accelerate fell back to DDP on CPU.
+
+    Why: accelerate (1.16) turns FSDP on only for GPU-like distributed types; on a CPU-only machine the same launch
+    silently becomes MULTI_CPU, i.e. DDP over gloo with every parameter replicated. PyTorch's FSDP2 (`fully_shard`)
+    runs on CPU with gloo, so we do what `AcceleratorState` does for a GPU: the FSDP plugin built from the same
+    environment variables, distributed type FSDP in both of accelerate's shared states (the process state too, as
+    `AcceleratorState.__init__` does, so a later `AcceleratorState()` reads FSDP). From there `prepare`,
+    `clip_grad_norm_`, `no_sync` and `get_state_dict` take accelerate's own FSDP2 branches. Only FSDP2: FSDP1's
+    CPU support is not what accelerate's FSDP1 code expects. True when it was put in place."""
+    if not fsdp_asked() or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU needs FSDP2: set fsdp_version: 2 in the accelerate config (FSDP_VERSION=2)")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+    if accelerator.is_main_process:
+        log.warning("FSDP asked for on CPU: accelerate would fall back to DDP (MULTI_CPU); using its FSDP2 path over "
+                    "gloo instead (%d processes, parameters sharded)", accelerator.num_processes)
+    return True
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from alignloop.errors import ConfigError
 from alignloop.models import LoraOptions, has_adapter, load_tokenizer
-from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignloop.training.checkpoint import is_sharded, load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.config import on_off_from_bools, save_config
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import make_accelerator, seed_everything, steps_per_epoch
@@ -221,14 +221,20 @@ def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: st
                adapter_subdir: str | None = "adapter") -> Path:
     """`save_pretrained` (safetensors) into OUTPUT_DIR/final, loadable by plain transformers. A LoRA model is saved
     merged into its base there, so that no peft is needed to load it, and, unless `adapter_subdir` is None, as its
-    peft adapter (with the tokenizer) into OUTPUT_DIR/adapter (`save_adapter`)."""
+    peft adapter (with the tokenizer) into OUTPUT_DIR/adapter (`save_adapter`). Under FSDP the full weights are
+    gathered first (every process takes part) and the main process writes them."""
 
     final = Path(output_dir) / subdir
     accelerator.wait_for_everyone()
+    full = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         m = accelerator.unwrap_model(model)
         if hasattr(m, "save_pretrained") and getattr(m, "_alignloop_wrapper", False):
-            m.save_pretrained(final)
+            # our wrappers save their inner transformers model (`.model`): its keys without the prefix
+            m.save_pretrained(final, **({} if full is None else
+                                        {"state_dict": {k.removeprefix("model."): v for k, v in full.items()}}))
+        elif full is not None:
+            m.save_pretrained(final, state_dict=full, safe_serialization=True)
         else:
             merged = copy.deepcopy(m).merge_and_unload() if has_adapter(m) else m
             merged.save_pretrained(final, safe_serialization=True)
@@ -237,6 +243,22 @@ def save_final(accelerator, model, tokenizer, output_dir: str | Path, subdir: st
             save_adapter(m, tokenizer, Path(output_dir) / adapter_subdir)
     accelerator.wait_for_everyone()
     return final
+
+
+def full_state_dict(accelerator, model) -> dict[str, Any] | None:
+    """Under FSDP: the full (gathered) state dict on the main process, {} on the others; every process must call
+    it (a collective). None without FSDP (the model holds its full weights)."""
+    if not is_sharded(accelerator):
+        return None
+    full = accelerator.get_state_dict(model)
+    # tied weights (an LM head sharing the embedding) come back as separate copies: keep the first name only, as
+    # save_pretrained does for the tensors of an unsharded model
+    seen: set[int] = set()
+    for k, v in accelerator.unwrap_model(model).state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            full.pop(k, None)
+        seen.add(id(v))
+    return full
 
 
 def write_summary(accelerator, output_dir: str | Path, result: TrainResult, *stats) -> None:
@@ -305,8 +327,19 @@ def setup_optimization(args, run: Run, model, n_examples: int, name: str, wrap: 
     total = a.max_steps if a.max_steps > 0 else per_epoch * a.num_epochs
     optimizer = build_optimizer(model, a.learning_rate, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_epsilon)
     scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
+    if is_sharded(acc):
+        if not wrap:
+            raise ConfigError(f"{name} does not run under FSDP yet (it sums gradients itself): launch it with DDP")
+        if has_adapter(model):
+            raise ConfigError("LoRA under FSDP is not supported yet: train LoRA with DDP (its weights are small)")
+        if getattr(model, "_no_split_modules", None) is None:
+            # our wrappers (a reward model around a transformers classifier): accelerate's transformer-based wrap
+            # reads the blocks to shard one by one from the root's `_no_split_modules`; without them it would shard
+            # the whole model as one unit (all parameters gathered at once)
+            model._no_split_modules = next((m._no_split_modules for m in model.modules()
+                                            if getattr(m, "_no_split_modules", None)), None)
     if wrap:
-        model, optimizer = acc.prepare(model, optimizer)
+        model, optimizer = acc.prepare(model, optimizer)  # FSDP2: shards the parameters and the optimizer's
     state = maybe_resume(a, acc, {"model": model}, optimizer, scheduler)
     step = state.get("step", 0)
     logger = MetricsLogger(a.output_dir, enabled=acc.is_main_process, tensorboard=a.tensorboard, wandb=a.wandb,
