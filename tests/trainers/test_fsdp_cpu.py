@@ -161,3 +161,20 @@ def test_fsdp_resume_from_sharded_checkpoint(tmp_path, dropout_model, sft_file, 
     # a sharded checkpoint is refused without FSDP, by name
     with pytest.raises(ConfigError, match="sharded"):
         load_checkpoint(ckpt, accelerator=SimpleNamespace(is_fsdp2=False), modules={})
+
+
+def test_fsdp_on_cpu_only_when_asked_and_only_fsdp2(monkeypatch):
+    """The fallback is taken only where FSDP was asked for and accelerate chose DDP on CPU; FSDP1 is refused."""
+    from accelerate.utils import DistributedType
+
+    from alignloop.training.loop import fsdp_on_cpu
+
+    acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_main_process=True, num_processes=2)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_on_cpu(acc) is False  # not asked: DDP stays DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for other in (DistributedType.NO, DistributedType.FSDP, DistributedType.MULTI_GPU):
+        assert fsdp_on_cpu(SimpleNamespace(distributed_type=other)) is False  # accelerate's own choice stands
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP2"):
+        fsdp_on_cpu(acc)
