@@ -71,7 +71,7 @@ from alignloop.scoring import (
     total,
     weights_for,
 )
-from alignloop.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignloop.training.checkpoint import is_sharded, load_checkpoint, resolve_resume, save_checkpoint
 from alignloop.training.guard import RewardHackingGuard, SampleTable, reward_threshold_stop
 from alignloop.training.logging import MetricsLogger, Progress
 from alignloop.training.loop import shard, take_indices
@@ -320,6 +320,9 @@ def encoded_prompts(source, args: OnlineRLArgs, tokenizer, trainer: str) -> tupl
 
 def prepared_optimization(model: nn.Module, args: OnlineRLArgs, acc):
     """AdamW and its schedule over updates, prepared by accelerate -> (the prepared model, optimizer, scheduler)."""
+    if is_sharded(acc):  # their rollouts, reference and value passes are not written for sharded parameters yet
+        raise ConfigError("PPO, GRPO/RLOO/REINFORCE and online DPO do not run under FSDP yet: launch them with DDP "
+                          "(accelerate launch --multi_gpu, or torchrun)")
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, eps=args.adam_epsilon)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_updates, args.total_updates)
     ddp_model, optimizer = acc.prepare(model, optimizer)

@@ -178,3 +178,16 @@ def test_fsdp_on_cpu_only_when_asked_and_only_fsdp2(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP2"):
         fsdp_on_cpu(acc)
+
+
+def test_online_rl_trainers_refuse_fsdp():
+    """PPO, GRPO/RLOO and online DPO share `rl.prepared_optimization`: under FSDP (an accelerator that shards) it
+    refuses with a clear ConfigError before preparing anything, instead of training a sharded policy its rollout,
+    reference and value passes were not written for."""
+    from alignloop.rl import prepared_optimization
+
+    acc = SimpleNamespace(is_fsdp2=True, prepare=lambda *a: pytest.fail("prepared under FSDP"))
+    args = SimpleNamespace(learning_rate=1e-3, weight_decay=0.0, adam_epsilon=1e-8, lr_scheduler="constant",
+                           warmup_updates=0, total_updates=1)
+    with pytest.raises(ConfigError, match="do not run under FSDP yet"):
+        prepared_optimization(torch.nn.Linear(2, 2), args, acc)
