@@ -77,9 +77,11 @@ def stage_sft(folder: Path, cfg: PipelineConfig, run: RunFolder | None = None) -
         write_rows(rows, run.sft_rows)
         info = {"demonstrations": len(demos), "train_rows": len(rows), "rows_file": str(run.sft_rows),
                 "demonstrations_export": summary}
+    if rows is None and section.get("train_file"):  # read here: conversational rows need a chat template
+        rows = [dict(r) for r in read_rows(section.pop("train_file"))]
     args = trainer_config(SFTConfig, section, model=cfg.policy, output_dir=str(folder))
     res = SFTTrainer(model=cfg.policy, args=args, train_dataset=rows,
-                     tokenizer=people.chat_tokenizer(cfg.policy) if chat else None).train()
+                     tokenizer=people.chat_tokenizer(cfg.policy) if chat or is_conversational(rows) else None).train()
     return {"model": res.output_dir, "steps": res.steps, **info, **res.metrics}
 
 
@@ -234,10 +236,18 @@ def percent_agreement(ann: dict, exclude: set) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def chat_tokenizer(cfg: PipelineConfig, model: str):
-    """Conversation mode: `model`'s tokenizer with the chat template the app generated with (conversational pairs
-    are rendered in it); otherwise None (the trainer loads the model's own)."""
-    return people.chat_tokenizer(model) if people.conversation_mode(cfg) else None
+def is_conversational(rows) -> bool:
+    """Whether any row is in TRL's conversational format (`messages`, or a prompt / completion / chosen given as a
+    list of messages): the labeling app's conversation and chat-prompt exports, given to the pipeline as they are."""
+    keys = ("messages", "prompt", "completion", "chosen", "rejected")
+    return any(isinstance(r.get(k), list) for r in rows or () if isinstance(r, dict) for k in keys)
+
+
+def chat_tokenizer(cfg: PipelineConfig, model: str, rows=()):
+    """Conversation mode, or conversational rows (an exported conversation set given as `preferences` or SFT rows):
+    `model`'s tokenizer with a chat template, its own or the plain one the app generated with (`people.chat_tokenizer`);
+    otherwise None (the trainer loads the model's own)."""
+    return people.chat_tokenizer(model) if people.conversation_mode(cfg) or is_conversational(rows) else None
 
 
 def split_by_prompt(rows: list[dict], fraction: float, seed: int,
@@ -290,7 +300,7 @@ def stage_rm(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: list
         write_rows(eval_rows, folder / "heldout_preferences.jsonl")
     args = trainer_config(RewardConfig, section, model=sft_model, output_dir=str(folder), eval_fraction=0.0)
     res = RewardTrainer(model=sft_model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
-                        tokenizer=chat_tokenizer(cfg, sft_model)).train()
+                        tokenizer=chat_tokenizer(cfg, sft_model, rows)).train()
     return {"model": res.output_dir, "steps": res.steps, "pairs": len(rows), "heldout_pairs": len(eval_rows or []),
             **res.metrics}
 
@@ -359,7 +369,8 @@ def stage_dpo(folder: Path, cfg: PipelineConfig, sft_model: str, pref_files: lis
     section.setdefault("seed", cfg.seed)
     section.setdefault("ref_cache_dir", "none")
     args = trainer_config(DPOConfig, section, output_dir=str(folder))
-    res = DPOTrainer(model=sft_model, args=args, train_dataset=rows, tokenizer=chat_tokenizer(cfg, sft_model)).train()
+    res = DPOTrainer(model=sft_model, args=args, train_dataset=rows,
+                     tokenizer=chat_tokenizer(cfg, sft_model, rows)).train()
     return {"model": str(res.output_dir), "steps": res.steps, "pairs": len(rows), **numbers(res.metrics)}
 
 
@@ -383,7 +394,8 @@ def stage_kto(folder: Path, cfg: PipelineConfig, sft_model: str, files: list[str
     section = dict(cfg.kto or {})
     section.setdefault("seed", cfg.seed)
     args = trainer_config(KTOConfig, section, output_dir=str(folder))
-    res = KTOTrainer(model=sft_model, args=args, train_dataset=rows, tokenizer=chat_tokenizer(cfg, sft_model)).train()
+    res = KTOTrainer(model=sft_model, args=args, train_dataset=rows,
+                     tokenizer=chat_tokenizer(cfg, sft_model, rows)).train()
     return {"model": str(res.output_dir), "steps": res.steps, "desirable": sum(bool(r["label"]) for r in rows),
             "undesirable": sum(not r["label"] for r in rows), **numbers(res.metrics)}
 

@@ -236,3 +236,31 @@ def test_the_reward_models_held_out_split_is_by_conversation(tiny, tmp_path, mon
     held = {r["conversation"] for r in seen["eval"]}
     assert train and held and not train & held, (train, held)
     assert len(held) == 3 and res["heldout_pairs"] == 9 and res["pairs"] == 27
+
+
+def test_exported_conversation_sets_train_in_a_pairs_run_as_they_are(tiny, tmp_path):
+    """The app's conversation exports given to a plain (pairs-mode) run as they are: `preferences` = conversational
+    pairs (prompt = the messages so far, chosen / rejected = assistant messages, margin) and SFT rows = `messages`,
+    with a policy whose tokenizer has no chat template: the run renders them in the app's plain template (before, the
+    RM stage stopped: "the tokenizer has no chat template") and trains SFT on the 3 conversations and the RM on the
+    6 pairs (5 train + 1 held out)."""
+    from alignloop.data import write_rows
+    from alignloop.pipeline import Pipeline, PipelineConfig
+
+    talk = [{"role": "user", "content": "Tell me about a film."}]
+    prefs = [{"prompt": talk + [{"role": "assistant", "content": f"It was fine {i}."},
+                                {"role": "user", "content": "Why?"}][: 1 + 2 * (i % 2)] if i % 2 else talk,
+              "chosen": [{"role": "assistant", "content": f"A warm, lovely film {i}."}],
+              "rejected": [{"role": "assistant", "content": f"Dull {i}."}], "margin": 1 / 3} for i in range(6)]
+    write_rows(prefs, tmp_path / "conv_prefs.jsonl")
+    sft_rows = [{"messages": talk + [{"role": "assistant", "content": f"A fine film {i}."}]} for i in range(3)]
+    cfg = config(tiny, tmp_path, preferences=str(tmp_path / "conv_prefs.jsonl"), ppo=None,
+                 feedback={"num_prompts": 3, "overlap_k": 1})
+    cfg["sft"]["train_rows"] = sft_rows
+    cfg["rm"]["eval_fraction"] = 0.2
+    res = Pipeline(PipelineConfig.from_dict(cfg), echo=lambda _: None).run_all()
+    run = tmp_path / "run"
+    sft = json.loads((run / "sft" / "STAGE_DONE.json").read_text())
+    rm = json.loads((run / "round-1" / "rm" / "STAGE_DONE.json").read_text())
+    assert sft["steps"] == 1 and rm["pairs"] + rm["heldout_pairs"] == 6
+    assert res["reward_model"].endswith("round-1/rm/final")
