@@ -32,11 +32,12 @@ import logging
 from collections.abc import Callable
 
 from alignloop.data import prompt_texts
-from alignloop.errors import UserError
+from alignloop.errors import ConfigError, UserError
 from alignloop.pipeline import people, stages
 from alignloop.pipeline.config import PipelineConfig
 from alignloop.pipeline.report import write_report
 from alignloop.pipeline.run_folder import RunFolder
+from alignloop.training.loop import fsdp_asked
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -67,6 +68,7 @@ class Pipeline:
 
     def run_all(self) -> dict:
         cfg, run = self.cfg, self.run
+        refuse_under_fsdp(cfg)
         stopped = self._sft()
         if stopped:
             return stopped
@@ -178,6 +180,27 @@ class Pipeline:
             out["RL-CAI"] = run.stage(run.RL_CAI, lambda f: stages.stage_rl_cai(f, cfg, start, rm_ai,
                                                                                 self.train_prompts))["model"]
         return out
+
+
+def stages_not_under_fsdp(cfg: PipelineConfig) -> list[str]:
+    """The configured stages that refuse FSDP (their trainers' rollout, reference and value passes are not written
+    for sharded parameters: PPO, RLOO, GRPO, online DPO, RL-CAI), by config section."""
+    names = []
+    if cfg.feedback.task_type != "thumbs":  # thumbs feedback skips them anyway
+        names += [s for s in ("ppo", RunFolder.RLOO, RunFolder.GRPO, RunFolder.ONLINE_DPO)
+                  if getattr(cfg, s, None) is not None]
+    if cfg.ai_feedback is not None and cfg.ai_feedback.rl is not None:
+        names.append(f"ai_feedback.rl ({cfg.ai_feedback.rl})")
+    return names
+
+
+def refuse_under_fsdp(cfg: PipelineConfig) -> None:
+    """Launched under FSDP: refuse up front a pipeline with stages that cannot run under it, naming them, instead of
+    training SFT and the reward model and stopping at the first of them."""
+    names = stages_not_under_fsdp(cfg) if fsdp_asked() else []
+    if names:
+        raise ConfigError(f"launched under FSDP, but these stages do not run under FSDP yet: {', '.join(names)}; "
+                          f"launch the pipeline with DDP (accelerate launch --multi_gpu) or set these sections to null")
 
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:

@@ -41,7 +41,8 @@ from alignloop.errors import ConfigError
 from alignloop.losses import good_probability, step_bce_loss, step_ce_loss, step_targets
 from alignloop.models import batch_steps, build_prm, prm_info, prm_logits, unwrap_model
 from alignloop.models.fast import disable_dropout, speed_up
-from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
+from alignloop.training import global_batches, optimizer_step, sync_context
+from alignloop.training.fsdp import even_micro_batches
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -238,12 +239,14 @@ class PRMTrainer:
         def evaluate() -> dict[str, float]:
             model.eval()
             sums = torch.zeros(6, device=acc.device)  # loss, trained steps, right, graded, first-error hits, n
-            mine = shard(list(range(len(eval_ex))), acc.process_index, acc.num_processes)
+            # the same number of forwards on every process (FSDP's forward is a collective); dummies are not counted
+            micro = even_micro_batches(list(range(len(eval_ex))), acc.process_index, acc.num_processes,
+                                       a.per_device_batch_size)
             with torch.no_grad():
-                for mb in micro_batches(mine, a.per_device_batch_size):
-                    if not mb:
-                        continue
+                for mb, w in micro:
                     losses, probs, b = forward([eval_ex[i] for i in mb])
+                    if not w:
+                        continue
                     hits, n = first_error_hits(probs, b)
                     trained = trained_mask(b, neutral, soft).sum()
                     sums += torch.cat([torch.stack([losses.sum(), trained.float()]), accuracy(probs, b),
@@ -263,16 +266,17 @@ class PRMTrainer:
             if step >= total:
                 break
             n_steps = max(1, sum(count_trained(train_ex[i], neutral, soft) for i in batch))
-            micro = micro_batches(shard(batch, acc.process_index, acc.num_processes), a.per_device_batch_size)
+            # as many micro-batches on every process (a short last batch: dummies of weight 0, zero gradient)
+            micro = even_micro_batches(batch, acc.process_index, acc.num_processes, a.per_device_batch_size)
             loss_sum = torch.zeros((), device=acc.device)
             graded = torch.zeros(2, device=acc.device)
-            for k, mb in enumerate(micro):
+            for k, (mb, w) in enumerate(micro):
                 with sync_context(acc, model, k, len(micro)), acc.autocast():
                     losses, probs, b = forward([train_ex[i] for i in mb])
-                    loss = losses.sum() / n_steps
-                    acc.backward(loss * acc.num_processes)  # DDP averages over processes
+                    loss = losses.sum() / n_steps * w
+                    acc.backward(loss * acc.num_processes)  # DDP and FSDP average over processes
                 loss_sum += loss.detach()
-                graded += accuracy(probs, b)
+                graded += accuracy(probs, b) * w
             grad_norm = optimizer_step(acc, model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             window.append(acc.reduce(loss_sum, "sum").item())

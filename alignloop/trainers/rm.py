@@ -49,7 +49,8 @@ from alignloop.errors import ConfigError
 from alignloop.losses import best_of_k_loss, bradley_terry_loss, center_rewards_penalty, plackett_luce_loss
 from alignloop.models import POPULATION_HEAD, RewardModel
 from alignloop.models.fast import disable_dropout, speed_up
-from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
+from alignloop.training import global_batches, optimizer_step, sync_context
+from alignloop.training.fsdp import even_micro_batches
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -323,12 +324,14 @@ class RewardTrainer:
             sums = torch.zeros(4, device=acc.device)  # loss, groups, correct, margin sum; pairs counted below
             n_pairs = torch.zeros((), device=acc.device)
             per_head = torch.zeros(2, n_heads, device=acc.device)  # correct, pairs of each head
-            mine = shard(list(range(len(eval_ex))), acc.process_index, acc.num_processes)
+            # the same number of forwards on every process (FSDP's forward is a collective); dummies are not counted
+            micro = even_micro_batches(list(range(len(eval_ex))), acc.process_index, acc.num_processes,
+                                       a.per_device_batch_size)
             with torch.no_grad():
-                for mb in micro_batches(mine, a.per_device_batch_size):
-                    if not mb:
-                        continue
+                for mb, w in micro:
                     losses, ps = forward([eval_ex[i] for i in mb])
+                    if not w:
+                        continue
                     real = ~ps["tie"]
                     sums += torch.stack([losses.sum(), torch.tensor(float(len(mb)), device=acc.device),
                                          (ps["diff"][real] > 0).float().sum(), ps["diff"][real].sum()])
@@ -350,19 +353,21 @@ class RewardTrainer:
         for epoch, pos, batch, epoch_end in stream:
             if step >= total:
                 break
-            micro = micro_batches(shard(batch, acc.process_index, acc.num_processes), a.per_device_batch_size)
+            # as many micro-batches on every process (a short last batch: dummies of weight 0, zero gradient)
+            micro = even_micro_batches(batch, acc.process_index, acc.num_processes, a.per_device_batch_size)
             loss_sum = torch.zeros((), device=acc.device)
             correct = torch.zeros(2, device=acc.device)
-            for k, mb in enumerate(micro):
+            for k, (mb, w) in enumerate(micro):
                 with sync_context(acc, model, k, len(micro)), acc.autocast():
                     losses, ps = forward([train_ex[i] for i in mb])
                     loss = losses.sum() / len(batch)
                     if a.center_rewards_coefficient:
                         loss = loss + a.center_rewards_coefficient * ps["center"].sum() / len(batch)
+                    loss = loss * w
                     acc.backward(loss * acc.num_processes)  # DDP and FSDP average over processes
                 loss_sum += loss.detach()
                 real = ~ps["tie"]
-                correct += torch.stack([(ps["diff"][real] > 0).float().sum(), real.float().sum()])
+                correct += torch.stack([(ps["diff"][real] > 0).float().sum(), real.float().sum()]) * w
             grad_norm = optimizer_step(acc, model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             window.append(acc.reduce(loss_sum, "sum").item())

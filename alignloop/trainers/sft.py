@@ -23,7 +23,8 @@ from alignloop.errors import ConfigError
 from alignloop.losses import logprobs_from_logits, masked_sum
 from alignloop.models import load_causal_lm
 from alignloop.models.fast import is_wide, speed_up
-from alignloop.training import global_batches, micro_batches, optimizer_step, shard, sync_context
+from alignloop.training import global_batches, optimizer_step, sync_context
+from alignloop.training.fsdp import even_micro_batches
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -155,12 +156,14 @@ class SFTTrainer:
             model.eval()
             nll_sum = torch.zeros((), device=acc.device)
             count = torch.zeros((), device=acc.device)
-            mine = shard(list(range(len(eval_ex))), acc.process_index, acc.num_processes)
+            # the same number of forwards on every process (FSDP's forward is a collective); dummies are not counted
+            micro = even_micro_batches(list(range(len(eval_ex))), acc.process_index, acc.num_processes,
+                                       a.per_device_batch_size)
             with torch.no_grad():
-                for mb in micro_batches(mine, a.per_device_batch_size):
-                    if not mb:
-                        continue
+                for mb, w in micro:
                     nll, mask = token_nll(model, _batch_tensors([eval_ex[i] for i in mb], pad_id, acc.device))
+                    if not w:
+                        continue
                     nll_sum += masked_sum(nll, mask)
                     count += mask.sum()
             model.train()
@@ -178,17 +181,18 @@ class SFTTrainer:
                 break
             # every process counts the targets of the whole global batch: the normaliser is identical everywhere
             n_targets = sum(sum(1 for lab in train_ex[i]["labels"][1:] if lab != -100) for i in batch)
-            micro = micro_batches(shard(batch, acc.process_index, acc.num_processes), a.per_device_batch_size)
+            # as many micro-batches on every process (a short last batch: dummies of weight 0, zero gradient)
+            micro = even_micro_batches(batch, acc.process_index, acc.num_processes, a.per_device_batch_size)
             loss_sum = torch.zeros((), device=acc.device)
-            for k, mb in enumerate(micro):
+            for k, (mb, w) in enumerate(micro):
                 tensors = _batch_tensors([train_ex[i] for i in mb], pad_id, acc.device)
                 with sync_context(acc, model, k, len(micro)), acc.autocast():
                     nll, mask = token_nll(model, tensors)
-                    loss = masked_sum(nll, mask) / max(n_targets, 1)
+                    loss = masked_sum(nll, mask) / max(n_targets, 1) * w
                     # DDP and FSDP average gradients over processes: scale by their number to get the global mean.
                     acc.backward(loss * acc.num_processes)
                 loss_sum += loss.detach()
-                tokens_seen += int(tensors["attention_mask"].sum())
+                tokens_seen += int(tensors["attention_mask"].sum()) if w else 0
             grad_norm = optimizer_step(acc, model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             window.append(acc.reduce(loss_sum, "sum").item())

@@ -36,6 +36,10 @@ def make_accelerator(mixed_precision: str = "no"):
     # --multi_gpu` / `torchrun` into one gloo group instead of training each alone.
     acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     fsdp_on_cpu(acc, mixed_precision)
+    if acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False):
+        # every FSDP path here (sharded checkpoints, final save, the refusals) is FSDP2's; FSDP1 would run unguarded
+        raise ConfigError("FSDP1 is not supported (accelerate's default fsdp_version is 1): set fsdp_version: 2 in "
+                          "the accelerate config (FSDP_VERSION=2), e.g. examples/accelerate/fsdp2.yaml")
     return acc
 
 

@@ -163,6 +163,44 @@ def test_fsdp_resume_from_sharded_checkpoint(tmp_path, dropout_model, sft_file, 
         load_checkpoint(ckpt, accelerator=SimpleNamespace(is_fsdp2=False), modules={})
 
 
+def head_rows(src, n, dest):
+    lines = Path(src).read_text().splitlines()[:n]
+    dest.write_text("\n".join(lines) + "\n")
+    return str(dest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_fsdp_uneven_train_and_eval_sets(tmp_path, base_model, sft_file, pref_files, kind):
+    """Sizes that do not split evenly: 13 training rows in global batches of 8 (2 processes x 2 x 2 accumulation)
+    leave a last batch of 5 per epoch (3 rows = 2 micro-batches on process 0, 2 rows = 1 on process 1), and 5 eval
+    rows in micro-batches of 2 give process 0 two forwards and process 1 one. Under FSDP every forward is a
+    collective: each process must run as many (the short one pads with a zero-weight dummy micro-batch), else the
+    run hangs. It finishes, and equals the 1-process run (weights and eval loss)."""
+    data, _ = trainer_of(kind, sft_file, pref_files)
+    train = head_rows(data, 13, tmp_path / "train13.jsonl")
+    held = head_rows(data if kind == "sft" else pref_files[1], 5, tmp_path / "eval5.jsonl")
+    common = dict(learning_rate=1e-3, num_epochs=2, eval_file=held)
+    launch(tmp_path, 1, kind, base_model, tmp_path / "one", train, 8, **common)
+    launch(tmp_path, 2, kind, base_model, tmp_path / "fsdp", train, 2, gradient_accumulation_steps=2, **common)
+    one_w, fsdp_w = weights(tmp_path / "one" / "final"), weights(tmp_path / "fsdp" / "final")
+    assert fsdp_w.keys() == one_w.keys()
+    worst = max((one_w[k] - fsdp_w[k]).abs().max().item() for k in one_w)
+    assert worst <= 2e-4, worst  # 4 steps at lr 1e-3 (5% of lr x steps, as above)
+    moved = max((one_w[k] - weights(base_model)[k]).abs().max().item() for k in one_w if k in weights(base_model))
+    assert moved > 10 * worst
+
+    def evals(out):
+        return [(m["step"], m["eval/loss"]) for m in read_metrics(out) if "eval/loss" in m]
+
+    one_e, fsdp_e = evals(tmp_path / "one"), evals(tmp_path / "fsdp")
+    assert [s for s, _ in one_e] == [s for s, _ in fsdp_e] and one_e
+    for (_, x), (_, y) in zip(one_e, fsdp_e, strict=True):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (one_e, fsdp_e)
+    steps = [m["step"] for m in read_metrics(tmp_path / "fsdp") if "loss/" + kind in m]
+    assert steps == [1, 2, 3, 4]  # 2 epochs of 2 steps, the short last batches included
+
+
 def test_fsdp_on_cpu_only_when_asked_and_only_fsdp2(monkeypatch):
     """The fallback is taken only where FSDP was asked for and accelerate chose DDP on CPU; FSDP1 is refused."""
     from accelerate.utils import DistributedType
@@ -191,3 +229,47 @@ def test_online_rl_trainers_refuse_fsdp():
                            warmup_updates=0, total_updates=1)
     with pytest.raises(ConfigError, match="do not run under FSDP yet"):
         prepared_optimization(torch.nn.Linear(2, 2), args, acc)
+
+
+def test_fsdp1_refused_on_any_device(monkeypatch):
+    """accelerate turns FSDP on by itself on GPUs, with the plugin's fsdp_version (1 unless the config says 2):
+    make_accelerator refuses FSDP1 whatever the device, since every sharded path here is FSDP2's."""
+    from accelerate.utils import DistributedType
+
+    import alignloop.training.loop as loop
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # not the CPU fallback: accelerate's own FSDP (a GPU)
+    for version, refused in ((1, True), (2, False)):
+        stub = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=version == 2)
+        monkeypatch.setattr(loop, "Accelerator", lambda stub=stub, **kw: stub)
+        if refused:
+            with pytest.raises(ConfigError, match="FSDP1 is not supported.*fsdp_version: 2"):
+                loop.make_accelerator()
+        else:
+            assert loop.make_accelerator() is stub
+    for other in (DistributedType.NO, DistributedType.MULTI_GPU):  # no FSDP: nothing to refuse
+        stub = SimpleNamespace(distributed_type=other)
+        monkeypatch.setattr(loop, "Accelerator", lambda stub=stub, **kw: stub)
+        assert loop.make_accelerator() is stub
+
+
+def test_pipeline_refuses_fsdp_up_front(monkeypatch, tmp_path):
+    """A pipeline launched under FSDP whose config has stages that refuse FSDP (PPO, RLOO, GRPO, online DPO,
+    RL-CAI) stops before its first stage, naming them, instead of after training SFT and the reward model."""
+    from alignloop.pipeline.config import AIFeedbackSettings, PipelineConfig
+    from alignloop.pipeline.runner import Pipeline, refuse_under_fsdp
+
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"), prompts=[f"p{i}" for i in range(8)], grpo={})
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    refuse_under_fsdp(cfg)  # not under FSDP: nothing refused
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    pipe = Pipeline(cfg, echo=lambda *_: None)
+    pipe._sft = lambda: pytest.fail("a stage ran")
+    with pytest.raises(ConfigError, match=r"do not run under FSDP yet: ppo, grpo"):
+        pipe.run_all()
+    cfg.ppo, cfg.grpo = None, None
+    cfg.ai_feedback = AIFeedbackSettings(rl="rloo")
+    with pytest.raises(ConfigError, match=r"ai_feedback.rl \(rloo\)"):
+        refuse_under_fsdp(cfg)
+    cfg.ai_feedback = None
+    refuse_under_fsdp(cfg)  # SFT, RM, DPO, KTO only: allowed
