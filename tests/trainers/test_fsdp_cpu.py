@@ -169,6 +169,24 @@ def head_rows(src, n, dest):
     return str(dest)
 
 
+def test_even_micro_batches_same_count_everywhere():
+    """Every process gets as many micro-batches (FSDP's forwards and backwards are collectives); the real ones are
+    exactly its shard (weight 1), the padding a real row of weight 0."""
+    from alignloop.training.fsdp import even_micro_batches
+    from alignloop.training.loop import micro_batches, shard
+
+    for n in range(14):
+        for world in (1, 2, 3, 4):
+            for size in (1, 2, 3):
+                idx = list(range(100, 100 + n))
+                parts = [even_micro_batches(idx, r, world, size) for r in range(world)]
+                assert len({len(p) for p in parts}) == 1, (n, world, size)
+                for r, p in enumerate(parts):
+                    real = [mb for mb, w in p if w == 1.0]
+                    assert real == [mb for mb in micro_batches(shard(idx, r, world), size) if mb]
+                    assert all(mb == [idx[0]] for mb, w in p if w == 0.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_fsdp_uneven_train_and_eval_sets(tmp_path, base_model, sft_file, pref_files, kind):
