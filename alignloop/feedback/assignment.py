@@ -169,12 +169,16 @@ def expire_stale(s: Session, p: Project, expiry: ExpiryClock) -> int:
         return 0
     expiry.mark(p.id)
     now = utcnow()
+    cutoff = now - timedelta(seconds=float(ttl))
     stale = s.execute(select(Assignment.id, Assignment.item_id).where(
-        Assignment.project_id == p.id, Assignment.status == "assigned",
-        Assignment.created_at < now - timedelta(seconds=float(ttl)))).all()
+        Assignment.project_id == p.id, Assignment.status == "assigned", Assignment.created_at < cutoff)).all()
     n = 0
     for aid, item_id in stale:
-        r = s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "assigned")
+        # the time again in the UPDATE: on PostgreSQL (READ COMMITTED) a keep-alive committed since the SELECT (a
+        # conversation's message: `conversations._touch_assignment`) restarted it, and the UPDATE re-checks only its
+        # own WHERE on the row it waited for; the keep-alive wins
+        r = s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "assigned",
+                                               Assignment.created_at < cutoff)
                       .values(status="expired", completed_at=now))
         if r.rowcount == 1:
             s.execute(update(Item).where(Item.id == item_id).values(n_active=Item.n_active - 1))

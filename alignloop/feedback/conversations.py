@@ -53,6 +53,7 @@ from .models import (
     Prompt,
     utcnow,
 )
+from .projects import DEFAULT_ASSIGNMENT_TIMEOUT_S
 from .security import is_utf8_text
 from .validation import MAX_TIME_MS, validate_submission
 
@@ -158,11 +159,78 @@ def _bump(s, c: Conversation) -> None:
     s.refresh(c)
 
 
-def _touch_assignment(s, c: Conversation) -> None:
+def _touch_assignment(s, c: Conversation) -> bool:
     """Keep the conversation's assignment alive while the labeler talks: its time (what `assignment.expire_stale`
-    counts from) restarts with each message, choice and retry, so an active conversation is not expired."""
-    s.execute(update(Assignment).where(Assignment.id == c.assignment_id, Assignment.status == "assigned")
-              .values(created_at=utcnow()).execution_options(synchronize_session=False))
+    counts from) restarts with each message, choice and retry (and while a turn generates: `keep_alive`), so an
+    active conversation is not expired. One that expired already (the labeler paused past the timeout; or was
+    skipped through the generic API) is taken back when its slot is still free (`_take_slot_back`), so that a
+    labeler who resumed keeps her opening and her end counts; when the slot went to another labeler it stays as it
+    is (the end is then uncounted, see `_close_assignment`). True when the assignment is (again) assigned."""
+    now = utcnow()
+    if s.execute(update(Assignment).where(Assignment.id == c.assignment_id, Assignment.status == "assigned")
+                 .values(created_at=now).execution_options(synchronize_session=False)).rowcount == 1:
+        return True
+    a = s.get(Assignment, c.assignment_id)
+    if a is None or a.status not in ("expired", "skipped"):
+        return False
+    old = {"status": a.status, "completed_at": a.completed_at, "created_at": a.created_at}
+    # the assignment first, conditionally on the status read: of two concurrent keep-alives (two tabs, PostgreSQL)
+    # one takes the slot back, the other changes nothing
+    if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == old["status"])
+                 .values(status="assigned", completed_at=None, created_at=now)
+                 .execution_options(synchronize_session=False)).rowcount != 1:
+        return False
+    if not _take_slot_back(s, a):  # the slot went to another labeler meanwhile: as it was
+        s.execute(update(Assignment).where(Assignment.id == a.id).values(**old)
+                  .execution_options(synchronize_session=False))
+        s.expire(a)
+        return False
+    s.expire(a)
+    return True
+
+
+def _take_slot_back(s, a: Assignment) -> bool:
+    """Take a slot of an expired (or skipped) assignment's item again (its n_active + 1) if one is free: True. Gold
+    and open_start items are outside the k (always free)."""
+    p = s.get(Project, a.project_id)
+    item = s.get(Item, a.item_id)
+    own = a.is_gold or item.n_active >= OPEN_START_SLOTS // 2  # gold, or an open_start item: outside the k
+    cond = [Item.id == a.item_id] + ([] if own else [Item.n_active < p.overlap_k])
+    return s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)
+                     .execution_options(synchronize_session=False)).rowcount == 1
+
+
+KEEP_ALIVE_EVERY_S = 60.0  # the state poll restarts a waiting conversation's assignment at most this often
+
+
+def keep_alive(store, conversation_id: int, labeler_id: int) -> bool:
+    """The state poll's keep-alive: while a turn of the labeler's open conversation is generating (the page polls
+    its state; the first turn's model may load for minutes), its assignment is kept alive as a message keeps it
+    (`_touch_assignment`): restarted when its time is older than KEEP_ALIVE_EVERY_S (or a quarter of the project's
+    `assignment_timeout_s`, when that is shorter), taken back at once when it expired with its slot free. A read
+    only, unless a write is due; True when it wrote. A page closed stops polling: the assignment then expires as
+    any other."""
+    now = utcnow()
+    with store.read() as s:
+        c = s.get(Conversation, conversation_id)
+        if c is None or c.labeler_id != labeler_id or c.status != "open":
+            return False
+        if s.scalar(select(ConversationTurn.id).where(ConversationTurn.conversation_id == c.id,
+                                                      ConversationTurn.status == "pending").limit(1)) is None:
+            return False
+        a = s.get(Assignment, c.assignment_id)
+        p = s.get(Project, c.project_id)
+    if a is None:
+        return False
+    if a.status == "assigned":
+        ttl = float((p.settings or {}).get("assignment_timeout_s", DEFAULT_ASSIGNMENT_TIMEOUT_S) or 0)
+        if ttl <= 0 or (now - a.created_at).total_seconds() < min(KEEP_ALIVE_EVERY_S, ttl / 4):
+            return False
+    elif a.status not in ("expired", "skipped"):
+        return False
+    with store.write() as s:
+        c = s.get(Conversation, conversation_id)
+        return c is not None and c.status == "open" and _touch_assignment(s, c)
 
 
 def _check_revision(c: Conversation, expected_revision: int | None) -> None:
@@ -508,12 +576,7 @@ def _close_assignment(s, a: Assignment, now) -> bool:
     is and the item's labels do not count this conversation: False (the conversation still ends, its rating
     stored: never a dead end for the labeler)."""
     if a.status in ("expired", "skipped"):
-        p = s.get(Project, a.project_id)
-        item = s.get(Item, a.item_id)
-        own = a.is_gold or item.n_active >= OPEN_START_SLOTS // 2  # gold, or an open_start item: outside the k
-        cond = [Item.id == a.item_id] + ([] if own else [Item.n_active < p.overlap_k])
-        if s.execute(update(Item).where(*cond).values(n_active=Item.n_active + 1)
-                     .execution_options(synchronize_session=False)).rowcount != 1:
+        if not _take_slot_back(s, a):
             return False
         a.status = "assigned"
     if a.status != "assigned":

@@ -19,6 +19,10 @@ and only take a lock held for a few dictionary operations; they never wait on th
   partial texts the child streams (at most every `_PARTIAL_EVERY_S` per job, so a fast model does not flood it) and
   calls `on_done(job, candidates, error, gen_ms)` exactly once per accepted job, in that thread (never the event
   loop): candidates are 2 dicts {"text", "model", "params", "stopped"} in canonical order, or error is a message.
+  An `on_done` that may take long (storing on a busy database) hands its work to a thread of its own: while it runs,
+  the listener reads no partials or results of the next jobs. `on_finish(job)`, when set, is called the moment a
+  job finishes, under the worker's lock, before `status` can say "done" or "failed" (a caller that stores results
+  marks the job as being stored there; it must only do that: a few set operations, never a wait).
 - Loading the job's models is not generation: the child says when they are loaded ("loaded", at once when they
   already are), and only then does the job's `timeout_s` start. Loading has its own, generous limit (`load_timeout_s`,
   10 minutes by default; a few-GB checkpoint on CPU, a first download); past it the job fails with "the model was
@@ -104,6 +108,7 @@ class GenerationWorker:
         self.load_timeout_s = float(load_timeout_s)
         self.backend, self.max_queue, self.timeout_s = backend or DEFAULT_BACKEND, max_queue, float(timeout_s)
         self.threads, self.in_process, self.on_done = max(1, int(threads)), in_process, on_done
+        self.on_finish: Callable[[GenerationJob], None] | None = None   # see the module's docstring
         self._lock = threading.Lock()
         self._state = "new"                                   # new -> started -> stopped
         self._status: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -271,6 +276,11 @@ class GenerationWorker:
 
     def _finish_locked(self, job: GenerationJob, candidates, error, gen_ms) -> tuple:
         st = self._status.setdefault(job.job_id, {"state": "queued", "partial": ["", ""], "error": None})
+        if self.on_finish is not None:   # before the state says finished: no caller sees it done and not storing
+            try:
+                self.on_finish(job)
+            except Exception:  # a failing hook must not stop the worker
+                log.exception("generation on_finish failed for job %s", job.job_id)
         st["state"] = "failed" if error is not None else "done"
         st["error"] = error
         if candidates is not None:
@@ -425,16 +435,16 @@ def error_message(e: BaseException) -> str:
 
 
 _QUOTED_MODEL = re.compile(r"""\bmodel (?:'[^']*'|"[^"]*")""")
+# a name counts only as a whole: not inside a word or a longer name (a path may go on after it with "/": a file in
+# the model's folder; a name may end a path: a hub id in a URL)
+_NAME_BEFORE, _NAME_AFTER = r"(?<![\w.\-])", r"(?![\w\-]|\.\w)"
+_THE_MODEL = "the model"
 
 
-def public_error(error: str | None, models: list[str] | tuple[str, ...] = ()) -> str | None:
-    """The text of a generation error that a labeler may see: every name or path of `models` in it (the name as
-    given, its absolute path, its last one and two path parts) and a quoted name after "model" (this module's
-    "could not load model '...'") replaced by "the model", so that an error never tells which model is behind a
-    side. The full text stays in the store for admins. None stays None."""
-    if error is None:
-        return None
-    text = _QUOTED_MODEL.sub("the model", str(error))
+def _model_names(models) -> set[str]:
+    """The names `public_error` replaces for `models`: each as given, its absolute and real path, and its last two
+    path parts ("org/name", "checkpoints/model"); its last part alone only when it is not a plain word ("gpt2",
+    "policy-v3", "Qwen"; not "model", "final", "out", "memory", which an error's own words may be)."""
     names: set[str] = set()
     for m in models or ():
         if not isinstance(m, str) or not m.strip():
@@ -442,12 +452,36 @@ def public_error(error: str | None, models: list[str] | tuple[str, ...] = ()) ->
         m = m.strip()
         names |= {m, os.path.abspath(m), os.path.realpath(m)}
         parts = [x for x in re.split(r"[/\\]", m) if x]
-        for k in (1, 2):
-            if len(parts) >= k and len("/".join(parts[-k:])) >= 3:
-                names.add("/".join(parts[-k:]))
-    for name in sorted(names, key=len, reverse=True):
-        text = text.replace(name, "the model")
-    return text
+        if len(parts) >= 2:
+            names.add("/".join(parts[-2:]))
+        if parts and len(parts[-1]) >= 3 and not re.fullmatch(r"[a-z]+", parts[-1]):
+            names.add(parts[-1])
+    return {n for n in names if n.strip(" ./\\")}
+
+
+def public_error(error: str | None, models: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The text of a generation error that a labeler may see: every name or path of `models` in it (`_model_names`:
+    the name as given, its absolute path, its last two path parts, its last part when not a plain word) and a
+    quoted name after "model" (this module's "could not load model '...'") replaced by "the model", so that an error
+    never tells which model is behind a side. Only whole names are replaced (not a part of a word or of a longer
+    name: "out of memory" stays as it is for a model "org/out"), with a "the" before or a "model" after the name
+    taken in ("the gpt2 model" -> "the model"), and a "the model" already written is left as it is (no "the the
+    model"). The full text stays in the store for admins. None stays None."""
+    if error is None:
+        return None
+    text = _QUOTED_MODEL.sub(_THE_MODEL, str(error))
+    names = sorted(_model_names(models), key=len, reverse=True)   # the longest first: a path before its tail
+    if not names:
+        return text
+    pattern = re.compile(r"(?P<keep>\b[Tt]he model" + _NAME_AFTER + r"(?!/))|(?P<the>\b[Tt]he\s+)?" + _NAME_BEFORE
+                         + "(?:" + "|".join(map(re.escape, names)) + ")" + _NAME_AFTER + r"(?:\s+model\b)?")
+
+    def repl(m: re.Match) -> str:
+        if m.group("keep"):
+            return m.group("keep")
+        return (m.group("the")[:3] + " model") if m.group("the") else _THE_MODEL
+
+    return pattern.sub(repl, text)
 
 
 # -- Hugging Face causal LMs ------------------------------------------------------------------------------------------

@@ -23,11 +23,19 @@ to retry). Validation errors are 422 `{"error", "fields"}` naming the field.
 
 Generation runs in the app's `Generation` (a `generation.GenerationWorker`, built and started on the first
 generation, so an app without conversation projects never spawns its process); results come back through its
-`on_done` in the worker's thread, never on the event loop.
+`on_done`, in a thread of its own (never the event loop, nor the worker's listener, which meanwhile streams the next
+jobs). A job is "storing" from the moment the worker finishes it until its result is stored: the page never offers
+to retry a result about to be saved.
+
+The state poll (every ~300 ms while a turn is generating) keeps the conversation's assignment alive
+(`conversations.keep_alive`): the labeler is waiting for the model, so the assignment must not expire meanwhile.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import queue as queue_mod
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -38,6 +46,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from .. import conversations as conv
+from ..db import is_busy, no_wait
 from ..errors import DatabaseBusy, NotFound, ValidationError
 from ..generation import GenerationJob, GenerationWorker, QueueFull
 from ..models import Conversation, ConversationTurn
@@ -78,8 +87,17 @@ class ShuttingDown(QueueBusy):
 
 class Generation:
     """The app's generation worker and the bridge from its results to the store. `worker`: a given one (its owner
-    starts and stops it; its `on_done` is set here when it has none); else one is built with these settings on the
-    first `submit` and started, and `stop` (the app's lifespan) stops it."""
+    starts and stops it; its `on_done` and `on_finish` are set here when it has no `on_done`); else one is built
+    with these settings on the first `submit` and started, and `stop` (the app's lifespan) stops it.
+
+    Results: the worker's `on_finish` marks a job "storing" before its state says finished, and its `on_done`
+    (`deliver`) hands the result to the storing thread ("generation-store", one, in order of finishing), which
+    stores it (`on_done`, retrying on a busy database), so the worker's listener never waits on the database. A job
+    stays "storing" to `status` while that runs and once stored (the turn, read a moment earlier, may still say
+    pending); only a result that could not be stored lets the worker's done/failed through, which the page shows as
+    interrupted (Retry)."""
+
+    KEEP_STORED = 1024  # stored jobs remembered (for a state read just before the store)
 
     def __init__(self, store, worker=None, queue: int = 8, timeout_s: float = 120.0, threads: int = 1,
                  backend: str | None = None):
@@ -88,10 +106,19 @@ class Generation:
         self._worker = worker
         self._built = False
         self._closed = False  # stop() ran: no worker is built any more
-        self._storing: set[str] = set()  # jobs whose result on_done is still trying to store
+        self._storing: set[str] = set()  # finished jobs whose result is not stored yet (and not given up)
+        self._stored: collections.OrderedDict[str, None] = collections.OrderedDict()  # the newest stored jobs
+        self._results: queue_mod.Queue = queue_mod.Queue()  # the storing thread's: (job, candidates, error, gen_ms)
+        self._storer: threading.Thread | None = None
+        self._storer_stopped = False
         self._lock = threading.Lock()
+        self._done_lock = threading.Lock()
         if worker is not None and getattr(worker, "on_done", None) is None:
-            worker.on_done = self.on_done
+            self._attach(worker)
+
+    def _attach(self, worker) -> None:
+        worker.on_finish = self._mark_storing
+        worker.on_done = self.deliver
 
     @property
     def running(self) -> bool:
@@ -103,29 +130,64 @@ class Generation:
             if self._worker is None:
                 if self._closed:  # the lifespan's stop() ran: a request still in flight builds no new worker
                     raise ShuttingDown()
-                kw: dict[str, Any] = {"max_queue": self.queue, "timeout_s": self.timeout_s, "threads": self.threads,
-                                      "on_done": self.on_done}
+                kw: dict[str, Any] = {"max_queue": self.queue, "timeout_s": self.timeout_s, "threads": self.threads}
                 if self.backend:
                     kw["backend"] = self.backend
                 w = GenerationWorker(**kw)
+                self._attach(w)
                 w.start()
                 self._worker, self._built = w, True
             return self._worker
 
     def stop(self) -> None:
+        """Stop the worker built here (its unfinished jobs fail), then the storing thread once it has stored what
+        it was given (30 s at most)."""
         with self._lock:
             self._closed = True
-            if self._built and self._worker is not None:
-                self._worker.stop()
+            w = self._worker if self._built else None
+            if w is not None:
                 self._worker, self._built = None, False
+        if w is not None:
+            w.stop()  # outside the lock: its last results come through `deliver`, which takes it
+        with self._lock:
+            self._storer_stopped = True
+            storer = self._storer
+        if storer is not None:
+            self._results.put(None)
+            storer.join(timeout=30)
 
     def status(self, job_id: str) -> dict | None:
         """The worker's status of a job; None when it does not know it (or no worker runs: a restart lost it)."""
         w = self._worker
         st = None if w is None else w.status(job_id)
-        if st is not None and job_id in self._storing:
+        if st is not None and (job_id in self._storing or job_id in self._stored):
             st = {**st, "state": "storing"}  # finished; its result is being stored (not lost: no retry offered)
         return st
+
+    def _mark_storing(self, job) -> None:
+        """The worker's `on_finish` (under its lock: a set operation only)."""
+        self._storing.add(job.job_id)
+
+    def deliver(self, job, candidates: list[dict] | None, error: str | None, gen_ms: int) -> None:
+        """The worker's `on_done` (its listener thread): the result goes to the storing thread, started on first
+        use; returns at once. After `stop` the result is stored here, in the caller's thread."""
+        self._storing.add(job.job_id)
+        with self._lock:
+            if not self._storer_stopped:
+                if self._storer is None:
+                    self._storer = threading.Thread(target=self._store_results, name="generation-store",
+                                                    daemon=True)
+                    self._storer.start()
+                self._results.put((job, candidates, error, gen_ms))
+                return
+        self.on_done(job, candidates, error, gen_ms)
+
+    def _store_results(self) -> None:
+        while (args := self._results.get()) is not None:
+            try:
+                self.on_done(*args)
+            except Exception:  # on_done logs its own failures; this thread serves on
+                log.exception("storing a generation result failed")
 
     def submit(self, turn: ConversationTurn, settings: dict) -> None:
         """Queue the generation of a pending turn. A full queue: the turn is failed with a clear message and
@@ -155,9 +217,10 @@ class Generation:
     STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0)
 
     def on_done(self, job, candidates: list[dict] | None, error: str | None, gen_ms: int) -> None:
-        """The worker's callback (its thread): the turn's candidates or error into the store, for that attempt. A
-        busy database is tried again a few times (`STORE_RETRY_DELAYS_S`); a result that still could not be stored
-        leaves the turn pending with its job finished, which the page shows as interrupted (Retry)."""
+        """Store a finished job's result (the storing thread calls it, see `deliver`): the turn's candidates or
+        error, for that attempt. A busy database is tried again a few times (`STORE_RETRY_DELAYS_S`); a result
+        that still could not be stored leaves the turn pending with its job finished, which the page shows as
+        interrupted (Retry)."""
         try:
             attempt = int(str(job.job_id).rsplit(".", 1)[1])
         except (IndexError, ValueError):
@@ -170,6 +233,10 @@ class Generation:
                         conv.turn_failed(self.store, job.turn_id, error or "the generation failed", attempt)
                     else:
                         conv.turn_generated(self.store, job.turn_id, candidates, gen_ms, attempt)
+                    with self._done_lock:
+                        self._stored[job.job_id] = None
+                        while len(self._stored) > self.KEEP_STORED:
+                            self._stored.popitem(last=False)
                     return
                 except (DatabaseBusy, OperationalError) as e:
                     if i == len(self.STORE_RETRY_DELAYS_S):
@@ -326,7 +393,19 @@ async def api_state(request: Request, name: str, cid: int):
 def _api_state(request: Request, name: str, cid: int):
     user, store, p = _project(request, name)
     _owned(store, p, cid, user)
+    _keep_alive(store, cid, user)
     return _reply(_state(request, store, cid, user))
+
+
+def _keep_alive(store, cid: int, user) -> None:
+    """`conversations.keep_alive` without waiting for the write lock (`no_wait`): a busy database skips it (the
+    poll comes again in a moment) and never fails or holds the state read."""
+    try:
+        with no_wait():
+            conv.keep_alive(store, cid, user.id)
+    except (DatabaseBusy, OperationalError, sqlite3.OperationalError) as e:  # WouldBlock is a DatabaseBusy
+        if not isinstance(e, DatabaseBusy) and not is_busy(getattr(e, "orig", e)):
+            raise
 
 
 @router.post("/api/p/{name}/conversations/{cid}/messages")
