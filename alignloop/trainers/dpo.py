@@ -31,9 +31,10 @@ Choices (see the DPO section of the implementation-details reference):
 - Batch planning (`alignloop.training`): the global batch of an optimizer step is per_device_batch_size x
   gradient_accumulation_steps x processes pairs; each process takes its contiguous slice, split into micro-batches
   of per_device_batch_size. The loss of a micro-batch is the sum of its pairs' losses divided by the global batch
-  size, and gradients are summed over processes (one flat all-reduce; the model is not DDP-wrapped, because the LM
-  head is applied outside its forward), so 1 process x 8 == 1 x 4 x 2 accumulation == 2 processes x 4 (up to
-  float summation order). fp16 autocast has no loss scaling here: on GPU use bf16.
+  size (times the number of processes, which DDP's averaging divides out); accelerate prepares the policy as a
+  `CompletionLogps` module (trunk and completion-position LM head in one forward), so DDP averages the gradients
+  on the last micro-batch of a step (`no_sync` before), and 1 process x 8 == 1 x 4 x 2 accumulation == 2 processes
+  x 4 (up to float summation order). fp16 is untested here: on GPU use bf16.
 - Speed (CPU and GPU): fused AdamW kernel; GPT-2's gelu_new through the fused tanh-GELU kernel (`fast_gelu`, same
   function to ~2e-7); reference log-probs under inference_mode in length-sorted batches; no HF Trainer.
 - Dropout in the policy is switched off by default (`disable_dropout`), as the DPO reference implementation does:
@@ -57,7 +58,7 @@ from torch import nn
 
 from alignloop.data import PreferenceCollator, load_preferences, tokenize_preferences
 from alignloop.errors import ConfigError
-from alignloop.losses import dpo_loss, logprobs_from_logits
+from alignloop.losses import dpo_loss
 from alignloop.models import (
     apply_lora,
     has_adapter,
@@ -67,15 +68,20 @@ from alignloop.models import (
     unwrap_model,
 )
 from alignloop.models.fast import CPU_SDPA, disable_dropout, is_wide, speed_up
-from alignloop.models.logps import completion_logps, lm_head_parts
+from alignloop.models.logps import (
+    CompletionLogps,
+    batch_logps,
+    completion_logps,
+    lm_head_parts,
+)
 from alignloop.training import (
-    all_reduce_gradients,
     computed_in_shards,
     global_batches,
-    micro_batches,
     optimizer_step,
-    shard,
+    step_micro_batches,
+    sync_context,
 )
+from alignloop.training.checkpoint import is_sharded
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -263,29 +269,6 @@ def _packed_pairs(exs: list[dict], device, share_prompt: bool, pad_token_id: int
     return {key: v.to(device) for key, v in out.items()}
 
 
-def packed_completion_logps(model: nn.Module, packed: dict[str, torch.Tensor], n_rows: int,
-                            average: bool = False) -> torch.Tensor:
-    """`completion_logps` on a `_packed_pairs` batch -> [n_rows] (sum, or mean with `average`, per input row)."""
-    backbone, head = lm_head_parts(model)
-    mask = packed.get("attention_mask")
-    if mask is not None and getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation",
-                                    None) == "eager":
-        # eager attention adds the mask to the scores: an additive mask, not a boolean one
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    out = backbone(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
-                   use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    picked = hidden.reshape(-1, hidden.shape[-1])[packed["src"]]
-    token_logps = logprobs_from_logits(head(picked)[None], packed["labels"][None])[0]
-    rows = packed["row"]
-    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    if not average:
-        return sums
-    counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, rows, torch.ones_like(token_logps))
-    return sums / counts.clamp(min=1.0)
-
-
 def _weights_hash(model: nn.Module) -> str:
     """sha256 of the model's weights, adapter included (called on the reference: inside `reference_mode` a LoRA
     policy's state dict holds the reference's adapter values)."""
@@ -340,6 +323,8 @@ class DPOTrainer:
         if a.fast_gelu:
             speed_up(self.model)
         self.use_adapter = has_adapter(self.model)
+        # what accelerate prepares (DDP/FSDP) in train(): the policy's log-probs, LM head included, in one forward
+        self.policy: nn.Module = CompletionLogps(self.model)
 
         # The reference: ref_model > the starting policy (LoRA: the adapter's start, kept; else its initial weights).
         ref_model = ref_model if ref_model is not None else a.ref_model
@@ -453,28 +438,36 @@ class DPOTrainer:
         impl = getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None)
         return self.args.share_prompt and impl in ("sdpa", "eager", CPU_SDPA)
 
-    def _logps(self, model: nn.Module, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
+    def _logps(self, model: nn.Module, exs: list[dict], scorer: nn.Module | None = None
+               ) -> tuple[torch.Tensor, dict | None]:
         """Completion log-probs [2k] ([chosen; rejected]) of the pairs `exs` under `model`, in one forward: padded
         rows (returned too, for reuse by an on-the-fly reference), or packed (`packing`; prompts once with
-        `share_prompt`; None returned)."""
+        `share_prompt`; None returned). `scorer`: the module that runs it (the prepared `CompletionLogps` of
+        `model`); default `batch_logps(model, ...)` called directly."""
         a = self.args
+        score = scorer if scorer is not None else (lambda *args: batch_logps(model, *args))
         if not self._use_packing(model):
             batch = self._batch(exs)
-            return completion_logps(model, batch, a.average_logps), batch
+            return score(batch, a.average_logps), batch
         packed = _packed_pairs(exs, self.accelerator.device, self._share_prompt(model), self.tokenizer.pad_token_id)
-        return packed_completion_logps(model, packed, 2 * len(exs), a.average_logps), None
+        return score(packed, a.average_logps, 2 * len(exs)), None
 
-    def policy_logps(self, exs: list[dict]) -> tuple[torch.Tensor, dict | None]:
-        """Policy completion log-probs [2k] of the pairs `exs` (see `_logps`)."""
+    def policy_logps(self, exs: list[dict], grad: bool = True) -> tuple[torch.Tensor, dict | None]:
+        """Policy completion log-probs [2k] of the pairs `exs` (see `_logps`). With `grad` (training) through the
+        prepared `self.policy`, so that DDP/FSDP see the forward; without (evaluation), the model is called
+        directly (DDP's forward would expect a backward), unless its parameters are sharded (FSDP)."""
+        scorer = self.policy if grad or is_sharded(self.accelerator) else None
         with self.accelerator.autocast():
-            logps, batch = self._logps(self.model, exs)
+            logps, batch = self._logps(self.model, exs, scorer)
             return logps.float(), batch
 
-    def pair_terms(self, examples: list[dict], indices: list[int], ref_table: torch.Tensor | None = None):
+    def pair_terms(self, examples: list[dict], indices: list[int], ref_table: torch.Tensor | None = None,
+                   grad: bool = True):
         """Policy forward over examples[indices] (chosen and rejected together) -> (losses [k], chosen_rewards [k],
-        rejected_rewards [k], chosen_logps [k], rejected_logps [k]) through `alignloop.losses.dpo_loss`."""
+        rejected_rewards [k], chosen_logps [k], rejected_logps [k]) through `alignloop.losses.dpo_loss`; `grad`:
+        for a backward (training) or not (evaluation, under no_grad)."""
         k = len(indices)
-        logps, batch = self.policy_logps([examples[i] for i in indices])
+        logps, batch = self.policy_logps([examples[i] for i in indices], grad)
         ref = self.reference_logps(examples, indices, ref_table, batch).to(logps.device)
         a = self.args
         losses, chosen_r, rejected_r = dpo_loss(logps[:k], logps[k:], ref[:k], ref[k:], a.beta, a.label_smoothing,
@@ -492,6 +485,7 @@ class DPOTrainer:
             sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
         return {name: float(v) / max(n, 1) for name, v in zip(_METRICS, sums, strict=True)}
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss, implicit rewards, accuracy and margin (policy in eval mode) -> {"eval/<metric>": value}."""
         if not self.eval_examples:
@@ -503,10 +497,13 @@ class DPOTrainer:
         self.model.eval()
         sums = torch.zeros(len(_METRICS))
         try:
-            for mb in micro_batches(shard(list(range(len(self.eval_examples))), self.rank, self.world),
-                                    a.eval_batch_size):
+            sharded = is_sharded(self.accelerator)
+            for mb in step_micro_batches(list(range(len(self.eval_examples))), self.rank, self.world,
+                                         a.eval_batch_size):
                 if mb:
-                    sums += self._metric_sums(*self.pair_terms(self.eval_examples, mb, self._eval_ref))
+                    sums += self._metric_sums(*self.pair_terms(self.eval_examples, mb, self._eval_ref, grad=False))
+                elif sharded:  # FSDP gathers parameters in each forward: every process runs as many (result unused)
+                    self.pair_terms(self.eval_examples, [0], self._eval_ref, grad=False)
         finally:
             self.model.train(was)
         return {f"eval/{k}": v for k, v in self._reduce(sums, len(self.eval_examples)).items()}
@@ -527,8 +524,9 @@ class DPOTrainer:
         ref_seconds = time.perf_counter() - t0
 
         self.model.train()
-        # not DDP-wrapped: gradients are summed by `_all_reduce_grads` (the LM head runs outside the forward)
-        opt = setup_optimization(a, self.run, self.model, n, "dpo", wrap=False)
+        # accelerate prepares the CompletionLogps module (DDP/FSDP): gradients are averaged in its backward
+        opt = setup_optimization(a, self.run, self.policy, n, "dpo")
+        self.policy = opt.model
         optimizer, scheduler, logger, progress = opt.optimizer, opt.scheduler, opt.logger, opt.progress
         global_batch, per_epoch, total = opt.global_batch, opt.per_epoch, opt.total
         step = opt.step
@@ -543,14 +541,15 @@ class DPOTrainer:
                                                            batch_in_epoch=opt.pos):
             if step >= total:
                 break
-            for mb in micro_batches(shard(batch, self.rank, self.world), a.per_device_batch_size):
-                if not mb:
-                    continue
-                terms = self.pair_terms(self.train_examples, mb, train_ref)
-                (terms[0].sum() / len(batch)).backward()
-                window += self._metric_sums(*terms)
+            for k, mb in enumerate(mbs := step_micro_batches(batch, self.rank, self.world, a.per_device_batch_size)):
+                with sync_context(acc, self.policy, k, len(mbs)):
+                    # the loss: this micro-batch's share of the global batch's mean, times the processes (DDP
+                    # averages them); a process with no pair left runs one with weight 0 (DDP needs each to take part)
+                    terms = self.pair_terms(self.train_examples, mb or batch[:1], train_ref)
+                    acc.backward(terms[0].sum() / len(batch) * (acc.num_processes if mb else 0.0))
+                    if mb:
+                        window += self._metric_sums(*terms)
             window_pairs += len(batch)
-            all_reduce_gradients(self.model)
             grad_norm = optimizer_step(acc, self.model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             progress.update(1)

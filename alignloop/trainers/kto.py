@@ -39,8 +39,10 @@ Choices (TRL 1.16's KTOTrainer unless said otherwise):
   rows; chosen = desirable), `rewards/margins` (their difference), `logps/chosen`, `logps/rejected`, `kl/z0` (the
   reference point, TRL's `kl`) and `kl/estimate` (the mean before clamping), `train/...`, `perf/examples_per_sec`.
 - Speed: padded rows, the LM head applied at completion positions only (`alignloop.models.logps`), the fused GELU and
-  fp32 CPU attention under bf16 autocast (`fast_gelu`), dropout off (`disable_dropout`), no HF Trainer. The model is
-  not DDP-wrapped: gradients are summed over processes in one flat all-reduce.
+  fp32 CPU attention under bf16 autocast (`fast_gelu`), dropout off (`disable_dropout`), no HF Trainer. What
+  accelerate prepares (DDP/FSDP) is the policy as a `CompletionLogps` module (trunk and completion-position LM head
+  in one forward): DDP averages the gradients on the last micro-batch of a step (`no_sync` before), each
+  micro-batch's loss multiplied by the number of processes.
 """
 from __future__ import annotations
 
@@ -67,16 +69,16 @@ from alignloop.errors import ConfigError
 from alignloop.losses import kto_loss, kto_reference_point, masked_mean
 from alignloop.models import apply_lora, has_adapter, keep_reference, load_causal_lm, reference_context
 from alignloop.models.fast import disable_dropout, speed_up
-from alignloop.models.logps import completion_logps
+from alignloop.models.logps import CompletionLogps, completion_logps
 from alignloop.training import (
-    all_reduce_gradients,
     computed_in_shards,
     global_batches,
-    micro_batches,
     optimizer_step,
     plan_epoch,
-    shard,
+    step_micro_batches,
+    sync_context,
 )
+from alignloop.training.checkpoint import is_sharded
 from alignloop.training.run import (
     TrainingArgs,
     TrainResult,
@@ -235,6 +237,8 @@ class KTOTrainer:
         if a.fast_gelu:
             speed_up(self.model)
         self.use_adapter = has_adapter(self.model)
+        # what accelerate prepares (DDP/FSDP) in train(): the policy's log-probs, LM head included, in one forward
+        self.policy: torch.nn.Module = CompletionLogps(self.model)
 
         # The reference: ref_model > the starting policy (LoRA: the adapter's start, kept; else its initial weights).
         ref_model = ref_model if ref_model is not None else a.ref_model
@@ -331,7 +335,15 @@ class KTOTrainer:
         """Policy log-probs [k] of the mismatched sequences of examples[indices], without gradients (they only enter
         the detached reference point)."""
         with torch.no_grad(), self.accelerator.autocast():
-            return completion_logps(self.model, self._batch([examples[i] for i in indices], kl=True)).cpu()
+            return self._policy_logps(self._batch([examples[i] for i in indices], kl=True), grad=False).cpu()
+
+    def _policy_logps(self, batch: dict[str, torch.Tensor], grad: bool) -> torch.Tensor:
+        """Completion log-probs of the policy: with `grad` (training) through the prepared `self.policy`, so that
+        DDP/FSDP see the forward; without, the model called directly (DDP's forward would expect a backward),
+        unless its parameters are sharded (FSDP)."""
+        if grad or is_sharded(self.accelerator):
+            return self.policy(batch)
+        return completion_logps(self.model, batch)
 
     def reference_point(self, policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(z₀, the mean before clamping) over every process's mismatched pairs (`kto_reference_point`)."""
@@ -342,12 +354,13 @@ class KTOTrainer:
         return z0, float(masked_mean(policy_kl - ref_kl, rows, reduce=reduce))
 
     def row_terms(self, examples: list[dict], indices: list[int], reference_point: torch.Tensor,
-                  ref_logps: torch.Tensor):
+                  ref_logps: torch.Tensor, grad: bool = True):
         """Policy forward over examples[indices] -> (losses [k], rewards [k], logps [k] detached, desirable [k])
-        through `alignloop.losses.kto_loss`; ref_logps [k]: the reference log-probs of the same rows."""
+        through `alignloop.losses.kto_loss`; ref_logps [k]: the reference log-probs of the same rows; `grad`: for a
+        backward (training) or not (evaluation, under no_grad)."""
         a = self.args
         with self.accelerator.autocast():
-            logps = completion_logps(self.model, self._batch([examples[i] for i in indices]))
+            logps = self._policy_logps(self._batch([examples[i] for i in indices]), grad)
         desirable = torch.tensor([examples[i]["label"] for i in indices], device=logps.device)
         losses, rewards = kto_loss(logps, ref_logps.to(logps.device), desirable, reference_point.to(logps.device),
                                    a.beta, a.desirable_weight, a.undesirable_weight)
@@ -388,15 +401,23 @@ class KTOTrainer:
         was = self.model.training
         self.model.eval()
         try:
-            mbs = [mb for mb in micro_batches(shard(list(range(len(self.eval_examples))), self.rank, self.world),
-                                              a.eval_batch_size) if mb]
+            # as many micro-batches on every process: under FSDP each forward gathers parameters (a collective), so
+            # a process with fewer rows runs the missing ones on row 0 and drops their results
+            padded = step_micro_batches(list(range(len(self.eval_examples))), self.rank, self.world,
+                                        a.eval_batch_size)
+            mbs = [mb for mb in padded if mb]
+            sharded, extra = is_sharded(self.accelerator), len(padded) - len(mbs)
             refs = [self.reference_logps(self.eval_examples, mb, self._eval_ref) for mb in mbs]
             policy_kl = torch.cat([self.mismatched_logps(self.eval_examples, mb) for mb in mbs] or [torch.zeros(0)])
+            for _ in range(extra if sharded else 0):
+                self.mismatched_logps(self.eval_examples, [0])
             ref_kl = torch.cat([r[:, 1] for r in refs] or [torch.zeros(0)])
             z0, raw = self.reference_point(policy_kl, ref_kl)
             sums = torch.zeros(len(_SUMS))
             for mb, ref in zip(mbs, refs, strict=True):
-                sums += self._sums(*self.row_terms(self.eval_examples, mb, z0, ref[:, 0]))
+                sums += self._sums(*self.row_terms(self.eval_examples, mb, z0, ref[:, 0], grad=False))
+            for _ in range(extra if sharded else 0):
+                self.row_terms(self.eval_examples, [0], z0, refs[0][:, 0] if refs else torch.zeros(1), grad=False)
         finally:
             self.model.train(was)
         return {f"eval/{k}": v for k, v in {**self._means(sums), "kl/z0": float(z0), "kl/estimate": raw}.items()}
@@ -417,8 +438,9 @@ class KTOTrainer:
         ref_seconds = time.perf_counter() - t0
 
         self.model.train()
-        # not DDP-wrapped: gradients are summed by `all_reduce_gradients` (the LM head runs outside the forward)
-        opt = setup_optimization(a, self.run, self.model, n, "kto", wrap=False)
+        # accelerate prepares the CompletionLogps module (DDP/FSDP): gradients are averaged in its backward
+        opt = setup_optimization(a, self.run, self.policy, n, "kto")
+        self.policy = opt.model
         optimizer, scheduler, logger, progress = opt.optimizer, opt.scheduler, opt.logger, opt.progress
         per_epoch, total, step = opt.per_epoch, opt.total, opt.step
         self.state = opt.state
@@ -432,19 +454,27 @@ class KTOTrainer:
                                                            batch_in_epoch=opt.pos):
             if step >= total:
                 break
-            mbs = [mb for mb in micro_batches(shard(batch, self.rank, self.world), a.per_device_batch_size) if mb]
+            # as many micro-batches on every process (empty ones: a process with no row left, weight 0 below)
+            mbs = step_micro_batches(batch, self.rank, self.world, a.per_device_batch_size)
             # 1. the reference point of this optimizer step: every mismatched pair of the global batch, no gradient
-            refs = [self.reference_logps(self.train_examples, mb, train_ref) for mb in mbs]
-            policy_kl = torch.cat([self.mismatched_logps(self.train_examples, mb) for mb in mbs] or [torch.zeros(0)])
+            real = [mb for mb in mbs if mb]
+            refs = [self.reference_logps(self.train_examples, mb, train_ref) for mb in real]
+            policy_kl = torch.cat([self.mismatched_logps(self.train_examples, mb or batch[:1])[:len(mb)] for mb in mbs]
+                                  or [torch.zeros(0)])  # (an empty micro-batch: row 0's, dropped; FSDP needs it)
             z0, raw = self.reference_point(policy_kl, torch.cat([r[:, 1] for r in refs] or [torch.zeros(0)]))
             # 2. the loss of each micro-batch, summed and divided by the global batch size
-            for mb, ref in zip(mbs, refs, strict=True):
-                terms = self.row_terms(self.train_examples, mb, z0, ref[:, 0])
-                (terms[0].sum() / len(batch)).backward()
-                window += self._sums(*terms)
+            #    (times the processes: DDP averages; gradients synchronised on the last micro-batch only)
+            for k, mb in enumerate(mbs):
+                with sync_context(acc, self.policy, k, len(mbs)):
+                    if mb:
+                        terms = self.row_terms(self.train_examples, mb, z0, refs[k][:, 0])
+                        acc.backward(terms[0].sum() / len(batch) * acc.num_processes)
+                        window += self._sums(*terms)
+                    else:  # no row left for this process: one with weight 0 (every process takes part in DDP)
+                        ref = self.reference_logps(self.train_examples, batch[:1], train_ref)
+                        acc.backward(self.row_terms(self.train_examples, batch[:1], z0, ref[:, 0])[0].sum() * 0.0)
             window_rows += len(batch)
             kl_sums = [kl_sums[0] + float(z0), kl_sums[1] + raw, kl_sums[2] + 1]
-            all_reduce_gradients(self.model)
             grad_norm = optimizer_step(acc, self.model, optimizer, scheduler, a.max_grad_norm)
             step += 1
             progress.update(1)

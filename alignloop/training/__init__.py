@@ -14,7 +14,6 @@ from alignloop.training.config import (
 )
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import (
-    all_reduce_gradients,
     computed_in_shards,
     epoch_order,
     global_batches,
@@ -25,6 +24,7 @@ from alignloop.training.loop import (
     seed_everything,
     set_threads,
     shard,
+    step_micro_batches,
     steps_per_epoch,
     sync_context,
     take_indices,
@@ -34,7 +34,6 @@ from alignloop.training.optim import build_optimizer, build_scheduler
 __all__ = [
     "MetricsLogger",
     "Progress",
-    "all_reduce_gradients",
     "build_optimizer",
     "build_scheduler",
     "click_options_from_dataclass",
@@ -58,6 +57,7 @@ __all__ = [
     "seed_everything",
     "set_threads",
     "shard",
+    "step_micro_batches",
     "steps_per_epoch",
     "sync_context",
     "take_indices",

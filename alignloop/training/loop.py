@@ -145,24 +145,13 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(norm)
 
 
-def all_reduce_gradients(model) -> None:
-    """Sum the gradients of `model`'s trainable parameters over the processes, in one flat all-reduce (a no-op in a
-    single process). For trainers that do not wrap the model in DDP (the LM head applied to completion positions
-    only, outside the wrapper's forward): each process's loss is already divided by the global batch size, so the
-    sum is the gradient of the global batch."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-            torch.distributed.get_world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+def step_micro_batches(batch: list[int], rank: int, world: int, size: int) -> list[list[int]]:
+    """This process's micro-batches of one optimizer step's global batch (its `shard`, split by `size`), padded with
+    empty ones to the count of the process with the most (rank 0; only a short last batch of an epoch differs):
+    under DDP every process then runs as many forwards and exactly one synchronised backward (the last)."""
+    mine = [mb for mb in micro_batches(shard(batch, rank, world), size) if mb]
+    most = len(micro_batches(shard(batch, 0, world), size))
+    return mine + [[] for _ in range(most - len(mine))]
 
 
 def take_indices(n: int, count: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:

@@ -318,8 +318,8 @@ class Optimization:
 
 
 def setup_optimization(args, run: Run, model, n_examples: int, name: str, wrap: bool = True) -> Optimization:
-    """Global batch and step budget, AdamW + schedule, accelerate.prepare (`wrap`; DPO sums gradients itself),
-    resume, metrics logger, progress bar: the set-up every offline trainer (SFT, reward model, DPO) shares."""
+    """Global batch and step budget, AdamW + schedule, accelerate.prepare (unless `wrap` is False: the model left as
+    it is), resume, metrics logger, progress bar: the set-up every offline trainer (SFT, RM, DPO, KTO) shares."""
 
     a, acc = args, run.accelerator
     global_batch = a.per_device_batch_size * a.gradient_accumulation_steps * acc.num_processes
@@ -329,7 +329,7 @@ def setup_optimization(args, run: Run, model, n_examples: int, name: str, wrap: 
     scheduler = build_scheduler(optimizer, a.lr_scheduler, a.warmup_steps, total)
     if is_sharded(acc):
         if not wrap:
-            raise ConfigError(f"{name} does not run under FSDP yet (it sums gradients itself): launch it with DDP")
+            raise ConfigError(f"{name}: a model not prepared by accelerate (wrap=False) cannot run under FSDP")
         if has_adapter(model):
             raise ConfigError("LoRA under FSDP is not supported yet: train LoRA with DDP (its weights are small)")
         if getattr(model, "_no_split_modules", None) is None:

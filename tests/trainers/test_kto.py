@@ -299,14 +299,18 @@ from test_kto import SHAPE, unpaired
 from alignloop.models import tiny
 from alignloop.trainers.kto import KTOConfig, KTOTrainer
 tok = tiny.train_tokenizer(tiny.default_corpus(400), vocab_size=300)
-args = KTOConfig(output_dir={out!r}, learning_rate=3e-3, per_device_batch_size={per_device}, num_epochs=2,
-                 progress=False, tensorboard=False, save_final=False, logging_steps=1, eval_fraction=0.2)
+args = KTOConfig(output_dir={out!r}, learning_rate=3e-3, per_device_batch_size={per_device},
+                 gradient_accumulation_steps={accum}, num_epochs=2,
+                 progress=False, tensorboard=False, save_final=False, logging_steps=1, eval_fraction=0.2,
+                 eval_batch_size={eval_batch})
 tr = KTOTrainer(model=tiny.tiny_causal_lm(tok, seed=0, **SHAPE), tokenizer=tok, args=args,
-                train_dataset=unpaired(10, 1))
+                train_dataset=unpaired({n}, 1))
 tr.train()
-print(f"world={{tr.world}}")
+from torch.distributed.tensor import DTensor
+print(f"world={{tr.world}} sharded={{sum(isinstance(p, DTensor) for p in tr.policy.parameters())}}")
+state = {{k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tr.model.state_dict().items()}}
 if tr.accelerator.is_main_process:
-    torch.save(tr.model.state_dict(), {out!r} + "/weights.pt")
+    torch.save(state, {out!r} + "/weights.pt")
 if torch.distributed.is_initialized():  # exiting with gloo's threads alive can abort a rank
     tr.accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
@@ -314,22 +318,34 @@ if torch.distributed.is_initialized():  # exiting with gloo's threads alive can 
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("n, one, two, fsdp", [(10, (8, 1), (4, 1), False), (8, (4, 2), (2, 2), False),
+                                               (8, (4, 2), (2, 2), True)], ids=["even", "short-last", "fsdp2"])
+def test_two_processes_equal_one(tmp_path, n, one, two, fsdp):
     """1 process x 8 == 2 processes x 4 (gloo on CPU): the reference point reduced over the processes, the shares of
-    the reference precomputation gathered, the gradients summed in one all-reduce; held-out metrics too."""
+    the reference precomputation gathered, the gradients averaged by DDP; held-out metrics too."""
     here, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])
     logs, weights = {}, {}
-    for name, nproc, per_device in (("one", 1, 8), ("two", 2, 4)):
+    # short-last: 13 training rows (16, 3 held out), global batch 8: the last batch of 5 is split 3 / 2 over the
+    # processes, micro-batches of 2: process 1 runs one of weight 0 so that both take part in DDP's reduction; the 3
+    # held-out rows evaluated one by one (2 / 1 forwards). fsdp2: accelerate's FSDP2 (examples/accelerate/fsdp2.yaml)
+    for name, nproc, (per_device, accum) in (("one", 1, one), ("two", 2, two)):
         out = tmp_path / name
         out.mkdir()
         script = tmp_path / f"{name}.py"
-        script.write_text(DIST_SCRIPT.format(here=here, out=str(out), per_device=per_device))
+        script.write_text(DIST_SCRIPT.format(here=here, out=str(out), per_device=per_device, accum=accum, n=n,
+                                             eval_batch=1 if n == 8 else 32))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "ACCELERATE_USE_CPU": "true"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(script)]
+        if fsdp and nproc > 1:
+            env.pop("ACCELERATE_USE_CPU")
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   root + "/examples/accelerate/fsdp2.yaml", "--num_processes", str(nproc), str(script)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"world={nproc}" in proc.stdout, proc.stdout
+        if fsdp and nproc > 1:
+            assert "sharded=0" not in proc.stdout, proc.stdout
         weights[name] = torch.load(out / "weights.pt")
         logs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("train/grad_norm", "kl/z0", "loss/kto", "eval/loss/kto", "eval/kl/z0"):
