@@ -12,6 +12,7 @@ from alignloop.training.config import (
     renamed_fields,
     save_config,
 )
+from alignloop.training.fsdp import even_micro_batches, step_micro_batches
 from alignloop.training.logging import MetricsLogger, Progress, read_metrics
 from alignloop.training.loop import (
     computed_in_shards,
@@ -24,7 +25,6 @@ from alignloop.training.loop import (
     seed_everything,
     set_threads,
     shard,
-    step_micro_batches,
     steps_per_epoch,
     sync_context,
     take_indices,
@@ -40,6 +40,7 @@ __all__ = [
     "computed_in_shards",
     "config_from_cli",
     "epoch_order",
+    "even_micro_batches",
     "global_batches",
     "latest_checkpoint",
     "load_checkpoint",

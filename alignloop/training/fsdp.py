@@ -23,3 +23,10 @@ def even_micro_batches(indices: list[int], rank: int, world: int, size: int) -> 
     mine = [(mb, 1.0) for mb in micro_batches(shard(indices, rank, world), size) if mb]
     most = len([mb for mb in micro_batches(shard(indices, 0, world), size) if mb])
     return mine + [([indices[0]], 0.0)] * (most - len(mine))
+
+
+def step_micro_batches(batch: list[int], rank: int, world: int, size: int) -> list[list[int]]:
+    """`even_micro_batches` for loops that run their own weight-0 pass (DPO, KTO): the padding micro-batches are
+    empty lists instead of a dummy row, so every process still runs as many passes, and one synchronised backward
+    (the last) under DDP."""
+    return [mb if weight else [] for mb, weight in even_micro_batches(batch, rank, world, size)]

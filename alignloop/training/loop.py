@@ -145,15 +145,6 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(norm)
 
 
-def step_micro_batches(batch: list[int], rank: int, world: int, size: int) -> list[list[int]]:
-    """This process's micro-batches of one optimizer step's global batch (its `shard`, split by `size`), padded with
-    empty ones to the count of the process with the most (rank 0; only a short last batch of an epoch differs):
-    under DDP every process then runs as many forwards and exactly one synchronised backward (the last)."""
-    mine = [mb for mb in micro_batches(shard(batch, rank, world), size) if mb]
-    most = len(micro_batches(shard(batch, 0, world), size))
-    return mine + [[] for _ in range(most - len(mine))]
-
-
 def take_indices(n: int, count: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
     """The next `count` indices of an endless walk over shuffled epochs of n items (`epoch_order`), from position
     `pos` of `epoch` -> (indices, epoch, pos after them): the prompt stream of the RL trainers, resumable exactly
