@@ -498,14 +498,18 @@ def turn_failed(store, turn_id: int, error: str, attempt: int | None = None) -> 
     return _finish_turn(store, turn_id, attempt, {"status": "failed", "error": str(error)[:2000] or "failed"})
 
 
-def get_turn(store, conversation_id: int, labeler_id: int | None, idx: int) -> ConversationTurn:
-    with store.read() as s:
-        _own(s, conversation_id, labeler_id)
-        t = s.scalar(select(ConversationTurn).where(ConversationTurn.conversation_id == conversation_id,
-                                                    ConversationTurn.idx == idx))
+def _turn_at(s, conversation_id: int, idx: int) -> ConversationTurn:
+    t = s.scalar(select(ConversationTurn).where(ConversationTurn.conversation_id == conversation_id,
+                                                ConversationTurn.idx == idx))
     if t is None:
         raise NotFound(f"no turn {idx}")
     return t
+
+
+def get_turn(store, conversation_id: int, labeler_id: int | None, idx: int) -> ConversationTurn:
+    with store.read() as s:
+        _own(s, conversation_id, labeler_id)
+        return _turn_at(s, conversation_id, idx)
 
 
 def retry_turn(store, conversation_id: int, labeler_id: int, idx: int,
@@ -517,10 +521,7 @@ def retry_turn(store, conversation_id: int, labeler_id: int, idx: int,
         c = _own(s, conversation_id, labeler_id)
         if c.status != "open":
             raise Stale("this conversation has ended")
-        t = s.scalar(select(ConversationTurn).where(ConversationTurn.conversation_id == c.id,
-                                                    ConversationTurn.idx == idx))
-        if t is None:
-            raise NotFound(f"no turn {idx}")
+        t = _turn_at(s, c.id, idx)
         allowed = ("failed", "pending") if interrupted else ("failed",)
         r = s.execute(update(ConversationTurn).where(
             ConversationTurn.id == t.id, ConversationTurn.status.in_(allowed),
@@ -543,10 +544,7 @@ def choose(store, conversation_id: int, labeler_id: int, idx: int, choice: Any,
     choice = check_choice(choice)
     with store.write() as s:
         c = _own(s, conversation_id, labeler_id)
-        t = s.scalar(select(ConversationTurn).where(ConversationTurn.conversation_id == c.id,
-                                                    ConversationTurn.idx == idx))
-        if t is None:
-            raise NotFound(f"no turn {idx}")
+        t = _turn_at(s, c.id, idx)
         if t.status == "chosen":
             if t.choice == choice:
                 return t  # a double click or a retried request: done already
